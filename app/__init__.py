@@ -1,0 +1,37 @@
+"""The application factory."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from flask import Flask
+
+from config.settings import Settings
+
+from .errors import register_error_handlers
+from .logging_setup import configure_logging
+from .services.model_service import BackendFactory, ModelService, make_backend
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Optional[Settings] = None, backend_factory: BackendFactory = make_backend) -> Flask:
+    """Builds the app around ``settings`` (from the environment when not given).
+
+    ``backend_factory`` lets tests put a fake backend behind the same service.
+    """
+    settings = settings or Settings()
+    configure_logging(settings.server)
+    app = Flask(__name__)
+    app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.limits.max_body_bytes
+    app.json.ensure_ascii = False
+    app.extensions["model_service"] = ModelService(settings, backend_factory)
+
+    from .routes import api, main
+
+    app.register_blueprint(main.bp)
+    app.register_blueprint(api.bp)
+    register_error_handlers(app)
+    log.info("model_test ready: backend=%s model=%s (loads on first use)", settings.backend, settings.model or "default SmolLM2-135M-Instruct Q4_1")
+    return app

@@ -1,0 +1,87 @@
+"""The tester's JSON and SSE API. Routes parse and validate; the model service does the work."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, url_for
+
+from ..schemas import ChatBody, LoadModelBody, StopBody, parse_body
+from ..services.errors import NotFound, ServiceError
+from ..services.model_service import Generation, ModelService
+from ..sse import generation_events, sse_response
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+
+def model_service() -> ModelService:
+    return current_app.extensions["model_service"]
+
+
+def start_generation() -> Generation:
+    body = parse_body(ChatBody)
+    limits = current_app.config["SETTINGS"].limits
+    messages = body.messages_list(limits)
+    params = body.params(limits)
+    return model_service().start(params, messages=messages, generation_id=body.request_id)
+
+
+@bp.get("/model_status")
+def model_status():
+    return jsonify(model_service().status())
+
+
+@bp.post("/load_model")
+def load_model():
+    body = parse_body(LoadModelBody, allow_empty=True)
+    return jsonify(model_service().load(body.model))
+
+
+@bp.post("/unload_model")
+def unload_model():
+    return jsonify(model_service().unload())
+
+
+@bp.post("/chat")
+def chat():
+    generation = start_generation()
+    result = generation.collect()
+    if result.finish_reason == "error":
+        raise ServiceError(result.error or "generation failed")
+    return jsonify(
+        {
+            "response": result.text,
+            "finish_reason": result.finish_reason,
+            "usage": result.usage,
+            "timings": result.timings,
+            "model": generation.model,
+            "request_id": generation.id,
+        }
+    )
+
+
+@bp.post("/chat_stream")
+def chat_stream():
+    generation = start_generation()
+    generation.admit()  # a full queue is a 429 now, not an event in a 200 stream
+    return sse_response(generation_events(generation))
+
+
+@bp.post("/streams")
+def prepare_stream():
+    """For EventSource, which can only GET: validate and park the request, answer its URL."""
+    generation = start_generation()
+    model_service().park(generation)
+    return jsonify({"stream_id": generation.id, "url": url_for("api.open_stream", stream_id=generation.id)}), 201
+
+
+@bp.get("/streams/<stream_id>")
+def open_stream(stream_id: str):
+    generation = model_service().claim(stream_id)
+    if generation is None:
+        raise NotFound(f"no prepared stream {stream_id!r} (unknown, already opened or expired)")
+    generation.admit()
+    return sse_response(generation_events(generation))
+
+
+@bp.post("/stop")
+def stop():
+    body = parse_body(StopBody)
+    return jsonify({"request_id": body.request_id, "cancelled": model_service().cancel(body.request_id)})

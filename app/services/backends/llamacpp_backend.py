@@ -1,0 +1,251 @@
+"""GGUF models through llama-cpp-python.
+
+The token loop uses ``Llama.generate``: sampling runs in llama.cpp's own sampler chain
+(no Python-side sampling) and the KV cache of the longest shared prefix with the last
+prompt is kept, so turn N of a chat only evaluates the new messages.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import random
+import threading
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from config.settings import LlamaCppSettings
+
+from ..errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
+from ..text_stream import StreamAssembler
+from ..types import Chunk, GenerationParams, Message, Prompt
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(path: Path) -> None:
+    """Raises a clear error for a path that cannot be a GGUF model, before llama.cpp sees it."""
+    if not path.exists():
+        raise ModelNotFound(f"model file not found: {path}", field="model")
+    if not path.is_file():
+        raise InvalidModel(f"not a file: {path} (the llamacpp backend takes a .gguf file)", field="model")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise InvalidModel(f"not a GGUF file (no GGUF header): {path}", field="model")
+
+
+def gpu_backend_name(system_info: str) -> Optional[str]:
+    """Which GPU backend the llama.cpp build carries, read from llama_print_system_info."""
+    for marker, name in (("CUDA", "CUDA"), ("METAL", "Metal"), ("Metal", "Metal"), ("Vulkan", "Vulkan"), ("ROCm", "ROCm")):
+        if marker in system_info:
+            return name
+    return None
+
+
+class LlamaCppBackend:
+    name = "llamacpp"
+
+    def __init__(self, model_path: Path, settings: LlamaCppSettings):
+        self.model = str(model_path)
+        self._path = Path(model_path)
+        self._settings = settings
+        self._llama = None
+        self._formatter = None
+        self._device = "CPU"
+        self._gpu_layers = 0
+        self._gpu_fallback_reason: Optional[str] = None
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buffer = ctypes.create_string_buffer(256)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def check(self) -> None:
+        check_gguf_file(self._path)
+
+    def load(self) -> None:
+        self.check()
+        import llama_cpp  # deferred: the page must start without paying for it
+
+        system_info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+        gpu = gpu_backend_name(system_info) if llama_cpp.llama_supports_gpu_offload() else None
+        wanted_layers = self._settings.n_gpu_layers if gpu else 0
+        try:
+            self._llama = self._open(llama_cpp, wanted_layers)
+        except Exception as exc:  # llama.cpp reports a failed GPU start only as a generic error
+            if wanted_layers == 0:
+                raise ModelLoadFailed(f"llama.cpp could not load {self._path}: {exc}", field="model") from exc
+            self._gpu_fallback_reason = f"{gpu} initialisation failed ({exc}); running on the CPU"
+            log.warning("GPU load of %s failed, falling back to the CPU", self._path, exc_info=True)
+            try:
+                self._llama = self._open(llama_cpp, 0)
+            except Exception as cpu_exc:
+                raise ModelLoadFailed(f"llama.cpp could not load {self._path}: {cpu_exc}", field="model") from cpu_exc
+            wanted_layers = 0
+        self._gpu_layers = wanted_layers
+        self._device = gpu if (gpu and wanted_layers != 0) else "CPU"
+        self._system_info = system_info
+        self._llama_cpp_version = llama_cpp.__version__
+        self._formatter = self._make_formatter(llama_cpp)
+        log.info(
+            "loaded %s on %s (n_ctx=%d, threads=%d, gpu_layers=%d)",
+            self._path.name, self._device, self.n_ctx, self._settings.n_threads, self._gpu_layers,
+        )
+
+    def _open(self, llama_cpp, n_gpu_layers: int):
+        settings = self._settings
+        return llama_cpp.Llama(
+            model_path=str(self._path),
+            n_ctx=settings.n_ctx,
+            n_batch=min(settings.n_batch, settings.n_ctx),
+            n_threads=settings.n_threads,
+            n_threads_batch=settings.n_threads_batch or settings.n_threads,
+            n_gpu_layers=n_gpu_layers,
+            verbose=settings.verbose,
+        )
+
+    def _make_formatter(self, llama_cpp):
+        template = self._llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._token_text(self._llama.token_eos()),
+            bos_token=self._token_text(self._llama.token_bos()),
+            add_generation_prompt=True,
+        )
+
+    def _token_text(self, token_id: int) -> str:
+        if token_id < 0:
+            return ""
+        return self._llama._model.token_get_text(token_id)
+
+    def unload(self) -> None:
+        if self._llama is not None:
+            self._llama.close()
+        self._llama = None
+        self._formatter = None
+        self._pieces.clear()
+
+    # -- facts -----------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self._llama.n_ctx() if self._llama is not None else self._settings.n_ctx
+
+    def info(self) -> dict:
+        facts = {
+            "device": self._device,
+            "n_ctx": self.n_ctx,
+            "n_threads": self._settings.n_threads,
+            "n_gpu_layers": self._gpu_layers,
+        }
+        if self._llama is not None:
+            metadata = self._llama.metadata
+            facts.update(
+                {
+                    "model_name": metadata.get("general.name") or self._path.stem,
+                    "architecture": metadata.get("general.architecture"),
+                    "n_ctx_train": self._llama._model.n_ctx_train(),
+                    "llama_cpp_python": self._llama_cpp_version,
+                    "build": self._system_info.strip(),
+                    "chat_template": bool(self._formatter),
+                }
+            )
+        if self._gpu_fallback_reason:
+            facts["gpu_fallback"] = self._gpu_fallback_reason
+        return facts
+
+    # -- prompts ---------------------------------------------------------------------------
+    def render_prompt(self, messages: Sequence[Message]) -> str:
+        if self._formatter is None:
+            raise InvalidRequest(
+                f"{self._path.name} has no chat template; send a raw prompt to /v1/completions instead",
+                field="messages",
+            )
+        try:
+            return self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages]).prompt
+        except Exception as exc:  # jinja raises many kinds; all mean these messages do not fit the template
+            raise InvalidRequest(f"the chat template rejected these messages: {exc}", field="messages") from exc
+
+    def _tokenize(self, text: str) -> list[int]:
+        # Chat templates write their own BOS; as in transformers, the tokenizer adds none.
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenize(text))
+
+    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None) -> Prompt:
+        if messages is not None:
+            text = self.render_prompt(messages)
+            token_ids = self._tokenize(text)
+        else:
+            # A raw completion prompt gets the BOS the model's vocabulary asks for.
+            token_ids = self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        if not token_ids:
+            raise InvalidRequest("the prompt is empty", field="prompt")
+        return Prompt(text=text, token_ids=tuple(token_ids))
+
+    def _piece(self, token_id: int) -> bytes:
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            import llama_cpp
+
+            size = llama_cpp.llama_token_to_piece(
+                self._llama._model.vocab, token_id, self._piece_buffer, len(self._piece_buffer), 0, False
+            )
+            if size < 0:  # the piece is longer than the buffer; -size is what it needs
+                self._piece_buffer = ctypes.create_string_buffer(-size)
+                size = llama_cpp.llama_token_to_piece(
+                    self._llama._model.vocab, token_id, self._piece_buffer, -size, 0, False
+                )
+            piece = self._piece_buffer.raw[:size]
+            self._pieces[token_id] = piece
+        return piece
+
+    # -- generation ------------------------------------------------------------------------
+    def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
+        import llama_cpp
+
+        llama = self._llama
+        vocab = llama._model.vocab
+        assembler = StreamAssembler(len(prompt.token_ids), params.stop)
+        room = self.n_ctx - len(prompt.token_ids)
+        budget = min(params.max_new_tokens, room)
+        llama.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
+        tokens = llama.generate(
+            prompt.token_ids,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=0.0,
+            temp=params.temperature,
+            repeat_penalty=params.repetition_penalty,
+        )
+        reason = "length"
+        try:
+            if budget <= 0:
+                tokens.close()
+            else:
+                for token_id in tokens:
+                    if cancel.is_set():
+                        reason = "cancelled"
+                        break
+                    if llama_cpp.llama_vocab_is_eog(vocab, token_id):
+                        reason = "stop"
+                        break
+                    chunk = assembler.add(token_id, self._piece(token_id))
+                    if assembler.stopped_by_string:
+                        reason = "stop"
+                        if chunk.text:
+                            yield chunk
+                        break
+                    yield chunk
+                    if cancel.is_set():
+                        reason = "cancelled"
+                        break
+                    if assembler.completion_tokens >= budget:
+                        break
+        finally:
+            tokens.close()
+        yield assembler.finish(reason)

@@ -1,0 +1,66 @@
+"""Errors the service layer raises; routes turn them into HTTP answers."""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class ServiceError(Exception):
+    status = 500
+    type = "server_error"
+
+    def __init__(self, message: str, field: Optional[str] = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class NotFound(ServiceError):
+    status = 404
+    type = "not_found"
+
+
+class InvalidRequest(ServiceError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    type = "context_length_exceeded"
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, n_ctx: int, field: str = "messages"):
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens and the context holds {n_ctx}; "
+            f"shorten the conversation (at least one token must be left for the answer)",
+            field,
+        )
+        self.prompt_tokens = prompt_tokens
+        self.n_ctx = n_ctx
+
+
+class ModelNotFound(ServiceError):
+    status = 404
+    type = "model_not_found"
+
+
+class InvalidModel(ServiceError):
+    status = 400
+    type = "invalid_model"
+
+
+class ModelLoadFailed(ServiceError):
+    status = 500
+    type = "model_load_failed"
+
+
+class NoModelLoaded(ServiceError):
+    status = 503
+    type = "model_not_loaded"
+
+
+class QueueFull(ServiceError):
+    status = 429
+    type = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

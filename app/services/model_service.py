@@ -1,0 +1,344 @@
+"""The model service owns the active model: lazy load, switch, unload, status, and the
+generations that run on it, one at a time behind a bounded queue, each cancellable."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+from config.settings import Settings
+
+from .backends.base import Backend
+from .default_model import default_gguf_path
+from .errors import ContextLengthExceeded, InvalidRequest, ServiceError
+from .generation_queue import GenerationQueue, Ticket
+from .types import Chunk, GenerationParams, Message, Prompt
+
+log = logging.getLogger(__name__)
+
+QUEUE_POLL_S = 0.25
+FINISHED_KEPT = 32
+EARLY_STOP_KEPT_S = 30.0  # a Stop that overtakes its own request still counts this long
+
+
+@dataclass(frozen=True)
+class QueueUpdate:
+    """Yielded to a waiting client whenever its place in the queue changes."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    finish_reason: str
+    usage: dict
+    timings: dict
+    error: Optional[str] = None
+
+
+BackendFactory = Callable[[str, Settings], Backend]
+
+
+def make_backend(model: str, settings: Settings) -> Backend:
+    from .backends.llamacpp_backend import LlamaCppBackend
+
+    return LlamaCppBackend(Path(model), settings.llamacpp)
+
+
+class Generation:
+    """One request's generation. Iterating it waits for its turn, then streams chunks.
+
+    Iteration never raises: a failure becomes a last chunk with finish_reason "error",
+    so a client mid-stream always gets an ending.
+    """
+
+    def __init__(self, service: "ModelService", backend: Backend, prompt: Prompt, params: GenerationParams,
+                 messages: Optional[Sequence[Message]], text: Optional[str], generation_id: str):
+        self.id = generation_id
+        self.cancel = threading.Event()
+        self.model = backend.model
+        self._service = service
+        self._backend = backend
+        self._prompt = prompt
+        self._messages = messages
+        self._text = text
+        self.params = params
+        self._ticket: Optional[Ticket] = None
+        self._created = time.perf_counter()
+        self.outcome: Optional[Chunk] = None  # the last chunk, once the generation has ended
+        self.tokens_seen = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._prompt.token_ids)
+
+    def admit(self) -> None:
+        """Takes a place in the model's queue; raises QueueFull (429) when it is full."""
+        if self._ticket is None:
+            self._ticket = self._service._queue.enter()
+
+    def __iter__(self) -> Iterator[Union[Chunk, QueueUpdate]]:
+        self.admit()
+        last_position = None
+        try:
+            while True:
+                position = self._service._queue.wait(self._ticket, QUEUE_POLL_S)
+                if position == 0:
+                    break
+                if self.cancel.is_set():
+                    self.outcome = Chunk(finish_reason="cancelled")
+                    yield self.outcome
+                    return
+                if position != last_position:
+                    last_position = position
+                    yield QueueUpdate(position)
+            queue_ms = (time.perf_counter() - self._created) * 1000.0
+            backend = self._service._current_backend()
+            if backend is None:
+                raise InvalidRequest("the model was unloaded while this request waited", field="model")
+            if backend is not self._backend:  # the model was switched while this request waited
+                self._prompt = self._service._prepare(backend, self._messages, self._text, self.params)
+                self._backend, self.model = backend, backend.model
+            for chunk in backend.stream(self._prompt, self.params, self.cancel):
+                self.tokens_seen += len(chunk.token_ids)
+                if chunk.timings is not None:
+                    chunk.timings = dataclasses.replace(chunk.timings, queue_ms=queue_ms)
+                if chunk.is_last:
+                    self.outcome = chunk
+                yield chunk
+        except Exception as exc:  # the worker boundary: report, log, keep serving
+            log.exception("generation %s failed", self.id)
+            message = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
+            self.outcome = Chunk(finish_reason="error", error=message)
+            yield self.outcome
+        finally:
+            self._service._finish(self)
+
+    def collect(self) -> GenerationResult:
+        """The joined stream: the non-streaming answer is never a second code path."""
+        parts: list[str] = []
+        last = Chunk(finish_reason="error", error="the generation ended without a result")
+        for item in self:
+            if isinstance(item, Chunk):
+                parts.append(item.text)
+                if item.is_last:
+                    last = item
+        usage = last.usage.to_dict() if last.usage else {"prompt_tokens": self.prompt_tokens, "completion_tokens": 0, "total_tokens": self.prompt_tokens}
+        timings = last.timings.to_dict() if last.timings else {}
+        return GenerationResult("".join(parts), last.finish_reason, usage, timings, last.error)
+
+
+class ModelService:
+    def __init__(self, settings: Settings, backend_factory: BackendFactory = make_backend):
+        self._settings = settings
+        self._backend_factory = backend_factory
+        self._backend: Optional[Backend] = None
+        self._state = "not_loaded"
+        self._error: Optional[str] = None
+        self._requested_model: Optional[str] = settings.model
+        self._load_lock = threading.Lock()
+        self._status_lock = threading.Lock()
+        self._queue = GenerationQueue(settings.limits.max_queue, settings.limits.queue_retry_after_s)
+        self._active: dict[str, Generation] = {}
+        self._finished: deque[dict] = deque(maxlen=FINISHED_KEPT)
+        self._pending: dict[str, tuple[Generation, float]] = {}
+        self._early_stops: dict[str, float] = {}
+
+    # -- models ----------------------------------------------------------------------------
+    def _resolve(self, model: Optional[str]) -> str:
+        if model:
+            return str(Path(model).expanduser())
+        return str(default_gguf_path())
+
+    def _current_backend(self) -> Optional[Backend]:
+        with self._status_lock:
+            return self._backend
+
+    def status(self) -> dict:
+        with self._status_lock:
+            backend = self._backend
+            status = {
+                "state": self._state,
+                "backend": self._settings.backend,
+                "model": backend.model if backend else self._resolve_quietly(self._requested_model),
+                "device": None,
+                "n_ctx": None,
+                "error": self._error,
+            }
+        if backend is not None:
+            info = backend.info()
+            status.update({"device": info.get("device"), "n_ctx": info.get("n_ctx"), "info": info})
+        status["queue"] = self._queue.counts()
+        return status
+
+    def _resolve_quietly(self, model: Optional[str]) -> Optional[str]:
+        try:
+            return self._resolve(model)
+        except ServiceError:
+            return model
+
+    def load(self, model: Optional[str] = None) -> dict:
+        """Loads ``model`` (or the configured one); a no-op when it is already loaded.
+
+        A model that fails its cheap checks leaves the current one in place; one that fails
+        in the loader itself leaves none loaded, and the state says so.
+        """
+        with self._load_lock:
+            try:
+                target = self._resolve(model or self._requested_model)
+            except ServiceError as exc:
+                self._set_error(exc.message)
+                raise
+            current = self._current_backend()
+            if current is not None and current.model == target:
+                return self.status()
+            candidate = self._backend_factory(target, self._settings)
+            try:
+                candidate.check()
+            except ServiceError as exc:
+                self._set_error(exc.message)
+                raise
+            ticket = self._queue.enter(bypass_limit=True)  # a switch waits for the running generation
+            try:
+                while self._queue.wait(ticket, QUEUE_POLL_S) != 0:
+                    pass
+                self._release_current()
+                with self._status_lock:
+                    self._state, self._error, self._requested_model = "loading", None, target
+                started = time.perf_counter()
+                try:
+                    candidate.load()
+                except ServiceError as exc:
+                    candidate.unload()
+                    self._set_error(exc.message, state="error")
+                    raise
+                except Exception as exc:  # a loader may raise anything; the status must still say why
+                    candidate.unload()
+                    log.exception("loading %s failed", target)
+                    self._set_error(f"{type(exc).__name__}: {exc}", state="error")
+                    raise
+                with self._status_lock:
+                    self._backend, self._state = candidate, "loaded"
+                log.info("model %s ready in %.2f s", target, time.perf_counter() - started)
+            finally:
+                self._queue.leave(ticket)
+        return self.status()
+
+    def _set_error(self, message: str, state: Optional[str] = None) -> None:
+        with self._status_lock:
+            self._error = message
+            if state:
+                self._state = state
+
+    def _release_current(self) -> None:
+        with self._status_lock:
+            backend, self._backend, self._state = self._backend, None, "not_loaded"
+        if backend is not None:
+            backend.unload()
+            log.info("unloaded %s", backend.model)
+
+    def unload(self) -> dict:
+        with self._load_lock:
+            ticket = self._queue.enter(bypass_limit=True)
+            try:
+                while self._queue.wait(ticket, QUEUE_POLL_S) != 0:
+                    pass
+                self._release_current()
+                with self._status_lock:
+                    self._error = None
+            finally:
+                self._queue.leave(ticket)
+        return self.status()
+
+    def ensure_loaded(self) -> Backend:
+        backend = self._current_backend()
+        if backend is None:
+            self.load()
+            backend = self._current_backend()
+        return backend
+
+    # -- generations -----------------------------------------------------------------------
+    def _prepare(self, backend: Backend, messages, text, params: GenerationParams) -> Prompt:
+        prompt = backend.prepare(messages=messages, text=text)
+        if len(prompt.token_ids) >= backend.n_ctx:
+            raise ContextLengthExceeded(len(prompt.token_ids), params.max_new_tokens, backend.n_ctx,
+                                        field="messages" if messages is not None else "prompt")
+        return prompt
+
+    def start(self, params: GenerationParams, messages: Optional[Sequence[Message]] = None,
+              text: Optional[str] = None, generation_id: Optional[str] = None) -> Generation:
+        """Validates and tokenises the request (loading the model if needed) and registers it
+        for cancellation. Raises 4xx ServiceErrors before any stream opens."""
+        backend = self.ensure_loaded()
+        prompt = self._prepare(backend, messages, text, params)
+        generation = Generation(self, backend, prompt, params, messages, text, generation_id or uuid.uuid4().hex)
+        with self._status_lock:
+            if generation.id in self._active:
+                raise InvalidRequest(f"a generation with id {generation.id!r} is already running", field="request_id")
+            self._active[generation.id] = generation
+            stopped_at = self._early_stops.pop(generation.id, None)
+        if stopped_at is not None and time.monotonic() - stopped_at < EARLY_STOP_KEPT_S:
+            generation.cancel.set()
+        return generation
+
+    def _finish(self, generation: Generation) -> None:
+        if generation._ticket is not None:
+            self._queue.leave(generation._ticket)
+        outcome = generation.outcome
+        record = {
+            "request_id": generation.id,
+            # a generation closed before its last chunk was cut off by its client
+            "finish_reason": outcome.finish_reason if outcome else "cancelled",
+            "completion_tokens": outcome.usage.completion_tokens if outcome and outcome.usage else generation.tokens_seen,
+        }
+        with self._status_lock:
+            self._active.pop(generation.id, None)
+            self._finished.append(record)
+
+    def finished(self) -> list[dict]:
+        """The most recent generations' ends, newest last."""
+        with self._status_lock:
+            return list(self._finished)
+
+    def cancel(self, generation_id: str) -> bool:
+        with self._status_lock:
+            generation = self._active.get(generation_id)
+            pending = self._pending.pop(generation_id, None)
+        if pending is not None:
+            self._finish(pending[0])
+        if generation is None:
+            # The page may send Stop before its own request has reached start(); remember it.
+            now = time.monotonic()
+            with self._status_lock:
+                self._early_stops = {gid: at for gid, at in self._early_stops.items() if now - at < EARLY_STOP_KEPT_S}
+                self._early_stops[generation_id] = now
+            return pending is not None
+        generation.cancel.set()
+        return True
+
+    def active(self) -> list[dict]:
+        """The generations now running or waiting, with the tokens each has produced so far."""
+        with self._status_lock:
+            return [{"request_id": g.id, "tokens_seen": g.tokens_seen} for g in self._active.values()]
+
+    # -- prepared streams, for EventSource (a POST prepares, a GET streams) ----------------
+    def park(self, generation: Generation) -> None:
+        now = time.monotonic()
+        with self._status_lock:
+            expired = [gid for gid, (_, at) in self._pending.items() if now - at > self._settings.limits.stream_ttl_s]
+            dropped = [self._pending.pop(gid)[0] for gid in expired]
+            self._pending[generation.id] = (generation, now)
+        for stale in dropped:
+            self._finish(stale)
+
+    def claim(self, generation_id: str) -> Optional[Generation]:
+        with self._status_lock:
+            entry = self._pending.pop(generation_id, None)
+        return entry[0] if entry else None

@@ -1,0 +1,93 @@
+"""The vocabulary shared by routes, the model service and the backends."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 means greedy
+    top_p: float = 0.9
+    top_k: int = 40
+    repetition_penalty: float = 1.1
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt rendered and tokenised by the backend that will run it."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Figures in the spirit of llama-server's ``timings`` block."""
+
+    ttft_ms: float  # from the start of the generation to the first token
+    prompt_ms: float  # prompt evaluation alone
+    decode_ms: float  # first token to last token
+    completion_tokens: int
+    queue_ms: float = 0.0  # time spent waiting for the model before the generation started
+
+    @property
+    def tokens_per_second(self) -> float:
+        # The first token's time is prompt processing; decode speed counts the rest.
+        if self.completion_tokens < 2 or self.decode_ms <= 0:
+            return 0.0
+        return (self.completion_tokens - 1) / (self.decode_ms / 1000.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "ttft_ms": round(self.ttft_ms, 2),
+            "prompt_ms": round(self.prompt_ms, 2),
+            "decode_ms": round(self.decode_ms, 2),
+            "queue_ms": round(self.queue_ms, 2),
+            "tokens_per_second": round(self.tokens_per_second, 2),
+        }
+
+
+@dataclass
+class Chunk:
+    """One piece of a stream. ``usage`` and ``timings`` are set on the last chunk only."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: Optional[FinishReason] = None
+    usage: Optional[Usage] = None
+    timings: Optional[Timings] = None
+    error: Optional[str] = None  # set with finish_reason "error"
+
+    @property
+    def is_last(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,439 @@
+/* model_test page: chat with the loaded model while its tokens stream in.
+ *
+ * Everything the model or the server says goes into the page as text nodes, never as HTML:
+ * a fine-tune under test may well emit markup.
+ */
+(() => {
+  "use strict";
+
+  const STATUS_POLL_MS = 3000;
+  // After Stop the server answers with a "done" (finish_reason "cancelled"); if that never
+  // comes, the page ends the turn itself rather than leave the user locked out.
+  const STOP_GRACE_MS = 2000;
+  // Within this distance of the bottom the view follows new text; further up, the user is reading.
+  const PINNED_SLACK_PX = 48;
+
+  const ROLE_LABELS = { user: "You", assistant: "Model", error: "Error" };
+  const KNOWN_STATES = ["not_loaded", "loading", "loaded", "error"];
+
+  const byId = (id) => document.getElementById(id);
+  const els = {
+    messages: byId("messages"),
+    emptyHint: byId("empty-hint"),
+    composer: byId("composer"),
+    prompt: byId("prompt"),
+    send: byId("send"),
+    stop: byId("stop"),
+    newChat: byId("new-chat"),
+    system: byId("system"),
+    temperature: byId("temperature"),
+    topP: byId("top-p"),
+    maxTokens: byId("max-tokens"),
+    streamToggle: byId("stream-toggle"),
+    loadModel: byId("load-model"),
+    modelState: byId("model-state"),
+    modelName: byId("model-name"),
+    modelDevice: byId("model-device"),
+    modelNCtx: byId("model-n-ctx"),
+    modelQueue: byId("model-queue"),
+    modelError: byId("model-error"),
+    topbarModel: byId("topbar-model"),
+  };
+
+  /** The committed conversation, sent whole with every turn. */
+  const conversation = [];
+  let activeTurn = null;
+
+  // ---------------------------------------------------------------- rendering
+
+  function isPinnedToBottom() {
+    const box = els.messages;
+    return box.scrollHeight - box.scrollTop - box.clientHeight <= PINNED_SLACK_PX;
+  }
+
+  function scrollToBottom() {
+    els.messages.scrollTop = els.messages.scrollHeight;
+  }
+
+  /** Runs a change to the conversation and keeps the newest text in view if it was in view. */
+  function followingNewText(change) {
+    const pinned = isPinnedToBottom();
+    change();
+    if (pinned) scrollToBottom();
+  }
+
+  function makeElement(tag, className, text) {
+    const el = document.createElement(tag);
+    if (className) el.className = className;
+    if (text !== undefined) el.textContent = text;
+    return el;
+  }
+
+  /** Adds one message to the conversation view, its text inserted literally. */
+  function renderMessage(role, text) {
+    const el = makeElement("div", `msg ${role}`);
+    el.append(makeElement("div", "role", ROLE_LABELS[role] || String(role)), makeElement("div", "content", String(text)));
+    els.emptyHint.hidden = true;
+    followingNewText(() => els.messages.append(el));
+    return el;
+  }
+
+  function renderError(text) {
+    return renderMessage("error", text);
+  }
+
+  function formatFigures({ finishReason, usage, timings }) {
+    const parts = [];
+    if (usage) parts.push(`${usage.completion_tokens} tokens`);
+    // With no token there is no first-token time, and a speed needs at least two tokens.
+    const produced = !usage || usage.completion_tokens > 0;
+    if (timings && produced) {
+      parts.push(`TTFT ${Math.round(timings.ttft_ms)} ms`);
+      if (timings.tokens_per_second > 0) parts.push(`${Number(timings.tokens_per_second).toFixed(1)} tokens/s`);
+      if (timings.queue_ms >= 100) parts.push(`queued ${Math.round(timings.queue_ms)} ms`);
+    }
+    if (finishReason && finishReason !== "stop") parts.push(finishReason);
+    return parts.join(" · ");
+  }
+
+  // ---------------------------------------------------------------- talking to the server
+
+  class ApiError extends Error {}
+
+  /** Turns a failed response into one readable line, using the server's JSON error when there is one. */
+  async function describeFailure(response) {
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (_) {
+      // not JSON (a proxy's HTML page, say): the status line is all there is
+    }
+    if (body && typeof body.error === "string") {
+      const where = [body.type, body.field && `field ${body.field}`].filter(Boolean).join(", ");
+      return `${body.error}${where ? ` (${where})` : ""}`;
+    }
+    return `HTTP ${response.status} ${response.statusText}`.trim();
+  }
+
+  async function postJson(url, body, signal) {
+    let response;
+    try {
+      response = await fetch(url, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+        signal,
+      });
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
+      throw new ApiError(`could not reach the server: ${err.message}`);
+    }
+    if (!response.ok) throw new ApiError(await describeFailure(response));
+    return response.json();
+  }
+
+  function newRequestId() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID().replace(/-/g, "");
+    // randomUUID needs a secure context; a tester on http://<lan-ip> does not have one.
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  function requestStop(requestId) {
+    postJson("/api/stop", { request_id: requestId }).catch(() => {
+      // the stop grace timer ends the turn whatever happened here
+    });
+  }
+
+  function parseEventData(event) {
+    try {
+      return JSON.parse(event.data);
+    } catch (_) {
+      return {};
+    }
+  }
+
+  // ---------------------------------------------------------------- one turn
+
+  class Turn {
+    constructor(userText) {
+      this.id = newRequestId();
+      this.userMessage = { role: "user", content: userText };
+      this.userEl = renderMessage("user", userText);
+      this.el = renderMessage("assistant", "");
+      this.el.classList.add("streaming");
+      this.answerNode = document.createTextNode("");
+      this.el.querySelector(".content").append(this.answerNode);
+      this.noteEl = makeElement("div", "note");
+      this.noteEl.hidden = true;
+      this.el.append(this.noteEl);
+      this.answer = "";
+      this.ended = false;
+      this.stopRequested = false;
+      this.eventSource = null;
+      this.stopTimer = null;
+      this.fetchAbort = new AbortController();
+      scrollToBottom(); // the user just sent: bring the new turn into view even if they had scrolled up
+    }
+
+    append(text) {
+      if (this.ended || !text) return;
+      this.answer += text;
+      this.setNote("");
+      // appendData keeps one text node growing instead of re-rendering the whole answer per token
+      followingNewText(() => this.answerNode.appendData(text));
+    }
+
+    setNote(text) {
+      this.noteEl.textContent = text;
+      this.noteEl.hidden = !text;
+    }
+
+    /** Ends the turn once, whichever of done / error / stop timeout / dropped connection comes first. */
+    finish({ finishReason, usage = null, timings = null, error = null }) {
+      if (this.ended) return;
+      this.ended = true;
+      clearTimeout(this.stopTimer);
+      if (this.eventSource) this.eventSource.close();
+      this.el.classList.remove("streaming");
+      this.setNote("");
+
+      followingNewText(() => {
+        const figures = formatFigures({ finishReason: error ? null : finishReason, usage, timings });
+        if (figures) this.el.append(makeElement("div", "figures", figures));
+        if (error) {
+          if (!this.answer) this.el.remove();
+          renderError(error);
+        }
+      });
+
+      // A partial answer (stopped or cut off) stays in the history; a turn that produced
+      // nothing is not kept, so the next request does not carry an unanswered message.
+      if (this.answer) {
+        conversation.push(this.userMessage, { role: "assistant", content: this.answer });
+      } else {
+        this.userEl.classList.add("unsent");
+        this.userEl.title = "Not kept in the conversation: the model gave no answer";
+        if (!error) this.el.classList.add("empty");
+      }
+
+      if (activeTurn === this) activeTurn = null;
+      setGenerating(false);
+    }
+  }
+
+  function generationBody(messages, requestId) {
+    const body = {
+      messages,
+      // Our own id lets Stop reach the server even before /api/streams or /api/chat answers.
+      request_id: requestId,
+      max_new_tokens: Number(els.maxTokens.value),
+      temperature: Number(els.temperature.value),
+      top_p: Number(els.topP.value),
+    };
+    const system = els.system.value;
+    if (system.trim()) body.system = system;
+    return body;
+  }
+
+  async function runStreamed(turn, body) {
+    const created = await postJson("/api/streams", body);
+    turn.id = created.stream_id;
+    if (turn.stopRequested) {
+      // Stop was pressed before the stream existed: drop the parked request unopened.
+      requestStop(turn.id);
+      turn.finish({ finishReason: "cancelled" });
+      return;
+    }
+    const source = new EventSource(created.url);
+    turn.eventSource = source;
+    source.addEventListener("queue", (event) => {
+      turn.setNote(`waiting, position ${parseEventData(event).position}`);
+    });
+    source.addEventListener("token", (event) => turn.append(parseEventData(event).text));
+    source.addEventListener("done", (event) => {
+      const data = parseEventData(event);
+      turn.finish({ finishReason: data.finish_reason, usage: data.usage, timings: data.timings });
+    });
+    // The server's own "event: error" and a dropped connection arrive on the same listener;
+    // only the former carries data.
+    source.addEventListener("error", (event) => {
+      if (typeof event.data === "string") {
+        const data = parseEventData(event);
+        const where = data.type ? ` (${data.type})` : "";
+        turn.finish({ finishReason: "error", error: `${data.error || "generation failed"}${where}` });
+      } else if (turn.stopRequested) {
+        turn.finish({ finishReason: "cancelled" });
+      } else {
+        turn.finish({ finishReason: "error", error: "the connection to the server was lost before the answer finished" });
+      }
+    });
+  }
+
+  async function runWhole(turn, body) {
+    turn.setNote("generating…");
+    const result = await postJson("/api/chat", body, turn.fetchAbort.signal);
+    turn.append(result.response);
+    turn.finish({ finishReason: result.finish_reason, usage: result.usage, timings: result.timings });
+  }
+
+  function send() {
+    if (activeTurn) return;
+    const text = els.prompt.value;
+    if (!text.trim()) return;
+    els.prompt.value = "";
+
+    const turn = new Turn(text);
+    activeTurn = turn;
+    setGenerating(true);
+
+    const body = generationBody([...conversation, turn.userMessage], turn.id);
+    const run = els.streamToggle.checked ? runStreamed : runWhole;
+    run(turn, body).catch((err) => {
+      if (err.name === "AbortError") {
+        turn.finish({ finishReason: "cancelled" });
+      } else {
+        turn.finish({ finishReason: "error", error: err.message });
+      }
+    });
+  }
+
+  function stop() {
+    const turn = activeTurn;
+    if (!turn || turn.stopRequested) return;
+    turn.stopRequested = true;
+    els.stop.disabled = true;
+    turn.setNote("stopping…");
+    requestStop(turn.id);
+    turn.stopTimer = setTimeout(() => {
+      // Stop pressed within moments of Send can reach the server before the generation is
+      // registered; a second request catches it, since a dropped fetch alone would not.
+      requestStop(turn.id);
+      turn.fetchAbort.abort();
+      turn.finish({ finishReason: "cancelled" });
+    }, STOP_GRACE_MS);
+  }
+
+  function newChat() {
+    if (activeTurn) return;
+    conversation.length = 0;
+    for (const el of Array.from(els.messages.children)) {
+      if (el !== els.emptyHint) el.remove();
+    }
+    els.emptyHint.hidden = false;
+    els.prompt.focus();
+  }
+
+  function setGenerating(generating) {
+    els.prompt.disabled = generating;
+    els.send.disabled = generating;
+    els.newChat.disabled = generating;
+    els.stop.disabled = !generating;
+    if (!generating && window.matchMedia("(pointer: fine)").matches) els.prompt.focus();
+  }
+
+  // ---------------------------------------------------------------- model status
+
+  let lastLoadError = null;
+
+  function fileName(path) {
+    if (!path) return "—";
+    return String(path).split(/[\\/]/).pop();
+  }
+
+  function showState(state) {
+    const known = KNOWN_STATES.includes(state) ? state : "unknown";
+    els.modelState.textContent = state || "unknown";
+    els.modelState.className = `badge state-${known}`;
+  }
+
+  function showModelError(text) {
+    els.modelError.textContent = text || "";
+    els.modelError.hidden = !text;
+  }
+
+  function showStatus(status) {
+    showState(status.state);
+    els.modelName.textContent = fileName(status.model);
+    els.modelName.title = status.model || "";
+    els.modelDevice.textContent = status.device || "—";
+    els.modelNCtx.textContent = status.n_ctx != null ? String(status.n_ctx) : "—";
+    const queue = status.queue;
+    els.modelQueue.textContent = queue ? `${queue.running} running, ${queue.waiting} waiting` : "—";
+    showModelError(status.error || lastLoadError);
+    els.topbarModel.textContent = `${fileName(status.model)} · ${status.state}`;
+    els.topbarModel.title = status.model || "";
+  }
+
+  async function refreshStatus() {
+    try {
+      const response = await fetch("/api/model_status", { cache: "no-store" });
+      if (!response.ok) throw new ApiError(await describeFailure(response));
+      showStatus(await response.json());
+    } catch (err) {
+      showState("unreachable");
+      showModelError(`status unavailable: ${err.message}`);
+      els.topbarModel.textContent = "server unreachable";
+    }
+  }
+
+  function pollStatus() {
+    refreshStatus().finally(() => setTimeout(pollStatus, STATUS_POLL_MS));
+  }
+
+  async function loadModel() {
+    els.loadModel.disabled = true;
+    showState("loading");
+    try {
+      const status = await postJson("/api/load_model", {});
+      lastLoadError = null;
+      showStatus(status);
+    } catch (err) {
+      lastLoadError = `load failed: ${err.message}`;
+      showModelError(lastLoadError);
+      refreshStatus();
+    } finally {
+      els.loadModel.disabled = false;
+    }
+  }
+
+  // ---------------------------------------------------------------- wiring
+
+  function bindSlider(input, decimals) {
+    const output = byId(`${input.id}-value`);
+    const show = () => {
+      output.textContent = Number(input.value).toFixed(decimals);
+    };
+    input.addEventListener("input", show);
+    show();
+  }
+
+  bindSlider(els.temperature, 2);
+  bindSlider(els.topP, 2);
+  bindSlider(els.maxTokens, 0);
+
+  els.composer.addEventListener("submit", (event) => {
+    event.preventDefault();
+    send();
+  });
+  els.prompt.addEventListener("keydown", (event) => {
+    // isComposing: Enter that confirms an IME candidate (Chinese, Japanese input) must not send
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
+      event.preventDefault();
+      send();
+    }
+  });
+  els.stop.addEventListener("click", stop);
+  els.newChat.addEventListener("click", newChat);
+  els.loadModel.addEventListener("click", loadModel);
+
+  pollStatus();
+
+  window.modelTest = {
+    renderMessage,
+    send,
+    stop,
+    newChat,
+    conversation: () => conversation.map((message) => ({ ...message })),
+  };
+})();

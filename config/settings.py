@@ -1,0 +1,76 @@
+"""Typed settings for model_test.
+
+Every field has bounds and a description, in the style of llama-cpp-python's
+``server/settings.py``. Values come from, in rising priority: the defaults here,
+environment variables (``MODEL_TEST_<FIELD>``, nested sections as
+``MODEL_TEST_<SECTION>__<FIELD>``, e.g. ``MODEL_TEST_LLAMACPP__N_CTX=2048``), and the
+keyword arguments given to :class:`Settings` (which is what ``run.py`` flags and tests use).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+BackendName = Literal["llamacpp"]
+
+
+def physical_cores() -> int:
+    """Physical cores, not hyper-threads: llama.cpp decodes slower with SMT siblings."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:  # psutil is a runtime requirement; this keeps settings importable alone
+        return os.cpu_count() or 1
+
+
+class ServerSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Interface to listen on. 0.0.0.0 exposes the tester to the network.")
+    port: int = Field(5000, ge=1, le=65535, description="TCP port to listen on.")
+    log_dir: Path = Field(PROJECT_ROOT / "logs", description="Folder of the rotating log file.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of console and file.")
+    log_max_bytes: int = Field(5_000_000, ge=10_000, description="Size at which the log file rotates.")
+    log_backups: int = Field(3, ge=0, le=100, description="Rotated log files kept.")
+
+
+class LimitSettings(BaseModel):
+    max_body_bytes: int = Field(1_000_000, ge=1024, le=1 << 30, description="Largest request body accepted; more gets 413.")
+    max_new_tokens: int = Field(4096, ge=1, le=131072, description="Upper bound a request may ask for as max_new_tokens.")
+    max_messages: int = Field(256, ge=1, le=10000, description="Most messages one chat request may carry.")
+    max_stop_strings: int = Field(16, ge=0, le=64, description="Most stop strings one request may carry.")
+    max_queue: int = Field(8, ge=0, le=1024, description="Requests that may wait for the model; one more gets 429.")
+    queue_retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After sent with a 429 when the queue is full.")
+    stream_ttl_s: float = Field(60.0, gt=0, le=3600, description="How long a prepared stream id waits for its EventSource.")
+
+
+class LlamaCppSettings(BaseModel):
+    n_ctx: int = Field(4096, ge=64, le=1 << 20, description="Context window in tokens (prompt + answer).")
+    n_threads: int = Field(default_factory=physical_cores, ge=1, le=512, description="CPU threads for decoding; physical cores by default.")
+    n_threads_batch: Optional[int] = Field(None, ge=1, le=512, description="CPU threads for prompt processing; n_threads when unset.")
+    n_batch: int = Field(512, ge=1, le=65536, description="Prompt tokens evaluated per llama_decode call.")
+    n_gpu_layers: int = Field(
+        -1,
+        ge=-1,
+        description="Layers offloaded to Metal/CUDA. -1 offloads all where the build has a GPU backend; "
+        "a build without one, or a failed GPU start, runs on the CPU.",
+    )
+    verbose: bool = Field(False, description="Let llama.cpp print its own load log to stderr.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODEL_TEST_", env_nested_delimiter="__", extra="ignore")
+
+    backend: BackendName = Field("llamacpp", description="Backend serving the model.")
+    model: Optional[str] = Field(
+        None,
+        description="Model to serve: a .gguf path for llamacpp. Unset means the embedded SmolLM2-135M-Instruct Q4_1.",
+    )
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)

@@ -1,0 +1,52 @@
+"""Runs the tester: ``python run.py`` serves the embedded SmolLM2-135M-Instruct at http://127.0.0.1:5000."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from config.settings import Settings
+
+log = logging.getLogger("model_test")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="model_test: chat with your fine-tuned checkpoints.")
+    parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 5000)")
+    parser.add_argument("--model", help="a .gguf file to serve (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--n-ctx", type=int, help="context window in tokens (default 4096)")
+    parser.add_argument("--n-threads", type=int, help="CPU threads (default: physical cores)")
+    parser.add_argument("--n-gpu-layers", type=int, help="layers offloaded to Metal/CUDA; -1 = all (default), 0 = CPU only")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags given on the command line override the environment, which overrides the defaults."""
+    overrides: dict = {}
+    server = {k: v for k, v in {"host": args.host, "port": args.port, "log_level": args.log_level}.items() if v is not None}
+    llamacpp = {
+        k: v
+        for k, v in {"n_ctx": args.n_ctx, "n_threads": args.n_threads, "n_gpu_layers": args.n_gpu_layers}.items()
+        if v is not None
+    }
+    if server:
+        overrides["server"] = server
+    if llamacpp:
+        overrides["llamacpp"] = llamacpp
+    if args.model:
+        overrides["model"] = args.model
+    return Settings(**overrides)
+
+
+def main(argv=None) -> None:
+    settings = settings_from_args(parse_args(argv))
+    from app import create_app
+
+    app = create_app(settings)
+    log.info("serving on http://%s:%d", settings.server.host, settings.server.port)
+    app.run(host=settings.server.host, port=settings.server.port, threaded=True, use_reloader=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Fixtures in the style of flaskr's conftest: apps built from Settings, a live server on a
+free port, and the real default model shared by the whole session."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import pytest
+from werkzeug.serving import make_server
+
+from app import create_app
+from app.services.default_model import default_gguf_path
+from config.settings import LimitSettings, LlamaCppSettings, ServerSettings, Settings
+
+TEST_N_CTX = 2048
+
+
+def make_settings(tmp_path, **overrides) -> Settings:
+    """Settings for a test app: logs in a temp folder, a small context, two threads."""
+    base = {
+        "server": ServerSettings(log_dir=tmp_path / "logs"),
+        "llamacpp": LlamaCppSettings(n_ctx=TEST_N_CTX, n_threads=2),
+        "limits": LimitSettings(),
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+@pytest.fixture(scope="session")
+def default_gguf():
+    path = default_gguf_path()
+    assert path.is_file(), f"the default model is missing at {path}; run make setup"
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_app(tmp_path_factory, default_gguf):
+    """One app on the real default model, loaded once for the session."""
+    app = create_app(make_settings(tmp_path_factory.mktemp("real")))
+    app.extensions["model_service"].load()
+    yield app
+    app.extensions["model_service"].unload()
+
+
+@pytest.fixture()
+def client(real_app):
+    return real_app.test_client()
+
+
+@dataclass
+class LiveServer:
+    app: object
+    url: str
+
+    @property
+    def service(self):
+        return self.app.extensions["model_service"]
+
+
+def serve(app):
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
+    thread.start()
+    return server, thread
+
+
+@pytest.fixture(scope="session")
+def live_server(real_app):
+    """The real app served over HTTP on 127.0.0.1 with a free port."""
+    server, thread = serve(real_app)
+    yield LiveServer(real_app, f"http://127.0.0.1:{server.server_port}")
+    server.shutdown()
+    thread.join(timeout=10)

@@ -1,0 +1,84 @@
+"""A scripted backend for what a real model cannot show on demand: a failure mid-stream,
+a slow token. Never used as proof that generation works."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterator, Optional, Sequence
+
+from app.services.errors import InvalidModel
+from app.services.text_stream import StreamAssembler
+from app.services.types import Chunk, GenerationParams, Message, Prompt
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self, model: str, tokens: Sequence[str] = ("a", "b", "c"), delay_s: float = 0.0,
+                 fail_after: Optional[int] = None, fail_load: bool = False, n_ctx: int = 512):
+        self.model = model
+        self.tokens = list(tokens)
+        self.delay_s = delay_s
+        self.fail_after = fail_after
+        self.fail_load = fail_load
+        self._n_ctx = n_ctx
+        self.loaded = False
+        self.produced = 0
+
+    def check(self) -> None:
+        if self.model.endswith(".bad"):
+            raise InvalidModel(f"not a model: {self.model}", field="model")
+
+    def load(self) -> None:
+        if self.fail_load:
+            raise RuntimeError("simulated loader crash")
+        self.loaded = True
+
+    def unload(self) -> None:
+        self.loaded = False
+
+    def info(self) -> dict:
+        return {"device": "fake", "n_ctx": self._n_ctx}
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def render_prompt(self, messages: Sequence[Message]) -> str:
+        return "".join(f"<{m.role}>{m.content}" for m in messages)
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def prepare(self, messages=None, text=None) -> Prompt:
+        text = self.render_prompt(messages) if messages is not None else text
+        return Prompt(text=text, token_ids=tuple(range(self.count_tokens(text))))
+
+    def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
+        assembler = StreamAssembler(len(prompt.token_ids), params.stop)
+        reason = "length"
+        for index, token in enumerate(self.tokens[: params.max_new_tokens]):
+            if cancel.is_set():
+                reason = "cancelled"
+                break
+            if self.fail_after is not None and index >= self.fail_after:
+                raise RuntimeError("simulated backend failure")
+            time.sleep(self.delay_s)
+            self.produced += 1
+            yield assembler.add(index, token.encode("utf-8"))
+        else:
+            reason = "stop"
+        yield assembler.finish(reason)
+
+
+def fake_factory(**kwargs):
+    """A backend factory that also records the backends it built, for assertions."""
+    built: list[FakeBackend] = []
+
+    def factory(model: str, settings) -> FakeBackend:
+        backend = FakeBackend(model, **kwargs)
+        built.append(backend)
+        return backend
+
+    factory.built = built
+    return factory
