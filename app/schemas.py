@@ -35,6 +35,7 @@ class ChatBody(StrictBody):
     repetition_penalty: float = Field(1.1, gt=0.0, le=10.0)
     seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)
     stop: Optional[list[str]] = Field(None, description="One stop string or a list of them.")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence, up to max_new_tokens (for benchmarks).")
     request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN, description="Client-chosen id for POST /api/stop.")
 
     @field_validator("stop", mode="before")
@@ -76,6 +77,7 @@ class ChatBody(StrictBody):
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=tuple(stops),
+            ignore_eos=self.ignore_eos,
         )
 
 

@@ -60,6 +60,12 @@ class LlamaCppSettings(BaseModel):
         description="Layers offloaded to Metal/CUDA. -1 offloads all where the build has a GPU backend; "
         "a build without one, or a failed GPU start, runs on the CPU.",
     )
+    prefix_cache: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Keep the KV cache of the last request and evaluate only the new suffix of the next. "
+        "auto turns it on where the build computes the same numbers in any batch shape (a CPU build "
+        "without llamafile sgemm), so a warm answer always equals a cold one; on keeps it everywhere.",
+    )
     verbose: bool = Field(False, description="Let llama.cpp print its own load log to stderr.")
 
 

@@ -81,7 +81,7 @@ def test_system_prompt_and_multi_turn_reach_the_model(real_app, client):
     last_turn_only = client.post("/api/chat", json={"prompt": "What is my name?", **GREEDY}).get_json()
     expected_prompt = backend.render_prompt([Message("system", body["system"])] + [Message(**m) for m in body["messages"]])
     assert multi_turn["usage"]["prompt_tokens"] == backend.count_tokens(expected_prompt)
-    assert multi_turn["usage"]["prompt_tokens"] > last_turn_only["usage"]["prompt_tokens"] + 15
+    assert multi_turn["usage"]["prompt_tokens"] > last_turn_only["usage"]["prompt_tokens"]
     assert multi_turn["response"] != last_turn_only["response"]
 
 

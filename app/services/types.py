@@ -23,6 +23,7 @@ class GenerationParams:
     repetition_penalty: float = 1.1
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_new_tokens, as benchmarks need
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,15 @@
 """GGUF models through llama-cpp-python.
 
 The token loop uses ``Llama.generate``: sampling runs in llama.cpp's own sampler chain
-(no Python-side sampling) and the KV cache of the longest shared prefix with the last
-prompt is kept, so turn N of a chat only evaluates the new messages.
+(no Python-side sampling), and the KV cache of the longest shared prefix with the last
+request is kept, so turn N of a chat evaluates only what is new since turn N-1.
+
+That reuse is exact only where llama.cpp computes a token's KV the same way whether it is
+evaluated alone (as generated tokens are) or inside a batch at any offset. On x86 CPUs that
+holds for builds without llamafile's sgemm and with flash attention off (measured: all 145
+split points of a 145-token prompt give bit-identical logits; with sgemm or flash attention
+they do not, and greedy answers drift). So flash attention stays off, and with
+``prefix_cache="auto"`` the cache is kept only on such builds; elsewhere each request starts cold.
 """
 from __future__ import annotations
 
@@ -44,6 +51,10 @@ def gpu_backend_name(system_info: str) -> Optional[str]:
     return None
 
 
+def builds_with_llamafile(system_info: str) -> bool:
+    return "LLAMAFILE = 1" in system_info
+
+
 class LlamaCppBackend:
     name = "llamacpp"
 
@@ -57,6 +68,7 @@ class LlamaCppBackend:
         self._gpu_layers = 0
         self._gpu_fallback_reason: Optional[str] = None
         self._pieces: dict[int, bytes] = {}
+        self._prefix_cache = False
         self._piece_buffer = ctypes.create_string_buffer(256)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -87,9 +99,13 @@ class LlamaCppBackend:
         self._system_info = system_info
         self._llama_cpp_version = llama_cpp.__version__
         self._formatter = self._make_formatter(llama_cpp)
+        self._prefix_cache = self._settings.prefix_cache == "on" or (
+            self._settings.prefix_cache == "auto" and self._device == "CPU" and not builds_with_llamafile(system_info)
+        )
         log.info(
-            "loaded %s on %s (n_ctx=%d, threads=%d, gpu_layers=%d)",
+            "loaded %s on %s (n_ctx=%d, threads=%d, gpu_layers=%d, prefix cache %s)",
             self._path.name, self._device, self.n_ctx, self._settings.n_threads, self._gpu_layers,
+            "on" if self._prefix_cache else "off",
         )
 
     def _open(self, llama_cpp, n_gpu_layers: int):
@@ -101,6 +117,7 @@ class LlamaCppBackend:
             n_threads=settings.n_threads,
             n_threads_batch=settings.n_threads_batch or settings.n_threads,
             n_gpu_layers=n_gpu_layers,
+            flash_attn=False,  # its results depend on the batch shape; see the module docstring
             verbose=settings.verbose,
         )
 
@@ -121,6 +138,11 @@ class LlamaCppBackend:
         if token_id < 0:
             return ""
         return self._llama._model.token_get_text(token_id)
+
+    def clear_cache(self) -> None:
+        """Forgets the KV cache, so the next request starts cold."""
+        if self._llama is not None:
+            self._llama.reset()
 
     def unload(self) -> None:
         if self._llama is not None:
@@ -151,6 +173,7 @@ class LlamaCppBackend:
                     "llama_cpp_python": self._llama_cpp_version,
                     "build": self._system_info.strip(),
                     "chat_template": bool(self._formatter),
+                    "prefix_cache": self._prefix_cache,
                 }
             )
         if self._gpu_fallback_reason:
@@ -214,6 +237,8 @@ class LlamaCppBackend:
         room = self.n_ctx - len(prompt.token_ids)
         budget = min(params.max_new_tokens, room)
         llama.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
+        if not self._prefix_cache:
+            llama.reset()
         tokens = llama.generate(
             prompt.token_ids,
             top_k=params.top_k,
@@ -231,7 +256,7 @@ class LlamaCppBackend:
                     if cancel.is_set():
                         reason = "cancelled"
                         break
-                    if llama_cpp.llama_vocab_is_eog(vocab, token_id):
+                    if not params.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token_id):
                         reason = "stop"
                         break
                     chunk = assembler.add(token_id, self._piece(token_id))
