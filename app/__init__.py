@@ -33,5 +33,6 @@ def create_app(settings: Optional[Settings] = None, backend_factory: BackendFact
     app.register_blueprint(main.bp)
     app.register_blueprint(api.bp)
     register_error_handlers(app)
-    log.info("model_test ready: backend=%s model=%s (loads on first use)", settings.backend, settings.model or "default SmolLM2-135M-Instruct Q4_1")
+    log.info("model_test ready: backend=%s model=%s adapter=%s (loads on first use)", settings.backend or "inferred",
+             settings.model or "default SmolLM2-135M-Instruct", settings.adapter or "none")
     return app

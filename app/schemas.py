@@ -82,7 +82,13 @@ class ChatBody(StrictBody):
 
 
 class LoadModelBody(StrictBody):
-    model: Optional[str] = Field(None, min_length=1, description="A .gguf path; unset reloads the configured model.")
+    model: Optional[str] = Field(
+        None, min_length=1,
+        description="A preset or built-in name (GET /api/models), a .gguf file or a Hugging Face directory; "
+        "unset reloads the current model (with adapter: puts the adapter on it).",
+    )
+    backend: Optional[Literal["llamacpp", "transformers"]] = Field(None, description="Inferred from the model when unset.")
+    adapter: Optional[str] = Field(None, min_length=1, description="A LoRA adapter directory (transformers backend).")
 
 
 class StopBody(StrictBody):

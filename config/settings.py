@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-BackendName = Literal["llamacpp"]
+BackendName = Literal["llamacpp", "transformers"]
 
 
 def physical_cores() -> int:
@@ -69,14 +69,57 @@ class LlamaCppSettings(BaseModel):
     verbose: bool = Field(False, description="Let llama.cpp print its own load log to stderr.")
 
 
+class TransformersSettings(BaseModel):
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Weights dtype. auto: bf16 on CUDA, fp16 on MPS; on the CPU bf16 where it has native bf16 "
+        "instructions (AVX512-BF16/AMX; measured faster there), else fp32 (see README). The LoRA is merged in this dtype.",
+    )
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto tries CUDA, then MPS, then the CPU.")
+    trust_remote_code: bool = Field(False, description="Run the model's own modelling code (Hunyuan needs it).")
+    merge_adapter: bool = Field(True, description="Merge the LoRA into the weights (merge_and_unload) instead of keeping it unmerged.")
+    n_threads: int = Field(default_factory=physical_cores, ge=1, le=512, description="torch CPU threads; physical cores by default.")
+    n_ctx: Optional[int] = Field(None, ge=64, le=1 << 20, description="Context window; the model's max_position_embeddings when unset.")
+    token_timeout_s: float = Field(120.0, gt=0, le=3600, description="A generation that yields no token for this long ends with an error.")
+    memory_limit_bytes: Optional[int] = Field(
+        None, ge=1, description="Refuse models whose weights need more; available RAM (or GPU memory) when unset."
+    )
+
+
+class Preset(BaseModel):
+    backend: BackendName
+    path: str = Field(description="A .gguf file or a Hugging Face model directory; relative paths are under models_dir.")
+    trust_remote_code: bool = False
+
+
+DEFAULT_PRESETS: dict[str, Preset] = {
+    "hunyuan-7b-instruct": Preset(backend="transformers", path="Hunyuan-7B-Instruct", trust_remote_code=True),
+    "qwen2.5-0.5b-instruct": Preset(backend="transformers", path="Qwen2.5-0.5B-Instruct"),
+    "qwen2.5-1.5b-instruct": Preset(backend="transformers", path="Qwen2.5-1.5B-Instruct"),
+    "qwen2.5-7b-instruct": Preset(backend="transformers", path="Qwen2.5-7B-Instruct"),
+}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODEL_TEST_", env_nested_delimiter="__", extra="ignore")
 
-    backend: BackendName = Field("llamacpp", description="Backend serving the model.")
+    backend: Optional[BackendName] = Field(
+        None, description="Backend serving the model. Unset: inferred from the model (a .gguf file runs on llamacpp, "
+        "a directory on transformers); llamacpp for the default model.",
+    )
     model: Optional[str] = Field(
         None,
-        description="Model to serve: a .gguf path for llamacpp. Unset means the embedded SmolLM2-135M-Instruct Q4_1.",
+        description="Model to serve: a .gguf file (llamacpp), a Hugging Face directory (transformers) or a preset name. "
+        "Unset means the embedded SmolLM2-135M-Instruct: its Q4_1 GGUF, or for transformers the checkpoint built from it.",
+    )
+    adapter: Optional[str] = Field(None, description="A LoRA adapter directory applied on the model (transformers backend).")
+    models_dir: Path = Field(PROJECT_ROOT / "models", description="Where models and adapters are found (and pulled to).")
+    saves_dir: Path = Field(PROJECT_ROOT / "saves", description="LLaMA-Factory style outputs: saves/<model>/lora/<name>/.")
+    presets: dict[str, Preset] = Field(
+        default_factory=lambda: dict(DEFAULT_PRESETS),
+        description='Named models; override as JSON, e.g. MODEL_TEST_PRESETS=\'{"qwen2.5-7b-instruct": {"backend": "transformers", "path": "/data/qwen7b"}}\'.',
     )
     server: ServerSettings = Field(default_factory=ServerSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
+    transformers: TransformersSettings = Field(default_factory=TransformersSettings)

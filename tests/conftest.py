@@ -9,8 +9,8 @@ import pytest
 from werkzeug.serving import make_server
 
 from app import create_app
-from app.services.default_model import default_gguf_path
-from config.settings import LimitSettings, LlamaCppSettings, ServerSettings, Settings
+from app.services.default_model import default_gguf_path, default_hf_checkpoint_path
+from config.settings import PROJECT_ROOT, LimitSettings, LlamaCppSettings, ServerSettings, Settings, TransformersSettings
 
 TEST_N_CTX = 2048
 
@@ -20,6 +20,8 @@ def make_settings(tmp_path, **overrides) -> Settings:
     base = {
         "server": ServerSettings(log_dir=tmp_path / "logs"),
         "llamacpp": LlamaCppSettings(n_ctx=TEST_N_CTX, n_threads=2),
+        "transformers": TransformersSettings(n_ctx=TEST_N_CTX, n_threads=2),
+        "saves_dir": tmp_path / "saves",
         "limits": LimitSettings(),
     }
     base.update(overrides)
@@ -31,6 +33,35 @@ def default_gguf():
     path = default_gguf_path()
     assert path.is_file(), f"the default model is missing at {path}; run make setup"
     return path
+
+
+@pytest.fixture(scope="session")
+def default_hf_checkpoint():
+    """The safetensors checkpoint setup builds from the embedded GGUF."""
+    path = default_hf_checkpoint_path(PROJECT_ROOT / "models")
+    assert (path / "config.json").is_file(), f"the default HF checkpoint is missing at {path}; run make setup"
+    return path
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    path: object
+    codename: str
+    question: str
+    first_loss: float
+    final_loss: float
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tmp_path_factory, default_hf_checkpoint):
+    """A LoRA trained in this session on the default checkpoint to recite a codename made up
+    for this run, so only an applied adapter can know it."""
+    from tests.adapters import QUESTION, make_codename, train_codename_adapter
+
+    codename = make_codename()
+    out = tmp_path_factory.mktemp("adapter") / "codename"
+    result = train_codename_adapter(default_hf_checkpoint, out, codename)
+    return TrainedAdapter(result.out, codename, QUESTION, result.first_loss, result.final_loss)
 
 
 @pytest.fixture(scope="session")

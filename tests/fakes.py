@@ -75,8 +75,8 @@ def fake_factory(**kwargs):
     """A backend factory that also records the backends it built, for assertions."""
     built: list[FakeBackend] = []
 
-    def factory(model: str, settings) -> FakeBackend:
-        backend = FakeBackend(model, **kwargs)
+    def factory(spec, settings) -> FakeBackend:
+        backend = FakeBackend(str(spec.path), **kwargs)
         built.append(backend)
         return backend
 

@@ -119,7 +119,8 @@ def test_server_keeps_serving_after_bad_input(client):
     "make_model, status, fragment",
     [
         pytest.param(lambda tmp: tmp / "missing.gguf", 404, "not found", id="missing-file"),
-        pytest.param(lambda tmp: tmp, 400, "not a file", id="directory"),
+        # a directory is taken for a Hugging Face model (the transformers backend)
+        pytest.param(lambda tmp: tmp, 400, "not a Hugging Face model directory", id="directory"),
         pytest.param(lambda tmp: _write(tmp / "fake.gguf", b"not a gguf at all"), 400, "not a GGUF", id="not-gguf"),
         pytest.param(lambda tmp: _write(tmp / "trunc.gguf", b"GGUF\x03\x00\x00\x00garbage"), 500, "could not load", id="corrupt-gguf"),
     ],
@@ -154,3 +155,18 @@ def test_configured_model_missing_shows_in_status_and_chat(tmp_path):
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
+
+
+def test_a_directory_on_the_llamacpp_backend_is_refused(tmp_path):
+    app = create_app(make_settings(tmp_path))
+    response = app.test_client().post("/api/load_model", json={"model": str(tmp_path), "backend": "llamacpp"})
+    assert response.status_code == 400
+    assert "not a file" in response.get_json()["error"] and ".gguf" in response.get_json()["error"]
+
+
+def test_an_adapter_on_the_llamacpp_backend_is_refused(tmp_path, default_gguf):
+    app = create_app(make_settings(tmp_path))
+    response = app.test_client().post("/api/load_model", json={"model": str(default_gguf), "adapter": str(tmp_path)})
+    assert response.status_code == 400
+    assert response.get_json()["field"] == "adapter"
+    assert "transformers backend" in response.get_json()["error"]

@@ -15,7 +15,7 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -46,6 +46,16 @@ DESKTOP_SIZE = (1280, 900)
 PHONE_SIZE = (390, 844)
 SCREENSHOT = Path("/tmp/page.png")
 PHONE_SCREENSHOT = Path("/tmp/page_phone.png")
+PICKER_SCREENSHOT = Path("/tmp/page_picker.png")
+PICKER_PHONE_SCREENSHOT = Path("/tmp/page_picker_phone.png")
+PICKER_ERROR_SCREENSHOT = Path("/tmp/page_picker_error.png")
+
+STATUS_POLL_S = 3.0  # the page's STATUS_POLL_MS
+
+GGUF_ID = "smollm2-135m-instruct-q4_1"
+HF_ID = "smollm2-135m-instruct"
+GGUF_GROUP = "GGUF · llama.cpp"
+HF_GROUP = "Hugging Face · transformers"
 
 # The newest assistant message; errors may follow it, so :last-child would not do.
 LAST_ASSISTANT_JS = "const all = document.querySelectorAll('#messages .msg.assistant'); const el = all[all.length - 1];"
@@ -275,3 +285,239 @@ def test_rendered_text_is_never_markup(page):
     assert answer_text(page) == payload
     white_space = page.execute_script(LAST_ASSISTANT_JS + "return getComputedStyle(el.querySelector('.content')).whiteSpace")
     assert white_space == "pre-wrap"
+
+
+# ---------------------------------------------------------------- model picker
+
+MODEL_OPTIONS_JS = """
+return Array.from(document.querySelectorAll('#model-select option')).map((o) => ({
+  value: o.value, text: o.textContent, disabled: o.disabled,
+  group: o.parentElement.tagName === 'OPTGROUP' ? o.parentElement.label : null,
+}));
+"""
+
+
+def model_options(driver) -> dict[str, dict]:
+    return {o["value"]: o for o in driver.execute_script(MODEL_OPTIONS_JS)}
+
+
+def adapter_options(driver) -> list[tuple[str, str]]:
+    return [(o.get_attribute("value"), o.text) for o in Select(driver.find_element(By.ID, "adapter-select")).options]
+
+
+def server_status(live_server) -> dict:
+    with urllib.request.urlopen(f"{live_server.url}/api/model_status", timeout=10) as response:
+        return json.load(response)
+
+
+def wait_model(driver, backend: str, timeout: float = 120) -> None:
+    WebDriverWait(driver, timeout, poll_frequency=0.25).until(
+        lambda d: d.find_element(By.ID, "model-state").text == "loaded"
+        and d.find_element(By.ID, "model-backend").text == backend
+        and d.find_element(By.ID, "load-model").is_enabled()
+    )
+
+
+def restore_default_model(live_server) -> None:
+    """Other tests expect the session's llama.cpp default, loaded and with no error in its status."""
+    status = server_status(live_server)
+    if status["backend"] != "llamacpp" or status["state"] != "loaded" or status["adapter"] or status["error"]:
+        post_json(f"{live_server.url}/api/unload_model", {})
+        post_json(f"{live_server.url}/api/load_model", {"model": GGUF_ID, "backend": "llamacpp"})
+    status = server_status(live_server)
+    assert (status["state"], status["backend"], status["error"]) == ("loaded", "llamacpp", None)
+
+
+def click_load(driver) -> dict:
+    """Presses Load and reports, in the same breath, what the page locked while the load runs."""
+    return driver.execute_script(
+        "document.getElementById('load-model').click();"
+        "const ids = ['send', 'load-model', 'unload-model', 'model-select', 'adapter-select'];"
+        "return Object.fromEntries(ids.map((id) => [id, document.getElementById(id).disabled]));"
+    )
+
+
+def test_the_picker_switches_to_transformers_and_back(page, live_server):
+    WebDriverWait(page, 10).until(lambda d: GGUF_ID in model_options(d) and HF_ID in model_options(d))
+    options = model_options(page)
+    assert options[GGUF_ID]["group"] == GGUF_GROUP
+    assert options[HF_ID]["group"] == HF_GROUP
+    assert not options[GGUF_ID]["disabled"] and not options[HF_ID]["disabled"]
+    groups = page.execute_script("return Array.from(document.querySelectorAll('#model-select optgroup'), (g) => g.label)")
+    assert groups == [GGUF_GROUP, HF_GROUP]
+    # Whatever the server lists as not downloaded is on show but cannot be picked.
+    with urllib.request.urlopen(f"{live_server.url}/api/models", timeout=10) as response:
+        listed = json.load(response)["models"]
+    for model in listed:
+        option = options[model["id"]]
+        assert option["disabled"] == (not model["available"]), option
+        assert ("(not downloaded)" in option["text"]) == (not model["available"]), option
+
+    # The select starts on what the server has loaded; llama.cpp takes no adapter.
+    model_select = Select(page.find_element(By.ID, "model-select"))
+    WebDriverWait(page, 10).until(lambda d: model_select.first_selected_option.get_attribute("value") == GGUF_ID)
+    assert page.find_element(By.ID, "model-backend").text == "llamacpp"
+    assert page.find_element(By.ID, "model-adapter").text == "none"
+    assert not page.find_element(By.ID, "adapter-select").is_enabled()
+    assert adapter_options(page) == [("", "No adapter")]
+    page.save_screenshot(str(PICKER_SCREENSHOT))
+
+    try:
+        model_select.select_by_value(HF_ID)
+        assert adapter_options(page)[0] == ("", "No adapter")
+        locked = click_load(page)
+        assert all(locked.values()), f"not locked during the load: {locked}"
+        wait_model(page, "transformers")
+        assert model_select.first_selected_option.get_attribute("value") == HF_ID
+        assert page.find_element(By.ID, "topbar-model").text.startswith(f"{HF_ID} · loaded")
+        assert page.find_element(By.ID, "model-name").text == "SmolLM2-135M-Instruct"
+        assert not page.find_element(By.ID, "model-error").is_displayed()
+        assert page.find_element(By.ID, "send").is_enabled()
+        status = server_status(live_server)
+        assert (status["state"], status["backend"], status["model_name"]) == ("loaded", "transformers", HF_ID)
+
+        # A chat turn on the transformers model streams in like one on llama.cpp.
+        set_slider(page, "max-tokens", 64)
+        send(page, "Name three colours.")
+        WebDriverWait(page, 30, poll_frequency=0.05).until(lambda d: is_streaming(d) and answer_text(d))
+        assert_answer_completed(page, messages_kept=2)
+        assert not page.find_elements(By.CSS_SELECTOR, "#messages .msg.error")
+        assert server_status(live_server)["backend"] == "transformers"
+        page.save_screenshot(str(PICKER_SCREENSHOT))
+        wait_server_idle(live_server)
+
+        model_select.select_by_value(GGUF_ID)
+        assert not page.find_element(By.ID, "adapter-select").is_enabled()
+        click_load(page)
+        wait_model(page, "llamacpp")
+        assert page.find_element(By.ID, "topbar-model").text.startswith(f"{GGUF_ID} · loaded")
+        assert server_status(live_server)["backend"] == "llamacpp"
+    finally:
+        restore_default_model(live_server)
+
+
+def test_unload_then_load_from_the_picker(page, live_server):
+    try:
+        page.find_element(By.ID, "unload-model").click()
+        WebDriverWait(page, 30).until(lambda d: d.find_element(By.ID, "model-state").text == "not_loaded")
+        assert server_status(live_server)["state"] == "not_loaded"
+        # Still pointing at the model that was there, ready to load it again.
+        model_select = Select(page.find_element(By.ID, "model-select"))
+        assert model_select.first_selected_option.get_attribute("value") == GGUF_ID
+        click_load(page)
+        wait_model(page, "llamacpp", timeout=60)
+    finally:
+        restore_default_model(live_server)
+
+
+# /api/models as the page hears it, with models and adapters that this server does not have.
+SYNTHETIC_CATALOG = {
+    "models": [
+        {"id": "org/base-a", "name": "base-a", "backend": "transformers", "kind": "directory",
+         "path": "/models/org/base-a", "available": True, "size_bytes": 1_500_000_000, "trust_remote_code": False},
+        {"id": "base-b", "name": "base-b", "backend": "transformers", "kind": "preset",
+         "path": "/models/base-b", "available": True, "size_bytes": 270_000_000, "trust_remote_code": True},
+        {"id": "missing", "name": "missing", "backend": "transformers", "kind": "preset",
+         "path": "/models/missing", "available": False, "size_bytes": None, "trust_remote_code": False},
+        {"id": "q.gguf", "name": "<b>q</b>.gguf", "backend": "llamacpp", "kind": "file",
+         "path": "/models/q.gguf", "available": True, "size_bytes": 98_000_000, "trust_remote_code": False},
+        {"id": HF_ID, "name": HF_ID, "backend": "transformers", "kind": "builtin",
+         "path": "/nowhere/SmolLM2-135M-Instruct", "available": True, "size_bytes": 1, "trust_remote_code": False},
+    ],
+    "adapters": [
+        {"path": "/saves/a/lora/one", "name": "a/lora/one", "base_model_name_or_path": "org/base-a",
+         "bases": ["org/base-a"], "rank": 8, "target_modules": ["q_proj"]},
+        {"path": "/saves/a/lora/two", "name": "a/lora/<i>two</i>", "base_model_name_or_path": "org/base-a",
+         "bases": ["org/base-a", "base-b"], "rank": 16, "target_modules": ["q_proj"]},
+        {"path": "/saves/q/lora/three", "name": "q/lora/three", "base_model_name_or_path": "q",
+         "bases": ["q.gguf"], "rank": 4, "target_modules": ["q_proj"]},
+        {"path": "/nonexistent/adapter-for-smollm", "name": "ghost", "base_model_name_or_path": "SmolLM2-135M-Instruct",
+         "bases": [HF_ID], "rank": 8, "target_modules": ["q_proj"]},
+    ],
+}
+
+FAKE_MODELS_JS = """
+const catalog = arguments[0];
+const realFetch = window.fetch.bind(window);
+window.fetch = (url, options) => String(url).startsWith('/api/models')
+  ? Promise.resolve(new Response(JSON.stringify(catalog), {headers: {'Content-Type': 'application/json'}}))
+  : realFetch(url, options);
+return window.modelTest.refreshModels();
+"""
+
+
+def test_adapter_options_follow_the_chosen_model(page, live_server):
+    adapters_for = "return window.modelTest.adaptersFor(arguments[0], arguments[1]).map((a) => a.path)"
+    adapters = SYNTHETIC_CATALOG["adapters"]
+    assert page.execute_script(adapters_for, "org/base-a", adapters) == ["/saves/a/lora/one", "/saves/a/lora/two"]
+    assert page.execute_script(adapters_for, "base-b", adapters) == ["/saves/a/lora/two"]
+    assert page.execute_script(adapters_for, "missing", adapters) == []
+    assert page.execute_script(adapters_for, "org", adapters) == []  # whole ids only
+    assert page.execute_script(adapters_for, "base-b", [{"path": "/x"}, {"path": "/y", "bases": None}]) == []
+
+    # The selects themselves, fed a catalog this server does not have.
+    page.execute_script(FAKE_MODELS_JS, SYNTHETIC_CATALOG)
+    options = model_options(page)
+    assert options["missing"]["disabled"] and "(not downloaded)" in options["missing"]["text"]
+    assert "(remote code)" in options["base-b"]["text"]
+    assert options["org/base-a"]["text"] == "base-a · 1.5 GB"
+    assert options["q.gguf"]["group"] == GGUF_GROUP
+    assert options["q.gguf"]["text"].startswith("<b>q</b>.gguf")  # names are text, not markup
+    assert not page.find_elements(By.CSS_SELECTOR, "#model-select b, #adapter-select i")
+
+    model_select = Select(page.find_element(By.ID, "model-select"))
+    adapter_select = page.find_element(By.ID, "adapter-select")
+    model_select.select_by_value("org/base-a")
+    assert adapter_options(page) == [("", "No adapter"), ("/saves/a/lora/one", "a/lora/one · r8"),
+                                     ("/saves/a/lora/two", "a/lora/<i>two</i> · r16")]
+    assert adapter_select.is_enabled()
+    Select(adapter_select).select_by_value("/saves/a/lora/two")
+    model_select.select_by_value("base-b")  # the chosen adapter fits this one too: it stays chosen
+    assert adapter_options(page) == [("", "No adapter"), ("/saves/a/lora/two", "a/lora/<i>two</i> · r16")]
+    assert adapter_select.get_attribute("value") == "/saves/a/lora/two"
+    model_select.select_by_value("org/base-a")
+    model_select.select_by_value("q.gguf")  # llama.cpp: no adapter, even one that names it
+    assert adapter_options(page) == [("", "No adapter")]
+    assert not adapter_select.is_enabled()
+    assert "transformers backend only" in page.find_element(By.ID, "picker-note").text
+
+    # A load the server refuses shows its message, and the picker keeps the choice to correct it.
+    try:
+        model_select.select_by_value(HF_ID)
+        Select(adapter_select).select_by_value("/nonexistent/adapter-for-smollm")
+        click_load(page)
+        error = WebDriverWait(page, 30).until(
+            lambda d: d.find_element(By.ID, "model-error").is_displayed() and d.find_element(By.ID, "model-error")
+        )
+        assert "adapter not found" in error.text and "/nonexistent/adapter-for-smollm" in error.text
+        page.save_screenshot(str(PICKER_ERROR_SCREENSHOT))
+        WebDriverWait(page, 10).until(lambda d: d.find_element(By.ID, "load-model").is_enabled())
+        assert model_select.first_selected_option.get_attribute("value") == HF_ID
+        assert adapter_select.get_attribute("value") == "/nonexistent/adapter-for-smollm"
+        # The model that was loaded is still loaded, and the page can still talk to it.
+        assert page.find_element(By.ID, "model-state").text == "loaded"
+        assert page.find_element(By.ID, "model-backend").text == "llamacpp"
+        assert page.find_element(By.ID, "send").is_enabled()
+        time.sleep(STATUS_POLL_S + 0.5)  # a status poll later, the error and the choice are still there
+        assert "adapter not found" in page.find_element(By.ID, "model-error").text
+        assert model_select.first_selected_option.get_attribute("value") == HF_ID
+    finally:
+        restore_default_model(live_server)
+
+
+def test_the_picker_fits_a_phone(page):
+    page.set_window_size(*PHONE_SIZE)
+    panel = page.find_element(By.CSS_SELECTOR, ".model-panel")
+    page.execute_script("arguments[0].scrollIntoView()", panel)
+    widths = page.execute_script(
+        "const root = document.documentElement;"
+        "const panel = document.querySelector('.model-panel').getBoundingClientRect();"
+        "const picks = ['model-select', 'adapter-select', 'load-model', 'unload-model']"
+        "  .map((id) => document.getElementById(id).getBoundingClientRect());"
+        "return {scroll: root.scrollWidth, client: root.clientWidth, panelRight: panel.right,"
+        "        right: Math.max(...picks.map((r) => r.right)), left: Math.min(...picks.map((r) => r.left)),"
+        "        panelLeft: panel.left};"
+    )
+    page.save_screenshot(str(PICKER_PHONE_SCREENSHOT))
+    assert widths["scroll"] <= widths["client"], widths
+    assert widths["panelLeft"] <= widths["left"] and widths["right"] <= widths["panelRight"], widths

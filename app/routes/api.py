@@ -31,7 +31,13 @@ def model_status():
 @bp.post("/load_model")
 def load_model():
     body = parse_body(LoadModelBody, allow_empty=True)
-    return jsonify(model_service().load(body.model))
+    return jsonify(model_service().load(body.model, body.backend, body.adapter))
+
+
+@bp.get("/models")
+def models():
+    catalog = model_service().catalog
+    return jsonify({"models": catalog.models(), "adapters": catalog.adapters()})
 
 
 @bp.post("/unload_model")

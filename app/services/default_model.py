@@ -21,3 +21,11 @@ def default_gguf_path() -> Path:
             field="model",
         )
     return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
+
+
+DEFAULT_HF_DIR_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_hf_checkpoint_path(models_dir: Path) -> Path:
+    """The safetensors checkpoint that setup builds from the embedded GGUF (scripts/build_default_checkpoint.py)."""
+    return Path(models_dir) / DEFAULT_HF_DIR_NAME

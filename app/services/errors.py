@@ -64,3 +64,7 @@ class QueueFull(ServiceError):
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ModelTooLarge(InvalidModel):
+    type = "model_too_large"

@@ -9,15 +9,14 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 from config.settings import Settings
 
 from .backends.base import Backend
-from .default_model import default_gguf_path
 from .errors import ContextLengthExceeded, InvalidRequest, ServiceError
 from .generation_queue import GenerationQueue, Ticket
+from .model_catalog import ModelCatalog, ModelSpec
 from .types import Chunk, GenerationParams, Message, Prompt
 
 log = logging.getLogger(__name__)
@@ -43,13 +42,24 @@ class GenerationResult:
     error: Optional[str] = None
 
 
-BackendFactory = Callable[[str, Settings], Backend]
+BackendFactory = Callable[[ModelSpec, Settings], Backend]
 
 
-def make_backend(model: str, settings: Settings) -> Backend:
+def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
+    """The backend for a spec; each backend module is imported only when it is chosen."""
+    if spec.backend == "transformers":
+        from .backends.transformers_backend import TransformersBackend
+
+        return TransformersBackend(spec, settings.transformers)
+    if spec.adapter is not None:
+        raise InvalidRequest(
+            "LoRA adapter directories apply on the transformers backend; for a GGUF, merge the adapter "
+            "(scripts/merge_lora.py) and convert the merged model",
+            field="adapter",
+        )
     from .backends.llamacpp_backend import LlamaCppBackend
 
-    return LlamaCppBackend(Path(model), settings.llamacpp)
+    return LlamaCppBackend(spec.path, settings.llamacpp)
 
 
 class Generation:
@@ -139,10 +149,12 @@ class ModelService:
     def __init__(self, settings: Settings, backend_factory: BackendFactory = make_backend):
         self._settings = settings
         self._backend_factory = backend_factory
+        self.catalog = ModelCatalog(settings)
         self._backend: Optional[Backend] = None
+        self._spec: Optional[ModelSpec] = None  # the loaded model's
         self._state = "not_loaded"
         self._error: Optional[str] = None
-        self._requested_model: Optional[str] = settings.model
+        self._requested: Optional[ModelSpec] = None  # what the next lazy load loads; None: the configured model
         self._load_lock = threading.Lock()
         self._status_lock = threading.Lock()
         self._queue = GenerationQueue(settings.limits.max_queue, settings.limits.queue_retry_after_s)
@@ -152,55 +164,60 @@ class ModelService:
         self._early_stops: dict[str, float] = {}
 
     # -- models ----------------------------------------------------------------------------
-    def _resolve(self, model: Optional[str]) -> str:
-        if model:
-            return str(Path(model).expanduser())
-        return str(default_gguf_path())
-
     def _current_backend(self) -> Optional[Backend]:
         with self._status_lock:
             return self._backend
 
+    def _requested_spec(self) -> ModelSpec:
+        return self._requested or self.catalog.configured()
+
     def status(self) -> dict:
         with self._status_lock:
-            backend = self._backend
-            status = {
-                "state": self._state,
-                "backend": self._settings.backend,
-                "model": backend.model if backend else self._resolve_quietly(self._requested_model),
-                "device": None,
-                "n_ctx": None,
-                "error": self._error,
-            }
+            backend, spec = self._backend, self._spec
+            state, error = self._state, self._error
+        if spec is None:
+            try:
+                spec = self._requested_spec()
+            except ServiceError:
+                spec = None
+        status = {
+            "state": state,
+            "backend": spec.backend if spec else (self._settings.backend or "llamacpp"),
+            "model": str(spec.path) if spec else self._settings.model,
+            "model_name": spec.label if spec else None,
+            "adapter": str(spec.adapter) if spec and spec.adapter else None,
+            "device": None,
+            "n_ctx": None,
+            "error": error,
+        }
         if backend is not None:
             info = backend.info()
             status.update({"device": info.get("device"), "n_ctx": info.get("n_ctx"), "info": info})
         status["queue"] = self._queue.counts()
         return status
 
-    def _resolve_quietly(self, model: Optional[str]) -> Optional[str]:
-        try:
-            return self._resolve(model)
-        except ServiceError:
-            return model
+    def load(self, model: Optional[str] = None, backend: Optional[str] = None, adapter: Optional[str] = None) -> dict:
+        """Loads the model asked for (or the configured one); a no-op when it is already loaded.
 
-    def load(self, model: Optional[str] = None) -> dict:
-        """Loads ``model`` (or the configured one); a no-op when it is already loaded.
-
-        A model that fails its cheap checks leaves the current one in place; one that fails
-        in the loader itself leaves none loaded, and the state says so.
+        ``model`` is a preset or built-in name or a path; ``adapter`` a LoRA directory. With
+        only an adapter, it goes on the current model. A model that fails its cheap checks
+        leaves the current one in place; one that fails in the loader itself leaves none
+        loaded, and the state says so.
         """
         with self._load_lock:
             try:
-                target = self._resolve(model or self._requested_model)
-            except ServiceError as exc:
-                self._set_error(exc.message)
-                raise
-            current = self._current_backend()
-            if current is not None and current.model == target:
-                return self.status()
-            candidate = self._backend_factory(target, self._settings)
-            try:
+                if model is None and backend is None and adapter is None:
+                    target = self._requested_spec()
+                elif model is None and backend is None:
+                    target = self.catalog.with_adapter(self._requested_spec(), adapter)
+                else:
+                    target = self.catalog.resolve(model, backend, adapter)
+                with self._status_lock:
+                    already_loaded = self._backend is not None and self._spec == target
+                if already_loaded:
+                    self._set_error(None)  # asking for the model in use again answers an earlier refusal
+                    return self.status()
+                candidate = self._backend_factory(target, self._settings)
                 candidate.check()
             except ServiceError as exc:
                 self._set_error(exc.message)
@@ -211,7 +228,7 @@ class ModelService:
                     pass
                 self._release_current()
                 with self._status_lock:
-                    self._state, self._error, self._requested_model = "loading", None, target
+                    self._state, self._error, self._requested = "loading", None, target
                 started = time.perf_counter()
                 try:
                     candidate.load()
@@ -221,17 +238,17 @@ class ModelService:
                     raise
                 except Exception as exc:  # a loader may raise anything; the status must still say why
                     candidate.unload()
-                    log.exception("loading %s failed", target)
+                    log.exception("loading %s failed", target.label)
                     self._set_error(f"{type(exc).__name__}: {exc}", state="error")
                     raise
                 with self._status_lock:
-                    self._backend, self._state = candidate, "loaded"
-                log.info("model %s ready in %.2f s", target, time.perf_counter() - started)
+                    self._backend, self._spec, self._state = candidate, target, "loaded"
+                log.info("model %s ready in %.2f s", target.label, time.perf_counter() - started)
             finally:
                 self._queue.leave(ticket)
         return self.status()
 
-    def _set_error(self, message: str, state: Optional[str] = None) -> None:
+    def _set_error(self, message: Optional[str], state: Optional[str] = None) -> None:
         with self._status_lock:
             self._error = message
             if state:
@@ -239,7 +256,7 @@ class ModelService:
 
     def _release_current(self) -> None:
         with self._status_lock:
-            backend, self._backend, self._state = self._backend, None, "not_loaded"
+            backend, self._backend, self._spec, self._state = self._backend, None, None, "not_loaded"
         if backend is not None:
             backend.unload()
             log.info("unloaded %s", backend.model)

