@@ -32,6 +32,9 @@ def create_app(settings: Optional[Settings] = None, backend_factory: BackendFact
 
     app.register_blueprint(main.bp)
     app.register_blueprint(api.bp)
+    from .routes import openai
+
+    app.register_blueprint(openai.bp)
     register_error_handlers(app)
     log.info("model_test ready: backend=%s model=%s adapter=%s (loads on first use)", settings.backend or "inferred",
              settings.model or "default SmolLM2-135M-Instruct", settings.adapter or "none")

@@ -158,6 +158,24 @@ class ModelCatalog:
             return "transformers"
         return self._settings.backend or "llamacpp"
 
+    def id_for(self, spec: ModelSpec) -> str:
+        """A spec's id as /api/models and /v1/models list it (with its adapter, when it has one)."""
+        base = spec.name or self._listed_id(spec.path)
+        return f"{base}+{spec.adapter.name}" if spec.adapter else base
+
+    def _listed_id(self, path: Path) -> str:
+        for model_id, spec in self.builtin().items():
+            if spec.path == path:
+                return model_id
+        return self._relative_id(path)
+
+    def names_of(self, spec: ModelSpec) -> set[str]:
+        """Every name a client may use for ``spec``."""
+        names = {self.id_for(spec), str(spec.path), spec.path.name, spec.path.stem, spec.label}
+        if spec.name:
+            names.add(spec.name)
+        return names
+
     # -- listing ---------------------------------------------------------------------------
     def _walk(self, root: Path, depth: int = SCAN_DEPTH) -> Iterator[Path]:
         if depth < 0 or not root.is_dir():

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 from config.settings import Settings
 
 from .backends.base import Backend
-from .errors import ContextLengthExceeded, InvalidRequest, ServiceError
+from .errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, ServiceError
 from .generation_queue import GenerationQueue, Ticket
 from .model_catalog import ModelCatalog, ModelSpec
 from .types import Chunk, GenerationParams, Message, Prompt
@@ -247,6 +247,34 @@ class ModelService:
             finally:
                 self._queue.leave(ticket)
         return self.status()
+
+    def model_id(self) -> Optional[str]:
+        """The name API clients know the loaded (or next) model by: its catalog id where it has one."""
+        with self._status_lock:
+            spec = self._spec
+        if spec is None:
+            try:
+                spec = self._requested_spec()
+            except ServiceError:
+                return None
+        return self.catalog.id_for(spec)
+
+    def use_model(self, name: Optional[str]) -> None:
+        """For APIs that name a model in every request (OpenAI's): the loaded model answers to
+        any of its names (catalog id, preset name, path, file or folder name); another model on
+        offer is switched to; anything else is a 404. No name means the loaded model."""
+        if not name:
+            return
+        with self._status_lock:
+            spec = self._spec
+        current = spec or self._requested_spec()
+        if name in self.catalog.names_of(current):
+            return
+        for entry in self.catalog.models():
+            if name in (entry["id"], entry["name"], entry["path"]) and entry["available"]:
+                self.load(model=entry["id"] if entry["kind"] in ("builtin", "preset") else entry["path"])
+                return
+        raise ModelNotFound(f"model {name!r} is not on offer; GET /v1/models lists the models this server has", field="model")
 
     def _set_error(self, message: Optional[str], state: Optional[str] = None) -> None:
         with self._status_lock:

@@ -21,6 +21,8 @@ class GenerationParams:
     top_p: float = 0.9
     top_k: int = 40
     repetition_penalty: float = 1.1
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already in the answer
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the answer
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # run to max_new_tokens, as benchmarks need

@@ -246,6 +246,8 @@ class LlamaCppBackend:
             min_p=0.0,
             temp=params.temperature,
             repeat_penalty=params.repetition_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
         )
         reason = "length"
         try:

@@ -61,6 +61,26 @@ def release_freed_memory() -> None:
             pass
 
 
+class OpenAIPenalties:
+    """OpenAI's presence and frequency penalties, which transformers lacks: from each token's
+    logit, subtract ``presence`` once if the answer so far holds it and ``frequency`` times its
+    count there. The prompt is not counted, as in OpenAI's definition."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float):
+        self._prompt_length = prompt_length
+        self._presence = presence
+        self._frequency = frequency
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        answer = input_ids[:, self._prompt_length:]
+        if answer.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, answer, torch.ones_like(answer, dtype=scores.dtype))
+        return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
+
+
 class _TokenQueue:
     """The streamer ``generate`` feeds: new token ids into a queue, the prompt skipped."""
 
@@ -291,7 +311,7 @@ class TransformersBackend:
         return Prompt(text=text, token_ids=tuple(token_ids))
 
     # -- generation ------------------------------------------------------------------------
-    def _generation_kwargs(self, params: GenerationParams, budget: int) -> dict:
+    def _generation_kwargs(self, params: GenerationParams, budget: int, prompt_length: int) -> dict:
         import copy
 
         config = copy.deepcopy(self._model.generation_config)
@@ -307,7 +327,14 @@ class TransformersBackend:
         )
         if config.pad_token_id is None and self._eos_ids:
             config.pad_token_id = min(self._eos_ids)
-        return {"generation_config": config}
+        kwargs = {"generation_config": config}
+        if params.presence_penalty or params.frequency_penalty:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [OpenAIPenalties(prompt_length, params.presence_penalty, params.frequency_penalty)]
+            )
+        return kwargs
 
     def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
         import torch
@@ -333,7 +360,7 @@ class TransformersBackend:
             attention_mask=torch.ones_like(input_ids),
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([Halted()]),
-            **self._generation_kwargs(params, budget),
+            **self._generation_kwargs(params, budget, len(prompt.token_ids)),
         )
         seed = params.seed if params.seed is not None else random.randrange(2**31)
 

@@ -1,0 +1,159 @@
+"""Request bodies of the OpenAI-compatible /v1 routes.
+
+Fields OpenAI defines and this server cannot honour (``n`` > 1, ``logprobs``, tools, ``echo``,
+``suffix``) are refused with a 400 naming them rather than silently ignored, so a client never
+believes it got what it did not. Unknown fields are ignored, as OpenAI's own server does for
+fields newer than the client. ``presence_penalty`` and ``frequency_penalty`` are honoured with
+OpenAI's definition (llama.cpp's penalty sampler; a logits processor for transformers).
+``repetition_penalty`` and ``top_k`` are accepted as extensions, as vLLM does.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from config.settings import LimitSettings
+
+from .services.errors import InvalidRequest
+from .services.types import GenerationParams, Message
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+
+    def text(self, index: int) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if self.content is None:
+            raise InvalidRequest(f"messages[{index}] has no content", field=f"messages.{index}.content")
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise InvalidRequest(f"messages[{index}] has a {part.type!r} part; only text is supported", field=f"messages.{index}.content")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class SamplingBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = Field(None, description="A model from GET /v1/models, or the loaded one; empty means the loaded one.")
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=100000, description="Extension (as in vLLM); 0 turns it off.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="Extension (as in vLLM); 1 turns it off.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)
+    stop: Optional[list[str]] = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    logprobs: Any = None
+    user: Optional[str] = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    def _refuse_unsupported(self) -> None:
+        if self.n != 1:
+            raise InvalidRequest("n must be 1: this server returns one choice per request", field="n")
+        if self.logprobs not in (None, False, 0):
+            raise InvalidRequest("logprobs are not supported", field="logprobs")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options is only allowed with stream: true", field="stream_options")
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _params(self, limits: LimitSettings, max_tokens: Optional[int], default_max_tokens: int) -> GenerationParams:
+        self._refuse_unsupported()
+        budget = max_tokens or default_max_tokens
+        if budget > limits.max_new_tokens:
+            raise InvalidRequest(f"max_tokens is {budget}; the limit is {limits.max_new_tokens}", field="max_tokens")
+        stops = list(self.stop or [])
+        if len(stops) > limits.max_stop_strings:
+            raise InvalidRequest(f"at most {limits.max_stop_strings} stop strings are allowed", field="stop")
+        if any(not s for s in stops):
+            raise InvalidRequest("stop strings must not be empty", field="stop")
+        return GenerationParams(
+            max_new_tokens=budget,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+            stop=tuple(stops),
+        )
+
+
+class ChatCompletionBody(SamplingBody):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    tools: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
+    top_logprobs: Any = None
+
+    def messages_list(self, limits: LimitSettings) -> list[Message]:
+        if len(self.messages) > limits.max_messages:
+            raise InvalidRequest(f"at most {limits.max_messages} messages are allowed, got {len(self.messages)}", field="messages")
+        if self.tools:
+            raise InvalidRequest("tools are not supported", field="tools")
+        if self.response_format not in (None, {"type": "text"}):
+            raise InvalidRequest("response_format other than text is not supported", field="response_format")
+        # "developer" is OpenAI's newer name for the system role.
+        messages = [Message("system" if m.role == "developer" else m.role, m.text(i)) for i, m in enumerate(self.messages)]
+        if all(m.role == "system" for m in messages):
+            raise InvalidRequest("the conversation needs a user message", field="messages")
+        return messages
+
+    def params(self, limits: LimitSettings, default_max_tokens: int) -> GenerationParams:
+        if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
+            raise InvalidRequest("max_tokens and max_completion_tokens disagree; send one", field="max_completion_tokens")
+        return self._params(limits, self.max_completion_tokens or self.max_tokens, default_max_tokens)
+
+
+class CompletionBody(SamplingBody):
+    prompt: Union[str, list[str]]
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    def prompt_text(self) -> str:
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise InvalidRequest("send one prompt per request (a list of one string at most)", field="prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", field="prompt")
+        if self.echo:
+            raise InvalidRequest("echo is not supported", field="echo")
+        if self.suffix:
+            raise InvalidRequest("suffix is not supported", field="suffix")
+        if self.best_of not in (None, 1):
+            raise InvalidRequest("best_of must be 1", field="best_of")
+        return prompt
+
+    def params(self, limits: LimitSettings, default_max_tokens: int) -> GenerationParams:
+        return self._params(limits, self.max_tokens, default_max_tokens)
