@@ -13,6 +13,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="model_test: chat with your fine-tuned checkpoints.")
     parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 5000)")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API (default: none; MODEL_TEST_SERVER__API_KEY)")
     parser.add_argument("--backend", choices=["llamacpp", "transformers"], help="backend (default llamacpp; inferred from --model when it is a path)")
     parser.add_argument("--model", help="a .gguf file, a Hugging Face directory or a preset name (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", help="a LoRA adapter directory, merged into the model (transformers backend)")
@@ -29,7 +30,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags given on the command line override the environment, which overrides the defaults."""
     overrides: dict = {}
-    server = {k: v for k, v in {"host": args.host, "port": args.port, "log_level": args.log_level}.items() if v is not None}
+    server = {
+        k: v
+        for k, v in {"host": args.host, "port": args.port, "log_level": args.log_level, "api_key": args.api_key}.items()
+        if v is not None
+    }
     llamacpp = {
         k: v
         for k, v in {"n_ctx": args.n_ctx, "n_threads": args.n_threads, "n_gpu_layers": args.n_gpu_layers}.items()
@@ -56,8 +61,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def main(argv=None) -> None:
     settings = settings_from_args(parse_args(argv))
     from app import create_app
+    from app.auth import warn_if_exposed
 
     app = create_app(settings)
+    warn_if_exposed(settings.server.host, settings.server.api_key is not None)
     log.info("serving on http://%s:%d", settings.server.host, settings.server.port)
     app.run(host=settings.server.host, port=settings.server.port, threaded=True, use_reloader=False)
 

@@ -14,6 +14,8 @@ from .services.model_service import BackendFactory, ModelService, make_backend
 
 log = logging.getLogger(__name__)
 
+__version__ = "0.3.0"
+
 
 def create_app(settings: Optional[Settings] = None, backend_factory: BackendFactory = make_backend) -> Flask:
     """Builds the app around ``settings`` (from the environment when not given).
@@ -32,10 +34,15 @@ def create_app(settings: Optional[Settings] = None, backend_factory: BackendFact
 
     app.register_blueprint(main.bp)
     app.register_blueprint(api.bp)
-    from .routes import openai
+    from .routes import docs, openai
 
     app.register_blueprint(openai.bp)
+    app.register_blueprint(docs.bp)
     register_error_handlers(app)
+    if settings.server.api_key:
+        from .auth import install_api_key
+
+        install_api_key(app, settings.server.api_key)
     log.info("model_test ready: backend=%s model=%s adapter=%s (loads on first use)", settings.backend or "inferred",
              settings.model or "default SmolLM2-135M-Instruct", settings.adapter or "none")
     return app

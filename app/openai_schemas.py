@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from config.settings import LimitSettings
 
+from .schemas import checked_stops
 from .services.errors import InvalidRequest
 from .services.types import GenerationParams, Message
 
@@ -88,11 +89,7 @@ class SamplingBody(BaseModel):
         budget = max_tokens or default_max_tokens
         if budget > limits.max_new_tokens:
             raise InvalidRequest(f"max_tokens is {budget}; the limit is {limits.max_new_tokens}", field="max_tokens")
-        stops = list(self.stop or [])
-        if len(stops) > limits.max_stop_strings:
-            raise InvalidRequest(f"at most {limits.max_stop_strings} stop strings are allowed", field="stop")
-        if any(not s for s in stops):
-            raise InvalidRequest("stop strings must not be empty", field="stop")
+        stops = checked_stops(self.stop, limits)
         return GenerationParams(
             max_new_tokens=budget,
             temperature=self.temperature,
@@ -102,7 +99,7 @@ class SamplingBody(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=self.seed,
-            stop=tuple(stops),
+            stop=stops,
         )
 
 

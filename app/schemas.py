@@ -1,7 +1,8 @@
 """Request bodies of the /api routes, validated strictly: a wrong type is a 400, not a guess."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+import json
+from typing import Annotated, Literal, Optional
 
 from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -14,6 +15,15 @@ from .services.types import GenerationParams, Message
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
+def checked_stops(stop: Optional[list[str]], limits: LimitSettings) -> tuple[str, ...]:
+    stops = tuple(stop or ())
+    if len(stops) > limits.max_stop_strings:
+        raise InvalidRequest(f"at most {limits.max_stop_strings} stop strings are allowed", field="stop")
+    if any(not s for s in stops):
+        raise InvalidRequest("stop strings must not be empty", field="stop")
+    return stops
+
+
 class StrictBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -24,25 +34,12 @@ class MessageIn(BaseModel):
     content: str = Field(min_length=1)
 
 
-class ChatBody(StrictBody):
+class ConversationBody(StrictBody):
+    """What a prompt is made of; /api/apply_template takes exactly this, so it renders what a chat would."""
+
     prompt: Optional[str] = Field(None, min_length=1, description="A single user turn; exclusive with messages.")
     messages: Optional[list[MessageIn]] = Field(None, min_length=1, description="The conversation so far.")
     system: Optional[str] = Field(None, description="System prompt put before the messages.")
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 means greedy decoding.")
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    top_k: int = Field(40, ge=0, le=100000, description="0 turns top-k off.")
-    repetition_penalty: float = Field(1.1, gt=0.0, le=10.0)
-    seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)
-    stop: Optional[list[str]] = Field(None, description="One stop string or a list of them.")
-    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence, up to max_new_tokens (for benchmarks).")
-    request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN, description="Client-chosen id for POST /api/stop.")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_stop_string_is_a_list(cls, value):
-        # A union would report errors as "stop.str"; normalising first keeps the field name plain.
-        return [value] if isinstance(value, str) else value
 
     def messages_list(self, limits: LimitSettings) -> list[Message]:
         if (self.prompt is None) == (self.messages is None):
@@ -61,14 +58,32 @@ class ChatBody(StrictBody):
             raise InvalidRequest("the conversation needs a user message", field="messages")
         return messages
 
+
+class ApplyTemplateBody(ConversationBody):
+    """The conversation part of a chat body; the sampling fields a chat would carry are ignored."""
+
+
+class ChatBody(ConversationBody):
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, le=100000, description="0 turns top-k off.")
+    repetition_penalty: float = Field(1.1, gt=0.0, le=10.0)
+    seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)
+    stop: Optional[list[str]] = Field(None, description="One stop string or a list of them.")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence, up to max_new_tokens (for benchmarks).")
+    request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN, description="Client-chosen id for POST /api/stop.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string_is_a_list(cls, value):
+        # A union would report errors as "stop.str"; normalising first keeps the field name plain.
+        return [value] if isinstance(value, str) else value
+
     def params(self, limits: LimitSettings) -> GenerationParams:
         if self.max_new_tokens > limits.max_new_tokens:
             raise InvalidRequest(f"max_new_tokens is {self.max_new_tokens}; the limit is {limits.max_new_tokens}", field="max_new_tokens")
-        stops = list(self.stop or [])
-        if len(stops) > limits.max_stop_strings:
-            raise InvalidRequest(f"at most {limits.max_stop_strings} stop strings are allowed", field="stop")
-        if any(not s for s in stops):
-            raise InvalidRequest("stop strings must not be empty", field="stop")
+        stops = checked_stops(self.stop, limits)
         return GenerationParams(
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
@@ -76,7 +91,7 @@ class ChatBody(StrictBody):
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
-            stop=tuple(stops),
+            stop=stops,
             ignore_eos=self.ignore_eos,
         )
 
@@ -95,21 +110,49 @@ class StopBody(StrictBody):
     request_id: str = Field(pattern=REQUEST_ID_PATTERN)
 
 
-def parse_body(model_cls: type[BaseModel], allow_empty: bool = False):
-    """Parses the JSON body into ``model_cls``, turning every failure into a 400 naming the field."""
+class TokenizeBody(StrictBody):
+    text: str = Field(description="Any text; special tokens written in it (<|im_start|>) count as special tokens.")
+    add_special_tokens: bool = Field(False, description="Add what the tokenizer adds on its own (a BOS, for many vocabularies).")
+
+
+class DetokenizeBody(StrictBody):
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(description="Token ids; each must be in the model's vocabulary.")
+
+
+class InvalidBody(InvalidRequest):
+    """A body that is not JSON, not an object, or fails its model. Besides the first problem (the
+    message and field the /api routes answer with), ``errors`` lists all of them in FastAPI's
+    ``{"loc": ["body", ...], "msg", "type"}`` shape, for the routes that answer as FastAPI did."""
+
+    def __init__(self, message: str, field: str, errors: list[dict]):
+        super().__init__(message, field=field)
+        self.errors = errors
+
+
+def parse_body(model_cls: type[BaseModel], allow_empty: bool = False, context: Optional[dict] = None):
+    """Parses the JSON body into ``model_cls``, turning every failure into an InvalidBody naming the field.
+
+    ``context`` reaches the model's validators (the service bodies read the limits from it).
+    """
     raw = request.get_data(cache=True)
     if not raw.strip():
         if allow_empty:
             return model_cls()
-        raise InvalidRequest("the request body is empty; send a JSON object", field="body")
+        raise InvalidBody("the request body is empty; send a JSON object", "body",
+                          [{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}])
     data = request.get_json(force=True, silent=True)
     if data is None:
-        raise InvalidRequest("the request body is not valid JSON", field="body")
+        raise InvalidBody("the request body is not valid JSON", "body",
+                          [{"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": {}}])
     if not isinstance(data, dict):
-        raise InvalidRequest("the request body must be a JSON object", field="body")
+        raise InvalidBody("the request body must be a JSON object", "body",
+                          [{"type": "model_attributes_type", "loc": ["body"],
+                            "msg": "Input should be a valid dictionary or object to extract fields from", "input": data}])
     try:
-        return model_cls.model_validate(data)
+        return model_cls.model_validate(data, context=context)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"]) or "body"
-        raise InvalidRequest(f"{field}: {error['msg']}", field=field) from None
+        # exc.json() makes every input and ctx value JSON-safe, as FastAPI's encoder does
+        errors = [{**error, "loc": ["body", *error["loc"]]} for error in json.loads(exc.json(include_url=False))]
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "body"
+        raise InvalidBody(f"{field}: {first['msg']}", field, errors) from None

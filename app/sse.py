@@ -51,3 +51,39 @@ def generation_events(generation: Generation) -> Iterator[str]:
     finally:
         generation.cancel.set()
         items.close()
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_data(data: dict) -> str:
+    """An unnamed event: what the FastAPI-era service's clients read line by line."""
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def service_events(generation: Generation, model_name: str) -> Iterator[str]:
+    """The earlier FastAPI service's stream, for its clients: ``data: {"text"}`` per piece, a last
+    ``data: {"text", "finish_reason", "usage", "model"}`` (with ``error`` when it failed), then
+    ``data: [DONE]``. Every event has ``text``, so a client that only reads ``text`` keeps working.
+
+    There are no named events, so queue updates are not sent; cancellation on disconnect is the
+    same as in ``generation_events``.
+    """
+    items = iter(generation)
+    try:
+        for item in items:
+            if isinstance(item, QueueUpdate):
+                continue
+            if not item.is_last:
+                if item.text:
+                    yield sse_data({"text": item.text})
+                continue
+            last = {"text": item.text, "finish_reason": item.finish_reason,
+                    "usage": item.usage.to_dict() if item.usage else None, "model": model_name}
+            if item.finish_reason == "error":
+                last["error"] = item.error
+            yield sse_data(last)
+        yield SSE_DONE
+    finally:
+        generation.cancel.set()
+        items.close()

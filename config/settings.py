@@ -12,12 +12,12 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-BackendName = Literal["llamacpp", "transformers"]
+BackendName = Literal["llamacpp", "transformers", "openai"]
 
 
 def physical_cores() -> int:
@@ -32,6 +32,11 @@ def physical_cores() -> int:
 
 class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Interface to listen on. 0.0.0.0 exposes the tester to the network.")
+    api_key: Optional[str] = Field(
+        None, min_length=1,
+        description="When set, /api/*, /v1/* and the service routes need 'Authorization: Bearer <key>'; "
+        "the page, /health and the API docs stay public.",
+    )
     port: int = Field(5000, ge=1, le=65535, description="TCP port to listen on.")
     log_dir: Path = Field(PROJECT_ROOT / "logs", description="Folder of the rotating log file.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of console and file.")
@@ -86,9 +91,39 @@ class TransformersSettings(BaseModel):
     )
 
 
+class RemoteSettings(BaseModel):
+    """The openai backend: a model served by another OpenAI-compatible server (vLLM, llama-server,
+    TGI, Ollama), for models too big for this machine."""
+
+    base_url: Optional[str] = Field(
+        None, description="The server's OpenAI API root, e.g. http://gpu-host:8000/v1 (vLLM, llama-server), "
+        "http://host:11434/v1 (Ollama). Needed by the openai backend.",
+    )
+    api_key: Optional[SecretStr] = Field(
+        None, min_length=1, description="Sent as 'Authorization: Bearer <key>' to that server (vLLM --api-key, "
+        "llama-server --api-key). Not this tester's own key (server.api_key).",
+    )
+    model: Optional[str] = Field(
+        None, min_length=1, description="The model name the server serves (vLLM: --served-model-name or a "
+        "--lora-modules name). Unset: the server's only model; a server with several asks you to choose.",
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, le=600, description="Longest wait for the TCP (and TLS) connection.")
+    read_timeout_s: float = Field(
+        120.0, gt=0, le=3600,
+        description="Longest silence the server may keep: before the first token (its queue and prompt processing "
+        "count) and between tokens. Longer ends the answer with an error naming it.",
+    )
+    n_ctx: Optional[int] = Field(
+        None, ge=64, le=1 << 24,
+        description="The server's context window, for the status; unset: what its /models says (vLLM's "
+        "max_model_len), if anything. The server itself refuses prompts too long for it.",
+    )
+
+
 class Preset(BaseModel):
     backend: BackendName
-    path: str = Field(description="A .gguf file or a Hugging Face model directory; relative paths are under models_dir.")
+    path: str = Field(description="A .gguf file or a Hugging Face model directory; relative paths are under models_dir. "
+                      "For the openai backend: the model's name on the remote server (remote.base_url).")
     trust_remote_code: bool = False
 
 
@@ -105,7 +140,8 @@ class Settings(BaseSettings):
 
     backend: Optional[BackendName] = Field(
         None, description="Backend serving the model. Unset: inferred from the model (a .gguf file runs on llamacpp, "
-        "a directory on transformers); llamacpp for the default model.",
+        "a directory on transformers); llamacpp for the default model. openai forwards to a remote OpenAI-compatible "
+        "server (see remote).",
     )
     model: Optional[str] = Field(
         None,
@@ -123,3 +159,4 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
     transformers: TransformersSettings = Field(default_factory=TransformersSettings)
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)

@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Iterator, Optional, Sequence
 
+from app.services.backends.base import check_token_ids
 from app.services.errors import InvalidModel
 from app.services.text_stream import StreamAssembler
 from app.services.types import Chunk, GenerationParams, Message, Prompt
@@ -49,6 +50,25 @@ class FakeBackend:
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
+
+    # Inspection: one token per code point, so a round trip is exact and ids are easy to predict.
+    @property
+    def vocab_size(self) -> int:
+        return 0x110000
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return [ord(char) for char in text]
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        check_token_ids(token_ids, self.vocab_size)
+        return "".join(map(chr, token_ids))
+
+    def token_pieces(self, token_ids: Sequence[int]) -> list[str]:
+        check_token_ids(token_ids, self.vocab_size)
+        return [chr(token_id) for token_id in token_ids]
+
+    def chat_template(self) -> Optional[str]:
+        return "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
 
     def prepare(self, messages=None, text=None) -> Prompt:
         text = self.render_prompt(messages) if messages is not None else text

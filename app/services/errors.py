@@ -68,3 +68,10 @@ class QueueFull(ServiceError):
 
 class ModelTooLarge(InvalidModel):
     type = "model_too_large"
+
+
+class RemoteUnavailable(ServiceError):
+    """The remote OpenAI-compatible server (openai backend) is down, unreachable or refuses us."""
+
+    status = 503
+    type = "remote_unavailable"

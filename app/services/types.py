@@ -30,10 +30,15 @@ class GenerationParams:
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt rendered and tokenised by the backend that will run it."""
+    """A prompt rendered and tokenised by the backend that will run it.
+
+    A remote backend's server applies its own chat template and tokenizer: it keeps the
+    ``messages`` to send, and ``text`` and ``token_ids`` are empty for them (the server checks
+    the length and reports the usage)."""
 
     text: str
     token_ids: tuple[int, ...]
+    messages: Optional[tuple[Message, ...]] = None
 
 
 @dataclass(frozen=True)

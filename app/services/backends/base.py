@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 from typing import Iterator, Optional, Protocol, Sequence
 
+from ..errors import InvalidRequest
 from ..types import Chunk, GenerationParams, Message, Prompt
 
 
@@ -32,6 +33,25 @@ class Backend(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1."""
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """Token ids of ``text``, special tokens written in it (``<|im_start|>``) parsed as such,
+        as ``prepare`` does. ``add_special`` adds what the tokenizer adds on its own (a BOS)."""
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """The text of these ids, special tokens included. Raises InvalidRequest naming
+        ``tokens`` for an id outside the vocabulary (see ``check_token_ids``)."""
+
+    def token_pieces(self, token_ids: Sequence[int]) -> list[str]:
+        """Each id's entry in the vocabulary as the tokenizer stores it (``Ġhello``,
+        ``<|im_end|>``), the strings tokenizer.json lists and ``convert_ids_to_tokens`` gives."""
+
+    def chat_template(self) -> Optional[str]:
+        """The model's Jinja chat template, or None when it has none."""
+
     def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None) -> Prompt:
         """Renders (for messages) and tokenises the prompt once, so the service can check it
         against the context before any stream opens."""
@@ -39,3 +59,15 @@ class Backend(Protocol):
     def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
         """Yields chunks; the last one has finish_reason, usage and timings. Checks ``cancel``
         between tokens and ends with finish_reason "cancelled" when it is set."""
+
+
+def check_token_ids(token_ids: Sequence[int], vocab_size: int, field: str = "tokens") -> None:
+    """Refuses ids outside the vocabulary before a tokenizer sees them: llama.cpp reads past
+    its arrays (and may crash the process) where transformers would only raise."""
+    for index, token_id in enumerate(token_ids):
+        if not 0 <= token_id < vocab_size:
+            # named like the pydantic errors of the same body ("tokens.3"), so a client reads one style
+            raise InvalidRequest(
+                f"{field}.{index} is {token_id}; this model's token ids run from 0 to {vocab_size - 1}",
+                field=f"{field}.{index}",
+            )

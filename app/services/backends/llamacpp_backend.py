@@ -25,6 +25,7 @@ from config.settings import LlamaCppSettings
 from ..errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
 from ..text_stream import StreamAssembler
 from ..types import Chunk, GenerationParams, Message, Prompt
+from .base import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -192,20 +193,36 @@ class LlamaCppBackend:
         except Exception as exc:  # jinja raises many kinds; all mean these messages do not fit the template
             raise InvalidRequest(f"the chat template rejected these messages: {exc}", field="messages") from exc
 
-    def _tokenize(self, text: str) -> list[int]:
-        # Chat templates write their own BOS; as in transformers, the tokenizer adds none.
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        # Chat templates write their own BOS, so by default the tokenizer adds none, as in transformers.
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
 
     def count_tokens(self, text: str) -> int:
-        return len(self._tokenize(text))
+        return len(self.tokenize(text))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._llama.n_vocab()
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        check_token_ids(token_ids, self.vocab_size)
+        # special=True: an inspection must show <|im_end|> where it is, not hide it
+        return self._llama.detokenize(list(token_ids), special=True).decode("utf-8", errors="replace")
+
+    def token_pieces(self, token_ids: Sequence[int]) -> list[str]:
+        check_token_ids(token_ids, self.vocab_size)
+        return [self._token_text(token_id) for token_id in token_ids]
+
+    def chat_template(self) -> Optional[str]:
+        return self._llama.metadata.get("tokenizer.chat_template") if self._llama is not None else None
 
     def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None) -> Prompt:
         if messages is not None:
             text = self.render_prompt(messages)
-            token_ids = self._tokenize(text)
+            token_ids = self.tokenize(text)
         else:
             # A raw completion prompt gets the BOS the model's vocabulary asks for.
-            token_ids = self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+            token_ids = self.tokenize(text, add_special=True)
         if not token_ids:
             raise InvalidRequest("the prompt is empty", field="prompt")
         return Prompt(text=text, token_ids=tuple(token_ids))

@@ -26,6 +26,7 @@ from ..errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFoun
 from ..model_catalog import ADAPTER_WEIGHT_FILES, ModelSpec, adapter_matches_base, read_adapter_config
 from ..text_stream import StreamAssembler
 from ..types import Chunk, GenerationParams, Message, Prompt
+from .base import check_token_ids
 from .hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
 from .incremental_detokenizer import make_detokenizer
 from .torch_device import DTYPE_BYTES, DeviceCaps, Placement, is_mps_size_error, place, prepare_process_for_torch, probe_caps
@@ -299,6 +300,29 @@ class TransformersBackend:
 
     def count_tokens(self, text: str) -> int:
         return len(self._encode(text, add_special_tokens=False))
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return self._encode(text, add_special_tokens=add_special)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tokenizer)  # added tokens included; the embedding may be padded past it
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        check_token_ids(token_ids, self.vocab_size)
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_pieces(self, token_ids: Sequence[int]) -> list[str]:
+        check_token_ids(token_ids, self.vocab_size)
+        pieces = self._tokenizer.convert_ids_to_tokens(list(token_ids))
+        # tiktoken-based remote-code tokenizers (Hunyuan's) store their tokens as bytes
+        return [p if isinstance(p, str) else bytes(p).decode("utf-8", errors="backslashreplace") for p in pieces]
+
+    def chat_template(self) -> Optional[str]:
+        template = getattr(self._tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # named templates (tool_use, rag, ...): chat uses "default"
+            return template.get("default") or next(iter(template.values()), None)
+        return template or None
 
     def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None) -> Prompt:
         if messages is not None:

@@ -1,0 +1,182 @@
+"""The OpenAPI 3 document of every route, built from the same pydantic models that validate
+the requests, so the document cannot drift from what the server accepts. A test checks that
+every route the app serves is described here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from flask import Flask
+from pydantic import BaseModel
+
+from .openai_schemas import ChatCompletionBody, CompletionBody
+from .schemas import ChatBody, LoadModelBody, StopBody
+
+
+def _object(properties: dict, required: tuple = ()) -> dict:
+    schema = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+STRING, INTEGER, NUMBER, BOOLEAN = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+NULLABLE_STRING = {"type": "string", "nullable": True}
+USAGE = _object({"prompt_tokens": INTEGER, "completion_tokens": INTEGER, "total_tokens": INTEGER})
+TIMINGS = _object({"ttft_ms": NUMBER, "prompt_ms": NUMBER, "decode_ms": NUMBER, "queue_ms": NUMBER, "tokens_per_second": NUMBER})
+ERROR = _object({"error": STRING, "type": STRING, "field": STRING}, ("error", "type"))
+OPENAI_ERROR = _object({"error": _object({"message": STRING, "type": STRING, "param": NULLABLE_STRING, "code": NULLABLE_STRING})})
+STATUS = _object(
+    {
+        "state": {"type": "string", "enum": ["not_loaded", "loading", "loaded", "error"]},
+        "backend": STRING, "model": STRING, "model_name": NULLABLE_STRING, "adapter": NULLABLE_STRING,
+        "device": NULLABLE_STRING, "n_ctx": {"type": "integer", "nullable": True}, "error": NULLABLE_STRING,
+        "info": {"type": "object"}, "queue": _object({"running": INTEGER, "waiting": INTEGER}),
+    }
+)
+CHAT_ANSWER = _object(
+    {"response": STRING, "finish_reason": {"type": "string", "enum": ["stop", "length", "cancelled"]}, "usage": USAGE,
+     "timings": TIMINGS, "model": STRING, "request_id": STRING}
+)
+MODELS = _object(
+    {
+        "models": {"type": "array", "items": _object({"id": STRING, "name": STRING, "backend": STRING, "kind": STRING, "path": STRING,
+                                                      "available": BOOLEAN, "size_bytes": {"type": "integer", "nullable": True}})},
+        "adapters": {"type": "array", "items": _object({"path": STRING, "name": STRING, "base_model_name_or_path": NULLABLE_STRING,
+                                                        "bases": {"type": "array", "items": STRING}, "available": BOOLEAN})},
+    }
+)
+CHAT_COMPLETION = _object(
+    {"id": STRING, "object": {"type": "string", "enum": ["chat.completion"]}, "created": INTEGER, "model": STRING,
+     "choices": {"type": "array", "items": _object({"index": INTEGER, "message": _object({"role": STRING, "content": STRING}),
+                                                    "finish_reason": STRING})},
+     "usage": USAGE}
+)
+TEXT_COMPLETION = _object(
+    {"id": STRING, "object": {"type": "string", "enum": ["text_completion"]}, "created": INTEGER, "model": STRING,
+     "choices": {"type": "array", "items": _object({"index": INTEGER, "text": STRING, "finish_reason": STRING})},
+     "usage": USAGE}
+)
+MODEL_LIST = _object({"object": STRING, "data": {"type": "array", "items": _object({"id": STRING, "object": STRING, "created": INTEGER,
+                                                                                   "owned_by": STRING})}})
+OUR_SSE = "Server-Sent Events: `event: token` `{text}` …, then `event: done` `{finish_reason, usage, timings}` or `event: error` `{error, type}`; `event: queue` `{position}` while waiting."
+OPENAI_SSE = "Server-Sent Events in OpenAI's format: `data: {chunk}` … `data: [DONE]`."
+
+
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    tag: str
+    body: Optional[type[BaseModel]] = None
+    response: Optional[dict] = None
+    stream: Optional[str] = None  # the event format, for routes that answer text/event-stream
+    openai_errors: bool = False
+    public: bool = False
+
+
+OPERATIONS: dict[str, Operation] = {
+    "main.index": Operation("The chat page (HTML); with Accept: application/json, a service description", "page", public=True),
+    "main.health": Operation("Liveness and model state", "service", response=_object({"status": STRING, "model_loaded": BOOLEAN,
+                                                                                    "model_name": NULLABLE_STRING, "state": STRING}), public=True),
+    "api.model_status": Operation("The model's state, device and queue", "models", response=STATUS),
+    "api.models": Operation("Models and adapters on offer", "models", response=MODELS),
+    "api.load_model": Operation("Load or switch the model (idempotent)", "models", LoadModelBody, STATUS),
+    "api.unload_model": Operation("Free the model", "models", response=STATUS),
+    "api.chat": Operation("One whole answer", "chat", ChatBody, CHAT_ANSWER),
+    "api.chat_stream": Operation("The same answer, streamed", "chat", ChatBody, stream=OUR_SSE),
+    "api.prepare_stream": Operation("Prepare a stream for EventSource (which can only GET)", "chat", ChatBody,
+                                    _object({"stream_id": STRING, "url": STRING})),
+    "api.open_stream": Operation("Open a prepared stream (the id is the capability; no API key needed)", "chat", stream=OUR_SSE),
+    "api.stop": Operation("Stop a generation by its request_id", "chat", StopBody, _object({"request_id": STRING, "cancelled": BOOLEAN})),
+    "openai.chat_completions": Operation("OpenAI chat completions", "openai", ChatCompletionBody, CHAT_COMPLETION, OPENAI_SSE, True),
+    "openai.completions": Operation("OpenAI text completions", "openai", CompletionBody, TEXT_COMPLETION, OPENAI_SSE, True),
+    "openai.models": Operation("OpenAI model list: the loaded model first", "openai", response=MODEL_LIST, openai_errors=True),
+}
+UNDOCUMENTED_ENDPOINTS = {"static", "docs.swagger_ui", "docs.swagger_asset", "docs.openapi_json"}
+
+
+def _openapi_path(rule: str) -> str:
+    """Flask's ``<converter:name>`` to OpenAPI's ``{name}``."""
+    out, rest = "", rule
+    while "<" in rest:
+        before, _, tail = rest.partition("<")
+        inside, _, rest = tail.partition(">")
+        out += before + "{" + inside.split(":")[-1] + "}"
+    return out + rest
+
+
+def build_openapi(app: Flask, version: str) -> dict:
+    components: dict[str, dict] = {}
+    paths: dict[str, dict] = {}
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        operation = OPERATIONS.get(rule.endpoint)
+        if operation is None:
+            continue
+        path = _openapi_path(rule.rule)
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            paths.setdefault(path, {})[method.lower()] = _operation_doc(rule, operation, components)
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "model_test", "version": version,
+                 "description": "Chat with fine-tuned checkpoints: the tester's own API, an OpenAI-compatible API and the service API."},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "Needed only when the server runs with --api-key."}},
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+def _operation_doc(rule, operation: Operation, components: dict) -> dict:
+    doc: dict = {"summary": operation.summary, "tags": [operation.tag], "operationId": rule.endpoint.replace(".", "_")}
+    if operation.public:
+        doc["security"] = []
+    parameters = [{"name": name, "in": "path", "required": True, "schema": STRING} for name in sorted(rule.arguments)]
+    if parameters:
+        doc["parameters"] = parameters
+    if operation.body is not None:
+        doc["requestBody"] = {"required": True, "content": {"application/json": {"schema": _component(operation.body, components)}}}
+    responses: dict = {}
+    content: dict = {}
+    if operation.response is not None:
+        content["application/json"] = {"schema": operation.response}
+    if operation.stream is not None:
+        content["text/event-stream"] = {"schema": STRING}
+    responses["200"] = {"description": operation.stream if operation.stream and not operation.response else "OK", **({"content": content} if content else {})}
+    if operation.stream and operation.response:
+        responses["200"]["description"] = f"JSON, or with stream: true, {operation.stream}"
+    error = OPENAI_ERROR if operation.openai_errors else ERROR
+    responses["400"] = {"description": "Bad input; the body names the field", "content": {"application/json": {"schema": error}}}
+    if not operation.public:
+        responses["401"] = {"description": "Missing or wrong API key (when one is set)", "content": {"application/json": {"schema": error}}}
+    doc["responses"] = responses
+    return doc
+
+
+def _component(model: type[BaseModel], components: dict) -> dict:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, definition in schema.pop("$defs", {}).items():
+        components[name] = as_openapi_30(definition)
+    components[model.__name__] = as_openapi_30(schema)
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def as_openapi_30(schema):
+    """pydantic writes JSON Schema 2020-12, where Optional[X] is ``anyOf: [X, {type: null}]``;
+    OpenAPI 3.0 (what the bundled Swagger UI 4 reads) says ``nullable: true`` instead."""
+    if isinstance(schema, list):
+        return [as_openapi_30(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {key: as_openapi_30(value) for key, value in schema.items()}
+    variants = schema.get("anyOf")
+    if variants and {"type": "null"} in variants:
+        rest = [v for v in variants if v != {"type": "null"}]
+        schema.pop("anyOf")
+        schema.update(rest[0] if len(rest) == 1 and "$ref" not in rest[0] else {"anyOf": rest})
+        schema["nullable"] = True
+    if "const" in schema:
+        schema["enum"] = [schema.pop("const")]
+    return schema
