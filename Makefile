@@ -28,6 +28,13 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_BUILD_KEY := $(shell printf '%s %s' '$(LLAMA_CPP_VERSION)' '$(CMAKE_ARGS)' | cksum | cut -d' ' -f1)
 LLAMA_WHEELHOUSE ?= $(HOME)/.cache/model_test/llama-cpp-python/$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_KEY)
 
+# llama.cpp's HF -> GGUF converters (scripts/convert_to_gguf.py runs them). They ship in the
+# llama-cpp-python sdist, not in the wheel, and must match the llama.cpp we compiled, so they
+# come from the same version's sdist, into a cache outside the clone (never committed).
+# convert_to_gguf.py reads the same LLAMA_CPP_CONVERTER_DIR from the environment.
+LLAMA_CPP_CONVERTER_DIR ?= $(HOME)/.cache/model_test/llama-cpp-python/$(LLAMA_CPP_VERSION)-src
+LLAMA_CONVERTER := $(LLAMA_CPP_CONVERTER_DIR)/convert_hf_to_gguf.py
+
 .PHONY: setup run test browser-deps bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -48,7 +55,23 @@ $(DEFAULT_HF): $(STAMP) scripts/build_default_checkpoint.py
 	$(PY) -m scripts.build_default_checkpoint --force
 	touch $@
 
-setup: $(STAMP) $(DEFAULT_HF)
+# convert_hf_to_gguf.py last: its presence marks a complete extraction. The sdist is
+# downloaded to a temporary folder and dropped; only the converter files are kept.
+$(LLAMA_CONVERTER): | $(STAMP)
+	rm -rf $(LLAMA_CPP_CONVERTER_DIR).download && mkdir -p $(LLAMA_CPP_CONVERTER_DIR).download $(LLAMA_CPP_CONVERTER_DIR)
+	$(PIP) download --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(LLAMA_CPP_CONVERTER_DIR).download
+	cd $(LLAMA_CPP_CONVERTER_DIR) && rm -rf conversion gguf-py && tar -xzf $(LLAMA_CPP_CONVERTER_DIR).download/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz \
+		--strip-components=3 \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_lora_to_gguf.py \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/conversion \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/gguf-py \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/LICENSE
+	cd $(LLAMA_CPP_CONVERTER_DIR) && tar -xzf $(LLAMA_CPP_CONVERTER_DIR).download/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz \
+		--strip-components=3 llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py
+	rm -rf $(LLAMA_CPP_CONVERTER_DIR).download
+	touch $@
+
+setup: $(STAMP) $(DEFAULT_HF) $(LLAMA_CONVERTER)
 
 run: setup
 	$(PY) run.py

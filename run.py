@@ -14,7 +14,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 5000)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API (default: none; MODEL_TEST_SERVER__API_KEY)")
-    parser.add_argument("--backend", choices=["llamacpp", "transformers"], help="backend (default llamacpp; inferred from --model when it is a path)")
+    parser.add_argument("--backend", choices=["llamacpp", "transformers", "openai"],
+                        help="backend (default llamacpp; inferred from --model when it is a path); "
+                        "openai forwards to a remote OpenAI-compatible server (--base-url)")
     parser.add_argument("--model", help="a .gguf file, a Hugging Face directory or a preset name (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", help="a LoRA adapter directory, merged into the model (transformers backend)")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="transformers weights dtype (default auto)")
@@ -24,6 +26,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n-threads", type=int, help="CPU threads (default: physical cores)")
     parser.add_argument("--n-gpu-layers", type=int, help="layers offloaded to Metal/CUDA; -1 = all (default), 0 = CPU only")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    remote = parser.add_argument_group("openai backend (a model on a remote OpenAI-compatible server: vLLM, llama-server, TGI, Ollama)")
+    remote.add_argument("--base-url", help="the server's OpenAI API root, e.g. http://gpu-host:8000/v1 (MODEL_TEST_REMOTE__BASE_URL)")
+    remote.add_argument("--remote-model", help="the model's name there, e.g. a vLLM --lora-modules name "
+                        "(default: the server's only model; MODEL_TEST_REMOTE__MODEL)")
+    remote.add_argument("--remote-api-key", help="API key sent to that server; --api-key is this tester's own (MODEL_TEST_REMOTE__API_KEY)")
     return parser.parse_args(argv)
 
 
@@ -52,6 +59,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         overrides["llamacpp"] = llamacpp
     if transformers:
         overrides["transformers"] = transformers
+    remote = {
+        k: v
+        for k, v in {"base_url": args.base_url, "model": args.remote_model, "api_key": args.remote_api_key,
+                     "n_ctx": args.n_ctx}.items()
+        if v is not None
+    }
+    if remote:
+        overrides["remote"] = remote
     for name in ("backend", "model", "adapter"):
         if getattr(args, name):
             overrides[name] = getattr(args, name)

@@ -38,11 +38,15 @@ def create_app(settings: Optional[Settings] = None, backend_factory: BackendFact
 
     app.register_blueprint(openai.bp)
     app.register_blueprint(docs.bp)
+    from .routes import service
+
+    app.register_blueprint(service.bp)
     register_error_handlers(app)
     if settings.server.api_key:
         from .auth import install_api_key
 
         install_api_key(app, settings.server.api_key)
+    service = app.extensions["model_service"]
     log.info("model_test ready: backend=%s model=%s adapter=%s (loads on first use)", settings.backend or "inferred",
-             settings.model or "default SmolLM2-135M-Instruct", settings.adapter or "none")
+             service.model_id() or settings.model, settings.adapter or "none")
     return app

@@ -10,7 +10,8 @@ from flask import Flask
 from pydantic import BaseModel
 
 from .openai_schemas import ChatCompletionBody, CompletionBody
-from .schemas import ChatBody, LoadModelBody, StopBody
+from .schemas import ApplyTemplateBody, ChatBody, DetokenizeBody, LoadModelBody, StopBody, TokenizeBody
+from .service_schemas import BatchRequest, GenerateRequest, ServiceChatRequest
 
 
 def _object(properties: dict, required: tuple = ()) -> dict:
@@ -61,6 +62,12 @@ MODEL_LIST = _object({"object": STRING, "data": {"type": "array", "items": _obje
                                                                                    "owned_by": STRING})}})
 OUR_SSE = "Server-Sent Events: `event: token` `{text}` …, then `event: done` `{finish_reason, usage, timings}` or `event: error` `{error, type}`; `event: queue` `{position}` while waiting."
 OPENAI_SSE = "Server-Sent Events in OpenAI's format: `data: {chunk}` … `data: [DONE]`."
+SERVICE_SSE = ("Server-Sent Events as the FastAPI-era service sent them: `data: {text}` …, a last `data: {text, finish_reason, "
+               "usage, model}` (with `error` when it failed), then `data: [DONE]`.")
+DETAIL = _object({"detail": STRING})
+VALIDATION_ERROR = _object({"detail": {"type": "array", "items": _object(
+    {"loc": {"type": "array", "items": {"oneOf": [STRING, INTEGER]}}, "msg": STRING, "type": STRING}, ("loc", "msg", "type"))}})
+SERVICE_ANSWER = _object({"response": STRING, "usage": USAGE, "model": STRING, "finish_reason": STRING})
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class Operation:
     stream: Optional[str] = None  # the event format, for routes that answer text/event-stream
     openai_errors: bool = False
     public: bool = False
+    detail_errors: bool = False  # the FastAPI-era service routes: {"detail"}, 422 for a bad body, 503 without a model
 
 
 OPERATIONS: dict[str, Operation] = {
@@ -91,6 +99,25 @@ OPERATIONS: dict[str, Operation] = {
     "openai.chat_completions": Operation("OpenAI chat completions", "openai", ChatCompletionBody, CHAT_COMPLETION, OPENAI_SSE, True),
     "openai.completions": Operation("OpenAI text completions", "openai", CompletionBody, TEXT_COMPLETION, OPENAI_SSE, True),
     "openai.models": Operation("OpenAI model list: the loaded model first", "openai", response=MODEL_LIST, openai_errors=True),
+    "api.tokenize": Operation("Token ids and vocabulary pieces of a text, with the model's tokenizer", "inspection", TokenizeBody,
+                              _object({"tokens": {"type": "array", "items": INTEGER}, "pieces": {"type": "array", "items": STRING},
+                                       "count": INTEGER})),
+    "api.detokenize": Operation("The text of token ids, special tokens included", "inspection", DetokenizeBody, _object({"text": STRING})),
+    "api.apply_template": Operation("The exact prompt string a chat with this conversation sends the model", "inspection",
+                                    ApplyTemplateBody, _object({"prompt": STRING, "token_count": INTEGER})),
+    "service.model_info": Operation("What is served; template is the chat template's family (chatml, llama3, ...)", "service",
+                                    response=_object({"model_name": NULLABLE_STRING, "model_path": NULLABLE_STRING,
+                                                      "adapter_path": NULLABLE_STRING, "template": NULLABLE_STRING,
+                                                      "status": STRING, "backend": STRING, "chat_template": NULLABLE_STRING}),
+                                    detail_errors=True),
+    "service.chat": Operation("A chat answer; system messages become the system prompt", "service", ServiceChatRequest,
+                              SERVICE_ANSWER, SERVICE_SSE, detail_errors=True),
+    "service.generate": Operation("An answer to one prompt, sent as a user turn through the chat template", "service",
+                                  GenerateRequest, SERVICE_ANSWER, SERVICE_SSE, detail_errors=True),
+    "service.batch": Operation("Answers to several prompts, one after another", "service", BatchRequest,
+                               _object({"results": {"type": "array", "items": _object({"prompt": STRING, "response": STRING,
+                                                                                       "usage": USAGE, "finish_reason": STRING})},
+                                        "usage": USAGE, "model": STRING}), detail_errors=True),
 }
 UNDOCUMENTED_ENDPOINTS = {"static", "docs.swagger_ui", "docs.swagger_asset", "docs.openapi_json"}
 
@@ -147,8 +174,14 @@ def _operation_doc(rule, operation: Operation, components: dict) -> dict:
     responses["200"] = {"description": operation.stream if operation.stream and not operation.response else "OK", **({"content": content} if content else {})}
     if operation.stream and operation.response:
         responses["200"]["description"] = f"JSON, or with stream: true, {operation.stream}"
-    error = OPENAI_ERROR if operation.openai_errors else ERROR
-    responses["400"] = {"description": "Bad input; the body names the field", "content": {"application/json": {"schema": error}}}
+    error = OPENAI_ERROR if operation.openai_errors else DETAIL if operation.detail_errors else ERROR
+    if operation.detail_errors:
+        if operation.body is not None:
+            responses["422"] = {"description": "Bad input: every problem, each with its loc",
+                                "content": {"application/json": {"schema": VALIDATION_ERROR}}}
+            responses["503"] = {"description": "No model can be loaded", "content": {"application/json": {"schema": DETAIL}}}
+    else:
+        responses["400"] = {"description": "Bad input; the body names the field", "content": {"application/json": {"schema": error}}}
     if not operation.public:
         responses["401"] = {"description": "Missing or wrong API key (when one is set)", "content": {"application/json": {"schema": error}}}
     doc["responses"] = responses

@@ -102,7 +102,9 @@ class LoadModelBody(StrictBody):
         description="A preset or built-in name (GET /api/models), a .gguf file or a Hugging Face directory; "
         "unset reloads the current model (with adapter: puts the adapter on it).",
     )
-    backend: Optional[Literal["llamacpp", "transformers"]] = Field(None, description="Inferred from the model when unset.")
+    backend: Optional[Literal["llamacpp", "transformers", "openai"]] = Field(
+        None, description="Inferred from the model when unset. openai: model is a name on the remote server (--base-url).",
+    )
     adapter: Optional[str] = Field(None, min_length=1, description="A LoRA adapter directory (transformers backend).")
 
 
@@ -140,10 +142,12 @@ def parse_body(model_cls: type[BaseModel], allow_empty: bool = False, context: O
             return model_cls()
         raise InvalidBody("the request body is empty; send a JSON object", "body",
                           [{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}])
-    data = request.get_json(force=True, silent=True)
-    if data is None:
-        raise InvalidBody("the request body is not valid JSON", "body",
-                          [{"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": {}}])
+    try:
+        data = json.loads(raw)  # whatever the Content-Type says, as before
+    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are no text
+        error = {"type": "json_invalid", "loc": ["body", getattr(exc, "pos", 0)], "msg": "JSON decode error",
+                 "input": {}, "ctx": {"error": getattr(exc, "msg", str(exc))}}
+        raise InvalidBody("the request body is not valid JSON", "body", [error]) from None
     if not isinstance(data, dict):
         raise InvalidBody("the request body must be a JSON object", "body",
                           [{"type": "model_attributes_type", "loc": ["body"],

@@ -123,6 +123,38 @@ def http_sse_path(url: str, params: GenerationParams) -> Callable[[], Sample]:
     return run
 
 
+def openai_sse_path(url: str, params: GenerationParams) -> Callable[[], Sample]:
+    """The same generation through /v1/chat/completions, as the openai SDK streams it."""
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "temperature": 0.0,
+        "max_tokens": params.max_new_tokens,
+        "repetition_penalty": params.repetition_penalty,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    session = requests.Session()
+
+    def run() -> Sample:
+        started = time.perf_counter()
+        arrivals, completion_tokens = [], 0
+        with session.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=600) as response:
+            response.raise_for_status()
+            for line in response.iter_lines(decode_unicode=True):
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"the server failed: {line}")
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    arrivals.append(time.perf_counter())
+                if chunk.get("usage"):
+                    completion_tokens = chunk["usage"]["completion_tokens"]
+        return sample_from_arrivals(started, arrivals, completion_tokens)
+
+    return run
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -198,6 +230,7 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
             paths = {
                 "in-process": ("(a) llama.cpp backend in-process", in_process_path(backend, prompt, params)),
                 "http-sse": ("(b) llama.cpp through HTTP SSE /api/chat_stream", http_sse_path(server.url, params)),
+                "openai-sse": ("(b2) llama.cpp through /v1/chat/completions stream", openai_sse_path(server.url, params)),
             }
             results = {r.name: r for r in measure(paths, args.runs, args.warmup)}
     finally:
@@ -209,6 +242,7 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
         "ratios": {
             "sse_over_in_process_tokens_per_second": ratio(results, "http-sse", "in-process"),
             "sse_added_ttft_ms": results["http-sse"].ttft_ms - results["in-process"].ttft_ms,
+            "openai_sse_over_in_process_tokens_per_second": ratio(results, "openai-sse", "in-process"),
         },
         "baseline": "in-process",
     }

@@ -158,6 +158,7 @@ def test_health_is_public_and_reports_the_model(client):
 
 
 def test_page_is_served(client):
-    response = client.get("/")
+    # a browser's Accept; clients that send */* get the service description (test_service_api.py)
+    response = client.get("/", headers={"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"})
     assert response.status_code == 200
     assert b"<html" in response.data.lower()

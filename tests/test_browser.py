@@ -287,6 +287,82 @@ def test_rendered_text_is_never_markup(page):
     assert white_space == "pre-wrap"
 
 
+# ---------------------------------------------------------------- the rendered prompt
+
+PROMPT_SCREENSHOT = Path("/tmp/page_prompt.png")
+PROMPT_PHONE_SCREENSHOT = Path("/tmp/page_prompt_phone.png")
+
+PROMPT_VIEW_JS = """
+const answer = document.querySelectorAll('#messages .msg.assistant')[arguments[0]];
+const view = answer.querySelector('.prompt-view');
+const pre = view.querySelector('pre');
+return {hidden: view.hidden, text: pre.textContent, children: pre.children.length,
+        caption: view.querySelector('.prompt-caption').textContent,
+        expanded: answer.querySelector('.prompt-toggle').getAttribute('aria-expanded')};
+"""
+
+
+def send_text(driver, text: str) -> None:
+    """Types by script: chromedriver's send_keys is unreliable outside the keyboard's characters."""
+    driver.execute_script("document.getElementById('prompt').value = arguments[0]", text)
+    driver.find_element(By.ID, "send").click()
+
+
+def open_prompt_view(driver, index: int) -> dict:
+    driver.find_elements(By.CSS_SELECTOR, "#messages .msg.assistant .prompt-toggle")[index].click()
+    WebDriverWait(driver, 20, poll_frequency=0.1).until(
+        lambda d: "tokens" in d.execute_script(PROMPT_VIEW_JS, index)["caption"]
+    )
+    return driver.execute_script(PROMPT_VIEW_JS, index)
+
+
+def test_each_answer_shows_the_exact_prompt_the_model_saw(page, live_server):
+    system = "You are terse. <b>Never</b> use markup."
+    page.execute_script("document.getElementById('system').value = arguments[0]", system)
+    set_slider(page, "max-tokens", 64)
+    send_text(page, "你好，请介绍一下你自己")
+    wait_turn_finished(page, timeout=60)
+    send_text(page, "<img src=x onerror=\"window.__xss=1\"> Name three colours.")
+    wait_turn_finished(page, timeout=60)
+    conversation = page.execute_script("return window.modelTest.conversation()")
+    assert [m["role"] for m in conversation] == ["user", "assistant", "user", "assistant"]
+
+    # Each turn's prompt is what the server renders for that turn's conversation, byte for byte.
+    for index, upto in ((1, 3), (0, 1)):
+        expected = post_json(f"{live_server.url}/api/apply_template", {"system": system, "messages": conversation[:upto]})
+        view = open_prompt_view(page, index)
+        assert not view["hidden"] and view["expanded"] == "true"
+        assert view["text"] == expected["prompt"]
+        assert view["caption"].startswith(f"{expected['token_count']} tokens")
+        assert view["children"] == 0, "the prompt must be text, not markup"
+    second = page.execute_script(PROMPT_VIEW_JS, 1)["text"]
+    assert second.startswith(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n你好，请介绍一下你自己<|im_end|>\n")
+    assert f"<|im_start|>assistant\n{conversation[1]['content']}<|im_end|>\n" in second
+    assert second.endswith("Name three colours.<|im_end|>\n<|im_start|>assistant\n")
+    assert page.execute_script("return window.__xss") is None
+    assert not page.find_elements(By.CSS_SELECTOR, "#messages img, #messages b")
+    page.save_screenshot(str(PROMPT_SCREENSHOT))
+
+    # The view fits a phone: long prompt lines wrap inside the message, nothing scrolls sideways.
+    page.set_window_size(*PHONE_SIZE)
+    pre = page.find_elements(By.CSS_SELECTOR, "#messages .rendered-prompt")[1]
+    page.execute_script("arguments[0].scrollIntoView()", pre)
+    fit = page.execute_script(
+        "const pre = arguments[0].getBoundingClientRect(), msg = arguments[0].closest('.msg').getBoundingClientRect();"
+        "const root = document.documentElement;"
+        "return {scroll: root.scrollWidth, client: root.clientWidth, preRight: pre.right, msgRight: msg.right,"
+        "        preScroll: arguments[0].scrollWidth, preClient: arguments[0].clientWidth};",
+        pre,
+    )
+    page.save_screenshot(str(PROMPT_PHONE_SCREENSHOT))
+    assert fit["scroll"] <= fit["client"], fit
+    assert fit["preRight"] <= fit["msgRight"] and fit["preScroll"] <= fit["preClient"], fit
+
+    # The toggle closes it again.
+    page.find_elements(By.CSS_SELECTOR, "#messages .msg.assistant .prompt-toggle")[1].click()
+    assert page.execute_script(PROMPT_VIEW_JS, 1)["hidden"] is True
+
+
 # ---------------------------------------------------------------- model picker
 
 MODEL_OPTIONS_JS = """
@@ -521,3 +597,35 @@ def test_the_picker_fits_a_phone(page):
     page.save_screenshot(str(PICKER_PHONE_SCREENSHOT))
     assert widths["scroll"] <= widths["client"], widths
     assert widths["panelLeft"] <= widths["left"] and widths["right"] <= widths["panelRight"], widths
+
+
+def test_a_locked_server_asks_for_the_key_once_and_keeps_it_for_the_tab(driver, tmp_path_factory, default_gguf):
+    from selenium.webdriver.support import expected_conditions
+
+    from app import create_app
+    from config.settings import ServerSettings
+    from tests.conftest import make_settings, serve
+
+    tmp = tmp_path_factory.mktemp("locked-page")
+    app = create_app(make_settings(tmp, server=ServerSettings(log_dir=tmp / "logs", api_key="page-key")))
+    server, thread = serve(app)
+    try:
+        driver.set_window_size(*DESKTOP_SIZE)
+        driver.get(f"http://127.0.0.1:{server.server_port}/")
+        alert = WebDriverWait(driver, 10).until(expected_conditions.alert_is_present())
+        assert "API key" in alert.text
+        alert.send_keys("page-key")
+        alert.accept()
+        WebDriverWait(driver, 15).until(lambda d: d.find_element(By.ID, "model-state").text in ("not_loaded", "loaded"))
+        assert driver.execute_script("return sessionStorage.getItem('model_test.api_key')") == "page-key"
+        send(driver, "Say hello.")
+        wait_turn_finished(driver, timeout=60)
+        assert answer_text(driver), "a streamed answer came through with the key"
+        time.sleep(3.5)  # a status poll or two later, no second prompt
+        with pytest.raises(Exception):
+            driver.switch_to.alert.text
+    finally:
+        driver.execute_script("sessionStorage.clear()")
+        server.shutdown()
+        thread.join(timeout=10)
+        app.extensions["model_service"].unload()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, url_for
 
-from ..schemas import ChatBody, LoadModelBody, StopBody, parse_body
+from ..schemas import ApplyTemplateBody, ChatBody, DetokenizeBody, LoadModelBody, StopBody, TokenizeBody, parse_body
 from ..services.errors import NotFound, ServiceError
 from ..services.model_service import Generation, ModelService
 from ..sse import generation_events, sse_response
@@ -91,3 +91,31 @@ def open_stream(stream_id: str):
 def stop():
     body = parse_body(StopBody)
     return jsonify({"request_id": body.request_id, "cancelled": model_service().cancel(body.request_id)})
+
+
+# -- inspection: what the model sees, with the tokenizer and template that generation uses ---------
+
+@bp.post("/tokenize")
+def tokenize():
+    body = parse_body(TokenizeBody)
+    backend = model_service().ensure_loaded()
+    tokens = backend.tokenize(body.text, body.add_special_tokens)
+    return jsonify({"tokens": tokens, "pieces": backend.token_pieces(tokens), "count": len(tokens)})
+
+
+@bp.post("/detokenize")
+def detokenize():
+    body = parse_body(DetokenizeBody)
+    return jsonify({"text": model_service().ensure_loaded().detokenize(body.tokens)})
+
+
+@bp.post("/apply_template")
+def apply_template():
+    """The exact prompt a chat with this body would send: generation's ``prepare`` renders with
+    ``render_prompt`` and counts with the same tokenizer (tests/test_inspection.py checks the count
+    against a chat's prompt_tokens). A backend without a local template (openai) answers a 400."""
+    body = parse_body(ApplyTemplateBody)
+    messages = body.messages_list(current_app.config["SETTINGS"].limits)
+    backend = model_service().ensure_loaded()
+    prompt = backend.render_prompt(messages)
+    return jsonify({"prompt": prompt, "token_count": backend.count_tokens(prompt)})

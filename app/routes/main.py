@@ -1,14 +1,34 @@
 """The page, and the health probe that stays public."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, render_template
+from flask import Blueprint, current_app, jsonify, render_template, request, url_for
 
 bp = Blueprint("main", __name__)
 
 
+def wants_page() -> bool:
+    """Browsers name text/html first. The earlier FastAPI service answered this path with JSON,
+    and its clients (curl, requests, Postman) send ``*/*`` or nothing: they keep getting JSON."""
+    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
+
+
 @bp.get("/")
 def index():
-    return render_template("index.html")
+    if wants_page():
+        response = current_app.make_response(render_template("index.html"))
+    else:
+        from .. import __version__
+
+        response = jsonify(
+            {
+                "message": "model_test: chat with fine-tuned LLM checkpoints",
+                "version": __version__,
+                "docs": "/docs",
+                "health": url_for("main.health"),
+            }
+        )
+    response.vary.add("Accept")  # one URL, two bodies: caches must keep them apart
+    return response
 
 
 @bp.get("/health")

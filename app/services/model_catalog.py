@@ -1,6 +1,7 @@
 """What can be served: presets, the built-in default model, GGUF files and Hugging Face
 directories under models_dir, and LoRA adapters (under models_dir and in LLaMA-Factory's
-``saves/<model>/lora/<name>/`` layout), each adapter matched to its bases.
+``saves/<model>/lora/<name>/`` layout), each adapter matched to its bases: PEFT folders to
+Hugging Face models (transformers), GGUF LoRA files to GGUF models (llama.cpp).
 
 It also turns what a user asks for (``model``, ``backend``, ``adapter``: names or paths) into
 one :class:`ModelSpec`. Existence and format are the backend's ``check()``; resolving never
@@ -19,6 +20,7 @@ from config.settings import Settings
 
 from .default_model import default_gguf_path, default_hf_checkpoint_path
 from .errors import InvalidModel, InvalidRequest, ServiceError
+from .gguf_metadata import GGUFHeader, normalise_name, read_gguf_header
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +33,32 @@ ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One servable model: which backend runs which weights, with which adapter."""
+    """One servable model: which backend runs which weights, with which adapter.
+
+    A remote model (backend "openai") has no local weights: ``name`` is its name on the server at
+    ``base_url`` (None: the server's only model, until loading finds out which) and ``path`` is
+    that name as a Path, so code that lists models by path still reads it as a name."""
 
     backend: str
     path: Path
     adapter: Optional[Path] = None
-    name: Optional[str] = None  # the preset or built-in name it was asked by
+    name: Optional[str] = None  # the preset or built-in name it was asked by; a remote model's name
     trust_remote_code: bool = False
+    base_url: Optional[str] = None  # backend "openai": the remote server's API root
+
+    @property
+    def is_remote(self) -> bool:
+        return self.backend == "openai"
+
+    @property
+    def ref(self) -> Optional[str]:
+        """The model as the status names it: its path, or a remote model's name on its server."""
+        return self.name if self.is_remote else str(self.path)
 
     @property
     def label(self) -> str:
+        if self.is_remote and not self.name:
+            return f"the model served at {self.base_url}" if self.base_url else "a remote model (no --base-url given)"
         base = self.name or self.path.name
         return f"{base} + {self.adapter.name}" if self.adapter else base
 
@@ -70,6 +88,30 @@ def adapter_matches_base(adapter_base: Optional[str], model_dir: Path) -> bool:
     return named.name.lower() == model_dir.name.lower()
 
 
+def gguf_lora_matches_base(lora: GGUFHeader, base: GGUFHeader) -> bool:
+    """Whether a GGUF LoRA fits a GGUF model. GGUF has no field that names a base file, so:
+    the ``general.architecture`` must be the same, and one of the base names the LoRA carries
+    (``general.base_model.N.name`` / ``repo_url``, ``base_model:adapter:`` tags, its file name
+    before ``-lora``) must equal one of the model's names (``general.name``; ``general.basename``
+    + ``size_label`` + ``finetune``; its file name without the type suffix), compared case aside
+    with only letters and digits kept. A LoRA that names no base fits every model of its
+    architecture: nothing says otherwise, and llama.cpp refuses tensors of the wrong shape."""
+    if lora.architecture and base.architecture and lora.architecture != base.architecture:
+        return False
+    wanted = {normalise_name(name) for name in lora.lora_base_names()} - {""}
+    if not wanted:
+        return True
+    return bool(wanted & {normalise_name(name) for name in base.model_names()})
+
+
+def is_gguf_lora(path: Path) -> bool:
+    """A .gguf file whose header says it is a LoRA adapter (unreadable files are not)."""
+    try:
+        return read_gguf_header(path).is_lora
+    except InvalidModel:
+        return False
+
+
 def is_hf_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(next(path.glob(p), None) for p in WEIGHT_PATTERNS)
 
@@ -96,16 +138,29 @@ class ModelCatalog:
         return specs
 
     def default_spec(self, backend: str) -> ModelSpec:
-        """The embedded SmolLM2-135M-Instruct for ``backend``."""
+        """The embedded SmolLM2-135M-Instruct for ``backend``; for openai, the configured remote model."""
+        if backend == "openai":
+            return self.remote_spec(None)
         if backend == "transformers":
             return ModelSpec("transformers", default_hf_checkpoint_path(self.models_dir), name=DEFAULT_HF_ID)
         return ModelSpec("llamacpp", default_gguf_path(), name=DEFAULT_GGUF_ID)
 
+    def remote_spec(self, model: Optional[str]) -> ModelSpec:
+        """A model on the remote OpenAI-compatible server (remote.base_url), by its name there;
+        None: the configured remote.model, else the server's only model. A missing base URL is
+        the backend's check() to report, so listing and status never fail over it."""
+        name = model or self._settings.remote.model
+        return ModelSpec("openai", Path(name or ""), name=name, base_url=self._settings.remote.base_url)
+
     def _named(self, name: str) -> Optional[ModelSpec]:
         preset = self._settings.presets.get(name)
         if preset is not None:
+            if preset.backend == "openai":  # a remote preset's path is the model's name on the server
+                return self.remote_spec(preset.path)
             return ModelSpec(preset.backend, self._under_models_dir(preset.path), name=name,
                              trust_remote_code=preset.trust_remote_code)
+        if name == self._settings.remote.model and self._settings.remote.base_url:
+            return self.remote_spec(name)
         return self.builtin().get(name)
 
     def _under_models_dir(self, path: str) -> Path:
@@ -126,18 +181,24 @@ class ModelCatalog:
     def resolve(self, model: Optional[str], backend: Optional[str] = None, adapter: Optional[str] = None) -> ModelSpec:
         """Turns a request into a spec. ``model`` is a preset or built-in name or a path; with no
         model, the configured one (or, when ``backend`` differs from it, that backend's default)."""
-        if backend is not None and backend not in ("llamacpp", "transformers"):
-            raise InvalidRequest(f"unknown backend {backend!r}; use llamacpp or transformers", field="backend")
+        if backend is not None and backend not in ("llamacpp", "transformers", "openai"):
+            raise InvalidRequest(f"unknown backend {backend!r}; use llamacpp, transformers or openai", field="backend")
         if model is None:
             configured = self._settings.model
+            if self._settings.backend == "openai" and self._settings.remote.model:
+                configured = self._settings.remote.model  # --remote-model names the remote model; --model only without it
             spec = self.resolve(configured, self._settings.backend) if configured is not None else None
             if spec is None or (backend is not None and backend != spec.backend):
                 spec = self.default_spec(backend or self._settings.backend or "llamacpp")
         else:
             spec = self._named(model)
-            if spec is None:
+            if backend == "openai" and (spec is None or not spec.is_remote):
+                spec = self.remote_spec(model)  # on a remote server a model is a name, never a local path
+            elif spec is None:
                 path = self._locate(model, (self.models_dir,))
-                spec = ModelSpec(backend or self._infer_backend(path), path)
+                inferred = backend or self._infer_backend(path)
+                # with the openai backend configured, a name that is no local file is a remote model's
+                spec = self.remote_spec(model) if inferred == "openai" else ModelSpec(inferred, path)
             elif backend is not None and backend != spec.backend:
                 raise InvalidRequest(f"{model} is a {spec.backend} model; it cannot run on the {backend} backend", field="backend")
         return self.with_adapter(spec, adapter) if adapter is not None else spec
@@ -160,6 +221,8 @@ class ModelCatalog:
 
     def id_for(self, spec: ModelSpec) -> str:
         """A spec's id as /api/models and /v1/models list it (with its adapter, when it has one)."""
+        if spec.is_remote:
+            return spec.label  # its name on the server, once known
         base = spec.name or self._listed_id(spec.path)
         return f"{base}+{spec.adapter.name}" if spec.adapter else base
 
@@ -193,6 +256,11 @@ class ModelCatalog:
 
     def _entry(self, spec: ModelSpec, kind: str, model_id: str) -> dict:
         path = spec.path
+        if spec.is_remote:
+            # Listing stays offline: whether the server is up and serves it is for load() to find out.
+            return {"id": model_id, "name": spec.name, "backend": "openai", "kind": kind, "path": spec.name,
+                    "available": bool(spec.base_url), "size_bytes": None, "trust_remote_code": False,
+                    "base_url": spec.base_url}
         available = path.is_file() if spec.backend == "llamacpp" else is_hf_model_dir(path)
         return {
             "id": model_id,
@@ -226,12 +294,18 @@ class ModelCatalog:
             entries.setdefault(spec.path.resolve(), self._entry(spec, "preset", name))
         for path in self._walk(self.models_dir):
             if path.is_file() and path.suffix.lower() == ".gguf":
+                if is_gguf_lora(path):
+                    continue  # an adapter, listed by adapters()
                 spec = ModelSpec("llamacpp", path)
             elif path.is_dir() and is_hf_model_dir(path):
                 spec = ModelSpec("transformers", path)
             else:
                 continue
             entries.setdefault(path.resolve(), self._entry(spec, "file" if path.is_file() else "directory", self._relative_id(path)))
+        remote = self._settings.remote
+        if remote.base_url and remote.model:  # the server may serve more (LoRAs by name): load those by name
+            spec = self.remote_spec(remote.model)
+            entries.setdefault(spec.path.resolve(), self._entry(spec, "remote", remote.model))
         return list(entries.values())
 
     def adapters(self) -> list[dict]:
@@ -239,7 +313,8 @@ class ModelCatalog:
         saves = Path(self._settings.saves_dir)
         if saves.is_dir():
             found += sorted(p.parent for p in saves.glob("*/lora/*/adapter_config.json") if not p.parent.name.endswith(".partial"))
-        models = [m for m in self.models() if m["backend"] == "transformers"]
+        listed = self.models()
+        models = [m for m in listed if m["backend"] == "transformers"]
         adapters = []
         for path in found:
             try:
@@ -257,6 +332,57 @@ class ModelCatalog:
                     "available": any((path / name).is_file() for name in ADAPTER_WEIGHT_FILES),
                     "rank": config.get("r"),
                     "target_modules": config.get("target_modules"),
+                    "format": "peft",
+                }
+            )
+        return adapters + self._gguf_adapters([m for m in listed if m["backend"] == "llamacpp"], saves)
+
+    def _gguf_files(self, root: Path) -> list[Path]:
+        """Every .gguf under ``root`` (adapter folders included: a converted LoRA may sit beside
+        its PEFT files), hidden and half-written ones left out."""
+        if not root.is_dir():
+            return []
+        found = []
+        for path in sorted(root.rglob("*.gguf")):
+            parts = path.relative_to(root).parts
+            if len(parts) <= SCAN_DEPTH + 2 and not any(p.startswith(".") or p.endswith(".partial") for p in parts):
+                found.append(path)
+        return found
+
+    def _gguf_adapters(self, models: list[dict], saves: Path) -> list[dict]:
+        """GGUF LoRA files under models_dir and saves_dir, each with the GGUF models it fits
+        (see gguf_lora_matches_base)."""
+        bases = []
+        for model in models:
+            if model["available"]:
+                try:
+                    bases.append((model["id"], read_gguf_header(Path(model["path"]))))
+                except InvalidModel:
+                    continue
+        adapters, seen = [], set()
+        for path in self._gguf_files(self.models_dir) + self._gguf_files(saves):
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            try:
+                header = read_gguf_header(path, tensors=True)
+            except InvalidModel as exc:
+                log.debug("skipping %s", exc.message)  # most .gguf files are models; load() reports a broken one
+                continue
+            if not header.is_lora:
+                continue
+            named = header.lora_base_names()
+            adapters.append(
+                {
+                    "path": str(path),
+                    "name": self._adapter_name(path, saves),
+                    "base_model_name_or_path": named[0] if named else None,
+                    "bases": [model_id for model_id, base in bases if gguf_lora_matches_base(header, base)],
+                    "available": True,
+                    "rank": header.lora_rank(),
+                    "target_modules": header.lora_targets(),
+                    "format": "gguf",
+                    "architecture": header.architecture,
                 }
             )
         return adapters

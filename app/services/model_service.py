@@ -51,15 +51,29 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
         from .backends.transformers_backend import TransformersBackend
 
         return TransformersBackend(spec, settings.transformers)
-    if spec.adapter is not None:
+    if spec.is_remote:
+        if spec.adapter is not None:
+            raise InvalidRequest(
+                "the openai backend cannot apply an adapter: serve the LoRA on the remote server under a name of its "
+                "own (vLLM: --enable-lora --lora-modules myft=/path/to/adapter) and choose that name as the model "
+                "(--remote-model myft, or POST /api/load_model {\"backend\": \"openai\", \"model\": \"myft\"})",
+                field="adapter",
+            )
+        from .backends.remote_backend import RemoteBackend
+
+        return RemoteBackend(spec, settings.remote)
+    # llama.cpp applies a LoRA only as a GGUF file (convert_lora_to_gguf.py); a PEFT folder is refused
+    # here, and the backend's check() tells a .gguf that is no LoRA from one that is.
+    if spec.adapter is not None and not (spec.adapter.suffix.lower() == ".gguf" or spec.adapter.is_file()):
         raise InvalidRequest(
             "LoRA adapter directories apply on the transformers backend; for a GGUF, merge the adapter "
-            "(scripts/merge_lora.py) and convert the merged model",
+            "(scripts/merge_lora.py) and convert the merged model, or convert the adapter to a GGUF LoRA "
+            "(python -m scripts.convert_to_gguf --lora-only --adapter DIR --base DIR)",
             field="adapter",
         )
     from .backends.llamacpp_backend import LlamaCppBackend
 
-    return LlamaCppBackend(spec.path, settings.llamacpp)
+    return LlamaCppBackend(spec.path, settings.llamacpp, lora_path=spec.adapter)
 
 
 class Generation:
@@ -183,7 +197,7 @@ class ModelService:
         status = {
             "state": state,
             "backend": spec.backend if spec else (self._settings.backend or "llamacpp"),
-            "model": str(spec.path) if spec else self._settings.model,
+            "model": spec.ref if spec else self._settings.model,
             "model_name": spec.label if spec else None,
             "adapter": str(spec.adapter) if spec and spec.adapter else None,
             "device": None,
@@ -241,8 +255,10 @@ class ModelService:
                     log.exception("loading %s failed", target.label)
                     self._set_error(f"{type(exc).__name__}: {exc}", state="error")
                     raise
+                # The remote backend learns at load which model its server serves when none was named.
+                target = getattr(candidate, "resolved_spec", target)
                 with self._status_lock:
-                    self._backend, self._spec, self._state = candidate, target, "loaded"
+                    self._backend, self._spec, self._requested, self._state = candidate, target, target, "loaded"
                 log.info("model %s ready in %.2f s", target.label, time.perf_counter() - started)
             finally:
                 self._queue.leave(ticket)
@@ -301,6 +317,10 @@ class ModelService:
             finally:
                 self._queue.leave(ticket)
         return self.status()
+
+    def current_backend(self) -> Optional[Backend]:
+        """The loaded backend, or None; unlike ensure_loaded it never loads."""
+        return self._current_backend()
 
     def ensure_loaded(self) -> Backend:
         backend = self._current_backend()

@@ -10,6 +10,11 @@ holds for builds without llamafile's sgemm and with flash attention off (measure
 split points of a 145-token prompt give bit-identical logits; with sgemm or flash attention
 they do not, and greedy answers drift). So flash attention stays off, and with
 ``prefix_cache="auto"`` the cache is kept only on such builds; elsewhere each request starts cold.
+
+A LoRA comes as a GGUF adapter file (``convert_lora_to_gguf.py``, or
+``scripts.convert_to_gguf --lora-only``), applied at load with llama-cpp-python's ``lora_path``
+at scale 1.0, as PEFT applies it; check() refuses a file that is no LoRA or that names another
+base (see ``model_catalog.gguf_lora_matches_base``) before the current model is let go.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import Iterator, Optional, Sequence
 from config.settings import LlamaCppSettings
 
 from ..errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
+from ..gguf_metadata import read_gguf_header
 from ..text_stream import StreamAssembler
 from ..types import Chunk, GenerationParams, Message, Prompt
 from .base import check_token_ids
@@ -30,6 +36,7 @@ from .base import check_token_ids
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
+LORA_SCALE = 1.0  # PEFT's merge applies alpha/r and nothing more; so does llama.cpp at 1.0
 
 
 def check_gguf_file(path: Path) -> None:
@@ -59,9 +66,10 @@ def builds_with_llamafile(system_info: str) -> bool:
 class LlamaCppBackend:
     name = "llamacpp"
 
-    def __init__(self, model_path: Path, settings: LlamaCppSettings):
+    def __init__(self, model_path: Path, settings: LlamaCppSettings, lora_path: Optional[Path] = None):
         self.model = str(model_path)
         self._path = Path(model_path)
+        self._lora_path = Path(lora_path) if lora_path is not None else None
         self._settings = settings
         self._llama = None
         self._formatter = None
@@ -75,6 +83,34 @@ class LlamaCppBackend:
     # -- lifecycle -------------------------------------------------------------------------
     def check(self) -> None:
         check_gguf_file(self._path)
+        if self._lora_path is not None:
+            self._check_lora(self._lora_path)
+
+    def _check_lora(self, lora: Path) -> None:
+        from ..model_catalog import gguf_lora_matches_base
+
+        if not lora.exists():
+            raise ModelNotFound(f"adapter not found: {lora}", field="adapter")
+        if not lora.is_file():
+            raise InvalidModel(f"not a GGUF LoRA file: {lora} (llama.cpp takes a LoRA as a .gguf file)", field="adapter")
+        try:
+            header = read_gguf_header(lora)
+        except InvalidModel as exc:
+            raise InvalidModel(f"{exc.message} (a llama.cpp adapter is a GGUF LoRA file)", field="adapter") from None
+        base = read_gguf_header(self._path)
+        if not header.is_lora:
+            raise InvalidModel(
+                f"{lora.name} is not a LoRA adapter (general.type is {header.get('general.type', 'model')!r}); "
+                f"load it as the model instead",
+                field="adapter",
+            )
+        if not gguf_lora_matches_base(header, base):
+            named = ", ".join(header.lora_base_names()) or "no base"
+            raise InvalidModel(
+                f"LoRA {lora.name} ({header.architecture}, trained on {named}) does not fit {self._path.name} "
+                f"({base.architecture}, {', '.join(base.model_names())}); load it on its own base model",
+                field="adapter",
+            )
 
     def load(self) -> None:
         self.check()
@@ -113,6 +149,8 @@ class LlamaCppBackend:
         settings = self._settings
         return llama_cpp.Llama(
             model_path=str(self._path),
+            lora_path=str(self._lora_path) if self._lora_path else None,
+            lora_scale=LORA_SCALE,
             n_ctx=settings.n_ctx,
             n_batch=min(settings.n_batch, settings.n_ctx),
             n_threads=settings.n_threads,
@@ -179,6 +217,8 @@ class LlamaCppBackend:
             )
         if self._gpu_fallback_reason:
             facts["gpu_fallback"] = self._gpu_fallback_reason
+        if self._lora_path is not None:
+            facts.update({"adapter": str(self._lora_path), "lora_scale": LORA_SCALE})
         return facts
 
     # -- prompts ---------------------------------------------------------------------------
@@ -199,6 +239,14 @@ class LlamaCppBackend:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
+
+    def stop_token_ids(self) -> list[int]:
+        """The ids that end an answer: every end-of-generation token of the vocabulary
+        (llama_vocab_is_eog: EOS, EOT, <|im_end|>, ...), as stream() checks them."""
+        import llama_cpp
+
+        vocab = self._llama._model.vocab
+        return [token_id for token_id in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, token_id)]
 
     @property
     def vocab_size(self) -> int:

@@ -301,6 +301,11 @@ class TransformersBackend:
     def count_tokens(self, text: str) -> int:
         return len(self._encode(text, add_special_tokens=False))
 
+    def stop_token_ids(self) -> list[int]:
+        """The ids that end an answer, as stream() checks them: the EOS ids of the generation
+        config, the model config and the tokenizer together."""
+        return sorted(self._eos_ids)
+
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         return self._encode(text, add_special_tokens=add_special)
 

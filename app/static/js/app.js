@@ -19,6 +19,7 @@
   const BACKEND_GROUPS = [
     ["llamacpp", "GGUF · llama.cpp"],
     ["transformers", "Hugging Face · transformers"],
+    ["openai", "Remote · OpenAI-compatible server"],
   ];
 
   const byId = (id) => document.getElementById(id);
@@ -126,10 +127,53 @@
     return `HTTP ${response.status} ${response.statusText}`.trim();
   }
 
+  // ---------------------------------------------------------------- API key
+  // A server started with --api-key answers 401 to the API. The page asks once and keeps the
+  // key for this tab only (sessionStorage), sending it as a Bearer token on every API call.
+  // EventSource cannot send headers; its stream URL is itself the credential.
+  const API_KEY_STORAGE = "model_test.api_key";
+  let keyPrompt = null;
+  let keyDeclined = false;
+
+  function withApiKey(headers) {
+    const key = sessionStorage.getItem(API_KEY_STORAGE);
+    return key ? { ...(headers || {}), Authorization: `Bearer ${key}` } : headers || {};
+  }
+
+  function askForApiKey() {
+    // One prompt at a time: every request that met the 401 meanwhile waits for the same answer.
+    if (!keyPrompt) {
+      const refused = Boolean(sessionStorage.getItem(API_KEY_STORAGE));
+      keyPrompt = new Promise((resolve) => {
+        const key = window.prompt(refused ? "The API key was refused. API key:" : "This server needs an API key:");
+        if (key && key.trim()) {
+          sessionStorage.setItem(API_KEY_STORAGE, key.trim());
+          resolve(true);
+        } else {
+          keyDeclined = true; // asking again every poll would trap the user in dialogs
+          resolve(false);
+        }
+      }).finally(() => {
+        keyPrompt = null;
+      });
+    }
+    return keyPrompt;
+  }
+
+  async function apiFetch(url, options = {}) {
+    const send = () => fetch(url, { ...options, headers: withApiKey(options.headers) });
+    const keyUsed = sessionStorage.getItem(API_KEY_STORAGE);
+    const response = await send();
+    if (response.status !== 401 || keyDeclined) return response;
+    // A request that left before the key was entered just goes again with it.
+    if (sessionStorage.getItem(API_KEY_STORAGE) !== keyUsed) return send();
+    return (await askForApiKey()) ? send() : response;
+  }
+
   async function postJson(url, body, signal) {
     let response;
     try {
-      response = await fetch(url, {
+      response = await apiFetch(url, {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(body),
@@ -177,7 +221,8 @@
       this.el.querySelector(".content").append(this.answerNode);
       this.noteEl = makeElement("div", "note");
       this.noteEl.hidden = true;
-      this.el.append(this.noteEl);
+      this.el.append(this.noteEl, makePromptView(() => this.promptBody));
+      this.promptBody = null; // the conversation this turn sent, for its "prompt" view
       this.answer = "";
       this.ended = false;
       this.stopRequested = false;
@@ -211,7 +256,8 @@
 
       followingNewText(() => {
         const figures = formatFigures({ finishReason: error ? null : finishReason, usage, timings });
-        if (figures) this.el.append(makeElement("div", "figures", figures));
+        // figures go above the prompt view, next to the answer they describe
+        if (figures) this.el.querySelector(".msg-tools").before(makeElement("div", "figures", figures));
         if (error) {
           if (!this.answer) this.el.remove();
           renderError(error);
@@ -231,6 +277,48 @@
       if (activeTurn === this) activeTurn = null;
       setGenerating(false);
     }
+  }
+
+  // ---------------------------------------------------------------- the rendered prompt
+
+  /**
+   * A "prompt" toggle and the exact string the model saw for a turn: the server renders the
+   * turn's conversation with the same template and tokenizer generation uses. Shown as text,
+   * so special tokens such as <|im_start|> stay visible instead of being read as markup.
+   */
+  function makePromptView(getBody) {
+    const tools = makeElement("div", "msg-tools");
+    const toggle = makeElement("button", "prompt-toggle", "prompt");
+    toggle.type = "button";
+    toggle.title = "Show the exact prompt the model saw for this turn";
+    toggle.setAttribute("aria-expanded", "false");
+    const view = makeElement("div", "prompt-view");
+    view.hidden = true;
+    const caption = makeElement("div", "prompt-caption");
+    const pre = makeElement("pre", "rendered-prompt");
+    view.append(caption, pre);
+    tools.append(toggle, view);
+
+    let loaded = false;
+    toggle.addEventListener("click", async () => {
+      const open = view.hidden;
+      view.hidden = !open;
+      toggle.setAttribute("aria-expanded", String(open));
+      if (!open || loaded) return;
+      const body = getBody();
+      if (!body) return;
+      caption.textContent = "rendering…";
+      pre.textContent = "";
+      try {
+        const rendered = await postJson("/api/apply_template", body);
+        pre.textContent = rendered.prompt;
+        caption.textContent = `${rendered.token_count} tokens, exactly as the model reads them`;
+        loaded = true; // a failure is retried on the next open
+      } catch (err) {
+        caption.textContent = `could not render the prompt: ${err.message}`;
+      }
+    });
+    return tools;
   }
 
   function generationBody(messages, requestId) {
@@ -299,6 +387,7 @@
     setGenerating(true);
 
     const body = generationBody([...conversation, turn.userMessage], turn.id);
+    turn.promptBody = { messages: body.messages, ...(body.system ? { system: body.system } : {}) };
     const run = els.streamToggle.checked ? runStreamed : runWhole;
     run(turn, body).catch((err) => {
       if (err.name === "AbortError") {
@@ -409,7 +498,7 @@
 
   async function refreshStatus(follow = true) {
     try {
-      const response = await fetch("/api/model_status", { cache: "no-store" });
+      const response = await apiFetch("/api/model_status", { cache: "no-store" });
       if (!response.ok) throw new ApiError(await describeFailure(response));
       showStatus(await response.json(), follow);
     } catch (err) {
@@ -559,7 +648,7 @@
 
   async function refreshModels(follow = true) {
     try {
-      const response = await fetch("/api/models", { cache: "no-store" });
+      const response = await apiFetch("/api/models", { cache: "no-store" });
       if (!response.ok) throw new ApiError(await describeFailure(response));
       const body = await response.json();
       catalog = {
