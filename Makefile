@@ -35,7 +35,7 @@ LLAMA_WHEELHOUSE ?= $(HOME)/.cache/model_test/llama-cpp-python/$(LLAMA_CPP_VERSI
 LLAMA_CPP_CONVERTER_DIR ?= $(HOME)/.cache/model_test/llama-cpp-python/$(LLAMA_CPP_VERSION)-src
 LLAMA_CONVERTER := $(LLAMA_CPP_CONVERTER_DIR)/convert_hf_to_gguf.py
 
-.PHONY: setup run test browser-deps bench clean
+.PHONY: setup run serve test browser-deps bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,6 +75,11 @@ setup: $(STAMP) $(DEFAULT_HF) $(LLAMA_CONVERTER)
 
 run: setup
 	$(PY) run.py
+
+# Production serving: gunicorn, one process (the model lives in it) with threads; SSE goes out
+# unbuffered. Settings come from MODEL_TEST_* variables (e.g. MODEL_TEST_SERVER__API_KEY).
+serve: setup
+	$(PY) -m gunicorn -c config/gunicorn.conf.py 'app:create_app()'
 
 # The browser test drives Debian's chromium through chromedriver.
 browser-deps:

@@ -45,7 +45,11 @@ def create_app(settings: Optional[Settings] = None, backend_factory: BackendFact
     if settings.server.api_key:
         from .auth import install_api_key
 
-        install_api_key(app, settings.server.api_key)
+        install_api_key(app, settings.server.api_key.get_secret_value())
+    if settings.server.cors_origins:
+        from .cors import install_cors
+
+        install_cors(app, settings.server.cors_origins)
     service = app.extensions["model_service"]
     log.info("model_test ready: backend=%s model=%s adapter=%s (loads on first use)", settings.backend or "inferred",
              service.model_id() or settings.model, settings.adapter or "none")

@@ -32,10 +32,15 @@ def physical_cores() -> int:
 
 class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Interface to listen on. 0.0.0.0 exposes the tester to the network.")
-    api_key: Optional[str] = Field(
-        None, min_length=1,
+    api_key: Optional[SecretStr] = Field(
+        None,
         description="When set, /api/*, /v1/* and the service routes need 'Authorization: Bearer <key>'; "
-        "the page, /health and the API docs stay public.",
+        "the page, /health and the API docs stay public. A SecretStr: it never prints in logs or reprs.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins (e.g. https://lab.example.org) whose pages may call the API from a browser. "
+        "Empty (the default) sends no CORS headers, so other sites' pages cannot read answers.",
     )
     port: int = Field(5000, ge=1, le=65535, description="TCP port to listen on.")
     log_dir: Path = Field(PROJECT_ROOT / "logs", description="Folder of the rotating log file.")

@@ -86,3 +86,32 @@ def test_an_exposed_server_without_a_key_is_warned_about(caplog):
         assert not caplog.records
         warn_if_exposed("0.0.0.0", api_key_set=False)
     assert "without an API key" in caplog.records[0].getMessage()
+
+
+def test_cors_is_off_by_default(client):
+    response = client.get("/api/model_status", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_cors_answers_only_the_configured_origins(tmp_path):
+    app = create_app(make_settings(tmp_path, server=ServerSettings(log_dir=tmp_path / "logs", cors_origins=["https://lab.example"])))
+    client = app.test_client()
+    allowed = client.get("/api/model_status", headers={"Origin": "https://lab.example"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://lab.example"
+    assert "Origin" in allowed.headers["Vary"]
+    preflight = client.options("/v1/chat/completions", headers={"Origin": "https://lab.example",
+                                                               "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 200 and "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    other = client.get("/api/model_status", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_the_key_never_shows_in_settings_status_or_logs(locked_app, caplog):
+    settings = locked_app.config["SETTINGS"]
+    assert KEY not in repr(settings) and KEY not in str(settings.model_dump())
+    with caplog.at_level(logging.DEBUG):
+        client = locked_app.test_client()
+        status = client.get("/api/model_status", headers=bearer()).get_data(as_text=True)
+        client.get("/api/model_status", headers=bearer("wrong"))
+    assert KEY not in status
+    assert all(KEY not in record.getMessage() for record in caplog.records)

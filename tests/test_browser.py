@@ -505,8 +505,8 @@ SYNTHETIC_CATALOG = {
          "bases": ["org/base-a"], "rank": 8, "target_modules": ["q_proj"]},
         {"path": "/saves/a/lora/two", "name": "a/lora/<i>two</i>", "base_model_name_or_path": "org/base-a",
          "bases": ["org/base-a", "base-b"], "rank": 16, "target_modules": ["q_proj"]},
-        {"path": "/saves/q/lora/three", "name": "q/lora/three", "base_model_name_or_path": "q",
-         "bases": ["q.gguf"], "rank": 4, "target_modules": ["q_proj"]},
+        {"path": "/models/q-lora-three.f16.gguf", "name": "q-lora-three.f16.gguf", "base_model_name_or_path": "q",
+         "bases": ["q.gguf"], "rank": 4, "target_modules": ["attn_q"], "format": "gguf"},
         {"path": "/nonexistent/adapter-for-smollm", "name": "ghost", "base_model_name_or_path": "SmolLM2-135M-Instruct",
          "bases": [HF_ID], "rank": 8, "target_modules": ["q_proj"]},
     ],
@@ -552,10 +552,10 @@ def test_adapter_options_follow_the_chosen_model(page, live_server):
     assert adapter_options(page) == [("", "No adapter"), ("/saves/a/lora/two", "a/lora/<i>two</i> · r16")]
     assert adapter_select.get_attribute("value") == "/saves/a/lora/two"
     model_select.select_by_value("org/base-a")
-    model_select.select_by_value("q.gguf")  # llama.cpp: no adapter, even one that names it
-    assert adapter_options(page) == [("", "No adapter")]
-    assert not adapter_select.is_enabled()
-    assert "transformers backend only" in page.find_element(By.ID, "picker-note").text
+    model_select.select_by_value("q.gguf")  # llama.cpp: the GGUF LoRAs that fit it, and only those
+    assert adapter_options(page) == [("", "No adapter"), ("/models/q-lora-three.f16.gguf", "q-lora-three.f16.gguf · r4")]
+    assert adapter_select.is_enabled()
+    assert adapter_select.get_attribute("value") == ""
 
     # A load the server refuses shows its message, and the picker keeps the choice to correct it.
     try:
@@ -629,3 +629,11 @@ def test_a_locked_server_asks_for_the_key_once_and_keeps_it_for_the_tab(driver, 
         server.shutdown()
         thread.join(timeout=10)
         app.extensions["model_service"].unload()
+
+
+def test_the_api_docs_render_offline(driver, live_server):
+    """Swagger UI comes from the app itself: chromium here has no network, so a CDN would fail."""
+    driver.get(f"{live_server.url}/docs")
+    WebDriverWait(driver, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) > 10)
+    paths = {el.text for el in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/v1/chat/completions", "/api/chat", "/chat"} <= {p.replace("\u200b", "") for p in paths}

@@ -559,7 +559,9 @@
   /** Fills the adapter select for the chosen model, keeping `wanted` (a path) selected if it fits. */
   function renderAdapters(wanted) {
     const model = selectedModel();
-    const fitting = model && model.backend === "transformers" ? adaptersFor(model.id, catalog.adapters) : [];
+    // The server matches each adapter to its bases on one backend (PEFT folders to transformers
+    // models, GGUF LoRA files to GGUF models), so `bases` alone says what fits this model.
+    const fitting = model ? adaptersFor(model.id, catalog.adapters) : [];
     const none = makeElement("option", "", "No adapter");
     none.value = "";
     const options = [none];
@@ -577,8 +579,10 @@
     els.adapterSelect.disabled = fitting.length === 0 || modelBusy;
 
     if (!model) setPickerNote("");
-    else if (model.backend !== "transformers") setPickerNote("LoRA adapters run on the transformers backend only.");
-    else if (!fitting.length && catalog.adapters.length) setPickerNote("No adapter here was trained on this model.");
+    else if (model.backend === "openai") setPickerNote("A remote server serves its adapters as models of their own.");
+    else if (!fitting.length && model.backend === "llamacpp" && catalog.adapters.length) {
+      setPickerNote("No GGUF LoRA here fits this model (scripts.convert_to_gguf --lora-only makes one).");
+    } else if (!fitting.length && catalog.adapters.length) setPickerNote("No adapter here was trained on this model.");
     else setPickerNote("");
   }
 

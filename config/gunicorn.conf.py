@@ -1,0 +1,16 @@
+"""gunicorn settings for `make serve`: one process, because the model lives in it, with threads
+for concurrent clients (they queue for the model in the service, and streams need a thread each
+while they wait). Host and port come from the same settings as run.py (MODEL_TEST_SERVER__*)."""
+from config.settings import Settings
+
+_server = Settings().server
+
+bind = f"{_server.host}:{_server.port}"
+workers = 1
+worker_class = "gthread"
+threads = 32
+# gthread's main loop keeps heartbeating while request threads generate, so this bounds only a
+# worker that is truly stuck, not a long answer.
+timeout = 120
+graceful_timeout = 10
+accesslog = None  # the app logs what matters; one line per token stream is noise
