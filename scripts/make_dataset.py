@@ -500,6 +500,8 @@ def run_job(job: Job, slices: list[Slice], out: Path, docs: int = 0) -> Summary:
                     log.warning("%s failed", piece.heading_path, exc_info=True)
                     result = SliceResult(requests=1, error=f"{exc.__class__.__name__}: {exc}")
                 results[index] = result
+                if not result.requests:
+                    continue  # never asked: the run is stopping
                 if result.error:
                     log.warning("[%d/%d] %s: %s", len(results), len(slices), piece.heading_path, result.error)
                     if abort.is_set() and fatal is None:
@@ -517,10 +519,13 @@ def run_job(job: Job, slices: list[Slice], out: Path, docs: int = 0) -> Summary:
         # Requests already sent finish on their own threads; nothing new starts.
         pool.shutdown(wait=not summary.interrupted, cancel_futures=True)
 
+    if fatal is not None:
+        # Every later request would fail the same way; an earlier good file is worth more than an empty one.
+        raise DatasetJobError(f"{job.base_url} refused the requests ({fatal}); stopped, {out} left as it was")
     records: list[dict] = []
     for index, piece in enumerate(slices):
         result = results.get(index)
-        if result is None:
+        if result is None or not result.requests:
             continue
         records.extend(records_for(piece, result.pairs))
         summary.requests += result.requests
@@ -532,9 +537,6 @@ def run_job(job: Job, slices: list[Slice], out: Path, docs: int = 0) -> Summary:
     write_jsonl(out, records)
     summary.seconds = time.perf_counter() - started
     log.info("wrote %d pairs to %s: %s", summary.pairs, out, summary.line())
-    if fatal is not None:
-        raise DatasetJobError(f"{job.base_url} refused the requests ({fatal}); stopped after {len(results)} slices, "
-                              f"wrote {summary.pairs} pairs to {out}")
     return summary
 
 
@@ -565,7 +567,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the slices and show the first prompt; send nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "openai", "openai._base_client"):
+    for noisy in ("httpx", "httpx2", "openai", "openai._base_client"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # one line per HTTP request drowns the progress
 
     try:

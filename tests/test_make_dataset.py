@@ -99,7 +99,7 @@ def test_slices_carry_heading_paths_in_document_order():
 
 def test_long_sections_are_cut_between_blocks():
     fence = "```\n" + "\n\n".join(f"line {i}" for i in range(20)) + "\n```"  # blank lines inside the code
-    paragraphs = [f"Paragraph {i} " + "word " * 30 for i in range(6)]
+    paragraphs = [f"Paragraph {i}" + " word" * 30 for i in range(6)]
     text = "\n\n".join(paragraphs[:3] + [fence] + paragraphs[3:])
     root = parse_markdown("# A\n\n## B\n\n" + text + "\n", "d")
     [piece] = [s for s in section_slices(root, "d.md") if s.headings == ("A", "B")]
@@ -280,8 +280,10 @@ def test_command_line_exit_codes_and_template(tmp_path, stub):
     other = tmp_path / "other.jsonl"
     assert main(["--docs", str(docs), "--out", str(other), "--base-url", stub.url]) == 2
     assert main(["--docs", str(docs), "--out", str(other), "--base-url", stub.url, "--api-key", "secret"]) == 0
+    kept = other.read_text()
     assert main(["--docs", str(docs), "--out", str(other), "--base-url", stub.url, "--api-key", "secret",
                  "--model", "no-such-model"]) == 2  # a 404 for every slice stops the run
+    assert other.read_text() == kept  # and leaves the earlier output alone
     assert main(["--docs", str(docs), "--out", str(other), "--base-url", "http://127.0.0.1:9/v1"]) == 2
     assert main(["--docs", str(docs), "--out", str(tmp_path / "qa.json"), "--base-url", stub.url]) == 2
     assert main(["--docs", str(tmp_path / "nowhere"), "--out", str(other)]) == 2

@@ -1,0 +1,431 @@
+"""Checks that a GGUF conversion serves what its Hugging Face checkpoint serves.
+
+A fine-tune that is right in transformers and wrong in GGUF is almost always a chat template,
+a BOS or an EOS token that changed on the way; the rest is the weights' rounding. For each
+prompt this runs both of the tester's own backends (TransformersBackend and LlamaCppBackend,
+through their ``prepare`` and ``stream``, as the page and the API do) and reports:
+
+(a) whether both render the same prompt string, byte for byte, and tokenise it to the same ids;
+(b) the tokens that end an answer on each side (ids and text);
+(c) greedy agreement over the first ``--max-tokens`` (32) tokens: the tokens before the first
+    divergence over the tokens compared, an answer's stop counting as one token. Token ids
+    are compared when the vocabularies map 1:1 (same size, same entry for every id), else text;
+(d) where the answers first diverge, with both continuations.
+
+The models load one after the other, so a pair that fits memory only once still runs.
+
+    python -m scripts.check_fidelity --hf models/MyModel [--adapter saves/.../lora/run1] \\
+        --gguf models/MyModel-run1.f16.gguf [--gguf-lora models/MyModel-lora-run1.f16.gguf] \\
+        [--prompts prompts.jsonl] [--max-tokens 32] [--dtype fp32] [--json] [--min-agreement 0.9]
+
+``--prompts``: a .json list, or .jsonl lines, of strings (one user message each) or objects with
+``messages`` (a whole conversation) or ``prompt``; any other file is one prompt per line.
+Exit codes: 0 done, 1 agreement below ``--min-agreement``, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from app.services.errors import ServiceError
+from app.services.types import GenerationParams, Message
+from config.settings import LlamaCppSettings, TransformersSettings
+
+log = logging.getLogger("check_fidelity")
+
+MAX_TOKENS = 32
+STOP = -1  # stands for "the answer stopped here" in a compared sequence
+DEFAULT_PROMPTS: tuple[tuple[Message, ...], ...] = (
+    (Message("user", "What is the capital of France?"),),
+    (Message("user", "Write a haiku about the sea."),),
+    (Message("user", "Explain in one sentence what a CPU does."),),
+    (Message("system", "You are a terse assistant."), Message("user", "List three primary colours.")),
+    (Message("user", "Hi! My name is Ana."), Message("assistant", "Hello Ana! How can I help you today?"),
+     Message("user", "What is my name?")),
+)
+
+
+class FidelityError(Exception):
+    """Bad input (a path, a prompt file, a model a backend refuses); the message says which."""
+
+
+# -- prompts ---------------------------------------------------------------------------------------
+def _messages(entry, where: str) -> tuple[Message, ...]:
+    if isinstance(entry, str):
+        return (Message("user", entry),)
+    if isinstance(entry, dict) and isinstance(entry.get("prompt"), str):
+        return (Message("user", entry["prompt"]),)
+    if isinstance(entry, dict) and isinstance(entry.get("messages"), list):
+        try:
+            return tuple(Message(m["role"], m["content"]) for m in entry["messages"])
+        except (KeyError, TypeError):
+            raise FidelityError(f"{where}: each message needs a role and a content") from None
+    raise FidelityError(f"{where}: expected a string, or an object with 'prompt' or 'messages'")
+
+
+def load_prompts(path: Path) -> list[tuple[Message, ...]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FidelityError(f"cannot read the prompts file {path}: {exc}") from None
+    try:
+        if path.suffix == ".json":
+            entries = json.loads(text)
+            if not isinstance(entries, list):
+                raise FidelityError(f"{path}: expected a JSON list of prompts")
+        elif path.suffix == ".jsonl":
+            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            entries = [line for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise FidelityError(f"{path} is not valid JSON: {exc}") from None
+    prompts = [_messages(entry, f"{path} prompt {i + 1}") for i, entry in enumerate(entries)]
+    if not prompts:
+        raise FidelityError(f"{path} holds no prompts")
+    for i, messages in enumerate(prompts):
+        if any(m.role not in ("system", "user", "assistant") for m in messages):
+            raise FidelityError(f"{path} prompt {i + 1}: roles are system, user and assistant")
+    return prompts
+
+
+# -- one side --------------------------------------------------------------------------------------
+@dataclass
+class SideRun:
+    """What one backend did with every prompt."""
+
+    label: str
+    rendered: list[str] = field(default_factory=list)
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    answer_ids: list[list[int]] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    finish: list[str] = field(default_factory=list)
+    stop_tokens: list[dict] = field(default_factory=list)
+    vocab: list[str] = field(default_factory=list)
+    load_s: float = 0.0
+    generate_s: float = 0.0
+    info: dict = field(default_factory=dict)
+    backend: object = None  # kept only while loaded, to decode continuations
+
+
+def greedy_params(max_tokens: int) -> GenerationParams:
+    # Plain greedy on both sides: no penalty, no sampling, the same seed for form's sake.
+    return GenerationParams(max_new_tokens=max_tokens, temperature=0.0, top_p=1.0, top_k=0,
+                            repetition_penalty=1.0, seed=0)
+
+
+def run_side(backend, label: str, prompts: Sequence[tuple[Message, ...]], max_tokens: int) -> SideRun:
+    run = SideRun(label)
+    started = time.perf_counter()
+    try:
+        backend.check()
+        backend.load()
+    except ServiceError as exc:
+        raise FidelityError(f"{label}: {exc.message}") from None
+    run.load_s = time.perf_counter() - started
+    run.info = backend.info()
+    run.stop_tokens = [{"id": token_id, "text": piece}
+                       for token_id, piece in zip(backend.stop_token_ids(), backend.token_pieces(backend.stop_token_ids()))]
+    run.vocab = backend.token_pieces(list(range(backend.vocab_size)))
+    params = greedy_params(max_tokens)
+    started = time.perf_counter()
+    for messages in prompts:
+        try:
+            prompt = backend.prepare(messages=list(messages))
+        except ServiceError as exc:
+            raise FidelityError(f"{label}: {exc.message}") from None
+        run.rendered.append(prompt.text)
+        run.prompt_ids.append(list(prompt.token_ids))
+        ids, text, finish = [], [], "length"
+        for chunk in backend.stream(prompt, params, threading.Event()):
+            ids.extend(chunk.token_ids)
+            text.append(chunk.text)
+            if chunk.is_last:
+                finish = chunk.finish_reason
+                if finish == "error":
+                    raise FidelityError(f"{label}: generation failed: {chunk.error}")
+        run.answer_ids.append(ids)
+        run.answers.append("".join(text))
+        run.finish.append(finish)
+    run.generate_s = time.perf_counter() - started
+    log.info("%s: loaded in %.1f s, %d prompts answered in %.1f s", label, run.load_s, len(prompts), run.generate_s)
+    return run
+
+
+# -- comparing -------------------------------------------------------------------------------------
+@dataclass
+class PromptComparison:
+    prompt: str  # the last user message, for the table
+    rendered_identical: bool
+    prompt_ids_identical: bool
+    compared: str  # "ids" or "text"
+    matched: int
+    total: int
+    first_divergence: Optional[int]  # None: no divergence in what was compared
+    hf_answer: str
+    gguf_answer: str
+    hf_finish: str
+    gguf_finish: str
+    hf_continuation: Optional[str] = None
+    gguf_continuation: Optional[str] = None
+    render_difference: Optional[dict] = None
+
+    @property
+    def agreement(self) -> float:
+        return self.matched / self.total if self.total else 1.0
+
+
+def with_stop(ids: list[int], finish: str, limit: int) -> list[int]:
+    return (ids + [STOP] if finish == "stop" else list(ids))[:limit]
+
+
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def first_difference(a: str, b: str) -> dict:
+    at = common_prefix(a, b)
+    return {"at": at, "hf": a[max(0, at - 20):at + 40], "gguf": b[max(0, at - 20):at + 40]}
+
+
+def _continuation(backend, ids: list[int], finish: str, start: int, limit: int) -> str:
+    rest = ids[start:limit]
+    text = backend.detokenize(rest) if rest else ""
+    if finish == "stop" and start + len(rest) < limit:
+        text += "[stop]"
+    return text
+
+
+def compare(hf: SideRun, gguf: SideRun, prompts, max_tokens: int, one_to_one: bool, decode) -> list[PromptComparison]:
+    rows = []
+    for i, messages in enumerate(prompts):
+        rendered_same = hf.rendered[i].encode("utf-8") == gguf.rendered[i].encode("utf-8")
+        row = dict(
+            prompt=messages[-1].content,
+            rendered_identical=rendered_same,
+            prompt_ids_identical=hf.prompt_ids[i] == gguf.prompt_ids[i],
+            hf_answer=hf.answers[i], gguf_answer=gguf.answers[i],
+            hf_finish=hf.finish[i], gguf_finish=gguf.finish[i],
+            render_difference=None if rendered_same else first_difference(hf.rendered[i], gguf.rendered[i]),
+        )
+        if one_to_one:
+            a = with_stop(hf.answer_ids[i], hf.finish[i], max_tokens)
+            b = with_stop(gguf.answer_ids[i], gguf.finish[i], max_tokens)
+            matched = common_prefix(a, b)
+            total = max(len(a), len(b))
+            comparison = PromptComparison(compared="ids", matched=matched, total=total,
+                                          first_divergence=matched if matched < total else None, **row)
+            if comparison.first_divergence is not None:
+                comparison.hf_continuation = decode["hf"](hf.answer_ids[i], hf.finish[i], matched, max_tokens)
+                comparison.gguf_continuation = decode["gguf"](gguf.answer_ids[i], gguf.finish[i], matched, max_tokens)
+        else:
+            a, b = hf.answers[i], gguf.answers[i]
+            matched = common_prefix(a, b)
+            total = max(len(a), len(b))
+            comparison = PromptComparison(compared="text", matched=matched, total=total,
+                                          first_divergence=matched if matched < total else None, **row)
+            if comparison.first_divergence is not None:
+                comparison.hf_continuation, comparison.gguf_continuation = a[matched:], b[matched:]
+        rows.append(comparison)
+    return rows
+
+
+@dataclass
+class FidelityReport:
+    hf: str
+    adapter: Optional[str]
+    gguf: str
+    gguf_lora: Optional[str]
+    dtype: str
+    max_tokens: int
+    vocab_one_to_one: bool
+    vocab_sizes: dict
+    vocab_mismatches: int
+    stop_tokens: dict
+    stop_tokens_identical: bool
+    prompts_rendered_identical: int
+    prompt_ids_identical: int
+    answers_identical: int
+    agreement: float  # matched / compared over all prompts
+    prompts: list[PromptComparison]
+    timings: dict
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for row, source in zip(data["prompts"], self.prompts):
+            row["agreement"] = round(source.agreement, 4)
+        data["agreement"] = round(self.agreement, 4)
+        return data
+
+
+def check_fidelity(hf_dir: Path, gguf: Path, adapter: Optional[Path] = None, gguf_lora: Optional[Path] = None,
+                   prompts: Optional[Sequence[tuple[Message, ...]]] = None, max_tokens: int = MAX_TOKENS,
+                   dtype: str = "fp32", n_threads: Optional[int] = None, device: str = "auto") -> FidelityReport:
+    from app.services.backends.llamacpp_backend import LlamaCppBackend
+    from app.services.backends.transformers_backend import TransformersBackend
+    from app.services.model_catalog import ModelSpec
+
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    threads = {"n_threads": n_threads} if n_threads else {}
+    hf_backend = TransformersBackend(ModelSpec("transformers", Path(hf_dir), adapter=Path(adapter) if adapter else None),
+                                     TransformersSettings(dtype=dtype, device=device, **threads))
+    gguf_backend = LlamaCppBackend(Path(gguf), LlamaCppSettings(**threads), lora_path=Path(gguf_lora) if gguf_lora else None)
+    _check_paths(Path(hf_dir), Path(gguf), adapter, gguf_lora)
+
+    # One model in memory at a time; the differences are decoded while each is loaded.
+    hf = gguf_run = None
+    decoded: dict[str, dict] = {"hf": {}, "gguf": {}}
+    try:
+        hf = run_side(hf_backend, "transformers", prompts, max_tokens)
+        hf_pieces = hf.vocab
+    finally:
+        pass
+    # Continuations need each side's detokenizer: decode every suffix now, on demand later from this cache.
+    hf_suffixes = _suffix_decoder(hf_backend, hf, max_tokens)
+    hf_backend.unload()
+    try:
+        gguf_run = run_side(gguf_backend, "llama.cpp", prompts, max_tokens)
+        gguf_suffixes = _suffix_decoder(gguf_backend, gguf_run, max_tokens)
+    finally:
+        gguf_backend.unload()
+    decoded = {"hf": hf_suffixes, "gguf": gguf_suffixes}
+
+    mismatches = sum(1 for a, b in zip(hf_pieces, gguf_run.vocab) if a != b) + abs(len(hf_pieces) - len(gguf_run.vocab))
+    one_to_one = mismatches == 0
+    rows = compare(hf, gguf_run, prompts, max_tokens, one_to_one,
+                   {side: (lambda ids, finish, start, limit, side=side: decoded[side][(tuple(ids), finish, start)])
+                    for side in ("hf", "gguf")})
+    matched = sum(r.matched for r in rows)
+    total = sum(r.total for r in rows)
+    return FidelityReport(
+        hf=str(hf_dir), adapter=str(adapter) if adapter else None, gguf=str(gguf),
+        gguf_lora=str(gguf_lora) if gguf_lora else None, dtype=hf.info.get("dtype") or dtype, max_tokens=max_tokens,
+        vocab_one_to_one=one_to_one, vocab_sizes={"hf": len(hf_pieces), "gguf": len(gguf_run.vocab)},
+        vocab_mismatches=mismatches,
+        stop_tokens={"hf": hf.stop_tokens, "gguf": gguf_run.stop_tokens},
+        stop_tokens_identical=sorted(t["id"] for t in hf.stop_tokens) == sorted(t["id"] for t in gguf_run.stop_tokens),
+        prompts_rendered_identical=sum(r.rendered_identical for r in rows),
+        prompt_ids_identical=sum(r.prompt_ids_identical for r in rows),
+        answers_identical=sum(r.first_divergence is None for r in rows),
+        agreement=matched / total if total else 1.0,
+        prompts=rows,
+        timings={"hf_load_s": round(hf.load_s, 2), "hf_generate_s": round(hf.generate_s, 2),
+                 "gguf_load_s": round(gguf_run.load_s, 2), "gguf_generate_s": round(gguf_run.generate_s, 2)},
+    )
+
+
+def _suffix_decoder(backend, run: SideRun, max_tokens: int) -> dict:
+    """Every continuation a comparison may ask for (each answer from each position), decoded by
+    this side's own tokenizer while it is still loaded."""
+    table = {}
+    for ids, finish in zip(run.answer_ids, run.finish):
+        for start in range(0, min(len(ids), max_tokens) + 1):
+            table[(tuple(ids), finish, start)] = _continuation(backend, ids, finish, start, max_tokens)
+    return table
+
+
+def _check_paths(hf_dir: Path, gguf: Path, adapter: Optional[Path], gguf_lora: Optional[Path]) -> None:
+    """The cheap refusals first, before either model loads (each backend's check() says the rest)."""
+    from app.services.backends.hf_checkpoint import inspect_checkpoint
+    from app.services.backends.llamacpp_backend import check_gguf_file
+
+    try:
+        inspect_checkpoint(hf_dir)
+        check_gguf_file(gguf)
+    except ServiceError as exc:
+        raise FidelityError(exc.message) from None
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FidelityError(f"not a LoRA adapter (no adapter_config.json): {adapter}")
+    if gguf_lora is not None and not Path(gguf_lora).is_file():
+        raise FidelityError(f"GGUF LoRA not found: {gguf_lora}")
+
+
+# -- output ----------------------------------------------------------------------------------------
+def _short(text: str, width: int) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_report(report: FidelityReport) -> str:
+    lines = [
+        f"HF checkpoint : {report.hf}" + (f" + {report.adapter}" if report.adapter else "") + f" ({report.dtype})",
+        f"GGUF          : {report.gguf}" + (f" + LoRA {report.gguf_lora}" if report.gguf_lora else ""),
+        f"vocabularies  : {'1:1' if report.vocab_one_to_one else f'differ in {report.vocab_mismatches} entries'} "
+        f"(hf {report.vocab_sizes['hf']}, gguf {report.vocab_sizes['gguf']}); answers compared by "
+        f"{'token id' if report.vocab_one_to_one else 'text'}",
+        "stop tokens   : hf " + ", ".join(f"{t['id']} {t['text']!r}" for t in report.stop_tokens["hf"])
+        + " | gguf " + ", ".join(f"{t['id']} {t['text']!r}" for t in report.stop_tokens["gguf"])
+        + ("  (same)" if report.stop_tokens_identical else "  (DIFFERENT)"),
+        "",
+        f"{'#':>2}  {'prompt':<34} {'template':<9} {'prompt ids':<10} {'agree':>11}  {'diverges':>8}  finish (hf/gguf)",
+    ]
+    for i, row in enumerate(report.prompts, 1):
+        lines.append(
+            f"{i:>2}  {_short(row.prompt, 34):<34} {'same' if row.rendered_identical else 'DIFFERS':<9} "
+            f"{'same' if row.prompt_ids_identical else 'DIFFER':<10} {row.matched:>3}/{row.total:<3} {row.agreement:4.0%}  "
+            f"{'-' if row.first_divergence is None else row.first_divergence:>8}  {row.hf_finish}/{row.gguf_finish}"
+        )
+    for i, row in enumerate(report.prompts, 1):
+        if row.render_difference:
+            diff = row.render_difference
+            lines += ["", f"prompt {i}: rendered prompts differ at character {diff['at']}:",
+                      f"   hf  : {diff['hf']!r}", f"   gguf: {diff['gguf']!r}"]
+        if row.first_divergence is not None:
+            unit = "token" if row.compared == "ids" else "character"
+            lines += ["", f"prompt {i}: answers diverge at {unit} {row.first_divergence}:",
+                      f"   hf  : …{row.hf_continuation!r}", f"   gguf: …{row.gguf_continuation!r}"]
+    lines += [
+        "",
+        f"rendered prompts identical: {report.prompts_rendered_identical}/{len(report.prompts)}; "
+        f"prompt token ids identical: {report.prompt_ids_identical}/{len(report.prompts)}",
+        f"greedy agreement over the first {report.max_tokens} tokens: {report.agreement:.1%} "
+        f"({report.answers_identical}/{len(report.prompts)} answers identical)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hf", type=Path, required=True, help="Hugging Face checkpoint directory")
+    parser.add_argument("--adapter", type=Path, help="PEFT adapter applied (merged) on --hf")
+    parser.add_argument("--gguf", type=Path, required=True, help="its GGUF conversion")
+    parser.add_argument("--gguf-lora", type=Path, help="a GGUF LoRA applied on --gguf (the --adapter converted with --lora-only)")
+    parser.add_argument("--prompts", type=Path, help="prompt file (default: 5 built-in prompts)")
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help=f"greedy tokens compared per prompt (default {MAX_TOKENS})")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                        help="transformers dtype (default fp32: the reference the GGUF is measured against)")
+    parser.add_argument("--n-threads", type=int, help="threads for both backends (default: physical cores)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--min-agreement", type=float, help="exit 1 when the agreement (0-1) is below this")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.max_tokens < 1:
+        log.error("--max-tokens must be at least 1")
+        return 2
+    try:
+        prompts = load_prompts(args.prompts) if args.prompts else None
+        report = check_fidelity(args.hf, args.gguf, args.adapter, args.gguf_lora, prompts, args.max_tokens,
+                                args.dtype, args.n_threads)
+    except FidelityError as exc:
+        log.error("%s", exc)
+        return 2
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else format_report(report))
+    if args.min_agreement is not None and report.agreement < args.min_agreement:
+        log.error("greedy agreement %.1f%% is below --min-agreement %.1f%%", 100 * report.agreement, 100 * args.min_agreement)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
