@@ -35,7 +35,7 @@ LLAMA_WHEELHOUSE ?= $(HOME)/.cache/model_test/llama-cpp-python/$(LLAMA_CPP_VERSI
 LLAMA_CPP_CONVERTER_DIR ?= $(HOME)/.cache/model_test/llama-cpp-python/$(LLAMA_CPP_VERSION)-src
 LLAMA_CONVERTER := $(LLAMA_CPP_CONVERTER_DIR)/convert_hf_to_gguf.py
 
-.PHONY: setup run serve test browser-deps bench clean
+.PHONY: setup run serve test browser-deps bench bench-deps clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -93,8 +93,33 @@ browser-deps:
 test: setup browser-deps
 	$(PY) -m pytest
 
-bench: setup
-	$(PY) -m scripts.bench_stream
+# llama.cpp's own llama-bench, the native reference that `make bench` compares the tester with
+# (issue 8). It is built from the vendored llama.cpp of the same llama-cpp-python sdist, with the
+# same CMAKE_ARGS as the wheel, into a cache outside the clone keyed like the wheelhouse (never
+# committed); not part of setup or test. Static, so the one binary is all that is kept: the
+# kernels and flags are the wheel's, only the linking differs. LLAMA_CURL is deprecated in this
+# llama.cpp (a warning) and OpenSSL is left out: llama-bench downloads nothing.
+LLAMA_BENCH_DIR ?= $(HOME)/.cache/model_test/llama-bench/$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_KEY)
+LLAMA_BENCH := $(LLAMA_BENCH_DIR)/llama-bench
+
+$(LLAMA_BENCH): | $(STAMP)
+	@command -v cmake >/dev/null || { echo 'bench-deps needs cmake >= 3.14 (apt-get install cmake, brew install cmake)'; exit 1; }
+	rm -rf $(LLAMA_BENCH_DIR).tmp && mkdir -p $(LLAMA_BENCH_DIR).tmp $(LLAMA_BENCH_DIR)
+	$(PIP) download --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(LLAMA_BENCH_DIR).tmp
+	tar -xzf $(LLAMA_BENCH_DIR).tmp/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_BENCH_DIR).tmp \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
+	cmake -S $(LLAMA_BENCH_DIR).tmp/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp -B $(LLAMA_BENCH_DIR).tmp/build \
+		$(CMAKE_ARGS) -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+	cmake --build $(LLAMA_BENCH_DIR).tmp/build --config Release --target llama-bench -j2
+	printf 'llama-cpp-python %s\nCMAKE_ARGS=%s\n' '$(LLAMA_CPP_VERSION)' '$(CMAKE_ARGS)' > $(LLAMA_BENCH_DIR)/BUILD_INFO
+	cp $(LLAMA_BENCH_DIR).tmp/build/bin/llama-bench $@.part && mv $@.part $@
+	rm -rf $(LLAMA_BENCH_DIR).tmp
+
+bench-deps: $(LLAMA_BENCH)
+
+bench: setup bench-deps
+	$(PY) -m scripts.bench_stream --llama-bench $(LLAMA_BENCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

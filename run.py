@@ -18,7 +18,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="backend (default llamacpp; inferred from --model when it is a path); "
                         "openai forwards to a remote OpenAI-compatible server (--base-url)")
     parser.add_argument("--model", help="a .gguf file, a Hugging Face directory or a preset name (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", help="a LoRA adapter directory, merged into the model (transformers backend)")
+    parser.add_argument("--adapter", help="a LoRA adapter: a PEFT directory, merged into the model (transformers), or a GGUF LoRA file (llamacpp)")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="transformers weights dtype (default auto)")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], help="transformers device (default auto: CUDA, MPS, CPU)")
     parser.add_argument("--trust-remote-code", action="store_true", default=None, help="run the model's own code (Hunyuan needs it)")

@@ -105,7 +105,7 @@ class LoadModelBody(StrictBody):
     backend: Optional[Literal["llamacpp", "transformers", "openai"]] = Field(
         None, description="Inferred from the model when unset. openai: model is a name on the remote server (--base-url).",
     )
-    adapter: Optional[str] = Field(None, min_length=1, description="A LoRA adapter directory (transformers backend).")
+    adapter: Optional[str] = Field(None, min_length=1, description="A LoRA adapter: a PEFT directory (transformers backend) or a GGUF LoRA file (llamacpp backend).")
 
 
 class StopBody(StrictBody):

@@ -1,30 +1,45 @@
-"""Streaming overhead and backend choices of model_test, measured side by side in one run.
+"""Streaming overhead, multi-turn reuse and startup of model_test, measured side by side in one run.
 
 llama.cpp (the embedded GGUF):
+  llama-bench     native llama.cpp ``llama-bench -p 0 -n N`` tg, built by ``make bench-deps``
+                  from the pinned llama-cpp-python sdist with the wheel's CMAKE_ARGS
+  llama-cpp-py    llama-cpp-python's own ``create_chat_completion(stream=True)``
   (a) in-process  the llama.cpp backend's own stream, called in this process
   (b) http-sse    the same generation through ``POST /api/chat_stream`` of a ``run.py`` server
+  (b2) openai-sse the same through ``/v1/chat/completions`` with ``stream: true``
 
 transformers (the default checkpoint built from the same GGUF):
+  bare generate   ``model.generate`` in-process with no streamer (the baseline of the SSE target)
   (c) in-process fp32, the CPU default         (d) the same through HTTP SSE
   (e) in-process bf16                          (f)/(g) a rank-16 all-linear LoRA, merged / unmerged
 
-Every path uses the same prompt and greedy decoding with ``ignore_eos``, so every run decodes
-exactly the asked number of tokens; paths of one backend run alternately, so drift in machine
-load hits them alike. Decode tokens/s counts the tokens after the first over the time from
-first to last token as the client sees them; TTFT is from the request to the first token.
-Medians over ``--runs`` are compared as ratios.
+Every path decodes the same prompt greedily to exactly the asked number of tokens (``ignore_eos``;
+llama-cpp-python has no such switch, but this prompt runs past 256 tokens without an end token);
+paths of one backend run alternately, so drift in machine load hits them alike. Decode tokens/s
+counts the tokens after the first over the time from first to last token as the client sees
+them; TTFT is from the request to the first token. Medians over ``--runs`` are compared as ratios.
 
-Writes ``results/bench/stream-<time>.{json,md}`` and ``latest.{json,md}``.
+Multi-turn: 10 fixed user turns, each answered greedily by the model (up to 140 tokens, so turn 10
+is about 1,500 tokens), every turn sent whole to ``/api/chat_stream`` with the earlier answers as
+a client sends them back; TTFT of turn 10 against turn 1, and turn 10 sent cold after an
+unrelated chat.
+Startup: spawning ``python run.py`` to the first 200 from ``/health``, then ``POST
+/api/load_model`` of the default GGUF.
 
-    python -m scripts.bench_stream [--backend all|llamacpp|transformers] [--runs 5]
+Writes ``results/bench/stream-<time>.{json,md,png}`` and ``latest.{json,md,png}``.
+
+    python -m scripts.bench_stream [--backend all|llamacpp|transformers] [--runs 5] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import logging
 import os
+import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -34,7 +49,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import requests
 
@@ -48,11 +63,40 @@ log = logging.getLogger("bench_stream")
 # About 30 tokens once the chat template is applied, as in the issue's reference figures.
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
 RESULTS_DIR = PROJECT_ROOT / "results" / "bench"
+LLAMA_BENCH_CACHE = Path.home() / ".cache" / "model_test" / "llama-bench"
+
+# The issue's targets: where the value lies in the summary, the comparison, the bound.
+TARGETS = [
+    (("backends", "llamacpp", "ratios", "sse_over_llama_bench"), ">=", 0.9),
+    (("backends", "llamacpp", "ratios", "sse_over_create_chat_completion"), ">=", 1.0),
+    (("backends", "transformers", "ratios", "sse_over_bare_generate"), ">=", 0.9),
+    (("backends", "llamacpp", "multi_turn", "turn10_over_turn1_ttft"), "<=", 1.5),
+    (("backends", "transformers", "multi_turn", "turn10_over_turn1_ttft"), "<=", 1.5),
+    (("startup", "health_s"), "<", 2.0),
+    (("startup", "load_model_s"), "<", 1.0),
+]
+
+# The multi-turn conversation: fixed questions, the model's own greedy answers. The answers are
+# the model's, not fixed texts, because that is what a chat sends back and what a kept KV cache
+# holds; with fixed texts every turn would have to evaluate a foreign answer anew.
+MULTI_TURN_SYSTEM = "You are a helpful assistant who knows a great deal about lighthouses and the sea."
+MULTI_TURN_USERS = [
+    "What does a lighthouse keeper do all day?",
+    "How did keepers keep the lamp burning before electricity?",
+    "What was the hardest season for them?",
+    "Tell me about the fog signals they used.",
+    "How did supplies reach offshore lighthouses?",
+    "Were there families living in the towers?",
+    "What happened when a ship ran aground nearby?",
+    "How were keepers trained for the job?",
+    "When did automation replace the keepers?",
+    "Summarise our whole conversation in three sentences.",
+]
 
 
 @dataclass
 class Sample:
-    ttft_ms: float
+    ttft_ms: Optional[float]  # None where the path has no first token of its own (llama-bench)
     tokens_per_second: float
     completion_tokens: int
 
@@ -62,14 +106,20 @@ class PathResult:
     name: str
     label: str
     samples: list[Sample]
+    note: Optional[str] = None  # why a path was skipped
 
     @property
-    def tokens_per_second(self) -> float:
-        return statistics.median(s.tokens_per_second for s in self.samples)
+    def tokens_per_second(self) -> Optional[float]:
+        return statistics.median(s.tokens_per_second for s in self.samples) if self.samples else None
 
     @property
-    def ttft_ms(self) -> float:
-        return statistics.median(s.ttft_ms for s in self.samples)
+    def ttft_ms(self) -> Optional[float]:
+        values = [s.ttft_ms for s in self.samples if s.ttft_ms is not None]
+        return statistics.median(values) if values else None
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "tokens_per_second": self.tokens_per_second, "ttft_ms": self.ttft_ms,
+                "note": self.note, "samples": [asdict(s) for s in self.samples]}
 
 
 def sample_from_arrivals(started: float, arrivals: list[float], completion_tokens: int) -> Sample:
@@ -77,6 +127,8 @@ def sample_from_arrivals(started: float, arrivals: list[float], completion_token
     rate = (completion_tokens - 1) / (last - first) if last > first else 0.0
     return Sample((first - started) * 1000.0, rate, completion_tokens)
 
+
+# -- paths ------------------------------------------------------------------------------------
 
 def in_process_path(backend, prompt: Prompt, params: GenerationParams) -> Callable[[], Sample]:
     def run() -> Sample:
@@ -92,6 +144,28 @@ def in_process_path(backend, prompt: Prompt, params: GenerationParams) -> Callab
     return run
 
 
+def chat_stream(session: requests.Session, url: str, body: dict) -> tuple[float, list[float], dict, str]:
+    """One ``/api/chat_stream`` request: when it was sent, when each token event arrived, the
+    ``done`` event's data, and the answer's text."""
+    started = time.perf_counter()
+    arrivals, done, pieces = [], {}, []
+    with session.post(f"{url}/api/chat_stream", json=body, stream=True, timeout=600) as response:
+        response.raise_for_status()
+        event = None
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                if event == "token":
+                    arrivals.append(time.perf_counter())
+                    pieces.append(json.loads(line[5:])["text"])
+                elif event == "done":
+                    done = json.loads(line[5:])
+                elif event == "error":
+                    raise RuntimeError(f"the server failed: {line}")
+    return started, arrivals, done, "".join(pieces)
+
+
 def http_sse_path(url: str, params: GenerationParams) -> Callable[[], Sample]:
     body = {
         "prompt": PROMPT,
@@ -103,22 +177,8 @@ def http_sse_path(url: str, params: GenerationParams) -> Callable[[], Sample]:
     session = requests.Session()
 
     def run() -> Sample:
-        started = time.perf_counter()
-        arrivals, completion_tokens = [], 0
-        with session.post(f"{url}/api/chat_stream", json=body, stream=True, timeout=600) as response:
-            response.raise_for_status()
-            event = None
-            for line in response.iter_lines(decode_unicode=True):
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    if event == "token":
-                        arrivals.append(time.perf_counter())
-                    elif event == "done":
-                        completion_tokens = json.loads(line[5:])["usage"]["completion_tokens"]
-                    elif event == "error":
-                        raise RuntimeError(f"the server failed: {line}")
-        return sample_from_arrivals(started, arrivals, completion_tokens)
+        started, arrivals, done, _ = chat_stream(session, url, body)
+        return sample_from_arrivals(started, arrivals, done["usage"]["completion_tokens"])
 
     return run
 
@@ -155,6 +215,83 @@ def openai_sse_path(url: str, params: GenerationParams) -> Callable[[], Sample]:
     return run
 
 
+def create_chat_completion_path(llama, params: GenerationParams) -> Callable[[], Sample]:
+    """llama-cpp-python's own OpenAI-style stream, the reference the backend must not fall behind.
+    It has no ignore_eos (a logit_bias would add a Python logits processor and slow it down), so
+    it counts the content chunks it got: one per token, except where a multi-byte character is
+    held back, which this English prompt does not have."""
+    messages = [{"role": "user", "content": PROMPT}]
+
+    def run() -> Sample:
+        started = time.perf_counter()
+        arrivals = []
+        for chunk in llama.create_chat_completion(
+            messages, temperature=0.0, max_tokens=params.max_new_tokens, stream=True,
+            repeat_penalty=params.repetition_penalty, min_p=0.0,
+        ):
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                arrivals.append(time.perf_counter())
+        if len(arrivals) < params.max_new_tokens:
+            log.warning("create_chat_completion stopped after %d of %d tokens", len(arrivals), params.max_new_tokens)
+        return sample_from_arrivals(started, arrivals, len(arrivals))
+
+    return run
+
+
+def llama_bench_path(binary: Path, model: Path, threads: int, n_tokens: int) -> Callable[[], Sample]:
+    """One ``llama-bench`` tg run per call (its own warm-up included), so it alternates with the
+    other paths like they do. Flash attention off, as the backend keeps it."""
+    command = [str(binary), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(n_tokens),
+               "-r", "1", "-fa", "0", "-o", "json"]
+
+    def run() -> Sample:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama-bench failed ({done.returncode}): {done.stderr[-2000:]}")
+        record = json.loads(done.stdout)[0]
+        rates = record.get("samples_ts") or [record["avg_ts"]]
+        return Sample(None, statistics.median(rates), record.get("n_gen", n_tokens))
+
+    return run
+
+
+def bare_generate_path(model, input_ids, n_tokens: int) -> Callable[[], Sample]:
+    """``model.generate`` with no streamer, stopping criteria or worker thread: what the
+    transformers backend would cost with nothing of its own around it. With no token to time,
+    decode speed is taken from the difference of a 1-token and an n-token generate."""
+    import copy
+
+    import torch
+
+    def config(new_tokens: int):
+        generation_config = copy.deepcopy(model.generation_config)
+        generation_config.update(do_sample=False, temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        if generation_config.pad_token_id is None:
+            eos = generation_config.eos_token_id
+            generation_config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+        return generation_config
+
+    one, full = config(1), config(n_tokens)
+    attention_mask = torch.ones_like(input_ids)
+
+    def timed(generation_config) -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
+        return time.perf_counter() - started
+
+    def run() -> Sample:
+        first = timed(one)
+        whole = timed(full)
+        rate = (n_tokens - 1) / (whole - first) if whole > first else 0.0
+        return Sample(first * 1000.0, rate, n_tokens)
+
+    return run
+
+
+# -- servers ----------------------------------------------------------------------------------
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -162,34 +299,81 @@ def free_port() -> int:
 
 
 class Server:
-    """``run.py`` in a subprocess, as a user starts it."""
+    """``run.py`` in a subprocess, as a user starts it. Records how long it took to answer
+    ``/health`` after the spawn and to load its model through ``POST /api/load_model``."""
 
     def __init__(self, flags: list[str]):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.health_s: Optional[float] = None
+        self.load_s: Optional[float] = None
         self._log_dir = tempfile.TemporaryDirectory(prefix="bench-logs-")
         env = {**os.environ, "MODEL_TEST_SERVER__LOG_DIR": self._log_dir.name}
         command = [sys.executable, str(PROJECT_ROOT / "run.py"), "--port", str(self.port), "--log-level", "WARNING", *flags]
-        self._process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env)
+        # The server's console (a line per request) goes to a file, so it does not bury the
+        # benchmark's own log; its tail is shown if the server fails.
+        self._console_path = Path(self._log_dir.name) / "console.txt"
+        self._console = self._console_path.open("w")
+        self._spawned = time.perf_counter()
+        self._process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=self._console, stderr=subprocess.STDOUT)
+
+    def console_tail(self) -> str:
+        return self._console_path.read_text(errors="replace")[-3000:]
 
     def __enter__(self) -> "Server":
+        session = requests.Session()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"run.py exited with {self._process.returncode}:\n{self.console_tail()}")
             try:
-                if requests.get(f"{self.url}/health", timeout=1).ok:
-                    requests.post(f"{self.url}/api/load_model", json={}, timeout=120).raise_for_status()
-                    return self
+                if session.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    self.health_s = time.perf_counter() - self._spawned
+                    break
             except requests.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError("the server did not answer /health within 60 s")
+                time.sleep(0.01)  # short: the wait is part of what is measured
+        else:
+            tail = self.console_tail()
+            self.__exit__()
+            raise RuntimeError(f"the server did not answer /health within 60 s:\n{tail}")
+        started = time.perf_counter()
+        response = session.post(f"{self.url}/api/load_model", json={}, timeout=300)
+        self.load_s = time.perf_counter() - started
+        if not response.ok:
+            tail = self.console_tail()
+            self.__exit__()
+            raise RuntimeError(f"loading the model failed ({response.status_code}: {response.text[:500]}):\n{tail}")
+        return self
+
+    def status(self) -> dict:
+        return requests.get(f"{self.url}/api/model_status", timeout=30).json()
 
     def __exit__(self, *exc) -> None:
         self._process.terminate()
-        self._process.wait(timeout=30)
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._console.close()
         self._log_dir.cleanup()
 
 
-def measure(paths: dict[str, tuple[str, Callable[[], Sample]]], runs: int, warmup: int) -> list[PathResult]:
+def measure_startup(runs: int) -> dict:
+    """Plain ``python run.py`` (the default backend and GGUF) started ``runs`` times."""
+    health, load = [], []
+    for index in range(runs):
+        with Server([]) as server:
+            health.append(server.health_s)
+            load.append(server.load_s)
+        log.info("startup %d: /health after %.2f s, default GGUF loaded in %.2f s", index + 1, health[-1], load[-1])
+    return {"health_s": statistics.median(health), "load_model_s": statistics.median(load),
+            "samples": {"health_s": health, "load_model_s": load}}
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+def measure(paths: dict[str, tuple[str, Callable[[], Sample]]], runs: int, warmup: int) -> dict[str, PathResult]:
     for name, (_, run) in paths.items():
         for _ in range(warmup):
             run()
@@ -198,53 +382,140 @@ def measure(paths: dict[str, tuple[str, Callable[[], Sample]]], runs: int, warmu
         for name, (_, run) in paths.items():
             sample = run()
             results[name].samples.append(sample)
-            log.info("run %d %-12s %6.1f tok/s  ttft %6.1f ms", index + 1, name, sample.tokens_per_second, sample.ttft_ms)
-    return list(results.values())
+            ttft = f"{sample.ttft_ms:6.1f} ms" if sample.ttft_ms is not None else "     -   "
+            log.info("run %d %-24s %6.1f tok/s  ttft %s", index + 1, name, sample.tokens_per_second, ttft)
+    return results
 
 
-def markdown_table(results: list[PathResult], baseline: PathResult) -> str:
-    rows = [
-        f"| path | decode tokens/s (median) | × {baseline.name} | TTFT ms (median) | TTFT vs {baseline.name}, ms |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for result in results:
-        rows.append(
-            f"| {result.label} | {result.tokens_per_second:.1f} | {result.tokens_per_second / baseline.tokens_per_second:.3f} "
-            f"| {result.ttft_ms:.1f} | {result.ttft_ms - baseline.ttft_ms:+.1f} |"
-        )
-    return "\n".join(rows)
+def ratio(results: dict[str, PathResult], top: str, bottom: str) -> Optional[float]:
+    upper, lower = results.get(top), results.get(bottom)
+    if upper is None or lower is None or not upper.tokens_per_second or not lower.tokens_per_second:
+        return None
+    return upper.tokens_per_second / lower.tokens_per_second
 
 
-def ratio(results: dict[str, PathResult], top: str, bottom: str) -> float:
-    return results[top].tokens_per_second / results[bottom].tokens_per_second
+def measure_multi_turn(url: str, runs: int, answer_tokens: int) -> dict:
+    """TTFT of each turn of the conversation, every turn sent whole with the earlier answers, as
+    a client does. Before each run, and before turn 10 is sent again cold, an unrelated chat,
+    so nothing starts warm. Greedy answers are the same in every run where warm equals cold."""
+    session = requests.Session()
+
+    def ask(messages: list[dict], max_new_tokens: int) -> tuple[float, int, str]:
+        body = {"messages": messages, "temperature": 0.0, "max_new_tokens": max_new_tokens}
+        started, arrivals, done, text = chat_stream(session, url, body)
+        return (arrivals[0] - started) * 1000.0, done["usage"]["prompt_tokens"], text
+
+    def unrelated() -> None:
+        ask([{"role": "user", "content": "Name a colour."}], 1)
+
+    turns = len(MULTI_TURN_USERS)
+    per_turn: list[list[float]] = [[] for _ in range(turns)]
+    prompt_tokens, cold, conversations = [0] * turns, [], []
+    for index in range(runs):
+        unrelated()
+        messages = [{"role": "system", "content": MULTI_TURN_SYSTEM}]
+        for turn, question in enumerate(MULTI_TURN_USERS):
+            messages.append({"role": "user", "content": question})
+            ttft, prompt_tokens[turn], answer = ask(messages, answer_tokens)
+            per_turn[turn].append(ttft)
+            messages.append({"role": "assistant", "content": answer})
+        conversations.append(messages)
+        unrelated()
+        cold.append(ask(messages[:-1], 1)[0])
+        log.info("multi-turn run %d: turn 1 %.1f ms, turn %d %.1f ms (%d prompt tokens), cold %.1f ms",
+                 index + 1, per_turn[0][-1], turns, per_turn[-1][-1], prompt_tokens[-1], cold[-1])
+    medians = [statistics.median(values) for values in per_turn]
+    return {
+        "answer_tokens": answer_tokens,
+        "turns": [{"turn": turn + 1, "prompt_tokens": prompt_tokens[turn], "ttft_ms": medians[turn]} for turn in range(turns)],
+        "turn1_ttft_ms": medians[0],
+        "turn10_ttft_ms": medians[-1],
+        "turn10_cold_ttft_ms": statistics.median(cold),
+        "turn10_prompt_tokens": prompt_tokens[-1],
+        "turn10_over_turn1_ttft": medians[-1] / medians[0],
+        "turn10_cold_over_warm_ttft": statistics.median(cold) / medians[-1],
+        "same_answers_every_run": all(c == conversations[0] for c in conversations),
+    }
+
+
+def find_llama_bench(explicit: Optional[Path]) -> tuple[Optional[Path], str]:
+    """The llama-bench to compare with, and where it came from: ``--llama-bench``, then
+    ``MODEL_TEST_LLAMA_BENCH``, then the newest ``make bench-deps`` build for the installed
+    llama-cpp-python, then ``llama-bench`` on PATH."""
+    if explicit is not None:
+        return (explicit, "--llama-bench") if explicit.is_file() else (None, f"{explicit} does not exist; run make bench-deps")
+    from_env = os.environ.get("MODEL_TEST_LLAMA_BENCH")
+    if from_env:
+        return (Path(from_env), "MODEL_TEST_LLAMA_BENCH") if Path(from_env).is_file() else (None, f"{from_env} does not exist")
+    import llama_cpp
+
+    built = sorted(glob.glob(str(LLAMA_BENCH_CACHE / f"{llama_cpp.__version__}-*" / "llama-bench")), key=os.path.getmtime)
+    if built:
+        return Path(built[-1]), "make bench-deps"
+    on_path = shutil.which("llama-bench")
+    if on_path:
+        return Path(on_path), "PATH"
+    return None, "llama-bench not built; run make bench-deps"
 
 
 def bench_llamacpp(args, params: GenerationParams) -> dict:
+    import llama_cpp
+
     model = args.model or default_gguf_path()
-    backend = LlamaCppBackend(model, LlamaCppSettings(n_ctx=args.n_ctx, n_threads=args.threads))
+    settings = LlamaCppSettings(n_ctx=args.n_ctx, n_threads=args.threads)
+    backend = LlamaCppBackend(model, settings)
     backend.load()
     prompt = backend.prepare(messages=[Message("user", PROMPT)])
+    # llama-cpp-python's own reference, opened as the backend opens its model
+    reference = llama_cpp.Llama(model_path=str(model), n_ctx=settings.n_ctx, n_batch=min(settings.n_batch, settings.n_ctx),
+                                n_threads=settings.n_threads, n_threads_batch=settings.n_threads,
+                                flash_attn=False, verbose=False)
+    binary, source = find_llama_bench(args.llama_bench)
     flags = ["--model", str(model), "--n-threads", str(args.threads), "--n-ctx", str(args.n_ctx)]
+    paths = {}
+    if binary is not None:
+        log.info("llama-bench: %s (%s)", binary, source)
+        paths["llama-bench"] = (f"llama.cpp `llama-bench` tg{params.max_new_tokens} (native C++)",
+                                llama_bench_path(binary, model, args.threads, params.max_new_tokens))
+    else:
+        log.warning("skipping llama-bench: %s", source)
+    paths["create-chat-completion"] = ("llama-cpp-python `create_chat_completion(stream=True)`",
+                                       create_chat_completion_path(reference, params))
     try:
         with Server(flags) as server:
-            paths = {
+            paths.update({
                 "in-process": ("(a) llama.cpp backend in-process", in_process_path(backend, prompt, params)),
                 "http-sse": ("(b) llama.cpp through HTTP SSE /api/chat_stream", http_sse_path(server.url, params)),
                 "openai-sse": ("(b2) llama.cpp through /v1/chat/completions stream", openai_sse_path(server.url, params)),
-            }
-            results = {r.name: r for r in measure(paths, args.runs, args.warmup)}
+            })
+            results = measure(paths, args.runs, args.warmup)
+            multi_turn = measure_multi_turn(server.url, args.multi_turn_runs, args.multi_turn_answer_tokens)
+            multi_turn["prefix_cache"] = server.status().get("info", {}).get("prefix_cache")
     finally:
         backend.unload()
+        reference.close()
+    if binary is None:
+        results = {"llama-bench": PathResult("llama-bench", "llama.cpp `llama-bench` (native C++)", [], note=source), **results}
+    build_info = binary.parent / "BUILD_INFO" if binary is not None else None
     return {
         "model": str(model),
         "prompt_tokens": len(prompt.token_ids),
+        "llama_bench": {"path": str(binary) if binary else None, "source": source,
+                        "build_info": build_info.read_text().strip() if build_info and build_info.is_file() else None},
+        "build": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
         "results": results,
         "ratios": {
+            "sse_over_llama_bench": ratio(results, "http-sse", "llama-bench"),
+            "sse_over_create_chat_completion": ratio(results, "http-sse", "create-chat-completion"),
+            "openai_sse_over_llama_bench": ratio(results, "openai-sse", "llama-bench"),
+            "openai_sse_over_create_chat_completion": ratio(results, "openai-sse", "create-chat-completion"),
+            "in_process_over_llama_bench": ratio(results, "in-process", "llama-bench"),
             "sse_over_in_process_tokens_per_second": ratio(results, "http-sse", "in-process"),
             "sse_added_ttft_ms": results["http-sse"].ttft_ms - results["in-process"].ttft_ms,
             "openai_sse_over_in_process_tokens_per_second": ratio(results, "openai-sse", "in-process"),
         },
-        "baseline": "in-process",
+        "baseline": "llama-bench" if binary is not None else "create-chat-completion",
+        "multi_turn": multi_turn,
     }
 
 
@@ -267,6 +538,9 @@ def random_lora(base: Path, out: Path, rank: int = 16) -> Path:
 
 
 def bench_transformers(args, params: GenerationParams) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from app.services.backends.transformers_backend import TransformersBackend
     from app.services.model_catalog import ModelCatalog
 
@@ -289,27 +563,39 @@ def bench_transformers(args, params: GenerationParams) -> dict:
         "hf-lora-unmerged": backend("fp32", merge=False, with_adapter=True),
     }
     prompt = backends["hf-fp32"].prepare(messages=[Message("user", PROMPT)])
+    # A model of its own, loaded as the backend loads it (fp32, the same threads), so nothing the
+    # backend keeps between requests (such as a prefix cache) reaches the baseline.
+    torch.set_num_threads(args.threads)
+    bare = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
+    input_ids = torch.tensor([prompt.token_ids], dtype=torch.long)
     flags = ["--backend", "transformers", "--model", str(base.path), "--dtype", "fp32",
              "--n-threads", str(args.threads), "--n-ctx", str(args.n_ctx)]
     try:
         with Server(flags) as server:
             paths = {
+                "hf-bare-generate": ("transformers fp32 bare `model.generate`, no streamer",
+                                     bare_generate_path(bare, input_ids, params.max_new_tokens)),
                 "hf-fp32": ("(c) transformers fp32 in-process", in_process_path(backends["hf-fp32"], prompt, params)),
                 "hf-sse": ("(d) transformers fp32 through HTTP SSE", http_sse_path(server.url, params)),
                 "hf-bf16": ("(e) transformers bf16 in-process", in_process_path(backends["hf-bf16"], prompt, params)),
                 "hf-lora-merged": ("(f) fp32 + LoRA r16 merged", in_process_path(backends["hf-lora-merged"], prompt, params)),
                 "hf-lora-unmerged": ("(g) fp32 + LoRA r16 unmerged", in_process_path(backends["hf-lora-unmerged"], prompt, params)),
             }
-            results = {r.name: r for r in measure(paths, args.runs, args.warmup)}
+            results = measure(paths, args.runs, args.warmup)
+            multi_turn = measure_multi_turn(server.url, args.multi_turn_runs, args.multi_turn_answer_tokens)
+            multi_turn["prefix_cache"] = server.status().get("info", {}).get("prefix_cache")
     finally:
         for loaded in backends.values():
             loaded.unload()
+        del bare
         adapter_dir.cleanup()
     return {
         "model": str(base.path),
         "prompt_tokens": len(prompt.token_ids),
         "results": results,
         "ratios": {
+            "sse_over_bare_generate": ratio(results, "hf-sse", "hf-bare-generate"),
+            "in_process_over_bare_generate": ratio(results, "hf-fp32", "hf-bare-generate"),
             "sse_over_in_process_tokens_per_second": ratio(results, "hf-sse", "hf-fp32"),
             "sse_added_ttft_ms": results["hf-sse"].ttft_ms - results["hf-fp32"].ttft_ms,
             "bf16_over_fp32_tokens_per_second": ratio(results, "hf-bf16", "hf-fp32"),
@@ -317,24 +603,173 @@ def bench_transformers(args, params: GenerationParams) -> dict:
             "merged_over_unmerged_tokens_per_second": ratio(results, "hf-lora-merged", "hf-lora-unmerged"),
             "merged_over_base_tokens_per_second": ratio(results, "hf-lora-merged", "hf-fp32"),
         },
-        "baseline": "hf-fp32",
+        "baseline": "hf-bare-generate",
+        "multi_turn": multi_turn,
     }
+
+
+# -- reporting --------------------------------------------------------------------------------
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def load_average() -> Optional[list[float]]:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def evaluate_targets(summary: dict) -> list[dict]:
+    """Each target with its measured value; ``met`` is None where the value was not measured
+    (a backend left out, llama-bench not built)."""
+    checks = []
+    for where, op, bound in TARGETS:
+        value = summary
+        for key in where:
+            value = value.get(key) if isinstance(value, dict) else None
+        met = None if value is None else {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
+        checks.append({"what": ".".join(where[1:] if where[0] == "backends" else where), "value": value,
+                       "target": f"{op} {bound:g}", "met": met})
+    return checks
+
+
+def fmt(value: Optional[float], digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def paths_table(section: dict) -> str:
+    baseline = section["paths"][section["baseline"]]
+    rows = [f"| path | decode tokens/s | × {section['baseline']} | TTFT ms |", "| --- | ---: | ---: | ---: |"]
+    for name, path in section["paths"].items():
+        share = path["tokens_per_second"] / baseline["tokens_per_second"] \
+            if path["tokens_per_second"] and baseline["tokens_per_second"] else None
+        label = path["label"] + (f" (skipped: {path['note']})" if path["note"] else "")
+        rows.append(f"| {label} | {fmt(path['tokens_per_second'])} | {fmt(share, 3)} | {fmt(path['ttft_ms'])} |")
+    return "\n".join(rows)
+
+
+def report_markdown(summary: dict) -> str:
+    lines = [f"# bench_stream {summary['when']}", "",
+             f"{summary['machine']['cpu']}, {summary['machine']['physical_cores']} physical cores; {summary['threads']} threads; "
+             f"median of {summary['runs']} run(s) ({summary['warmup']} warm-up); load average before {summary['load_before']}, "
+             f"after {summary['load_after']}{'; QUICK run (few tokens, figures not meaningful)' if summary['quick'] else ''}.", ""]
+    lines += ["## Targets (issue 8)", "", "| measure | value | target | met |", "| --- | ---: | ---: | --- |"]
+    for check in summary["targets"]:
+        met = {True: "yes", False: "**no**", None: "not measured"}[check["met"]]
+        lines.append(f"| {check['what']} | {fmt(check['value'], 3)} | {check['target']} | {met} |")
+    for name, section in summary["backends"].items():
+        lines += ["", f"## {name}", "",
+                  f"Model `{Path(section['model']).name}`, {section['prompt_tokens']} prompt tokens, "
+                  f"{section['max_new_tokens']} new tokens, greedy.", "", paths_table(section), "",
+                  ", ".join(f"{key} = {fmt(value, 3)}" for key, value in section["ratios"].items())]
+    multi = {name: section["multi_turn"] for name, section in summary["backends"].items() if "multi_turn" in section}
+    if multi:
+        names = list(multi)
+        lines += ["", "## Multi-turn TTFT through /api/chat_stream", "",
+                  "Fixed questions, the model's own greedy answers (each backend its own), every turn sent whole.", "",
+                  "| turn | " + " | ".join(f"{name} prompt tokens | {name} TTFT ms" for name in names) + " |",
+                  "| ---: |" + " ---: | ---: |" * len(names)]
+        for index in range(len(multi[names[0]]["turns"])):
+            cells = [f"{multi[name]['turns'][index]['prompt_tokens']} | {fmt(multi[name]['turns'][index]['ttft_ms'])}" for name in names]
+            lines.append(f"| {index + 1} | " + " | ".join(cells) + " |")
+        cells = [f"{multi[name]['turn10_prompt_tokens']} | {fmt(multi[name]['turn10_cold_ttft_ms'])}" for name in names]
+        lines.append("| 10, cold (after an unrelated chat) | " + " | ".join(cells) + " |")
+        cells = [f" | {fmt(multi[name]['turn10_over_turn1_ttft'], 2)}" for name in names]
+        lines.append("| turn 10 / turn 1 | " + " | ".join(cells) + " |")
+        cells = [f"{name}: prefix cache {'on' if multi[name].get('prefix_cache') else 'off'}, greedy answers "
+                 f"{'the same' if multi[name]['same_answers_every_run'] else '**different**'} in every run" for name in names]
+        lines += ["", "; ".join(cells) + "."]
+    if summary.get("startup"):
+        startup = summary["startup"]
+        lines += ["", "## Startup", "", "| measure | seconds (median) |", "| --- | ---: |",
+                  f"| spawn `python run.py` → first 200 from `/health` | {startup['health_s']:.2f} |",
+                  f"| `POST /api/load_model` of the default GGUF | {startup['load_model_s']:.2f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def write_chart(path: Path, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server or in CI
+    import matplotlib.pyplot as plt
+
+    sections = [(name, section) for name, section in summary["backends"].items()]
+    figure, axes = plt.subplots(len(sections), 1, figsize=(9, 1.2 + 0.55 * sum(len(s["paths"]) for _, s in sections)),
+                                squeeze=False)
+    for axis, (name, section) in zip(axes[:, 0], sections):
+        labels = [path["label"].replace("`", "") for path in section["paths"].values()][::-1]
+        values = [path["tokens_per_second"] or 0.0 for path in section["paths"].values()][::-1]
+        bars = axis.barh(labels, values, color="#4c72b0" if name == "llamacpp" else "#dd8452")
+        for bar, value in zip(bars, values):
+            axis.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:.1f}" if value else " skipped",
+                      va="center", fontsize=8)
+        axis.set_title(f"{name}: {section['max_new_tokens']} new tokens", fontsize=10)
+        axis.set_xlabel("decode tokens/s (median)")
+        axis.tick_params(axis="y", labelsize=8)
+        axis.margins(x=0.15)
+    figure.suptitle(f"bench_stream {summary['when']}, {summary['threads']} threads, median of {summary['runs']}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_results(out: Path, summary: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    markdown = report_markdown(summary)
+    stamped = out / f"stream-{stamp}"
+    stamped.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    stamped.with_suffix(".md").write_text(markdown)
+    write_chart(stamped.with_suffix(".png"), summary)
+    for suffix in (".json", ".md", ".png"):
+        shutil.copyfile(stamped.with_suffix(suffix), out / f"latest{suffix}")
+    log.info("wrote %s.{json,md,png} and latest.*", stamped)
+    return stamped.with_suffix(".md")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["all", "llamacpp", "transformers"], default="all")
     parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--llama-bench", type=Path, default=None,
+                        help="llama-bench binary (default: MODEL_TEST_LLAMA_BENCH, the make bench-deps build, PATH)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=256, help="llama.cpp paths")
     parser.add_argument("--hf-max-new-tokens", type=int, default=128, help="transformers paths")
+    parser.add_argument("--multi-turn-runs", type=int, default=3)
+    parser.add_argument("--multi-turn-answer-tokens", type=int, default=140,
+                        help="longest answer per turn (140 makes turn 10 about 1,500 tokens)")
+    parser.add_argument("--startup-runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: few tokens, 1 run, no warm-up, short conversation (checks the plumbing, not the speed)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.runs, args.warmup, args.multi_turn_runs, args.startup_runs = 1, 0, 1, 1
+        args.max_new_tokens, args.hf_max_new_tokens, args.multi_turn_answer_tokens = 16, 8, 8
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
+    load_before = load_average()
+    if load_before and load_before[0] > 0.5 * (os.cpu_count() or 1):
+        # 2-core machines slow down 2-10x under other work; the figures are then not the machine's
+        log.warning("load average %s on %d CPUs: figures will be low and noisy", load_before, os.cpu_count())
+    summary = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "threads": args.threads,
+               "runs": args.runs, "warmup": args.warmup, "quick": args.quick, "load_before": load_before, "backends": {}}
+    summary["startup"] = measure_startup(args.startup_runs)
     sections = {}
     if args.backend in ("all", "llamacpp"):
         params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
@@ -342,33 +777,14 @@ def main(argv=None) -> int:
     if args.backend in ("all", "transformers"):
         params = GenerationParams(max_new_tokens=args.hf_max_new_tokens, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
         sections["transformers"] = bench_transformers(args, params) | {"max_new_tokens": args.hf_max_new_tokens}
-
-    summary = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": args.threads, "runs": args.runs, "backends": {}}
-    tables = []
     for name, section in sections.items():
         results = section.pop("results")
-        baseline = results[section.pop("baseline")]
-        summary["backends"][name] = section | {
-            "paths": {r.name: {"label": r.label, "tokens_per_second": r.tokens_per_second, "ttft_ms": r.ttft_ms,
-                                "samples": [asdict(s) for s in r.samples]} for r in results.values()},
-        }
-        ratios = ", ".join(f"{key} = {value:.3f}" for key, value in section["ratios"].items())
-        tables.append(f"## {name}\n\nModel `{Path(section['model']).name}`, {section['prompt_tokens']} prompt tokens, "
-                      f"{section['max_new_tokens']} new tokens.\n\n{markdown_table(list(results.values()), baseline)}\n\n{ratios}\n")
-    report = "\n".join(tables)
-    write_results(args.out, summary, report)
-    sys.stdout.write(report)
+        summary["backends"][name] = section | {"paths": {r.name: r.to_dict() for r in results.values()}}
+    summary["load_after"] = load_average()
+    summary["targets"] = evaluate_targets(summary)
+    written = write_results(args.out, summary)
+    sys.stdout.write(written.read_text())
     return 0
-
-
-def write_results(out: Path, summary: dict, table: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    markdown = f"# bench_stream {summary['when']}\n\n{summary['threads']} threads, median of {summary['runs']} runs.\n\n{table}"
-    for name in (f"stream-{stamp}", "latest"):
-        (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
-        (out / f"{name}.md").write_text(markdown)
-    log.info("wrote %s", out / f"stream-{stamp}.json")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,6 @@ class SideRun:
     load_s: float = 0.0
     generate_s: float = 0.0
     info: dict = field(default_factory=dict)
-    backend: object = None  # kept only while loaded, to decode continuations
 
 
 def greedy_params(max_tokens: int) -> GenerationParams:
@@ -207,7 +206,10 @@ def _continuation(backend, ids: list[int], finish: str, start: int, limit: int) 
     return text
 
 
-def compare(hf: SideRun, gguf: SideRun, prompts, max_tokens: int, one_to_one: bool, decode) -> list[PromptComparison]:
+def compare(hf: SideRun, gguf: SideRun, prompts, max_tokens: int, one_to_one: bool,
+            continuations: dict) -> list[PromptComparison]:
+    """One row per prompt; ``continuations`` holds each side's decoded answer suffixes
+    (see _suffix_table), since neither model is loaded any more."""
     rows = []
     for i, messages in enumerate(prompts):
         rendered_same = hf.rendered[i].encode("utf-8") == gguf.rendered[i].encode("utf-8")
@@ -227,8 +229,8 @@ def compare(hf: SideRun, gguf: SideRun, prompts, max_tokens: int, one_to_one: bo
             comparison = PromptComparison(compared="ids", matched=matched, total=total,
                                           first_divergence=matched if matched < total else None, **row)
             if comparison.first_divergence is not None:
-                comparison.hf_continuation = decode["hf"](hf.answer_ids[i], hf.finish[i], matched, max_tokens)
-                comparison.gguf_continuation = decode["gguf"](gguf.answer_ids[i], gguf.finish[i], matched, max_tokens)
+                comparison.hf_continuation = continuations["hf"][(i, matched)]
+                comparison.gguf_continuation = continuations["gguf"][(i, matched)]
         else:
             a, b = hf.answers[i], gguf.answers[i]
             matched = common_prefix(a, b)
@@ -283,35 +285,30 @@ def check_fidelity(hf_dir: Path, gguf: Path, adapter: Optional[Path] = None, ggu
     gguf_backend = LlamaCppBackend(Path(gguf), LlamaCppSettings(**threads), lora_path=Path(gguf_lora) if gguf_lora else None)
     _check_paths(Path(hf_dir), Path(gguf), adapter, gguf_lora)
 
-    # One model in memory at a time; the differences are decoded while each is loaded.
-    hf = gguf_run = None
-    decoded: dict[str, dict] = {"hf": {}, "gguf": {}}
+    # One model in memory at a time. Continuations need each side's own detokenizer, so every
+    # suffix a comparison may ask for is decoded while that side is loaded.
     try:
         hf = run_side(hf_backend, "transformers", prompts, max_tokens)
-        hf_pieces = hf.vocab
+        continuations = {"hf": _suffix_table(hf_backend, hf, max_tokens)}
     finally:
-        pass
-    # Continuations need each side's detokenizer: decode every suffix now, on demand later from this cache.
-    hf_suffixes = _suffix_decoder(hf_backend, hf, max_tokens)
-    hf_backend.unload()
+        hf_backend.unload()
     try:
         gguf_run = run_side(gguf_backend, "llama.cpp", prompts, max_tokens)
-        gguf_suffixes = _suffix_decoder(gguf_backend, gguf_run, max_tokens)
+        continuations["gguf"] = _suffix_table(gguf_backend, gguf_run, max_tokens)
     finally:
         gguf_backend.unload()
-    decoded = {"hf": hf_suffixes, "gguf": gguf_suffixes}
 
-    mismatches = sum(1 for a, b in zip(hf_pieces, gguf_run.vocab) if a != b) + abs(len(hf_pieces) - len(gguf_run.vocab))
+    # 1:1 when every id both vocabularies have is the same entry; ids past the shorter one are
+    # padding of the embedding (Qwen's GGUF has 151936 entries, its tokenizer 151665) and never generated.
+    mismatches = sum(1 for a, b in zip(hf.vocab, gguf_run.vocab) if a != b)
     one_to_one = mismatches == 0
-    rows = compare(hf, gguf_run, prompts, max_tokens, one_to_one,
-                   {side: (lambda ids, finish, start, limit, side=side: decoded[side][(tuple(ids), finish, start)])
-                    for side in ("hf", "gguf")})
+    rows = compare(hf, gguf_run, prompts, max_tokens, one_to_one, continuations)
     matched = sum(r.matched for r in rows)
     total = sum(r.total for r in rows)
     return FidelityReport(
         hf=str(hf_dir), adapter=str(adapter) if adapter else None, gguf=str(gguf),
         gguf_lora=str(gguf_lora) if gguf_lora else None, dtype=hf.info.get("dtype") or dtype, max_tokens=max_tokens,
-        vocab_one_to_one=one_to_one, vocab_sizes={"hf": len(hf_pieces), "gguf": len(gguf_run.vocab)},
+        vocab_one_to_one=one_to_one, vocab_sizes={"hf": len(hf.vocab), "gguf": len(gguf_run.vocab)},
         vocab_mismatches=mismatches,
         stop_tokens={"hf": hf.stop_tokens, "gguf": gguf_run.stop_tokens},
         stop_tokens_identical=sorted(t["id"] for t in hf.stop_tokens) == sorted(t["id"] for t in gguf_run.stop_tokens),
@@ -325,13 +322,13 @@ def check_fidelity(hf_dir: Path, gguf: Path, adapter: Optional[Path] = None, ggu
     )
 
 
-def _suffix_decoder(backend, run: SideRun, max_tokens: int) -> dict:
-    """Every continuation a comparison may ask for (each answer from each position), decoded by
-    this side's own tokenizer while it is still loaded."""
+def _suffix_table(backend, run: SideRun, max_tokens: int) -> dict:
+    """(prompt index, position) -> the answer from that position on, decoded by this side's own
+    tokenizer while it is still loaded: every continuation a comparison may ask for."""
     table = {}
-    for ids, finish in zip(run.answer_ids, run.finish):
+    for index, (ids, finish) in enumerate(zip(run.answer_ids, run.finish)):
         for start in range(0, min(len(ids), max_tokens) + 1):
-            table[(tuple(ids), finish, start)] = _continuation(backend, ids, finish, start, max_tokens)
+            table[(index, start)] = _continuation(backend, ids, finish, start, max_tokens)
     return table
 
 

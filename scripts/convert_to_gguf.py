@@ -492,10 +492,14 @@ def run(args: argparse.Namespace) -> Path:
         needs[args.quantize] = facts.parameters * BYTES_PER_WEIGHT[args.quantize]
     check_free_space(out.parent, needs)
 
-    with staged(out, ".merged") as merged_dir, staged(out, f".{args.outtype}") as intermediate:
+    with staged(out, ".merged") as merged_root, staged(out, f".{args.outtype}") as intermediate:
         if adapter is not None:
             from scripts.merge_lora import MergeError, merge
 
+            # The converter derives general.name/basename/finetune from the folder's name, so the
+            # merge goes into a folder named like the model, inside the hidden temporary one.
+            merged_dir = merged_root / name
+            merged_root.mkdir()
             merge_started = time.perf_counter()
             try:
                 merge(base, adapter, merged_dir, dtype=args.merge_dtype, force=args.force)
@@ -507,7 +511,7 @@ def run(args: argparse.Namespace) -> Path:
         convert_checkpoint(source_dir, target, args.outtype, model_name=name if adapter is not None else None,
                            converter=converter, verbose=args.verbose)
         if adapter is not None:
-            shutil.rmtree(merged_dir, ignore_errors=True)  # room for the quantised file
+            shutil.rmtree(merged_root, ignore_errors=True)  # room for the quantised file
         if args.quantize:
             quantize(target, out, args.quantize, args.allow_requantize, args.verbose)
     log.info("done in %.1f s: %s", time.perf_counter() - started, out)

@@ -565,7 +565,8 @@ def test_adapter_options_follow_the_chosen_model(page, live_server):
         error = WebDriverWait(page, 30).until(
             lambda d: d.find_element(By.ID, "model-error").is_displayed() and d.find_element(By.ID, "model-error")
         )
-        assert "adapter not found" in error.text and "/nonexistent/adapter-for-smollm" in error.text
+        # a path outside the model folders is refused before anything is looked up
+        assert "outside the model folders" in error.text and "/nonexistent/adapter-for-smollm" in error.text
         page.save_screenshot(str(PICKER_ERROR_SCREENSHOT))
         WebDriverWait(page, 10).until(lambda d: d.find_element(By.ID, "load-model").is_enabled())
         assert model_select.first_selected_option.get_attribute("value") == HF_ID
@@ -575,7 +576,7 @@ def test_adapter_options_follow_the_chosen_model(page, live_server):
         assert page.find_element(By.ID, "model-backend").text == "llamacpp"
         assert page.find_element(By.ID, "send").is_enabled()
         time.sleep(STATUS_POLL_S + 0.5)  # a status poll later, the error and the choice are still there
-        assert "adapter not found" in page.find_element(By.ID, "model-error").text
+        assert "outside the model folders" in page.find_element(By.ID, "model-error").text
         assert model_select.first_selected_option.get_attribute("value") == HF_ID
     finally:
         restore_default_model(live_server)

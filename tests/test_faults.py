@@ -20,7 +20,12 @@ BODY = {"prompt": "Hi", "max_new_tokens": 10}
 
 def fake_app(tmp_path, limits=None, **backend_kwargs):
     factory = fake_factory(**backend_kwargs)
-    overrides = {"model": "fake-model"}
+    # the scripted models are files in the app's model folder, where API clients may name them
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    for name in ("fake-model", "broken.bad"):
+        (models / name).touch()
+    overrides = {"model": "fake-model", "models_dir": models}
     if limits:
         overrides["limits"] = limits
     app = create_app(make_settings(tmp_path, **overrides), backend_factory=factory)
@@ -66,7 +71,7 @@ def test_invalid_model_keeps_the_loaded_one(tmp_path):
     assert response.status_code == 400
     status = client.get("/api/model_status").get_json()
     assert status["state"] == "loaded"
-    assert status["model"] == "fake-model"
+    assert status["model"].endswith("fake-model")
     assert "not a model" in status["error"]
 
 

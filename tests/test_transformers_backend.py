@@ -355,3 +355,46 @@ def test_openai_penalties_count_the_answer_only():
     assert penalised[0, 7].item() == pytest.approx(-(2 * 0.25 + 0.5))
     assert penalised[0, 8].item() == pytest.approx(-(0.25 + 0.5))
     assert penalised[0, 5].item() == 0 and penalised[0, 6].item() == 0
+
+
+# -- prefix KV reuse ---------------------------------------------------------------------------
+def greedy_answer(backend, messages, max_new_tokens=24) -> str:
+    prompt = backend.prepare(messages=messages)
+    chunks = list(backend.stream(prompt, GenerationParams(max_new_tokens=max_new_tokens, temperature=0), threading.Event()))
+    assert chunks[-1].finish_reason in ("stop", "length")
+    return "".join(chunk.text for chunk in chunks)
+
+
+def test_fp32_reuses_the_shared_prefix_and_warm_answers_equal_cold_ones(tmp_path, default_hf_checkpoint):
+    from app.services.backends.transformers_backend import TransformersBackend
+    from app.services.model_catalog import ModelCatalog
+
+    settings = make_settings(tmp_path, transformers=TransformersSettings(dtype="fp32", n_threads=2, n_ctx=TEST_N_CTX))
+    backend = TransformersBackend(ModelCatalog(settings).resolve(DEFAULT_HF_ID), settings.transformers)
+    backend.load()
+    try:
+        assert backend.info()["prefix_cache"] is True
+        conversation: list[Message] = [Message("system", "You are a terse assistant.")]
+        turns = ["Name a fruit.", "What colour is it?", "Name another one.", "Which of the two is sweeter?"]
+        for index, question in enumerate(turns):
+            conversation.append(Message("user", question))
+            warm = greedy_answer(backend, conversation)
+            reused = backend.last_reused_tokens
+            backend.clear_cache()
+            cold = greedy_answer(backend, conversation)
+            assert warm == cold, f"turn {index + 1}: the warm cache changed the answer"
+            if index:
+                assert reused > 20, "the earlier turns' KV should have been reused"
+            conversation.append(Message("assistant", warm))
+        # another conversation must not be served from this one's cache
+        fresh = [Message("user", "Name a fruit.")]
+        warm_other = greedy_answer(backend, fresh)
+        backend.clear_cache()
+        assert warm_other == greedy_answer(backend, fresh)
+    finally:
+        backend.unload()
+
+
+def test_bf16_keeps_no_prefix_cache_by_default(hf_app, hf_client):
+    backend = backend_of(hf_app)
+    assert backend.info()["prefix_cache"] is (backend.info()["dtype"] == "fp32")

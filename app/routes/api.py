@@ -31,7 +31,8 @@ def model_status():
 @bp.post("/load_model")
 def load_model():
     body = parse_body(LoadModelBody, allow_empty=True)
-    return jsonify(model_service().load(body.model, body.backend, body.adapter))
+    # paths from clients stay inside the model folders; run.py flags and presets are trusted
+    return jsonify(model_service().load(body.model, body.backend, body.adapter, confine=True))
 
 
 @bp.get("/models")

@@ -75,3 +75,8 @@ class RemoteUnavailable(ServiceError):
 
     status = 503
     type = "remote_unavailable"
+
+
+class PathNotAllowed(ServiceError):
+    status = 403
+    type = "path_not_allowed"

@@ -60,7 +60,7 @@ class GGUFHeader:
         if parts[0]:
             names.append(" ".join(p for p in parts if p))
         names.append(stem_without_type(self.path))
-        return [n for n in names if isinstance(n, str) and n]
+        return _unique(n for n in names if isinstance(n, str) and n)
 
     def lora_base_names(self) -> list[str]:
         """The base model(s) a LoRA names: each general.base_model.N.name and the last part of
@@ -81,7 +81,7 @@ class GGUFHeader:
         if marks and marks[-1].start() > 0:
             names.append(stem[: marks[-1].start()])
         # a path or URL names its model by its last part ("work/models/SmolLM2 135M Instruct")
-        return [n.rstrip("/").rsplit("/", 1)[-1] for n in names if n.rstrip("/")]
+        return _unique(n.rstrip("/").rsplit("/", 1)[-1] for n in names if n.rstrip("/"))
 
     def lora_rank(self) -> Optional[int]:
         """The rank of a LoRA: the second dimension of any ``*.lora_a`` tensor (needs tensors)."""
@@ -95,6 +95,10 @@ class GGUFHeader:
         kinds = {name.split(".")[-3] if name.startswith("blk.") else name.rsplit(".", 2)[0]
                  for name in self.tensors if name.endswith(".lora_a")}
         return sorted(kinds)
+
+
+def _unique(names) -> list[str]:
+    return list(dict.fromkeys(names))
 
 
 def stem_without_type(path: Path) -> str:

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 from config.settings import Settings
 
 from .default_model import default_gguf_path, default_hf_checkpoint_path
-from .errors import InvalidModel, InvalidRequest, ServiceError
+from .errors import InvalidModel, InvalidRequest, PathNotAllowed, ServiceError
 from .gguf_metadata import GGUFHeader, normalise_name, read_gguf_header
 
 log = logging.getLogger(__name__)
@@ -178,9 +178,33 @@ class ModelCatalog:
                 return root / given
         return given
 
-    def resolve(self, model: Optional[str], backend: Optional[str] = None, adapter: Optional[str] = None) -> ModelSpec:
+    def roots(self) -> list[Path]:
+        """The folders a request may name models and adapters in (symlinks resolved)."""
+        roots = [self.models_dir, Path(self._settings.saves_dir), *self._settings.model_roots]
+        try:
+            roots.append(default_gguf_path().parent)
+        except ServiceError:
+            pass
+        return [root.expanduser().resolve() for root in roots]
+
+    def confine(self, path: Path, field: str) -> None:
+        """Refuses a path a client named that lies outside the model roots, after following
+        symlinks and ``..``: the API must not become a way to probe or load arbitrary files."""
+        real = path.expanduser().resolve()
+        roots = self.roots()
+        if not any(real == root or real.is_relative_to(root) for root in roots):
+            raise PathNotAllowed(
+                f"{field} {path} is outside the model folders ({', '.join(str(r) for r in roots)}); "
+                f"add its folder to MODEL_TEST_MODEL_ROOTS to allow it",
+                field=field,
+            )
+
+    def resolve(self, model: Optional[str], backend: Optional[str] = None, adapter: Optional[str] = None,
+                confine: bool = False) -> ModelSpec:
         """Turns a request into a spec. ``model`` is a preset or built-in name or a path; with no
-        model, the configured one (or, when ``backend`` differs from it, that backend's default)."""
+        model, the configured one (or, when ``backend`` differs from it, that backend's default).
+        With ``confine`` (requests from the API), paths must lie inside :meth:`roots`; names of
+        presets and built-ins are the operator's choice and always allowed."""
         if backend is not None and backend not in ("llamacpp", "transformers", "openai"):
             raise InvalidRequest(f"unknown backend {backend!r}; use llamacpp, transformers or openai", field="backend")
         if model is None:
@@ -199,13 +223,17 @@ class ModelCatalog:
                 inferred = backend or self._infer_backend(path)
                 # with the openai backend configured, a name that is no local file is a remote model's
                 spec = self.remote_spec(model) if inferred == "openai" else ModelSpec(inferred, path)
+                if confine and not spec.is_remote:
+                    self.confine(path, "model")
             elif backend is not None and backend != spec.backend:
                 raise InvalidRequest(f"{model} is a {spec.backend} model; it cannot run on the {backend} backend", field="backend")
-        return self.with_adapter(spec, adapter) if adapter is not None else spec
+        return self.with_adapter(spec, adapter, confine) if adapter is not None else spec
 
-    def with_adapter(self, spec: ModelSpec, adapter: str) -> ModelSpec:
+    def with_adapter(self, spec: ModelSpec, adapter: str, confine: bool = False) -> ModelSpec:
         """``spec`` with the LoRA adapter at ``adapter`` (a path, or one under models_dir or saves_dir)."""
         adapter_path = self._locate(adapter, (self.models_dir, Path(self._settings.saves_dir)))
+        if confine and not spec.is_remote:  # a remote model takes no local adapter at all; make_backend says why
+            self.confine(adapter_path, "adapter")
         return dataclasses.replace(spec, adapter=adapter_path)
 
     def configured(self) -> ModelSpec:

@@ -210,7 +210,8 @@ class ModelService:
         status["queue"] = self._queue.counts()
         return status
 
-    def load(self, model: Optional[str] = None, backend: Optional[str] = None, adapter: Optional[str] = None) -> dict:
+    def load(self, model: Optional[str] = None, backend: Optional[str] = None, adapter: Optional[str] = None,
+             confine: bool = False) -> dict:
         """Loads the model asked for (or the configured one); a no-op when it is already loaded.
 
         ``model`` is a preset or built-in name or a path; ``adapter`` a LoRA directory. With
@@ -223,9 +224,9 @@ class ModelService:
                 if model is None and backend is None and adapter is None:
                     target = self._requested_spec()
                 elif model is None and backend is None:
-                    target = self.catalog.with_adapter(self._requested_spec(), adapter)
+                    target = self.catalog.with_adapter(self._requested_spec(), adapter, confine)
                 else:
-                    target = self.catalog.resolve(model, backend, adapter)
+                    target = self.catalog.resolve(model, backend, adapter, confine)
                 with self._status_lock:
                     already_loaded = self._backend is not None and self._spec == target
                 if already_loaded:

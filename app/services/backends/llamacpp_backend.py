@@ -83,6 +83,15 @@ class LlamaCppBackend:
     # -- lifecycle -------------------------------------------------------------------------
     def check(self) -> None:
         check_gguf_file(self._path)
+        try:
+            is_lora = read_gguf_header(self._path).is_lora
+        except InvalidModel:
+            is_lora = False  # a damaged header is llama.cpp's to report, with its own words
+        if is_lora:
+            raise InvalidModel(
+                f"{self._path.name} is a LoRA adapter, not a model; load its base model with it as the adapter",
+                field="model",
+            )
         if self._lora_path is not None:
             self._check_lora(self._lora_path)
 

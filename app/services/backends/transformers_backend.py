@@ -87,6 +87,7 @@ class _TokenQueue:
 
     def __init__(self):
         self.queue: queue.Queue = queue.Queue()
+        self.generated: list[int] = []  # every id generate produced, read or not: the KV cache holds them
         self._prompt_seen = False
 
     def put(self, value) -> None:
@@ -94,6 +95,7 @@ class _TokenQueue:
             self._prompt_seen = True
             return
         for token_id in value.reshape(-1).tolist():
+            self.generated.append(token_id)
             self.queue.put(token_id)
 
     def end(self) -> None:
@@ -116,6 +118,10 @@ class TransformersBackend:
         self._n_ctx = settings.n_ctx or 2048
         self._fallback_reason: Optional[str] = None
         self._adapter_config: Optional[dict] = None
+        self._prefix_cache = False
+        self._kv_cache = None
+        self._kv_ids: tuple[int, ...] = ()
+        self.last_reused_tokens = 0
         self._versions: dict = {}
 
     # -- checks ----------------------------------------------------------------------------
@@ -206,6 +212,9 @@ class TransformersBackend:
             raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
         model.eval()
         self._model, self._tokenizer = model, tokenizer
+        self._prefix_cache = self._settings.prefix_cache == "on" or (
+            self._settings.prefix_cache == "auto" and placement.dtype == "fp32"
+        )
         self._eos_ids = self._find_eos_ids(model, tokenizer)
         config_ctx = getattr(model.config, "max_position_embeddings", None)
         self._n_ctx = self._settings.n_ctx or config_ctx or 2048
@@ -237,6 +246,7 @@ class TransformersBackend:
         return frozenset(ids)
 
     def unload(self) -> None:
+        self.clear_cache()
         model, self._model, self._tokenizer = self._model, None, None
         if model is not None:
             device = self._placement.device
@@ -261,6 +271,7 @@ class TransformersBackend:
             "dtype": placement.dtype if placement else None,
             "adapter": str(self.spec.adapter) if self.spec.adapter else None,
             "adapter_merged": bool(self.spec.adapter) and self._settings.merge_adapter,
+            "prefix_cache": self._prefix_cache,
         }
         if self._model is not None:
             config = self._model.config
@@ -384,20 +395,24 @@ class TransformersBackend:
         device = self._placement.device
         input_ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=device)
         streamer = _TokenQueue()
+        cache = self._take_prefix_cache(prompt.token_ids)
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([Halted()]),
+            past_key_values=cache,
             **self._generation_kwargs(params, budget, len(prompt.token_ids)),
         )
         seed = params.seed if params.seed is not None else random.randrange(2**31)
+        completed = threading.Event()
 
         def run() -> None:
             try:
                 torch.manual_seed(seed)
                 with torch.inference_mode():
                     self._model.generate(**kwargs)
+                completed.set()
             except BaseException as exc:  # the worker boundary: the stream must hear of it
                 log.exception("generate failed")
                 streamer.queue.put(_Failure(exc))
@@ -441,7 +456,45 @@ class TransformersBackend:
             worker.join(WORKER_JOIN_S)
             if worker.is_alive():
                 log.error("generate did not stop within %.0f s of being told to", WORKER_JOIN_S)
+            elif completed.is_set():
+                self._keep_prefix_cache(cache, list(prompt.token_ids) + streamer.generated)
         yield assembler.finish(reason, error)
+
+    # -- prefix cache ------------------------------------------------------------------------
+    def _take_prefix_cache(self, token_ids: Sequence[int]):
+        """The KV cache of the last generation cut to the prefix it shares with this prompt, or
+        a fresh one. At least one prompt token is always evaluated, as generate needs logits."""
+        from transformers import DynamicCache
+
+        cache, cached_ids = self._kv_cache, self._kv_ids
+        self._kv_cache, self._kv_ids = None, ()  # in use: a failed generation leaves none behind
+        self.last_reused_tokens = 0
+        if cache is None or not self._prefix_cache:
+            return DynamicCache()
+        shared = 0
+        for cached, wanted in zip(cached_ids, token_ids):
+            if cached != wanted:
+                break
+            shared += 1
+        shared = min(shared, len(token_ids) - 1)
+        if shared <= 0:
+            return DynamicCache()
+        excess = cache.get_seq_length() - shared
+        if excess > 0:
+            cache.crop(-excess)  # transformers 5 takes the number of tokens to drop, as a negative
+        self.last_reused_tokens = shared
+        return cache
+
+    def _keep_prefix_cache(self, cache, sequence: list[int]) -> None:
+        if not self._prefix_cache:
+            return
+        length = cache.get_seq_length()
+        # the last generated token was sampled but never fed back, so the cache ends before it
+        self._kv_cache, self._kv_ids = cache, tuple(sequence[:length])
+
+    def clear_cache(self) -> None:
+        """Forgets the KV cache, so the next request starts cold."""
+        self._kv_cache, self._kv_ids = None, ()
 
     def _describe_failure(self, exc: BaseException) -> str:
         if is_mps_size_error(exc) and self._placement.device == "mps":

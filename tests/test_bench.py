@@ -1,0 +1,96 @@
+"""``scripts.bench_stream`` runs end to end and publishes its files.
+
+Only the plumbing and the shape of the results are checked, never a speed: on a shared 2-core
+machine the figures move 2-10x with other work, so a timing assertion would test the neighbours.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from config.settings import PROJECT_ROOT
+from scripts.bench_stream import TARGETS, evaluate_targets
+
+PATHS = {
+    "llamacpp": {"llama-bench", "create-chat-completion", "in-process", "http-sse", "openai-sse"},
+    "transformers": {"hf-bare-generate", "hf-fp32", "hf-sse", "hf-bf16", "hf-lora-merged", "hf-lora-unmerged"},
+}
+RATIOS = {
+    "llamacpp": {"sse_over_llama_bench", "sse_over_create_chat_completion", "openai_sse_over_llama_bench",
+                 "openai_sse_over_create_chat_completion", "in_process_over_llama_bench",
+                 "sse_over_in_process_tokens_per_second", "sse_added_ttft_ms", "openai_sse_over_in_process_tokens_per_second"},
+    "transformers": {"sse_over_bare_generate", "in_process_over_bare_generate", "sse_over_in_process_tokens_per_second",
+                     "sse_added_ttft_ms", "bf16_over_fp32_tokens_per_second", "bf16_over_fp32_ttft",
+                     "merged_over_unmerged_tokens_per_second", "merged_over_base_tokens_per_second"},
+}
+# Ratios against llama-bench are None (with a note on the path) where it has not been built.
+NEEDS_LLAMA_BENCH = {"sse_over_llama_bench", "openai_sse_over_llama_bench", "in_process_over_llama_bench"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_quick_bench_publishes_every_path_ratio_and_file(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.bench_stream", "--quick", "--out", str(tmp_path)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    summary = json.loads((tmp_path / "latest.json").read_text())
+    assert summary["quick"] and summary["runs"] == 1
+    llama_bench_built = summary["backends"]["llamacpp"]["llama_bench"]["path"] is not None
+    for backend, names in PATHS.items():
+        section = summary["backends"][backend]
+        assert set(section["paths"]) == names
+        for name, path in section["paths"].items():
+            if name == "llama-bench" and not llama_bench_built:
+                assert path["note"] and path["tokens_per_second"] is None
+            else:
+                assert path["tokens_per_second"] > 0, (backend, name)
+                assert len(path["samples"]) == 1
+        assert set(section["ratios"]) == RATIOS[backend]
+        for key, value in section["ratios"].items():
+            if key in NEEDS_LLAMA_BENCH and not llama_bench_built:
+                assert value is None
+            else:
+                assert isinstance(value, float), (backend, key)
+
+        multi = section["multi_turn"]
+        assert [turn["turn"] for turn in multi["turns"]] == list(range(1, 11))
+        tokens = [turn["prompt_tokens"] for turn in multi["turns"]]
+        assert tokens == sorted(tokens) and tokens[0] < tokens[-1]  # the history grows turn by turn
+        for key in ("turn1_ttft_ms", "turn10_ttft_ms", "turn10_cold_ttft_ms", "turn10_over_turn1_ttft"):
+            assert multi[key] > 0, (backend, key)
+        assert isinstance(multi["same_answers_every_run"], bool)
+
+    assert summary["startup"]["health_s"] > 0 and summary["startup"]["load_model_s"] > 0
+    assert len(summary["targets"]) == len(TARGETS)
+    for check in summary["targets"]:
+        assert check["met"] in (True, False) or (check["met"] is None and not llama_bench_built), check
+
+    markdown = (tmp_path / "latest.md").read_text()
+    for heading in ("## Targets (issue 8)", "## llamacpp", "## transformers", "## Multi-turn TTFT", "## Startup"):
+        assert heading in markdown
+    for section in summary["backends"].values():
+        for path in section["paths"].values():
+            assert f"| {path['label']}" in markdown  # one table row per path
+    assert (tmp_path / "latest.png").read_bytes().startswith(PNG_MAGIC)
+    stamped = sorted(tmp_path.glob("stream-*"))
+    assert {p.suffix for p in stamped} == {".json", ".md", ".png"}
+
+
+def test_targets_not_measured_are_reported_as_such():
+    """A run of one backend (or without llama-bench) leaves the others' targets unmet-unknown,
+    not failed."""
+    summary = {"backends": {"llamacpp": {"ratios": {"sse_over_llama_bench": 0.95, "sse_over_create_chat_completion": 0.99},
+                                         "multi_turn": {"turn10_over_turn1_ttft": 1.2}}},
+               "startup": {"health_s": 1.5, "load_model_s": 1.2}}
+    checks = {check["what"]: check for check in evaluate_targets(summary)}
+    assert checks["llamacpp.ratios.sse_over_llama_bench"]["met"] is True
+    assert checks["llamacpp.ratios.sse_over_create_chat_completion"]["met"] is False
+    assert checks["llamacpp.multi_turn.turn10_over_turn1_ttft"]["met"] is True
+    assert checks["transformers.ratios.sse_over_bare_generate"]["met"] is None
+    assert checks["startup.health_s"]["met"] is True and checks["startup.load_model_s"]["met"] is False
