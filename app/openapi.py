@@ -10,7 +10,7 @@ from flask import Flask
 from pydantic import BaseModel
 
 from .openai_schemas import ChatCompletionBody, CompletionBody
-from .schemas import ApplyTemplateBody, ChatBody, DetokenizeBody, LoadModelBody, StopBody, TokenizeBody
+from .schemas import ApplyTemplateBody, ChatBody, DetokenizeBody, FidelityBody, LoadModelBody, StopBody, TokenizeBody
 from .service_schemas import BatchRequest, GenerateRequest, ServiceChatRequest
 
 
@@ -32,12 +32,19 @@ STATUS = _object(
         "state": {"type": "string", "enum": ["not_loaded", "loading", "loaded", "error"]},
         "backend": STRING, "model": STRING, "model_name": NULLABLE_STRING, "adapter": NULLABLE_STRING,
         "device": NULLABLE_STRING, "n_ctx": {"type": "integer", "nullable": True}, "error": NULLABLE_STRING,
-        "info": {"type": "object"}, "queue": _object({"running": INTEGER, "waiting": INTEGER}),
+        "job": NULLABLE_STRING, "info": {"type": "object"}, "queue": _object({"running": INTEGER, "waiting": INTEGER}),
     }
 )
 CHAT_ANSWER = _object(
     {"response": STRING, "finish_reason": {"type": "string", "enum": ["stop", "length", "cancelled"]}, "usage": USAGE,
      "timings": TIMINGS, "model": STRING, "request_id": STRING}
+)
+FIDELITY_REPORT = _object(
+    {"hf": STRING, "adapter": NULLABLE_STRING, "gguf": STRING, "gguf_lora": NULLABLE_STRING, "dtype": STRING,
+     "max_tokens": INTEGER, "vocab_one_to_one": BOOLEAN, "vocab_sizes": _object({"hf": INTEGER, "gguf": INTEGER}),
+     "vocab_mismatches": INTEGER, "stop_tokens": {"type": "object"}, "stop_tokens_identical": BOOLEAN,
+     "prompts_rendered_identical": INTEGER, "prompt_ids_identical": INTEGER, "answers_identical": INTEGER,
+     "agreement": NUMBER, "prompts": {"type": "array", "items": {"type": "object"}}, "timings": {"type": "object"}}
 )
 MODELS = _object(
     {
@@ -89,6 +96,9 @@ OPERATIONS: dict[str, Operation] = {
     "api.model_status": Operation("The model's state, device and queue", "models", response=STATUS),
     "api.models": Operation("Models and adapters on offer", "models", response=MODELS),
     "api.load_model": Operation("Load or switch the model (idempotent)", "models", LoadModelBody, STATUS),
+    "api.fidelity": Operation("Compare an HF checkpoint with its GGUF conversion (scripts/check_fidelity.py --json): rendered "
+                              "prompts, stop tokens, greedy agreement, first divergence; waits for the model's queue like a switch",
+                              "models", FidelityBody, FIDELITY_REPORT),
     "api.unload_model": Operation("Free the model", "models", response=STATUS),
     "api.chat": Operation("One whole answer", "chat", ChatBody, CHAT_ANSWER),
     "api.chat_stream": Operation("The same answer, streamed", "chat", ChatBody, stream=OUR_SSE),

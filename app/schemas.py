@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -106,6 +106,38 @@ class LoadModelBody(StrictBody):
         None, description="Inferred from the model when unset. openai: model is a name on the remote server (--base-url).",
     )
     adapter: Optional[str] = Field(None, min_length=1, description="A LoRA adapter: a PEFT directory (transformers backend) or a GGUF LoRA file (llamacpp backend).")
+
+
+class FidelityPromptIn(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    messages: list[MessageIn] = Field(min_length=1, description="A whole conversation, ending where the model answers.")
+
+
+class FidelityBody(StrictBody):
+    hf_model: str = Field(min_length=1, description="The Hugging Face checkpoint: a built-in or preset name, or a directory in the model folders.")
+    gguf_model: str = Field(min_length=1, description="Its GGUF conversion: a built-in or preset name, or a .gguf file in the model folders.")
+    adapter: Optional[str] = Field(None, min_length=1, description="A PEFT adapter applied (merged) on hf_model; the GGUF is then its merged conversion.")
+    prompts: Optional[list[Union[str, FidelityPromptIn]]] = Field(
+        None, min_length=1, max_length=50,
+        description="Strings (one user message each) or {messages: [...]}; default: the 5 built-in prompts of scripts/check_fidelity.py.",
+    )
+    max_tokens: int = Field(32, ge=1, le=256, description="Greedy tokens compared per prompt.")
+
+    def prompt_list(self) -> Optional[list[tuple[Message, ...]]]:
+        if self.prompts is None:
+            return None
+        prompts = []
+        for entry in self.prompts:
+            if isinstance(entry, str):
+                if not entry:
+                    raise InvalidRequest("prompts must not be empty strings", field="prompts")
+                prompts.append((Message("user", entry),))
+            else:
+                messages = tuple(Message(m.role, m.content) for m in entry.messages)
+                if all(m.role == "system" for m in messages):
+                    raise InvalidRequest("each conversation in prompts needs a user message", field="prompts")
+                prompts.append(messages)
+        return prompts
 
 
 class StopBody(StrictBody):

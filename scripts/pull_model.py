@@ -13,16 +13,23 @@ Options: ``--revision`` (branch, tag or commit), ``--token`` (else ``HF_TOKEN`` 
 
 How a pull lands:
 
-1. Files download into the Hugging Face cache with ``snapshot_download``, with its progress
-   bars. Files already complete in the cache are never fetched again, so running the same
-   command again after an interruption continues with the files still missing (the shards of
-   a sharded checkpoint, the other quants of a GGUF repo). A file cut off mid-way starts over,
-   though: the installed huggingface_hub (2.4) writes each download to a fresh
-   ``<etag>.<uuid>.incomplete`` and deletes it on failure, so only transient network errors
-   within one run resume with an HTTP Range request (huggingface/huggingface_hub#4196).
+1. Each chosen file the Hugging Face cache lacks downloads here, with a progress bar, into
+   ``models/.<name>.download/<org>--<repo>/<commit>/<path>.part``. A file cut off mid-way (a
+   dropped connection, Ctrl-C) keeps its ``.part``, and the same command again resumes it with
+   an HTTP ``Range: bytes=<have>-`` request, the bar starting at the bytes already there; a
+   server that ignores the range (200 instead of 206) restarts the file. huggingface_hub (2.4)
+   cannot do this across runs: it writes each download to a fresh ``<etag>.<uuid>.incomplete``
+   and deletes it on failure (huggingface/huggingface_hub#4196). A finished file is checked
+   against the size in the repo's metadata and, for LFS files, its sha256 (a mismatch deletes
+   the ``.part``), then moved into the cache as huggingface_hub lays it out (``blobs/<etag>``
+   and a ``snapshots/<commit>/<path>`` link). ``snapshot_download`` then records the revision
+   and the tree listing, finding every file already there. Files complete in the cache are
+   never fetched again. The repo metadata, the auth headers (``--token``/``HF_TOKEN``), the
+   endpoint (``HF_ENDPOINT``) and the timeouts are huggingface_hub's.
 2. The chosen files are hard-linked (copied across filesystems) into a hidden
    ``models/.<name>.<pid>-<id>.partial`` folder, which is then renamed to ``models/<name>``.
-   The catalog skips hidden and ``.partial`` names, so it never lists half a model.
+   The catalog skips hidden and ``.partial`` names, so it never lists half a model; the
+   ``.download`` folder goes once the pull is done.
 
 Offline (``HF_HUB_OFFLINE=1``, or the Hub cannot be reached) a pull takes the files from the
 cache, as ``snapshot_download(local_files_only=True)`` does, choosing them from the cached tree
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import glob
 import json
 import logging
@@ -49,7 +57,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Optional
 
 import httpx2  # huggingface_hub's HTTP client: its transport errors mean "the Hub cannot be reached"
-from huggingface_hub import HfApi, constants, get_cached_repo_tree, snapshot_download
+import requests
+from huggingface_hub import HfApi, constants, get_cached_repo_tree, hf_hub_url, snapshot_download
 from huggingface_hub.errors import (
     CachedRepoTreeNotFoundError,
     GatedRepoError,
@@ -61,6 +70,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import are_progress_bars_disabled, build_hf_headers
+from tqdm.auto import tqdm
 
 from app.services.model_catalog import ModelCatalog
 from config.settings import Settings
@@ -92,6 +103,7 @@ class RepoFile:
     path: str  # relative, with "/" as in the repo
     size: Optional[int] = None  # bytes; None when the metadata did not say
     etag: Optional[str] = None  # the cache's blob name: the LFS sha256, else the git blob id
+    lfs: bool = False  # whether etag is the file's sha256
 
 
 # --------------------------------------------------------------------------- choosing files
@@ -165,7 +177,7 @@ def hub_files(repo_id: str, revision: Optional[str], token: Optional[str]) -> tu
     """The commit a revision points at and its files with sizes, from the Hub (one API call)."""
     info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, token=token)
     files = [
-        RepoFile(s.rfilename, s.size, (s.lfs.sha256 if s.lfs is not None else s.blob_id))
+        RepoFile(s.rfilename, s.size, (s.lfs.sha256 if s.lfs is not None else s.blob_id), s.lfs is not None)
         for s in (info.siblings or [])
     ]
     return info.sha, files
@@ -253,6 +265,105 @@ def check_shards(snapshot: Path, files: list[RepoFile]) -> None:
         if missing:
             raise PullError(f"{f.path} names shards that are not there ({', '.join(missing)}); "
                             f"pull again with network access to complete the download")
+
+
+# --------------------------------------------------------------------------- resumable downloads
+
+CHUNK = 1 << 20
+
+
+def _gated_or_missing(response: requests.Response, repo_id: str, path: str) -> str:
+    """A refused download as the one line main() gives for huggingface_hub's own errors."""
+    code = response.headers.get("X-Error-Code", "")
+    if code == "GatedRepo":
+        return (f"{repo_id} is gated: accept its terms at https://huggingface.co/{repo_id} and pass that "
+                f"account's token with --token or HF_TOKEN")
+    if code == "RepoNotFound" or response.status_code == 401:
+        return f"{repo_id} is not on the Hub, or it is private and needs a token with access (--token or HF_TOKEN)"
+    return f"the Hub answered HTTP {response.status_code} for {repo_id}/{path}"
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_resumable(repo_id: str, commit: str, f: RepoFile, part: Path, token: Optional[str]) -> Path:
+    """Downloads ``f`` at ``commit`` into ``part``, continuing from the bytes already there with
+    a Range request; returns ``part`` once complete and verified. A cut-off download raises a
+    PullError and keeps ``part`` for the next run."""
+    have = part.stat().st_size if part.is_file() else 0
+    if f.size is not None and have > f.size:  # not a prefix of this file: start over
+        part.unlink()
+        have = 0
+    url = hf_hub_url(repo_id, f.path, revision=commit)  # the commit, so resumed bytes are the same file's
+    headers = build_hf_headers(token=token)
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        log.info("resuming %s at %s of %s", f.path, _human(have), _human(f.size))
+    try:
+        with requests.get(url, headers=headers, stream=True,
+                          timeout=(constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT)) as response:
+            if response.status_code == 416 and have and have == f.size:
+                pass  # the .part was already whole: the last run stopped between download and move
+            elif response.status_code in (401, 403, 404):
+                raise PullError(_gated_or_missing(response, repo_id, f.path))
+            elif response.status_code not in (200, 206):
+                raise PullError(f"the Hub answered HTTP {response.status_code} for {repo_id}/{f.path}")
+            else:
+                if response.status_code == 200 and have:
+                    log.warning("the server ignored the range request; downloading %s from the start", f.path)
+                    have = 0
+                part.parent.mkdir(parents=True, exist_ok=True)  # only now: a refused pull leaves no folders
+                with open(part, "ab" if have else "wb") as out, tqdm(
+                        total=f.size, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=f.path,
+                        disable=are_progress_bars_disabled()) as bar:
+                    for block in response.iter_content(CHUNK):
+                        out.write(block)
+                        bar.update(len(block))
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+        got = part.stat().st_size if part.is_file() else 0
+        raise PullError(f"the download of {f.path} was cut off at {_human(got)} of {_human(f.size)} "
+                        f"({type(exc).__name__}); run the same command again to resume it from {part}") from None
+    size = part.stat().st_size
+    if f.size is not None and size != f.size:
+        raise PullError(f"{f.path} ended at {size} bytes but the repo lists {f.size}; run the same command "
+                        f"again to resume it from {part}")
+    if f.lfs and f.etag and _sha256_of(part) != f.etag:
+        part.unlink()
+        raise PullError(f"{f.path} does not match its sha256 {f.etag} from the repo; the partial file was "
+                        f"deleted, run the same command again to download it anew")
+    return part
+
+
+def download_missing(repo_id: str, commit: str, files: list[RepoFile], storage: Path, staging: Path,
+                     token: Optional[str]) -> None:
+    """Brings every file the cache's snapshot of ``commit`` lacks into the cache, resumably,
+    laid out as huggingface_hub lays it out (so snapshot_download and offline pulls find it)."""
+    for f in files:
+        pointer = storage / "snapshots" / commit / f.path
+        if pointer.exists():
+            continue
+        part = download_resumable(repo_id, commit, f, staging / (f.path + ".part"), token)
+        blob = storage / "blobs" / (f.etag or _sha256_of(part))
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(part, blob)  # a rename when the cache and models/ share a filesystem
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        if pointer.is_symlink():
+            pointer.unlink()  # a link to a blob that is gone
+        try:
+            pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+        except OSError:  # no symlinks here (Windows without developer mode): a copy, as huggingface_hub does
+            shutil.copyfile(blob, pointer)
+    shutil.rmtree(staging, ignore_errors=True)
+    for folder in (staging.parent, staging.parent.parent):  # <org>--<repo>, then models/.<name>.download
+        try:
+            folder.rmdir()  # only when empty: another revision's partial files stay for their own pull
+        except OSError:
+            break
 
 
 # --------------------------------------------------------------------------- putting them in place
@@ -369,7 +480,10 @@ def pull(repo_id: str, quant: Optional[str] = None, models_dir: Optional[Path] =
         check_disk_space(chosen, storage, commit, cache_dir, models_dir)
         log.info("pulling %d file(s), %s, of %s at %s into the cache %s", len(chosen),
                  _human(sum(f.size or 0 for f in chosen)), repo_id, commit[:12], cache_dir)
-        # The exact names (escaped: names are fnmatch patterns there), so the Hub's own
+        staging = models_dir / f".{target.name}.download" / repo_folder_name(repo_id=repo_id, repo_type="model")[len("models--"):] / commit
+        download_missing(repo_id, commit, chosen, storage, staging, token)
+        # Every chosen file is in the cache now; this records refs/<revision> and the tree listing
+        # that offline pulls choose from. The exact names (escaped: names are fnmatch patterns there), so the Hub's own
         # case-sensitive matching cannot differ from ours. The revision as given, not the commit,
         # so the cache records refs/<revision> and a later offline pull finds the snapshot.
         snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
@@ -485,7 +599,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         log.error("interrupted; the same command again fetches only the files still missing "
-                  "(a file cut off mid-way starts over)")
+                  "and resumes a file cut off mid-way")
         return 130
     return 0
 

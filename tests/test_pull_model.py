@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from werkzeug.serving import make_server
@@ -27,6 +28,7 @@ from app.services.model_catalog import ModelCatalog
 from config.settings import PROJECT_ROOT, Settings
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+CUT_AT = 1 << 20  # where the stub cuts a download off: one whole read of the script's
 GGUF_HEADER = b"GGUF\x03\x00\x00\x00"  # the magic and version 3: enough for the catalog, which reads names only
 GGUF_FILES = {
     "Tiny-Q4_K_M.gguf": GGUF_HEADER + b"q4" * 64,
@@ -195,7 +197,9 @@ def test_a_cached_sharded_checkpoint_missing_a_shard_is_refused(tmp_path):
 
 class StubHub:
     """The few Hub routes a pull uses: model info (with file sizes), the tree listing, and
-    HEAD/GET resolve. ``sizes`` overrides the sizes the metadata claims. A ``gated`` repo answers
+    HEAD/GET resolve, with Range requests (206). ``sizes`` overrides the sizes the metadata claims.
+    A file in ``cut_once`` ("repo/path") is cut off after ``CUT_AT`` bytes on its next GET, the
+    connection dropped mid-body as a flaky network does. A ``gated`` repo answers
     its metadata but refuses its files (401 GatedRepo), as the Hub does before its terms are
     accepted; unknown repos and revisions get the Hub's 404s with their X-Error-Code."""
 
@@ -204,6 +208,8 @@ class StubHub:
         self.sizes: dict[tuple[str, str], int] = {}
         self.gated: set[str] = set()
         self.downloads: list[str] = []  # "repo/path" of every GET of a file's bytes
+        self.ranges: list[tuple[str, Optional[str]]] = []  # ("repo/path", its Range header) of every GET
+        self.cut_once: set[str] = set()
 
     def _meta(self, repo: str, path: str, data: bytes) -> dict:
         size = self.sizes.get((repo, path), len(data))
@@ -244,10 +250,31 @@ class StubHub:
         if name not in files:
             return Response("no", status=404, headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
         data = files[name]
+        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{_sha256(data)}"', "Accept-Ranges": "bytes"}
         if request.method == "GET":
             self.downloads.append(f"{repo}/{name}")
+            self.ranges.append((f"{repo}/{name}", request.headers.get("Range")))
+            start = 0
+            ranged = re.fullmatch(r"bytes=(\d+)-", request.headers.get("Range", ""))
+            if ranged:
+                start = int(ranged.group(1))
+                if start >= len(data):
+                    return Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
+            body = data[start:]
+            if ranged:
+                headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            if f"{repo}/{name}" in self.cut_once:
+                self.cut_once.discard(f"{repo}/{name}")
+
+                def cut_off():
+                    yield body[:CUT_AT]
+                    raise ConnectionAbortedError("the stub drops the connection mid-body")  # werkzeug closes it
+
+                return Response(cut_off(), status=206 if ranged else 200, direct_passthrough=True,
+                                headers={**headers, "Content-Length": str(len(body))})
+            return Response(body, status=206 if ranged else 200, headers=headers)
         # werkzeug answers a HEAD with this response's headers (Content-Length included) and no body
-        return Response(data, headers={"X-Repo-Commit": COMMIT, "ETag": f'"{_sha256(data)}"'})
+        return Response(data, headers=headers)
 
 
 @pytest.fixture()
@@ -333,3 +360,34 @@ def test_unreachable_hub_falls_back_to_the_cache(tmp_path, hub_cache):
     assert "Tiny" in catalog_ids(models)
     line = error_line(run_pull("org/Elsewhere", "--models-dir", models, cache=hub_cache, offline=False, endpoint=closed))
     assert "the Hub cannot be reached" in line and "not in the Hugging Face cache" in line
+
+
+def test_a_download_cut_off_mid_way_resumes_where_it_stopped(tmp_path, stub_hub):
+    big = bytes(range(256)) * (3 * 4096 + 17)  # ~3 MB, so the cut leaves a partial file behind
+    stub_hub.repos["org/Big-GGUF"] = {"Big-Q4_K_M.gguf": GGUF_HEADER + big}
+    stub_hub.cut_once.add("org/Big-GGUF/Big-Q4_K_M.gguf")
+    cache, models = tmp_path / "hub", tmp_path / "models"
+
+    def pull():
+        return run_pull("org/Big-GGUF", "--quant", "Q4_K_M", "--models-dir", models, cache=cache, offline=False,
+                        endpoint=stub_hub.url)
+
+    line = error_line(pull())
+    assert "cut off" in line and "run the same command again to resume" in line
+    parts = list((models / ".Big-GGUF.download").rglob("*.part"))
+    assert [p.name for p in parts] == ["Big-Q4_K_M.gguf.part"]
+    have = parts[0].stat().st_size
+    assert 0 < have < len(GGUF_HEADER + big)
+    assert not (models / "Big-GGUF").exists()
+
+    result = pull()
+    assert result.returncode == 0, result.stderr
+    assert stub_hub.ranges == [("org/Big-GGUF/Big-Q4_K_M.gguf", None), ("org/Big-GGUF/Big-Q4_K_M.gguf", f"bytes={have}-")]
+    assert "resuming Big-Q4_K_M.gguf" in result.stderr
+    assert (models / "Big-GGUF" / "Big-Q4_K_M.gguf").read_bytes() == GGUF_HEADER + big
+    assert no_leftovers(models)  # the .download folder went with the pull
+
+    # the cache holds it as huggingface_hub would: an offline pull elsewhere finds it
+    offline = run_pull("org/Big-GGUF", "--quant", "Q4_K_M", "--models-dir", tmp_path / "offline", cache=cache)
+    assert offline.returncode == 0, offline.stderr
+    assert (tmp_path / "offline" / "Big-GGUF" / "Big-Q4_K_M.gguf").read_bytes() == GGUF_HEADER + big

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, url_for
 
-from ..schemas import ApplyTemplateBody, ChatBody, DetokenizeBody, LoadModelBody, StopBody, TokenizeBody, parse_body
+from ..schemas import (ApplyTemplateBody, ChatBody, DetokenizeBody, FidelityBody, LoadModelBody, StopBody, TokenizeBody,
+                       parse_body)
 from ..services.errors import NotFound, ServiceError
 from ..services.model_service import Generation, ModelService
 from ..sse import generation_events, sse_response
@@ -33,6 +34,14 @@ def load_model():
     body = parse_body(LoadModelBody, allow_empty=True)
     # paths from clients stay inside the model folders; run.py flags and presets are trusted
     return jsonify(model_service().load(body.model, body.backend, body.adapter, confine=True))
+
+
+@bp.post("/fidelity")
+def fidelity():
+    """scripts/check_fidelity.py's --json report; the check queues like a model switch."""
+    body = parse_body(FidelityBody)
+    return jsonify(model_service().fidelity(body.hf_model, body.gguf_model, body.adapter, body.prompt_list(),
+                                            body.max_tokens))
 
 
 @bp.get("/models")

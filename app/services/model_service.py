@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 from config.settings import Settings
 
 from .backends.base import Backend
-from .errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, ServiceError
+from .errors import ContextLengthExceeded, InvalidModel, InvalidRequest, ModelNotFound, ModelTooLarge, ServiceError
 from .generation_queue import GenerationQueue, Ticket
 from .model_catalog import ModelCatalog, ModelSpec
 from .types import Chunk, GenerationParams, Message, Prompt
@@ -168,6 +170,7 @@ class ModelService:
         self._spec: Optional[ModelSpec] = None  # the loaded model's
         self._state = "not_loaded"
         self._error: Optional[str] = None
+        self._job: Optional[str] = None  # a job holding the queue besides generations ("fidelity")
         self._requested: Optional[ModelSpec] = None  # what the next lazy load loads; None: the configured model
         self._load_lock = threading.Lock()
         self._status_lock = threading.Lock()
@@ -188,7 +191,7 @@ class ModelService:
     def status(self) -> dict:
         with self._status_lock:
             backend, spec = self._backend, self._spec
-            state, error = self._state, self._error
+            state, error, job = self._state, self._error, self._job
         if spec is None:
             try:
                 spec = self._requested_spec()
@@ -203,6 +206,7 @@ class ModelService:
             "device": None,
             "n_ctx": None,
             "error": error,
+            "job": job,
         }
         if backend is not None:
             info = backend.info()
@@ -264,6 +268,80 @@ class ModelService:
             finally:
                 self._queue.leave(ticket)
         return self.status()
+
+    def fidelity(self, hf_model: str, gguf_model: str, adapter: Optional[str] = None,
+                 prompts: Optional[Sequence[Sequence[Message]]] = None, max_tokens: int = 32) -> dict:
+        """Runs the fidelity check (app/services/fidelity.py) of an HF checkpoint against its GGUF
+        as a job on this model's queue, like a model switch: it waits for the running generation,
+        and generations that arrive meanwhile wait behind it (they get queue events) and resume on
+        the served model, which stays loaded. The check's two models load one after the other
+        next to it, so each must fit in what memory is left; a model that does not is a 400
+        before anything waits or loads. Names and paths resolve as /api/load_model's do, confined."""
+        from .fidelity import make_backends, run_fidelity
+
+        hf_spec = self._fidelity_spec(hf_model, "transformers", "hf_model", adapter)
+        gguf_spec = self._fidelity_spec(gguf_model, "llamacpp", "gguf_model", None)
+        # fp32 like the script: the reference the GGUF's rounding is measured against.
+        hf_backend, gguf_backend = make_backends(
+            hf_spec.path, gguf_spec.path, hf_spec.adapter, None,
+            self._settings.transformers.model_copy(update={"dtype": "fp32"}), self._settings.llamacpp)
+        for backend, field in ((hf_backend, "hf_model"), (gguf_backend, "gguf_model")):
+            try:
+                backend.check()
+            except ServiceError as exc:
+                if exc.field in (None, "model"):
+                    exc.field = field
+                if isinstance(exc, ModelTooLarge) and self._current_backend() is not None:
+                    exc.message = exc.args[0] + "; the served model stays loaded during the check, so unloading it first (POST /api/unload_model) may make room"
+                raise
+        self._check_gguf_fits(gguf_spec.path)
+        with self._load_lock:  # no switch or unload mid-check: it would load a third model beside ours
+            ticket = self._queue.enter(bypass_limit=True)
+            try:
+                while self._queue.wait(ticket, QUEUE_POLL_S) != 0:
+                    pass
+                with self._status_lock:
+                    self._job = "fidelity"
+                log.info("fidelity check of %s against %s started", hf_spec.label, gguf_spec.label)
+                try:
+                    report = run_fidelity(hf_backend, gguf_backend, hf_spec.path, gguf_spec.path, hf_spec.adapter,
+                                          None, prompts, max_tokens, "fp32")
+                finally:
+                    with self._status_lock:
+                        self._job = None  # cleared before the queue moves on, so a resumed generation never sees it
+            finally:
+                self._queue.leave(ticket)
+        log.info("fidelity check done: agreement %.3f", report.agreement)
+        return report.to_dict()
+
+    def _fidelity_spec(self, value: str, backend: str, field: str, adapter: Optional[str]) -> ModelSpec:
+        """A fidelity side's spec, refusals naming the request's own field."""
+        bare = not Path(value).is_absolute() and "/" not in value and os.sep not in value
+        if bare and self.catalog._named(value) is None and not (self.catalog.models_dir / value).exists():
+            # A bare unknown name would otherwise resolve against the working directory and be
+            # refused as outside the model folders, which says nothing useful.
+            raise ModelNotFound(f"{field} {value!r} is not a model on offer (GET /api/models lists them) "
+                                f"nor a path in the model folders", field=field)
+        try:
+            spec = self.catalog.resolve(value, None, adapter, confine=True)
+        except ServiceError as exc:
+            if exc.field in (None, "model", "backend"):
+                exc.field = field
+            raise
+        if spec.backend != backend:
+            kind = "a Hugging Face checkpoint directory" if backend == "transformers" else "a .gguf model file"
+            raise InvalidModel(f"{field} must be {kind}; {value} is a {spec.backend} model", field=field)
+        return spec
+
+    def _check_gguf_fits(self, path: Path) -> None:
+        # The llama.cpp backend's check() does not weigh memory; a GGUF's weights are about its file size.
+        import psutil
+
+        size, available = path.stat().st_size, psutil.virtual_memory().available
+        if size > available:
+            raise ModelTooLarge(f"{path.name} needs about {size / 2**30:.2f} GiB and {available / 2**30:.2f} GiB is "
+                                f"available; unload the served model (POST /api/unload_model) or free memory first",
+                                field="gguf_model")
 
     def model_id(self) -> Optional[str]:
         """The name API clients know the loaded (or next) model by: its catalog id where it has one."""
