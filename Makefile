@@ -118,8 +118,9 @@ $(LLAMA_BENCH): | $(STAMP)
 
 bench-deps: $(LLAMA_BENCH)
 
+# e.g. make bench BENCH_ARGS="--backend llamacpp --runs 3"
 bench: setup bench-deps
-	$(PY) -m scripts.bench_stream --llama-bench $(LLAMA_BENCH)
+	$(PY) -m scripts.bench_stream --llama-bench $(LLAMA_BENCH) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

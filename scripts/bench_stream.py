@@ -17,7 +17,8 @@ Every path decodes the same prompt greedily to exactly the asked number of token
 llama-cpp-python has no such switch, but this prompt runs past 256 tokens without an end token);
 paths of one backend run alternately, so drift in machine load hits them alike. Decode tokens/s
 counts the tokens after the first over the time from first to last token as the client sees
-them; TTFT is from the request to the first token. Medians over ``--runs`` are compared as ratios.
+them; TTFT is from the request to the first token. Tables show medians over ``--runs``; a ratio
+is the median of the per-round ratios (paired), so drift in the machine's speed between rounds cancels out.
 
 Multi-turn: 10 fixed user turns, each answered greedily by the model (up to 140 tokens, so turn 10
 is about 1,500 tokens), every turn sent whole to ``/api/chat_stream`` with the earlier answers as
@@ -387,11 +388,19 @@ def measure(paths: dict[str, tuple[str, Callable[[], Sample]]], runs: int, warmu
     return results
 
 
+def paired_ratio(top: list[float], bottom: list[float]) -> Optional[float]:
+    """The median over rounds of top / bottom, each round's two figures taken minutes apart at
+    most. This machine's speed drifts by 20% between minutes (a VM: 120 vs 150 tokens/s for
+    llama-bench in one run), which a ratio of the two medians would take for a difference."""
+    pairs = [upper / lower for upper, lower in zip(top, bottom) if lower]
+    return statistics.median(pairs) if pairs and len(top) == len(bottom) else None
+
+
 def ratio(results: dict[str, PathResult], top: str, bottom: str) -> Optional[float]:
     upper, lower = results.get(top), results.get(bottom)
-    if upper is None or lower is None or not upper.tokens_per_second or not lower.tokens_per_second:
+    if upper is None or lower is None:
         return None
-    return upper.tokens_per_second / lower.tokens_per_second
+    return paired_ratio([s.tokens_per_second for s in upper.samples], [s.tokens_per_second for s in lower.samples])
 
 
 def measure_multi_turn(url: str, runs: int, answer_tokens: int) -> dict:
@@ -623,6 +632,23 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version()}
 
 
+def machine_busy_seconds() -> Optional[float]:
+    """CPU seconds the whole machine has been busy (Linux ``/proc/stat``), to tell afterwards
+    how much of the run's CPU went to other processes."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """This process and its waited-for children (the run.py servers, llama-bench)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def load_average() -> Optional[list[float]]:
     try:
         return [round(value, 2) for value in os.getloadavg()]
@@ -649,11 +675,10 @@ def fmt(value: Optional[float], digits: int = 1) -> str:
 
 
 def paths_table(section: dict) -> str:
-    baseline = section["paths"][section["baseline"]]
-    rows = [f"| path | decode tokens/s | × {section['baseline']} | TTFT ms |", "| --- | ---: | ---: | ---: |"]
+    baseline = [sample["tokens_per_second"] for sample in section["paths"][section["baseline"]]["samples"]]
+    rows = [f"| path | decode tokens/s | × {section['baseline']} (paired) | TTFT ms |", "| --- | ---: | ---: | ---: |"]
     for name, path in section["paths"].items():
-        share = path["tokens_per_second"] / baseline["tokens_per_second"] \
-            if path["tokens_per_second"] and baseline["tokens_per_second"] else None
+        share = paired_ratio([sample["tokens_per_second"] for sample in path["samples"]], baseline)
         label = path["label"] + (f" (skipped: {path['note']})" if path["note"] else "")
         rows.append(f"| {label} | {fmt(path['tokens_per_second'])} | {fmt(share, 3)} | {fmt(path['ttft_ms'])} |")
     return "\n".join(rows)
@@ -663,7 +688,8 @@ def report_markdown(summary: dict) -> str:
     lines = [f"# bench_stream {summary['when']}", "",
              f"{summary['machine']['cpu']}, {summary['machine']['physical_cores']} physical cores; {summary['threads']} threads; "
              f"median of {summary['runs']} run(s) ({summary['warmup']} warm-up); load average before {summary['load_before']}, "
-             f"after {summary['load_after']}{'; QUICK run (few tokens, figures not meaningful)' if summary['quick'] else ''}.", ""]
+             f"after {summary['load_after']}; other processes used {summary.get('other_processes_cpu_s', '?')} CPU s "
+             f"of the run's {summary.get('wall_s', '?')} s{'; QUICK run (few tokens, figures not meaningful)' if summary['quick'] else ''}.", ""]
     lines += ["## Targets (issue 8)", "", "| measure | value | target | met |", "| --- | ---: | ---: | --- |"]
     for check in summary["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[check["met"]]
@@ -769,6 +795,7 @@ def main(argv=None) -> int:
         log.warning("load average %s on %d CPUs: figures will be low and noisy", load_before, os.cpu_count())
     summary = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "threads": args.threads,
                "runs": args.runs, "warmup": args.warmup, "quick": args.quick, "load_before": load_before, "backends": {}}
+    busy_before, own_before, started = machine_busy_seconds(), own_cpu_seconds(), time.monotonic()
     summary["startup"] = measure_startup(args.startup_runs)
     sections = {}
     if args.backend in ("all", "llamacpp"):
@@ -781,6 +808,13 @@ def main(argv=None) -> int:
         results = section.pop("results")
         summary["backends"][name] = section | {"paths": {r.name: r.to_dict() for r in results.values()}}
     summary["load_after"] = load_average()
+    busy_after = machine_busy_seconds()
+    if busy_before is not None and busy_after is not None:
+        # What the machine did beyond this benchmark: near 0 on a quiet machine. Every second of
+        # it was taken from the paths measured (2 cores, 2 threads), so the figures are lower.
+        foreign = max(0.0, (busy_after - busy_before) - (own_cpu_seconds() - own_before))
+        summary["other_processes_cpu_s"] = round(foreign, 1)
+        summary["wall_s"] = round(time.monotonic() - started, 1)
     summary["targets"] = evaluate_targets(summary)
     written = write_results(args.out, summary)
     sys.stdout.write(written.read_text())
