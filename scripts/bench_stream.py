@@ -519,6 +519,7 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
             "openai_sse_over_llama_bench": ratio(results, "openai-sse", "llama-bench"),
             "openai_sse_over_create_chat_completion": ratio(results, "openai-sse", "create-chat-completion"),
             "in_process_over_llama_bench": ratio(results, "in-process", "llama-bench"),
+            "in_process_over_create_chat_completion": ratio(results, "in-process", "create-chat-completion"),
             "sse_over_in_process_tokens_per_second": ratio(results, "http-sse", "in-process"),
             "sse_added_ttft_ms": results["http-sse"].ttft_ms - results["in-process"].ttft_ms,
             "openai_sse_over_in_process_tokens_per_second": ratio(results, "openai-sse", "in-process"),

@@ -20,7 +20,7 @@ PATHS = {
 }
 RATIOS = {
     "llamacpp": {"sse_over_llama_bench", "sse_over_create_chat_completion", "openai_sse_over_llama_bench",
-                 "openai_sse_over_create_chat_completion", "in_process_over_llama_bench",
+                 "openai_sse_over_create_chat_completion", "in_process_over_llama_bench", "in_process_over_create_chat_completion",
                  "sse_over_in_process_tokens_per_second", "sse_added_ttft_ms", "openai_sse_over_in_process_tokens_per_second"},
     "transformers": {"sse_over_bare_generate", "in_process_over_bare_generate", "sse_over_in_process_tokens_per_second",
                      "sse_added_ttft_ms", "bf16_over_fp32_tokens_per_second", "bf16_over_fp32_ttft",
