@@ -99,6 +99,15 @@ class LiveServer:
         return self.app.extensions["model_service"]
 
 
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, for servers the tests start in subprocesses."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def serve(app):
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)

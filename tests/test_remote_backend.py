@@ -5,7 +5,6 @@ context) come from a tiny fake server written here."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -18,19 +17,13 @@ import requests
 
 from app import create_app
 from config.settings import RemoteSettings
-from tests.conftest import make_settings, serve
+from tests.conftest import free_port, make_settings, serve
 from tests.sse_client import parse_sse, sse_events_from_body
 
 ALIAS = "smollm2-remote"
 GREEDY = {"temperature": 0.0, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
 QUESTION = "Name three colours."
 SERVER_START_S = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,9 @@ import pytest
 import requests
 
 from config.settings import PROJECT_ROOT
-from tests.conftest import TEST_N_CTX
+from tests.conftest import TEST_N_CTX, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
