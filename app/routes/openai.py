@@ -120,83 +120,58 @@ def _collect(generation: Generation):
     return result
 
 
-@bp.post("/chat/completions")
-def chat_completions():
-    body = parse_body(ChatCompletionBody)
-    limits = current_app.config["SETTINGS"].limits
-    generation = _start(body, messages=body.messages_list(limits))
-    completion_id, created = _completion_id("chatcmpl"), int(time.time())
-    model = model_service().model_id()
+def _answer(body, generation: Generation, chat: bool):
+    """The whole answer or its stream, as a chat completion or a text completion."""
+    completion_id = _completion_id("chatcmpl" if chat else "cmpl")
+    created, model = int(time.time()), model_service().model_id()
+
+    def head(object_name: str) -> dict:
+        return {"id": completion_id, "object": object_name, "created": created, "model": model}
+
     if body.stream:
         include_usage = body.include_usage()
 
-        def frame(text, finish_reason, first=False, usage=None) -> dict:
-            data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        def frame(text, finish_reason, first=False, usage=None) -> Optional[dict]:
+            if first and not chat:
+                return None  # completions streams have no role to announce
+            data = head("chat.completion.chunk" if chat else "text_completion")
             if usage is not None:
-                data.update(choices=[], usage=usage)
-                return data
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
-            data["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+                return {**data, "choices": [], "usage": usage}
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+                choice = {"delta": delta}
+            else:
+                choice = {"text": text or ""}
+            data["choices"] = [{"index": 0, **choice, "logprobs": None, "finish_reason": finish_reason}]
             if include_usage:
                 data["usage"] = None
             return data
 
         return _stream(generation, include_usage, frame)
     result = _collect(generation)
+    choice = {"message": {"role": "assistant", "content": result.text}} if chat else {"text": result.text}
     return jsonify(
         {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "logprobs": None,
-                    "finish_reason": OPENAI_FINISH.get(result.finish_reason, "stop"),
-                }
-            ],
+            **head("chat.completion" if chat else "text_completion"),
+            "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": OPENAI_FINISH.get(result.finish_reason, "stop")}],
             "usage": result.usage,
             "timings": result.timings,  # llama-server's extension; OpenAI clients ignore it
         }
     )
 
 
+@bp.post("/chat/completions")
+def chat_completions():
+    body = parse_body(ChatCompletionBody)
+    limits = current_app.config["SETTINGS"].limits
+    return _answer(body, _start(body, messages=body.messages_list(limits)), chat=True)
+
+
 @bp.post("/completions")
 def completions():
     body = parse_body(CompletionBody)
     generation = _start(body, text=body.prompt_text(), default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
-    completion_id, created = _completion_id("cmpl"), int(time.time())
-    model = model_service().model_id()
-    if body.stream:
-        include_usage = body.include_usage()
-
-        def frame(text, finish_reason, first=False, usage=None) -> Optional[dict]:
-            if first:
-                return None  # completions streams have no role to announce
-            data = {"id": completion_id, "object": "text_completion", "created": created, "model": model}
-            if usage is not None:
-                data.update(choices=[], usage=usage)
-                return data
-            data["choices"] = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
-            if include_usage:
-                data["usage"] = None
-            return data
-
-        return _stream(generation, include_usage, frame)
-    result = _collect(generation)
-    return jsonify(
-        {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "text": result.text, "logprobs": None, "finish_reason": OPENAI_FINISH.get(result.finish_reason, "stop")}],
-            "usage": result.usage,
-            "timings": result.timings,
-        }
-    )
+    return _answer(body, generation, chat=False)
 
 
 @bp.get("/models")
