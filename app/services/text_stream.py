@@ -7,8 +7,9 @@ and stop strings are searched only in the text not yet sent plus the new piece.
 from __future__ import annotations
 
 import codecs
+import threading
 import time
-from typing import Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from .types import Chunk, FinishReason, Timings, Usage
 
@@ -98,3 +99,40 @@ class StreamAssembler:
             timings=timings,
             error=error,
         )
+
+
+class GenerationFailed(Exception):
+    """Raised by a token source to end the stream with finish_reason "error" and this message."""
+
+
+def stream_tokens(assembler: StreamAssembler, tokens: Iterable[tuple[int, Union[bytes, str]]], cancel: threading.Event,
+                  is_end: Callable[[int], bool], budget: Optional[int] = None) -> Iterator[Chunk]:
+    """The token loop the local backends share: each (id, bytes or text) from ``tokens`` becomes
+    a chunk until an end token, a stop string, ``cancel`` or ``budget``; the last chunk follows."""
+    reason, error = "length", None
+    try:
+        for token_id, piece in tokens:
+            if cancel.is_set():
+                reason = "cancelled"
+                break
+            if is_end(token_id):
+                reason = "stop"
+                break
+            chunk = assembler.add(token_id, piece) if isinstance(piece, bytes) else assembler.add_text(token_id, piece)
+            if assembler.stopped_by_string:
+                reason = "stop"
+                if chunk.text:
+                    yield chunk
+                break
+            yield chunk
+            if cancel.is_set():
+                reason = "cancelled"
+                break
+            if budget is not None and assembler.completion_tokens >= budget:
+                break
+        else:
+            if cancel.is_set():  # the source ended because it was told to stop
+                reason = "cancelled"
+    except GenerationFailed as exc:
+        reason, error = "error", str(exc)
+    yield assembler.finish(reason, error)

@@ -29,7 +29,7 @@ from config.settings import LlamaCppSettings
 
 from ..errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
 from ..gguf_metadata import read_gguf_header
-from ..text_stream import StreamAssembler
+from ..text_stream import StreamAssembler, stream_tokens
 from ..types import Chunk, GenerationParams, Message, Prompt
 from .base import check_token_ids
 
@@ -323,30 +323,15 @@ class LlamaCppBackend:
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
         )
-        reason = "length"
+        source = ((token_id, self._piece(token_id)) for token_id in tokens) if budget > 0 else iter(())
+        is_end = (lambda token_id: False) if params.ignore_eos else (lambda token_id: llama_cpp.llama_vocab_is_eog(vocab, token_id))
+        last = None
         try:
-            if budget <= 0:
-                tokens.close()
-            else:
-                for token_id in tokens:
-                    if cancel.is_set():
-                        reason = "cancelled"
-                        break
-                    if not params.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token_id):
-                        reason = "stop"
-                        break
-                    chunk = assembler.add(token_id, self._piece(token_id))
-                    if assembler.stopped_by_string:
-                        reason = "stop"
-                        if chunk.text:
-                            yield chunk
-                        break
-                    yield chunk
-                    if cancel.is_set():
-                        reason = "cancelled"
-                        break
-                    if assembler.completion_tokens >= budget:
-                        break
+            for chunk in stream_tokens(assembler, source, cancel, is_end, budget):
+                if chunk.is_last:
+                    last = chunk  # sent once the token loop is closed: a client may stop reading at it
+                    break
+                yield chunk
         finally:
             tokens.close()
-        yield assembler.finish(reason)
+        yield last

@@ -24,7 +24,7 @@ from config.settings import TransformersSettings
 
 from ..errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge
 from ..model_catalog import ADAPTER_WEIGHT_FILES, ModelSpec, adapter_matches_base, read_adapter_config
-from ..text_stream import StreamAssembler
+from ..text_stream import GenerationFailed, StreamAssembler, stream_tokens
 from ..types import Chunk, GenerationParams, Message, Prompt
 from .base import check_token_ids
 from .hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
@@ -421,36 +421,15 @@ class TransformersBackend:
 
         worker = threading.Thread(target=run, name="transformers-generate", daemon=True)
         detokenizer = make_detokenizer(self._tokenizer, prompt.token_ids)
-        reason, error = "length", None
+        is_end = (lambda token_id: False) if params.ignore_eos else (lambda token_id: token_id in self._eos_ids)
         worker.start()
+        last = None
         try:
-            while True:
-                try:
-                    item = streamer.queue.get(timeout=self._settings.token_timeout_s)
-                except queue.Empty:
-                    reason, error = "error", f"no token for {self._settings.token_timeout_s:g} s; the generation was abandoned"
-                    break
-                if item is _END:
-                    break
-                if isinstance(item, _Failure):
-                    reason, error = "error", self._describe_failure(item.error)
-                    break
-                token_id = item
-                if not params.ignore_eos and token_id in self._eos_ids:
-                    reason = "stop"
-                    break
-                chunk = assembler.add_text(token_id, detokenizer.step(token_id))
-                if assembler.stopped_by_string:
-                    reason = "stop"
-                    if chunk.text:
-                        yield chunk
+            for chunk in stream_tokens(assembler, self._arrivals(streamer, detokenizer), cancel, is_end):
+                if chunk.is_last:
+                    last = chunk  # sent only once the worker has stopped: a client may stop reading at it
                     break
                 yield chunk
-                if cancel.is_set():
-                    reason = "cancelled"
-                    break
-            if cancel.is_set() and reason != "error":
-                reason = "cancelled"
         finally:
             halt.set()
             worker.join(WORKER_JOIN_S)
@@ -458,7 +437,21 @@ class TransformersBackend:
                 log.error("generate did not stop within %.0f s of being told to", WORKER_JOIN_S)
             elif completed.is_set():
                 self._keep_prefix_cache(cache, list(prompt.token_ids) + streamer.generated)
-        yield assembler.finish(reason, error)
+        yield last
+
+    def _arrivals(self, streamer: "_TokenQueue", detokenizer) -> Iterator[tuple[int, str]]:
+        """Token ids and their text as the worker produces them; a failure in the worker, or
+        silence past token_timeout_s, ends the stream with an error instead of hanging it."""
+        while True:
+            try:
+                item = streamer.queue.get(timeout=self._settings.token_timeout_s)
+            except queue.Empty:
+                raise GenerationFailed(f"no token for {self._settings.token_timeout_s:g} s; the generation was abandoned") from None
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise GenerationFailed(self._describe_failure(item.error))
+            yield item, detokenizer.step(item)
 
     # -- prefix cache ------------------------------------------------------------------------
     def _take_prefix_cache(self, token_ids: Sequence[int]):
