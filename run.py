@@ -26,6 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n-threads", type=int, help="CPU threads (default: physical cores)")
     parser.add_argument("--n-gpu-layers", type=int, help="layers offloaded to Metal/CUDA; -1 = all (default), 0 = CPU only")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--results-dir", help="where evals are saved (default: results/; MODEL_TEST_RESULTS_DIR)")
     remote = parser.add_argument_group("openai backend (a model on a remote OpenAI-compatible server: vLLM, llama-server, TGI, Ollama)")
     remote.add_argument("--base-url", help="the server's OpenAI API root, e.g. http://gpu-host:8000/v1 (MODEL_TEST_REMOTE__BASE_URL)")
     remote.add_argument("--remote-model", help="the model's name there, e.g. a vLLM --lora-modules name "
@@ -67,7 +68,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     }
     if remote:
         overrides["remote"] = remote
-    for name in ("backend", "model", "adapter"):
+    for name in ("backend", "model", "adapter", "results_dir"):
         if getattr(args, name):
             overrides[name] = getattr(args, name)
     return Settings(**overrides)

@@ -28,7 +28,16 @@ def create_app(settings: Optional[Settings] = None, backend_factory: BackendFact
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.limits.max_body_bytes
     app.json.ensure_ascii = False
-    app.extensions["model_service"] = ModelService(settings, backend_factory)
+    service = ModelService(settings, backend_factory)
+    app.extensions["model_service"] = service
+    from .services.eval_service import EvalService
+    from .services.model_slots import CompareSlots, EnginePool
+    from .services.system_monitor import SystemMonitor
+
+    pool = EnginePool(settings, backend_factory, service)
+    app.extensions["compare_slots"] = CompareSlots(pool)
+    app.extensions["eval_service"] = EvalService(settings, pool)
+    app.extensions["system_monitor"] = SystemMonitor()
 
     from .routes import api, main
 
@@ -38,9 +47,11 @@ def create_app(settings: Optional[Settings] = None, backend_factory: BackendFact
 
     app.register_blueprint(openai.bp)
     app.register_blueprint(docs.bp)
-    from .routes import service
+    from .routes import compare, evals, service as service_routes
 
-    app.register_blueprint(service.bp)
+    app.register_blueprint(service_routes.bp)
+    app.register_blueprint(compare.bp)
+    app.register_blueprint(evals.bp)
     register_error_handlers(app)
     if settings.server.api_key:
         from .auth import install_api_key
@@ -50,7 +61,6 @@ def create_app(settings: Optional[Settings] = None, backend_factory: BackendFact
         from .cors import install_cors
 
         install_cors(app, settings.server.cors_origins)
-    service = app.extensions["model_service"]
     log.info("model_test ready: backend=%s model=%s adapter=%s (loads on first use)", settings.backend or "inferred",
              service.model_id() or settings.model, settings.adapter or "none")
     return app

@@ -13,10 +13,12 @@ from .services.errors import QueueFull, ServiceError
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, message: str, error_type: str, field: str | None = None, headers=None):
+def error_response(status: int, message: str, error_type: str, field: str | None = None, headers=None,
+                   details: dict | None = None):
     body = {"error": message, "type": error_type}
     if field:
         body["field"] = field
+    body.update(details or {})
     response = jsonify(body)
     response.status_code = status
     if headers:
@@ -33,7 +35,7 @@ def register_error_handlers(app: Flask) -> None:
     def service_error(exc: ServiceError):
         if exc.status >= 500:
             log.error("%s: %s", exc.type, exc.message)
-        return error_response(exc.status, exc.message, exc.type, exc.field, _retry_headers(exc))
+        return error_response(exc.status, exc.message, exc.type, exc.field, _retry_headers(exc), exc.details())
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

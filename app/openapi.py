@@ -10,7 +10,8 @@ from flask import Flask
 from pydantic import BaseModel
 
 from .openai_schemas import ChatCompletionBody, CompletionBody
-from .schemas import ApplyTemplateBody, ChatBody, DetokenizeBody, FidelityBody, LoadModelBody, StopBody, TokenizeBody
+from .schemas import (ApplyTemplateBody, ChatBody, CompareSlotsBody, DetokenizeBody, EvalBody, FidelityBody, LoadModelBody,
+                      StopBody, TokenizeBody)
 from .service_schemas import BatchRequest, GenerateRequest, ServiceChatRequest
 
 
@@ -75,6 +76,47 @@ DETAIL = _object({"detail": STRING})
 VALIDATION_ERROR = _object({"detail": {"type": "array", "items": _object(
     {"loc": {"type": "array", "items": {"oneOf": [STRING, INTEGER]}}, "msg": STRING, "type": STRING}, ("loc", "msg", "type"))}})
 SERVICE_ANSWER = _object({"response": STRING, "usage": USAGE, "model": STRING, "finish_reason": STRING})
+SLOTS = _object({"slots": {"type": "array", "items": _object(
+    {"id": STRING, "label": STRING, "model": NULLABLE_STRING, "backend": STRING, "adapter": NULLABLE_STRING,
+     "adapter_enabled": BOOLEAN, "adapter_mode": {"type": "string", "enum": ["merged", "unmerged"], "nullable": True},
+     "shares_weights_with": NULLABLE_STRING, "state": STRING, "error": NULLABLE_STRING, "device": NULLABLE_STRING,
+     "queue": _object({"running": INTEGER, "waiting": INTEGER})})}})
+EVAL_STATE = {"type": "string", "enum": ["running", "done", "cancelled", "error", "interrupted"]}
+EVAL_PROGRESS = _object({"id": STRING, "name": STRING, "state": EVAL_STATE, "done": INTEGER, "total": INTEGER,
+                         "model": NULLABLE_STRING, "row": {"type": "integer", "nullable": True}, "error": NULLABLE_STRING,
+                         "url": STRING, "events": STRING})
+SCORES = {"bleu": {"type": "number", "nullable": True}, "rouge_l": {"type": "number", "nullable": True},
+          "exact_match": {"type": "number", "nullable": True}}
+EVAL_ANSWER = _object({"output": STRING, **SCORES, "latency_ms": NUMBER, "ttft_ms": NUMBER, "tokens_per_second": NUMBER,
+                       "completion_tokens": INTEGER, "finish_reason": STRING, "error": NULLABLE_STRING})
+EVAL_REPORT = _object({
+    "id": STRING, "name": STRING, "state": EVAL_STATE, "created": STRING, "finished": NULLABLE_STRING, "done": INTEGER,
+    "total": INTEGER, "error": NULLABLE_STRING, "params": {"type": "object"},
+    "models": {"type": "array", "items": _object({"label": STRING, "model": NULLABLE_STRING, "backend": NULLABLE_STRING,
+                                                  "adapter": NULLABLE_STRING, "adapter_enabled": BOOLEAN})},
+    "summary": {"type": "array", "items": _object({"label": STRING, "rows": INTEGER, "scored_rows": INTEGER, "errors": INTEGER,
+                                                   **SCORES, "latency_ms": NUMBER, "tokens_per_second": NUMBER})},
+    "rows": {"type": "array", "items": _object({
+        "index": INTEGER, "prompt": STRING, "system": NULLABLE_STRING, "reference": NULLABLE_STRING,
+        "outputs": {"type": "object", "additionalProperties": EVAL_ANSWER}})},
+})
+EVAL_LIST = _object({"evals": {"type": "array", "items": _object(
+    {"id": STRING, "name": STRING, "state": EVAL_STATE, "created": STRING, "done": INTEGER, "total": INTEGER,
+     "models": {"type": "array", "items": STRING}})}})
+EVAL_UPLOAD = _object({"file": {"type": "string", "format": "binary", "description": "JSONL or CSV: prompt, optional system, optional reference"},
+                       "models": {"type": "string", "description": "A JSON list of {model, backend, adapter, adapter_enabled}"},
+                       "max_new_tokens": INTEGER, "name": STRING}, ("file",))
+EVAL_SSE = ("Server-Sent Events: `event: progress` `{done, total, model, row, state}` now and after every answer, then "
+            "`event: done` `{state, error, summary}`.")
+SYSTEM = _object({
+    "process": _object({"rss_bytes": INTEGER, "cpu_percent": NUMBER, "threads": INTEGER}),
+    "memory": _object({"total_bytes": INTEGER, "available_bytes": INTEGER, "used_bytes": INTEGER, "percent": NUMBER}),
+    "cpu": _object({"logical_cores": INTEGER, "physical_cores": INTEGER, "percent": NUMBER,
+                    "load_avg": {"type": "array", "items": NUMBER, "nullable": True}}),
+    "gpus": {"type": "array", "items": _object({"index": INTEGER, "name": STRING, "memory_used_bytes": INTEGER,
+                                                "memory_total_bytes": {"type": "integer", "nullable": True}})},
+    "eval": {**_object({"id": STRING, "done": INTEGER, "total": INTEGER, "state": STRING}), "nullable": True},
+})
 
 
 @dataclass(frozen=True)
@@ -87,6 +129,10 @@ class Operation:
     openai_errors: bool = False
     public: bool = False
     detail_errors: bool = False  # the FastAPI-era service routes: {"detail"}, 422 for a bad body, 503 without a model
+    form: Optional[dict] = None  # a multipart/form-data body besides (or instead of) the JSON one
+    query: tuple = ()  # (name, schema, description) of query parameters
+    status: str = "200"
+    raw: Optional[dict] = None  # non-JSON answers: {mimetype: description}
 
 
 OPERATIONS: dict[str, Operation] = {
@@ -128,6 +174,23 @@ OPERATIONS: dict[str, Operation] = {
                                _object({"results": {"type": "array", "items": _object({"prompt": STRING, "response": STRING,
                                                                                        "usage": USAGE, "finish_reason": STRING})},
                                         "usage": USAGE, "model": STRING}), detail_errors=True),
+    "api.system": Operation("Process RSS and CPU, system memory and load, GPU memory, the running eval", "monitor", response=SYSTEM),
+    "compare.list_slots": Operation("The compare columns' models", "compare", response=SLOTS),
+    "compare.replace_slots": Operation("Load the compare columns (replacing the set); a base and its fine-tune on transformers "
+                                       "share one copy of the weights. Generate on a column with slot in /api/streams or /api/chat",
+                                       "compare", CompareSlotsBody, SLOTS),
+    "compare.clear_slots": Operation("Unload the compare columns", "compare", response=SLOTS),
+    "evals.start_eval": Operation("Start a batch eval of a test set on one or more models (JSON, or multipart with the file); "
+                                  "409 while another runs", "eval", EvalBody, EVAL_PROGRESS, form=EVAL_UPLOAD, status="202"),
+    "evals.list_evals": Operation("Evals saved under results/evals, newest first", "eval", response=EVAL_LIST),
+    "evals.get_eval": Operation("An eval's models, summary and every row's answers and scores", "eval", response=EVAL_REPORT),
+    "evals.eval_events": Operation("An eval's live progress", "eval", stream=EVAL_SSE),
+    "evals.cancel_eval": Operation("Stop an eval; the finished answers are kept", "eval", response=EVAL_PROGRESS),
+    "evals.resume_eval": Operation("Go on with a cancelled or interrupted eval, skipping the answers on disk", "eval",
+                                   response=EVAL_PROGRESS, status="202"),
+    "evals.download_eval": Operation("An eval's answers as CSV (one line per answer) or JSONL (one line per row)", "eval",
+                                     query=(("format", {"type": "string", "enum": ["csv", "jsonl"], "default": "csv"}, "csv or jsonl"),),
+                                     raw={"text/csv": "CSV", "application/x-ndjson": "JSONL"}),
 }
 UNDOCUMENTED_ENDPOINTS = {"static", "docs.swagger_ui", "docs.swagger_asset", "docs.openapi_json"}
 
@@ -171,19 +234,27 @@ def _operation_doc(rule, operation: Operation, components: dict) -> dict:
     if operation.public:
         doc["security"] = []
     parameters = [{"name": name, "in": "path", "required": True, "schema": STRING} for name in sorted(rule.arguments)]
+    parameters += [{"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+                   for name, schema, description in operation.query]
     if parameters:
         doc["parameters"] = parameters
     if operation.body is not None:
-        doc["requestBody"] = {"required": True, "content": {"application/json": {"schema": _component(operation.body, components)}}}
+        body_content = {"application/json": {"schema": _component(operation.body, components)}}
+        if operation.form is not None:
+            body_content["multipart/form-data"] = {"schema": operation.form}
+        doc["requestBody"] = {"required": True, "content": body_content}
     responses: dict = {}
     content: dict = {}
     if operation.response is not None:
         content["application/json"] = {"schema": operation.response}
     if operation.stream is not None:
         content["text/event-stream"] = {"schema": STRING}
-    responses["200"] = {"description": operation.stream if operation.stream and not operation.response else "OK", **({"content": content} if content else {})}
+    for mimetype in operation.raw or {}:
+        content[mimetype] = {"schema": STRING}
+    status = operation.status
+    responses[status] = {"description": operation.stream if operation.stream and not operation.response else "OK", **({"content": content} if content else {})}
     if operation.stream and operation.response:
-        responses["200"]["description"] = f"JSON, or with stream: true, {operation.stream}"
+        responses[status]["description"] = f"JSON, or with stream: true, {operation.stream}"
     error = OPENAI_ERROR if operation.openai_errors else DETAIL if operation.detail_errors else ERROR
     if operation.detail_errors:
         if operation.body is not None:

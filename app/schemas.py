@@ -73,6 +73,12 @@ class ChatBody(ConversationBody):
     stop: Optional[list[str]] = Field(None, description="One stop string or a list of them.")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence, up to max_new_tokens (for benchmarks).")
     request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN, description="Client-chosen id for POST /api/stop.")
+    continue_final: bool = Field(
+        False, description="The messages end with an assistant message and the model goes on writing it; "
+        "the answer holds only the new text.",
+    )
+    slot: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN,
+                                description="A compare slot (POST /api/compare/slots) to run on instead of the served model.")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -192,3 +198,40 @@ def parse_body(model_cls: type[BaseModel], allow_empty: bool = False, context: O
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "body"
         raise InvalidBody(f"{field}: {first['msg']}", field, errors) from None
+
+
+class SlotIn(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: Optional[str] = Field(None, min_length=1, description="A model id from GET /api/models, or a path in the model folders; unset: the served model.")
+    backend: Optional[Literal["llamacpp", "transformers", "openai"]] = Field(None, description="Inferred from the model when unset.")
+    adapter: Optional[str] = Field(None, min_length=1, description="A LoRA adapter: a PEFT directory (transformers) or a GGUF LoRA (llamacpp).")
+    adapter_enabled: bool = Field(True, description="false runs the model without its adapter; on transformers the base "
+                                  "and its fine-tune then share one copy of the weights.")
+
+    def request(self):
+        from .services.model_slots import SlotRequest
+
+        return SlotRequest(self.model, self.backend, self.adapter, self.adapter_enabled)
+
+
+def slot_requests(slots: list[SlotIn], limits: LimitSettings, field: str) -> list:
+    if len(slots) > limits.max_slots:
+        raise InvalidRequest(f"at most {limits.max_slots} models at once (limits.max_slots), got {len(slots)}", field=field)
+    return [slot.request() for slot in slots]
+
+
+class CompareSlotsBody(StrictBody):
+    slots: list[SlotIn] = Field(min_length=1, description="The columns: each a model, maybe an adapter, and whether it is on.")
+
+
+class EvalOptions(StrictBody):
+    models: list[SlotIn] = Field(default_factory=list, description="The models compared, as compare slots; empty: the served model.")
+    max_new_tokens: int = Field(64, ge=1, description="Greedy tokens per answer.")
+    name: Optional[str] = Field(None, min_length=1, max_length=200, description="A name to find the eval by later.")
+
+
+class EvalBody(EvalOptions):
+    """The JSON form of POST /api/eval; multipart/form-data sends the file as 'file' instead."""
+
+    test_set: str = Field(min_length=1, description="The test set's text: JSONL or CSV with prompt, optional system, optional reference.")
+    filename: Optional[str] = Field(None, description="Its name; .csv or .jsonl says the format (otherwise it is sniffed).")

@@ -57,6 +57,9 @@ class LimitSettings(BaseModel):
     max_queue: int = Field(8, ge=0, le=1024, description="Requests that may wait for the model; one more gets 429.")
     queue_retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After sent with a 429 when the queue is full.")
     stream_ttl_s: float = Field(60.0, gt=0, le=3600, description="How long a prepared stream id waits for its EventSource.")
+    max_slots: int = Field(4, ge=1, le=16, description="Most models one compare set or one eval may hold.")
+    max_test_set_bytes: int = Field(5_000_000, ge=1024, le=1 << 30, description="Largest eval test set accepted; more gets a 400.")
+    max_test_set_rows: int = Field(10_000, ge=1, le=1_000_000, description="Most rows an eval test set may have.")
 
 
 class LlamaCppSettings(BaseModel):
@@ -167,6 +170,7 @@ class Settings(BaseSettings):
         "by path (symlinks are followed first). Paths given on the command line or in presets are always allowed.",
     )
     saves_dir: Path = Field(PROJECT_ROOT / "saves", description="LLaMA-Factory style outputs: saves/<model>/lora/<name>/.")
+    results_dir: Path = Field(PROJECT_ROOT / "results", description="Where evals (results/evals/<id>/) and benchmarks are saved.")
     presets: dict[str, Preset] = Field(
         default_factory=lambda: dict(DEFAULT_PRESETS),
         description='Named models; override as JSON, e.g. MODEL_TEST_PRESETS=\'{"qwen2.5-7b-instruct": {"backend": "transformers", "path": "/data/qwen7b"}}\'.',

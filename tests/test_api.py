@@ -1,7 +1,6 @@
 """The JSON and SSE API on the real default model (SmolLM2-135M-Instruct Q4_1)."""
 from __future__ import annotations
 
-import pytest
 
 from tests.sse_client import sse_events_from_body
 

@@ -4,7 +4,6 @@ worker failures, bad checkpoints and adapters, switching and the memory it gives
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path

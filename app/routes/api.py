@@ -17,16 +17,29 @@ def model_service() -> ModelService:
 
 
 def start_generation() -> Generation:
+    """On the served model, or with ``slot`` on a compare column's."""
     body = parse_body(ChatBody)
     limits = current_app.config["SETTINGS"].limits
     messages = body.messages_list(limits)
     params = body.params(limits)
-    return model_service().start(params, messages=messages, generation_id=body.request_id)
+    service = model_service()
+    if body.slot is not None:
+        slot = current_app.extensions["compare_slots"].get(body.slot)
+        service, params = slot.service, slot.params(params)
+    return service.start(params, messages=messages, generation_id=body.request_id, continue_final=body.continue_final)
 
 
 @bp.get("/model_status")
 def model_status():
     return jsonify(model_service().status())
+
+
+@bp.get("/system")
+def system():
+    """Process and machine figures for the monitor panel, with the running eval's progress."""
+    snapshot = current_app.extensions["system_monitor"].snapshot()
+    snapshot["eval"] = current_app.extensions["eval_service"].running()
+    return jsonify(snapshot)
 
 
 @bp.post("/load_model")

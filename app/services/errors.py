@@ -13,6 +13,10 @@ class ServiceError(Exception):
         self.message = message
         self.field = field
 
+    def details(self) -> dict:
+        """Fields besides error, type and field that the JSON answer carries (a line number...)."""
+        return {}
+
 
 class NotFound(ServiceError):
     status = 404

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -19,7 +20,7 @@ from typing import Iterator, Optional
 from config.settings import Settings
 
 from .default_model import default_gguf_path, default_hf_checkpoint_path
-from .errors import InvalidModel, InvalidRequest, PathNotAllowed, ServiceError
+from .errors import InvalidModel, InvalidRequest, ModelNotFound, PathNotAllowed, ServiceError
 from .gguf_metadata import GGUFHeader, normalise_name, read_gguf_header
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,14 @@ class ModelCatalog:
                 f"add its folder to MODEL_TEST_MODEL_ROOTS to allow it",
                 field=field,
             )
+
+    def refuse_unknown_name(self, value: str, field: str) -> None:
+        """A bare name that is no model on offer would otherwise resolve against the working
+        directory and be refused as outside the model folders, which says nothing useful."""
+        bare = not Path(value).is_absolute() and "/" not in value and os.sep not in value
+        if bare and self._named(value) is None and not (self.models_dir / value).exists():
+            raise ModelNotFound(f"{field} {value!r} is not a model on offer (GET /api/models lists them) "
+                                f"nor a path in the model folders", field=field)
 
     def resolve(self, model: Optional[str], backend: Optional[str] = None, adapter: Optional[str] = None,
                 confine: bool = False) -> ModelSpec:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -18,14 +16,13 @@ from config.settings import Settings
 from .backends.base import Backend
 from .errors import ContextLengthExceeded, InvalidModel, InvalidRequest, ModelNotFound, ModelTooLarge, ServiceError
 from .generation_queue import GenerationQueue, Ticket
+from .generation_registry import GenerationRegistry
 from .model_catalog import ModelCatalog, ModelSpec
 from .types import Chunk, GenerationParams, Message, Prompt
 
 log = logging.getLogger(__name__)
 
 QUEUE_POLL_S = 0.25
-FINISHED_KEPT = 32
-EARLY_STOP_KEPT_S = 30.0  # a Stop that overtakes its own request still counts this long
 
 
 @dataclass(frozen=True)
@@ -86,7 +83,8 @@ class Generation:
     """
 
     def __init__(self, service: "ModelService", backend: Backend, prompt: Prompt, params: GenerationParams,
-                 messages: Optional[Sequence[Message]], text: Optional[str], generation_id: str):
+                 messages: Optional[Sequence[Message]], text: Optional[str], generation_id: str,
+                 continue_final: bool = False):
         self.id = generation_id
         self.cancel = threading.Event()
         self.model = backend.model
@@ -95,6 +93,7 @@ class Generation:
         self._prompt = prompt
         self._messages = messages
         self._text = text
+        self._continue_final = continue_final
         self.params = params
         self._ticket: Optional[Ticket] = None
         self._created = time.perf_counter()
@@ -130,7 +129,8 @@ class Generation:
             if backend is None:
                 raise InvalidRequest("the model was unloaded while this request waited", field="model")
             if backend is not self._backend:  # the model was switched while this request waited
-                self._prompt = self._service._prepare(backend, self._messages, self._text, self.params)
+                self._prompt = self._service._prepare(backend, self._messages, self._text, self.params,
+                                                     self._continue_final)
                 self._backend, self.model = backend, backend.model
             for chunk in backend.stream(self._prompt, self.params, self.cancel):
                 self.tokens_seen += len(chunk.token_ids)
@@ -147,6 +147,10 @@ class Generation:
         finally:
             self._service._finish(self)
 
+    def close(self) -> None:
+        """Ends a generation that will never be iterated (a parked stream nobody opened)."""
+        self._service._finish(self)
+
     def collect(self) -> GenerationResult:
         """The joined stream: the non-streaming answer is never a second code path."""
         parts: list[str] = []
@@ -162,7 +166,8 @@ class Generation:
 
 
 class ModelService:
-    def __init__(self, settings: Settings, backend_factory: BackendFactory = make_backend):
+    def __init__(self, settings: Settings, backend_factory: BackendFactory = make_backend,
+                 registry: Optional[GenerationRegistry] = None):
         self._settings = settings
         self._backend_factory = backend_factory
         self.catalog = ModelCatalog(settings)
@@ -170,22 +175,21 @@ class ModelService:
         self._spec: Optional[ModelSpec] = None  # the loaded model's
         self._state = "not_loaded"
         self._error: Optional[str] = None
+        self._load_started = 0.0
         self._job: Optional[str] = None  # a job holding the queue besides generations ("fidelity")
         self._requested: Optional[ModelSpec] = None  # what the next lazy load loads; None: the configured model
         self._load_lock = threading.Lock()
         self._status_lock = threading.Lock()
         self._queue = GenerationQueue(settings.limits.max_queue, settings.limits.queue_retry_after_s)
-        self._active: dict[str, Generation] = {}
-        self._finished: deque[dict] = deque(maxlen=FINISHED_KEPT)
-        self._pending: dict[str, tuple[Generation, float]] = {}
-        self._early_stops: dict[str, float] = {}
+        # shared with the compare and eval engines, so Stop and stream URLs reach theirs too
+        self.registry = registry or GenerationRegistry(settings.limits.stream_ttl_s)
 
     # -- models ----------------------------------------------------------------------------
     def _current_backend(self) -> Optional[Backend]:
         with self._status_lock:
             return self._backend
 
-    def _requested_spec(self) -> ModelSpec:
+    def requested_spec(self) -> ModelSpec:
         return self._requested or self.catalog.configured()
 
     def status(self) -> dict:
@@ -194,7 +198,7 @@ class ModelService:
             state, error, job = self._state, self._error, self._job
         if spec is None:
             try:
-                spec = self._requested_spec()
+                spec = self.requested_spec()
             except ServiceError:
                 spec = None
         status = {
@@ -211,6 +215,8 @@ class ModelService:
         if backend is not None:
             info = backend.info()
             status.update({"device": info.get("device"), "n_ctx": info.get("n_ctx"), "info": info})
+        if state == "loading":
+            status["load_elapsed_s"] = round(time.perf_counter() - self._load_started, 1)
         status["queue"] = self._queue.counts()
         return status
 
@@ -226,47 +232,61 @@ class ModelService:
         with self._load_lock:
             try:
                 if model is None and backend is None and adapter is None:
-                    target = self._requested_spec()
+                    target = self.requested_spec()
                 elif model is None and backend is None:
-                    target = self.catalog.with_adapter(self._requested_spec(), adapter, confine)
+                    target = self.catalog.with_adapter(self.requested_spec(), adapter, confine)
                 else:
                     target = self.catalog.resolve(model, backend, adapter, confine)
-                with self._status_lock:
-                    already_loaded = self._backend is not None and self._spec == target
-                if already_loaded:
-                    self._set_error(None)  # asking for the model in use again answers an earlier refusal
-                    return self.status()
-                candidate = self._backend_factory(target, self._settings)
-                candidate.check()
             except ServiceError as exc:
                 self._set_error(exc.message)
                 raise
-            ticket = self._queue.enter(bypass_limit=True)  # a switch waits for the running generation
+            return self._load_locked(target)
+
+    def load_spec(self, target: ModelSpec) -> dict:
+        """Loads a spec already resolved (and confined) by the caller, as load() does."""
+        with self._load_lock:
+            return self._load_locked(target)
+
+    def _load_locked(self, target: ModelSpec) -> dict:
+        """The body of load(); the caller holds _load_lock."""
+        try:
+            with self._status_lock:
+                already_loaded = self._backend is not None and self._spec == target
+            if already_loaded:
+                self._set_error(None)  # asking for the model in use again answers an earlier refusal
+                return self.status()
+            candidate = self._backend_factory(target, self._settings)
+            candidate.check()
+        except ServiceError as exc:
+            self._set_error(exc.message)
+            raise
+        ticket = self._queue.enter(bypass_limit=True)  # a switch waits for the running generation
+        try:
+            while self._queue.wait(ticket, QUEUE_POLL_S) != 0:
+                pass
+            self._release_current()
+            started = time.perf_counter()
+            with self._status_lock:
+                self._state, self._error, self._requested = "loading", None, target
+                self._load_started = started
             try:
-                while self._queue.wait(ticket, QUEUE_POLL_S) != 0:
-                    pass
-                self._release_current()
-                with self._status_lock:
-                    self._state, self._error, self._requested = "loading", None, target
-                started = time.perf_counter()
-                try:
-                    candidate.load()
-                except ServiceError as exc:
-                    candidate.unload()
-                    self._set_error(exc.message, state="error")
-                    raise
-                except Exception as exc:  # a loader may raise anything; the status must still say why
-                    candidate.unload()
-                    log.exception("loading %s failed", target.label)
-                    self._set_error(f"{type(exc).__name__}: {exc}", state="error")
-                    raise
-                # The remote backend learns at load which model its server serves when none was named.
-                target = getattr(candidate, "resolved_spec", target)
-                with self._status_lock:
-                    self._backend, self._spec, self._requested, self._state = candidate, target, target, "loaded"
-                log.info("model %s ready in %.2f s", target.label, time.perf_counter() - started)
-            finally:
-                self._queue.leave(ticket)
+                candidate.load()
+            except ServiceError as exc:
+                candidate.unload()
+                self._set_error(exc.message, state="error")
+                raise
+            except Exception as exc:  # a loader may raise anything; the status must still say why
+                candidate.unload()
+                log.exception("loading %s failed", target.label)
+                self._set_error(f"{type(exc).__name__}: {exc}", state="error")
+                raise
+            # The remote backend learns at load which model its server serves when none was named.
+            target = getattr(candidate, "resolved_spec", target)
+            with self._status_lock:
+                self._backend, self._spec, self._requested, self._state = candidate, target, target, "loaded"
+            log.info("model %s ready in %.2f s", target.label, time.perf_counter() - started)
+        finally:
+            self._queue.leave(ticket)
         return self.status()
 
     def fidelity(self, hf_model: str, gguf_model: str, adapter: Optional[str] = None,
@@ -316,12 +336,7 @@ class ModelService:
 
     def _fidelity_spec(self, value: str, backend: str, field: str, adapter: Optional[str]) -> ModelSpec:
         """A fidelity side's spec, refusals naming the request's own field."""
-        bare = not Path(value).is_absolute() and "/" not in value and os.sep not in value
-        if bare and self.catalog._named(value) is None and not (self.catalog.models_dir / value).exists():
-            # A bare unknown name would otherwise resolve against the working directory and be
-            # refused as outside the model folders, which says nothing useful.
-            raise ModelNotFound(f"{field} {value!r} is not a model on offer (GET /api/models lists them) "
-                                f"nor a path in the model folders", field=field)
+        self.catalog.refuse_unknown_name(value, field)
         try:
             spec = self.catalog.resolve(value, None, adapter, confine=True)
         except ServiceError as exc:
@@ -349,7 +364,7 @@ class ModelService:
             spec = self._spec
         if spec is None:
             try:
-                spec = self._requested_spec()
+                spec = self.requested_spec()
             except ServiceError:
                 return None
         return self.catalog.id_for(spec)
@@ -362,7 +377,7 @@ class ModelService:
             return
         with self._status_lock:
             spec = self._spec
-        current = spec or self._requested_spec()
+        current = spec or self.requested_spec()
         if name in self.catalog.names_of(current):
             return
         for entry in self.catalog.models():
@@ -409,27 +424,23 @@ class ModelService:
         return backend
 
     # -- generations -----------------------------------------------------------------------
-    def _prepare(self, backend: Backend, messages, text, params: GenerationParams) -> Prompt:
-        prompt = backend.prepare(messages=messages, text=text)
+    def _prepare(self, backend: Backend, messages, text, params: GenerationParams, continue_final: bool = False) -> Prompt:
+        prompt = backend.prepare(messages=messages, text=text, continue_final=continue_final)
         if len(prompt.token_ids) >= backend.n_ctx:
             raise ContextLengthExceeded(len(prompt.token_ids), params.max_new_tokens, backend.n_ctx,
                                         field="messages" if messages is not None else "prompt")
         return prompt
 
     def start(self, params: GenerationParams, messages: Optional[Sequence[Message]] = None,
-              text: Optional[str] = None, generation_id: Optional[str] = None) -> Generation:
+              text: Optional[str] = None, generation_id: Optional[str] = None,
+              continue_final: bool = False) -> Generation:
         """Validates and tokenises the request (loading the model if needed) and registers it
         for cancellation. Raises 4xx ServiceErrors before any stream opens."""
         backend = self.ensure_loaded()
-        prompt = self._prepare(backend, messages, text, params)
-        generation = Generation(self, backend, prompt, params, messages, text, generation_id or uuid.uuid4().hex)
-        with self._status_lock:
-            if generation.id in self._active:
-                raise InvalidRequest(f"a generation with id {generation.id!r} is already running", field="request_id")
-            self._active[generation.id] = generation
-            stopped_at = self._early_stops.pop(generation.id, None)
-        if stopped_at is not None and time.monotonic() - stopped_at < EARLY_STOP_KEPT_S:
-            generation.cancel.set()
+        prompt = self._prepare(backend, messages, text, params, continue_final)
+        generation = Generation(self, backend, prompt, params, messages, text, generation_id or uuid.uuid4().hex,
+                                continue_final)
+        self.registry.register(generation)
         return generation
 
     def _finish(self, generation: Generation) -> None:
@@ -442,47 +453,20 @@ class ModelService:
             "finish_reason": outcome.finish_reason if outcome else "cancelled",
             "completion_tokens": outcome.usage.completion_tokens if outcome and outcome.usage else generation.tokens_seen,
         }
-        with self._status_lock:
-            self._active.pop(generation.id, None)
-            self._finished.append(record)
+        self.registry.finished_one(generation, record)
 
+    # -- the registry's views, for routes and tests that hold the service ------------------
     def finished(self) -> list[dict]:
-        """The most recent generations' ends, newest last."""
-        with self._status_lock:
-            return list(self._finished)
-
-    def cancel(self, generation_id: str) -> bool:
-        with self._status_lock:
-            generation = self._active.get(generation_id)
-            pending = self._pending.pop(generation_id, None)
-        if pending is not None:
-            self._finish(pending[0])
-        if generation is None:
-            # The page may send Stop before its own request has reached start(); remember it.
-            now = time.monotonic()
-            with self._status_lock:
-                self._early_stops = {gid: at for gid, at in self._early_stops.items() if now - at < EARLY_STOP_KEPT_S}
-                self._early_stops[generation_id] = now
-            return pending is not None
-        generation.cancel.set()
-        return True
+        return self.registry.finished()
 
     def active(self) -> list[dict]:
-        """The generations now running or waiting, with the tokens each has produced so far."""
-        with self._status_lock:
-            return [{"request_id": g.id, "tokens_seen": g.tokens_seen} for g in self._active.values()]
+        return self.registry.active()
 
-    # -- prepared streams, for EventSource (a POST prepares, a GET streams) ----------------
+    def cancel(self, generation_id: str) -> bool:
+        return self.registry.cancel(generation_id)
+
     def park(self, generation: Generation) -> None:
-        now = time.monotonic()
-        with self._status_lock:
-            expired = [gid for gid, (_, at) in self._pending.items() if now - at > self._settings.limits.stream_ttl_s]
-            dropped = [self._pending.pop(gid)[0] for gid in expired]
-            self._pending[generation.id] = (generation, now)
-        for stale in dropped:
-            self._finish(stale)
+        self.registry.park(generation)
 
     def claim(self, generation_id: str) -> Optional[Generation]:
-        with self._status_lock:
-            entry = self._pending.pop(generation_id, None)
-        return entry[0] if entry else None
+        return self.registry.claim(generation_id)

@@ -26,6 +26,9 @@ class GenerationParams:
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # run to max_new_tokens, as benchmarks need
+    # False runs a model loaded with an unmerged LoRA as its base (peft's disable_adapter), so a
+    # base/fine-tune pair in compare mode shares one copy of the weights.
+    use_adapter: bool = True
 
 
 @dataclass(frozen=True)

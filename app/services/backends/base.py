@@ -52,13 +52,30 @@ class Backend(Protocol):
     def chat_template(self) -> Optional[str]:
         """The model's Jinja chat template, or None when it has none."""
 
-    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None) -> Prompt:
+    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None,
+                continue_final: bool = False) -> Prompt:
         """Renders (for messages) and tokenises the prompt once, so the service can check it
-        against the context before any stream opens."""
+        against the context before any stream opens. ``continue_final``: the messages end with
+        an assistant message the model goes on writing (see ``continuation_prompt``)."""
 
     def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
         """Yields chunks; the last one has finish_reason, usage and timings. Checks ``cancel``
         between tokens and ends with finish_reason "cancelled" when it is set."""
+
+
+def continuation_prompt(rendered: str, final: Message) -> str:
+    """The rendered conversation cut right after the last assistant message's text, so the model
+    continues it instead of closing the turn. This is what transformers' ``continue_final_message``
+    does, and it works on any template: whatever the template puts after the content (an
+    end-of-turn token, a new generation prompt) is dropped."""
+    if final.role != "assistant":
+        raise InvalidRequest("continue_final needs the messages to end with an assistant message", field="messages")
+    for content in (final.content, final.content.rstrip()):
+        at = rendered.rfind(content) if content else -1
+        if at >= 0:
+            return rendered[: at + len(content)]
+    raise InvalidRequest("the chat template rewrites the last assistant message, so it cannot be continued",
+                         field="messages")
 
 
 def check_token_ids(token_ids: Sequence[int], vocab_size: int, field: str = "tokens") -> None:

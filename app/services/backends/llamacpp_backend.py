@@ -31,7 +31,7 @@ from ..errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFoun
 from ..gguf_metadata import read_gguf_header
 from ..text_stream import StreamAssembler, stream_tokens
 from ..types import Chunk, GenerationParams, Message, Prompt
-from .base import check_token_ids
+from .base import check_token_ids, continuation_prompt
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +273,12 @@ class LlamaCppBackend:
     def chat_template(self) -> Optional[str]:
         return self._llama.metadata.get("tokenizer.chat_template") if self._llama is not None else None
 
-    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None) -> Prompt:
+    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None,
+                continue_final: bool = False) -> Prompt:
         if messages is not None:
             text = self.render_prompt(messages)
+            if continue_final:
+                text = continuation_prompt(text, messages[-1])
             token_ids = self.tokenize(text)
         else:
             # A raw completion prompt gets the BOS the model's vocabulary asks for.

@@ -313,7 +313,12 @@ class RemoteBackend:
     def chat_template(self) -> Optional[str]:
         return None  # the server holds it and the OpenAI API does not expose it
 
-    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None) -> Prompt:
+    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None,
+                continue_final: bool = False) -> Prompt:
+        if continue_final:
+            # The server applies its own template; OpenAI's API has no way to say "continue".
+            raise InvalidRequest("the openai backend cannot continue an answer: the remote server renders the "
+                                 "chat itself; send the conversation without continue_final", field="continue_final")
         if messages is not None:
             return Prompt(text="", token_ids=(), messages=tuple(messages))
         if not text:

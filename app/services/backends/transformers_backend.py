@@ -9,6 +9,7 @@ stuck worker ends the stream with an error instead of hanging it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -26,7 +27,7 @@ from ..errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFoun
 from ..model_catalog import ADAPTER_WEIGHT_FILES, ModelSpec, adapter_matches_base, read_adapter_config
 from ..text_stream import GenerationFailed, StreamAssembler, stream_tokens
 from ..types import Chunk, GenerationParams, Message, Prompt
-from .base import check_token_ids
+from .base import check_token_ids, continuation_prompt
 from .hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
 from .incremental_detokenizer import make_detokenizer
 from .torch_device import DTYPE_BYTES, DeviceCaps, Placement, is_mps_size_error, place, prepare_process_for_torch, probe_caps
@@ -121,6 +122,7 @@ class TransformersBackend:
         self._prefix_cache = False
         self._kv_cache = None
         self._kv_ids: tuple[int, ...] = ()
+        self._kv_adapter_on = True  # the cache holds keys and values computed with the adapter on or off
         self.last_reused_tokens = 0
         self._versions: dict = {}
 
@@ -340,9 +342,12 @@ class TransformersBackend:
             return template.get("default") or next(iter(template.values()), None)
         return template or None
 
-    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None) -> Prompt:
+    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None,
+                continue_final: bool = False) -> Prompt:
         if messages is not None:
             text = self.render_prompt(messages)
+            if continue_final:
+                text = continuation_prompt(text, messages[-1])
             token_ids = self._encode(text, add_special_tokens=False)  # the template wrote its own BOS
         else:
             token_ids = self._encode(text, add_special_tokens=True)
@@ -395,7 +400,8 @@ class TransformersBackend:
         device = self._placement.device
         input_ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=device)
         streamer = _TokenQueue()
-        cache = self._take_prefix_cache(prompt.token_ids)
+        adapter_scope = self._adapter_scope(params.use_adapter)
+        cache = self._take_prefix_cache(prompt.token_ids, params.use_adapter)
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -410,7 +416,9 @@ class TransformersBackend:
         def run() -> None:
             try:
                 torch.manual_seed(seed)
-                with torch.inference_mode():
+                # disable_adapter flips state on the LoRA layers, not per thread; the model's queue
+                # runs one generation at a time, so no other request sees it switched off.
+                with torch.inference_mode(), adapter_scope:
                     self._model.generate(**kwargs)
                 completed.set()
             except BaseException as exc:  # the worker boundary: the stream must hear of it
@@ -436,7 +444,7 @@ class TransformersBackend:
             if worker.is_alive():
                 log.error("generate did not stop within %.0f s of being told to", WORKER_JOIN_S)
             elif completed.is_set():
-                self._keep_prefix_cache(cache, list(prompt.token_ids) + streamer.generated)
+                self._keep_prefix_cache(cache, list(prompt.token_ids) + streamer.generated, params.use_adapter)
         yield last
 
     def _arrivals(self, streamer: "_TokenQueue", detokenizer) -> Iterator[tuple[int, str]]:
@@ -454,7 +462,7 @@ class TransformersBackend:
             yield item, detokenizer.step(item)
 
     # -- prefix cache ------------------------------------------------------------------------
-    def _take_prefix_cache(self, token_ids: Sequence[int]):
+    def _take_prefix_cache(self, token_ids: Sequence[int], adapter_on: bool = True):
         """The KV cache of the last generation cut to the prefix it shares with this prompt, or
         a fresh one. At least one prompt token is always evaluated, as generate needs logits."""
         from transformers import DynamicCache
@@ -462,7 +470,7 @@ class TransformersBackend:
         cache, cached_ids = self._kv_cache, self._kv_ids
         self._kv_cache, self._kv_ids = None, ()  # in use: a failed generation leaves none behind
         self.last_reused_tokens = 0
-        if cache is None or not self._prefix_cache:
+        if cache is None or not self._prefix_cache or adapter_on != self._kv_adapter_on:
             return DynamicCache()
         shared = 0
         for cached, wanted in zip(cached_ids, token_ids):
@@ -478,12 +486,26 @@ class TransformersBackend:
         self.last_reused_tokens = shared
         return cache
 
-    def _keep_prefix_cache(self, cache, sequence: list[int]) -> None:
+    def _keep_prefix_cache(self, cache, sequence: list[int], adapter_on: bool = True) -> None:
         if not self._prefix_cache:
             return
         length = cache.get_seq_length()
         # the last generated token was sampled but never fed back, so the cache ends before it
-        self._kv_cache, self._kv_ids = cache, tuple(sequence[:length])
+        self._kv_cache, self._kv_ids, self._kv_adapter_on = cache, tuple(sequence[:length]), adapter_on
+
+    @property
+    def adapter_unmerged(self) -> bool:
+        """An adapter is loaded and kept apart from the weights, so it can be switched off."""
+        return self.spec.adapter is not None and not self._settings.merge_adapter
+
+    def _adapter_scope(self, use_adapter: bool):
+        if use_adapter or self.spec.adapter is None:
+            return contextlib.nullcontext()
+        if not self.adapter_unmerged:
+            raise InvalidRequest(f"the adapter {self.spec.adapter.name} is merged into the weights and cannot be "
+                                 f"switched off; load it unmerged (merge_adapter=false, as compare slots do)",
+                                 field="slot")
+        return self._model.disable_adapter()
 
     def clear_cache(self) -> None:
         """Forgets the KV cache, so the next request starts cold."""
