@@ -86,10 +86,10 @@ class GenerateRequest(SamplingRequest):
 
 class BatchRequest(SamplingRequest):
     prompts: list[Annotated[str, Field(min_length=1)]] = Field(
-        min_length=1, description="Each answered in turn as a single user turn; at most the server's max_messages (256)."
+        min_length=1, description="Each answered as a single user turn; at most the server's max_batch (64)."
     )
 
     @field_validator("prompts")
     @classmethod
     def _bounded(cls, prompts: list[str], info: ValidationInfo) -> list[str]:
-        return _at_most(prompts, _limits(info).max_messages)
+        return _at_most(prompts, _limits(info).max_batch)

@@ -34,7 +34,7 @@ def generation_events(generation: Generation) -> Iterator[str]:
                 if item.text:
                     yield sse_event("token", {"text": item.text})
                 if item.finish_reason == "error":
-                    yield sse_event("error", {"error": item.error, "type": "generation_error"})
+                    yield sse_event("error", {"error": item.error, "type": item.error_type or "generation_error"})
                 else:
                     yield sse_event(
                         "done",

@@ -57,6 +57,12 @@ class LimitSettings(BaseModel):
     max_queue: int = Field(8, ge=0, le=1024, description="Requests that may wait for the model; one more gets 429.")
     queue_retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After sent with a 429 when the queue is full.")
     stream_ttl_s: float = Field(60.0, gt=0, le=3600, description="How long a prepared stream id waits for its EventSource.")
+    max_batch: int = Field(64, ge=1, le=10000, description="Most prompts one /batch request may carry.")
+    generation_timeout_s: float = Field(
+        600.0, gt=0, le=86400,
+        description="Longest a single generation may run once it has the model; past it the answer ends with an "
+        "error saying so (what was streamed stays sent). Waiting in the queue does not count.",
+    )
     max_slots: int = Field(4, ge=1, le=16, description="Most models one compare set or one eval may hold.")
     max_test_set_bytes: int = Field(5_000_000, ge=1024, le=1 << 30, description="Largest eval test set accepted; more gets a 400.")
     max_test_set_rows: int = Field(10_000, ge=1, le=1_000_000, description="Most rows an eval test set may have.")
@@ -98,6 +104,11 @@ class TransformersSettings(BaseModel):
         description="Keep the KV cache of the last generation and evaluate only the new suffix of the next "
         "prompt. auto turns it on for fp32, where a warm answer matches a cold one (measured max logit "
         "difference 4e-5); in bf16/fp16 the batch shape moves logits by up to 0.25 and greedy answers can change.",
+    )
+    max_batch_size: int = Field(
+        4, ge=1, le=256,
+        description="Requests generated together as one left-padded batch (concurrent chats, /batch, evals); "
+        "1 generates one at a time. Requests with a seed of their own, or different sampling settings, run apart.",
     )
     token_timeout_s: float = Field(120.0, gt=0, le=3600, description="A generation that yields no token for this long ends with an error.")
     memory_limit_bytes: Optional[int] = Field(

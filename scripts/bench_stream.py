@@ -11,7 +11,8 @@ llama.cpp (the embedded GGUF):
 transformers (the default checkpoint built from the same GGUF):
   bare generate   ``model.generate`` in-process with no streamer (the baseline of the SSE target)
   (c) in-process fp32, the CPU default         (d) the same through HTTP SSE
-  (e) in-process bf16                          (f)/(g) a rank-16 all-linear LoRA, merged / unmerged
+  (e) in-process bf16                          (f)/(g) a rank-16 all-linear LoRA, merged / unmerged,
+  (h) that unmerged LoRA switched off (compare mode's shared base column)
 
 Every path decodes the same prompt greedily to exactly the asked number of tokens (``ignore_eos``;
 llama-cpp-python has no such switch, but this prompt runs past 256 tokens without an end token);
@@ -71,6 +72,7 @@ TARGETS = [
     (("backends", "llamacpp", "ratios", "sse_over_llama_bench"), ">=", 0.9),
     (("backends", "llamacpp", "ratios", "sse_over_create_chat_completion"), ">=", 1.0),
     (("backends", "transformers", "ratios", "sse_over_bare_generate"), ">=", 0.9),
+    (("backends", "transformers", "ratios", "batch4_over_sequential"), ">=", 2.0),  # issue 7
     (("backends", "llamacpp", "multi_turn", "turn10_over_turn1_ttft"), "<=", 1.5),
     (("backends", "transformers", "multi_turn", "turn10_over_turn1_ttft"), "<=", 1.5),
     (("startup", "health_s"), "<", 2.0),
@@ -529,6 +531,56 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
     }
 
 
+BATCH_PROMPTS = [PROMPT, "Write a poem about the mountains in winter.", "Explain how a bicycle works.",
+                 "Describe a busy market in the morning."]
+
+
+def default_cpu_dtype() -> str:
+    from app.services.backends.torch_device import choose_dtype, probe_caps
+
+    return choose_dtype("auto", "cpu", probe_caps())
+
+
+def measure_batching(backend, params: GenerationParams, runs: int) -> dict:
+    """Aggregate decode throughput of 4 different requests run one after another, and together as
+    rows of one left-padded batch (the backend's rounds, as concurrent clients, /batch and evals
+    get them), alternately, ``runs`` times; the ratio is paired per round."""
+    prompts = [backend.prepare(messages=[Message("user", text)]) for text in BATCH_PROMPTS]
+
+    def consume(prompt) -> int:
+        return sum(len(chunk.token_ids) for chunk in backend.stream(prompt, params, threading.Event()))
+
+    def sequential() -> float:
+        started = time.perf_counter()
+        tokens = sum(consume(prompt) for prompt in prompts)
+        return tokens / (time.perf_counter() - started)
+
+    def together() -> float:
+        counts = [0] * len(prompts)
+
+        def run(index: int) -> None:
+            counts[index] = consume(prompts[index])
+
+        for _ in prompts:
+            backend.expect_row()  # what the service does as it lets each request in
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return sum(counts) / (time.perf_counter() - started)
+
+    one_by_one, batched = [], []
+    for _ in range(runs):
+        one_by_one.append(sequential())
+        batched.append(together())
+    return {"batch_size": len(prompts), "sequential_tokens_per_second": statistics.median(one_by_one),
+            "batched_tokens_per_second": statistics.median(batched),
+            "batched_over_sequential": paired_ratio(batched, one_by_one),
+            "round_sizes": list(backend.round_sizes)[-len(prompts) - 1:]}
+
+
 def random_lora(base: Path, out: Path, rank: int = 16) -> Path:
     """A rank-``rank`` LoRA on all linear layers with random (not zero) B matrices: it costs
     what a trained adapter costs, without training one."""
@@ -590,8 +642,13 @@ def bench_transformers(args, params: GenerationParams) -> dict:
                 "hf-bf16": ("(e) transformers bf16 in-process", in_process_path(backends["hf-bf16"], prompt, params)),
                 "hf-lora-merged": ("(f) fp32 + LoRA r16 merged", in_process_path(backends["hf-lora-merged"], prompt, params)),
                 "hf-lora-unmerged": ("(g) fp32 + LoRA r16 unmerged", in_process_path(backends["hf-lora-unmerged"], prompt, params)),
+                # compare mode's base column: the fine-tune's unmerged weights with the adapter switched off
+                "hf-lora-off": ("(h) the same unmerged LoRA switched off (compare's shared base)",
+                                in_process_path(backends["hf-lora-unmerged"], prompt, dataclasses.replace(params, use_adapter=False))),
             }
             results = measure(paths, args.runs, args.warmup)
+            batch_params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, 64))
+            batching = {dtype: measure_batching(backends[f"hf-{dtype}"], batch_params, args.runs) for dtype in ("fp32", "bf16")}
             multi_turn = measure_multi_turn(server.url, args.multi_turn_runs, args.multi_turn_answer_tokens)
             multi_turn["prefix_cache"] = server.status().get("info", {}).get("prefix_cache")
     finally:
@@ -612,7 +669,13 @@ def bench_transformers(args, params: GenerationParams) -> dict:
             "bf16_over_fp32_ttft": results["hf-bf16"].ttft_ms / results["hf-fp32"].ttft_ms,
             "merged_over_unmerged_tokens_per_second": ratio(results, "hf-lora-merged", "hf-lora-unmerged"),
             "merged_over_base_tokens_per_second": ratio(results, "hf-lora-merged", "hf-fp32"),
+            "adapter_off_over_base_tokens_per_second": ratio(results, "hf-lora-off", "hf-fp32"),
+            # the CPU default dtype's: bf16 where the CPU has native bf16, else fp32 (see README)
+            "batch4_over_sequential": batching[default_cpu_dtype()]["batched_over_sequential"],
+            "batch4_over_sequential_fp32": batching["fp32"]["batched_over_sequential"],
+            "batch4_over_sequential_bf16": batching["bf16"]["batched_over_sequential"],
         },
+        "batching": batching,
         "baseline": "hf-bare-generate",
         "multi_turn": multi_turn,
     }
@@ -700,6 +763,14 @@ def report_markdown(summary: dict) -> str:
                   f"Model `{Path(section['model']).name}`, {section['prompt_tokens']} prompt tokens, "
                   f"{section['max_new_tokens']} new tokens, greedy.", "", paths_table(section), "",
                   ", ".join(f"{key} = {fmt(value, 3)}" for key, value in section["ratios"].items())]
+    batching = summary["backends"].get("transformers", {}).get("batching")
+    if batching:
+        lines += ["", "## transformers: 4 requests one after another vs as one left-padded batch", "",
+                  "| dtype | sequential tokens/s | batched tokens/s (aggregate) | × sequential (paired) | rows per round |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+        for dtype, figures in batching.items():
+            lines.append(f"| {dtype} | {fmt(figures['sequential_tokens_per_second'])} | {fmt(figures['batched_tokens_per_second'])} | "
+                         f"{fmt(figures['batched_over_sequential'], 2)} | {figures['round_sizes']} |")
     multi = {name: section["multi_turn"] for name, section in summary["backends"].items() if "multi_turn" in section}
     if multi:
         names = list(multi)

@@ -16,7 +16,8 @@ from scripts.bench_stream import TARGETS, evaluate_targets
 
 PATHS = {
     "llamacpp": {"llama-bench", "create-chat-completion", "in-process", "http-sse", "openai-sse"},
-    "transformers": {"hf-bare-generate", "hf-fp32", "hf-sse", "hf-bf16", "hf-lora-merged", "hf-lora-unmerged"},
+    "transformers": {"hf-bare-generate", "hf-fp32", "hf-sse", "hf-bf16", "hf-lora-merged", "hf-lora-unmerged",
+                     "hf-lora-off"},
 }
 RATIOS = {
     "llamacpp": {"sse_over_llama_bench", "sse_over_create_chat_completion", "openai_sse_over_llama_bench",
@@ -24,7 +25,9 @@ RATIOS = {
                  "sse_over_in_process_tokens_per_second", "sse_added_ttft_ms", "openai_sse_over_in_process_tokens_per_second"},
     "transformers": {"sse_over_bare_generate", "in_process_over_bare_generate", "sse_over_in_process_tokens_per_second",
                      "sse_added_ttft_ms", "bf16_over_fp32_tokens_per_second", "bf16_over_fp32_ttft",
-                     "merged_over_unmerged_tokens_per_second", "merged_over_base_tokens_per_second"},
+                     "merged_over_unmerged_tokens_per_second", "merged_over_base_tokens_per_second",
+                     "adapter_off_over_base_tokens_per_second", "batch4_over_sequential", "batch4_over_sequential_fp32",
+                     "batch4_over_sequential_bf16"},
 }
 # Ratios against llama-bench are None (with a note on the path) where it has not been built.
 NEEDS_LLAMA_BENCH = {"sse_over_llama_bench", "openai_sse_over_llama_bench", "in_process_over_llama_bench"}
@@ -72,7 +75,11 @@ def test_quick_bench_publishes_every_path_ratio_and_file(tmp_path):
         assert check["met"] in (True, False) or (check["met"] is None and not llama_bench_built), check
 
     markdown = (tmp_path / "latest.md").read_text()
-    for heading in ("## Targets (issue 8)", "## llamacpp", "## transformers", "## Multi-turn TTFT", "## Startup"):
+    batching = summary["backends"]["transformers"]["batching"]
+    assert set(batching) == {"fp32", "bf16"}
+    assert all(figures["batched_tokens_per_second"] > 0 and 4 in figures["round_sizes"] for figures in batching.values())
+    for heading in ("## Targets (issue 8)", "## llamacpp", "## transformers", "## Multi-turn TTFT", "## Startup",
+                    "## transformers: 4 requests one after another vs as one left-padded batch"):
         assert heading in markdown
     for section in summary["backends"].values():
         for path in section["paths"].values():

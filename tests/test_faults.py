@@ -100,6 +100,10 @@ def test_full_queue_is_a_429_with_retry_after_and_waiting_clients_see_their_plac
         assert refused.status_code == 429
         assert refused.headers["Retry-After"] == "3"
         assert refused.json()["type"] == "queue_full"
+        streamed_refusal = requests.post(f"{url}/api/chat_stream", json={**BODY, "request_id": "refused-1"}, timeout=10)
+        assert streamed_refusal.status_code == 429
+        # refused requests leave nothing behind: only the holder and the waiter are registered
+        assert len(app.extensions["model_service"].active()) == 2
         assert [e for e, _ in holder_events][-1] == "done"
         rest = list(waiter_events)
         assert [e for e, _ in rest][-1] == "done"
@@ -137,3 +141,17 @@ def test_stream_routes_validate_before_streaming(tmp_path, route):
     response = app.test_client().post(route, json={"prompt": ""})
     assert response.status_code == 400
     assert response.mimetype == "application/json"
+
+
+def test_a_generation_past_the_time_limit_ends_with_an_error_and_the_model_serves_on(tmp_path):
+    app, _ = fake_app(tmp_path, limits=LimitSettings(generation_timeout_s=0.3), tokens=["x"] * 40, delay_s=0.05)
+    client = app.test_client()
+    events = sse_events_from_body(client.post("/api/chat_stream", json={**BODY, "max_new_tokens": 40}).get_data())
+    kinds = [event for event, _ in events]
+    assert 2 <= kinds.count("token") < 40  # what came before the limit was sent
+    assert events[-1][0] == "error" and events[-1][1]["type"] == "generation_timeout"
+    assert "limits.generation_timeout_s" in events[-1][1]["error"]
+    whole = client.post("/api/chat", json={**BODY, "max_new_tokens": 40})
+    assert whole.status_code == 504 and whole.get_json()["type"] == "generation_timeout"
+    quick = client.post("/api/chat", json={**BODY, "max_new_tokens": 2})
+    assert quick.status_code == 200 and quick.get_json()["response"]

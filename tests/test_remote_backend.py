@@ -414,3 +414,25 @@ def test_request_carries_the_sampling_and_usage_from_the_server_wins(tmp_path):
             "temperature": 0.3, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.2, "repeat_penalty": 1.2,
             "seed": 5, "stop": ["zz"]}
         assert app.test_client().get("/api/model_status").get_json()["info"]["usage"] == "reported by the server"
+
+
+@pytest.mark.parametrize("how", ["closed", "reset"])
+def test_server_dying_mid_stream_ends_with_a_clean_error_event(tmp_path, how):
+    import socket
+    import struct
+
+    def dies(handler):
+        start_stream(handler)
+        send_event(handler, delta("Hel"))
+        if how == "reset":  # a killed process: the kernel answers with RST
+            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        handler.connection.close()
+        handler.close_connection = True
+
+    with FakeServer(chat=dies) as fake:
+        app = remote_app(tmp_path, fake.url)
+        events = stream_events(app)
+        assert events[0] == ("token", {"text": "Hel"})
+        assert events[-1][0] == "error" and "remote server" in events[-1][1]["error"]
+        # the app goes on serving: the status still answers and names the model
+        assert app.test_client().get("/api/model_status").status_code == 200

@@ -5,7 +5,7 @@ from flask import Blueprint, current_app, jsonify, url_for
 
 from ..schemas import (ApplyTemplateBody, ChatBody, DetokenizeBody, FidelityBody, LoadModelBody, StopBody, TokenizeBody,
                        parse_body)
-from ..services.errors import NotFound, ServiceError
+from ..services.errors import GenerationTimeout, NotFound, ServiceError
 from ..services.model_service import Generation, ModelService
 from ..sse import generation_events, sse_response
 
@@ -73,6 +73,8 @@ def chat():
     generation = start_generation()
     result = generation.collect()
     if result.finish_reason == "error":
+        if result.error_type == "generation_timeout":
+            raise GenerationTimeout(result.error)
         raise ServiceError(result.error or "generation failed")
     return jsonify(
         {

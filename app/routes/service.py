@@ -14,7 +14,7 @@ from ..errors import register_detail_error_handlers
 from ..schemas import parse_body
 from ..service_schemas import BatchRequest, GenerateRequest, SamplingRequest, ServiceChatRequest
 from ..services.errors import NoModelLoaded, ServiceError
-from ..services.model_service import GenerationResult, ModelService
+from ..services.model_service import GenerationResult, ModelService, collect_together
 from ..services.template_kinds import template_kind
 from ..services.types import Message
 from ..sse import service_events, sse_response
@@ -94,19 +94,28 @@ def generate():
 
 @bp.post("/batch")
 def batch():
-    """The prompts one after another, each a single user turn; all answers or one error."""
+    """Each prompt a single user turn; all answers or one error. On transformers the prompts run
+    as left-padded batches of the backend's max_batch_size, elsewhere one after another."""
     body = parse(BatchRequest)
     model_name = require_model()
     params = body.params()
+    service = model_service()
     results = []
-    for index, prompt in enumerate(body.prompts):
+    step = service.batch_size  # on transformers, that many prompts run as one left-padded batch
+    for first in range(0, len(body.prompts), step):
+        generations = []
         try:
-            result = finished(model_service().start(params, messages=[Message("user", prompt)]).collect())
+            for index in range(first, min(first + step, len(body.prompts))):
+                generations.append(service.start(params, messages=[Message("user", body.prompts[index])]))
         except ServiceError as exc:
+            for generation in generations:
+                generation.close()
             # Name the prompt that failed; the status (400 too long, 429 busy, ...) stays its own.
             exc.message = f"prompts.{index}: {exc.message}"
             raise
-        results.append({"prompt": prompt, "response": result.text, "usage": result.usage,
-                        "finish_reason": result.finish_reason})
+        for offset, collected in enumerate(collect_together(generations)):
+            result = finished(collected)
+            results.append({"prompt": body.prompts[first + offset], "response": result.text,
+                            "usage": result.usage, "finish_reason": result.finish_reason})
     usage = {key: sum(r["usage"][key] for r in results) for key in USAGE_KEYS}
     return jsonify({"results": results, "usage": usage, "model": model_name})

@@ -84,3 +84,8 @@ class RemoteUnavailable(ServiceError):
 class PathNotAllowed(ServiceError):
     status = 403
     type = "path_not_allowed"
+
+
+class GenerationTimeout(ServiceError):
+    status = 504
+    type = "generation_timeout"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator, Optional, Sequence
@@ -21,7 +20,7 @@ from config.settings import Settings
 from . import eval_metrics
 from .errors import InvalidRequest, ServiceError
 from .eval_store import EvalStore
-from .model_service import Generation
+from .model_service import Generation, collect_together
 from .model_slots import EnginePool, Slot, SlotRequest
 from .test_sets import TestRow
 from .types import GenerationParams, Message
@@ -54,7 +53,7 @@ class _Run:
     done: int
     total: int
     cancel: threading.Event = field(default_factory=threading.Event)
-    current: Optional[Generation] = None
+    current: list[Generation] = field(default_factory=list)
     thread: Optional[threading.Thread] = None
     last_model: Optional[str] = None
     last_row: Optional[int] = None
@@ -149,22 +148,24 @@ class EvalService:
             run.meta["labels"] = [slot.label for slot in slots]
             self.store.write_meta(run.eval_id, run.meta)
             finished = set(self.store.outputs(run.eval_id))
-            for row in run.rows:
+            # rows go in groups: on transformers a group is one left-padded batch per model
+            group = max(slot.service.batch_size for slot in slots)
+            for first in range(0, len(run.rows), group):
+                rows = run.rows[first:first + group]
                 for model_index, slot in enumerate(slots):
-                    if (row.index, model_index) in finished:
-                        continue
                     if run.cancel.is_set():
                         break
-                    output = self._answer(run, slot, row, model_index)
-                    if output is None:  # cancelled mid-answer: not a result; a resume redoes it
-                        break
-                    self.store.save_output(run.eval_id, row.index, model_index, output)
-                    with self._changed:
-                        run.done += 1
-                        run.last_model, run.last_row = slot.label, row.index
-                        self._changed.notify_all()
-                    if on_progress:
-                        on_progress(self._progress_of(run))
+                    pending = [row for row in rows if (row.index, model_index) not in finished]
+                    for row, output in zip(pending, self._answers(run, slot, pending, model_index)):
+                        if output is None:  # cancelled mid-answer: not a result; a resume redoes it
+                            continue
+                        self.store.save_output(run.eval_id, row.index, model_index, output)
+                        with self._changed:
+                            run.done += 1
+                            run.last_model, run.last_row = slot.label, row.index
+                            self._changed.notify_all()
+                        if on_progress:
+                            on_progress(self._progress_of(run))
             final = "cancelled" if run.cancel.is_set() and run.done < run.total else "done"
             self._finish(run, final, None)
         except Exception as exc:  # the worker boundary: the eval's state must say why it stopped
@@ -174,35 +175,45 @@ class EvalService:
         finally:
             self._pool.release([slot.engine for slot in slots])
 
-    def _answer(self, run: _Run, slot: Slot, row: TestRow, model_index: int) -> Optional[dict]:
-        messages = ([Message("system", row.system)] if row.system else []) + [Message("user", row.prompt)]
-        started = time.perf_counter()
-        try:
-            generation = slot.service.start(slot.params(run.params), messages=messages,
-                                            generation_id=f"eval-{run.eval_id}-{row.index}-{model_index}")
-        except ServiceError as exc:  # this row does not fit this model (too long, say): scored as empty
-            return {"output": "", "finish_reason": "error", "error": exc.message, "completion_tokens": 0,
-                    "latency_ms": 0.0, "ttft_ms": None, "tokens_per_second": None,
-                    **eval_metrics.score("", row.reference)}
-        run.current = generation
+    def _answers(self, run: _Run, slot: Slot, rows: list[TestRow], model_index: int) -> list[Optional[dict]]:
+        """Each row's scored answer from this model (None: cancelled before it finished)."""
+        outputs: list[Optional[dict]] = [None] * len(rows)
+        started: list[tuple[int, Generation]] = []
+        for position, row in enumerate(rows):
+            messages = ([Message("system", row.system)] if row.system else []) + [Message("user", row.prompt)]
+            try:
+                generation = slot.service.start(slot.params(run.params), messages=messages,
+                                                generation_id=f"eval-{run.eval_id}-{row.index}-{model_index}")
+            except ServiceError as exc:  # this row does not fit this model (too long, say): scored as empty
+                outputs[position] = {"output": "", "finish_reason": "error", "error": exc.message, "completion_tokens": 0,
+                                     "latency_ms": 0.0, "ttft_ms": None, "tokens_per_second": None,
+                                     **eval_metrics.score("", row.reference)}
+                continue
+            started.append((position, generation))
+        run.current = [generation for _, generation in started]
         if run.cancel.is_set():
-            generation.cancel.set()
+            for generation in run.current:
+                generation.cancel.set()
         try:
-            result = generation.collect()
+            results = collect_together(run.current)
         finally:
-            run.current = None
-        if result.finish_reason == "cancelled":
-            return None
-        return {
-            "output": result.text,
-            "finish_reason": result.finish_reason,
-            "error": result.error,
-            "completion_tokens": result.usage.get("completion_tokens", 0),
-            "latency_ms": round((time.perf_counter() - started) * 1000.0, 1),
-            "ttft_ms": result.timings.get("ttft_ms"),
-            "tokens_per_second": result.timings.get("tokens_per_second"),
-            **eval_metrics.score(result.text, row.reference),
-        }
+            run.current = []
+        for (position, _), result in zip(started, results):
+            if result.finish_reason == "cancelled":
+                continue
+            row = rows[position]
+            outputs[position] = {
+                "output": result.text,
+                "finish_reason": result.finish_reason,
+                "error": result.error,
+                "completion_tokens": result.usage.get("completion_tokens", 0),
+                # the answer's own time, first token and decode, without its wait for the model
+                "latency_ms": round(result.timings.get("ttft_ms", 0.0) + result.timings.get("decode_ms", 0.0), 1),
+                "ttft_ms": result.timings.get("ttft_ms"),
+                "tokens_per_second": result.timings.get("tokens_per_second"),
+                **eval_metrics.score(result.text, row.reference),
+            }
+        return outputs
 
     def _finish(self, run: _Run, state: str, error: Optional[str]) -> None:
         final = {**run.meta, "state": state, "error": error,
@@ -224,12 +235,17 @@ class EvalService:
         run = self._run
         if run is not None and run.eval_id == eval_id and run.meta["state"] == "running":
             run.cancel.set()
-            current = run.current
-            if current is not None:
-                current.cancel.set()
+            for generation in list(run.current):
+                generation.cancel.set()
             if run.thread is not None:
                 run.thread.join(30.0)
         return self.progress(eval_id)
+
+    def cancel_running(self) -> None:
+        """Stops the running eval, if any (at shutdown; it resumes later from its saved answers)."""
+        running = self.running()
+        if running is not None:
+            self.cancel(running["id"])
 
     def _state_of(self, meta: dict) -> str:
         run = self._run

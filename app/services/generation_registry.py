@@ -34,6 +34,11 @@ class GenerationRegistry:
         if stopped_at is not None and time.monotonic() - stopped_at < EARLY_STOP_KEPT_S:
             generation.cancel.set()
 
+    def discard(self, generation: "Generation") -> None:
+        with self._lock:
+            if self._active.get(generation.id) is generation:
+                del self._active[generation.id]
+
     def finished_one(self, generation: "Generation", record: dict) -> None:
         with self._lock:
             self._active.pop(generation.id, None)

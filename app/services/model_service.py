@@ -14,7 +14,8 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 from config.settings import Settings
 
 from .backends.base import Backend
-from .errors import ContextLengthExceeded, InvalidModel, InvalidRequest, ModelNotFound, ModelTooLarge, ServiceError
+from .errors import (ContextLengthExceeded, InvalidModel, InvalidRequest, ModelNotFound, ModelTooLarge, QueueFull,
+                     ServiceError)
 from .generation_queue import GenerationQueue, Ticket
 from .generation_registry import GenerationRegistry
 from .model_catalog import ModelCatalog, ModelSpec
@@ -39,6 +40,7 @@ class GenerationResult:
     usage: dict
     timings: dict
     error: Optional[str] = None
+    error_type: Optional[str] = None
 
 
 BackendFactory = Callable[[ModelSpec, Settings], Backend]
@@ -97,6 +99,9 @@ class Generation:
         self.params = params
         self._ticket: Optional[Ticket] = None
         self._created = time.perf_counter()
+        self._announced_to: Optional[Backend] = None
+        self._streamed = False
+        self.timed_out = False
         self.outcome: Optional[Chunk] = None  # the last chunk, once the generation has ended
         self.tokens_seen = 0
 
@@ -107,7 +112,28 @@ class Generation:
     def admit(self) -> None:
         """Takes a place in the model's queue; raises QueueFull (429) when it is full."""
         if self._ticket is None:
-            self._ticket = self._service._queue.enter()
+            try:
+                self._ticket = self._service._queue.enter()
+            except QueueFull:
+                self._service.registry.discard(self)  # refused, never ran: nothing to record or stop
+                raise
+            if self._service._queue.runnable(self._ticket):
+                self._announce()
+
+    def _announce(self) -> None:
+        """Tells a batching backend this request is on its way, so a round that is about to start
+        waits for it instead of leaving it for the next one."""
+        if self._announced_to is None:
+            self._announced_to = self._backend
+            expect_row = getattr(self._backend, "expect_row", None)
+            if expect_row is not None:
+                expect_row()
+
+    def _withdraw(self) -> None:
+        if self._announced_to is not None and not self._streamed:
+            not_coming = getattr(self._announced_to, "row_not_coming", None)
+            if not_coming is not None:
+                not_coming()
 
     def __iter__(self) -> Iterator[Union[Chunk, QueueUpdate]]:
         self.admit()
@@ -132,7 +158,21 @@ class Generation:
                 self._prompt = self._service._prepare(backend, self._messages, self._text, self.params,
                                                      self._continue_final)
                 self._backend, self.model = backend, backend.model
+            if self._announced_to is not backend:
+                self._withdraw()
+                self._announced_to = None
+                self._announce()
+            self._streamed = True
+            deadline = time.monotonic() + self._service._settings.limits.generation_timeout_s
             for chunk in backend.stream(self._prompt, self.params, self.cancel):
+                if time.monotonic() > deadline and not chunk.is_last and not self.timed_out:
+                    self.timed_out = True
+                    self.cancel.set()  # the backend ends at its next token; its last chunk becomes the error
+                if chunk.is_last and self.timed_out:
+                    limit = self._service._settings.limits.generation_timeout_s
+                    chunk = dataclasses.replace(chunk, finish_reason="error", error_type="generation_timeout", error=(
+                        f"the generation ran longer than the server's limit of {limit:g} s (limits.generation_timeout_s); "
+                        f"the answer so far was sent"))
                 self.tokens_seen += len(chunk.token_ids)
                 if chunk.timings is not None:
                     chunk.timings = dataclasses.replace(chunk.timings, queue_ms=queue_ms)
@@ -162,7 +202,28 @@ class Generation:
                     last = item
         usage = last.usage.to_dict() if last.usage else {"prompt_tokens": self.prompt_tokens, "completion_tokens": 0, "total_tokens": self.prompt_tokens}
         timings = last.timings.to_dict() if last.timings else {}
-        return GenerationResult("".join(parts), last.finish_reason, usage, timings, last.error)
+        return GenerationResult("".join(parts), last.finish_reason, usage, timings, last.error, last.error_type)
+
+
+def collect_together(generations: Sequence[Generation]) -> list[GenerationResult]:
+    """Collects generations at the same time, each on a thread of its own, so a backend that
+    batches (transformers) runs them as rows of one batch; on others they simply queue."""
+    results: list[Optional[GenerationResult]] = [None] * len(generations)
+    for generation in generations:  # in line together, in order, before any thread runs
+        generation.admit()
+
+    def collect(index: int) -> None:
+        results[index] = generations[index].collect()
+
+    helpers = [threading.Thread(target=collect, args=(i,), name=f"collect-{generations[i].id}", daemon=True)
+               for i in range(1, len(generations))]
+    for helper in helpers:
+        helper.start()
+    if generations:
+        collect(0)
+    for helper in helpers:
+        helper.join()
+    return results
 
 
 class ModelService:
@@ -260,7 +321,7 @@ class ModelService:
         except ServiceError as exc:
             self._set_error(exc.message)
             raise
-        ticket = self._queue.enter(bypass_limit=True)  # a switch waits for the running generation
+        ticket = self._queue.enter(bypass_limit=True, exclusive=True)  # a switch waits for the running generations
         try:
             while self._queue.wait(ticket, QUEUE_POLL_S) != 0:
                 pass
@@ -282,6 +343,7 @@ class ModelService:
                 raise
             # The remote backend learns at load which model its server serves when none was named.
             target = getattr(candidate, "resolved_spec", target)
+            self._queue.set_capacity(getattr(candidate, "max_batch_size", 1))
             with self._status_lock:
                 self._backend, self._spec, self._requested, self._state = candidate, target, target, "loaded"
             log.info("model %s ready in %.2f s", target.label, time.perf_counter() - started)
@@ -316,7 +378,7 @@ class ModelService:
                 raise
         self._check_gguf_fits(gguf_spec.path)
         with self._load_lock:  # no switch or unload mid-check: it would load a third model beside ours
-            ticket = self._queue.enter(bypass_limit=True)
+            ticket = self._queue.enter(bypass_limit=True, exclusive=True)
             try:
                 while self._queue.wait(ticket, QUEUE_POLL_S) != 0:
                     pass
@@ -401,7 +463,7 @@ class ModelService:
 
     def unload(self) -> dict:
         with self._load_lock:
-            ticket = self._queue.enter(bypass_limit=True)
+            ticket = self._queue.enter(bypass_limit=True, exclusive=True)
             try:
                 while self._queue.wait(ticket, QUEUE_POLL_S) != 0:
                     pass
@@ -411,6 +473,11 @@ class ModelService:
             finally:
                 self._queue.leave(ticket)
         return self.status()
+
+    @property
+    def batch_size(self) -> int:
+        """How many generations the loaded backend runs together (1 where it runs one at a time)."""
+        return getattr(self._current_backend(), "max_batch_size", 1)
 
     def current_backend(self) -> Optional[Backend]:
         """The loaded backend, or None; unlike ensure_loaded it never loads."""
@@ -444,6 +511,7 @@ class ModelService:
         return generation
 
     def _finish(self, generation: Generation) -> None:
+        generation._withdraw()
         if generation._ticket is not None:
             self._queue.leave(generation._ticket)
         outcome = generation.outcome

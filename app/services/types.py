@@ -98,6 +98,7 @@ class Chunk:
     usage: Optional[Usage] = None
     timings: Optional[Timings] = None
     error: Optional[str] = None  # set with finish_reason "error"
+    error_type: Optional[str] = None  # what kind of error, for clients: "generation_timeout", ...
 
     @property
     def is_last(self) -> bool:

@@ -17,7 +17,6 @@ import queue
 import random
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -30,6 +29,7 @@ from ..types import Chunk, GenerationParams, Message, Prompt
 from .base import check_token_ids, continuation_prompt
 from .hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
 from .incremental_detokenizer import make_detokenizer
+from .transformers_batching import END, Failure, PaddedRepetitionPenalty, RoundBatcher, RoundStreamer, Row
 from .torch_device import DTYPE_BYTES, DeviceCaps, Placement, is_mps_size_error, place, prepare_process_for_torch, probe_caps
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,6 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 WORKER_JOIN_S = 30.0
 DEVICE_NAMES = {"cuda": "CUDA", "mps": "MPS", "cpu": "CPU"}
-
-
-@dataclass(frozen=True)
-class _Failure:
-    error: BaseException
-
-
-_END = object()
 
 
 def model_inputs(encoded: dict) -> dict:
@@ -83,26 +75,6 @@ class OpenAIPenalties:
         return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
 
 
-class _TokenQueue:
-    """The streamer ``generate`` feeds: new token ids into a queue, the prompt skipped."""
-
-    def __init__(self):
-        self.queue: queue.Queue = queue.Queue()
-        self.generated: list[int] = []  # every id generate produced, read or not: the KV cache holds them
-        self._prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self._prompt_seen:  # generate first hands over the prompt itself
-            self._prompt_seen = True
-            return
-        for token_id in value.reshape(-1).tolist():
-            self.generated.append(token_id)
-            self.queue.put(token_id)
-
-    def end(self) -> None:
-        self.queue.put(_END)
-
-
 class TransformersBackend:
     name = "transformers"
 
@@ -122,6 +94,7 @@ class TransformersBackend:
         self._prefix_cache = False
         self._kv_cache = None
         self._kv_ids: tuple[int, ...] = ()
+        self._batcher: Optional[RoundBatcher] = None
         self._kv_adapter_on = True  # the cache holds keys and values computed with the adapter on or off
         self.last_reused_tokens = 0
         self._versions: dict = {}
@@ -214,6 +187,7 @@ class TransformersBackend:
             raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
         model.eval()
         self._model, self._tokenizer = model, tokenizer
+        self._batcher = RoundBatcher(self._run_round, self.max_batch_size)
         self._prefix_cache = self._settings.prefix_cache == "on" or (
             self._settings.prefix_cache == "auto" and placement.dtype == "fp32"
         )
@@ -247,7 +221,31 @@ class TransformersBackend:
                 ids.update(v for v in value if isinstance(v, int))
         return frozenset(ids)
 
+    def expect_row(self) -> None:
+        """Called by the service as it lets a request in, before stream(): a round about to start
+        waits for it (see RoundBatcher.expect)."""
+        if self._batcher is not None:
+            self._batcher.expect()
+
+    def row_not_coming(self) -> None:
+        """An announced request ended without reaching stream() (its client left first)."""
+        if self._batcher is not None:
+            self._batcher.not_coming()
+
+    @property
+    def round_sizes(self) -> list[int]:
+        """Rows in each of the latest generate calls (1: alone)."""
+        return list(self._batcher.round_sizes) if self._batcher else []
+
+    @property
+    def max_batch_size(self) -> int:
+        """Generations the service lets in at once: they share generate calls (see transformers_batching)."""
+        return self._settings.max_batch_size
+
     def unload(self) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
         self.clear_cache()
         model, self._model, self._tokenizer = self._model, None, None
         if model is not None:
@@ -274,6 +272,7 @@ class TransformersBackend:
             "adapter": str(self.spec.adapter) if self.spec.adapter else None,
             "adapter_merged": bool(self.spec.adapter) and self._settings.merge_adapter,
             "prefix_cache": self._prefix_cache,
+            "max_batch_size": self.max_batch_size,
         }
         if self._model is not None:
             config = self._model.config
@@ -382,82 +381,92 @@ class TransformersBackend:
         return kwargs
 
     def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        halt = threading.Event()  # set by a stop string, a closed stream or Stop
-
-        class Halted(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), halt.is_set() or cancel.is_set(),
-                                  dtype=torch.bool, device=input_ids.device)
-
         assembler = StreamAssembler(len(prompt.token_ids), params.stop)
         budget = min(params.max_new_tokens, self.n_ctx - len(prompt.token_ids))
-        if budget <= 0:
+        row = None
+        try:
+            if budget > 0:
+                self._adapter_scope(params.use_adapter)  # refuses a merged adapter before the row waits for a round
+                row = Row(prompt, params, cancel, budget)
+                self._batcher.submit(row)
+        finally:
+            if row is None:
+                self._batcher.not_coming()
+        if row is None:
             yield assembler.finish("length")
             return
-        device = self._placement.device
-        input_ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=device)
-        streamer = _TokenQueue()
-        adapter_scope = self._adapter_scope(params.use_adapter)
-        cache = self._take_prefix_cache(prompt.token_ids, params.use_adapter)
-        kwargs = dict(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([Halted()]),
-            past_key_values=cache,
-            **self._generation_kwargs(params, budget, len(prompt.token_ids)),
-        )
-        seed = params.seed if params.seed is not None else random.randrange(2**31)
-        completed = threading.Event()
-
-        def run() -> None:
-            try:
-                torch.manual_seed(seed)
-                # disable_adapter flips state on the LoRA layers, not per thread; the model's queue
-                # runs one generation at a time, so no other request sees it switched off.
-                with torch.inference_mode(), adapter_scope:
-                    self._model.generate(**kwargs)
-                completed.set()
-            except BaseException as exc:  # the worker boundary: the stream must hear of it
-                log.exception("generate failed")
-                streamer.queue.put(_Failure(exc))
-            finally:
-                streamer.queue.put(_END)
-
-        worker = threading.Thread(target=run, name="transformers-generate", daemon=True)
         detokenizer = make_detokenizer(self._tokenizer, prompt.token_ids)
         is_end = (lambda token_id: False) if params.ignore_eos else (lambda token_id: token_id in self._eos_ids)
-        worker.start()
         last = None
         try:
-            for chunk in stream_tokens(assembler, self._arrivals(streamer, detokenizer), cancel, is_end):
+            for chunk in stream_tokens(assembler, self._arrivals(row, detokenizer), cancel, is_end, budget):
                 if chunk.is_last:
-                    last = chunk  # sent only once the worker has stopped: a client may stop reading at it
+                    last = chunk
                     break
                 yield chunk
         finally:
-            halt.set()
-            worker.join(WORKER_JOIN_S)
-            if worker.is_alive():
+            row.halt.set()
+            # Alone in its round, the last chunk is sent only once generate has stopped, so a client
+            # that stops reading at it finds the model idle; in a shared round the others go on.
+            if row.round_size <= 1 and not row.round_over.wait(WORKER_JOIN_S):
                 log.error("generate did not stop within %.0f s of being told to", WORKER_JOIN_S)
-            elif completed.is_set():
-                self._keep_prefix_cache(cache, list(prompt.token_ids) + streamer.generated, params.use_adapter)
         yield last
 
-    def _arrivals(self, streamer: "_TokenQueue", detokenizer) -> Iterator[tuple[int, str]]:
-        """Token ids and their text as the worker produces them; a failure in the worker, or
+    def _run_round(self, rows: list[Row]) -> None:
+        """One generate call for the rows (on the batcher's thread): alone, with the prefix KV
+        cache; together, left-padded with a fresh cache."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class RowsHalted(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.tensor([row.stopped() for row in rows], dtype=torch.bool, device=input_ids.device)
+
+        device = self._placement.device
+        first = rows[0]
+        longest = max(len(row.prompt.token_ids) for row in rows)
+        pads = [longest - len(row.prompt.token_ids) for row in rows]
+        pad_id = min(self._eos_ids) if self._eos_ids else 0
+        input_ids = torch.tensor([[pad_id] * pad + list(row.prompt.token_ids) for row, pad in zip(rows, pads)],
+                                 dtype=torch.long, device=device)
+        attention_mask = torch.tensor([[0] * pad + [1] * len(row.prompt.token_ids) for row, pad in zip(rows, pads)],
+                                      dtype=torch.long, device=device)
+        alone = len(rows) == 1
+        cache = self._take_prefix_cache(first.prompt.token_ids, first.params.use_adapter) if alone else None
+        kwargs = self._generation_kwargs(first.params, max(row.budget for row in rows), longest)
+        if not alone and first.params.repetition_penalty != 1.0:
+            kwargs["generation_config"].repetition_penalty = None
+            kwargs.setdefault("logits_processor", self._processors()).append(
+                PaddedRepetitionPenalty(first.params.repetition_penalty, pads))
+        streamer = RoundStreamer(rows)
+        seed = first.params.seed if first.params.seed is not None else random.randrange(2**31)
+        torch.manual_seed(seed)
+        # disable_adapter flips state on the LoRA layers, not per thread; rounds run one at a time
+        # and a round's rows share the adapter switch, so no other request sees it switched off.
+        with torch.inference_mode(), self._adapter_scope(first.params.use_adapter):
+            self._model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
+                                 stopping_criteria=StoppingCriteriaList([RowsHalted()]),
+                                 **({"past_key_values": cache} if alone else {}), **kwargs)
+        if alone:
+            self._keep_prefix_cache(cache, list(first.prompt.token_ids) + first.tokens.generated, first.params.use_adapter)
+
+    @staticmethod
+    def _processors():
+        from transformers import LogitsProcessorList
+
+        return LogitsProcessorList()
+
+    def _arrivals(self, row: Row, detokenizer) -> Iterator[tuple[int, str]]:
+        """Token ids and their text as the round produces them; a failure in generate, or
         silence past token_timeout_s, ends the stream with an error instead of hanging it."""
         while True:
             try:
-                item = streamer.queue.get(timeout=self._settings.token_timeout_s)
+                item = row.tokens.queue.get(timeout=self._settings.token_timeout_s)
             except queue.Empty:
                 raise GenerationFailed(f"no token for {self._settings.token_timeout_s:g} s; the generation was abandoned") from None
-            if item is _END:
+            if item is END:
                 return
-            if isinstance(item, _Failure):
+            if isinstance(item, Failure):
                 raise GenerationFailed(self._describe_failure(item.error))
             yield item, detokenizer.step(item)
 
