@@ -1,9 +1,11 @@
 """The optional API key: with one set, every route but the page, its static files, /health and
 the API docs needs ``Authorization: Bearer <key>``.
 
-EventSource cannot send headers, so ``GET /api/streams/<id>`` is let through: the id is the
-capability, handed out only by an authenticated ``POST /api/streams`` and good for one claim
-within ``stream_ttl_s``.
+EventSource cannot send headers, so ``GET /api/streams/<id>`` and ``GET /api/evals/<id>/events``
+are let through: the id is the capability. A stream id is handed out only by an authenticated
+``POST /api/streams`` and good for one claim within ``stream_ttl_s``; an eval id (64 random bits
+after its timestamp) only by the authenticated eval routes, and its events carry only progress
+and the summary scores.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from flask import Flask, jsonify, request
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = re.compile(r"^/(?:|health|docs|docs/.*|openapi\.json|static/.*|favicon\.ico)$")
-CAPABILITY_PATHS = re.compile(r"^/api/streams/[^/]+$")
+CAPABILITY_PATHS = re.compile(r"^/api/(?:streams/[^/]+|evals/[^/]+/events)$")
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 

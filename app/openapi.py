@@ -34,6 +34,7 @@ STATUS = _object(
         "backend": STRING, "model": STRING, "model_name": NULLABLE_STRING, "adapter": NULLABLE_STRING,
         "device": NULLABLE_STRING, "n_ctx": {"type": "integer", "nullable": True}, "error": NULLABLE_STRING,
         "job": NULLABLE_STRING, "info": {"type": "object"}, "queue": _object({"running": INTEGER, "waiting": INTEGER}),
+        "load_elapsed_s": {"type": "number", "description": "Seconds since the load began, while state is loading"},
     }
 )
 CHAT_ANSWER = _object(

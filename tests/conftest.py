@@ -33,6 +33,7 @@ def make_settings(tmp_path, **overrides) -> Settings:
         "llamacpp": LlamaCppSettings(n_ctx=TEST_N_CTX, n_threads=2),
         "transformers": TransformersSettings(n_ctx=TEST_N_CTX, n_threads=2),
         "saves_dir": tmp_path / "saves",
+        "results_dir": tmp_path / "results",
         "limits": LimitSettings(),
     }
     base.update(overrides)

@@ -228,3 +228,45 @@ def test_system_monitor_reports_process_and_machine(client):
     assert 0 < system["memory"]["available_bytes"] <= system["memory"]["total_bytes"]
     assert system["cpu"]["logical_cores"] >= 1 and len(system["cpu"]["load_avg"]) == 3
     assert system["gpus"] == [] or all("memory_total_bytes" in g for g in system["gpus"])
+
+
+def test_columns_sharing_weights_take_turns_and_the_waiting_one_hears_its_place(client, trained_adapter):
+    import threading
+    from pathlib import Path
+
+    adapter = str(trained_adapter.path)
+    slots = client.post("/api/compare/slots", json={"slots": [
+        {"model": HF_ID, "adapter": adapter, "adapter_enabled": False}, {"model": HF_ID, "adapter": adapter}]}).get_json()["slots"]
+    # the adapter-off column still names its adapter, so a page can put the column back in its pickers
+    assert [Path(s["adapter"]).resolve() for s in slots] == [Path(adapter).resolve()] * 2
+    assert [s["adapter_enabled"] for s in slots] == [False, True]
+    body = {"prompt": "Count to five.", "temperature": 0, "max_new_tokens": 8}
+    first = client.post("/api/chat_stream", json={**body, "slot": "s0"}, buffered=False)
+    second = client.post("/api/chat_stream", json={**body, "slot": "s1"}, buffered=False)
+    first_text: list[bytes] = []
+    reader = threading.Thread(target=lambda: first_text.extend(first.response))
+    reader.start()
+    events = sse_events(b"".join(second.response).decode())
+    reader.join(timeout=120)
+    # one engine, two adapter switches: they cannot share a batch, so the second waits in line and says so
+    assert events[0] == ("queue", {"position": 1})
+    assert events[-1][0] == "done"
+    assert sse_events(b"".join(first_text).decode())[-1][0] == "done"
+
+
+def test_eval_progress_opens_without_the_api_key_but_nothing_else_does(tmp_path, default_gguf):
+    from config.settings import ServerSettings
+
+    app = create_app(make_settings(tmp_path, server=ServerSettings(log_dir=tmp_path / "logs", api_key="sesame")))
+    client = app.test_client()
+    key = {"Authorization": "Bearer sesame"}
+    started = client.post("/api/eval", headers=key, json={"test_set": '{"prompt": "Hi", "reference": "Hello"}',
+                                                           "models": [{"model": GGUF_ID}], "max_new_tokens": 4})
+    assert started.status_code == 202
+    eval_id = started.get_json()["id"]
+    assert len(eval_id.rsplit("-", 1)[-1]) == 16  # 64 random bits: the id is the capability
+    events = sse_events(client.get(f"/api/evals/{eval_id}/events").get_data(as_text=True))  # EventSource sends no header
+    assert events[-1][0] == "done"
+    assert client.get(f"/api/evals/{eval_id}").status_code == 401
+    assert client.get(f"/api/evals/{eval_id}/download").status_code == 401
+    assert client.post(f"/api/evals/{eval_id}/cancel").status_code == 401

@@ -60,7 +60,8 @@ class _Run:
 
 
 def new_eval_id() -> str:
-    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    # the random part makes the id a capability: its events stream opens without the API key
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(8)}"
 
 
 def slot_request_dict(request: SlotRequest) -> dict:

@@ -100,6 +100,7 @@ class Generation:
         self._ticket: Optional[Ticket] = None
         self._created = time.perf_counter()
         self._announced_to: Optional[Backend] = None
+        self._announce_lock = threading.Lock()
         self._streamed = False
         self.timed_out = False
         self.outcome: Optional[Chunk] = None  # the last chunk, once the generation has ended
@@ -112,22 +113,25 @@ class Generation:
     def admit(self) -> None:
         """Takes a place in the model's queue; raises QueueFull (429) when it is full."""
         if self._ticket is None:
+            batch_group = getattr(self._backend, "batch_group", None)
             try:
-                self._ticket = self._service._queue.enter()
+                self._ticket = self._service._queue.enter(group=batch_group(self.params) if batch_group else 0,
+                                                          on_runnable=self._announce)
             except QueueFull:
                 self._service.registry.discard(self)  # refused, never ran: nothing to record or stop
                 raise
-            if self._service._queue.runnable(self._ticket):
-                self._announce()
 
     def _announce(self) -> None:
-        """Tells a batching backend this request is on its way, so a round that is about to start
-        waits for it instead of leaving it for the next one."""
-        if self._announced_to is None:
+        """Tells a batching backend this request is on its way (its ticket may run), so a round
+        that is about to start waits for it instead of leaving it for the next one. The queue
+        calls it the moment the ticket may run, before this request's thread wakes up."""
+        with self._announce_lock:  # the queue's thread and this request's may both get here
+            if self._announced_to is not None:
+                return
             self._announced_to = self._backend
-            expect_row = getattr(self._backend, "expect_row", None)
-            if expect_row is not None:
-                expect_row()
+        expect_row = getattr(self._backend, "expect_row", None)
+        if expect_row is not None:
+            expect_row()
 
     def _withdraw(self) -> None:
         if self._announced_to is not None and not self._streamed:
@@ -158,9 +162,10 @@ class Generation:
                 self._prompt = self._service._prepare(backend, self._messages, self._text, self.params,
                                                      self._continue_final)
                 self._backend, self.model = backend, backend.model
-            if self._announced_to is not backend:
+            if self._announced_to is not backend:  # announced to a model since switched away (or not at all)
                 self._withdraw()
-                self._announced_to = None
+                with self._announce_lock:
+                    self._announced_to = None
                 self._announce()
             self._streamed = True
             deadline = time.monotonic() + self._service._settings.limits.generation_timeout_s

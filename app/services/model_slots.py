@@ -45,6 +45,7 @@ class Slot:
     id: str
     label: str
     request: SlotRequest
+    asked: ModelSpec  # what the request named: a base without adapter, or a model with its adapter (on or off)
     spec: ModelSpec  # the weights and adapter the engine holds
     adapter_enabled: bool
     engine: EngineKey
@@ -67,7 +68,7 @@ class Slot:
             "label": self.label,
             "model": self.request.model,
             "backend": self.spec.backend,
-            "adapter": str(self.spec.adapter) if self.spec.adapter and self.adapter_enabled else None,
+            "adapter": str(self.asked.adapter) if self.asked.adapter else None,
             "adapter_enabled": self.adapter_enabled,
             "adapter_mode": self.adapter_mode,
             "shares_weights_with": self.shares_weights_with,
@@ -101,8 +102,8 @@ class EnginePool:
             exc.field = f"{field}.{exc.field or 'model'}"
             raise
 
-    def plan(self, requests: Sequence[SlotRequest], field: str = "slots") -> list[tuple[ModelSpec, bool, EngineKey]]:
-        """Each request's (spec the engine holds, adapter on, engine key), sharing where it can:
+    def plan(self, requests: Sequence[SlotRequest], field: str = "slots") -> list[tuple[ModelSpec, ModelSpec, bool, EngineKey]]:
+        """Each request's (spec it names, spec the engine holds, adapter on, engine key), sharing where it can:
         a transformers base (or a fine-tune with its adapter off) runs on the engine of a
         fine-tune of the same base in the same set."""
         specs = [self._resolve(request, f"{field}.{i}") for i, request in enumerate(requests)]
@@ -120,7 +121,8 @@ class EnginePool:
                 continue
             planned.append((spec, request.adapter_enabled))
         switched_off = {spec for spec, enabled in planned if not enabled}
-        return [(spec, enabled, EngineKey(spec, unmerged=spec in switched_off)) for spec, enabled in planned]
+        return [(asked, spec, enabled, EngineKey(spec, unmerged=spec in switched_off))
+                for asked, (spec, enabled) in zip(specs, planned)]
 
     # -- engines -----------------------------------------------------------------------------
     def acquire(self, keys: Sequence[EngineKey]) -> dict[EngineKey, ModelService]:
@@ -168,16 +170,16 @@ class EnginePool:
     def open_slots(self, requests: Sequence[SlotRequest], prefix: str, field: str = "slots") -> list[Slot]:
         """Plans, loads and names slots for these requests; the caller releases their engines."""
         planned = self.plan(requests, field)
-        services = self.acquire([key for _, _, key in planned])
+        services = self.acquire([key for *_, key in planned])
         slots: list[Slot] = []
         labels: set[str] = set()
-        for index, (request, (spec, enabled, key)) in enumerate(zip(requests, planned)):
+        for index, (request, (asked, spec, enabled, key)) in enumerate(zip(requests, planned)):
             label = spec.label if enabled or spec.adapter is None else f"{spec.name or spec.path.name} (adapter off)"
             if label in labels:
                 label = f"{label} #{index + 1}"
             labels.add(label)
             sharer = next((s.id for s in slots if s.engine == key), None)
-            slots.append(Slot(f"{prefix}{index}", label, request, spec, enabled, key, services[key], sharer))
+            slots.append(Slot(f"{prefix}{index}", label, request, asked, spec, enabled, key, services[key], sharer))
         return slots
 
 

@@ -29,7 +29,7 @@ from ..types import Chunk, GenerationParams, Message, Prompt
 from .base import check_token_ids, continuation_prompt
 from .hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
 from .incremental_detokenizer import make_detokenizer
-from .transformers_batching import END, Failure, PaddedRepetitionPenalty, RoundBatcher, RoundStreamer, Row
+from .transformers_batching import END, Failure, PaddedRepetitionPenalty, RoundBatcher, RoundStreamer, Row, round_key
 from .torch_device import DTYPE_BYTES, DeviceCaps, Placement, is_mps_size_error, place, prepare_process_for_torch, probe_caps
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,11 @@ class TransformersBackend:
             elif isinstance(value, (list, tuple)):
                 ids.update(v for v in value if isinstance(v, int))
         return frozenset(ids)
+
+    def batch_group(self, params: GenerationParams):
+        """Requests of one group can be rows of one batch; the service's queue lets only one group
+        run at a time (see generation_queue)."""
+        return round_key(params) or object()  # None: a seeded sample runs alone
 
     def expect_row(self) -> None:
         """Called by the service as it lets a request in, before stream(): a round about to start

@@ -1,4 +1,5 @@
-/* model_test page: chat with the loaded model while its tokens stream in.
+/* model_test page: chat with the loaded model while its tokens stream in, pick and load
+ * models, and switch between the chat, compare and evaluate views.
  *
  * Everything the model or the server says goes into the page as text nodes, never as HTML:
  * a fine-tune under test may well emit markup.
@@ -6,21 +7,22 @@
 (() => {
   "use strict";
 
+  const MT = (window.MT = window.MT || {});
+  const { t } = MT.i18n;
+  const { makeElement, makeButton, makeFigures, fileName, ApiError, describeFailure, apiFetch, postJson, newRequestId,
+          requestStop, openGenerationStream } = MT.core;
+  const picker = MT.picker;
+
   const STATUS_POLL_MS = 3000;
+  const LOADING_POLL_MS = 1000;
   // After Stop the server answers with a "done" (finish_reason "cancelled"); if that never
   // comes, the page ends the turn itself rather than leave the user locked out.
   const STOP_GRACE_MS = 2000;
   // Within this distance of the bottom the view follows new text; further up, the user is reading.
   const PINNED_SLACK_PX = 48;
 
-  const ROLE_LABELS = { user: "You", assistant: "Model", error: "Error" };
+  const ROLE_KEYS = { user: "role.user", assistant: "role.assistant", error: "role.error" };
   const KNOWN_STATES = ["not_loaded", "loading", "loaded", "error"];
-  // The model select's groups, in this order; a backend not named here gets a group of its own.
-  const BACKEND_GROUPS = [
-    ["llamacpp", "GGUF · llama.cpp"],
-    ["transformers", "Hugging Face · transformers"],
-    ["openai", "Remote · OpenAI-compatible server"],
-  ];
 
   const byId = (id) => document.getElementById(id);
   const els = {
@@ -52,9 +54,41 @@
     topbarModel: byId("topbar-model"),
   };
 
-  /** The committed conversation, sent whole with every turn. */
+  /** The committed conversation, sent whole with every turn, and the element of each message. */
   const conversation = [];
+  const messageEls = [];
+  /** The stored record of the open conversation (history.js); null until its first answer. */
+  let record = null;
   let activeTurn = null;
+
+  // ---------------------------------------------------------------- views
+
+  const VIEWS = ["chat", "compare", "evaluate"];
+
+  function showView(name) {
+    if (!VIEWS.includes(name)) return;
+    document.body.dataset.view = name;
+    for (const view of VIEWS) {
+      const tab = byId(`tab-${view}`);
+      tab.setAttribute("aria-selected", String(view === name));
+      tab.tabIndex = view === name ? 0 : -1;
+      byId(`view-${view}`).hidden = view !== name;
+    }
+    document.dispatchEvent(new CustomEvent("mt:view", { detail: name }));
+  }
+
+  for (const view of VIEWS) {
+    const tab = byId(`tab-${view}`);
+    tab.addEventListener("click", () => showView(view));
+    // Arrow keys move between tabs, as in every tab strip a screen reader knows.
+    tab.addEventListener("keydown", (event) => {
+      const step = event.key === "ArrowRight" ? 1 : event.key === "ArrowLeft" ? -1 : 0;
+      if (!step) return;
+      const next = VIEWS[(VIEWS.indexOf(view) + step + VIEWS.length) % VIEWS.length];
+      showView(next);
+      byId(`tab-${next}`).focus();
+    });
+  }
 
   // ---------------------------------------------------------------- rendering
 
@@ -74,17 +108,13 @@
     if (pinned) scrollToBottom();
   }
 
-  function makeElement(tag, className, text) {
-    const el = document.createElement(tag);
-    if (className) el.className = className;
-    if (text !== undefined) el.textContent = text;
-    return el;
-  }
-
   /** Adds one message to the conversation view, its text inserted literally. */
   function renderMessage(role, text) {
     const el = makeElement("div", `msg ${role}`);
-    el.append(makeElement("div", "role", ROLE_LABELS[role] || String(role)), makeElement("div", "content", String(text)));
+    const label = makeElement("div", "role");
+    if (ROLE_KEYS[role]) MT.i18n.bind(label, ROLE_KEYS[role]);
+    else label.textContent = String(role);
+    el.append(label, makeElement("div", "content", String(text)));
     els.emptyHint.hidden = true;
     followingNewText(() => els.messages.append(el));
     return el;
@@ -94,141 +124,58 @@
     return renderMessage("error", text);
   }
 
-  function formatFigures({ finishReason, usage, timings }) {
-    const parts = [];
-    if (usage) parts.push(`${usage.completion_tokens} tokens`);
-    // With no token there is no first-token time, and a speed needs at least two tokens.
-    const produced = !usage || usage.completion_tokens > 0;
-    if (timings && produced) {
-      parts.push(`TTFT ${Math.round(timings.ttft_ms)} ms`);
-      if (timings.tokens_per_second > 0) parts.push(`${Number(timings.tokens_per_second).toFixed(1)} tokens/s`);
-      if (timings.queue_ms >= 100) parts.push(`queued ${Math.round(timings.queue_ms)} ms`);
+  /** An assistant message with its note line and its "prompt" view (for the turn that asked it). */
+  function renderAssistant(text, getPromptBody) {
+    const el = renderMessage("assistant", text);
+    const note = makeElement("div", "note");
+    note.hidden = true;
+    el.append(note, makePromptView(getPromptBody));
+    return el;
+  }
+
+  function clearMessages() {
+    for (const el of Array.from(els.messages.children)) {
+      if (el !== els.emptyHint) el.remove();
     }
-    if (finishReason && finishReason !== "stop") parts.push(finishReason);
-    return parts.join(" · ");
-  }
-
-  // ---------------------------------------------------------------- talking to the server
-
-  class ApiError extends Error {}
-
-  /** Turns a failed response into one readable line, using the server's JSON error when there is one. */
-  async function describeFailure(response) {
-    let body = null;
-    try {
-      body = await response.json();
-    } catch (_) {
-      // not JSON (a proxy's HTML page, say): the status line is all there is
-    }
-    if (body && typeof body.error === "string") {
-      const where = [body.type, body.field && `field ${body.field}`].filter(Boolean).join(", ");
-      return `${body.error}${where ? ` (${where})` : ""}`;
-    }
-    return `HTTP ${response.status} ${response.statusText}`.trim();
-  }
-
-  // ---------------------------------------------------------------- API key
-  // A server started with --api-key answers 401 to the API. The page asks once and keeps the
-  // key for this tab only (sessionStorage), sending it as a Bearer token on every API call.
-  // EventSource cannot send headers; its stream URL is itself the credential.
-  const API_KEY_STORAGE = "model_test.api_key";
-  let keyPrompt = null;
-  let keyDeclined = false;
-
-  function withApiKey(headers) {
-    const key = sessionStorage.getItem(API_KEY_STORAGE);
-    return key ? { ...(headers || {}), Authorization: `Bearer ${key}` } : headers || {};
-  }
-
-  function askForApiKey() {
-    // One prompt at a time: every request that met the 401 meanwhile waits for the same answer.
-    if (!keyPrompt) {
-      const refused = Boolean(sessionStorage.getItem(API_KEY_STORAGE));
-      keyPrompt = new Promise((resolve) => {
-        const key = window.prompt(refused ? "The API key was refused. API key:" : "This server needs an API key:");
-        if (key && key.trim()) {
-          sessionStorage.setItem(API_KEY_STORAGE, key.trim());
-          resolve(true);
-        } else {
-          keyDeclined = true; // asking again every poll would trap the user in dialogs
-          resolve(false);
-        }
-      }).finally(() => {
-        keyPrompt = null;
-      });
-    }
-    return keyPrompt;
-  }
-
-  async function apiFetch(url, options = {}) {
-    const send = () => fetch(url, { ...options, headers: withApiKey(options.headers) });
-    const keyUsed = sessionStorage.getItem(API_KEY_STORAGE);
-    const response = await send();
-    if (response.status !== 401 || keyDeclined) return response;
-    // A request that left before the key was entered just goes again with it.
-    if (sessionStorage.getItem(API_KEY_STORAGE) !== keyUsed) return send();
-    return (await askForApiKey()) ? send() : response;
-  }
-
-  async function postJson(url, body, signal) {
-    let response;
-    try {
-      response = await apiFetch(url, {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(body),
-        signal,
-      });
-    } catch (err) {
-      if (err.name === "AbortError") throw err;
-      throw new ApiError(`could not reach the server: ${err.message}`);
-    }
-    if (!response.ok) throw new ApiError(await describeFailure(response));
-    return response.json();
-  }
-
-  function newRequestId() {
-    if (window.crypto && crypto.randomUUID) return crypto.randomUUID().replace(/-/g, "");
-    // randomUUID needs a secure context; a tester on http://<lan-ip> does not have one.
-    const bytes = crypto.getRandomValues(new Uint8Array(16));
-    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-  }
-
-  function requestStop(requestId) {
-    postJson("/api/stop", { request_id: requestId }).catch(() => {
-      // the stop grace timer ends the turn whatever happened here
-    });
-  }
-
-  function parseEventData(event) {
-    try {
-      return JSON.parse(event.data);
-    } catch (_) {
-      return {};
-    }
+    els.emptyHint.hidden = false;
   }
 
   // ---------------------------------------------------------------- one turn
 
+  /**
+   * One request to the model. "new" asks a new user message, "regenerate" asks the last one
+   * again (its old answer already dropped), "continue" extends the last answer in place.
+   */
   class Turn {
-    constructor(userText) {
+    constructor(kind, { userText = "", userEl = null, assistantEl = null, prefix = "" } = {}) {
+      this.kind = kind;
       this.id = newRequestId();
-      this.userMessage = { role: "user", content: userText };
-      this.userEl = renderMessage("user", userText);
-      this.el = renderMessage("assistant", "");
-      this.el.classList.add("streaming");
-      this.answerNode = document.createTextNode("");
-      this.el.querySelector(".content").append(this.answerNode);
-      this.noteEl = makeElement("div", "note");
-      this.noteEl.hidden = true;
-      this.el.append(this.noteEl, makePromptView(() => this.promptBody));
-      this.promptBody = null; // the conversation this turn sent, for its "prompt" view
+      this.prefix = prefix;
       this.answer = "";
       this.ended = false;
       this.stopRequested = false;
       this.eventSource = null;
       this.stopTimer = null;
       this.fetchAbort = new AbortController();
+      this.promptBody = null; // the conversation this turn sent, for its "prompt" view
+
+      if (kind === "continue") {
+        this.userMessage = null;
+        this.el = assistantEl;
+        this.el.classList.remove("empty");
+        const oldFigures = this.el.querySelector(".figures");
+        if (oldFigures) oldFigures.remove();
+      } else {
+        this.userMessage = { role: "user", content: userText };
+        this.userEl = userEl || renderMessage("user", userText);
+        this.userEl.classList.remove("unsent");
+        this.userEl.removeAttribute("title");
+        this.el = renderAssistant("", () => this.promptBody);
+      }
+      this.el.classList.add("streaming");
+      this.answerNode = document.createTextNode("");
+      this.el.querySelector(".content").append(this.answerNode);
+      this.noteEl = this.el.querySelector(".note");
       scrollToBottom(); // the user just sent: bring the new turn into view even if they had scrolled up
     }
 
@@ -240,9 +187,10 @@
       followingNewText(() => this.answerNode.appendData(text));
     }
 
-    setNote(text) {
-      this.noteEl.textContent = text;
-      this.noteEl.hidden = !text;
+    setNote(key, vars) {
+      if (key) MT.i18n.bind(this.noteEl, key, vars);
+      else this.noteEl.textContent = "";
+      this.noteEl.hidden = !key;
     }
 
     /** Ends the turn once, whichever of done / error / stop timeout / dropped connection comes first. */
@@ -254,27 +202,33 @@
       this.el.classList.remove("streaming");
       this.setNote("");
 
+      const continuing = this.kind === "continue";
       followingNewText(() => {
-        const figures = formatFigures({ finishReason: error ? null : finishReason, usage, timings });
+        const figures = makeFigures({ finishReason: error ? null : finishReason, usage, timings });
         // figures go above the prompt view, next to the answer they describe
-        if (figures) this.el.querySelector(".msg-tools").before(makeElement("div", "figures", figures));
+        if (figures) this.el.querySelector(".msg-tools").before(figures);
         if (error) {
-          if (!this.answer) this.el.remove();
+          if (!this.answer && !continuing) this.el.remove();
           renderError(error);
         }
       });
 
       // A partial answer (stopped or cut off) stays in the history; a turn that produced
       // nothing is not kept, so the next request does not carry an unanswered message.
-      if (this.answer) {
+      if (continuing) {
+        conversation.push({ role: "assistant", content: this.prefix + this.answer });
+        messageEls.push(this.el);
+      } else if (this.answer) {
         conversation.push(this.userMessage, { role: "assistant", content: this.answer });
+        messageEls.push(this.userEl, this.el);
       } else {
         this.userEl.classList.add("unsent");
-        this.userEl.title = "Not kept in the conversation: the model gave no answer";
+        this.userEl.title = t("chat.unsent");
         if (!error) this.el.classList.add("empty");
       }
 
       if (activeTurn === this) activeTurn = null;
+      if (this.answer || continuing) persist();
       setGenerating(false);
     }
   }
@@ -288,9 +242,8 @@
    */
   function makePromptView(getBody) {
     const tools = makeElement("div", "msg-tools");
-    const toggle = makeElement("button", "prompt-toggle", "prompt");
-    toggle.type = "button";
-    toggle.title = "Show the exact prompt the model saw for this turn";
+    const toggle = makeButton("prompt-toggle", "prompt.toggle");
+    MT.i18n.bind(toggle, "prompt.toggle_title", null, "title");
     toggle.setAttribute("aria-expanded", "false");
     const view = makeElement("div", "prompt-view");
     view.hidden = true;
@@ -307,29 +260,32 @@
       if (!open || loaded) return;
       const body = getBody();
       if (!body) return;
-      caption.textContent = "rendering…";
+      MT.i18n.bind(caption, "prompt.rendering");
       pre.textContent = "";
       try {
         const rendered = await postJson("/api/apply_template", body);
         pre.textContent = rendered.prompt;
-        caption.textContent = `${rendered.token_count} tokens, exactly as the model reads them`;
+        MT.i18n.bind(caption, "prompt.caption", { n: rendered.token_count });
         loaded = true; // a failure is retried on the next open
       } catch (err) {
-        caption.textContent = `could not render the prompt: ${err.message}`;
+        MT.i18n.bind(caption, "prompt.failed", { reason: err.message });
       }
     });
     return tools;
   }
 
-  function generationBody(messages, requestId) {
-    const body = {
-      messages,
-      // Our own id lets Stop reach the server even before /api/streams or /api/chat answers.
-      request_id: requestId,
+  /** The sampling settings of the sidebar, as generation bodies and exported conversations name them. */
+  function generationParams() {
+    return {
       max_new_tokens: Number(els.maxTokens.value),
       temperature: Number(els.temperature.value),
       top_p: Number(els.topP.value),
     };
+  }
+
+  function generationBody(messages, requestId) {
+    // Our own id lets Stop reach the server even before /api/streams or /api/chat answers.
+    const body = { messages, request_id: requestId, ...generationParams() };
     const system = els.system.value;
     if (system.trim()) body.system = system;
     return body;
@@ -344,58 +300,85 @@
       turn.finish({ finishReason: "cancelled" });
       return;
     }
-    const source = new EventSource(created.url);
-    turn.eventSource = source;
-    source.addEventListener("queue", (event) => {
-      turn.setNote(`waiting, position ${parseEventData(event).position}`);
-    });
-    source.addEventListener("token", (event) => turn.append(parseEventData(event).text));
-    source.addEventListener("done", (event) => {
-      const data = parseEventData(event);
-      turn.finish({ finishReason: data.finish_reason, usage: data.usage, timings: data.timings });
-    });
-    // The server's own "event: error" and a dropped connection arrive on the same listener;
-    // only the former carries data.
-    source.addEventListener("error", (event) => {
-      if (typeof event.data === "string") {
-        const data = parseEventData(event);
-        const where = data.type ? ` (${data.type})` : "";
-        turn.finish({ finishReason: "error", error: `${data.error || "generation failed"}${where}` });
-      } else if (turn.stopRequested) {
-        turn.finish({ finishReason: "cancelled" });
-      } else {
-        turn.finish({ finishReason: "error", error: "the connection to the server was lost before the answer finished" });
-      }
+    turn.eventSource = openGenerationStream(created.url, {
+      queue: (data) => turn.setNote("chat.waiting", { position: data.position }),
+      token: (text) => turn.append(text),
+      done: (data) => turn.finish({ finishReason: data.finish_reason, usage: data.usage, timings: data.timings }),
+      error: (message) => turn.finish({ finishReason: "error", error: message }),
+      lost: () => {
+        if (turn.stopRequested) turn.finish({ finishReason: "cancelled" });
+        else turn.finish({ finishReason: "error", error: t("chat.lost") });
+      },
     });
   }
 
   async function runWhole(turn, body) {
-    turn.setNote("generating…");
+    turn.setNote("chat.generating");
     const result = await postJson("/api/chat", body, turn.fetchAbort.signal);
     turn.append(result.response);
     turn.finish({ finishReason: result.finish_reason, usage: result.usage, timings: result.timings });
   }
 
+  function canStart() {
+    return !activeTurn && !modelBusy && !serverLoading;
+  }
+
+  /** Sends `messages` for `turn`; `extra` joins the body (continue_final for a continuation). */
+  function startTurn(turn, messages, extra = {}) {
+    activeTurn = turn;
+    setGenerating(true);
+    const body = { ...generationBody(messages, turn.id), ...extra };
+    if (turn.kind !== "continue") turn.promptBody = { messages: body.messages, ...(body.system ? { system: body.system } : {}) };
+    const run = els.streamToggle.checked ? runStreamed : runWhole;
+    run(turn, body).catch((err) => {
+      if (err.name === "AbortError") turn.finish({ finishReason: "cancelled" });
+      else turn.finish({ finishReason: "error", error: err.message });
+    });
+  }
+
   function send() {
-    if (activeTurn || modelBusy || serverLoading) return;
+    if (!canStart()) return;
     const text = els.prompt.value;
     if (!text.trim()) return;
     els.prompt.value = "";
+    const turn = new Turn("new", { userText: text });
+    startTurn(turn, [...conversation, turn.userMessage]);
+  }
 
-    const turn = new Turn(text);
-    activeTurn = turn;
-    setGenerating(true);
+  /** Drops the last answer and asks its question again. */
+  function regenerate() {
+    const n = conversation.length;
+    if (!canStart() || n < 2 || conversation[n - 1].role !== "assistant" || conversation[n - 2].role !== "user") return;
+    conversation.pop();
+    messageEls.pop().remove();
+    const question = conversation.pop();
+    const userEl = messageEls.pop();
+    const turn = new Turn("regenerate", { userText: question.content, userEl });
+    startTurn(turn, [...conversation, turn.userMessage]);
+  }
 
-    const body = generationBody([...conversation, turn.userMessage], turn.id);
-    turn.promptBody = { messages: body.messages, ...(body.system ? { system: body.system } : {}) };
-    const run = els.streamToggle.checked ? runStreamed : runWhole;
-    run(turn, body).catch((err) => {
-      if (err.name === "AbortError") {
-        turn.finish({ finishReason: "cancelled" });
-      } else {
-        turn.finish({ finishReason: "error", error: err.message });
-      }
-    });
+  /** Asks the model to go on from the end of its last answer; the new text joins that answer. */
+  function continueAnswer() {
+    const n = conversation.length;
+    if (!canStart() || !n || conversation[n - 1].role !== "assistant") return;
+    const last = conversation.pop();
+    const turn = new Turn("continue", { assistantEl: messageEls.pop(), prefix: last.content });
+    startTurn(turn, [...conversation, last], { continue_final: true });
+  }
+
+  /** Regenerate and Continue sit under the last answer only, and only between turns. */
+  function refreshAnswerActions() {
+    for (const el of els.messages.querySelectorAll(".answer-actions")) el.remove();
+    const n = conversation.length;
+    if (activeTurn || !n || conversation[n - 1].role !== "assistant") return;
+    const tools = messageEls[n - 1] && messageEls[n - 1].querySelector(".msg-tools");
+    if (!tools) return;
+    const actions = makeElement("span", "answer-actions");
+    const canRegenerate = n >= 2 && conversation[n - 2].role === "user";
+    if (canRegenerate) actions.append(makeButton("regenerate", "chat.regenerate", regenerate));
+    actions.append(makeButton("continue", "chat.continue", continueAnswer));
+    for (const button of actions.children) button.disabled = !canStart();
+    tools.prepend(actions);
   }
 
   function stop() {
@@ -403,7 +386,7 @@
     if (!turn || turn.stopRequested) return;
     turn.stopRequested = true;
     els.stop.disabled = true;
-    turn.setNote("stopping…");
+    turn.setNote("chat.stopping");
     requestStop(turn.id);
     turn.stopTimer = setTimeout(() => {
       // Stop pressed within moments of Send can reach the server before the generation is
@@ -417,10 +400,10 @@
   function newChat() {
     if (activeTurn) return;
     conversation.length = 0;
-    for (const el of Array.from(els.messages.children)) {
-      if (el !== els.emptyHint) el.remove();
-    }
-    els.emptyHint.hidden = false;
+    messageEls.length = 0;
+    record = null;
+    MT.history.setCurrent(null);
+    clearMessages();
     els.prompt.focus();
   }
 
@@ -428,14 +411,88 @@
     els.prompt.disabled = generating;
     els.newChat.disabled = generating;
     els.stop.disabled = !generating;
+    MT.history.setLocked(generating);
     updateSendButton();
-    if (!generating && window.matchMedia("(pointer: fine)").matches) els.prompt.focus();
+    refreshAnswerActions();
+    if (!generating && window.matchMedia("(pointer: fine)").matches && document.body.dataset.view === "chat") els.prompt.focus();
   }
 
   /** Send waits while a turn runs and while a model is being loaded or unloaded. */
   function updateSendButton() {
-    els.send.disabled = Boolean(activeTurn) || modelBusy || serverLoading;
+    els.send.disabled = !canStart();
+    for (const button of els.messages.querySelectorAll(".answer-actions button")) button.disabled = !canStart();
   }
+
+  // ---------------------------------------------------------------- the history of conversations
+
+  /** What served the conversation, from the last status: exported with it so a run can be repeated. */
+  function modelInfo() {
+    const status = lastStatus;
+    if (!status) return null;
+    return { model: status.model, model_name: status.model_name, backend: status.backend, adapter: status.adapter };
+  }
+
+  /** Saves the open conversation to this browser's history after each turn. */
+  function persist() {
+    if (!conversation.length) return;
+    const now = new Date().toISOString();
+    if (!record) record = { id: newRequestId(), created: now, title: MT.history.titleOf(conversation) };
+    Object.assign(record, {
+      updated: now,
+      model: modelInfo(),
+      system: els.system.value,
+      params: generationParams(),
+      messages: conversation.map((message) => ({ ...message })),
+    });
+    MT.history.save(record);
+  }
+
+  function setSlider(input, value) {
+    if (typeof value !== "number" || !Number.isFinite(value)) return;
+    input.value = String(value);
+    input.dispatchEvent(new Event("input", { bubbles: true }));
+  }
+
+  /** Shows a stored conversation, with the system prompt and sampling it was had with. */
+  function openConversation(stored) {
+    if (activeTurn) return;
+    showView("chat");
+    conversation.length = 0;
+    messageEls.length = 0;
+    clearMessages();
+    record = { ...stored };
+    els.system.value = stored.system || "";
+    const params = stored.params || {};
+    setSlider(els.temperature, params.temperature);
+    setSlider(els.topP, params.top_p);
+    setSlider(els.maxTokens, params.max_new_tokens);
+
+    const model = stored.model;
+    const served = lastStatus && lastStatus.model;
+    if (model && model.model && served && model.model !== served) {
+      const note = makeElement("p", "chat-note");
+      MT.i18n.bind(note, "chat.recorded_with", { model: model.model_name || fileName(model.model), backend: model.backend || "?" });
+      els.messages.append(note);
+    }
+    const system = stored.system && stored.system.trim() ? { system: stored.system } : {};
+    for (const message of stored.messages) {
+      const before = conversation.slice();
+      const el = message.role === "assistant"
+        ? renderAssistant(message.content, () => ({ messages: before, ...system }))
+        : renderMessage(message.role, message.content);
+      conversation.push({ role: message.role, content: message.content });
+      messageEls.push(el);
+    }
+    MT.history.setCurrent(record.id);
+    refreshAnswerActions();
+    scrollToBottom();
+  }
+
+  MT.history.onOpen(openConversation);
+  document.addEventListener("mt:history-deleted-current", () => {
+    if (!activeTurn) newChat();
+    else record = null; // the running turn saves it again as a new conversation
+  });
 
   // ---------------------------------------------------------------- model status
 
@@ -444,14 +501,14 @@
   let serverLoading = false; // the server says a load is under way (perhaps from another tab)
   let lastStatus = null;
 
-  function fileName(path) {
-    if (!path) return "—";
-    return String(path).split(/[\\/]/).pop();
+  function stateLabel(state) {
+    return state && MT.i18n.has(`state.${state}`) ? t(`state.${state}`) : state || t("state.unknown");
   }
 
   function showState(state) {
     const known = state === "unloading" ? "loading" : KNOWN_STATES.includes(state) ? state : "unknown";
-    els.modelState.textContent = state || "unknown";
+    els.modelState.textContent = stateLabel(state);
+    els.modelState.dataset.state = state || "";
     els.modelState.className = `badge state-${known}`;
   }
 
@@ -479,32 +536,49 @@
     els.modelName.textContent = fileName(status.model);
     els.modelName.title = status.model || "";
     els.modelBackend.textContent = status.backend || "—";
-    els.modelAdapter.textContent = status.adapter ? fileName(status.adapter) : "none";
+    els.modelAdapter.textContent = status.adapter ? fileName(status.adapter) : t("model.no_adapter");
     els.modelAdapter.title = status.adapter || "";
     els.modelDevice.textContent = status.device || "—";
     els.modelNCtx.textContent = status.n_ctx != null ? String(status.n_ctx) : "—";
     const queue = status.queue;
-    els.modelQueue.textContent = queue ? `${queue.running} running, ${queue.waiting} waiting` : "—";
+    els.modelQueue.textContent = queue ? t("model.queue", { running: queue.running, waiting: queue.waiting }) : "—";
     showModelError(lastLoadError || status.error);
     const label = status.model_name || fileName(status.model);
-    els.topbarModel.textContent = `${label} · ${status.state}`;
+    els.topbarModel.removeAttribute("data-i18n"); // from here on it names what the server has
+    els.topbarModel.textContent = `${label} · ${stateLabel(status.state)}`;
     els.topbarModel.title = [status.model, status.adapter].filter(Boolean).join(" + ");
 
     serverLoading = status.state === "loading";
     updateSendButton();
+    document.dispatchEvent(new CustomEvent("mt:status", { detail: status }));
     // Loaded elsewhere (another tab, the API) by a path the list lacks: fetch the list again.
     if (changed && !modelBusy && !selectLoaded() && status.model && catalogLoaded) refreshModels(true);
   }
 
+  let unreachableReason = null;
+
+  function showUnreachable() {
+    showState("unreachable");
+    showModelError(t("model.status_unavailable", { reason: unreachableReason }));
+    MT.i18n.bind(els.topbarModel, "model.server_unreachable");
+  }
+
+  // Bumped when a load or unload ends: a status fetched before then is older news than its answer.
+  let statusEpoch = 0;
+
   async function refreshStatus(follow = true) {
+    const epoch = statusEpoch;
     try {
       const response = await apiFetch("/api/model_status", { cache: "no-store" });
       if (!response.ok) throw new ApiError(await describeFailure(response));
-      showStatus(await response.json(), follow);
+      const status = await response.json();
+      if (epoch !== statusEpoch) return;
+      unreachableReason = null;
+      showStatus(status, follow);
     } catch (err) {
-      showState("unreachable");
-      showModelError(`status unavailable: ${err.message}`);
-      els.topbarModel.textContent = "server unreachable";
+      if (epoch !== statusEpoch) return;
+      unreachableReason = err.message;
+      showUnreachable();
     }
   }
 
@@ -518,39 +592,6 @@
   let catalog = { models: [], adapters: [] };
   let catalogLoaded = false;
 
-  /** The adapters that fit the model with this id (the server lists each adapter's bases). */
-  function adaptersFor(modelId, adapters) {
-    if (!modelId || !Array.isArray(adapters)) return [];
-    return adapters.filter((adapter) => Array.isArray(adapter.bases) && adapter.bases.includes(modelId));
-  }
-
-  function formatSize(bytes) {
-    if (typeof bytes !== "number" || !(bytes > 0)) return "";
-    const units = ["B", "KB", "MB", "GB", "TB"];
-    let value = bytes;
-    let unit = 0;
-    while (value >= 1000 && unit < units.length - 1) {
-      value /= 1000;
-      unit += 1;
-    }
-    return `${value >= 10 || unit === 0 ? Math.round(value) : value.toFixed(1)} ${units[unit]}`;
-  }
-
-  function modelOptionText(model) {
-    const parts = [String(model.name || model.id)];
-    const size = formatSize(model.size_bytes);
-    if (size) parts.push(size);
-    let text = parts.join(" · ");
-    if (model.trust_remote_code) text += " (remote code)";
-    if (!model.available) text += " (not downloaded)";
-    return text;
-  }
-
-  function selectedModel() {
-    const option = els.modelSelect.selectedOptions[0];
-    return option && option.value ? option.model : null;
-  }
-
   function setPickerNote(text) {
     els.pickerNote.textContent = text || "";
     els.pickerNote.hidden = !text;
@@ -558,79 +599,27 @@
 
   /** Fills the adapter select for the chosen model, keeping `wanted` (a path) selected if it fits. */
   function renderAdapters(wanted) {
-    const model = selectedModel();
-    // The server matches each adapter to its bases on one backend (PEFT folders to transformers
-    // models, GGUF LoRA files to GGUF models), so `bases` alone says what fits this model.
-    const fitting = model ? adaptersFor(model.id, catalog.adapters) : [];
-    const none = makeElement("option", "", "No adapter");
-    none.value = "";
-    const options = [none];
-    for (const adapter of fitting) {
-      const text = adapter.rank != null ? `${adapter.name} · r${adapter.rank}` : String(adapter.name);
-      const option = makeElement("option", "", text);
-      option.value = adapter.path;
-      option.title = [adapter.path, adapter.base_model_name_or_path && `base: ${adapter.base_model_name_or_path}`]
-        .filter(Boolean)
-        .join("\n");
-      options.push(option);
-    }
-    els.adapterSelect.replaceChildren(...options);
-    els.adapterSelect.value = fitting.some((adapter) => adapter.path === wanted) ? wanted : "";
+    const model = picker.selectedModel(els.modelSelect);
+    const fitting = picker.fillAdapterSelect(els.adapterSelect, model, catalog, wanted);
     els.adapterSelect.disabled = fitting.length === 0 || modelBusy;
-
-    if (!model) setPickerNote("");
-    else if (model.backend === "openai") setPickerNote("A remote server serves its adapters as models of their own.");
-    else if (!fitting.length && model.backend === "llamacpp" && catalog.adapters.length) {
-      setPickerNote("No GGUF LoRA here fits this model (scripts.convert_to_gguf --lora-only makes one).");
-    } else if (!fitting.length && catalog.adapters.length) setPickerNote("No adapter here was trained on this model.");
-    else setPickerNote("");
+    setPickerNote(picker.adapterNote(model, fitting, catalog));
   }
 
   /**
-   * Builds the model select from the catalog: one group per backend, missing weights disabled.
-   * With `follow` it then selects what is loaded; without, it keeps the user's choice.
+   * Builds the model select from the catalog. With `follow` it then selects what is loaded;
+   * without, it keeps the user's choice.
    */
   function renderModels(follow) {
     const previous = els.modelSelect.value;
     const previousAdapter = els.adapterSelect.value;
-    const groups = new Map();
-    const groupFor = (backend) => {
-      if (!groups.has(backend)) {
-        const group = makeElement("optgroup");
-        const known = BACKEND_GROUPS.find(([name]) => name === backend);
-        group.label = known ? known[1] : String(backend);
-        groups.set(backend, group);
-      }
-      return groups.get(backend);
-    };
-    for (const [backend] of BACKEND_GROUPS) groupFor(backend); // the usual order, whatever the list's
-    const addOption = (model, text) => {
-      const option = makeElement("option", "", text);
-      option.value = model.id;
-      option.title = [model.path, model.kind && `(${model.kind})`].filter(Boolean).join(" ");
-      option.disabled = !model.available;
-      option.model = model;
-      groupFor(model.backend).append(option);
-      return option;
-    };
-    for (const model of catalog.models) addOption(model, modelOptionText(model));
-
     // A model loaded by a path the catalog does not list still shows as what is loaded.
+    const extra = [];
     const status = lastStatus;
     if (status && status.model && !catalog.models.some((model) => model.path === status.model)) {
-      addOption({ id: status.model, name: fileName(status.model), backend: status.backend || "other", path: status.model,
-                  available: true, external: true }, `${fileName(status.model)} (by path)`);
+      extra.push({ model: { id: status.model, name: fileName(status.model), backend: status.backend || "other", path: status.model,
+                            available: true, external: true }, text: `${fileName(status.model)} ${t("picker.by_path")}` });
     }
-
-    const filled = Array.from(groups.values()).filter((group) => group.children.length > 0);
-    if (filled.length) {
-      els.modelSelect.replaceChildren(...filled);
-    } else {
-      const empty = makeElement("option", "", "no models found");
-      empty.value = "";
-      empty.disabled = true;
-      els.modelSelect.replaceChildren(empty);
-    }
+    picker.fillModelSelect(els.modelSelect, catalog, extra);
     const keep = previous && Array.from(els.modelSelect.options).some((o) => o.value === previous && !o.disabled);
     if ((follow || !keep) && selectLoaded()) return;
     if (keep) els.modelSelect.value = previous;
@@ -661,8 +650,9 @@
       };
       catalogLoaded = true;
       renderModels(follow);
+      document.dispatchEvent(new CustomEvent("mt:catalog", { detail: catalog }));
     } catch (err) {
-      setPickerNote(`model list unavailable: ${err.message}`);
+      setPickerNote(t("picker.list_unavailable", { reason: err.message }));
     }
   }
 
@@ -677,21 +667,29 @@
   }
 
   /** Runs one load or unload request; the status it answers with (or its error) updates the panel. */
-  async function changeModel(url, body, busyLabel) {
+  async function changeModel(url, body, busyState) {
     if (modelBusy) return;
     let succeeded = false;
     setModelBusy(true);
     lastLoadError = null;
     showModelError("");
-    showState(busyLabel);
+    showState(busyState);
+    // The load's elapsed time ticks in the system panel while the request is out.
+    const ticker = setInterval(() => refreshStatus(false), LOADING_POLL_MS);
+    const settled = () => {
+      clearInterval(ticker);
+      statusEpoch += 1;
+    };
     try {
       const status = await postJson(url, body);
+      settled();
       succeeded = true;
       setModelBusy(false);
       lastStatus = null; // follow what the server now has, even if it is what it had
       showStatus(status);
     } catch (err) {
-      lastLoadError = `${url.endsWith("unload_model") ? "unload" : "load"} failed: ${err.message}`;
+      settled();
+      lastLoadError = t(url.endsWith("unload_model") ? "model.unload_failed" : "model.load_failed", { reason: err.message });
       showModelError(lastLoadError);
       setModelBusy(false);
       await refreshStatus(false);
@@ -701,9 +699,9 @@
   }
 
   function loadModel() {
-    const model = selectedModel();
+    const model = picker.selectedModel(els.modelSelect);
     if (!model) {
-      lastLoadError = "choose a model to load";
+      lastLoadError = t("model.choose");
       showModelError(lastLoadError);
       return Promise.resolve();
     }
@@ -731,35 +729,56 @@
   bindSlider(els.topP, 2);
   bindSlider(els.maxTokens, 0);
 
+  /** Enter sends, Shift+Enter breaks the line; Enter that confirms an IME candidate (Chinese, Japanese input) must not send. */
+  function sendOnEnter(textarea, action) {
+    textarea.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
+        event.preventDefault();
+        action();
+      }
+    });
+  }
+
   els.composer.addEventListener("submit", (event) => {
     event.preventDefault();
     send();
   });
-  els.prompt.addEventListener("keydown", (event) => {
-    // isComposing: Enter that confirms an IME candidate (Chinese, Japanese input) must not send
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
-      event.preventDefault();
-      send();
-    }
-  });
+  sendOnEnter(els.prompt, send);
   els.stop.addEventListener("click", stop);
   els.newChat.addEventListener("click", newChat);
   els.loadModel.addEventListener("click", loadModel);
   els.unloadModel.addEventListener("click", unloadModel);
   els.modelSelect.addEventListener("change", () => renderAdapters(els.adapterSelect.value));
 
+  // Text the page composed itself follows a language switch; model output never changes.
+  document.addEventListener("mt:lang", () => {
+    if (unreachableReason !== null) showUnreachable();
+    else if (lastStatus) showStatus(lastStatus, false);
+    if (catalogLoaded) renderModels(false);
+    if (lastLoadError) showModelError(lastLoadError);
+  });
+
+  showView("chat");
   pollStatus();
   refreshModels();
+
+  MT.catalog = () => catalog;
+  MT.status = () => lastStatus;
+  MT.views = { show: showView };
+  MT.chat = { generationParams, sendOnEnter, openConversation, newChat };
 
   window.modelTest = {
     renderMessage,
     send,
     stop,
     newChat,
+    regenerate,
+    continueAnswer,
     loadModel,
     unloadModel,
     refreshModels,
-    adaptersFor,
+    adaptersFor: picker.adaptersFor,
     conversation: () => conversation.map((message) => ({ ...message })),
+    record: () => (record ? JSON.parse(JSON.stringify(record)) : null),
   };
 })();
