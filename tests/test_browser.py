@@ -61,16 +61,25 @@ HF_GROUP = "Hugging Face · transformers"
 LAST_ASSISTANT_JS = "const all = document.querySelectorAll('#messages .msg.assistant'); const el = all[all.length - 1];"
 
 
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
+def start_chromium(profile_dir, prefs=None):
+    """Headless chromium at desktop size with a profile of its own; ``prefs`` are chromium's
+    preferences (a download folder, say)."""
     options = Options()
     options.binary_location = str(CHROMIUM)
     for arg in CHROMIUM_ARGS:
         options.add_argument(arg)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.add_argument(f"--user-data-dir={profile_dir}")
     options.add_argument(f"--window-size={DESKTOP_SIZE[0]},{DESKTOP_SIZE[1]}")
+    if prefs:
+        options.add_experimental_option("prefs", prefs)
     browser = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     browser.set_script_timeout(30)
+    return browser
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    browser = start_chromium(tmp_path_factory.mktemp("chromium-profile"))
     yield browser
     browser.quit()
 

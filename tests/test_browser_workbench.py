@@ -12,13 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.test_browser import (CHROMEDRIVER, CHROMIUM, CHROMIUM_ARGS, DESKTOP_SIZE, GGUF_ID, HF_ID, PHONE_SIZE, answer_text,
+from tests.test_browser import (DESKTOP_SIZE, GGUF_ID, HF_ID, PHONE_SIZE, answer_text, start_chromium,
                                 figures_text, send, server_status, set_slider, wait_server_idle, wait_turn_finished)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -34,17 +31,8 @@ def downloads(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory, downloads):
     """Like tests/test_browser.py's, with downloads saved to a folder the tests can read."""
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for arg in CHROMIUM_ARGS:
-        options.add_argument(arg)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    options.add_argument(f"--window-size={DESKTOP_SIZE[0]},{DESKTOP_SIZE[1]}")
-    options.add_experimental_option(
-        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
-    )
-    browser = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    browser.set_script_timeout(30)
+    browser = start_chromium(tmp_path_factory.mktemp("chromium-profile"),
+                             {"download.default_directory": str(downloads), "download.prompt_for_download": False})
     yield browser
     browser.quit()
 
