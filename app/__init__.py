@@ -14,7 +14,7 @@ from .services.model_service import BackendFactory, ModelService, make_backend
 
 log = logging.getLogger(__name__)
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 
 def create_app(settings: Optional[Settings] = None, backend_factory: BackendFactory = make_backend) -> Flask:

@@ -18,7 +18,7 @@ from tests.conftest import make_settings, serve
 pytestmark = pytest.mark.slow
 
 REQUEST_TIMEOUT_S = 60  # a request that takes longer counts as hung
-EXAMPLES_PER_ROUTE = 12
+EXAMPLES_PER_ROUTE = 40
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -84,10 +84,6 @@ def from_schema(schema: dict, document: dict, depth: int = 0) -> st.SearchStrate
     return base | st.none() if schema.get("nullable") else base
 
 
-def operations(document: dict) -> list[tuple[str, str, dict]]:
-    return [(path, method, operation) for path, methods in document["paths"].items() for method, operation in methods.items()]
-
-
 def fill_path(path: str, value: str) -> str:
     import re
 
@@ -106,21 +102,36 @@ def call(url: str, method: str, path: str, **kwargs) -> requests.Response:
     return response
 
 
-def test_every_documented_route_is_fuzzed(server):
-    url, document = server
-    assert len(operations(document)) >= 30  # the document lists them all (tests/test_openapi.py checks that)
+def documented_operations() -> list[tuple[str, str]]:
+    """(path, method) of every operation in the document, read at collection time so each route
+    is a test of its own."""
+    import tempfile
+    from pathlib import Path
+
+    from app import __version__
+    from app.openapi import build_openapi
+
+    with tempfile.TemporaryDirectory(prefix="fuzz-collect-") as tmp:
+        app = create_app(make_settings(Path(tmp)))
+        document = build_openapi(app, __version__)
+    return sorted((path, method) for path, methods in document["paths"].items() for method in methods)
 
 
-@pytest.mark.parametrize("index", range(40))
-def test_fuzz_route(server, index):
+OPERATIONS = documented_operations()
+
+
+def test_every_documented_route_is_fuzzed():
+    assert len(OPERATIONS) >= 30  # the document lists them all (tests/test_openapi.py checks that)
+
+
+@pytest.mark.parametrize(("path", "method"), OPERATIONS, ids=[f"{method.upper()} {path}" for path, method in OPERATIONS])
+def test_fuzz_route(server, path, method):
     url, document = server
-    ops = sorted(operations(document))
-    if index >= len(ops):
-        pytest.skip("fewer routes than slots")
-    path, method, operation = ops[index]
+    operation = document["paths"][path][method]
     body_schema = (operation.get("requestBody", {}).get("content", {}).get("application/json", {}) or {}).get("schema")
     bodies = from_schema(body_schema, document) if body_schema else st.none()
     path_values = st.text(alphabet=string.ascii_letters + string.digits + "-_.%", min_size=1, max_size=30)
+    sent = []
 
     @settings(max_examples=EXAMPLES_PER_ROUTE, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
@@ -132,8 +143,10 @@ def test_fuzz_route(server, index):
         else:
             response = call(url, method.upper(), target, data=json.dumps(body), headers={"Content-Type": "application/json"})
         check(response, f"{method.upper()} {target} {body if not use_raw else raw!r}")
+        sent.append(response.status_code)
 
     fuzz()
+    assert len(sent) >= EXAMPLES_PER_ROUTE, sent  # hypothesis really sent them (it may add shrink runs)
     # still serving, and the model still answers
     answer = requests.post(f"{url}/api/chat", json={"prompt": "Say hi.", "max_new_tokens": 4}, timeout=REQUEST_TIMEOUT_S)
     assert answer.status_code in (200, 409, 429), answer.text
