@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import queue
 import random
 import threading
 from pathlib import Path
@@ -29,7 +30,7 @@ from config.settings import LlamaCppSettings
 
 from ..errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
 from ..gguf_metadata import read_gguf_header
-from ..text_stream import StreamAssembler, stream_tokens
+from ..text_stream import GenerationFailed, StreamAssembler, stream_tokens
 from ..types import Chunk, GenerationParams, Message, Prompt
 from .base import check_token_ids, continuation_prompt
 
@@ -61,6 +62,14 @@ def gpu_backend_name(system_info: str) -> Optional[str]:
 
 def builds_with_llamafile(system_info: str) -> bool:
     return "LLAMAFILE = 1" in system_info
+
+
+class _DecodeFailure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_DECODED = object()
 
 
 class LlamaCppBackend:
@@ -326,15 +335,49 @@ class LlamaCppBackend:
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
         )
-        source = ((token_id, self._piece(token_id)) for token_id in tokens) if budget > 0 else iter(())
         is_end = (lambda token_id: False) if params.ignore_eos else (lambda token_id: llama_cpp.llama_vocab_is_eog(vocab, token_id))
+        # Decoding runs on a thread of its own: llama_decode releases the GIL, so while it computes
+        # token n+1 this thread turns token n into a chunk and the server writes it to the socket,
+        # instead of the two taking turns. The decoder stops by itself at an end token and at the
+        # budget; a stop string, Stop or a closed stream halt it within a token.
+        arrivals: queue.Queue = queue.Queue()
+        halt = threading.Event()
+
+        def decode() -> None:
+            produced = 0
+            try:
+                if budget > 0:
+                    for token_id in tokens:
+                        arrivals.put((token_id, self._piece(token_id)))
+                        produced += 1
+                        if halt.is_set() or cancel.is_set() or is_end(token_id) or produced >= budget:
+                            break
+            except BaseException as exc:  # the worker boundary: the stream must hear of it
+                log.exception("llama.cpp decoding failed")
+                arrivals.put(_DecodeFailure(exc))
+            finally:
+                tokens.close()  # generate's own cleanup, on the thread that ran it
+                arrivals.put(_DECODED)
+
+        def source() -> Iterator[tuple[int, bytes]]:
+            while True:
+                item = arrivals.get()
+                if item is _DECODED:
+                    return
+                if isinstance(item, _DecodeFailure):
+                    raise GenerationFailed(f"{type(item.error).__name__}: {item.error}")
+                yield item
+
+        decoder = threading.Thread(target=decode, name="llamacpp-decode", daemon=True)
+        decoder.start()
         last = None
         try:
-            for chunk in stream_tokens(assembler, source, cancel, is_end, budget):
+            for chunk in stream_tokens(assembler, source(), cancel, is_end, budget):
                 if chunk.is_last:
-                    last = chunk  # sent once the token loop is closed: a client may stop reading at it
+                    last = chunk  # sent once the decoder has stopped: a client may stop reading at it
                     break
                 yield chunk
         finally:
-            tokens.close()
+            halt.set()
+            decoder.join()
         yield last
