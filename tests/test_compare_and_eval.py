@@ -56,7 +56,7 @@ def test_base_and_fine_tune_share_one_copy_of_the_weights(client, app, trained_a
     assert slots[0]["adapter_enabled"] is False and slots[0]["adapter_mode"] == "unmerged"
     assert slots[1]["adapter_enabled"] is True and slots[1]["shares_weights_with"] == "s0"
     assert slots[0]["label"] != slots[1]["label"]
-    assert len(app.extensions["compare_slots"]._pool.engines()) == 1  # one model in memory for both columns
+    assert len(app.extensions["compare_slots"].engines()) == 1  # one model in memory for both columns
 
     question = {"prompt": trained_adapter.question, **GREEDY}
     base = client.post("/api/chat", json={**question, "slot": "s0"}).get_json()["response"]

@@ -51,13 +51,6 @@ class EvalStore:
             raise NotFound(f"no eval {eval_id!r}; GET /api/evals lists them")
         return self.root / eval_id
 
-    def exists(self, eval_id: str) -> bool:
-        try:
-            self._dir(eval_id)
-            return True
-        except NotFound:
-            return False
-
     def create(self, eval_id: str, meta: dict, rows: list[TestRow]) -> None:
         folder = self.root / eval_id
         atomic_write(folder / "rows.jsonl", jsonl(row.to_dict() for row in rows))

@@ -210,6 +210,10 @@ class CompareSlots:
             slots = list(self._slots)
         return [slot.to_dict() for slot in slots]
 
+    def engines(self) -> list[dict]:
+        """The models loaded for compare and evals, each once however many slots use it."""
+        return self._pool.engines()
+
     def get(self, slot_id: str) -> Slot:
         with self._lock:
             for slot in self._slots:
