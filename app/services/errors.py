@@ -89,3 +89,15 @@ class PathNotAllowed(ServiceError):
 class GenerationTimeout(ServiceError):
     status = 504
     type = "generation_timeout"
+
+
+class EvalRunning(ServiceError):
+    status = 409
+    type = "eval_running"
+
+    def __init__(self, message: str, running: str):
+        super().__init__(message)
+        self.running = running
+
+    def details(self) -> dict:
+        return {"running": self.running}

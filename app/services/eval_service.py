@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence
 from config.settings import Settings
 
 from . import eval_metrics
-from .errors import InvalidRequest, ServiceError
+from .errors import EvalRunning, InvalidRequest, ServiceError
 from .eval_store import EvalStore
 from .model_service import Generation, collect_together
 from .model_slots import EnginePool, Slot, SlotRequest
@@ -29,18 +29,6 @@ log = logging.getLogger(__name__)
 
 FINAL_STATES = ("done", "cancelled", "error", "interrupted")
 KEEPALIVE_S = 15.0
-
-
-class EvalRunning(ServiceError):
-    status = 409
-    type = "eval_running"
-
-    def __init__(self, message: str, running: str):
-        super().__init__(message)
-        self.running = running
-
-    def details(self) -> dict:
-        return {"running": self.running}
 
 
 @dataclass
@@ -113,7 +101,7 @@ class EvalService:
                 raise InvalidRequest(f"eval {eval_id} is already complete", field="id")
             requests = [SlotRequest(**m) for m in meta["models"]]
             rows = self.store.rows(eval_id)
-            done = len(self.store.outputs(eval_id))
+            done = self.store.count_outputs(eval_id)
             meta.update(state="running", error=None)
             self.store.write_meta(eval_id, meta)
             run = self._begin(eval_id, meta, rows, requests, meta["params"]["max_new_tokens"], done)
@@ -266,7 +254,7 @@ class EvalService:
             return self._progress_of(run)
         meta = self.store.read_meta(eval_id)
         return {"id": eval_id, "name": meta["name"], "state": self._state_of(meta),
-                "done": len(self.store.outputs(eval_id)), "total": meta["total"], "model": None, "row": None,
+                "done": self.store.count_outputs(eval_id), "total": meta["total"], "model": None, "row": None,
                 "error": meta.get("error"), "url": f"/api/evals/{eval_id}", "events": f"/api/evals/{eval_id}/events"}
 
     def running(self) -> Optional[dict]:

@@ -69,10 +69,17 @@ class EvalStore:
     def save_output(self, eval_id: str, row: int, model: int, output: dict) -> None:
         atomic_write(self._dir(eval_id) / "outputs" / f"r{row:06d}-m{model:02d}.json", json.dumps(output, ensure_ascii=False))
 
-    def outputs(self, eval_id: str) -> dict[tuple[int, int], dict]:
+    def _output_files(self, eval_id: str) -> list[Path]:
         folder = self._dir(eval_id) / "outputs"
+        return sorted(folder.glob("r*-m*.json")) if folder.is_dir() else []
+
+    def count_outputs(self, eval_id: str) -> int:
+        """How many answers are saved, from the file names alone (the listing and progress need no more)."""
+        return len(self._output_files(eval_id))
+
+    def outputs(self, eval_id: str) -> dict[tuple[int, int], dict]:
         found: dict[tuple[int, int], dict] = {}
-        for path in sorted(folder.glob("r*-m*.json")) if folder.is_dir() else ():
+        for path in self._output_files(eval_id):
             row, model = path.stem[1:].split("-m")
             found[(int(row), int(model))] = json.loads(path.read_text(encoding="utf-8"))
         return found
