@@ -78,11 +78,13 @@ def main(argv=None) -> None:
     settings = settings_from_args(parse_args(argv))
     from app import create_app
     from app.auth import warn_if_exposed
+    from app.http_server import StreamingRequestHandler
 
     app = create_app(settings)
     warn_if_exposed(settings.server.host, settings.server.api_key is not None)
     log.info("serving on http://%s:%d", settings.server.host, settings.server.port)
-    app.run(host=settings.server.host, port=settings.server.port, threaded=True, use_reloader=False)
+    app.run(host=settings.server.host, port=settings.server.port, threaded=True, use_reloader=False,
+            request_handler=StreamingRequestHandler)
 
 
 if __name__ == "__main__":

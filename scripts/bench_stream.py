@@ -1,8 +1,9 @@
 """Streaming overhead, multi-turn reuse and startup of model_test, measured side by side in one run.
 
 llama.cpp (the embedded GGUF):
-  llama-bench     native llama.cpp ``llama-bench -p 0 -n N`` tg, built by ``make bench-deps``
-                  from the pinned llama-cpp-python sdist with the wheel's CMAKE_ARGS
+  llama-bench     native llama.cpp ``llama-bench -p 0 -n N -d P`` tg at the depth of the prompt's P
+                  tokens (the same length), built by ``make bench-deps`` from the pinned
+                  llama-cpp-python sdist with the wheel's CMAKE_ARGS; also ``-d 0`` for reference
   llama-cpp-py    llama-cpp-python's own ``create_chat_completion(stream=True)``
   (a) in-process  the llama.cpp backend's own stream, called in this process
   (b) http-sse    the same generation through ``POST /api/chat_stream`` of a ``run.py`` server
@@ -16,7 +17,8 @@ transformers (the default checkpoint built from the same GGUF):
 
 Every path decodes the same prompt greedily to exactly the asked number of tokens (``ignore_eos``;
 llama-cpp-python has no such switch, but this prompt runs past 256 tokens without an end token);
-paths of one backend run alternately, so drift in machine load hits them alike. Decode tokens/s
+paths of one backend run alternately, in an order that turns each round, so drift in machine load
+hits them alike. Decode tokens/s
 counts the tokens after the first over the time from first to last token as the client sees
 them; TTFT is from the request to the first token. Tables show medians over ``--runs``; a ratio
 is the median of the per-round ratios (paired), so drift in the machine's speed between rounds cancels out.
@@ -256,11 +258,12 @@ def on_own_thread(run: Callable[[], Sample]) -> Callable[[], Sample]:
     return threaded
 
 
-def llama_bench_path(binary: Path, model: Path, threads: int, n_tokens: int) -> Callable[[], Sample]:
+def llama_bench_path(binary: Path, model: Path, threads: int, n_tokens: int, depth: int = 0) -> Callable[[], Sample]:
     """One ``llama-bench`` tg run per call (its own warm-up included), so it alternates with the
-    other paths like they do. Flash attention off, as the backend keeps it."""
+    other paths like they do. Flash attention off, as the backend keeps it. ``depth`` tokens are
+    in the cache before the timed tokens (``-d``), as the prompt is before an answer."""
     command = [str(binary), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(n_tokens),
-               "-r", "1", "-fa", "0", "-o", "json"]
+               "-d", str(depth), "-r", "1", "-fa", "0", "-o", "json"]
 
     def run() -> Sample:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -392,13 +395,17 @@ def measure_startup(runs: int) -> dict:
 # -- measuring --------------------------------------------------------------------------------
 
 def measure(paths: dict[str, tuple[str, Callable[[], Sample]]], runs: int, warmup: int) -> dict[str, PathResult]:
+    """Each round runs every path once; the order turns by one path a round, so no path always
+    follows the same neighbour (llama-bench's exit, a server's idle threads)."""
     for name, (_, run) in paths.items():
         for _ in range(warmup):
             run()
     results = {name: PathResult(name, label, []) for name, (label, _) in paths.items()}
+    names = list(paths)
     for index in range(runs):
-        for name, (_, run) in paths.items():
-            sample = run()
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            sample = paths[name][1]()
             results[name].samples.append(sample)
             ttft = f"{sample.ttft_ms:6.1f} ms" if sample.ttft_ms is not None else "     -   "
             log.info("run %d %-24s %6.1f tok/s  ttft %s", index + 1, name, sample.tokens_per_second, ttft)
@@ -501,8 +508,13 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
     paths = {}
     if binary is not None:
         log.info("llama-bench: %s (%s)", binary, source)
-        paths["llama-bench"] = (f"llama.cpp `llama-bench` tg{params.max_new_tokens} (native C++)",
-                                llama_bench_path(binary, model, args.threads, params.max_new_tokens))
+        # The baseline decodes at the positions the tester's answer has: after the prompt's tokens.
+        # From an empty cache (plain tg) the same tokens attend to fewer keys and come faster.
+        paths["llama-bench"] = (f"llama.cpp `llama-bench` tg{params.max_new_tokens} at depth {len(prompt.token_ids)} "
+                                f"(native C++; the same length)",
+                                llama_bench_path(binary, model, args.threads, params.max_new_tokens, len(prompt.token_ids)))
+        paths["llama-bench-empty"] = (f"llama.cpp `llama-bench` tg{params.max_new_tokens} from an empty cache (for reference)",
+                                      llama_bench_path(binary, model, args.threads, params.max_new_tokens))
     else:
         log.warning("skipping llama-bench: %s", source)
     paths["create-chat-completion"] = ("llama-cpp-python `create_chat_completion(stream=True)`",
@@ -522,6 +534,8 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
         reference.close()
     if binary is None:
         results = {"llama-bench": PathResult("llama-bench", "llama.cpp `llama-bench` (native C++)", [], note=source), **results}
+        results["llama-bench-empty"] = PathResult("llama-bench-empty", "llama.cpp `llama-bench` from an empty cache", [],
+                                                  note=source)
     build_info = binary.parent / "BUILD_INFO" if binary is not None else None
     return {
         "model": str(model),
@@ -532,6 +546,7 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
         "results": results,
         "ratios": {
             "sse_over_llama_bench": ratio(results, "http-sse", "llama-bench"),
+            "sse_over_llama_bench_from_empty_cache": ratio(results, "http-sse", "llama-bench-empty"),
             "sse_over_create_chat_completion": ratio(results, "http-sse", "create-chat-completion"),
             "openai_sse_over_llama_bench": ratio(results, "openai-sse", "llama-bench"),
             "openai_sse_over_create_chat_completion": ratio(results, "openai-sse", "create-chat-completion"),

@@ -9,6 +9,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from app import create_app
+from app.http_server import StreamingRequestHandler
 from app.services.default_model import default_gguf_path, default_hf_checkpoint_path
 from config.settings import PROJECT_ROOT, LimitSettings, LlamaCppSettings, ServerSettings, Settings, TransformersSettings
 
@@ -110,7 +111,8 @@ def free_port() -> int:
 
 
 def serve(app):
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    """The app served as run.py serves it (its request handler included) on a free port."""
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=StreamingRequestHandler)
     thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
     thread.start()
     return server, thread

@@ -15,12 +15,12 @@ from config.settings import PROJECT_ROOT
 from scripts.bench_stream import TARGETS, evaluate_targets
 
 PATHS = {
-    "llamacpp": {"llama-bench", "create-chat-completion", "in-process", "http-sse", "openai-sse"},
+    "llamacpp": {"llama-bench", "llama-bench-empty", "create-chat-completion", "in-process", "http-sse", "openai-sse"},
     "transformers": {"hf-bare-generate", "hf-fp32", "hf-sse", "hf-bf16", "hf-lora-merged", "hf-lora-unmerged",
                      "hf-lora-off"},
 }
 RATIOS = {
-    "llamacpp": {"sse_over_llama_bench", "sse_over_create_chat_completion", "openai_sse_over_llama_bench",
+    "llamacpp": {"sse_over_llama_bench", "sse_over_llama_bench_from_empty_cache", "sse_over_create_chat_completion", "openai_sse_over_llama_bench",
                  "openai_sse_over_create_chat_completion", "in_process_over_llama_bench", "in_process_over_create_chat_completion",
                  "sse_over_in_process_tokens_per_second", "sse_added_ttft_ms", "openai_sse_over_in_process_tokens_per_second"},
     "transformers": {"sse_over_bare_generate", "in_process_over_bare_generate", "sse_over_in_process_tokens_per_second",
@@ -30,7 +30,7 @@ RATIOS = {
                      "batch4_over_sequential_bf16"},
 }
 # Ratios against llama-bench are None (with a note on the path) where it has not been built.
-NEEDS_LLAMA_BENCH = {"sse_over_llama_bench", "openai_sse_over_llama_bench", "in_process_over_llama_bench"}
+NEEDS_LLAMA_BENCH = {"sse_over_llama_bench", "sse_over_llama_bench_from_empty_cache", "openai_sse_over_llama_bench", "in_process_over_llama_bench"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -49,7 +49,7 @@ def test_quick_bench_publishes_every_path_ratio_and_file(tmp_path):
         section = summary["backends"][backend]
         assert set(section["paths"]) == names
         for name, path in section["paths"].items():
-            if name == "llama-bench" and not llama_bench_built:
+            if name.startswith("llama-bench") and not llama_bench_built:
                 assert path["note"] and path["tokens_per_second"] is None
             else:
                 assert path["tokens_per_second"] > 0, (backend, name)

@@ -87,3 +87,50 @@ def test_decoding_runs_on_a_fresh_thread_that_ends_with_the_answer(default_gguf)
         assert not decoders[0].is_alive()
     finally:
         backend.unload()
+
+
+def generate_reference(llama, token_ids, params: GenerationParams, count: int) -> list[int]:
+    """What ``Llama.generate`` picks, started cold, with the sampler settings the backend passes."""
+    llama.reset()
+    picked = []
+    for token_id in llama.generate(token_ids, top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=params.temperature,
+                                   repeat_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+                                   frequency_penalty=params.frequency_penalty):
+        picked.append(token_id)
+        if len(picked) == count:
+            return picked
+    return picked
+
+
+@pytest.mark.parametrize("params", [
+    GenerationParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0, ignore_eos=True),  # numpy argmax
+    GenerationParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),  # llama.cpp's chain
+    GenerationParams(max_new_tokens=40, temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.1,
+                     presence_penalty=0.2, frequency_penalty=0.1, seed=1234, ignore_eos=True),
+], ids=["greedy", "greedy-penalised", "sampled-seeded"])
+def test_the_lean_token_loop_picks_what_llama_generate_picks(backend, params):
+    """decode_tokens replaced Llama.generate to save its per-token overhead; the tokens must not move."""
+    prompt = backend.prepare(messages=[Message("user", "Tell me a story about a lighthouse keeper.")])
+    backend.clear_cache()
+    ours = [token_id for chunk in backend.stream(prompt, params, threading.Event()) for token_id in chunk.token_ids]
+    llama = backend._llama
+    llama.set_seed(params.seed if params.seed is not None else 0)
+    assert ours == generate_reference(llama, prompt.token_ids, params, params.max_new_tokens)
+    backend.clear_cache()
+
+
+def test_the_token_loop_leaves_llamas_bookkeeping_as_the_cache_holds_it(backend):
+    """The prefix match of the next request reads Llama.input_ids / n_tokens: they must name
+    exactly the tokens whose KV the cache holds (the prompt and every answer token but the last,
+    which was never evaluated)."""
+    from app.services.backends.llamacpp_decoder import common_prefix_length
+
+    params = GenerationParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
+    prompt = backend.prepare(messages=[Message("user", "Count to five.")])
+    backend.clear_cache()
+    answer_ids = [t for chunk in backend.stream(prompt, params, threading.Event()) for t in chunk.token_ids]
+    llama = backend._llama
+    assert llama.n_tokens == len(prompt.token_ids) + len(answer_ids) - 1
+    assert list(llama.input_ids[: llama.n_tokens]) == list(prompt.token_ids) + answer_ids[:-1]
+    assert common_prefix_length(llama.input_ids[: llama.n_tokens], list(prompt.token_ids) + [answer_ids[0] + 1]) == len(prompt.token_ids)
+    backend.clear_cache()

@@ -1,8 +1,9 @@
 """GGUF models through llama-cpp-python.
 
-The token loop uses ``Llama.generate``: sampling runs in llama.cpp's own sampler chain
-(no Python-side sampling), and the KV cache of the longest shared prefix with the last
-request is kept, so turn N of a chat evaluates only what is new since turn N-1.
+The token loop is ``llamacpp_decoder.decode_tokens``: one ``llama_decode`` per token, greedy
+picks in numpy and all other sampling in llama.cpp's own sampler chain (no Python-side sampling
+loop), and the KV cache of the longest shared prefix with the last request is kept, so turn N of
+a chat evaluates only what is new since turn N-1.
 
 That reuse is exact only where llama.cpp computes a token's KV the same way whether it is
 evaluated alone (as generated tokens are) or inside a batch at any offset. On x86 CPUs that
@@ -33,6 +34,7 @@ from ..gguf_metadata import read_gguf_header
 from ..text_stream import GenerationFailed, StreamAssembler, stream_tokens
 from ..types import Chunk, GenerationParams, Message, Prompt
 from .base import check_token_ids, continuation_prompt
+from .llamacpp_decoder import decode_tokens
 
 log = logging.getLogger(__name__)
 
@@ -323,24 +325,13 @@ class LlamaCppBackend:
         room = self.n_ctx - len(prompt.token_ids)
         budget = min(params.max_new_tokens, room)
         llama.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
-        if not self._prefix_cache:
-            llama.reset()
-        tokens = llama.generate(
-            prompt.token_ids,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=0.0,
-            temp=params.temperature,
-            repeat_penalty=params.repetition_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-        )
+        tokens = decode_tokens(llama, prompt.token_ids, params, keep_prefix=self._prefix_cache)
         is_end = (lambda token_id: False) if params.ignore_eos else (lambda token_id: llama_cpp.llama_vocab_is_eog(vocab, token_id))
         # Decoding runs on a thread of its own: llama_decode releases the GIL, so while it computes
         # token n+1 this thread turns token n into a chunk and the server writes it to the socket,
         # instead of the two taking turns. The decoder stops by itself at an end token and at the
         # budget; a stop string, Stop or a closed stream halt it within a token.
-        arrivals: queue.Queue = queue.Queue()
+        arrivals: queue.SimpleQueue = queue.SimpleQueue()  # C: no Condition to build per get
         halt = threading.Event()
 
         def decode() -> None:
