@@ -8,6 +8,9 @@ extra system calls and wake-ups come out of the decoder's time (measured on 2 co
 ``flush`` after every write the only send; Nagle's algorithm is turned off so that send is not
 held back until the client acknowledges the previous token. gunicorn (``make serve``) already
 joins a chunk into one send.
+
+It also marks its threads as ending with their request (``services.thread_scope``), which lets
+the llama.cpp backend decode on them without a hand-off per token.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import io
 import socket
 
 from werkzeug.serving import WSGIRequestHandler
+
+from .services.thread_scope import mark_ends_with_request
 
 
 class StreamingRequestHandler(WSGIRequestHandler):
@@ -24,5 +29,9 @@ class StreamingRequestHandler(WSGIRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # werkzeug runs each connection on a thread of its own and closes it after one response
+        # ("Connection: close"), so this thread ends with its request and may decode itself.
+        if self.server.multithread:
+            mark_ends_with_request()
         if self.connection.family in (socket.AF_INET, socket.AF_INET6):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

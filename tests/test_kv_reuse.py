@@ -89,6 +89,65 @@ def test_decoding_runs_on_a_fresh_thread_that_ends_with_the_answer(default_gguf)
         backend.unload()
 
 
+def on_a_request_thread(work):
+    """Runs ``work`` on a thread marked as run.py's request threads are (ends with its request)."""
+    from app.services.thread_scope import mark_ends_with_request
+
+    result, errors = [], []
+
+    def run():
+        mark_ends_with_request()
+        try:
+            result.append(work())
+        except BaseException as exc:  # handed to the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="request-thread")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+def test_a_thread_that_ends_with_its_request_decodes_itself_with_the_same_answers(backend):
+    """run.py's request threads end with their request, so they decode without the hand-off (and
+    its pre-emption per token); tokens, warm and cold, must equal the hand-off path's."""
+    messages = [Message("user", USER_TURNS[0])]
+
+    def here():
+        decoders_during = []
+        prompt = backend.prepare(messages=messages)
+        tokens = []
+        for chunk in backend.stream(prompt, GREEDY, threading.Event()):
+            decoders_during.append(any(t.name == "llamacpp-decode" for t in threading.enumerate()))
+            tokens.extend(chunk.token_ids)
+        return tokens, decoders_during
+
+    backend.clear_cache()
+    cold_here, decoders_during = on_a_request_thread(here)
+    warm_here, _ = on_a_request_thread(here)
+    assert not any(decoders_during)
+    _, handed_off = answer(backend, messages, cold=True)
+    assert cold_here == warm_here == handed_off
+
+
+def test_a_request_thread_stops_decoding_when_its_stream_is_closed(backend):
+    """A client that goes away closes the stream mid-answer; the next request still starts right."""
+    prompt = backend.prepare(messages=[Message("user", USER_TURNS[0])])
+
+    def cut_short():
+        stream = backend.stream(prompt, GREEDY, threading.Event())
+        first = next(stream)
+        stream.close()
+        return first
+
+    assert on_a_request_thread(cut_short).token_ids
+    _, warm = answer(backend, [Message("user", USER_TURNS[0])], cold=False)
+    _, cold = answer(backend, [Message("user", USER_TURNS[0])], cold=True)
+    assert warm == cold
+
+
 def generate_reference(llama, token_ids, params: GenerationParams, count: int) -> list[int]:
     """What ``Llama.generate`` picks, started cold, with the sampler settings the backend passes."""
     llama.reset()
@@ -134,3 +193,31 @@ def test_the_token_loop_leaves_llamas_bookkeeping_as_the_cache_holds_it(backend)
     assert list(llama.input_ids[: llama.n_tokens]) == list(prompt.token_ids) + answer_ids[:-1]
     assert common_prefix_length(llama.input_ids[: llama.n_tokens], list(prompt.token_ids) + [answer_ids[0] + 1]) == len(prompt.token_ids)
     backend.clear_cache()
+
+
+@pytest.mark.parametrize("where", ["own thread", "request thread"])
+def test_a_failing_llama_decode_ends_the_stream_with_an_error_chunk(backend, monkeypatch, where):
+    import llama_cpp
+
+    real_decode = llama_cpp.llama_decode
+    calls = []
+
+    def fails_third_time(context, batch):
+        calls.append(1)
+        return real_decode(context, batch) if len(calls) < 3 else 1
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", fails_third_time)  # the token loop's; the prompt's is Llama.eval's
+    prompt = backend.prepare(messages=[Message("user", USER_TURNS[0])])
+    backend.clear_cache()
+
+    def run():
+        return list(backend.stream(prompt, GREEDY, threading.Event()))
+
+    chunks = on_a_request_thread(run) if where == "request thread" else run()
+    assert chunks[-1].finish_reason == "error"
+    assert "llama_decode returned 1" in chunks[-1].error
+    assert sum(len(chunk.token_ids) for chunk in chunks) == 3  # the first from the prompt, two decoded
+    monkeypatch.undo()
+    _, warm = answer(backend, [Message("user", USER_TURNS[0])], cold=False)
+    _, cold = answer(backend, [Message("user", USER_TURNS[0])], cold=True)
+    assert warm == cold  # the failed decode left no stale state behind

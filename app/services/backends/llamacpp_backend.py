@@ -32,6 +32,7 @@ from config.settings import LlamaCppSettings
 from ..errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
 from ..gguf_metadata import read_gguf_header
 from ..text_stream import GenerationFailed, StreamAssembler, stream_tokens
+from ..thread_scope import ends_with_request
 from ..types import Chunk, GenerationParams, Message, Prompt
 from .base import check_token_ids, continuation_prompt
 from .llamacpp_decoder import decode_tokens
@@ -327,6 +328,9 @@ class LlamaCppBackend:
         llama.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
         tokens = decode_tokens(llama, prompt.token_ids, params, keep_prefix=self._prefix_cache)
         is_end = (lambda token_id: False) if params.ignore_eos else (lambda token_id: llama_cpp.llama_vocab_is_eog(vocab, token_id))
+        if ends_with_request():
+            yield from self._stream_on_this_thread(tokens, assembler, cancel, is_end, budget)
+            return
         # Decoding runs on a thread of its own: llama_decode releases the GIL, so while it computes
         # token n+1 this thread turns token n into a chunk and the server writes it to the socket,
         # instead of the two taking turns. The decoder stops by itself at an end token and at the
@@ -372,3 +376,23 @@ class LlamaCppBackend:
             halt.set()
             decoder.join()
         yield last
+
+    def _stream_on_this_thread(self, tokens: Iterator[int], assembler: StreamAssembler, cancel: threading.Event,
+                               is_end, budget: int) -> Iterator[Chunk]:
+        """Decoding on the calling thread, which ends with its request (``thread_scope``): no
+        hand-off per token, which on 2 cores pre-empted one of llama.cpp's threads each token
+        (measured: 1.034 x in-process)."""
+        def source() -> Iterator[tuple[int, bytes]]:
+            if budget <= 0:
+                return
+            try:
+                for token_id in tokens:
+                    yield token_id, self._piece(token_id)
+            except Exception as exc:  # llama.cpp's failure ends the stream with an error chunk
+                log.exception("llama.cpp decoding failed")
+                raise GenerationFailed(f"{type(exc).__name__}: {exc}") from exc
+
+        try:
+            yield from stream_tokens(assembler, source(), cancel, is_end, budget)
+        finally:
+            tokens.close()
