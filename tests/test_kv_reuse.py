@@ -182,7 +182,7 @@ def test_the_token_loop_leaves_llamas_bookkeeping_as_the_cache_holds_it(backend)
     """The prefix match of the next request reads Llama.input_ids / n_tokens: they must name
     exactly the tokens whose KV the cache holds (the prompt and every answer token but the last,
     which was never evaluated)."""
-    from app.services.backends.llamacpp_decoder import common_prefix_length
+    from app.services.backends.base import common_prefix_length
 
     params = GenerationParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
     prompt = backend.prepare(messages=[Message("user", "Count to five.")])

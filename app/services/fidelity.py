@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from config.settings import LlamaCppSettings, TransformersSettings
 
+from .backends.base import common_prefix_length
 from .errors import InvalidRequest, ServiceError
 from .types import GenerationParams, Message
 
@@ -166,17 +167,8 @@ def with_stop(ids: list[int], finish: str, limit: int) -> list[int]:
     return (ids + [STOP] if finish == "stop" else list(ids))[:limit]
 
 
-def common_prefix(a: Sequence, b: Sequence) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def first_difference(a: str, b: str) -> dict:
-    at = common_prefix(a, b)
+    at = common_prefix_length(a, b)
     return {"at": at, "hf": a[max(0, at - 20):at + 40], "gguf": b[max(0, at - 20):at + 40]}
 
 
@@ -206,7 +198,7 @@ def compare(hf: SideRun, gguf: SideRun, prompts, max_tokens: int, one_to_one: bo
         if one_to_one:
             a = with_stop(hf.answer_ids[i], hf.finish[i], max_tokens)
             b = with_stop(gguf.answer_ids[i], gguf.finish[i], max_tokens)
-            matched = common_prefix(a, b)
+            matched = common_prefix_length(a, b)
             total = max(len(a), len(b))
             comparison = PromptComparison(compared="ids", matched=matched, total=total,
                                           first_divergence=matched if matched < total else None, **row)
@@ -215,7 +207,7 @@ def compare(hf: SideRun, gguf: SideRun, prompts, max_tokens: int, one_to_one: bo
                 comparison.gguf_continuation = continuations["gguf"][(i, matched)]
         else:
             a, b = hf.answers[i], gguf.answers[i]
-            matched = common_prefix(a, b)
+            matched = common_prefix_length(a, b)
             total = max(len(a), len(b))
             comparison = PromptComparison(compared="text", matched=matched, total=total,
                                           first_divergence=matched if matched < total else None, **row)

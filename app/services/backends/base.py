@@ -88,3 +88,13 @@ def check_token_ids(token_ids: Sequence[int], vocab_size: int, field: str = "tok
                 f"{field}.{index} is {token_id}; this model's token ids run from 0 to {vocab_size - 1}",
                 field=f"{field}.{index}",
             )
+
+
+def common_prefix_length(a: Sequence, b: Sequence) -> int:
+    """How many leading items two sequences share (token ids, texts)."""
+    shared = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        shared += 1
+    return shared

@@ -67,11 +67,6 @@ def builds_with_llamafile(system_info: str) -> bool:
     return "LLAMAFILE = 1" in system_info
 
 
-class _DecodeFailure:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
 _DECODED = object()
 
 
@@ -328,30 +323,48 @@ class LlamaCppBackend:
         llama.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
         tokens = decode_tokens(llama, prompt.token_ids, params, keep_prefix=self._prefix_cache)
         is_end = (lambda token_id: False) if params.ignore_eos else (lambda token_id: llama_cpp.llama_vocab_is_eog(vocab, token_id))
+
+        def pieces() -> Iterator[tuple[int, bytes]]:
+            """Each token with its bytes; llama.cpp's failure becomes the stream's error chunk."""
+            if budget <= 0:
+                return
+            try:
+                for token_id in tokens:
+                    yield token_id, self._piece(token_id)
+            except Exception as exc:
+                log.exception("llama.cpp decoding failed")
+                raise GenerationFailed(f"{type(exc).__name__}: {exc}") from exc
+
         if ends_with_request():
-            yield from self._stream_on_this_thread(tokens, assembler, cancel, is_end, budget)
+            # This thread ends with its request (thread_scope), so it decodes itself: no hand-off
+            # per token, which on 2 cores pre-empted one of llama.cpp's threads each token.
+            try:
+                yield from stream_tokens(assembler, pieces(), cancel, is_end, budget)
+            finally:
+                tokens.close()
             return
-        # Decoding runs on a thread of its own: llama_decode releases the GIL, so while it computes
-        # token n+1 this thread turns token n into a chunk and the server writes it to the socket,
-        # instead of the two taking turns. The decoder stops by itself at an end token and at the
-        # budget; a stop string, Stop or a closed stream halt it within a token.
+        # Elsewhere decoding runs on a thread of its own: llama_decode releases the GIL, so while it
+        # computes token n+1 this thread turns token n into a chunk and the server writes it to the
+        # socket. The decoder stops by itself at an end token and at the budget; a stop string,
+        # Stop or a closed stream halt it within a token.
         arrivals: queue.SimpleQueue = queue.SimpleQueue()  # C: no Condition to build per get
         halt = threading.Event()
 
         def decode() -> None:
             produced = 0
             try:
-                if budget > 0:
-                    for token_id in tokens:
-                        arrivals.put((token_id, self._piece(token_id)))
-                        produced += 1
-                        if halt.is_set() or cancel.is_set() or is_end(token_id) or produced >= budget:
-                            break
+                for item in pieces():
+                    arrivals.put(item)
+                    produced += 1
+                    if halt.is_set() or cancel.is_set() or is_end(item[0]) or produced >= budget:
+                        break
+            except GenerationFailed as failure:
+                arrivals.put(failure)
             except BaseException as exc:  # the worker boundary: the stream must hear of it
-                log.exception("llama.cpp decoding failed")
-                arrivals.put(_DecodeFailure(exc))
+                log.exception("llama.cpp decoding stopped")
+                arrivals.put(GenerationFailed(f"{type(exc).__name__}: {exc}"))
             finally:
-                tokens.close()  # generate's own cleanup, on the thread that ran it
+                tokens.close()  # the loop's own cleanup, on the thread that ran it
                 arrivals.put(_DECODED)
 
         def source() -> Iterator[tuple[int, bytes]]:
@@ -359,8 +372,8 @@ class LlamaCppBackend:
                 item = arrivals.get()
                 if item is _DECODED:
                     return
-                if isinstance(item, _DecodeFailure):
-                    raise GenerationFailed(f"{type(item.error).__name__}: {item.error}")
+                if isinstance(item, GenerationFailed):
+                    raise item
                 yield item
 
         decoder = threading.Thread(target=decode, name="llamacpp-decode", daemon=True)
@@ -376,23 +389,3 @@ class LlamaCppBackend:
             halt.set()
             decoder.join()
         yield last
-
-    def _stream_on_this_thread(self, tokens: Iterator[int], assembler: StreamAssembler, cancel: threading.Event,
-                               is_end, budget: int) -> Iterator[Chunk]:
-        """Decoding on the calling thread, which ends with its request (``thread_scope``): no
-        hand-off per token, which on 2 cores pre-empted one of llama.cpp's threads each token
-        (measured: 1.034 x in-process)."""
-        def source() -> Iterator[tuple[int, bytes]]:
-            if budget <= 0:
-                return
-            try:
-                for token_id in tokens:
-                    yield token_id, self._piece(token_id)
-            except Exception as exc:  # llama.cpp's failure ends the stream with an error chunk
-                log.exception("llama.cpp decoding failed")
-                raise GenerationFailed(f"{type(exc).__name__}: {exc}") from exc
-
-        try:
-            yield from stream_tokens(assembler, source(), cancel, is_end, budget)
-        finally:
-            tokens.close()

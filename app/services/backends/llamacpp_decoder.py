@@ -21,12 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..types import GenerationParams
-
-
-def common_prefix_length(cached: np.ndarray, tokens: Sequence[int]) -> int:
-    size = min(len(cached), len(tokens))
-    mismatches = np.flatnonzero(cached[:size] != np.asarray(tokens[:size], dtype=cached.dtype))
-    return int(mismatches[0]) if mismatches.size else size
+from .base import common_prefix_length
 
 
 def is_plain_greedy(params: GenerationParams) -> bool:
@@ -34,9 +29,8 @@ def is_plain_greedy(params: GenerationParams) -> bool:
             and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)
 
 
-def evaluate_prompt(llama, token_ids: Sequence[int], keep_prefix: bool) -> int:
-    """Brings the KV cache to ``token_ids`` and leaves the logits of its last token; returns how
-    many tokens were taken from the cache. With ``keep_prefix`` the longest prefix shared with
+def evaluate_prompt(llama, token_ids: Sequence[int], keep_prefix: bool) -> None:
+    """Brings the KV cache to ``token_ids`` and leaves the logits of its last token. With ``keep_prefix`` the longest prefix shared with
     what the cache holds stays, except the prompt's last token, which is always evaluated so its
     logits are fresh."""
     tokens = list(token_ids)
@@ -51,7 +45,6 @@ def evaluate_prompt(llama, token_ids: Sequence[int], keep_prefix: bool) -> int:
     else:
         llama.reset()
     llama.eval(tokens[reused:])  # trims the cache past n_tokens itself, and splits by n_batch
-    return reused
 
 
 def decode_tokens(llama, token_ids: Sequence[int], params: GenerationParams, keep_prefix: bool) -> Iterator[int]:

@@ -26,7 +26,7 @@ from ..errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFoun
 from ..model_catalog import ADAPTER_WEIGHT_FILES, ModelSpec, adapter_matches_base, read_adapter_config
 from ..text_stream import GenerationFailed, StreamAssembler, stream_tokens
 from ..types import Chunk, GenerationParams, Message, Prompt
-from .base import check_token_ids, continuation_prompt
+from .base import check_token_ids, common_prefix_length, continuation_prompt
 from .hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
 from .incremental_detokenizer import make_detokenizer
 from .transformers_batching import END, Failure, PaddedRepetitionPenalty, RoundBatcher, RoundStreamer, Row, round_key
@@ -486,12 +486,7 @@ class TransformersBackend:
         self.last_reused_tokens = 0
         if cache is None or not self._prefix_cache or adapter_on != self._kv_adapter_on:
             return DynamicCache()
-        shared = 0
-        for cached, wanted in zip(cached_ids, token_ids):
-            if cached != wanted:
-                break
-            shared += 1
-        shared = min(shared, len(token_ids) - 1)
+        shared = min(common_prefix_length(cached_ids, token_ids), len(token_ids) - 1)
         if shared <= 0:
             return DynamicCache()
         excess = cache.get_seq_length() - shared
