@@ -76,12 +76,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def main(argv=None) -> None:
     settings = settings_from_args(parse_args(argv))
+    from app.hugepages import malloc_asks_for_hugepages, restart_with_hugepages, thp_mode
+
+    if argv is None and settings.server.hugepages:
+        restart_with_hugepages()  # the command line is this process's own, so it can start again with it
     from app import create_app
     from app.auth import warn_if_exposed
     from app.http_server import StreamingRequestHandler
 
     app = create_app(settings)
     warn_if_exposed(settings.server.host, settings.server.api_key is not None)
+    log.info("huge pages: malloc %s, kernel THP mode %s",
+             "asks for them" if malloc_asks_for_hugepages() else "does not ask", thp_mode() or "absent")
     log.info("serving on http://%s:%d", settings.server.host, settings.server.port)
     app.run(host=settings.server.host, port=settings.server.port, threaded=True, use_reloader=False,
             request_handler=StreamingRequestHandler)

@@ -110,8 +110,12 @@ EVAL_UPLOAD = _object({"file": {"type": "string", "format": "binary", "descripti
 EVAL_SSE = ("Server-Sent Events: `event: progress` `{done, total, model, row, state}` now and after every answer, then "
             "`event: done` `{state, error, summary}`.")
 SYSTEM = _object({
-    "process": _object({"rss_bytes": INTEGER, "cpu_percent": NUMBER, "threads": INTEGER}),
-    "memory": _object({"total_bytes": INTEGER, "available_bytes": INTEGER, "used_bytes": INTEGER, "percent": NUMBER}),
+    "process": _object({"rss_bytes": INTEGER, "cpu_percent": NUMBER, "threads": INTEGER,
+                        "huge_pages_bytes": {"type": "integer", "nullable": True,
+                                             "description": "anonymous memory on transparent huge pages; null off Linux"}}),
+    "memory": _object({"total_bytes": INTEGER, "available_bytes": INTEGER, "used_bytes": INTEGER, "percent": NUMBER,
+                       "thp_mode": {**NULLABLE_STRING, "description": "the kernel's THP mode: always, madvise or never"},
+                       "malloc_huge_pages": {**BOOLEAN, "description": "started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1"}}),
     "cpu": _object({"logical_cores": INTEGER, "physical_cores": INTEGER, "percent": NUMBER,
                     "load_avg": {"type": "array", "items": NUMBER, "nullable": True}}),
     "gpus": {"type": "array", "items": _object({"index": INTEGER, "name": STRING, "memory_used_bytes": INTEGER,

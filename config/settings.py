@@ -47,6 +47,11 @@ class ServerSettings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of console and file.")
     log_max_bytes: int = Field(5_000_000, ge=10_000, description="Size at which the log file rotates.")
     log_backups: int = Field(3, ge=0, le=100, description="Rotated log files kept.")
+    hugepages: bool = Field(
+        True,
+        description="run.py starts itself again with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (Linux), so the "
+        "memory llama.cpp allocates sits on transparent huge pages (see app/hugepages.py).",
+    )
 
 
 class LimitSettings(BaseModel):
@@ -84,6 +89,12 @@ class LlamaCppSettings(BaseModel):
         description="Keep the KV cache of the last request and evaluate only the new suffix of the next. "
         "auto turns it on where the build computes the same numbers in any batch shape (a CPU build "
         "without llamafile sgemm), so a warm answer always equals a cold one; on keeps it everywhere.",
+    )
+    mmap: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Map the GGUF file (on) or read the weights into the process's memory (off). auto reads "
+        "them in on the CPU when the file takes less than half the available memory, where they can sit on "
+        "huge pages (decoding measured 3-5 % faster; see app/hugepages.py), and maps it otherwise and on a GPU.",
     )
     verbose: bool = Field(False, description="Let llama.cpp print its own load log to stderr.")
 

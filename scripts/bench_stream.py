@@ -3,7 +3,8 @@
 llama.cpp (the embedded GGUF):
   llama-bench     native llama.cpp ``llama-bench -p 0 -n N -d P`` tg at the depth of the prompt's P
                   tokens (the same length), built by ``make bench-deps`` from the pinned
-                  llama-cpp-python sdist with the wheel's CMAKE_ARGS; also ``-d 0`` for reference
+                  llama-cpp-python sdist with the wheel's CMAKE_ARGS; for reference also ``-d 0``,
+                  and ``-lm none`` (weights read into memory, as the backend loads them)
   llama-cpp-py    llama-cpp-python's own ``create_chat_completion(stream=True)``
   (a) in-process  the llama.cpp backend's own stream, called in this process
   (b) http-sse    the same generation through ``POST /api/chat_stream`` of a ``run.py`` server
@@ -29,6 +30,9 @@ a client sends them back; TTFT of turn 10 against turn 1, and turn 10 sent cold 
 unrelated chat.
 Startup: spawning ``python run.py`` to the first 200 from ``/health``, then ``POST
 /api/load_model`` of the default GGUF.
+Memory: the benchmark starts itself again with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, as
+``run.py`` does (``app/hugepages.py``), so every path, llama-bench and the servers included, runs
+with malloc asking for huge pages; set ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` to measure without.
 
 Writes ``results/bench/stream-<time>.{json,md,png}`` and ``latest.{json,md,png}``.
 
@@ -57,6 +61,7 @@ from typing import Callable, Optional
 
 import requests
 
+from app.hugepages import environ_without_hugepages, malloc_asks_for_hugepages, restart_with_hugepages, thp_mode
 from app.services.backends.llamacpp_backend import LlamaCppBackend
 from app.services.default_model import default_gguf_path
 from app.services.types import GenerationParams, Message, Prompt
@@ -258,12 +263,16 @@ def on_own_thread(run: Callable[[], Sample]) -> Callable[[], Sample]:
     return threaded
 
 
-def llama_bench_path(binary: Path, model: Path, threads: int, n_tokens: int, depth: int = 0) -> Callable[[], Sample]:
+def llama_bench_path(binary: Path, model: Path, threads: int, n_tokens: int, depth: int = 0,
+                     load_mode: Optional[str] = None) -> Callable[[], Sample]:
     """One ``llama-bench`` tg run per call (its own warm-up included), so it alternates with the
     other paths like they do. Flash attention off, as the backend keeps it. ``depth`` tokens are
-    in the cache before the timed tokens (``-d``), as the prompt is before an answer."""
+    in the cache before the timed tokens (``-d``), as the prompt is before an answer. ``load_mode``
+    is its ``-lm`` (``none`` reads the weights into memory, as the backend does on the CPU)."""
     command = [str(binary), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(n_tokens),
                "-d", str(depth), "-r", "1", "-fa", "0", "-o", "json"]
+    if load_mode is not None:
+        command += ["-lm", load_mode]
 
     def run() -> Sample:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -323,13 +332,13 @@ class Server:
     """``run.py`` in a subprocess, as a user starts it. Records how long it took to answer
     ``/health`` after the spawn and to load its model through ``POST /api/load_model``."""
 
-    def __init__(self, flags: list[str]):
+    def __init__(self, flags: list[str], environ: Optional[dict[str, str]] = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.health_s: Optional[float] = None
         self.load_s: Optional[float] = None
         self._log_dir = tempfile.TemporaryDirectory(prefix="bench-logs-")
-        env = {**os.environ, "MODEL_TEST_SERVER__LOG_DIR": self._log_dir.name}
+        env = {**(os.environ if environ is None else environ), "MODEL_TEST_SERVER__LOG_DIR": self._log_dir.name}
         command = [sys.executable, str(PROJECT_ROOT / "run.py"), "--port", str(self.port), "--log-level", "WARNING", *flags]
         # The server's console (a line per request) goes to a file, so it does not bury the
         # benchmark's own log; its tail is shown if the server fails.
@@ -381,10 +390,11 @@ class Server:
 
 
 def measure_startup(runs: int) -> dict:
-    """Plain ``python run.py`` (the default backend and GGUF) started ``runs`` times."""
+    """Plain ``python run.py`` (the default backend and GGUF) started ``runs`` times, from the
+    environment a shell gives it, so its restart for huge pages is in the figure."""
     health, load = [], []
     for index in range(runs):
-        with Server([]) as server:
+        with Server([], environ=environ_without_hugepages(os.environ)) as server:
             health.append(server.health_s)
             load.append(server.load_s)
         log.info("startup %d: /health after %.2f s, default GGUF loaded in %.2f s", index + 1, health[-1], load[-1])
@@ -515,6 +525,11 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
                                 llama_bench_path(binary, model, args.threads, params.max_new_tokens, len(prompt.token_ids)))
         paths["llama-bench-empty"] = (f"llama.cpp `llama-bench` tg{params.max_new_tokens} from an empty cache (for reference)",
                                       llama_bench_path(binary, model, args.threads, params.max_new_tokens))
+        # llama-bench maps the GGUF; the backend reads it into memory, which huge pages can back
+        paths["llama-bench-in-memory"] = (
+            f"llama.cpp `llama-bench` tg{params.max_new_tokens} at depth {len(prompt.token_ids)}, weights read into "
+            f"memory (`-lm none`) as the backend loads them (for reference)",
+            llama_bench_path(binary, model, args.threads, params.max_new_tokens, len(prompt.token_ids), "none"))
     else:
         log.warning("skipping llama-bench: %s", source)
     paths["create-chat-completion"] = ("llama-cpp-python `create_chat_completion(stream=True)`",
@@ -536,6 +551,8 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
         results = {"llama-bench": PathResult("llama-bench", "llama.cpp `llama-bench` (native C++)", [], note=source), **results}
         results["llama-bench-empty"] = PathResult("llama-bench-empty", "llama.cpp `llama-bench` from an empty cache", [],
                                                   note=source)
+        results["llama-bench-in-memory"] = PathResult("llama-bench-in-memory", "llama.cpp `llama-bench`, weights in memory",
+                                                      [], note=source)
     build_info = binary.parent / "BUILD_INFO" if binary is not None else None
     return {
         "model": str(model),
@@ -547,6 +564,7 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
         "ratios": {
             "sse_over_llama_bench": ratio(results, "http-sse", "llama-bench"),
             "sse_over_llama_bench_from_empty_cache": ratio(results, "http-sse", "llama-bench-empty"),
+            "sse_over_llama_bench_in_memory": ratio(results, "http-sse", "llama-bench-in-memory"),
             "sse_over_create_chat_completion": ratio(results, "http-sse", "create-chat-completion"),
             "openai_sse_over_llama_bench": ratio(results, "openai-sse", "llama-bench"),
             "openai_sse_over_create_chat_completion": ratio(results, "openai-sse", "create-chat-completion"),
@@ -723,7 +741,8 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
-            "platform": platform.platform(), "python": platform.python_version()}
+            "platform": platform.platform(), "python": platform.python_version(),
+            "thp_mode": thp_mode(), "malloc_huge_pages": malloc_asks_for_hugepages()}
 
 
 def machine_busy_seconds() -> Optional[float]:
@@ -783,7 +802,9 @@ def report_markdown(summary: dict) -> str:
              f"{summary['machine']['cpu']}, {summary['machine']['physical_cores']} physical cores; {summary['threads']} threads; "
              f"median of {summary['runs']} run(s) ({summary['warmup']} warm-up); load average before {summary['load_before']}, "
              f"after {summary['load_after']}; other processes used {summary.get('other_processes_cpu_s', '?')} CPU s "
-             f"of the run's {summary.get('wall_s', '?')} s{'; QUICK run (few tokens, figures not meaningful)' if summary['quick'] else ''}.", ""]
+             f"of the run's {summary.get('wall_s', '?')} s; malloc huge pages "
+             f"{'on' if summary['machine'].get('malloc_huge_pages') else 'off'} (THP {summary['machine'].get('thp_mode')})"
+             f"{'; QUICK run (few tokens, figures not meaningful)' if summary['quick'] else ''}.", ""]
     lines += ["## Targets (issue 8)", "", "| measure | value | target | met |", "| --- | ---: | ---: | --- |"]
     for check in summary["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[check["met"]]
@@ -924,4 +945,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # Every path runs with the memory setup run.py gives the server (the servers inherit it)
+    restart_with_hugepages()
     sys.exit(main())

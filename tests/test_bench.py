@@ -15,12 +15,13 @@ from config.settings import PROJECT_ROOT
 from scripts.bench_stream import TARGETS, evaluate_targets
 
 PATHS = {
-    "llamacpp": {"llama-bench", "llama-bench-empty", "create-chat-completion", "in-process", "http-sse", "openai-sse"},
+    "llamacpp": {"llama-bench", "llama-bench-empty", "llama-bench-in-memory", "create-chat-completion", "in-process", "http-sse", "openai-sse"},
     "transformers": {"hf-bare-generate", "hf-fp32", "hf-sse", "hf-bf16", "hf-lora-merged", "hf-lora-unmerged",
                      "hf-lora-off"},
 }
 RATIOS = {
-    "llamacpp": {"sse_over_llama_bench", "sse_over_llama_bench_from_empty_cache", "sse_over_create_chat_completion", "openai_sse_over_llama_bench",
+    "llamacpp": {"sse_over_llama_bench", "sse_over_llama_bench_from_empty_cache", "sse_over_llama_bench_in_memory",
+                 "sse_over_create_chat_completion", "openai_sse_over_llama_bench",
                  "openai_sse_over_create_chat_completion", "in_process_over_llama_bench", "in_process_over_create_chat_completion",
                  "sse_over_in_process_tokens_per_second", "sse_added_ttft_ms", "openai_sse_over_in_process_tokens_per_second"},
     "transformers": {"sse_over_bare_generate", "in_process_over_bare_generate", "sse_over_in_process_tokens_per_second",
@@ -30,7 +31,8 @@ RATIOS = {
                      "batch4_over_sequential_bf16"},
 }
 # Ratios against llama-bench are None (with a note on the path) where it has not been built.
-NEEDS_LLAMA_BENCH = {"sse_over_llama_bench", "sse_over_llama_bench_from_empty_cache", "openai_sse_over_llama_bench", "in_process_over_llama_bench"}
+NEEDS_LLAMA_BENCH = {"sse_over_llama_bench", "sse_over_llama_bench_from_empty_cache", "sse_over_llama_bench_in_memory",
+                     "openai_sse_over_llama_bench", "in_process_over_llama_bench"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -44,6 +46,8 @@ def test_quick_bench_publishes_every_path_ratio_and_file(tmp_path):
 
     summary = json.loads((tmp_path / "latest.json").read_text())
     assert summary["quick"] and summary["runs"] == 1
+    # it started itself again with malloc asking for huge pages, as run.py does (on Linux)
+    assert summary["machine"]["malloc_huge_pages"] is sys.platform.startswith("linux")
     llama_bench_built = summary["backends"]["llamacpp"]["llama_bench"]["path"] is not None
     for backend, names in PATHS.items():
         section = summary["backends"][backend]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from typing import Optional
 
+from ..hugepages import malloc_asks_for_hugepages, process_huge_page_bytes, thp_mode
+
 log = logging.getLogger(__name__)
 
 NVIDIA_SMI_TIMEOUT_S = 2.0
@@ -29,12 +31,13 @@ class SystemMonitor:
 
         with self._process.oneshot():
             process = {"rss_bytes": self._process.memory_info().rss, "cpu_percent": self._process.cpu_percent(None),
-                       "threads": self._process.num_threads()}
+                       "threads": self._process.num_threads(), "huge_pages_bytes": process_huge_page_bytes()}
         memory = psutil.virtual_memory()
         return {
             "process": process,
             "memory": {"total_bytes": memory.total, "available_bytes": memory.available,
-                       "used_bytes": memory.total - memory.available, "percent": memory.percent},
+                       "used_bytes": memory.total - memory.available, "percent": memory.percent,
+                       "thp_mode": thp_mode(), "malloc_huge_pages": malloc_asks_for_hugepages()},
             "cpu": {"logical_cores": psutil.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
                     "percent": psutil.cpu_percent(None),
                     "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None},

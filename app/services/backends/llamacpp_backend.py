@@ -85,6 +85,7 @@ class LlamaCppBackend:
         self._gpu_fallback_reason: Optional[str] = None
         self._pieces: dict[int, bytes] = {}
         self._prefix_cache = False
+        self._mapped = False
         self._piece_buffer = ctypes.create_string_buffer(256)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -150,15 +151,16 @@ class LlamaCppBackend:
         self._gpu_layers = wanted_layers
         self._device = gpu if (gpu and wanted_layers != 0) else "CPU"
         self._system_info = system_info
+        self._mapped = self._llama.model_params.load_mode in (llama_cpp.LLAMA_LOAD_MODE_MMAP, llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK)
         self._llama_cpp_version = llama_cpp.__version__
         self._formatter = self._make_formatter(llama_cpp)
         self._prefix_cache = self._settings.prefix_cache == "on" or (
             self._settings.prefix_cache == "auto" and self._device == "CPU" and not builds_with_llamafile(system_info)
         )
         log.info(
-            "loaded %s on %s (n_ctx=%d, threads=%d, gpu_layers=%d, prefix cache %s)",
+            "loaded %s on %s (n_ctx=%d, threads=%d, gpu_layers=%d, prefix cache %s, weights %s)",
             self._path.name, self._device, self.n_ctx, self._settings.n_threads, self._gpu_layers,
-            "on" if self._prefix_cache else "off",
+            "on" if self._prefix_cache else "off", "mapped" if self._mapped else "in memory",
         )
 
     def _open(self, llama_cpp, n_gpu_layers: int):
@@ -173,8 +175,20 @@ class LlamaCppBackend:
             n_threads_batch=settings.n_threads_batch or settings.n_threads,
             n_gpu_layers=n_gpu_layers,
             flash_attn=False,  # its results depend on the batch shape; see the module docstring
+            use_mmap=self._use_mmap(n_gpu_layers),
             verbose=settings.verbose,
         )
+
+    def _use_mmap(self, n_gpu_layers: int) -> bool:
+        """Weights read into memory can sit on huge pages (app/hugepages.py); a mapped file cannot.
+        On a GPU the weights are copied to it anyway and Metal maps the file without a copy."""
+        if self._settings.mmap != "auto":
+            return self._settings.mmap == "on"
+        if n_gpu_layers != 0:
+            return True
+        import psutil
+
+        return self._path.stat().st_size * 2 > psutil.virtual_memory().available
 
     def _make_formatter(self, llama_cpp):
         template = self._llama.metadata.get("tokenizer.chat_template")
@@ -229,6 +243,7 @@ class LlamaCppBackend:
                     "build": self._system_info.strip(),
                     "chat_template": bool(self._formatter),
                     "prefix_cache": self._prefix_cache,
+                    "weights": "mapped file" if self._mapped else "in memory",
                 }
             )
         if self._gpu_fallback_reason:
