@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from config.settings import PROJECT_ROOT
-from tests.conftest import TEST_N_CTX, free_port
+from tests.conftest import TEST_N_CTX, free_port, start_run_py
 
 pytestmark = pytest.mark.slow
 
@@ -53,19 +53,9 @@ def test_a_bad_test_set_is_exit_code_2_naming_the_line(tmp_path):
 
 
 def start_server(port: int, results: str, log_dir: str) -> subprocess.Popen:
-    env = {**os.environ, "MODEL_TEST_LLAMACPP__N_CTX": str(TEST_N_CTX), "MODEL_TEST_LLAMACPP__N_THREADS": "2"}
-    process = subprocess.Popen([sys.executable, "run.py", "--port", str(port), "--results-dir", results],
-                               cwd=PROJECT_ROOT, env={**env, "MODEL_TEST_SERVER__LOG_DIR": log_dir},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                return process
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError("the server did not start")
+    return start_run_py(port, ["--results-dir", results],
+                        {**os.environ, "MODEL_TEST_LLAMACPP__N_CTX": str(TEST_N_CTX), "MODEL_TEST_LLAMACPP__N_THREADS": "2",
+                         "MODEL_TEST_SERVER__LOG_DIR": log_dir})
 
 
 def test_killed_mid_eval_leaves_whole_files_and_the_eval_resumes(tmp_path, default_gguf):

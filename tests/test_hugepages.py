@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
@@ -14,8 +13,8 @@ import requests
 from app.hugepages import (TUNABLE, environ_with_hugepages, environ_without_hugepages, malloc_asks_for_hugepages,
                            process_huge_page_bytes, thp_mode)
 from app.services.backends.llamacpp_backend import LlamaCppBackend
-from config.settings import PROJECT_ROOT, LlamaCppSettings
-from tests.conftest import free_port
+from config.settings import LlamaCppSettings
+from tests.conftest import free_port, start_run_py
 
 LINUX = sys.platform.startswith("linux")
 
@@ -60,21 +59,9 @@ def test_the_backend_reads_weights_into_memory_on_the_cpu_unless_told_to_map(def
 
 
 def start(port: int, tmp_path, **env) -> subprocess.Popen:
-    environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    process = subprocess.Popen(
-        [sys.executable, "run.py", "--port", str(port), "--n-ctx", "512", "--n-threads", "2"], cwd=PROJECT_ROOT,
-        env={**environ, "MODEL_TEST_SERVER__LOG_DIR": str(tmp_path), **env},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "run.py exited"
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                return process
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    process.kill()
-    raise AssertionError("run.py did not answer /health")
+    environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # as a shell starts it
+    return start_run_py(port, ["--n-ctx", "512", "--n-threads", "2"],
+                        {**environ, "MODEL_TEST_SERVER__LOG_DIR": str(tmp_path), **env})
 
 
 @pytest.mark.skipif(not LINUX, reason="GLIBC_TUNABLES is glibc's (Linux)")
