@@ -78,12 +78,9 @@ run: setup
 
 # Production serving: gunicorn, one process (the model lives in it) with threads; SSE goes out
 # unbuffered. Settings come from MODEL_TEST_* variables (e.g. MODEL_TEST_SERVER__API_KEY).
-# GLIBC_TUNABLES: malloc asks for huge pages (app/hugepages.py; run.py sets it for itself), unless
-# it already says otherwise.
+# app.hugepages starts it with malloc asking for huge pages (run.py does that for itself).
 serve: setup
-	@tunables="$$GLIBC_TUNABLES"; case "$$tunables" in *glibc.malloc.hugetlb*) ;; \
-		*) tunables="$${tunables:+$$tunables:}glibc.malloc.hugetlb=1" ;; esac; \
-	GLIBC_TUNABLES="$$tunables" $(PY) -m gunicorn -c config/gunicorn.conf.py 'app:create_app()'
+	$(PY) -m app.hugepages $(PY) -m gunicorn -c config/gunicorn.conf.py 'app:create_app()'
 
 # The browser test drives Debian's chromium through chromedriver.
 browser-deps:

@@ -5,7 +5,8 @@ token, more than the TLB holds; on 2 MiB pages it is 50. Linux gives anonymous m
 where the program asks for them (THP mode ``madvise``, the common default), and glibc's malloc
 asks for all its large blocks when started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``. The
 tunable is read once, when the process starts, so ``run.py`` and the benchmark start themselves
-again with it (:func:`restart_with_hugepages`); gunicorn gets it from ``make serve``.
+again with it (:func:`restart_with_hugepages`); ``make serve`` starts gunicorn through
+``python -m app.hugepages``.
 
 Measured with SmolLM2-135M Q4_1 on 2 cores (see LLAMACPP_GUIDE.md): weights read into memory
 (no mmap) on huge pages decode 3-5 % faster through SSE than the mmap'd file on 4 KiB pages;
@@ -27,14 +28,21 @@ TUNABLE = f"{TUNABLE_NAME}=1"
 THP_MODE_PATH = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
+def tunable_value(environ: Mapping[str, str]) -> Optional[str]:
+    """The value GLIBC_TUNABLES gives glibc.malloc.hugetlb, None when it does not name it."""
+    for item in environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = item.partition("=")
+        if name == TUNABLE_NAME:
+            return value
+    return None
+
+
 def environ_with_hugepages(environ: Mapping[str, str], platform: str = sys.platform) -> Optional[dict[str, str]]:
     """The environment to start again with, or None when there is nothing to change: not Linux,
     or GLIBC_TUNABLES already names the tunable (whatever its value: a user's 0 is respected)."""
-    if not platform.startswith("linux"):
+    if not platform.startswith("linux") or tunable_value(environ) is not None:
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if any(item.split("=", 1)[0] == TUNABLE_NAME for item in tunables.split(":")):
-        return None
     return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
 
 
@@ -79,8 +87,9 @@ def process_huge_page_bytes(rollup: Path = Path("/proc/self/smaps_rollup")) -> O
 
 def malloc_asks_for_hugepages(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process was started with the tunable set to a non-zero value."""
-    for item in environ.get("GLIBC_TUNABLES", "").split(":"):
-        name, _, value = item.partition("=")
-        if name == TUNABLE_NAME:
-            return value not in ("", "0")
-    return False
+    return tunable_value(environ) not in (None, "", "0")
+
+
+if __name__ == "__main__":
+    # `python -m app.hugepages COMMAND...` runs COMMAND with the tunable added (make serve's gunicorn)
+    os.execvpe(sys.argv[1], sys.argv[1:], environ_with_hugepages(os.environ) or dict(os.environ))

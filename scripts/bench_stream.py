@@ -515,21 +515,22 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
                                 flash_attn=False, verbose=False)
     binary, source = find_llama_bench(args.llama_bench)
     flags = ["--model", str(model), "--n-threads", str(args.threads), "--n-ctx", str(args.n_ctx)]
+    depth = len(prompt.token_ids)
+    # (label, depth, -lm). The baseline decodes at the positions the tester's answer has: after the
+    # prompt's tokens; from an empty cache the same tokens attend to fewer keys and come faster.
+    # llama-bench maps the GGUF; the backend reads it into memory, which huge pages can back.
+    llama_bench_rows = {
+        "llama-bench": (f"llama.cpp `llama-bench` tg{params.max_new_tokens} at depth {depth} (native C++; the same length)",
+                        depth, None),
+        "llama-bench-empty": (f"llama.cpp `llama-bench` tg{params.max_new_tokens} from an empty cache (for reference)", 0, None),
+        "llama-bench-in-memory": (f"llama.cpp `llama-bench` tg{params.max_new_tokens} at depth {depth}, weights read into "
+                                  f"memory (`-lm none`) as the backend loads them (for reference)", depth, "none"),
+    }
     paths = {}
     if binary is not None:
         log.info("llama-bench: %s (%s)", binary, source)
-        # The baseline decodes at the positions the tester's answer has: after the prompt's tokens.
-        # From an empty cache (plain tg) the same tokens attend to fewer keys and come faster.
-        paths["llama-bench"] = (f"llama.cpp `llama-bench` tg{params.max_new_tokens} at depth {len(prompt.token_ids)} "
-                                f"(native C++; the same length)",
-                                llama_bench_path(binary, model, args.threads, params.max_new_tokens, len(prompt.token_ids)))
-        paths["llama-bench-empty"] = (f"llama.cpp `llama-bench` tg{params.max_new_tokens} from an empty cache (for reference)",
-                                      llama_bench_path(binary, model, args.threads, params.max_new_tokens))
-        # llama-bench maps the GGUF; the backend reads it into memory, which huge pages can back
-        paths["llama-bench-in-memory"] = (
-            f"llama.cpp `llama-bench` tg{params.max_new_tokens} at depth {len(prompt.token_ids)}, weights read into "
-            f"memory (`-lm none`) as the backend loads them (for reference)",
-            llama_bench_path(binary, model, args.threads, params.max_new_tokens, len(prompt.token_ids), "none"))
+        for name, (label, at_depth, load_mode) in llama_bench_rows.items():
+            paths[name] = (label, llama_bench_path(binary, model, args.threads, params.max_new_tokens, at_depth, load_mode))
     else:
         log.warning("skipping llama-bench: %s", source)
     paths["create-chat-completion"] = ("llama-cpp-python `create_chat_completion(stream=True)`",
@@ -548,11 +549,7 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
         backend.unload()
         reference.close()
     if binary is None:
-        results = {"llama-bench": PathResult("llama-bench", "llama.cpp `llama-bench` (native C++)", [], note=source), **results}
-        results["llama-bench-empty"] = PathResult("llama-bench-empty", "llama.cpp `llama-bench` from an empty cache", [],
-                                                  note=source)
-        results["llama-bench-in-memory"] = PathResult("llama-bench-in-memory", "llama.cpp `llama-bench`, weights in memory",
-                                                      [], note=source)
+        results = {name: PathResult(name, label, [], note=source) for name, (label, _, _) in llama_bench_rows.items()} | results
     build_info = binary.parent / "BUILD_INFO" if binary is not None else None
     return {
         "model": str(model),

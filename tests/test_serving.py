@@ -20,13 +20,15 @@ pytestmark = pytest.mark.slow
 def gunicorn_url(tmp_path_factory, default_gguf):
     port = free_port()
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"},  # as a shell starts make serve
         "MODEL_TEST_SERVER__PORT": str(port),
         "MODEL_TEST_SERVER__LOG_DIR": str(tmp_path_factory.mktemp("gunicorn-logs")),
         "MODEL_TEST_LLAMACPP__N_CTX": str(TEST_N_CTX),
         "MODEL_TEST_LLAMACPP__N_THREADS": "2",
     }
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py", "app:create_app()"],
+    # the command `make serve` runs: gunicorn started through app.hugepages
+    process = subprocess.Popen([sys.executable, "-m", "app.hugepages", sys.executable, "-m", "gunicorn",
+                                "-c", "config/gunicorn.conf.py", "app:create_app()"],
                                cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -71,3 +73,9 @@ def test_openai_stream_through_gunicorn(gunicorn_url):
         lines = [line for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GLIBC_TUNABLES is glibc's (Linux)")
+def test_gunicorn_runs_with_malloc_asking_for_huge_pages(gunicorn_url):
+    system = requests.get(f"{gunicorn_url}/api/system", timeout=30).json()
+    assert system["memory"]["malloc_huge_pages"] is True

@@ -25,6 +25,8 @@ class SystemMonitor:
         self._process.cpu_percent(None)
         psutil.cpu_percent(None)
         self._nvidia_smi = shutil.which("nvidia-smi")
+        # fixed for the life of the process: read once, not on every poll
+        self._huge_pages = {"thp_mode": thp_mode(), "malloc_huge_pages": malloc_asks_for_hugepages()}
 
     def snapshot(self) -> dict:
         import psutil
@@ -36,8 +38,7 @@ class SystemMonitor:
         return {
             "process": process,
             "memory": {"total_bytes": memory.total, "available_bytes": memory.available,
-                       "used_bytes": memory.total - memory.available, "percent": memory.percent,
-                       "thp_mode": thp_mode(), "malloc_huge_pages": malloc_asks_for_hugepages()},
+                       "used_bytes": memory.total - memory.available, "percent": memory.percent, **self._huge_pages},
             "cpu": {"logical_cores": psutil.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
                     "percent": psutil.cpu_percent(None),
                     "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None},

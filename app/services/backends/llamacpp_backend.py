@@ -85,7 +85,6 @@ class LlamaCppBackend:
         self._gpu_fallback_reason: Optional[str] = None
         self._pieces: dict[int, bytes] = {}
         self._prefix_cache = False
-        self._mapped = False
         self._piece_buffer = ctypes.create_string_buffer(256)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -151,7 +150,6 @@ class LlamaCppBackend:
         self._gpu_layers = wanted_layers
         self._device = gpu if (gpu and wanted_layers != 0) else "CPU"
         self._system_info = system_info
-        self._mapped = self._llama.model_params.load_mode in (llama_cpp.LLAMA_LOAD_MODE_MMAP, llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK)
         self._llama_cpp_version = llama_cpp.__version__
         self._formatter = self._make_formatter(llama_cpp)
         self._prefix_cache = self._settings.prefix_cache == "on" or (
@@ -160,7 +158,7 @@ class LlamaCppBackend:
         log.info(
             "loaded %s on %s (n_ctx=%d, threads=%d, gpu_layers=%d, prefix cache %s, weights %s)",
             self._path.name, self._device, self.n_ctx, self._settings.n_threads, self._gpu_layers,
-            "on" if self._prefix_cache else "off", "mapped" if self._mapped else "in memory",
+            "on" if self._prefix_cache else "off", self._weights(),
         )
 
     def _open(self, llama_cpp, n_gpu_layers: int):
@@ -189,6 +187,12 @@ class LlamaCppBackend:
         import psutil
 
         return self._path.stat().st_size * 2 > psutil.virtual_memory().available
+
+    def _weights(self) -> str:
+        import llama_cpp
+
+        mapped = self._llama.model_params.load_mode in (llama_cpp.LLAMA_LOAD_MODE_MMAP, llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK)
+        return "mapped file" if mapped else "in memory"
 
     def _make_formatter(self, llama_cpp):
         template = self._llama.metadata.get("tokenizer.chat_template")
@@ -243,7 +247,7 @@ class LlamaCppBackend:
                     "build": self._system_info.strip(),
                     "chat_template": bool(self._formatter),
                     "prefix_cache": self._prefix_cache,
-                    "weights": "mapped file" if self._mapped else "in memory",
+                    "weights": self._weights(),
                 }
             )
         if self._gpu_fallback_reason:

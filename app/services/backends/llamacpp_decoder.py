@@ -30,9 +30,9 @@ def is_plain_greedy(params: GenerationParams) -> bool:
 
 
 def evaluate_prompt(llama, token_ids: Sequence[int], keep_prefix: bool) -> None:
-    """Brings the KV cache to ``token_ids`` and leaves the logits of its last token. With ``keep_prefix`` the longest prefix shared with
-    what the cache holds stays, except the prompt's last token, which is always evaluated so its
-    logits are fresh."""
+    """Brings the KV cache to ``token_ids`` and leaves the logits of its last token. With
+    ``keep_prefix`` the longest prefix shared with what the cache holds stays, except the prompt's
+    last token, which is always evaluated so its logits are fresh."""
     tokens = list(token_ids)
     reused = 0
     if keep_prefix and llama.n_tokens > 0:
