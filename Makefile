@@ -78,9 +78,9 @@ run: setup
 
 # Production serving: gunicorn, one process (the model lives in it) with threads; SSE goes out
 # unbuffered. Settings come from MODEL_TEST_* variables (e.g. MODEL_TEST_SERVER__API_KEY).
-# app.hugepages starts it with malloc asking for huge pages (run.py does that for itself).
+# app.services.system.hugepages starts it with malloc asking for huge pages (run.py does that for itself).
 serve: setup
-	$(PY) -m app.hugepages $(PY) -m gunicorn -c config/gunicorn.conf.py 'app:create_app()'
+	$(PY) -m app.services.system.hugepages $(PY) -m gunicorn -c config/gunicorn.conf.py 'app:create_app()'
 
 # The browser test drives Debian's chromium through chromedriver.
 browser-deps:
@@ -91,7 +91,9 @@ browser-deps:
 		else echo "chromium + chromedriver not found: the browser tests will be skipped"; fi; \
 	fi
 
+# Lint first (ruff.toml): a lint failure fails the suite, as a test would.
 test: setup browser-deps
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 # llama.cpp's own llama-bench, the native reference that `make bench` compares the tester with

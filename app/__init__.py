@@ -1,4 +1,6 @@
-"""The application factory."""
+"""The application factory. A request enters in app/routes (HTTP), is run by
+app/services/engine (one request's life on a loaded model), and its tokens are made in
+app/services/backends; README.md's Layout section has the whole map."""
 from __future__ import annotations
 
 import logging
@@ -6,15 +8,19 @@ from typing import Optional
 
 from flask import Flask
 
+from app.logging_setup import configure_logging
+from app.routes import register_routes
+from app.services.backends.factory import BackendFactory, make_backend
+from app.services.engine.service import ModelService
+from app.services.engine.slots import CompareSlots, EnginePool
+from app.services.evals.service import EvalService
+from app.services.system.monitor import SystemMonitor
+from app.version import __version__
 from config.settings import Settings
 
-from .errors import register_error_handlers
-from .logging_setup import configure_logging
-from .services.model_service import BackendFactory, ModelService, make_backend
+__all__ = ["__version__", "create_app"]
 
 log = logging.getLogger(__name__)
-
-__version__ = "0.4.0"
 
 
 def create_app(settings: Optional[Settings] = None, backend_factory: BackendFactory = make_backend) -> Flask:
@@ -29,38 +35,12 @@ def create_app(settings: Optional[Settings] = None, backend_factory: BackendFact
     app.config["MAX_CONTENT_LENGTH"] = settings.limits.max_body_bytes
     app.json.ensure_ascii = False
     service = ModelService(settings, backend_factory)
-    app.extensions["model_service"] = service
-    from .services.eval_service import EvalService
-    from .services.model_slots import CompareSlots, EnginePool
-    from .services.system_monitor import SystemMonitor
-
     pool = EnginePool(settings, backend_factory, service)
+    app.extensions["model_service"] = service
     app.extensions["compare_slots"] = CompareSlots(pool)
     app.extensions["eval_service"] = EvalService(settings, pool)
     app.extensions["system_monitor"] = SystemMonitor()
-
-    from .routes import api, main
-
-    app.register_blueprint(main.bp)
-    app.register_blueprint(api.bp)
-    from .routes import docs, openai
-
-    app.register_blueprint(openai.bp)
-    app.register_blueprint(docs.bp)
-    from .routes import compare, evals, service as service_routes
-
-    app.register_blueprint(service_routes.bp)
-    app.register_blueprint(compare.bp)
-    app.register_blueprint(evals.bp)
-    register_error_handlers(app)
-    if settings.server.api_key:
-        from .auth import install_api_key
-
-        install_api_key(app, settings.server.api_key.get_secret_value())
-    if settings.server.cors_origins:
-        from .cors import install_cors
-
-        install_cors(app, settings.server.cors_origins)
+    register_routes(app, settings.server)
     log.info("model_test ready: backend=%s model=%s adapter=%s (loads on first use)", settings.backend or "inferred",
              service.model_id() or settings.model, settings.adapter or "none")
     return app

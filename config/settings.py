@@ -31,20 +31,20 @@ def physical_cores() -> int:
 
 
 class ServerSettings(BaseModel):
-    host: str = Field("127.0.0.1", description="Interface to listen on. 0.0.0.0 exposes the tester to the network.")
+    host: str = Field("127.0.0.1", description="Interface to listen on. 0.0.0.0 exposes the tester to the network.", json_schema_extra={"flag": "--host"})
     api_key: Optional[SecretStr] = Field(
         None,
         description="When set, /api/*, /v1/* and the service routes need 'Authorization: Bearer <key>'; "
-        "the page, /health and the API docs stay public. A SecretStr: it never prints in logs or reprs.",
+        "the page, /health and the API docs stay public. A SecretStr: it never prints in logs or reprs.", json_schema_extra={"flag": "--api-key"},
     )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Origins (e.g. https://lab.example.org) whose pages may call the API from a browser. "
         "Empty (the default) sends no CORS headers, so other sites' pages cannot read answers.",
     )
-    port: int = Field(5000, ge=1, le=65535, description="TCP port to listen on.")
+    port: int = Field(5000, ge=1, le=65535, description="TCP port to listen on.", json_schema_extra={"flag": "--port"})
     log_dir: Path = Field(PROJECT_ROOT / "logs", description="Folder of the rotating log file.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of console and file.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of console and file.", json_schema_extra={"flag": "--log-level"})
     log_max_bytes: int = Field(5_000_000, ge=10_000, description="Size at which the log file rotates.")
     log_backups: int = Field(3, ge=0, le=100, description="Rotated log files kept.")
     hugepages: bool = Field(
@@ -74,15 +74,15 @@ class LimitSettings(BaseModel):
 
 
 class LlamaCppSettings(BaseModel):
-    n_ctx: int = Field(4096, ge=64, le=1 << 20, description="Context window in tokens (prompt + answer).")
-    n_threads: int = Field(default_factory=physical_cores, ge=1, le=512, description="CPU threads for decoding; physical cores by default.")
+    n_ctx: int = Field(4096, ge=64, le=1 << 20, description="Context window in tokens (prompt + answer).", json_schema_extra={"flag": "--n-ctx"})
+    n_threads: int = Field(default_factory=physical_cores, ge=1, le=512, description="CPU threads for decoding; physical cores by default.", json_schema_extra={"flag": "--n-threads"})
     n_threads_batch: Optional[int] = Field(None, ge=1, le=512, description="CPU threads for prompt processing; n_threads when unset.")
     n_batch: int = Field(512, ge=1, le=65536, description="Prompt tokens evaluated per llama_decode call.")
     n_gpu_layers: int = Field(
         -1,
         ge=-1,
         description="Layers offloaded to Metal/CUDA. -1 offloads all where the build has a GPU backend; "
-        "a build without one, or a failed GPU start, runs on the CPU.",
+        "a build without one, or a failed GPU start, runs on the CPU.", json_schema_extra={"flag": "--n-gpu-layers"},
     )
     prefix_cache: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -103,13 +103,13 @@ class TransformersSettings(BaseModel):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
         description="Weights dtype. auto: bf16 on CUDA, fp16 on MPS; on the CPU bf16 where it has native bf16 "
-        "instructions (AVX512-BF16/AMX; measured faster there), else fp32 (see README). The LoRA is merged in this dtype.",
+        "instructions (AVX512-BF16/AMX; measured faster there), else fp32 (see README). The LoRA is merged in this dtype.", json_schema_extra={"flag": "--dtype"},
     )
-    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto tries CUDA, then MPS, then the CPU.")
-    trust_remote_code: bool = Field(False, description="Run the model's own modelling code (Hunyuan needs it).")
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto tries CUDA, then MPS, then the CPU.", json_schema_extra={"flag": "--device"})
+    trust_remote_code: bool = Field(False, description="Run the model's own modelling code (Hunyuan needs it).", json_schema_extra={"flag": "--trust-remote-code"})
     merge_adapter: bool = Field(True, description="Merge the LoRA into the weights (merge_and_unload) instead of keeping it unmerged.")
-    n_threads: int = Field(default_factory=physical_cores, ge=1, le=512, description="torch CPU threads; physical cores by default.")
-    n_ctx: Optional[int] = Field(None, ge=64, le=1 << 20, description="Context window; the model's max_position_embeddings when unset.")
+    n_threads: int = Field(default_factory=physical_cores, ge=1, le=512, description="torch CPU threads; physical cores by default.", json_schema_extra={"flag": "--n-threads"})
+    n_ctx: Optional[int] = Field(None, ge=64, le=1 << 20, description="Context window; the model's max_position_embeddings when unset.", json_schema_extra={"flag": "--n-ctx"})
     prefix_cache: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Keep the KV cache of the last generation and evaluate only the new suffix of the next "
@@ -133,15 +133,15 @@ class RemoteSettings(BaseModel):
 
     base_url: Optional[str] = Field(
         None, description="The server's OpenAI API root, e.g. http://gpu-host:8000/v1 (vLLM, llama-server), "
-        "http://host:11434/v1 (Ollama). Needed by the openai backend.",
+        "http://host:11434/v1 (Ollama). Needed by the openai backend.", json_schema_extra={"flag": "--base-url"},
     )
     api_key: Optional[SecretStr] = Field(
         None, min_length=1, description="Sent as 'Authorization: Bearer <key>' to that server (vLLM --api-key, "
-        "llama-server --api-key). Not this tester's own key (server.api_key).",
+        "llama-server --api-key). Not this tester's own key (server.api_key).", json_schema_extra={"flag": "--remote-api-key"},
     )
     model: Optional[str] = Field(
         None, min_length=1, description="The model name the server serves (vLLM: --served-model-name or a "
-        "--lora-modules name). Unset: the server's only model; a server with several asks you to choose.",
+        "--lora-modules name). Unset: the server's only model; a server with several asks you to choose.", json_schema_extra={"flag": "--remote-model"},
     )
     connect_timeout_s: float = Field(10.0, gt=0, le=600, description="Longest wait for the TCP (and TLS) connection.")
     read_timeout_s: float = Field(
@@ -152,7 +152,7 @@ class RemoteSettings(BaseModel):
     n_ctx: Optional[int] = Field(
         None, ge=64, le=1 << 24,
         description="The server's context window, for the status; unset: what its /models says (vLLM's "
-        "max_model_len), if anything. The server itself refuses prompts too long for it.",
+        "max_model_len), if anything. The server itself refuses prompts too long for it.", json_schema_extra={"flag": "--n-ctx"},
     )
 
 

@@ -61,10 +61,11 @@ from typing import Callable, Optional
 
 import requests
 
-from app.hugepages import environ_without_hugepages, malloc_asks_for_hugepages, restart_with_hugepages, thp_mode
-from app.services.backends.llamacpp_backend import LlamaCppBackend
-from app.services.default_model import default_gguf_path
-from app.services.types import GenerationParams, Message, Prompt
+from app.services.backends.llamacpp.backend import LlamaCppBackend
+from app.services.checkpoints.default_model import default_gguf_path
+from app.services.checkpoints.spec import ModelSpec
+from app.services.core.types import GenerationParams, Message, Prompt
+from app.services.system.hugepages import environ_without_hugepages, malloc_asks_for_hugepages, restart_with_hugepages, thp_mode
 from config.settings import PROJECT_ROOT, LlamaCppSettings, Settings, TransformersSettings, physical_cores
 
 log = logging.getLogger("bench_stream")
@@ -407,7 +408,7 @@ def measure_startup(runs: int) -> dict:
 def measure(paths: dict[str, tuple[str, Callable[[], Sample]]], runs: int, warmup: int) -> dict[str, PathResult]:
     """Each round runs every path once; the order turns by one path a round, so no path always
     follows the same neighbour (llama-bench's exit, a server's idle threads)."""
-    for name, (_, run) in paths.items():
+    for _, run in paths.values():
         for _ in range(warmup):
             run()
     results = {name: PathResult(name, label, []) for name, (label, _) in paths.items()}
@@ -506,7 +507,7 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
 
     model = args.model or default_gguf_path()
     settings = LlamaCppSettings(n_ctx=args.n_ctx, n_threads=args.threads)
-    backend = LlamaCppBackend(model, settings)
+    backend = LlamaCppBackend(ModelSpec("llamacpp", Path(model)), settings)
     backend.load()
     prompt = backend.prepare(messages=[Message("user", PROMPT)])
     # llama-cpp-python's own reference, opened as the backend opens its model
@@ -581,7 +582,7 @@ BATCH_PROMPTS = [PROMPT, "Write a poem about the mountains in winter.", "Explain
 
 
 def default_cpu_dtype() -> str:
-    from app.services.backends.torch_device import choose_dtype, probe_caps
+    from app.services.backends.transformers.device import choose_dtype, probe_caps
 
     return choose_dtype("auto", "cpu", probe_caps())
 
@@ -648,8 +649,8 @@ def bench_transformers(args, params: GenerationParams) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from app.services.backends.transformers_backend import TransformersBackend
-    from app.services.model_catalog import ModelCatalog
+    from app.services.backends.transformers.backend import TransformersBackend
+    from app.services.catalog import ModelCatalog
 
     catalog = ModelCatalog(Settings())
     base = catalog.default_spec("transformers")
@@ -787,7 +788,7 @@ def fmt(value: Optional[float], digits: int = 1) -> str:
 def paths_table(section: dict) -> str:
     baseline = [sample["tokens_per_second"] for sample in section["paths"][section["baseline"]]["samples"]]
     rows = [f"| path | decode tokens/s | × {section['baseline']} (paired) | TTFT ms |", "| --- | ---: | ---: | ---: |"]
-    for name, path in section["paths"].items():
+    for path in section["paths"].values():
         share = paired_ratio([sample["tokens_per_second"] for sample in path["samples"]], baseline)
         label = path["label"] + (f" (skipped: {path['note']})" if path["note"] else "")
         rows.append(f"| {label} | {fmt(path['tokens_per_second'])} | {fmt(share, 3)} | {fmt(path['ttft_ms'])} |")

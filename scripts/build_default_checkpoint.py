@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.services.default_model import default_gguf_path, default_hf_checkpoint_path
+from app.services.checkpoints.default_model import default_gguf_path, default_hf_checkpoint_path
 from config.settings import Settings
 
 log = logging.getLogger("build_default_checkpoint")

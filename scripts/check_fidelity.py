@@ -33,7 +33,7 @@ import logging
 import sys
 from pathlib import Path
 
-from app.services.fidelity import (  # noqa: F401  (re-exported: tests and callers use them from here)
+from app.services.engine.fidelity import (  # noqa: F401  (re-exported: tests and callers use them from here)
     DEFAULT_PROMPTS,
     MAX_TOKENS,
     STOP,

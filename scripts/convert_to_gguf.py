@@ -199,8 +199,8 @@ class SourceFacts:
 
 def source_facts(model_dir: Path) -> SourceFacts:
     """Parameter count from the safetensors headers (pytorch .bin: its size as two bytes a weight)."""
-    from app.services.backends.hf_checkpoint import inspect_checkpoint
-    from app.services.errors import ServiceError
+    from app.services.checkpoints.hf_checkpoint import inspect_checkpoint
+    from app.services.core.errors import ServiceError
 
     try:
         facts = inspect_checkpoint(model_dir)
@@ -309,8 +309,9 @@ class _QuantizeLog:
 def quantize(source: Path, out: Path, quant: str, allow_requantize: bool = False, verbose: bool = False) -> Path:
     """``llama_model_quantize`` from a float GGUF (f32, f16, bf16) into ``out``."""
     import llama_cpp
-    from app.services.errors import InvalidModel
-    from app.services.gguf_metadata import read_gguf_header
+
+    from app.services.checkpoints.gguf_metadata import read_gguf_header
+    from app.services.core.errors import InvalidModel
 
     ftype = quant_ftype(quant)
     try:
@@ -386,7 +387,7 @@ def _check_model_dir(path: Path, role: str = "model") -> Path:
 
 
 def _check_adapter(adapter: Path, base: Path, force: bool) -> Path:
-    from app.services.model_catalog import adapter_matches_base
+    from app.services.checkpoints.adapters import adapter_matches_base
     from scripts.merge_lora import MergeError, adapter_base
 
     adapter = adapter.expanduser().resolve()
@@ -445,7 +446,7 @@ def run(args: argparse.Namespace) -> Path:
             raise ConvertError(f"model not found: {source}")
         if not args.quantize:
             raise ConvertError(f"{source.name} is already a GGUF; pass --quantize TYPE to quantise it")
-        from app.services.gguf_metadata import stem_without_type
+        from app.services.checkpoints.gguf_metadata import stem_without_type
 
         out = _check_out(args.out or default_out(source.parent, stem_without_type(source), args.quantize), args.overwrite)
         check_free_space(out.parent, {args.quantize: source.stat().st_size * BYTES_PER_WEIGHT[args.quantize] / 2})

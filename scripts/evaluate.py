@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from app.services.errors import ServiceError
-from app.services.eval_service import EvalService
-from app.services.model_service import ModelService, make_backend
-from app.services.model_slots import EnginePool, SlotRequest
-from app.services.test_sets import parse_test_set
+from app.services.core.errors import ServiceError
+from app.services.engine.service import ModelService, make_backend
+from app.services.engine.slots import EnginePool, SlotRequest
+from app.services.evals.service import EvalService
+from app.services.evals.test_sets import parse_test_set
 from config.settings import Settings
 
 log = logging.getLogger("evaluate")

@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from app.services.model_catalog import adapter_matches_base
+from app.services.checkpoints.adapters import adapter_matches_base
 from scripts.train_lora import load_base_model
 
 log = logging.getLogger("merge_lora")

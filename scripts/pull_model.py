@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -73,7 +73,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import are_progress_bars_disabled, build_hf_headers
 from tqdm.auto import tqdm
 
-from app.services.model_catalog import ModelCatalog
+from app.services.catalog import ModelCatalog
 from config.settings import Settings
 
 log = logging.getLogger("pull_model")

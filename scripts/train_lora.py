@@ -95,8 +95,8 @@ def _batches(examples, batch_size: int, steps: int, seed: int, pad_id: int):
             picked.append(examples[order.pop(0)])
         width = max(len(e["input_ids"]) for e in picked)
 
-        def pad(key, value):
-            return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in picked])
+        def pad(key, value, rows=picked, width=width):
+            return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in rows])
 
         yield {"input_ids": pad("input_ids", pad_id), "labels": pad("labels", IGNORE_INDEX), "attention_mask": pad("attention_mask", 0)}
 

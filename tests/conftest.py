@@ -9,8 +9,8 @@ import pytest
 from werkzeug.serving import make_server
 
 from app import create_app
-from app.http_server import StreamingRequestHandler
-from app.services.default_model import default_gguf_path, default_hf_checkpoint_path
+from app.routes.http.server import StreamingRequestHandler
+from app.services.checkpoints.default_model import default_gguf_path, default_hf_checkpoint_path
 from config.settings import PROJECT_ROOT, LimitSettings, LlamaCppSettings, ServerSettings, Settings, TransformersSettings
 
 TEST_N_CTX = 2048

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from app.services.backends.base import check_token_ids
-from app.services.errors import InvalidModel
-from app.services.text_stream import StreamAssembler
-from app.services.types import Chunk, GenerationParams, Message, Prompt
+from app.services.backends.base import Capabilities, check_token_ids
+from app.services.checkpoints.spec import ModelSpec
+from app.services.core.errors import InvalidModel
+from app.services.core.text_stream import StreamAssembler
+from app.services.core.types import Chunk, GenerationParams, Message, Prompt
 
 
 class FakeBackend:
     name = "fake"
+    capabilities = Capabilities(inspection=True)
 
     def __init__(self, model: str, tokens: Sequence[str] = ("a", "b", "c"), delay_s: float = 0.0,
                  fail_after: Optional[int] = None, fail_load: bool = False, n_ctx: int = 512):
         self.model = model
+        self.spec = ModelSpec("llamacpp", Path(model))
         self.tokens = list(tokens)
         self.delay_s = delay_s
         self.fail_after = fail_after
@@ -97,6 +101,7 @@ def fake_factory(**kwargs):
 
     def factory(spec, settings) -> FakeBackend:
         backend = FakeBackend(str(spec.path), **kwargs)
+        backend.spec = spec
         built.append(backend)
         return backend
 

@@ -1,7 +1,6 @@
 """The JSON and SSE API on the real default model (SmolLM2-135M-Instruct Q4_1)."""
 from __future__ import annotations
 
-
 from tests.sse_client import sse_events_from_body
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 24}
@@ -62,7 +61,7 @@ def test_seed_makes_sampling_repeatable(client):
 
 def test_system_prompt_and_multi_turn_reach_the_model(real_app, client):
     backend = real_app.extensions["model_service"].ensure_loaded()
-    from app.services.types import Message
+    from app.services.core.types import Message
 
     rendered = backend.render_prompt([Message("system", "You are a pirate."), Message("user", "Hi")])
     assert rendered.startswith("<|im_start|>system\nYou are a pirate.<|im_end|>")

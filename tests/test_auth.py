@@ -7,8 +7,8 @@ import openai
 import pytest
 
 from app import create_app
-from app.auth import warn_if_exposed
-from app.services.model_catalog import DEFAULT_GGUF_ID
+from app.routes.http.auth import warn_if_exposed
+from app.services.catalog import DEFAULT_GGUF_ID
 from config.settings import ServerSettings
 from tests.conftest import make_settings, serve
 from tests.sse_client import sse_events_from_body
@@ -29,9 +29,10 @@ def bearer(key: str = KEY) -> dict:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.mark.parametrize("path", ["/", "/health", "/static/js/app.js"])
+@pytest.mark.parametrize("path", ["/", "/health", "/static/css/style.css"])
 def test_page_and_health_stay_public(locked_app, path):
-    assert locked_app.test_client().get(path).status_code == 200
+    with locked_app.test_client().get(path) as response:  # a static file answers with an open file
+        assert response.status_code == 200
 
 
 @pytest.mark.parametrize("headers", [{}, bearer("wrong"), {"Authorization": "Basic abc"}, {"Authorization": "Bearer"}])
@@ -80,7 +81,7 @@ def test_without_a_key_nothing_is_asked(client):
 
 
 def test_an_exposed_server_without_a_key_is_warned_about(caplog):
-    with caplog.at_level(logging.WARNING, logger="app.auth"):
+    with caplog.at_level(logging.WARNING, logger="app.routes.http.auth"):
         warn_if_exposed("127.0.0.1", api_key_set=False)
         warn_if_exposed("0.0.0.0", api_key_set=True)
         assert not caplog.records

@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from app import create_app
-from app.services.model_service import collect_together
-from app.services.types import GenerationParams, Message
+from app.services.core.types import GenerationParams, Message
+from app.services.engine.generation import collect_together
 from config.settings import TransformersSettings
 from tests.conftest import TEST_N_CTX, make_settings
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -632,8 +633,8 @@ def test_a_locked_server_asks_for_the_key_once_and_keeps_it_for_the_tab(driver, 
         wait_turn_finished(driver, timeout=60)
         assert answer_text(driver), "a streamed answer came through with the key"
         time.sleep(3.5)  # a status poll or two later, no second prompt
-        with pytest.raises(Exception):
-            driver.switch_to.alert.text
+        with pytest.raises(NoAlertPresentException):
+            _ = driver.switch_to.alert.text
     finally:
         driver.execute_script("sessionStorage.clear()")
         server.shutdown()

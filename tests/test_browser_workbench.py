@@ -15,8 +15,20 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.test_browser import (DESKTOP_SIZE, GGUF_ID, HF_ID, PHONE_SIZE, answer_text, start_chromium,
-                                figures_text, send, server_status, set_slider, wait_server_idle, wait_turn_finished)
+from tests.test_browser import (
+    DESKTOP_SIZE,
+    GGUF_ID,
+    HF_ID,
+    PHONE_SIZE,
+    answer_text,
+    figures_text,
+    send,
+    server_status,
+    set_slider,
+    start_chromium,
+    wait_server_idle,
+    wait_turn_finished,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from app import create_app
-from app.services.gguf_metadata import normalise_name, read_gguf_header, stem_without_type
-from app.services.model_catalog import DEFAULT_GGUF_ID, gguf_lora_matches_base
-from app.services.types import Message
+from app.services.catalog import DEFAULT_GGUF_ID
+from app.services.checkpoints.adapters import gguf_lora_matches_base
+from app.services.checkpoints.gguf_metadata import normalise_name, read_gguf_header, stem_without_type
+from app.services.core.types import Message
 from config.settings import PROJECT_ROOT
 from scripts import check_fidelity, convert_to_gguf
 from tests.conftest import make_settings

@@ -35,7 +35,8 @@ def test_the_script_scores_saves_and_prints_a_summary(tmp_path, default_gguf):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ROUGE-L" in result.stdout and GGUF_ID in result.stdout and "done: 2/2 answers" in result.stdout
     (folder,) = (tmp_path / "r" / "evals").iterdir()
-    rows = list(csv.DictReader((folder / "results.csv").open(encoding="utf-8")))
+    with (folder / "results.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
     assert [r["index"] for r in rows] == ["0", "1"] and all(r["model"] == GGUF_ID for r in rows)
     assert len((folder / "results.jsonl").read_text(encoding="utf-8").splitlines()) == 2
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from app.services import eval_metrics
-from app.services.eval_store import EvalStore, atomic_write
-from app.services.test_sets import InvalidTestSet, parse_test_set
+from app.services.evals import metrics as eval_metrics
+from app.services.evals.store import EvalStore, atomic_write
+from app.services.evals.test_sets import InvalidTestSet, parse_test_set
 
 
 def test_exact_match_forgives_case_spacing_width_and_end_punctuation():
@@ -108,7 +108,7 @@ def test_atomic_write_never_leaves_a_torn_file(tmp_path, monkeypatch):
 
 
 def test_eval_ids_from_urls_cannot_leave_the_results_folder(tmp_path):
-    from app.services.errors import NotFound
+    from app.services.core.errors import NotFound
 
     store = EvalStore(tmp_path / "evals")
     for bad in ("../../etc", "..", "a/b", "", "x" * 3):

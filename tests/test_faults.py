@@ -6,14 +6,13 @@ import threading
 import time
 
 import pytest
+import requests
 
 from app import create_app
 from config.settings import LimitSettings
 from tests.conftest import make_settings, serve
 from tests.fakes import fake_factory
 from tests.sse_client import parse_sse, sse_events_from_body
-
-import requests
 
 BODY = {"prompt": "Hi", "max_new_tokens": 10}
 
@@ -116,7 +115,7 @@ def test_full_queue_is_a_429_with_retry_after_and_waiting_clients_see_their_plac
 def test_unload_waits_for_the_requests_already_in_line(tmp_path):
     app, _ = fake_app(tmp_path, tokens=["x"] * 30, delay_s=0.02)
     service = app.extensions["model_service"]
-    from app.services.types import GenerationParams, Message
+    from app.services.core.types import GenerationParams, Message
 
     running = service.start(GenerationParams(max_new_tokens=30), messages=[Message("user", "a")])
     waiting = service.start(GenerationParams(max_new_tokens=30), messages=[Message("user", "b")])

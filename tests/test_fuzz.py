@@ -109,7 +109,7 @@ def documented_operations() -> list[tuple[str, str]]:
     from pathlib import Path
 
     from app import __version__
-    from app.openapi import build_openapi
+    from app.routes.http.openapi import build_openapi
 
     with tempfile.TemporaryDirectory(prefix="fuzz-collect-") as tmp:
         app = create_app(make_settings(Path(tmp)))

@@ -9,7 +9,7 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from app.http_server import StreamingRequestHandler
+from app.routes.http.server import StreamingRequestHandler
 
 EVENTS = [f"event: token\ndata: {{\"text\": \"piece {index}\"}}\n\n".encode() for index in range(5)]
 

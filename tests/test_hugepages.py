@@ -10,9 +10,16 @@ import sys
 import pytest
 import requests
 
-from app.hugepages import (TUNABLE, environ_with_hugepages, environ_without_hugepages, malloc_asks_for_hugepages,
-                           process_huge_page_bytes, thp_mode)
-from app.services.backends.llamacpp_backend import LlamaCppBackend
+from app.services.backends.llamacpp.backend import LlamaCppBackend
+from app.services.checkpoints.spec import ModelSpec
+from app.services.system.hugepages import (
+    TUNABLE,
+    environ_with_hugepages,
+    environ_without_hugepages,
+    malloc_asks_for_hugepages,
+    process_huge_page_bytes,
+    thp_mode,
+)
 from config.settings import LlamaCppSettings
 from tests.conftest import free_port, start_run_py
 
@@ -50,7 +57,7 @@ def test_kernel_mode_and_process_figures_are_parsed(tmp_path):
 
 def test_the_backend_reads_weights_into_memory_on_the_cpu_unless_told_to_map(default_gguf):
     for choice, weights in (("auto", "in memory"), ("on", "mapped file"), ("off", "in memory")):
-        backend = LlamaCppBackend(default_gguf, LlamaCppSettings(n_ctx=256, n_threads=2, mmap=choice))
+        backend = LlamaCppBackend(ModelSpec("llamacpp", default_gguf), LlamaCppSettings(n_ctx=256, n_threads=2, mmap=choice))
         backend.load()
         try:
             assert backend.info()["weights"] == weights, choice

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from app import create_app
-from app.services.model_catalog import DEFAULT_HF_ID
+from app.services.catalog import DEFAULT_HF_ID
 from tests.conftest import make_settings
 
 TEXTS = [

@@ -6,10 +6,11 @@ import threading
 
 import pytest
 
-from app.services.backends.llamacpp_backend import LlamaCppBackend
-from app.services.types import GenerationParams, Message
-from tests.conftest import TEST_N_CTX
+from app.services.backends.llamacpp.backend import LlamaCppBackend
+from app.services.checkpoints.spec import ModelSpec
+from app.services.core.types import GenerationParams, Message
 from config.settings import LlamaCppSettings
+from tests.conftest import TEST_N_CTX
 
 GREEDY = GenerationParams(max_new_tokens=48, temperature=0.0, repetition_penalty=1.0)
 USER_TURNS = [
@@ -23,7 +24,7 @@ OTHER_TURNS = ["What is 2 + 2?", "And times 3?"]
 
 @pytest.fixture(scope="module")
 def backend(default_gguf):
-    backend = LlamaCppBackend(default_gguf, LlamaCppSettings(n_ctx=TEST_N_CTX, n_threads=2))
+    backend = LlamaCppBackend(ModelSpec("llamacpp", default_gguf), LlamaCppSettings(n_ctx=TEST_N_CTX, n_threads=2))
     backend.load()
     yield backend
     backend.unload()
@@ -70,11 +71,12 @@ def test_decoding_runs_on_a_fresh_thread_that_ends_with_the_answer(default_gguf)
     generation decodes on a thread of its own, gone when the answer is."""
     import threading
 
-    from app.services.backends.llamacpp_backend import LlamaCppBackend
-    from app.services.types import GenerationParams, Message
+    from app.services.backends.llamacpp.backend import LlamaCppBackend
+    from app.services.checkpoints.spec import ModelSpec
+    from app.services.core.types import GenerationParams, Message
     from config.settings import LlamaCppSettings
 
-    backend = LlamaCppBackend(default_gguf, LlamaCppSettings(n_threads=2, n_ctx=512))
+    backend = LlamaCppBackend(ModelSpec("llamacpp", default_gguf), LlamaCppSettings(n_threads=2, n_ctx=512))
     backend.load()
     try:
         prompt = backend.prepare(messages=[Message("user", "Count to ten.")])
@@ -91,7 +93,7 @@ def test_decoding_runs_on_a_fresh_thread_that_ends_with_the_answer(default_gguf)
 
 def on_a_request_thread(work):
     """Runs ``work`` on a thread marked as run.py's request threads are (ends with its request)."""
-    from app.services.thread_scope import mark_ends_with_request
+    from app.services.core.thread_scope import mark_ends_with_request
 
     result, errors = [], []
 

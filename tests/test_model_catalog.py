@@ -5,11 +5,12 @@ import json
 
 import pytest
 
-from app.services.default_model import default_gguf_path
-from app.services.errors import InvalidRequest
-from app.services.model_catalog import DEFAULT_GGUF_ID, DEFAULT_HF_ID, ModelCatalog, adapter_matches_base
+from app.services.catalog import DEFAULT_GGUF_ID, DEFAULT_HF_ID, ModelCatalog
+from app.services.checkpoints.adapters import adapter_matches_base
+from app.services.checkpoints.default_model import default_gguf_path
+from app.services.core.errors import InvalidRequest
+from config.cli import parse_settings
 from config.settings import Settings
-from run import parse_args, settings_from_args
 
 
 @pytest.fixture()
@@ -84,11 +85,11 @@ def test_adapter_listing_marks_adapters_without_weights(catalog, tmp_path):
 
 
 def test_run_flags_choose_backend_model_and_adapter():
-    args = parse_args(["--backend", "transformers", "--model", "models/x", "--adapter", "saves/x/lora/a",
+    argv = (["--backend", "transformers", "--model", "models/x", "--adapter", "saves/x/lora/a",
                        "--dtype", "bf16", "--device", "cpu", "--trust-remote-code", "--n-ctx", "1024"])
-    settings = settings_from_args(args)
+    settings = parse_settings(argv)
     assert (settings.backend, settings.model, settings.adapter) == ("transformers", "models/x", "saves/x/lora/a")
     assert settings.transformers.dtype == "bf16" and settings.transformers.device == "cpu"
     assert settings.transformers.trust_remote_code is True
     assert settings.transformers.n_ctx == 1024 and settings.llamacpp.n_ctx == 1024
-    assert settings_from_args(parse_args([])).transformers.trust_remote_code is False
+    assert parse_settings(([])).transformers.trust_remote_code is False

@@ -9,7 +9,7 @@ import openai
 import pytest
 import requests
 
-from app.services.model_catalog import DEFAULT_GGUF_ID
+from app.services.catalog import DEFAULT_GGUF_ID
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from app.openapi import OPERATIONS, UNDOCUMENTED_ENDPOINTS, as_openapi_30
+from app.routes.http.openapi import OPERATIONS, UNDOCUMENTED_ENDPOINTS, as_openapi_30
 
 
 def test_every_route_is_documented(real_app):
@@ -47,5 +47,5 @@ def test_docs_page_and_its_assets_are_served_locally(client):
     html = page.get_data(as_text=True)
     assert "http://" not in html and "https://" not in html  # no CDN
     for asset in re.findall(r'(?:src|href)="(/docs/assets/[^"]+)"', html):
-        response = client.get(asset)
-        assert response.status_code == 200 and len(response.data) > 1000
+        with client.get(asset) as response:  # a static file answers with an open file
+            assert response.status_code == 200 and len(response.data) > 1000

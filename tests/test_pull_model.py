@@ -24,7 +24,7 @@ import pytest
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from app.services.model_catalog import ModelCatalog
+from app.services.catalog import ModelCatalog
 from config.settings import PROJECT_ROOT, Settings
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

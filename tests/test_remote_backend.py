@@ -216,10 +216,10 @@ def test_tokenizer_routes_say_the_tokenizer_is_on_the_server(remote):
 
 
 def test_run_flags_fill_the_remote_settings():
-    import run
+    from config.cli import parse_settings
 
-    settings = run.settings_from_args(run.parse_args(
-        ["--backend", "openai", "--base-url", "http://gpu-host:8000/v1", "--remote-model", "myft", "--remote-api-key", "s3cret"]))
+    settings = parse_settings(
+        ["--backend", "openai", "--base-url", "http://gpu-host:8000/v1", "--remote-model", "myft", "--remote-api-key", "s3cret"])
     assert (settings.backend, settings.remote.base_url, settings.remote.model) == ("openai", "http://gpu-host:8000/v1", "myft")
     assert settings.remote.api_key.get_secret_value() == "s3cret" and "s3cret" not in repr(settings)
     assert settings.server.api_key is None  # --api-key is the tester's own

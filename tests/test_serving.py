@@ -26,8 +26,8 @@ def gunicorn_url(tmp_path_factory, default_gguf):
         "MODEL_TEST_LLAMACPP__N_CTX": str(TEST_N_CTX),
         "MODEL_TEST_LLAMACPP__N_THREADS": "2",
     }
-    # the command `make serve` runs: gunicorn started through app.hugepages
-    process = subprocess.Popen([sys.executable, "-m", "app.hugepages", sys.executable, "-m", "gunicorn",
+    # the command `make serve` runs: gunicorn started through app.services.system.hugepages
+    process = subprocess.Popen([sys.executable, "-m", "app.services.system.hugepages", sys.executable, "-m", "gunicorn",
                                 "-c", "config/gunicorn.conf.py", "app:create_app()"],
                                cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.services.backends.torch_device import (
+from app.services.backends.transformers.device import (
     MPS_WATERMARK_VAR,
     DeviceCaps,
     choose_device,
@@ -14,7 +14,7 @@ from app.services.backends.torch_device import (
     oversized_for_mps,
     place,
 )
-from app.services.errors import InvalidRequest
+from app.services.core.errors import InvalidRequest
 
 CUDA = DeviceCaps(cuda=True, cuda_bf16=True)
 OLD_CUDA = DeviceCaps(cuda=True, cuda_bf16=False)

@@ -12,11 +12,11 @@ import psutil
 import pytest
 
 from app import create_app
-from app.services.backends.incremental_detokenizer import StreamDetokenizer, WindowDetokenizer
-from app.services.backends.torch_device import choose_dtype, probe_caps
-from app.services.backends.transformers_backend import model_inputs
-from app.services.model_catalog import DEFAULT_GGUF_ID, DEFAULT_HF_ID
-from app.services.types import GenerationParams, Message
+from app.services.backends.transformers.backend import model_inputs
+from app.services.backends.transformers.detokenizer import StreamDetokenizer, WindowDetokenizer
+from app.services.backends.transformers.device import choose_dtype, probe_caps
+from app.services.catalog import DEFAULT_GGUF_ID, DEFAULT_HF_ID
+from app.services.core.types import GenerationParams, Message
 from config.settings import TransformersSettings
 from tests.conftest import TEST_N_CTX, make_settings
 from tests.sse_client import sse_events_from_body
@@ -43,7 +43,7 @@ def hf_client(hf_app):
 
 
 def backend_of(app):
-    return app.extensions["model_service"]._current_backend()
+    return app.extensions["model_service"].current_backend()
 
 
 def variant_of(checkpoint: Path, target: Path, drop=(), edit=None) -> Path:
@@ -348,7 +348,7 @@ def test_the_fine_tune_knows_its_codename_and_the_base_does_not(tmp_path, traine
 def test_openai_penalties_count_the_answer_only():
     import torch
 
-    from app.services.backends.transformers_backend import OpenAIPenalties
+    from app.services.backends.transformers.backend import OpenAIPenalties
 
     scores = torch.zeros((1, 10))
     input_ids = torch.tensor([[5, 6, 7, 7, 8]])  # a prompt of two tokens, then the answer so far
@@ -367,8 +367,8 @@ def greedy_answer(backend, messages, max_new_tokens=24) -> str:
 
 
 def test_fp32_reuses_the_shared_prefix_and_warm_answers_equal_cold_ones(tmp_path, default_hf_checkpoint):
-    from app.services.backends.transformers_backend import TransformersBackend
-    from app.services.model_catalog import ModelCatalog
+    from app.services.backends.transformers.backend import TransformersBackend
+    from app.services.catalog import ModelCatalog
 
     settings = make_settings(tmp_path, transformers=TransformersSettings(dtype="fp32", n_threads=2, n_ctx=TEST_N_CTX))
     backend = TransformersBackend(ModelCatalog(settings).resolve(DEFAULT_HF_ID), settings.transformers)

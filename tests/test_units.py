@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from app.services.default_model import default_gguf_path
-from app.services.errors import QueueFull
-from app.services.generation_queue import GenerationQueue
-from app.services.text_stream import StopMatcher, StreamAssembler
-from app.services.types import Timings
+from app.services.checkpoints.default_model import default_gguf_path
+from app.services.core.errors import QueueFull
+from app.services.core.text_stream import StopMatcher, StreamAssembler
+from app.services.core.types import Timings
+from app.services.engine.queue import GenerationQueue
+from config.cli import parse_settings
 from config.settings import Settings
-from run import parse_args, settings_from_args
 
 
 def feed_all(matcher: StopMatcher, pieces):
@@ -97,8 +97,7 @@ def test_settings_read_the_environment(monkeypatch):
 def test_flags_override_the_environment(monkeypatch):
     monkeypatch.setenv("MODEL_TEST_LLAMACPP__N_CTX", "1024")
     monkeypatch.setenv("MODEL_TEST_LLAMACPP__N_BATCH", "64")
-    args = parse_args(["--n-ctx", "8192", "--port", "6000", "--n-threads", "3", "--n-gpu-layers", "0", "--model", "m.gguf"])
-    settings = settings_from_args(args)
+    settings = parse_settings(["--n-ctx", "8192", "--port", "6000", "--n-threads", "3", "--n-gpu-layers", "0", "--model", "m.gguf"])
     assert settings.llamacpp.n_ctx == 8192
     assert settings.llamacpp.n_batch == 64  # untouched by flags, still from the environment
     assert settings.llamacpp.n_threads == 3

@@ -1,0 +1,36 @@
+"""The HTTP layer: one package or module per API surface, each beside its request and response
+schemas, and ``http/`` for what they share (body parsing, the SSE/JSON writer, error envelopes,
+auth, CORS, the OpenAPI document, run.py's request handler).
+
+    /           pages.py          the page and /health
+    /docs       docs.py           OpenAPI document and Swagger UI
+    /api        api/              the tester's own API: chat, models, inspection, compare, evals
+    /v1         openai/           OpenAI-compatible
+    /chat ...   service/          the earlier FastAPI deployment's API
+"""
+from __future__ import annotations
+
+from flask import Flask
+
+from app.routes import docs, pages
+from app.routes.api import compare, evals
+from app.routes.api import routes as api
+from app.routes.http.errors import register_error_handlers
+from app.routes.openai import routes as openai
+from app.routes.service import routes as service
+from config.settings import ServerSettings
+
+
+def register_routes(app: Flask, server: ServerSettings) -> None:
+    """Blueprints, error handlers, and the optional API key and CORS, in one place."""
+    for module in (pages, api, openai, docs, service, compare, evals):
+        app.register_blueprint(module.bp)
+    register_error_handlers(app)
+    if server.api_key:
+        from app.routes.http.auth import install_api_key
+
+        install_api_key(app, server.api_key.get_secret_value())
+    if server.cors_origins:
+        from app.routes.http.cors import install_cors
+
+        install_cors(app, server.cors_origins)

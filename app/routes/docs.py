@@ -5,15 +5,14 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify, render_template, send_from_directory
 from swagger_ui_bundle import swagger_ui_path
 
-from ..openapi import build_openapi
+from app.routes.http.openapi import build_openapi
+from app.version import __version__
 
 bp = Blueprint("docs", __name__)
 
 
 @bp.get("/openapi.json")
 def openapi_json():
-    from .. import __version__
-
     return jsonify(build_openapi(current_app, __version__))
 
 

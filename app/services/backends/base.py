@@ -1,16 +1,40 @@
-"""The one interface every backend implements."""
+"""The one interface every backend implements, and the capabilities each declares."""
 from __future__ import annotations
 
+import dataclasses
 import threading
-from typing import Iterator, Optional, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Hashable, Iterator, Optional, Protocol, Sequence
 
-from ..errors import InvalidRequest
-from ..types import Chunk, GenerationParams, Message, Prompt
+from app.services.checkpoints.spec import ModelSpec
+from app.services.core.errors import InvalidRequest
+from app.services.core.types import Chunk, GenerationParams, Message, Prompt
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do besides load, prepare and stream. Declared, as simonw/llm's models
+    declare ``can_stream``: the service and the page read these instead of probing for methods."""
+
+    inspection: bool = False  # a local tokenizer and chat template: the LocalTokenizer methods
+    max_batch_size: int = 1  # above 1, concurrent generations run as rows of one batch: the Batching methods
+    adapter_switch: bool = False  # GenerationParams.use_adapter=False runs the base model (an unmerged LoRA)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class Backend(Protocol):
-    name: str  # "llamacpp", "transformers", ...
+    name: str  # "llamacpp", "transformers", "openai"
     model: str  # what the user asked for: a path or a preset name
+
+    @property
+    def spec(self) -> ModelSpec:
+        """What this backend serves. The remote backend fills in the model's name on its server
+        once load() has found it."""
+
+    @property
+    def capabilities(self) -> Capabilities: ...
 
     def check(self) -> None:
         """Cheap checks of the model path (exists, right format) that run before the current
@@ -27,6 +51,24 @@ class Backend(Protocol):
 
     @property
     def n_ctx(self) -> int: ...
+
+    def chat_template(self) -> Optional[str]:
+        """The model's Jinja chat template, or None when it has none here (a remote server keeps its own)."""
+
+    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None,
+                continue_final: bool = False) -> Prompt:
+        """Renders (for messages) and tokenises the prompt once, so the service can check it
+        against the context before any stream opens. ``continue_final``: the messages end with
+        an assistant message the model goes on writing (see ``continuation_prompt``)."""
+
+    def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
+        """Yields chunks; the last one has finish_reason, usage and timings. Checks ``cancel``
+        between tokens and ends with finish_reason "cancelled" when it is set."""
+
+
+class LocalTokenizer(Protocol):
+    """The tokenizer and chat template generation uses, for the inspection routes
+    (``capabilities.inspection``)."""
 
     def render_prompt(self, messages: Sequence[Message]) -> str:
         """The exact prompt string the model sees for these messages."""
@@ -49,18 +91,18 @@ class Backend(Protocol):
         """Each id's entry in the vocabulary as the tokenizer stores it (``Ġhello``,
         ``<|im_end|>``), the strings tokenizer.json lists and ``convert_ids_to_tokens`` gives."""
 
-    def chat_template(self) -> Optional[str]:
-        """The model's Jinja chat template, or None when it has none."""
 
-    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None,
-                continue_final: bool = False) -> Prompt:
-        """Renders (for messages) and tokenises the prompt once, so the service can check it
-        against the context before any stream opens. ``continue_final``: the messages end with
-        an assistant message the model goes on writing (see ``continuation_prompt``)."""
+class Batching(Protocol):
+    """A backend that runs concurrent generations together (``capabilities.max_batch_size`` > 1)."""
 
-    def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
-        """Yields chunks; the last one has finish_reason, usage and timings. Checks ``cancel``
-        between tokens and ends with finish_reason "cancelled" when it is set."""
+    def batch_group(self, params: GenerationParams) -> Hashable:
+        """Requests of the same group may share a batch (the same sampling, the same adapter switch)."""
+
+    def expect_row(self) -> None:
+        """A request of this model may run now: a round about to start waits for it."""
+
+    def row_not_coming(self) -> None:
+        """A request announced by expect_row will not come after all."""
 
 
 def continuation_prompt(rendered: str, final: Message) -> str:

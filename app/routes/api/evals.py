@@ -1,0 +1,108 @@
+"""Batch evaluation: upload a test set, follow its progress, read, download, cancel, resume."""
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, current_app, request
+
+from app.routes.api.schemas import EvalBody, EvalList, EvalOptions, EvalProgress, EvalReport, slot_requests
+from app.routes.http.body import parse_body, validated
+from app.routes.http.wire import SSE_KEEPALIVE, json_answer, sse_event, sse_response
+from app.services.core.errors import InvalidRequest
+from app.services.evals.service import EvalService
+from app.services.evals.test_sets import parse_test_set
+
+bp = Blueprint("evals", __name__, url_prefix="/api")
+
+FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the small fields beside the file
+
+
+def eval_service() -> EvalService:
+    return current_app.extensions["eval_service"]
+
+
+def _form_options() -> EvalOptions:
+    """The multipart fields as the JSON body's: models arrives as a JSON string."""
+    data: dict = {}
+    if "models" in request.form:
+        try:
+            data["models"] = json.loads(request.form["models"])
+        except ValueError:
+            raise InvalidRequest("models must be a JSON list of {model, backend, adapter, adapter_enabled}", field="models") from None
+    if request.form.get("max_new_tokens"):
+        try:
+            data["max_new_tokens"] = int(request.form["max_new_tokens"])
+        except ValueError:
+            raise InvalidRequest("max_new_tokens must be a whole number", field="max_new_tokens") from None
+    if request.form.get("name"):
+        data["name"] = request.form["name"]
+    return validated(EvalOptions, data)
+
+
+@bp.post("/eval")
+def start_eval():
+    limits = current_app.config["SETTINGS"].limits
+    # the test set may be larger than other bodies; past this werkzeug answers 413 unread
+    request.max_content_length = max(limits.max_body_bytes, limits.max_test_set_bytes + FORM_OVERHEAD_BYTES)
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("file")
+        if upload is None:
+            raise InvalidRequest("no test set: send it as the multipart field 'file'", field="file")
+        data, filename = upload.read(), upload.filename or ""
+        options = _form_options()
+    else:
+        options = parse_body(EvalBody)
+        data, filename = options.test_set.encode("utf-8"), options.filename or ""
+    if options.max_new_tokens > limits.max_new_tokens:
+        raise InvalidRequest(f"max_new_tokens is {options.max_new_tokens}; the limit is {limits.max_new_tokens}",
+                             field="max_new_tokens")
+    rows = parse_test_set(data, filename, limits.max_test_set_bytes, limits.max_test_set_rows)
+    requests = slot_requests(options.models, limits, "models")
+    return json_answer(EvalProgress, eval_service().start(rows, requests, options.max_new_tokens, options.name), 202)
+
+
+@bp.get("/evals")
+def list_evals():
+    return json_answer(EvalList, {"evals": eval_service().list()})
+
+
+@bp.get("/evals/<eval_id>")
+def get_eval(eval_id: str):
+    return json_answer(EvalReport, eval_service().report(eval_id))
+
+
+@bp.get("/evals/<eval_id>/events")
+def eval_events(eval_id: str):
+    service = eval_service()
+    service.progress(eval_id)  # a 404 before the stream opens
+
+    def events():
+        for event, data in service.events(eval_id):
+            yield SSE_KEEPALIVE if event == "keepalive" else sse_event(event, data)
+
+    return sse_response(events())
+
+
+@bp.post("/evals/<eval_id>/cancel")
+def cancel_eval(eval_id: str):
+    return json_answer(EvalProgress, eval_service().cancel(eval_id))
+
+
+@bp.post("/evals/<eval_id>/resume")
+def resume_eval(eval_id: str):
+    return json_answer(EvalProgress, eval_service().resume(eval_id), 202)
+
+
+@bp.get("/evals/<eval_id>/download")
+def download_eval(eval_id: str):
+    fmt = request.args.get("format", "csv")
+    if fmt not in ("csv", "jsonl"):
+        raise InvalidRequest("format must be csv or jsonl", field="format")
+    service = eval_service()
+    report = service.report(eval_id)
+    if fmt == "csv":
+        body, mimetype = "\ufeff" + service.store.export_csv(report), "text/csv"  # the BOM lets Excel read UTF-8
+    else:
+        body, mimetype = service.store.export_jsonl(report), "application/x-ndjson"
+    return Response(body, mimetype=mimetype,
+                    headers={"Content-Disposition": f'attachment; filename="eval-{eval_id}.{fmt}"'})

@@ -1,0 +1,415 @@
+"""Request bodies of the /api routes, validated strictly: a wrong type is a 400, not a guess."""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.routes.http.body import StrictBody
+from app.routes.http.sampling import RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopP
+from app.routes.http.shapes import QueueCounts, Shape, Timings, Usage
+from app.services.core.errors import InvalidRequest
+from app.services.core.types import GenerationParams, Message
+from app.services.engine.slots import SlotRequest
+from config.settings import LimitSettings
+
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+class MessageIn(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class ConversationBody(StrictBody):
+    """What a prompt is made of; /api/apply_template takes exactly this, so it renders what a chat would."""
+
+    prompt: Optional[str] = Field(None, min_length=1, description="A single user turn; exclusive with messages.")
+    messages: Optional[list[MessageIn]] = Field(None, min_length=1, description="The conversation so far.")
+    system: Optional[str] = Field(None, description="System prompt put before the messages.")
+
+    def messages_list(self, limits: LimitSettings) -> list[Message]:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("give exactly one of prompt or messages", field="prompt" if self.prompt is None else "messages")
+        if self.messages is not None:
+            if len(self.messages) > limits.max_messages:
+                raise InvalidRequest(f"at most {limits.max_messages} messages are allowed, got {len(self.messages)}", field="messages")
+            messages = [Message(m.role, m.content) for m in self.messages]
+        else:
+            messages = [Message("user", self.prompt)]
+        if self.system:
+            if any(m.role == "system" for m in messages):
+                raise InvalidRequest("give the system prompt either as system or as a system message, not both", field="system")
+            messages.insert(0, Message("system", self.system))
+        if all(m.role == "system" for m in messages):
+            raise InvalidRequest("the conversation needs a user message", field="messages")
+        return messages
+
+
+class ApplyTemplateBody(ConversationBody):
+    """The conversation part of a chat body; the sampling fields a chat would carry are ignored."""
+
+
+class ChatBody(ConversationBody, Sampling, StopStrings):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    max_new_tokens: TokenBudget = 256
+    temperature: Temperature = 0.7
+    top_p: TopP = 0.9
+    top_k: TopK = 40
+    repetition_penalty: RepetitionPenalty = 1.1
+    seed: Seed = None
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence, up to max_new_tokens (for benchmarks).")
+    request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN, description="Client-chosen id for POST /api/stop.")
+    continue_final: bool = Field(
+        False, description="The messages end with an assistant message and the model goes on writing it; "
+        "the answer holds only the new text.",
+    )
+    slot: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN,
+                                description="A compare slot (POST /api/compare/slots) to run on instead of the served model.")
+
+    def params(self, limits: LimitSettings) -> GenerationParams:
+        return self.generation_params(limits, self.max_new_tokens, "max_new_tokens")
+
+
+class LoadModelBody(StrictBody):
+    model: Optional[str] = Field(
+        None, min_length=1,
+        description="A preset or built-in name (GET /api/models), a .gguf file or a Hugging Face directory; "
+        "unset reloads the current model (with adapter: puts the adapter on it).",
+    )
+    backend: Optional[Literal["llamacpp", "transformers", "openai"]] = Field(
+        None, description="Inferred from the model when unset. openai: model is a name on the remote server (--base-url).",
+    )
+    adapter: Optional[str] = Field(None, min_length=1, description="A LoRA adapter: a PEFT directory (transformers backend) or a GGUF LoRA file (llamacpp backend).")
+
+
+class FidelityPromptIn(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    messages: list[MessageIn] = Field(min_length=1, description="A whole conversation, ending where the model answers.")
+
+
+class FidelityBody(StrictBody):
+    hf_model: str = Field(min_length=1, description="The Hugging Face checkpoint: a built-in or preset name, or a directory in the model folders.")
+    gguf_model: str = Field(min_length=1, description="Its GGUF conversion: a built-in or preset name, or a .gguf file in the model folders.")
+    adapter: Optional[str] = Field(None, min_length=1, description="A PEFT adapter applied (merged) on hf_model; the GGUF is then its merged conversion.")
+    prompts: Optional[list[Union[str, FidelityPromptIn]]] = Field(
+        None, min_length=1, max_length=50,
+        description="Strings (one user message each) or {messages: [...]}; default: the 5 built-in prompts of scripts/check_fidelity.py.",
+    )
+    max_tokens: int = Field(32, ge=1, le=256, description="Greedy tokens compared per prompt.")
+
+    def prompt_list(self) -> Optional[list[tuple[Message, ...]]]:
+        if self.prompts is None:
+            return None
+        prompts = []
+        for entry in self.prompts:
+            if isinstance(entry, str):
+                if not entry:
+                    raise InvalidRequest("prompts must not be empty strings", field="prompts")
+                prompts.append((Message("user", entry),))
+            else:
+                messages = tuple(Message(m.role, m.content) for m in entry.messages)
+                if all(m.role == "system" for m in messages):
+                    raise InvalidRequest("each conversation in prompts needs a user message", field="prompts")
+                prompts.append(messages)
+        return prompts
+
+
+class StopBody(StrictBody):
+    request_id: str = Field(pattern=REQUEST_ID_PATTERN)
+
+
+class TokenizeBody(StrictBody):
+    text: str = Field(description="Any text; special tokens written in it (<|im_start|>) count as special tokens.")
+    add_special_tokens: bool = Field(False, description="Add what the tokenizer adds on its own (a BOS, for many vocabularies).")
+
+
+class DetokenizeBody(StrictBody):
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(description="Token ids; each must be in the model's vocabulary.")
+
+
+class SlotIn(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: Optional[str] = Field(None, min_length=1, description="A model id from GET /api/models, or a path in the model folders; unset: the served model.")
+    backend: Optional[Literal["llamacpp", "transformers", "openai"]] = Field(None, description="Inferred from the model when unset.")
+    adapter: Optional[str] = Field(None, min_length=1, description="A LoRA adapter: a PEFT directory (transformers) or a GGUF LoRA (llamacpp).")
+    adapter_enabled: bool = Field(True, description="false runs the model without its adapter; on transformers the base "
+                                  "and its fine-tune then share one copy of the weights.")
+
+    def request(self) -> SlotRequest:
+        return SlotRequest(self.model, self.backend, self.adapter, self.adapter_enabled)
+
+
+def slot_requests(slots: list[SlotIn], limits: LimitSettings, field: str) -> list:
+    if len(slots) > limits.max_slots:
+        raise InvalidRequest(f"at most {limits.max_slots} models at once (limits.max_slots), got {len(slots)}", field=field)
+    return [slot.request() for slot in slots]
+
+
+class CompareSlotsBody(StrictBody):
+    slots: list[SlotIn] = Field(min_length=1, description="The columns: each a model, maybe an adapter, and whether it is on.")
+
+
+class EvalOptions(StrictBody):
+    models: list[SlotIn] = Field(default_factory=list, description="The models compared, as compare slots; empty: the served model.")
+    max_new_tokens: int = Field(64, ge=1, description="Greedy tokens per answer.")
+    name: Optional[str] = Field(None, min_length=1, max_length=200, description="A name to find the eval by later.")
+
+
+class EvalBody(EvalOptions):
+    """The JSON form of POST /api/eval; multipart/form-data sends the file as 'file' instead."""
+
+    test_set: str = Field(min_length=1, description="The test set's text: JSONL or CSV with prompt, optional system, optional reference.")
+    filename: Optional[str] = Field(None, description="Its name; .csv or .jsonl says the format (otherwise it is sniffed).")
+
+
+# -- answers ---------------------------------------------------------------------------------
+
+class Capabilities(Shape):
+    inspection: bool = Field(description="A local tokenizer and chat template: /api/tokenize, /api/detokenize, /api/apply_template.")
+    max_batch_size: int = Field(description="Concurrent generations run together as rows of one batch (1: one at a time).")
+    adapter_switch: bool = Field(description="A request can run the model without its adapter (an unmerged LoRA).")
+
+
+class ModelStatus(Shape):
+    state: Literal["not_loaded", "loading", "loaded", "error"]
+    backend: str
+    model: Optional[str]
+    model_name: Optional[str]
+    adapter: Optional[str]
+    device: Optional[str]
+    n_ctx: Optional[int]
+    error: Optional[str]
+    job: Optional[str] = Field(description="A job holding the model besides generations (fidelity).")
+    info: Optional[dict] = Field(None, description="The backend's facts: device, threads, build, architecture, ...")
+    capabilities: Optional[Capabilities] = Field(None, description="What the loaded backend can do; absent until it is loaded.")
+    queue: QueueCounts
+    load_elapsed_s: Optional[float] = Field(None, description="Seconds since the load began, while state is loading.")
+
+
+class ChatAnswer(Shape):
+    response: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    usage: Usage
+    timings: Timings
+    model: str
+    request_id: str
+
+
+class StreamTicket(Shape):
+    stream_id: str
+    url: str
+
+
+class StopAnswer(Shape):
+    request_id: str
+    cancelled: bool
+
+
+class Tokens(Shape):
+    tokens: list[int]
+    pieces: list[str]
+    count: int
+
+
+class Text(Shape):
+    text: str
+
+
+class RenderedPrompt(Shape):
+    prompt: str
+    token_count: int
+
+
+class ModelEntry(Shape):
+    id: str
+    name: str
+    backend: str
+    kind: str
+    path: str
+    available: bool
+    size_bytes: Optional[int] = None
+
+
+class AdapterEntry(Shape):
+    path: str
+    name: str
+    base_model_name_or_path: Optional[str] = None
+    bases: list[str]
+    available: bool
+
+
+class ModelsOnOffer(Shape):
+    models: list[ModelEntry]
+    adapters: list[AdapterEntry]
+
+
+class FidelityReport(Shape):
+    hf: str
+    adapter: Optional[str]
+    gguf: str
+    gguf_lora: Optional[str]
+    dtype: str
+    max_tokens: int
+    vocab_one_to_one: bool
+    vocab_sizes: dict[str, int]
+    vocab_mismatches: int
+    stop_tokens: dict
+    stop_tokens_identical: bool
+    prompts_rendered_identical: int
+    prompt_ids_identical: int
+    answers_identical: int
+    agreement: float
+    prompts: list[dict]
+    timings: dict
+
+
+class ProcessFigures(Shape):
+    rss_bytes: int
+    cpu_percent: float
+    threads: int
+    huge_pages_bytes: Optional[int] = Field(None, description="Anonymous memory on transparent huge pages; null off Linux.")
+
+
+class MemoryFigures(Shape):
+    total_bytes: int
+    available_bytes: int
+    used_bytes: int
+    percent: float
+    thp_mode: Optional[str] = Field(None, description="The kernel's THP mode: always, madvise or never.")
+    malloc_huge_pages: bool = Field(description="Started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1.")
+
+
+class CpuFigures(Shape):
+    logical_cores: int
+    physical_cores: int
+    percent: float
+    load_avg: Optional[list[float]] = None
+
+
+class GpuFigures(Shape):
+    index: int
+    name: str
+    memory_used_bytes: int
+    memory_total_bytes: Optional[int] = None
+
+
+class EvalRunning(Shape):
+    id: str
+    done: int
+    total: int
+    state: str
+
+
+class SystemSnapshot(Shape):
+    process: ProcessFigures
+    memory: MemoryFigures
+    cpu: CpuFigures
+    gpus: list[GpuFigures]
+    eval: Optional[EvalRunning] = Field(description="The running eval's progress, if one runs.")
+
+
+class Slot(Shape):
+    id: str
+    label: str
+    model: Optional[str]
+    backend: str
+    adapter: Optional[str]
+    adapter_enabled: bool
+    adapter_mode: Optional[Literal["merged", "unmerged"]]
+    shares_weights_with: Optional[str]
+    state: str
+    error: Optional[str]
+    device: Optional[str]
+    queue: QueueCounts
+
+
+class Slots(Shape):
+    slots: list[Slot]
+
+
+EvalState = Literal["running", "done", "cancelled", "error", "interrupted"]
+
+
+class EvalProgress(Shape):
+    id: str
+    name: str
+    state: EvalState
+    done: int
+    total: int
+    model: Optional[str]
+    row: Optional[int]
+    error: Optional[str]
+    url: str
+    events: str
+
+
+class EvalAnswer(Shape):
+    output: str
+    bleu: Optional[float]
+    rouge_l: Optional[float]
+    exact_match: Optional[float]
+    latency_ms: float
+    ttft_ms: float
+    tokens_per_second: float
+    completion_tokens: int
+    finish_reason: str
+    error: Optional[str]
+
+
+class EvalModel(Shape):
+    label: str
+    model: Optional[str]
+    backend: Optional[str]
+    adapter: Optional[str]
+    adapter_enabled: bool
+
+
+class EvalSummary(Shape):
+    label: str
+    rows: int
+    scored_rows: int
+    errors: int
+    bleu: Optional[float]
+    rouge_l: Optional[float]
+    exact_match: Optional[float]
+    latency_ms: Optional[float]
+    tokens_per_second: Optional[float]
+
+
+class EvalRow(Shape):
+    index: int
+    prompt: str
+    system: Optional[str]
+    reference: Optional[str]
+    outputs: dict[str, EvalAnswer]
+
+
+class EvalReport(Shape):
+    id: str
+    name: str
+    state: EvalState
+    created: str
+    finished: Optional[str]
+    done: int
+    total: int
+    error: Optional[str]
+    params: dict
+    models: list[EvalModel]
+    summary: list[EvalSummary]
+    rows: list[EvalRow]
+
+
+class EvalListing(Shape):
+    id: str
+    name: str
+    state: EvalState
+    created: str
+    done: int
+    total: int
+    models: list[str]
+
+
+class EvalList(Shape):
+    evals: list[EvalListing]

@@ -1,0 +1,53 @@
+"""The optional API key: with one set, every route but the page, its static files, /health and
+the API docs needs ``Authorization: Bearer <key>``.
+
+EventSource cannot send headers, so ``GET /api/streams/<id>`` and ``GET /api/evals/<id>/events``
+are let through: the id is the capability. A stream id is handed out only by an authenticated
+``POST /api/streams`` and good for one claim within ``stream_ttl_s``; an eval id (64 random bits
+after its timestamp) only by the authenticated eval routes, and its events carry only progress
+and the summary scores.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+
+from flask import Flask, request
+
+from app.routes.http.errors import error_response
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = re.compile(r"^/(?:|health|docs|docs/.*|openapi\.json|static/.*|favicon\.ico)$")
+CAPABILITY_PATHS = re.compile(r"^/api/(?:streams/[^/]+|evals/[^/]+/events)$")
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def _unauthorized(message: str):
+    return error_response(401, message, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+def install_api_key(app: Flask, api_key: str) -> None:
+    expected = api_key.encode("utf-8")
+
+    @app.before_request
+    def require_api_key():
+        path = request.path
+        if request.method == "OPTIONS" or PUBLIC_PATHS.match(path):
+            return None
+        if request.method == "GET" and CAPABILITY_PATHS.match(path):
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return _unauthorized("this server needs an API key: send Authorization: Bearer <key>")
+        if not hmac.compare_digest(token.strip().encode("utf-8"), expected):
+            return _unauthorized("the API key is wrong")
+        return None
+
+
+def warn_if_exposed(host: str, api_key_set: bool) -> None:
+    if host not in LOOPBACK_HOSTS and not api_key_set:
+        log.warning("listening on %s without an API key: anyone who can reach this port can use the model; "
+                    "set --api-key (or MODEL_TEST_SERVER__API_KEY)", host)

@@ -1,0 +1,104 @@
+"""Every error leaves the app as JSON saying what is wrong, in the shape of the API surface the
+request came to, with the same status for the same failure on every surface:
+
+- ``/api`` (and the page's other routes): ``{"error", "type", "field"}``;
+- ``/v1``: OpenAI's ``{"error": {"message", "type", "param", "code"}}``;
+- the service routes (the earlier FastAPI deployment's): ``{"detail": "..."}``, and for a bad
+  body FastAPI's 422 with ``{"detail": [{"loc", "msg", "type"}, ...]}``.
+
+The status comes from the error (``ServiceError.status``); only the envelope differs. The SSE
+writers use the same envelopes for an error that happens mid-stream.
+"""
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from typing import Optional
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from app.routes.http.body import InvalidBody
+from app.services.core.errors import QueueFull, ServiceError
+
+log = logging.getLogger(__name__)
+
+
+class Surface(Enum):
+    API = "api"
+    OPENAI = "openai"
+    SERVICE = "service"
+
+
+# Blueprints of the service routes and of /v1; every other blueprint answers as /api does.
+SURFACE_OF_BLUEPRINT = {"openai": Surface.OPENAI, "service": Surface.SERVICE}
+
+
+def current_surface() -> Surface:
+    """The surface of this request: its blueprint's, or for a path no route matched, its prefix's."""
+    if request.blueprint is not None:
+        return SURFACE_OF_BLUEPRINT.get(request.blueprint, Surface.API)
+    return Surface.OPENAI if request.path.startswith("/v1/") else Surface.API
+
+
+# Where OpenAI has a code of its own for one of our error types, its clients know that one.
+OPENAI_CODES = {"unauthorized": "invalid_api_key"}
+
+
+def openai_error_body(status: int, message: str, error_type: str, field: Optional[str]) -> dict:
+    """OpenAI's error object: its ``type`` is the class of failure, ``code`` ours when it says more."""
+    if status == 429:
+        kind = "rate_limit_error"
+    else:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+    code = OPENAI_CODES.get(error_type, error_type) if error_type not in ("invalid_request_error", "server_error") else None
+    return {"error": {"message": message, "type": kind, "param": field, "code": code}}
+
+
+def error_body(surface: Surface, status: int, message: str, error_type: str, field: Optional[str] = None,
+               details: Optional[dict] = None):
+    if surface is Surface.OPENAI:
+        return openai_error_body(status, message, error_type, field)
+    if surface is Surface.SERVICE:
+        return {"detail": message}
+    body = {"error": message, "type": error_type}
+    if field:
+        body["field"] = field
+    body.update(details or {})
+    return body
+
+
+def error_response(status: int, message: str, error_type: str, field: Optional[str] = None, headers=None,
+                   details: Optional[dict] = None, surface: Optional[Surface] = None) -> Response:
+    response = jsonify(error_body(surface or current_surface(), status, message, error_type, field, details))
+    response.status_code = status
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def _service_error(exc: ServiceError) -> Response:
+    if exc.status >= 500:
+        log.error("%s: %s", exc.type, exc.message)
+    surface = current_surface()
+    if surface is Surface.SERVICE and isinstance(exc, InvalidBody):
+        response = jsonify({"detail": exc.errors})  # FastAPI's 422 lists every problem
+        response.status_code = 422
+        return response
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+    return error_response(exc.status, exc.message, exc.type, exc.field, headers, exc.details(), surface)
+
+
+def _http_error(exc: HTTPException) -> Response:
+    return error_response(exc.code or 500, exc.description or exc.name, exc.name.lower().replace(" ", "_"))
+
+
+def _unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error")
+    return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(ServiceError, _service_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)

@@ -1,0 +1,222 @@
+"""The OpenAPI 3 document of every route, built from the same pydantic models that validate
+the requests and shape the answers (``wire.json_answer``), so the document cannot drift from what the
+server accepts and sends. A test checks that
+every route the app serves is described here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from flask import Flask
+from pydantic import BaseModel
+
+from app.routes.api.schemas import (
+    ApplyTemplateBody,
+    ChatAnswer,
+    ChatBody,
+    CompareSlotsBody,
+    DetokenizeBody,
+    EvalBody,
+    EvalList,
+    EvalProgress,
+    EvalReport,
+    FidelityBody,
+    FidelityReport,
+    LoadModelBody,
+    ModelsOnOffer,
+    ModelStatus,
+    RenderedPrompt,
+    Slots,
+    StopAnswer,
+    StopBody,
+    StreamTicket,
+    SystemSnapshot,
+    Text,
+    TokenizeBody,
+    Tokens,
+)
+from app.routes.http.errors import SURFACE_OF_BLUEPRINT, Surface
+from app.routes.http.shapes import ApiError, Detail, OpenAIError, ValidationDetail
+from app.routes.openai.schemas import ChatCompletion, ChatCompletionBody, CompletionBody, ModelList, TextCompletion
+from app.routes.pages import Health, ServiceDescription
+from app.routes.service.schemas import BatchAnswer, BatchRequest, GenerateRequest, ModelInfo, ServiceAnswer, ServiceChatRequest
+
+STRING = {"type": "string"}
+OUR_SSE = "Server-Sent Events: `event: token` `{text}` …, then `event: done` `{finish_reason, usage, timings}` or `event: error` `{error, type}`; `event: queue` `{position}` while waiting."
+OPENAI_SSE = "Server-Sent Events in OpenAI's format: `data: {chunk}` … `data: [DONE]`."
+SERVICE_SSE = ("Server-Sent Events as the FastAPI-era service sent them: `data: {text}` …, a last `data: {text, finish_reason, "
+               "usage, model}` (with `error` when it failed), then `data: [DONE]`.")
+EVAL_UPLOAD = {"type": "object", "required": ["file"], "properties": {
+    "file": {"type": "string", "format": "binary", "description": "JSONL or CSV: prompt, optional system, optional reference"},
+    "models": {"type": "string", "description": "A JSON list of {model, backend, adapter, adapter_enabled}"},
+    "max_new_tokens": {"type": "integer"}, "name": STRING}}
+EVAL_SSE = ("Server-Sent Events: `event: progress` `{done, total, model, row, state}` now and after every answer, then "
+            "`event: done` `{state, error, summary}`.")
+ERROR_SHAPES = {Surface.API: ApiError, Surface.OPENAI: OpenAIError, Surface.SERVICE: Detail}
+
+
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    tag: str
+    body: Optional[type[BaseModel]] = None
+    response: Optional[type[BaseModel]] = None
+    stream: Optional[str] = None  # the event format, for routes that answer text/event-stream
+    public: bool = False
+    form: Optional[dict] = None  # a multipart/form-data body besides (or instead of) the JSON one
+    query: tuple = ()  # (name, schema, description) of query parameters
+    status: str = "200"
+    raw: Optional[dict] = None  # non-JSON answers: {mimetype: description}
+
+
+OPERATIONS: dict[str, Operation] = {
+    "main.index": Operation("The chat page (HTML); with Accept: application/json, a service description", "page",
+                            response=ServiceDescription, public=True, raw={"text/html": "The page"}),
+    "main.health": Operation("Liveness and model state", "service", response=Health, public=True),
+    "api.model_status": Operation("The model's state, device and queue", "models", response=ModelStatus),
+    "api.models": Operation("Models and adapters on offer", "models", response=ModelsOnOffer),
+    "api.load_model": Operation("Load or switch the model (idempotent)", "models", LoadModelBody, ModelStatus),
+    "api.fidelity": Operation("Compare an HF checkpoint with its GGUF conversion (scripts/check_fidelity.py --json): rendered "
+                              "prompts, stop tokens, greedy agreement, first divergence; waits for the model's queue like a switch",
+                              "models", FidelityBody, FidelityReport),
+    "api.unload_model": Operation("Free the model", "models", response=ModelStatus),
+    "api.chat": Operation("One whole answer", "chat", ChatBody, ChatAnswer),
+    "api.chat_stream": Operation("The same answer, streamed", "chat", ChatBody, stream=OUR_SSE),
+    "api.prepare_stream": Operation("Prepare a stream for EventSource (which can only GET)", "chat", ChatBody, StreamTicket),
+    "api.open_stream": Operation("Open a prepared stream (the id is the capability; no API key needed)", "chat", stream=OUR_SSE),
+    "api.stop": Operation("Stop a generation by its request_id", "chat", StopBody, StopAnswer),
+    "openai.chat_completions": Operation("OpenAI chat completions", "openai", ChatCompletionBody, ChatCompletion, OPENAI_SSE),
+    "openai.completions": Operation("OpenAI text completions", "openai", CompletionBody, TextCompletion, OPENAI_SSE),
+    "openai.models": Operation("OpenAI model list: the loaded model first", "openai", response=ModelList),
+    "api.tokenize": Operation("Token ids and vocabulary pieces of a text, with the model's tokenizer", "inspection", TokenizeBody, Tokens),
+    "api.detokenize": Operation("The text of token ids, special tokens included", "inspection", DetokenizeBody, Text),
+    "api.apply_template": Operation("The exact prompt string a chat with this conversation sends the model", "inspection",
+                                    ApplyTemplateBody, RenderedPrompt),
+    "service.model_info": Operation("What is served; template is the chat template's family (chatml, llama3, ...)", "service",
+                                    response=ModelInfo),
+    "service.chat": Operation("A chat answer; system messages become the system prompt", "service", ServiceChatRequest,
+                              ServiceAnswer, SERVICE_SSE),
+    "service.generate": Operation("An answer to one prompt, sent as a user turn through the chat template", "service",
+                                  GenerateRequest, ServiceAnswer, SERVICE_SSE),
+    "service.batch": Operation("Answers to several prompts, one after another", "service", BatchRequest, BatchAnswer),
+    "api.system": Operation("Process RSS and CPU, system memory and load, GPU memory, the running eval", "monitor", response=SystemSnapshot),
+    "compare.list_slots": Operation("The compare columns' models", "compare", response=Slots),
+    "compare.replace_slots": Operation("Load the compare columns (replacing the set); a base and its fine-tune on transformers "
+                                       "share one copy of the weights. Generate on a column with slot in /api/streams or /api/chat",
+                                       "compare", CompareSlotsBody, Slots),
+    "compare.clear_slots": Operation("Unload the compare columns", "compare", response=Slots),
+    "evals.start_eval": Operation("Start a batch eval of a test set on one or more models (JSON, or multipart with the file); "
+                                  "409 while another runs", "eval", EvalBody, EvalProgress, form=EVAL_UPLOAD, status="202"),
+    "evals.list_evals": Operation("Evals saved under results/evals, newest first", "eval", response=EvalList),
+    "evals.get_eval": Operation("An eval's models, summary and every row's answers and scores", "eval", response=EvalReport),
+    "evals.eval_events": Operation("An eval's live progress", "eval", stream=EVAL_SSE),
+    "evals.cancel_eval": Operation("Stop an eval; the finished answers are kept", "eval", response=EvalProgress),
+    "evals.resume_eval": Operation("Go on with a cancelled or interrupted eval, skipping the answers on disk", "eval",
+                                   response=EvalProgress, status="202"),
+    "evals.download_eval": Operation("An eval's answers as CSV (one line per answer) or JSONL (one line per row)", "eval",
+                                     query=(("format", {"type": "string", "enum": ["csv", "jsonl"], "default": "csv"}, "csv or jsonl"),),
+                                     raw={"text/csv": "CSV", "application/x-ndjson": "JSONL"}),
+}
+UNDOCUMENTED_ENDPOINTS = {"static", "docs.swagger_ui", "docs.swagger_asset", "docs.openapi_json"}
+
+
+def _openapi_path(rule: str) -> str:
+    """Flask's ``<converter:name>`` to OpenAPI's ``{name}``."""
+    out, rest = "", rule
+    while "<" in rest:
+        before, _, tail = rest.partition("<")
+        inside, _, rest = tail.partition(">")
+        out += before + "{" + inside.split(":")[-1] + "}"
+    return out + rest
+
+
+def build_openapi(app: Flask, version: str) -> dict:
+    components: dict[str, dict] = {}
+    paths: dict[str, dict] = {}
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        operation = OPERATIONS.get(rule.endpoint)
+        if operation is None:
+            continue
+        path = _openapi_path(rule.rule)
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            paths.setdefault(path, {})[method.lower()] = _operation_doc(rule, operation, components)
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "model_test", "version": version,
+                 "description": "Chat with fine-tuned checkpoints: the tester's own API, an OpenAI-compatible API and the service API."},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "Needed only when the server runs with --api-key."}},
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+def _operation_doc(rule, operation: Operation, components: dict) -> dict:
+    doc: dict = {"summary": operation.summary, "tags": [operation.tag], "operationId": rule.endpoint.replace(".", "_")}
+    if operation.public:
+        doc["security"] = []
+    parameters = [{"name": name, "in": "path", "required": True, "schema": STRING} for name in sorted(rule.arguments)]
+    parameters += [{"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+                   for name, schema, description in operation.query]
+    if parameters:
+        doc["parameters"] = parameters
+    if operation.body is not None:
+        body_content = {"application/json": {"schema": _component(operation.body, components)}}
+        if operation.form is not None:
+            body_content["multipart/form-data"] = {"schema": operation.form}
+        doc["requestBody"] = {"required": True, "content": body_content}
+    responses: dict = {}
+    content: dict = {}
+    if operation.response is not None:
+        content["application/json"] = {"schema": _component(operation.response, components)}
+    if operation.stream is not None:
+        content["text/event-stream"] = {"schema": STRING}
+    for mimetype in operation.raw or {}:
+        content[mimetype] = {"schema": STRING}
+    status = operation.status
+    responses[status] = {"description": operation.stream if operation.stream and not operation.response else "OK", **({"content": content} if content else {})}
+    if operation.stream and operation.response:
+        responses[status]["description"] = f"JSON, or with stream: true, {operation.stream}"
+    surface = SURFACE_OF_BLUEPRINT.get(rule.endpoint.split(".")[0], Surface.API)
+    error = _component(ERROR_SHAPES[surface], components)
+    if surface is Surface.SERVICE:
+        if operation.body is not None:
+            responses["422"] = {"description": "Bad input: every problem, each with its loc",
+                                "content": {"application/json": {"schema": _component(ValidationDetail, components)}}}
+            responses["503"] = {"description": "No model can be loaded", "content": {"application/json": {"schema": error}}}
+    else:
+        responses["400"] = {"description": "Bad input; the body names the field", "content": {"application/json": {"schema": error}}}
+    if not operation.public:
+        responses["401"] = {"description": "Missing or wrong API key (when one is set)", "content": {"application/json": {"schema": error}}}
+    doc["responses"] = responses
+    return doc
+
+
+def _component(model: type[BaseModel], components: dict) -> dict:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, definition in schema.pop("$defs", {}).items():
+        components[name] = as_openapi_30(definition)
+    components[model.__name__] = as_openapi_30(schema)
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def as_openapi_30(schema):
+    """pydantic writes JSON Schema 2020-12, where Optional[X] is ``anyOf: [X, {type: null}]``;
+    OpenAPI 3.0 (what the bundled Swagger UI 4 reads) says ``nullable: true`` instead."""
+    if isinstance(schema, list):
+        return [as_openapi_30(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {key: as_openapi_30(value) for key, value in schema.items()}
+    variants = schema.get("anyOf")
+    if variants and {"type": "null"} in variants:
+        rest = [v for v in variants if v != {"type": "null"}]
+        schema.pop("anyOf")
+        schema.update(rest[0] if len(rest) == 1 and "$ref" not in rest[0] else {"anyOf": rest})
+        schema["nullable"] = True
+    if "const" in schema:
+        schema["enum"] = [schema.pop("const")]
+    return schema

@@ -1,0 +1,84 @@
+"""The one way from a generation to the wire: Server-Sent Events for streams, JSON for whole answers.
+
+Every surface streams through :func:`stream_generation`: it takes the request's place in the
+queue before the 200 goes out (a full queue is a 429, not an event in a 200 stream), walks the
+generation's chunks, and cancels the generation in a ``finally`` when the client goes away
+(werkzeug closes the generator at its next write). Only the events differ between surfaces;
+each surface describes its own in a :class:`Framing`.
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterable, Iterator, Protocol
+
+from flask import Response, jsonify
+from pydantic import BaseModel
+
+from app.services.core.types import Chunk
+from app.services.engine.generation import Generation, QueueUpdate
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_DONE = "data: [DONE]\n\n"
+SSE_KEEPALIVE = ": keep-alive\n\n"
+
+
+def sse_event(event: str, data: dict) -> str:
+    """A named event (``event: token``)."""
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def sse_data(data: dict) -> str:
+    """An unnamed event, as OpenAI's stream and the FastAPI-era service's send them."""
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def sse_response(events: Iterable[str]) -> Response:
+    return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
+class Framing(Protocol):
+    """The events one surface writes for a generation. Each method yields zero or more events."""
+
+    def opening(self) -> Iterable[str]:
+        """Before the first chunk (OpenAI announces the role)."""
+
+    def queued(self, position: int) -> Iterable[str]:
+        """The request's place in the queue changed."""
+
+    def piece(self, chunk: Chunk) -> Iterable[str]:
+        """A chunk of text before the last."""
+
+    def ending(self, chunk: Chunk) -> Iterable[str]:
+        """The last chunk of a generation that ended well: stop, length or cancelled."""
+
+    def failure(self, chunk: Chunk) -> Iterable[str]:
+        """The last chunk of a generation that failed (``chunk.error``, ``chunk.error_type``)."""
+
+
+def stream_generation(generation: Generation, framing: Framing) -> Response:
+    generation.admit()
+
+    def events() -> Iterator[str]:
+        items = iter(generation)
+        try:
+            yield from framing.opening()
+            for item in items:
+                if isinstance(item, QueueUpdate):
+                    yield from framing.queued(item.position)
+                elif item.is_last:
+                    yield from framing.failure(item) if item.finish_reason == "error" else framing.ending(item)
+                elif item.text:
+                    yield from framing.piece(item)
+        finally:
+            generation.cancel.set()
+            items.close()
+
+    return sse_response(events())
+
+
+def json_answer(shape: type[BaseModel], data: dict, status: int = 200) -> Response:
+    """A JSON answer in a declared response shape: validating it here keeps the OpenAPI document
+    (built from the same models) true to what the routes send."""
+    response = jsonify(shape.model_validate(data).model_dump(mode="json", by_alias=True))
+    response.status_code = status
+    return response

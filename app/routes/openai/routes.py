@@ -1,0 +1,130 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions and /v1/models.
+
+The wire format follows OpenAI exactly (checked with the official SDK in the tests): a stream
+opens with a chunk whose delta carries the role, the last choice chunk carries
+``finish_reason``, a usage chunk with ``choices: []`` follows when
+``stream_options.include_usage`` is set, then ``data: [DONE]``. Errors have OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}`` (app/routes/http/errors.py); one that happens
+mid-stream travels as a ``data: {"error": ...}`` event, which the SDK raises as an APIError.
+
+Model rule: ``model`` may name the loaded model by any of its names, or another model listed
+by GET /v1/models, which is then loaded (a switch); an empty name means the loaded model.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Iterable, Optional
+
+from flask import Blueprint, current_app
+
+from app.routes.http.body import parse_body
+from app.routes.http.errors import openai_error_body
+from app.routes.http.wire import SSE_DONE, json_answer, sse_data, stream_generation
+from app.routes.openai.schemas import ChatCompletion, ChatCompletionBody, CompletionBody, ModelList, SamplingBody, TextCompletion
+from app.services.core.types import Chunk
+from app.services.engine.generation import Generation
+from app.services.engine.service import ModelService
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's own default for /v1/completions
+OPENAI_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+def model_service() -> ModelService:
+    return current_app.extensions["model_service"]
+
+
+def _start(body: SamplingBody, messages=None, text=None, default_max_tokens: int = 0) -> Generation:
+    limits = current_app.config["SETTINGS"].limits
+    params = body.params(limits, default_max_tokens or limits.max_new_tokens)
+    service = model_service()
+    service.use_model(body.model)
+    return service.start(params, messages=messages, text=text)
+
+
+class CompletionChunks:
+    """OpenAI's stream of ``chat.completion.chunk`` (chat) or ``text_completion`` objects."""
+
+    def __init__(self, chat: bool, include_usage: bool, head: dict):
+        self._chat = chat
+        self._include_usage = include_usage
+        self._head = head
+
+    def _choice(self, text: Optional[str], finish_reason: Optional[str], first: bool = False) -> str:
+        if self._chat:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+            choice = {"delta": delta}
+        else:
+            choice = {"text": text or ""}
+        data = {**self._head, "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": finish_reason}]}
+        if self._include_usage:
+            data["usage"] = None
+        return sse_data(data)
+
+    def opening(self) -> Iterable[str]:
+        if self._chat:  # text completions have no role to announce
+            yield self._choice("", None, first=True)
+
+    def queued(self, position: int) -> Iterable[str]:
+        return ()  # OpenAI's protocol has no queue event; the client just waits
+
+    def piece(self, chunk: Chunk) -> Iterable[str]:
+        yield self._choice(chunk.text, None)
+
+    def ending(self, chunk: Chunk) -> Iterable[str]:
+        if chunk.text:
+            yield self._choice(chunk.text, None)
+        yield self._choice(None, OPENAI_FINISH.get(chunk.finish_reason, "stop"))
+        if self._include_usage and chunk.usage:
+            yield sse_data({**self._head, "choices": [], "usage": chunk.usage.to_dict()})
+        yield SSE_DONE
+
+    def failure(self, chunk: Chunk) -> Iterable[str]:
+        status = 504 if chunk.error_type == "generation_timeout" else 500
+        yield sse_data(openai_error_body(status, chunk.error or "generation failed", chunk.error_type or "generation_error", None))
+
+
+def _answer(body: SamplingBody, generation: Generation, chat: bool):
+    """The whole answer or its stream, as a chat completion or a text completion."""
+    object_name = ("chat.completion" if chat else "text_completion")
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": object_name,
+            "created": int(time.time()), "model": model_service().model_id()}
+    if body.stream:
+        chunk_head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        return stream_generation(generation, CompletionChunks(chat, body.include_usage(), chunk_head))
+    result = generation.collect().raise_for_error()
+    choice = {"message": {"role": "assistant", "content": result.text}} if chat else {"text": result.text}
+    return json_answer(ChatCompletion if chat else TextCompletion, {
+        **head,
+        "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": OPENAI_FINISH.get(result.finish_reason, "stop")}],
+        "usage": result.usage,
+        "timings": result.timings,  # llama-server's extension; OpenAI clients ignore it
+    })
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    body = parse_body(ChatCompletionBody)
+    limits = current_app.config["SETTINGS"].limits
+    return _answer(body, _start(body, messages=body.messages_list(limits)), chat=True)
+
+
+@bp.post("/completions")
+def completions():
+    body = parse_body(CompletionBody)
+    generation = _start(body, text=body.prompt_text(), default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
+    return _answer(body, generation, chat=False)
+
+
+@bp.get("/models")
+def models():
+    service = model_service()
+    loaded = service.model_id()
+    created = int(time.time())
+    entries = [{"id": loaded, "object": "model", "created": created, "owned_by": "model_test", "loaded": True}] if loaded else []
+    for model in service.catalog.models():
+        if model["available"] and model["id"] != loaded:
+            entries.append({"id": model["id"], "object": "model", "created": created, "owned_by": "model_test", "loaded": False})
+    return json_answer(ModelList, {"object": "list", "data": entries})

@@ -1,0 +1,145 @@
+"""The API of the earlier FastAPI deployment, on the same paths and in the same shapes, so its
+clients, scripts and Postman collection work unchanged: ``/model/info``, ``/chat``,
+``/generate`` and ``/batch`` (``/health`` and the JSON answer of ``GET /`` live in pages.py).
+
+Errors answer as FastAPI did (``{"detail": ...}``, 422 for a bad body, 503 when no model can be
+loaded), in app/routes/http/errors.py. ``stream: true`` answers ``data: {"text": ...}`` events and
+``data: [DONE]`` (:class:`TextEvents`).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from flask import Blueprint, current_app
+
+from app.routes.http.body import parse_body
+from app.routes.http.wire import SSE_DONE, json_answer, sse_data, stream_generation
+from app.routes.service.schemas import BatchAnswer, BatchRequest, GenerateRequest, ModelInfo, SamplingRequest, ServiceAnswer, ServiceChatRequest
+from app.services.checkpoints.template_kinds import template_kind
+from app.services.core.errors import ServiceError
+from app.services.core.types import Chunk, Message
+from app.services.engine.generation import collect_together
+from app.services.engine.service import ModelService
+
+bp = Blueprint("service", __name__)
+
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def model_service() -> ModelService:
+    return current_app.extensions["model_service"]
+
+
+def require_model() -> str:
+    """Loads the model if it is not loaded (a 503 when it cannot be, as the old service answered
+    while it had no model), and answers its name."""
+    model_service().ensure_loaded()
+    return model_service().status()["model_name"]
+
+
+class TextEvents:
+    """The earlier service's stream, for its clients: ``data: {"text"}`` per piece, a last
+    ``data: {"text", "finish_reason", "usage", "model"}`` (with ``error`` when it failed), then
+    ``data: [DONE]``. Every event has ``text``, so a client that only reads ``text`` keeps working.
+    There are no named events, so queue updates are not sent."""
+
+    def __init__(self, model_name: str):
+        self._model_name = model_name
+
+    def opening(self) -> Iterable[str]:
+        return ()
+
+    def queued(self, position: int) -> Iterable[str]:
+        return ()
+
+    def piece(self, chunk: Chunk) -> Iterable[str]:
+        yield sse_data({"text": chunk.text})
+
+    def _last(self, chunk: Chunk) -> dict:
+        return {"text": chunk.text, "finish_reason": chunk.finish_reason,
+                "usage": chunk.usage.to_dict() if chunk.usage else None, "model": self._model_name}
+
+    def ending(self, chunk: Chunk) -> Iterable[str]:
+        yield sse_data(self._last(chunk))
+        yield SSE_DONE
+
+    def failure(self, chunk: Chunk) -> Iterable[str]:
+        yield sse_data({**self._last(chunk), "error": chunk.error})
+        yield SSE_DONE
+
+
+def parse(model_cls):
+    return parse_body(model_cls, context={"limits": limits()})
+
+
+def limits():
+    return current_app.config["SETTINGS"].limits
+
+
+def answer(messages: list[Message], body: SamplingRequest, stream: bool):
+    model_name = require_model()
+    generation = model_service().start(body.params(limits()), messages=messages)
+    if stream:
+        return stream_generation(generation, TextEvents(model_name))
+    result = generation.collect().raise_for_error()
+    return json_answer(ServiceAnswer, {"response": result.text, "usage": result.usage, "model": model_name,
+                                       "finish_reason": result.finish_reason})
+
+
+@bp.get("/model/info")
+def model_info():
+    """What is served, without loading it: ``template`` is the chat template's family (see
+    template_kinds) and ``chat_template`` its text, both null until the model is loaded."""
+    status = model_service().status()
+    backend = model_service().current_backend()
+    template = backend.chat_template() if backend is not None else None
+    return json_answer(ModelInfo, {
+        "model_name": status["model_name"],
+        "model_path": status["model"],
+        "adapter_path": status["adapter"],
+        "template": template_kind(template),
+        "status": status["state"],
+        "backend": status["backend"],
+        "chat_template": template,
+    })
+
+
+@bp.post("/chat")
+def chat():
+    body = parse(ServiceChatRequest)
+    return answer(body.conversation(), body, body.stream)
+
+
+@bp.post("/generate")
+def generate():
+    body = parse(GenerateRequest)
+    return answer(body.conversation(), body, body.stream)
+
+
+@bp.post("/batch")
+def batch():
+    """Each prompt a single user turn; all answers or one error. On transformers the prompts run
+    as left-padded batches of the backend's max_batch_size, elsewhere one after another."""
+    body = parse(BatchRequest)
+    model_name = require_model()
+    params = body.params(limits())
+    service = model_service()
+    results = []
+    step = service.batch_size  # on transformers, that many prompts run as one left-padded batch
+    for first in range(0, len(body.prompts), step):
+        generations = []
+        try:
+            for index in range(first, min(first + step, len(body.prompts))):
+                generations.append(service.start(params, messages=[Message("user", body.prompts[index])]))
+        except ServiceError as exc:
+            for generation in generations:
+                generation.close()
+            # Name the prompt that failed; the status (400 too long, 429 busy, ...) stays its own.
+            exc.message = f"prompts.{index}: {exc.message}"
+            raise
+        for offset, collected in enumerate(collect_together(generations)):
+            result = collected.raise_for_error()
+            results.append({"prompt": body.prompts[first + offset], "response": result.text,
+                            "usage": result.usage, "finish_reason": result.finish_reason})
+    usage = {key: sum(r["usage"][key] for r in results) for key in USAGE_KEYS}
+    return json_answer(BatchAnswer, {"results": results, "usage": usage, "model": model_name})

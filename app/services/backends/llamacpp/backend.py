@@ -1,0 +1,415 @@
+"""GGUF models through llama-cpp-python.
+
+The token loop is ``decoder.decode_tokens``: one ``llama_decode`` per token, greedy
+picks in numpy and all other sampling in llama.cpp's own sampler chain (no Python-side sampling
+loop), and the KV cache of the longest shared prefix with the last request is kept, so turn N of
+a chat evaluates only what is new since turn N-1.
+
+That reuse is exact only where llama.cpp computes a token's KV the same way whether it is
+evaluated alone (as generated tokens are) or inside a batch at any offset. On x86 CPUs that
+holds for builds without llamafile's sgemm and with flash attention off (measured: all 145
+split points of a 145-token prompt give bit-identical logits; with sgemm or flash attention
+they do not, and greedy answers drift). So flash attention stays off, and with
+``prefix_cache="auto"`` the cache is kept only on such builds; elsewhere each request starts cold.
+
+A LoRA comes as a GGUF adapter file (``convert_lora_to_gguf.py``, or
+``scripts.convert_to_gguf --lora-only``), applied at load with llama-cpp-python's ``lora_path``
+at scale 1.0, as PEFT applies it; check() refuses a file that is no LoRA or that names another
+base (see ``checkpoints.adapters.gguf_lora_matches_base``) before the current model is let go.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import queue
+import random
+import threading
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from app.services.backends.base import Capabilities, check_token_ids, continuation_prompt
+from app.services.backends.llamacpp.decoder import decode_tokens
+from app.services.checkpoints.gguf_metadata import read_gguf_header
+from app.services.checkpoints.spec import ModelSpec
+from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
+from app.services.core.text_stream import GenerationFailed, StreamAssembler, stream_tokens
+from app.services.core.thread_scope import ends_with_request
+from app.services.core.types import Chunk, GenerationParams, Message, Prompt
+from config.settings import LlamaCppSettings
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+LORA_SCALE = 1.0  # PEFT's merge applies alpha/r and nothing more; so does llama.cpp at 1.0
+
+
+def check_gguf_file(path: Path) -> None:
+    """Raises a clear error for a path that cannot be a GGUF model, before llama.cpp sees it."""
+    if not path.exists():
+        raise ModelNotFound(f"model file not found: {path}", field="model")
+    if not path.is_file():
+        raise InvalidModel(f"not a file: {path} (the llamacpp backend takes a .gguf file)", field="model")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise InvalidModel(f"not a GGUF file (no GGUF header): {path}", field="model")
+
+
+def gpu_backend_name(system_info: str) -> Optional[str]:
+    """Which GPU backend the llama.cpp build carries, read from llama_print_system_info."""
+    for marker, name in (("CUDA", "CUDA"), ("METAL", "Metal"), ("Metal", "Metal"), ("Vulkan", "Vulkan"), ("ROCm", "ROCm")):
+        if marker in system_info:
+            return name
+    return None
+
+
+def builds_with_llamafile(system_info: str) -> bool:
+    return "LLAMAFILE = 1" in system_info
+
+
+_DECODED = object()
+
+
+class LlamaCppBackend:
+    name = "llamacpp"
+
+    def __init__(self, spec: ModelSpec, settings: LlamaCppSettings):
+        self.spec = spec
+        self.model = str(spec.path)
+        self._path = Path(spec.path)
+        self._lora_path = Path(spec.adapter) if spec.adapter is not None else None
+        self._settings = settings
+        self._llama = None
+        self._formatter = None
+        self._device = "CPU"
+        self._gpu_layers = 0
+        self._gpu_fallback_reason: Optional[str] = None
+        self._pieces: dict[int, bytes] = {}
+        self._prefix_cache = False
+        self._piece_buffer = ctypes.create_string_buffer(256)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(inspection=True)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def check(self) -> None:
+        check_gguf_file(self._path)
+        try:
+            is_lora = read_gguf_header(self._path).is_lora
+        except InvalidModel:
+            is_lora = False  # a damaged header is llama.cpp's to report, with its own words
+        if is_lora:
+            raise InvalidModel(
+                f"{self._path.name} is a LoRA adapter, not a model; load its base model with it as the adapter",
+                field="model",
+            )
+        if self._lora_path is not None:
+            self._check_lora(self._lora_path)
+
+    def _check_lora(self, lora: Path) -> None:
+        from app.services.checkpoints.adapters import gguf_lora_matches_base
+
+        if not lora.exists():
+            raise ModelNotFound(f"adapter not found: {lora}", field="adapter")
+        if not lora.is_file():
+            raise InvalidModel(f"not a GGUF LoRA file: {lora} (llama.cpp takes a LoRA as a .gguf file)", field="adapter")
+        try:
+            header = read_gguf_header(lora)
+        except InvalidModel as exc:
+            raise InvalidModel(f"{exc.message} (a llama.cpp adapter is a GGUF LoRA file)", field="adapter") from None
+        base = read_gguf_header(self._path)
+        if not header.is_lora:
+            raise InvalidModel(
+                f"{lora.name} is not a LoRA adapter (general.type is {header.get('general.type', 'model')!r}); "
+                f"load it as the model instead",
+                field="adapter",
+            )
+        if not gguf_lora_matches_base(header, base):
+            named = ", ".join(header.lora_base_names()) or "no base"
+            raise InvalidModel(
+                f"LoRA {lora.name} ({header.architecture}, trained on {named}) does not fit {self._path.name} "
+                f"({base.architecture}, {', '.join(base.model_names())}); load it on its own base model",
+                field="adapter",
+            )
+
+    def load(self) -> None:
+        self.check()
+        import llama_cpp  # deferred: the page must start without paying for it
+
+        system_info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+        gpu = gpu_backend_name(system_info) if llama_cpp.llama_supports_gpu_offload() else None
+        wanted_layers = self._settings.n_gpu_layers if gpu else 0
+        try:
+            self._llama = self._open(llama_cpp, wanted_layers)
+        except Exception as exc:  # llama.cpp reports a failed GPU start only as a generic error
+            if wanted_layers == 0:
+                raise ModelLoadFailed(f"llama.cpp could not load {self._path}: {exc}", field="model") from exc
+            self._gpu_fallback_reason = f"{gpu} initialisation failed ({exc}); running on the CPU"
+            log.warning("GPU load of %s failed, falling back to the CPU", self._path, exc_info=True)
+            try:
+                self._llama = self._open(llama_cpp, 0)
+            except Exception as cpu_exc:
+                raise ModelLoadFailed(f"llama.cpp could not load {self._path}: {cpu_exc}", field="model") from cpu_exc
+            wanted_layers = 0
+        self._gpu_layers = wanted_layers
+        self._device = gpu if (gpu and wanted_layers != 0) else "CPU"
+        self._system_info = system_info
+        self._llama_cpp_version = llama_cpp.__version__
+        self._formatter = self._make_formatter(llama_cpp)
+        self._prefix_cache = self._settings.prefix_cache == "on" or (
+            self._settings.prefix_cache == "auto" and self._device == "CPU" and not builds_with_llamafile(system_info)
+        )
+        log.info(
+            "loaded %s on %s (n_ctx=%d, threads=%d, gpu_layers=%d, prefix cache %s, weights %s)",
+            self._path.name, self._device, self.n_ctx, self._settings.n_threads, self._gpu_layers,
+            "on" if self._prefix_cache else "off", self._weights(),
+        )
+
+    def _open(self, llama_cpp, n_gpu_layers: int):
+        settings = self._settings
+        return llama_cpp.Llama(
+            model_path=str(self._path),
+            lora_path=str(self._lora_path) if self._lora_path else None,
+            lora_scale=LORA_SCALE,
+            n_ctx=settings.n_ctx,
+            n_batch=min(settings.n_batch, settings.n_ctx),
+            n_threads=settings.n_threads,
+            n_threads_batch=settings.n_threads_batch or settings.n_threads,
+            n_gpu_layers=n_gpu_layers,
+            flash_attn=False,  # its results depend on the batch shape; see the module docstring
+            use_mmap=self._use_mmap(n_gpu_layers),
+            verbose=settings.verbose,
+        )
+
+    def _use_mmap(self, n_gpu_layers: int) -> bool:
+        """Weights read into memory can sit on huge pages (app/hugepages.py); a mapped file cannot.
+        On a GPU the weights are copied to it anyway and Metal maps the file without a copy."""
+        if self._settings.mmap != "auto":
+            return self._settings.mmap == "on"
+        if n_gpu_layers != 0:
+            return True
+        import psutil
+
+        return self._path.stat().st_size * 2 > psutil.virtual_memory().available
+
+    def _weights(self) -> str:
+        import llama_cpp
+
+        mapped = self._llama.model_params.load_mode in (llama_cpp.LLAMA_LOAD_MODE_MMAP, llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK)
+        return "mapped file" if mapped else "in memory"
+
+    def _make_formatter(self, llama_cpp):
+        template = self._llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._token_text(self._llama.token_eos()),
+            bos_token=self._token_text(self._llama.token_bos()),
+            add_generation_prompt=True,
+        )
+
+    def _token_text(self, token_id: int) -> str:
+        if token_id < 0:
+            return ""
+        return self._llama._model.token_get_text(token_id)
+
+    def clear_cache(self) -> None:
+        """Forgets the KV cache, so the next request starts cold."""
+        if self._llama is not None:
+            self._llama.reset()
+
+    def unload(self) -> None:
+        if self._llama is not None:
+            self._llama.close()
+        self._llama = None
+        self._formatter = None
+        self._pieces.clear()
+
+    # -- facts -----------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self._llama.n_ctx() if self._llama is not None else self._settings.n_ctx
+
+    def info(self) -> dict:
+        facts = {
+            "device": self._device,
+            "n_ctx": self.n_ctx,
+            "n_threads": self._settings.n_threads,
+            "n_gpu_layers": self._gpu_layers,
+        }
+        if self._llama is not None:
+            metadata = self._llama.metadata
+            facts.update(
+                {
+                    "model_name": metadata.get("general.name") or self._path.stem,
+                    "architecture": metadata.get("general.architecture"),
+                    "n_ctx_train": self._llama._model.n_ctx_train(),
+                    "llama_cpp_python": self._llama_cpp_version,
+                    "build": self._system_info.strip(),
+                    "chat_template": bool(self._formatter),
+                    "prefix_cache": self._prefix_cache,
+                    "weights": self._weights(),
+                }
+            )
+        if self._gpu_fallback_reason:
+            facts["gpu_fallback"] = self._gpu_fallback_reason
+        if self._lora_path is not None:
+            facts.update({"adapter": str(self._lora_path), "lora_scale": LORA_SCALE})
+        return facts
+
+    # -- prompts ---------------------------------------------------------------------------
+    def render_prompt(self, messages: Sequence[Message]) -> str:
+        if self._formatter is None:
+            raise InvalidRequest(
+                f"{self._path.name} has no chat template; send a raw prompt to /v1/completions instead",
+                field="messages",
+            )
+        try:
+            return self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages]).prompt
+        except Exception as exc:  # jinja raises many kinds; all mean these messages do not fit the template
+            raise InvalidRequest(f"the chat template rejected these messages: {exc}", field="messages") from exc
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        # Chat templates write their own BOS, so by default the tokenizer adds none, as in transformers.
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def stop_token_ids(self) -> list[int]:
+        """The ids that end an answer: every end-of-generation token of the vocabulary
+        (llama_vocab_is_eog: EOS, EOT, <|im_end|>, ...), as stream() checks them."""
+        import llama_cpp
+
+        vocab = self._llama._model.vocab
+        return [token_id for token_id in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, token_id)]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._llama.n_vocab()
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        check_token_ids(token_ids, self.vocab_size)
+        # special=True: an inspection must show <|im_end|> where it is, not hide it
+        return self._llama.detokenize(list(token_ids), special=True).decode("utf-8", errors="replace")
+
+    def token_pieces(self, token_ids: Sequence[int]) -> list[str]:
+        check_token_ids(token_ids, self.vocab_size)
+        return [self._token_text(token_id) for token_id in token_ids]
+
+    def chat_template(self) -> Optional[str]:
+        return self._llama.metadata.get("tokenizer.chat_template") if self._llama is not None else None
+
+    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None,
+                continue_final: bool = False) -> Prompt:
+        if messages is not None:
+            text = self.render_prompt(messages)
+            if continue_final:
+                text = continuation_prompt(text, messages[-1])
+            token_ids = self.tokenize(text)
+        else:
+            # A raw completion prompt gets the BOS the model's vocabulary asks for.
+            token_ids = self.tokenize(text, add_special=True)
+        if not token_ids:
+            raise InvalidRequest("the prompt is empty", field="prompt")
+        return Prompt(text=text, token_ids=tuple(token_ids))
+
+    def _piece(self, token_id: int) -> bytes:
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            import llama_cpp
+
+            size = llama_cpp.llama_token_to_piece(
+                self._llama._model.vocab, token_id, self._piece_buffer, len(self._piece_buffer), 0, False
+            )
+            if size < 0:  # the piece is longer than the buffer; -size is what it needs
+                self._piece_buffer = ctypes.create_string_buffer(-size)
+                size = llama_cpp.llama_token_to_piece(
+                    self._llama._model.vocab, token_id, self._piece_buffer, -size, 0, False
+                )
+            piece = self._piece_buffer.raw[:size]
+            self._pieces[token_id] = piece
+        return piece
+
+    # -- generation ------------------------------------------------------------------------
+    def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
+        import llama_cpp
+
+        llama = self._llama
+        vocab = llama._model.vocab
+        assembler = StreamAssembler(len(prompt.token_ids), params.stop)
+        room = self.n_ctx - len(prompt.token_ids)
+        budget = min(params.max_new_tokens, room)
+        llama.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
+        tokens = decode_tokens(llama, prompt.token_ids, params, keep_prefix=self._prefix_cache)
+        is_end = (lambda token_id: False) if params.ignore_eos else (lambda token_id: llama_cpp.llama_vocab_is_eog(vocab, token_id))
+
+        def pieces() -> Iterator[tuple[int, bytes]]:
+            """Each token with its bytes; llama.cpp's failure becomes the stream's error chunk."""
+            if budget <= 0:
+                return
+            try:
+                for token_id in tokens:
+                    yield token_id, self._piece(token_id)
+            except Exception as exc:
+                log.exception("llama.cpp decoding failed")
+                raise GenerationFailed(f"{type(exc).__name__}: {exc}") from exc
+
+        if ends_with_request():
+            # This thread ends with its request (thread_scope), so it decodes itself: no hand-off
+            # per token, which on 2 cores pre-empted one of llama.cpp's threads each token.
+            try:
+                yield from stream_tokens(assembler, pieces(), cancel, is_end, budget)
+            finally:
+                tokens.close()
+            return
+        # Elsewhere decoding runs on a thread of its own: llama_decode releases the GIL, so while it
+        # computes token n+1 this thread turns token n into a chunk and the server writes it to the
+        # socket. The decoder stops by itself at an end token and at the budget; a stop string,
+        # Stop or a closed stream halt it within a token.
+        arrivals: queue.SimpleQueue = queue.SimpleQueue()  # C: no Condition to build per get
+        halt = threading.Event()
+
+        def decode() -> None:
+            produced = 0
+            try:
+                for item in pieces():
+                    arrivals.put(item)
+                    produced += 1
+                    if halt.is_set() or cancel.is_set() or is_end(item[0]) or produced >= budget:
+                        break
+            except GenerationFailed as failure:
+                arrivals.put(failure)
+            except BaseException as exc:  # the worker boundary: the stream must hear of it
+                log.exception("llama.cpp decoding stopped")
+                arrivals.put(GenerationFailed(f"{type(exc).__name__}: {exc}"))
+            finally:
+                tokens.close()  # the loop's own cleanup, on the thread that ran it
+                arrivals.put(_DECODED)
+
+        def source() -> Iterator[tuple[int, bytes]]:
+            while True:
+                item = arrivals.get()
+                if item is _DECODED:
+                    return
+                if isinstance(item, GenerationFailed):
+                    raise item
+                yield item
+
+        decoder = threading.Thread(target=decode, name="llamacpp-decode", daemon=True)
+        decoder.start()
+        last = None
+        try:
+            for chunk in stream_tokens(assembler, source(), cancel, is_end, budget):
+                if chunk.is_last:
+                    last = chunk  # sent once the decoder has stopped: a client may stop reading at it
+                    break
+                yield chunk
+        finally:
+            halt.set()
+            decoder.join()
+        yield last

@@ -1,0 +1,544 @@
+"""Hugging Face checkpoints through transformers, with an optional LoRA adapter from peft.
+
+The adapter is merged into the weights (``merge_and_unload``) in the model's dtype by
+default, so generation costs what the base model costs. ``generate`` runs on a worker
+thread and hands each new token id through a queue; the request's thread turns ids into
+text with an incremental detokenizer. A ``StoppingCriteria`` watches the cancel event, so
+Stop or a closed connection ends ``generate`` within a token, and a queue timeout means a
+stuck worker ends the stream with an error instead of hanging it.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import queue
+import random
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from app.services.backends.base import Capabilities, check_token_ids, common_prefix_length, continuation_prompt
+from app.services.backends.transformers.batching import END, Failure, PaddedRepetitionPenalty, RoundBatcher, RoundStreamer, Row, round_key
+from app.services.backends.transformers.detokenizer import make_detokenizer
+from app.services.backends.transformers.device import (
+    DTYPE_BYTES,
+    DeviceCaps,
+    Placement,
+    is_mps_size_error,
+    place,
+    prepare_process_for_torch,
+    probe_caps,
+)
+from app.services.checkpoints.adapters import ADAPTER_WEIGHT_FILES, adapter_matches_base, read_adapter_config
+from app.services.checkpoints.hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
+from app.services.checkpoints.spec import ModelSpec
+from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge
+from app.services.core.text_stream import GenerationFailed, StreamAssembler, stream_tokens
+from app.services.core.types import Chunk, GenerationParams, Message, Prompt
+from config.settings import TransformersSettings
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+WORKER_JOIN_S = 30.0
+DEVICE_NAMES = {"cuda": "CUDA", "mps": "MPS", "cpu": "CPU"}
+
+
+def model_inputs(encoded: dict) -> dict:
+    """What ``generate`` takes from a tokenizer's output. Some tokenizers (Hunyuan's) return
+    ``token_type_ids``, which causal LMs reject or misread, so they are dropped."""
+    return {key: value for key, value in encoded.items() if key != "token_type_ids"}
+
+
+def release_freed_memory() -> None:
+    """Hands freed heap pages back to the OS, so process memory falls after an unload."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+class OpenAIPenalties:
+    """OpenAI's presence and frequency penalties, which transformers lacks: from each token's
+    logit, subtract ``presence`` once if the answer so far holds it and ``frequency`` times its
+    count there. The prompt is not counted, as in OpenAI's definition."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float):
+        self._prompt_length = prompt_length
+        self._presence = presence
+        self._frequency = frequency
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        answer = input_ids[:, self._prompt_length:]
+        if answer.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, answer, torch.ones_like(answer, dtype=scores.dtype))
+        return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, spec: ModelSpec, settings: TransformersSettings, caps: Optional[DeviceCaps] = None):
+        self.spec = spec
+        self.model = str(spec.path)
+        self._settings = settings
+        self._caps = caps
+        self._model = None
+        self._tokenizer = None
+        self._placement: Optional[Placement] = None
+        self._facts: Optional[CheckpointFacts] = None
+        self._eos_ids: frozenset[int] = frozenset()
+        self._n_ctx = settings.n_ctx or 2048
+        self._fallback_reason: Optional[str] = None
+        self._adapter_config: Optional[dict] = None
+        self._prefix_cache = False
+        self._kv_cache = None
+        self._kv_ids: tuple[int, ...] = ()
+        self._batcher: Optional[RoundBatcher] = None
+        self._kv_adapter_on = True  # the cache holds keys and values computed with the adapter on or off
+        self.last_reused_tokens = 0
+        self._versions: dict = {}
+
+    # -- checks ----------------------------------------------------------------------------
+    def check(self) -> None:
+        """Everything that can refuse a model before the current one is let go: the directory,
+        the adapter and its base, the device, and whether the weights fit in memory."""
+        self._facts = inspect_checkpoint(self.spec.path)
+        if self.spec.adapter is not None:
+            self._adapter_config = self._check_adapter(self.spec.adapter)
+        prepare_process_for_torch()
+        caps = self._caps or probe_caps()
+        placement = place(self._settings.device, self._settings.dtype, caps, self._facts.tensors)
+        self._check_memory(placement)
+        self._placement = placement
+
+    def _check_adapter(self, adapter: Path) -> dict:
+        if not adapter.exists():
+            raise ModelNotFound(f"adapter not found: {adapter}", field="adapter")
+        if not adapter.is_dir():
+            raise InvalidModel(f"not an adapter directory: {adapter}", field="adapter")
+        config = read_adapter_config(adapter)
+        weights = [adapter / name for name in ADAPTER_WEIGHT_FILES if (adapter / name).is_file()]
+        if not weights:
+            raise InvalidModel(f"no adapter weights in {adapter} (adapter_model.safetensors)", field="adapter")
+        if weights[0].suffix == ".safetensors":
+            try:
+                read_safetensors_header(weights[0])
+            except InvalidModel as exc:
+                raise InvalidModel(exc.message, field="adapter") from None
+        base = config.get("base_model_name_or_path")
+        if base and not adapter_matches_base(base, self.spec.path):
+            raise InvalidModel(
+                f"adapter {adapter.name} was trained on {base}, not on {self.spec.path.name}; "
+                f"load it on its own base model",
+                field="adapter",
+            )
+        return config
+
+    def _check_memory(self, placement: Placement) -> None:
+        needed = self._facts.bytes_in(DTYPE_BYTES[placement.dtype])
+        limit = self._settings.memory_limit_bytes or self._available_memory(placement.device)
+        if limit is not None and needed > limit:
+            raise ModelTooLarge(
+                f"{self.spec.path.name} needs about {needed / 2**30:.2f} GiB in {placement.dtype} on {placement.device}, "
+                f"and {limit / 2**30:.2f} GiB is available; pick a smaller model, a smaller dtype, or another device",
+                field="model",
+            )
+
+    @staticmethod
+    def _available_memory(device: str) -> Optional[int]:
+        if device == "cuda":
+            import torch
+
+            free, _total = torch.cuda.mem_get_info()
+            return free
+        import psutil
+
+        return psutil.virtual_memory().available
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def load(self) -> None:
+        if self._placement is None:
+            self.check()
+        placement = self._placement
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if placement.reason:
+            log.warning("%s: %s", self.spec.path.name, placement.reason)
+            self._fallback_reason = placement.reason
+        torch.set_num_threads(self._settings.n_threads)
+        transformers.utils.logging.disable_progress_bar()  # a tqdm bar per load is noise in a server log
+        trust = self._settings.trust_remote_code or self.spec.trust_remote_code
+        dtype = getattr(torch, TORCH_DTYPES[placement.dtype])
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.spec.path, trust_remote_code=trust)
+            model = AutoModelForCausalLM.from_pretrained(self.spec.path, dtype=dtype, trust_remote_code=trust)
+            if self.spec.adapter is not None:
+                model = self._apply_adapter(model)
+            model.to(placement.device)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise ModelLoadFailed(f"{self.spec.path.name} ships its own modelling code; load it with trust_remote_code "
+                                      f"(MODEL_TEST_TRANSFORMERS__TRUST_REMOTE_CODE=1 or a preset): {exc}", field="model") from exc
+            raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
+        model.eval()
+        self._model, self._tokenizer = model, tokenizer
+        self._batcher = RoundBatcher(self._run_round, self._settings.max_batch_size)
+        self._prefix_cache = self._settings.prefix_cache == "on" or (
+            self._settings.prefix_cache == "auto" and placement.dtype == "fp32"
+        )
+        self._eos_ids = self._find_eos_ids(model, tokenizer)
+        config_ctx = getattr(model.config, "max_position_embeddings", None)
+        self._n_ctx = self._settings.n_ctx or config_ctx or 2048
+        self._versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+        log.info("loaded %s on %s in %s (n_ctx=%d, threads=%d%s)", self.spec.label, placement.device, placement.dtype,
+                 self._n_ctx, self._settings.n_threads,
+                 ", adapter merged" if self.spec.adapter and self._settings.merge_adapter else "")
+
+    def _apply_adapter(self, model):
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, self.spec.adapter)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise InvalidModel(f"adapter {self.spec.adapter.name} does not fit {self.spec.path.name}: {exc}", field="adapter") from exc
+        if self._settings.merge_adapter:
+            model = model.merge_and_unload()
+        return model
+
+    @staticmethod
+    def _find_eos_ids(model, tokenizer) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+        return frozenset(ids)
+
+    def batch_group(self, params: GenerationParams):
+        """Requests of one group can be rows of one batch; the service's queue lets only one group
+        run at a time (see engine/queue.py)."""
+        return round_key(params) or object()  # None: a seeded sample runs alone
+
+    def expect_row(self) -> None:
+        """Called by the service as it lets a request in, before stream(): a round about to start
+        waits for it (see RoundBatcher.expect)."""
+        if self._batcher is not None:
+            self._batcher.expect()
+
+    def row_not_coming(self) -> None:
+        """An announced request ended without reaching stream() (its client left first)."""
+        if self._batcher is not None:
+            self._batcher.not_coming()
+
+    @property
+    def round_sizes(self) -> list[int]:
+        """Rows in each of the latest generate calls (1: alone)."""
+        return list(self._batcher.round_sizes) if self._batcher else []
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # max_batch_size: generations the service lets in at once; they share generate calls (see batching.py)
+        return Capabilities(inspection=True, max_batch_size=self._settings.max_batch_size,
+                            adapter_switch=self.adapter_unmerged)
+
+    def unload(self) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
+        self.clear_cache()
+        model, self._model, self._tokenizer = self._model, None, None
+        if model is not None:
+            device = self._placement.device
+            del model
+            release_freed_memory()
+            if device == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+
+    # -- facts -----------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def info(self) -> dict:
+        placement = self._placement
+        facts = {
+            "device": DEVICE_NAMES[placement.device] if placement else None,
+            "n_ctx": self._n_ctx,
+            "n_threads": self._settings.n_threads,
+            "dtype": placement.dtype if placement else None,
+            "adapter": str(self.spec.adapter) if self.spec.adapter else None,
+            "adapter_merged": bool(self.spec.adapter) and self._settings.merge_adapter,
+            "prefix_cache": self._prefix_cache,
+            "max_batch_size": self._settings.max_batch_size,
+        }
+        if self._model is not None:
+            config = self._model.config
+            facts.update(
+                {
+                    "model_name": self.spec.name or self.spec.path.name,
+                    "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
+                    "parameters": self._facts.parameters if self._facts else None,
+                    "chat_template": bool(getattr(self._tokenizer, "chat_template", None)),
+                    **self._versions,
+                }
+            )
+            if self._adapter_config:
+                facts["adapter_rank"] = self._adapter_config.get("r")
+        if self._fallback_reason:
+            facts["device_fallback"] = self._fallback_reason
+        return facts
+
+    # -- prompts ---------------------------------------------------------------------------
+    def render_prompt(self, messages: Sequence[Message]) -> str:
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise InvalidRequest(
+                f"{self.spec.path.name} has no chat template (tokenizer_config.json has no chat_template); "
+                f"send a raw prompt to /v1/completions instead",
+                field="messages",
+            )
+        try:
+            return self._tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # jinja raises many kinds; all mean these messages do not fit the template
+            raise InvalidRequest(f"the chat template rejected these messages: {exc}", field="messages") from exc
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        encoded = model_inputs(self._tokenizer(text, add_special_tokens=add_special_tokens))
+        return list(encoded["input_ids"])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text, add_special_tokens=False))
+
+    def stop_token_ids(self) -> list[int]:
+        """The ids that end an answer, as stream() checks them: the EOS ids of the generation
+        config, the model config and the tokenizer together."""
+        return sorted(self._eos_ids)
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return self._encode(text, add_special_tokens=add_special)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tokenizer)  # added tokens included; the embedding may be padded past it
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        check_token_ids(token_ids, self.vocab_size)
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_pieces(self, token_ids: Sequence[int]) -> list[str]:
+        check_token_ids(token_ids, self.vocab_size)
+        pieces = self._tokenizer.convert_ids_to_tokens(list(token_ids))
+        # tiktoken-based remote-code tokenizers (Hunyuan's) store their tokens as bytes
+        return [p if isinstance(p, str) else bytes(p).decode("utf-8", errors="backslashreplace") for p in pieces]
+
+    def chat_template(self) -> Optional[str]:
+        template = getattr(self._tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # named templates (tool_use, rag, ...): chat uses "default"
+            return template.get("default") or next(iter(template.values()), None)
+        return template or None
+
+    def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None,
+                continue_final: bool = False) -> Prompt:
+        if messages is not None:
+            text = self.render_prompt(messages)
+            if continue_final:
+                text = continuation_prompt(text, messages[-1])
+            token_ids = self._encode(text, add_special_tokens=False)  # the template wrote its own BOS
+        else:
+            token_ids = self._encode(text, add_special_tokens=True)
+        if not token_ids:
+            raise InvalidRequest("the prompt is empty", field="prompt")
+        return Prompt(text=text, token_ids=tuple(token_ids))
+
+    # -- generation ------------------------------------------------------------------------
+    def _generation_kwargs(self, params: GenerationParams, budget: int, prompt_length: int) -> dict:
+        import copy
+
+        config = copy.deepcopy(self._model.generation_config)
+        sample = params.temperature > 0
+        config.update(
+            do_sample=sample,
+            temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample else None,
+            top_k=(params.top_k or None) if sample else None,
+            repetition_penalty=params.repetition_penalty,
+            max_new_tokens=budget,
+            min_new_tokens=budget if params.ignore_eos else None,
+        )
+        if config.pad_token_id is None and self._eos_ids:
+            config.pad_token_id = min(self._eos_ids)
+        kwargs = {"generation_config": config}
+        if params.presence_penalty or params.frequency_penalty:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [OpenAIPenalties(prompt_length, params.presence_penalty, params.frequency_penalty)]
+            )
+        return kwargs
+
+    def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
+        assembler = StreamAssembler(len(prompt.token_ids), params.stop)
+        budget = min(params.max_new_tokens, self.n_ctx - len(prompt.token_ids))
+        row = None
+        try:
+            if budget > 0:
+                self._adapter_scope(params.use_adapter)  # refuses a merged adapter before the row waits for a round
+                row = Row(prompt, params, cancel, budget)
+                self._batcher.submit(row)
+        finally:
+            if row is None:
+                self._batcher.not_coming()
+        if row is None:
+            yield assembler.finish("length")
+            return
+        detokenizer = make_detokenizer(self._tokenizer, prompt.token_ids)
+        is_end = (lambda token_id: False) if params.ignore_eos else (lambda token_id: token_id in self._eos_ids)
+        last = None
+        try:
+            for chunk in stream_tokens(assembler, self._arrivals(row, detokenizer), cancel, is_end, budget):
+                if chunk.is_last:
+                    last = chunk
+                    break
+                yield chunk
+        finally:
+            row.halt.set()
+            # Alone in its round, the last chunk is sent only once generate has stopped, so a client
+            # that stops reading at it finds the model idle; in a shared round the others go on.
+            if row.round_size <= 1 and not row.round_over.wait(WORKER_JOIN_S):
+                log.error("generate did not stop within %.0f s of being told to", WORKER_JOIN_S)
+        yield last
+
+    def _run_round(self, rows: list[Row]) -> None:
+        """One generate call for the rows (on the batcher's thread): alone, with the prefix KV
+        cache; together, left-padded with a fresh cache."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class RowsHalted(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.tensor([row.stopped() for row in rows], dtype=torch.bool, device=input_ids.device)
+
+        device = self._placement.device
+        first = rows[0]
+        longest = max(len(row.prompt.token_ids) for row in rows)
+        pads = [longest - len(row.prompt.token_ids) for row in rows]
+        pad_id = min(self._eos_ids) if self._eos_ids else 0
+        input_ids = torch.tensor([[pad_id] * pad + list(row.prompt.token_ids) for row, pad in zip(rows, pads)],
+                                 dtype=torch.long, device=device)
+        attention_mask = torch.tensor([[0] * pad + [1] * len(row.prompt.token_ids) for row, pad in zip(rows, pads)],
+                                      dtype=torch.long, device=device)
+        alone = len(rows) == 1
+        cache = self._take_prefix_cache(first.prompt.token_ids, first.params.use_adapter) if alone else None
+        kwargs = self._generation_kwargs(first.params, max(row.budget for row in rows), longest)
+        if not alone and first.params.repetition_penalty != 1.0:
+            kwargs["generation_config"].repetition_penalty = None
+            kwargs.setdefault("logits_processor", self._processors()).append(
+                PaddedRepetitionPenalty(first.params.repetition_penalty, pads))
+        streamer = RoundStreamer(rows)
+        seed = first.params.seed if first.params.seed is not None else random.randrange(2**31)
+        torch.manual_seed(seed)
+        # disable_adapter flips state on the LoRA layers, not per thread; rounds run one at a time
+        # and a round's rows share the adapter switch, so no other request sees it switched off.
+        with torch.inference_mode(), self._adapter_scope(first.params.use_adapter):
+            self._model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
+                                 stopping_criteria=StoppingCriteriaList([RowsHalted()]),
+                                 **({"past_key_values": cache} if alone else {}), **kwargs)
+        if alone:
+            self._keep_prefix_cache(cache, list(first.prompt.token_ids) + first.tokens.generated, first.params.use_adapter)
+
+    @staticmethod
+    def _processors():
+        from transformers import LogitsProcessorList
+
+        return LogitsProcessorList()
+
+    def _arrivals(self, row: Row, detokenizer) -> Iterator[tuple[int, str]]:
+        """Token ids and their text as the round produces them; a failure in generate, or
+        silence past token_timeout_s, ends the stream with an error instead of hanging it."""
+        while True:
+            try:
+                item = row.tokens.queue.get(timeout=self._settings.token_timeout_s)
+            except queue.Empty:
+                raise GenerationFailed(f"no token for {self._settings.token_timeout_s:g} s; the generation was abandoned") from None
+            if item is END:
+                return
+            if isinstance(item, Failure):
+                raise GenerationFailed(self._describe_failure(item.error))
+            yield item, detokenizer.step(item)
+
+    # -- prefix cache ------------------------------------------------------------------------
+    def _take_prefix_cache(self, token_ids: Sequence[int], adapter_on: bool = True):
+        """The KV cache of the last generation cut to the prefix it shares with this prompt, or
+        a fresh one. At least one prompt token is always evaluated, as generate needs logits."""
+        from transformers import DynamicCache
+
+        cache, cached_ids = self._kv_cache, self._kv_ids
+        self._kv_cache, self._kv_ids = None, ()  # in use: a failed generation leaves none behind
+        self.last_reused_tokens = 0
+        if cache is None or not self._prefix_cache or adapter_on != self._kv_adapter_on:
+            return DynamicCache()
+        shared = min(common_prefix_length(cached_ids, token_ids), len(token_ids) - 1)
+        if shared <= 0:
+            return DynamicCache()
+        excess = cache.get_seq_length() - shared
+        if excess > 0:
+            cache.crop(-excess)  # transformers 5 takes the number of tokens to drop, as a negative
+        self.last_reused_tokens = shared
+        return cache
+
+    def _keep_prefix_cache(self, cache, sequence: list[int], adapter_on: bool = True) -> None:
+        if not self._prefix_cache:
+            return
+        length = cache.get_seq_length()
+        # the last generated token was sampled but never fed back, so the cache ends before it
+        self._kv_cache, self._kv_ids, self._kv_adapter_on = cache, tuple(sequence[:length]), adapter_on
+
+    @property
+    def adapter_unmerged(self) -> bool:
+        """An adapter is loaded and kept apart from the weights, so it can be switched off."""
+        return self.spec.adapter is not None and not self._settings.merge_adapter
+
+    def _adapter_scope(self, use_adapter: bool):
+        if use_adapter or self.spec.adapter is None:
+            return contextlib.nullcontext()
+        if not self.adapter_unmerged:
+            raise InvalidRequest(f"the adapter {self.spec.adapter.name} is merged into the weights and cannot be "
+                                 f"switched off; load it unmerged (merge_adapter=false, as compare slots do)",
+                                 field="slot")
+        return self._model.disable_adapter()
+
+    def clear_cache(self) -> None:
+        """Forgets the KV cache, so the next request starts cold."""
+        self._kv_cache, self._kv_ids = None, ()
+
+    def _describe_failure(self, exc: BaseException) -> str:
+        if is_mps_size_error(exc) and self._placement.device == "mps":
+            self._move_to_cpu(f"MPS failed on a tensor over 4 GiB ({exc})")
+            return f"MPS cannot hold a tensor this generation needs; the model moved to the CPU, send the request again ({exc})"
+        return f"{type(exc).__name__}: {exc}"
+
+    def _move_to_cpu(self, reason: str) -> None:
+        import torch
+
+        log.warning("%s: %s; moving the model to the CPU", self.spec.path.name, reason)
+        self._model.to("cpu", dtype=torch.float32)
+        self._placement = Placement("cpu", "fp32", reason)
+        self._fallback_reason = f"{reason}; running on the CPU"

@@ -1,0 +1,38 @@
+"""What is to be served: which backend runs which weights, with which adapter."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable model: which backend runs which weights, with which adapter.
+
+    A remote model (backend "openai") has no local weights: ``name`` is its name on the server at
+    ``base_url`` (None: the server's only model, until loading finds out which) and ``path`` is
+    that name as a Path, so code that lists models by path still reads it as a name."""
+
+    backend: str
+    path: Path
+    adapter: Optional[Path] = None
+    name: Optional[str] = None  # the preset or built-in name it was asked by; a remote model's name
+    trust_remote_code: bool = False
+    base_url: Optional[str] = None  # backend "openai": the remote server's API root
+
+    @property
+    def is_remote(self) -> bool:
+        return self.backend == "openai"
+
+    @property
+    def ref(self) -> Optional[str]:
+        """The model as the status names it: its path, or a remote model's name on its server."""
+        return self.name if self.is_remote else str(self.path)
+
+    @property
+    def label(self) -> str:
+        if self.is_remote and not self.name:
+            return f"the model served at {self.base_url}" if self.base_url else "a remote model (no --base-url given)"
+        base = self.name or self.path.name
+        return f"{base} + {self.adapter.name}" if self.adapter else base

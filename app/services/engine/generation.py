@@ -1,0 +1,241 @@
+"""One request's generation: its place in the model's queue, its stream, its ending.
+
+A Generation owns its queue ticket and its finishing. What it needs from the model it runs on
+(the queue, the registry, the backend now loaded, a way to render the prompt again after a model
+switch) comes through the narrow :class:`Engine` interface, so this module never reaches into the
+service that created it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional, Protocol, Sequence, Union, cast
+
+from app.services.backends.base import Backend, Batching
+from app.services.core.errors import GenerationError, GenerationTimeout, InvalidRequest, QueueFull, ServiceError
+from app.services.core.types import Chunk, GenerationParams, Message, Prompt
+from app.services.engine.queue import GenerationQueue, Ticket
+from app.services.engine.registry import GenerationRegistry
+
+log = logging.getLogger(__name__)
+
+QUEUE_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class QueueUpdate:
+    """Yielded to a waiting client whenever its place in the queue changes."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    finish_reason: str
+    usage: dict
+    timings: dict
+    error: Optional[str] = None
+    error_type: Optional[str] = None
+
+    def raise_for_error(self) -> "GenerationResult":
+        """The result of a generation that ended well; otherwise the ServiceError every surface
+        answers with, so the same failure has the same status on /api, /v1 and the service routes."""
+        if self.finish_reason != "error":
+            return self
+        if self.error_type == "generation_timeout":
+            raise GenerationTimeout(self.error or "the generation ran past the server's time limit")
+        raise GenerationError(self.error or "generation failed")
+
+
+class Engine(Protocol):
+    """What a generation needs from the model service it runs on."""
+
+    queue: GenerationQueue
+    registry: GenerationRegistry
+
+    @property
+    def generation_timeout_s(self) -> float: ...
+
+    def current_backend(self) -> Optional[Backend]: ...
+
+    def prepare(self, backend: Backend, messages: Optional[Sequence[Message]], text: Optional[str],
+                params: GenerationParams, continue_final: bool = False) -> Prompt: ...
+
+
+def _batching(backend: Backend) -> Optional[Batching]:
+    return cast(Batching, backend) if backend.capabilities.max_batch_size > 1 else None
+
+
+class Generation:
+    """Iterating it waits for its turn, then streams chunks.
+
+    Iteration never raises: a failure becomes a last chunk with finish_reason "error",
+    so a client mid-stream always gets an ending.
+    """
+
+    def __init__(self, engine: Engine, backend: Backend, prompt: Prompt, params: GenerationParams,
+                 messages: Optional[Sequence[Message]], text: Optional[str], generation_id: str,
+                 continue_final: bool = False):
+        self.id = generation_id
+        self.cancel = threading.Event()
+        self.model = backend.model
+        self.params = params
+        self._engine = engine
+        self._backend = backend
+        self._prompt = prompt
+        self._messages = messages
+        self._text = text
+        self._continue_final = continue_final
+        self._ticket: Optional[Ticket] = None
+        self._created = time.perf_counter()
+        self._announced_to: Optional[Backend] = None
+        self._announce_lock = threading.Lock()
+        self._streamed = False
+        self._finished = False
+        self.timed_out = False
+        self.outcome: Optional[Chunk] = None  # the last chunk, once the generation has ended
+        self.tokens_seen = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._prompt.token_ids)
+
+    def admit(self) -> None:
+        """Takes a place in the model's queue; raises QueueFull (429) when it is full."""
+        if self._ticket is None:
+            batching = _batching(self._backend)
+            try:
+                self._ticket = self._engine.queue.enter(group=batching.batch_group(self.params) if batching else 0,
+                                                        on_runnable=self._announce)
+            except QueueFull:
+                self._engine.registry.discard(self)  # refused, never ran: nothing to record or stop
+                raise
+
+    def _announce(self) -> None:
+        """Tells a batching backend this request is on its way (its ticket may run), so a round
+        that is about to start waits for it instead of leaving it for the next one. The queue
+        calls it the moment the ticket may run, before this request's thread wakes up."""
+        with self._announce_lock:  # the queue's thread and this request's may both get here
+            if self._announced_to is not None:
+                return
+            self._announced_to = self._backend
+        batching = _batching(self._backend)
+        if batching is not None:
+            batching.expect_row()
+
+    def _withdraw(self) -> None:
+        if self._announced_to is not None and not self._streamed:
+            batching = _batching(self._announced_to)
+            if batching is not None:
+                batching.row_not_coming()
+
+    def __iter__(self) -> Iterator[Union[Chunk, QueueUpdate]]:
+        self.admit()
+        last_position = None
+        try:
+            while True:
+                position = self._engine.queue.wait(self._ticket, QUEUE_POLL_S)
+                if position == 0:
+                    break
+                if self.cancel.is_set():
+                    self.outcome = Chunk(finish_reason="cancelled")
+                    yield self.outcome
+                    return
+                if position != last_position:
+                    last_position = position
+                    yield QueueUpdate(position)
+            queue_ms = (time.perf_counter() - self._created) * 1000.0
+            backend = self._engine.current_backend()
+            if backend is None:
+                raise InvalidRequest("the model was unloaded while this request waited", field="model")
+            if backend is not self._backend:  # the model was switched while this request waited
+                self._prompt = self._engine.prepare(backend, self._messages, self._text, self.params, self._continue_final)
+                self._backend, self.model = backend, backend.model
+            if self._announced_to is not backend:  # announced to a model since switched away (or not at all)
+                self._withdraw()
+                with self._announce_lock:
+                    self._announced_to = None
+                self._announce()
+            self._streamed = True
+            yield from self._stream(backend, queue_ms)
+        except Exception as exc:  # the worker boundary: report, log, keep serving
+            log.exception("generation %s failed", self.id)
+            message = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
+            self.outcome = Chunk(finish_reason="error", error=message)
+            yield self.outcome
+        finally:
+            self.close()
+
+    def _stream(self, backend: Backend, queue_ms: float) -> Iterator[Chunk]:
+        limit = self._engine.generation_timeout_s
+        deadline = time.monotonic() + limit
+        for chunk in backend.stream(self._prompt, self.params, self.cancel):
+            if time.monotonic() > deadline and not chunk.is_last and not self.timed_out:
+                self.timed_out = True
+                self.cancel.set()  # the backend ends at its next token; its last chunk becomes the error
+            if chunk.is_last and self.timed_out:
+                chunk = dataclasses.replace(chunk, finish_reason="error", error_type="generation_timeout", error=(
+                    f"the generation ran longer than the server's limit of {limit:g} s (limits.generation_timeout_s); "
+                    f"the answer so far was sent"))
+            self.tokens_seen += len(chunk.token_ids)
+            if chunk.timings is not None:
+                chunk.timings = dataclasses.replace(chunk.timings, queue_ms=queue_ms)
+            if chunk.is_last:
+                self.outcome = chunk
+            yield chunk
+
+    def close(self) -> None:
+        """Leaves the queue and records the ending; also ends a generation that will never be
+        iterated (a parked stream nobody opened). Safe to call twice."""
+        if self._finished:
+            return
+        self._finished = True
+        self._withdraw()
+        if self._ticket is not None:
+            self._engine.queue.leave(self._ticket)
+        outcome = self.outcome
+        self._engine.registry.finished_one(self, {
+            "request_id": self.id,
+            # a generation closed before its last chunk was cut off by its client
+            "finish_reason": outcome.finish_reason if outcome else "cancelled",
+            "completion_tokens": outcome.usage.completion_tokens if outcome and outcome.usage else self.tokens_seen,
+        })
+
+    def collect(self) -> GenerationResult:
+        """The joined stream: the non-streaming answer is never a second code path."""
+        parts: list[str] = []
+        last = Chunk(finish_reason="error", error="the generation ended without a result")
+        for item in self:
+            if isinstance(item, Chunk):
+                parts.append(item.text)
+                if item.is_last:
+                    last = item
+        usage = last.usage.to_dict() if last.usage else {"prompt_tokens": self.prompt_tokens, "completion_tokens": 0,
+                                                         "total_tokens": self.prompt_tokens}
+        timings = last.timings.to_dict() if last.timings else {}
+        return GenerationResult("".join(parts), last.finish_reason, usage, timings, last.error, last.error_type)
+
+
+def collect_together(generations: Sequence[Generation]) -> list[GenerationResult]:
+    """Collects generations at the same time, each on a thread of its own, so a backend that
+    batches (transformers) runs them as rows of one batch; on others they simply queue."""
+    results: list[Optional[GenerationResult]] = [None] * len(generations)
+    for generation in generations:  # in line together, in order, before any thread runs
+        generation.admit()
+
+    def collect(index: int) -> None:
+        results[index] = generations[index].collect()
+
+    helpers = [threading.Thread(target=collect, args=(i,), name=f"collect-{generations[i].id}", daemon=True)
+               for i in range(1, len(generations))]
+    for helper in helpers:
+        helper.start()
+    if generations:
+        collect(0)
+    for helper in helpers:
+        helper.join()
+    return results

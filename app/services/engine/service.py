@@ -1,0 +1,346 @@
+"""The model service owns the active model: lazy load, switch, unload, status, and the
+generations that run on it, behind a bounded queue, each cancellable."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, cast
+
+from app.services.backends.base import Backend, LocalTokenizer
+from app.services.backends.factory import BackendFactory, make_backend
+from app.services.catalog import ModelCatalog
+from app.services.checkpoints.spec import ModelSpec
+from app.services.core.errors import ContextLengthExceeded, InvalidModel, InvalidRequest, ModelNotFound, ModelTooLarge, NoModelLoaded, ServiceError
+from app.services.core.types import GenerationParams, Message, Prompt
+from app.services.engine.generation import QUEUE_POLL_S, Generation
+from app.services.engine.queue import GenerationQueue
+from app.services.engine.registry import GenerationRegistry
+from config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelService:
+    def __init__(self, settings: Settings, backend_factory: BackendFactory = make_backend,
+                 registry: Optional[GenerationRegistry] = None):
+        self._settings = settings
+        self._backend_factory = backend_factory
+        self.catalog = ModelCatalog(settings)
+        self._backend: Optional[Backend] = None
+        self._spec: Optional[ModelSpec] = None  # the loaded model's
+        self._state = "not_loaded"
+        self._error: Optional[str] = None
+        self._load_started = 0.0
+        self._job: Optional[str] = None  # a job holding the queue besides generations ("fidelity")
+        self._requested: Optional[ModelSpec] = None  # what the next lazy load loads; None: the configured model
+        self._load_lock = threading.Lock()
+        self._status_lock = threading.Lock()
+        self.queue = GenerationQueue(settings.limits.max_queue, settings.limits.queue_retry_after_s)
+        # shared with the compare and eval engines, so Stop and stream URLs reach theirs too
+        self.registry = registry or GenerationRegistry(settings.limits.stream_ttl_s)
+
+    # -- models ----------------------------------------------------------------------------
+    def current_backend(self) -> Optional[Backend]:
+        """The loaded backend, or None; unlike ensure_loaded it never loads."""
+        with self._status_lock:
+            return self._backend
+
+    @property
+    def generation_timeout_s(self) -> float:
+        return self._settings.limits.generation_timeout_s
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Holds the model alone: waits for the running generations to end, and the ones that
+        arrive meanwhile wait behind (a switch, an unload, a fidelity job)."""
+        ticket = self.queue.enter(bypass_limit=True, exclusive=True)
+        try:
+            while self.queue.wait(ticket, QUEUE_POLL_S) != 0:
+                pass
+            yield
+        finally:
+            self.queue.leave(ticket)
+
+    def requested_spec(self) -> ModelSpec:
+        return self._requested or self.catalog.configured()
+
+    def status(self) -> dict:
+        with self._status_lock:
+            backend, spec = self._backend, self._spec
+            state, error, job = self._state, self._error, self._job
+        if spec is None:
+            try:
+                spec = self.requested_spec()
+            except ServiceError:
+                spec = None
+        status = {
+            "state": state,
+            "backend": spec.backend if spec else (self._settings.backend or "llamacpp"),
+            "model": spec.ref if spec else self._settings.model,
+            "model_name": spec.label if spec else None,
+            "adapter": str(spec.adapter) if spec and spec.adapter else None,
+            "device": None,
+            "n_ctx": None,
+            "error": error,
+            "job": job,
+        }
+        if backend is not None:
+            info = backend.info()
+            status.update({"device": info.get("device"), "n_ctx": info.get("n_ctx"), "info": info})
+        if state == "loading":
+            status["load_elapsed_s"] = round(time.perf_counter() - self._load_started, 1)
+        if backend is not None:
+            status["capabilities"] = backend.capabilities.to_dict()
+        status["queue"] = self.queue.counts()
+        return status
+
+    def load(self, model: Optional[str] = None, backend: Optional[str] = None, adapter: Optional[str] = None,
+             confine: bool = False) -> dict:
+        """Loads the model asked for (or the configured one); a no-op when it is already loaded.
+
+        ``model`` is a preset or built-in name or a path; ``adapter`` a LoRA directory. With
+        only an adapter, it goes on the current model. A model that fails its cheap checks
+        leaves the current one in place; one that fails in the loader itself leaves none
+        loaded, and the state says so.
+        """
+        with self._load_lock:
+            try:
+                if model is None and backend is None and adapter is None:
+                    target = self.requested_spec()
+                elif model is None and backend is None:
+                    target = self.catalog.with_adapter(self.requested_spec(), adapter, confine)
+                else:
+                    target = self.catalog.resolve(model, backend, adapter, confine)
+            except ServiceError as exc:
+                self._set_error(exc.message)
+                raise
+            return self._load_locked(target)
+
+    def load_spec(self, target: ModelSpec) -> dict:
+        """Loads a spec already resolved (and confined) by the caller, as load() does."""
+        with self._load_lock:
+            return self._load_locked(target)
+
+    def _load_locked(self, target: ModelSpec) -> dict:
+        """The body of load(); the caller holds _load_lock."""
+        try:
+            with self._status_lock:
+                already_loaded = self._backend is not None and self._spec == target
+            if already_loaded:
+                self._set_error(None)  # asking for the model in use again answers an earlier refusal
+                return self.status()
+            candidate = self._backend_factory(target, self._settings)
+            candidate.check()
+        except ServiceError as exc:
+            self._set_error(exc.message)
+            raise
+        with self._exclusive():  # a switch waits for the running generations
+            self._release_current()
+            started = time.perf_counter()
+            with self._status_lock:
+                self._state, self._error, self._requested = "loading", None, target
+                self._load_started = started
+            try:
+                candidate.load()
+            except ServiceError as exc:
+                candidate.unload()
+                self._set_error(exc.message, state="error")
+                raise
+            except Exception as exc:  # a loader may raise anything; the status must still say why
+                candidate.unload()
+                log.exception("loading %s failed", target.label)
+                self._set_error(f"{type(exc).__name__}: {exc}", state="error")
+                raise
+            # The remote backend learns at load which model its server serves when none was named.
+            target = candidate.spec
+            self.queue.set_capacity(candidate.capabilities.max_batch_size)
+            with self._status_lock:
+                self._backend, self._spec, self._requested, self._state = candidate, target, target, "loaded"
+            log.info("model %s ready in %.2f s", target.label, time.perf_counter() - started)
+        return self.status()
+
+    def fidelity(self, hf_model: str, gguf_model: str, adapter: Optional[str] = None,
+                 prompts: Optional[Sequence[Sequence[Message]]] = None, max_tokens: int = 32) -> dict:
+        """Runs the fidelity check (app/services/fidelity.py) of an HF checkpoint against its GGUF
+        as a job on this model's queue, like a model switch: it waits for the running generation,
+        and generations that arrive meanwhile wait behind it (they get queue events) and resume on
+        the served model, which stays loaded. The check's two models load one after the other
+        next to it, so each must fit in what memory is left; a model that does not is a 400
+        before anything waits or loads. Names and paths resolve as /api/load_model's do, confined."""
+        from app.services.engine.fidelity import make_backends, run_fidelity
+
+        hf_spec = self._fidelity_spec(hf_model, "transformers", "hf_model", adapter)
+        gguf_spec = self._fidelity_spec(gguf_model, "llamacpp", "gguf_model", None)
+        # fp32 like the script: the reference the GGUF's rounding is measured against.
+        hf_backend, gguf_backend = make_backends(
+            hf_spec.path, gguf_spec.path, hf_spec.adapter, None,
+            self._settings.transformers.model_copy(update={"dtype": "fp32"}), self._settings.llamacpp)
+        for backend, field in ((hf_backend, "hf_model"), (gguf_backend, "gguf_model")):
+            try:
+                backend.check()
+            except ServiceError as exc:
+                if exc.field in (None, "model"):
+                    exc.field = field
+                if isinstance(exc, ModelTooLarge) and self.current_backend() is not None:
+                    exc.message = exc.args[0] + "; the served model stays loaded during the check, so unloading it first (POST /api/unload_model) may make room"
+                raise
+        self._check_gguf_fits(gguf_spec.path)
+        with self._load_lock:  # no switch or unload mid-check: it would load a third model beside ours
+            with self._exclusive():
+                with self._status_lock:
+                    self._job = "fidelity"
+                log.info("fidelity check of %s against %s started", hf_spec.label, gguf_spec.label)
+                try:
+                    report = run_fidelity(hf_backend, gguf_backend, hf_spec.path, gguf_spec.path, hf_spec.adapter,
+                                          None, prompts, max_tokens, "fp32")
+                finally:
+                    with self._status_lock:
+                        self._job = None  # cleared before the queue moves on, so a resumed generation never sees it
+        log.info("fidelity check done: agreement %.3f", report.agreement)
+        return report.to_dict()
+
+    def _fidelity_spec(self, value: str, backend: str, field: str, adapter: Optional[str]) -> ModelSpec:
+        """A fidelity side's spec, refusals naming the request's own field."""
+        self.catalog.refuse_unknown_name(value, field)
+        try:
+            spec = self.catalog.resolve(value, None, adapter, confine=True)
+        except ServiceError as exc:
+            if exc.field in (None, "model", "backend"):
+                exc.field = field
+            raise
+        if spec.backend != backend:
+            kind = "a Hugging Face checkpoint directory" if backend == "transformers" else "a .gguf model file"
+            raise InvalidModel(f"{field} must be {kind}; {value} is a {spec.backend} model", field=field)
+        return spec
+
+    def _check_gguf_fits(self, path: Path) -> None:
+        # The llama.cpp backend's check() does not weigh memory; a GGUF's weights are about its file size.
+        import psutil
+
+        size, available = path.stat().st_size, psutil.virtual_memory().available
+        if size > available:
+            raise ModelTooLarge(f"{path.name} needs about {size / 2**30:.2f} GiB and {available / 2**30:.2f} GiB is "
+                                f"available; unload the served model (POST /api/unload_model) or free memory first",
+                                field="gguf_model")
+
+    def model_id(self) -> Optional[str]:
+        """The name API clients know the loaded (or next) model by: its catalog id where it has one."""
+        with self._status_lock:
+            spec = self._spec
+        if spec is None:
+            try:
+                spec = self.requested_spec()
+            except ServiceError:
+                return None
+        return self.catalog.id_for(spec)
+
+    def use_model(self, name: Optional[str]) -> None:
+        """For APIs that name a model in every request (OpenAI's): the loaded model answers to
+        any of its names (catalog id, preset name, path, file or folder name); another model on
+        offer is switched to; anything else is a 404. No name means the loaded model."""
+        if not name:
+            return
+        with self._status_lock:
+            spec = self._spec
+        current = spec or self.requested_spec()
+        if name in self.catalog.names_of(current):
+            return
+        for entry in self.catalog.models():
+            if name in (entry["id"], entry["name"], entry["path"]) and entry["available"]:
+                self.load(model=entry["id"] if entry["kind"] in ("builtin", "preset") else entry["path"])
+                return
+        raise ModelNotFound(f"model {name!r} is not on offer; GET /v1/models lists the models this server has", field="model")
+
+    def _set_error(self, message: Optional[str], state: Optional[str] = None) -> None:
+        with self._status_lock:
+            self._error = message
+            if state:
+                self._state = state
+
+    def _release_current(self) -> None:
+        with self._status_lock:
+            backend, self._backend, self._spec, self._state = self._backend, None, None, "not_loaded"
+        if backend is not None:
+            backend.unload()
+            log.info("unloaded %s", backend.model)
+
+    def unload(self) -> dict:
+        with self._load_lock:
+            with self._exclusive():
+                self._release_current()
+                with self._status_lock:
+                    self._error = None
+        return self.status()
+
+    @property
+    def batch_size(self) -> int:
+        """How many generations the loaded backend runs together (1 where it runs one at a time)."""
+        backend = self.current_backend()
+        return backend.capabilities.max_batch_size if backend is not None else 1
+
+    def ensure_loaded(self) -> Backend:
+        """The loaded backend, loading the requested model first if none is. A request that needs
+        the model when it cannot be loaded gets the same 503 on every surface, typed by its cause
+        (model_not_found, remote_unavailable, ...); an explicit load_model keeps the cause's own status."""
+        backend = self.current_backend()
+        if backend is None:
+            try:
+                self.load()
+            except ServiceError as exc:
+                raise NoModelLoaded(f"no model is loaded: {exc.message}", cause=exc) from exc
+            backend = self.current_backend()
+        return backend
+
+    # -- generations -----------------------------------------------------------------------
+    def inspector(self) -> LocalTokenizer:
+        """The loaded backend's own tokenizer and chat template (loading the model if needed), for
+        the inspection routes; a 400 naming where they live when the backend has none."""
+        backend = self.ensure_loaded()
+        if not backend.capabilities.inspection:
+            where = backend.info().get("base_url") or "the server that runs the model"
+            raise InvalidRequest(
+                f"the {backend.name} backend has no tokenizer here: the tokenizer and chat template live on the remote "
+                f"server ({where}); ask it (llama-server: POST /tokenize, /apply-template; vLLM: POST /tokenize)",
+                field="model")
+        return cast(LocalTokenizer, backend)
+
+    def prepare(self, backend: Backend, messages: Optional[Sequence[Message]], text: Optional[str],
+                params: GenerationParams, continue_final: bool = False) -> Prompt:
+        """Renders and tokenises a request on ``backend`` and checks it against the context."""
+        prompt = backend.prepare(messages=messages, text=text, continue_final=continue_final)
+        if len(prompt.token_ids) >= backend.n_ctx:
+            raise ContextLengthExceeded(len(prompt.token_ids), params.max_new_tokens, backend.n_ctx,
+                                        field="messages" if messages is not None else "prompt")
+        return prompt
+
+    def start(self, params: GenerationParams, messages: Optional[Sequence[Message]] = None,
+              text: Optional[str] = None, generation_id: Optional[str] = None,
+              continue_final: bool = False) -> Generation:
+        """Validates and tokenises the request (loading the model if needed) and registers it
+        for cancellation. Raises 4xx ServiceErrors before any stream opens."""
+        backend = self.ensure_loaded()
+        prompt = self.prepare(backend, messages, text, params, continue_final)
+        generation = Generation(self, backend, prompt, params, messages, text, generation_id or uuid.uuid4().hex,
+                                continue_final)
+        self.registry.register(generation)
+        return generation
+
+    # -- the registry's views, for routes and tests that hold the service ------------------
+    def finished(self) -> list[dict]:
+        return self.registry.finished()
+
+    def active(self) -> list[dict]:
+        return self.registry.active()
+
+    def cancel(self, generation_id: str) -> bool:
+        return self.registry.cancel(generation_id)
+
+    def park(self, generation: Generation) -> None:
+        self.registry.park(generation)
+
+    def claim(self, generation_id: str) -> Optional[Generation]:
+        return self.registry.claim(generation_id)

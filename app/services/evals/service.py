@@ -1,0 +1,338 @@
+"""Batch evaluation: every row of a test set through every model compared, scored against its
+reference, in the background, with live progress, cancel and resume.
+
+One eval runs at a time: a second is refused with a 409 naming the running one, since two would
+only share the same cores and both take twice as long. Rows go through the models' own queues,
+so chat requests on the same model interleave with the eval instead of waiting for all of it.
+Answers are greedy, so a rerun of an eval gives the same answers.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Iterator, Optional, Sequence
+
+from app.services.core.errors import EvalRunning, InvalidRequest, ServiceError
+from app.services.core.types import GenerationParams, Message
+from app.services.engine.generation import Generation, collect_together
+from app.services.engine.slots import EnginePool, Slot, SlotRequest
+from app.services.evals import metrics
+from app.services.evals.store import EvalStore
+from app.services.evals.test_sets import TestRow
+from config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FINAL_STATES = ("done", "cancelled", "error", "interrupted")
+KEEPALIVE_S = 15.0
+
+
+@dataclass
+class _Run:
+    eval_id: str
+    meta: dict
+    rows: list[TestRow]
+    requests: list[SlotRequest]
+    params: GenerationParams
+    done: int
+    total: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+    current: list[Generation] = field(default_factory=list)
+    thread: Optional[threading.Thread] = None
+    last_model: Optional[str] = None
+    last_row: Optional[int] = None
+
+
+def new_eval_id() -> str:
+    # the random part makes the id a capability: its events stream opens without the API key
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(8)}"
+
+
+def slot_request_dict(request: SlotRequest) -> dict:
+    return {"model": request.model, "backend": request.backend, "adapter": request.adapter,
+            "adapter_enabled": request.adapter_enabled}
+
+
+class EvalService:
+    def __init__(self, settings: Settings, pool: EnginePool):
+        self._settings = settings
+        self._pool = pool
+        self.store = EvalStore(settings.results_dir / "evals")
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._run: Optional[_Run] = None
+
+    # -- starting --------------------------------------------------------------------------
+    def start(self, rows: Sequence[TestRow], requests: Sequence[SlotRequest], max_new_tokens: int,
+              name: Optional[str] = None, on_progress: Optional[Callable[[dict], None]] = None) -> dict:
+        """Checks the models (a 400/403/404 before anything runs), saves the eval and starts it."""
+        requests = list(requests) or [SlotRequest()]
+        self._pool.plan(requests, field="models")  # resolves and confines every model now
+        eval_id = new_eval_id()
+        meta = {
+            "id": eval_id,
+            "name": name or f"eval {eval_id}",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "state": "running",
+            "error": None,
+            "models": [slot_request_dict(r) for r in requests],
+            "labels": [],
+            "params": {"max_new_tokens": max_new_tokens, "temperature": 0.0},
+            "total": len(rows) * len(requests),
+        }
+        with self._lock:
+            self._refuse_if_running()
+            self.store.create(eval_id, meta, list(rows))
+            run = self._begin(eval_id, meta, list(rows), requests, max_new_tokens, done=0)
+        self._launch(run, on_progress)
+        return self.progress(eval_id)
+
+    def resume(self, eval_id: str, on_progress: Optional[Callable[[dict], None]] = None) -> dict:
+        """Goes on with a cancelled, interrupted or failed eval, skipping the answers on disk."""
+        meta = self.store.read_meta(eval_id)
+        with self._lock:
+            self._refuse_if_running()
+            state = self._state_of(meta)
+            if state == "done":
+                raise InvalidRequest(f"eval {eval_id} is already complete", field="id")
+            requests = [SlotRequest(**m) for m in meta["models"]]
+            rows = self.store.rows(eval_id)
+            done = self.store.count_outputs(eval_id)
+            meta.update(state="running", error=None)
+            self.store.write_meta(eval_id, meta)
+            run = self._begin(eval_id, meta, rows, requests, meta["params"]["max_new_tokens"], done)
+        self._launch(run, on_progress)
+        return self.progress(eval_id)
+
+    def _refuse_if_running(self) -> None:
+        run = self._run
+        if run is not None and run.meta["state"] == "running":
+            raise EvalRunning(f"eval {run.eval_id} is running ({run.done}/{run.total}); wait for it or cancel it "
+                              f"(POST /api/evals/{run.eval_id}/cancel)", running=run.eval_id)
+
+    def _begin(self, eval_id, meta, rows, requests, max_new_tokens, done) -> _Run:
+        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
+        self._run = _Run(eval_id, meta, rows, requests, params, done, len(rows) * len(requests))
+        return self._run
+
+    def _launch(self, run: _Run, on_progress) -> None:
+        run.thread = threading.Thread(target=self._work, args=(run, on_progress), name=f"eval-{run.eval_id}", daemon=True)
+        run.thread.start()
+
+    def wait(self, eval_id: str, timeout: Optional[float] = None) -> dict:
+        run = self._run
+        if run is not None and run.eval_id == eval_id and run.thread is not None:
+            run.thread.join(timeout)
+        return self.progress(eval_id)
+
+    # -- the worker ------------------------------------------------------------------------
+    def _work(self, run: _Run, on_progress) -> None:
+        slots: list[Slot] = []
+        try:
+            slots = self._pool.open_slots(run.requests, prefix="e", field="models")
+            run.meta["labels"] = [slot.label for slot in slots]
+            self.store.write_meta(run.eval_id, run.meta)
+            finished = set(self.store.outputs(run.eval_id))
+            # rows go in groups: on transformers a group is one left-padded batch per model
+            group = max(slot.service.batch_size for slot in slots)
+            for first in range(0, len(run.rows), group):
+                rows = run.rows[first:first + group]
+                for model_index, slot in enumerate(slots):
+                    if run.cancel.is_set():
+                        break
+                    pending = [row for row in rows if (row.index, model_index) not in finished]
+                    for row, output in zip(pending, self._answers(run, slot, pending, model_index)):
+                        if output is None:  # cancelled mid-answer: not a result; a resume redoes it
+                            continue
+                        self.store.save_output(run.eval_id, row.index, model_index, output)
+                        with self._changed:
+                            run.done += 1
+                            run.last_model, run.last_row = slot.label, row.index
+                            self._changed.notify_all()
+                        if on_progress:
+                            on_progress(self._progress_of(run))
+            final = "cancelled" if run.cancel.is_set() and run.done < run.total else "done"
+            self._finish(run, final, None)
+        except Exception as exc:  # the worker boundary: the eval's state must say why it stopped
+            log.exception("eval %s failed", run.eval_id)
+            message = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
+            self._finish(run, "error", message)
+        finally:
+            self._pool.release([slot.engine for slot in slots])
+
+    def _answers(self, run: _Run, slot: Slot, rows: list[TestRow], model_index: int) -> list[Optional[dict]]:
+        """Each row's scored answer from this model (None: cancelled before it finished)."""
+        outputs: list[Optional[dict]] = [None] * len(rows)
+        started: list[tuple[int, Generation]] = []
+        for position, row in enumerate(rows):
+            messages = ([Message("system", row.system)] if row.system else []) + [Message("user", row.prompt)]
+            try:
+                generation = slot.service.start(slot.params(run.params), messages=messages,
+                                                generation_id=f"eval-{run.eval_id}-{row.index}-{model_index}")
+            except ServiceError as exc:  # this row does not fit this model (too long, say): scored as empty
+                outputs[position] = {"output": "", "finish_reason": "error", "error": exc.message, "completion_tokens": 0,
+                                     "latency_ms": 0.0, "ttft_ms": None, "tokens_per_second": None,
+                                     **metrics.score("", row.reference)}
+                continue
+            started.append((position, generation))
+        run.current = [generation for _, generation in started]
+        if run.cancel.is_set():
+            for generation in run.current:
+                generation.cancel.set()
+        try:
+            results = collect_together(run.current)
+        finally:
+            run.current = []
+        for (position, _), result in zip(started, results):
+            if result.finish_reason == "cancelled":
+                continue
+            row = rows[position]
+            outputs[position] = {
+                "output": result.text,
+                "finish_reason": result.finish_reason,
+                "error": result.error,
+                "completion_tokens": result.usage.get("completion_tokens", 0),
+                # the answer's own time, first token and decode, without its wait for the model
+                "latency_ms": round(result.timings.get("ttft_ms", 0.0) + result.timings.get("decode_ms", 0.0), 1),
+                "ttft_ms": result.timings.get("ttft_ms"),
+                "tokens_per_second": result.timings.get("tokens_per_second"),
+                **metrics.score(result.text, row.reference),
+            }
+        return outputs
+
+    def _finish(self, run: _Run, state: str, error: Optional[str]) -> None:
+        final = {**run.meta, "state": state, "error": error,
+                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        try:
+            # on disk first: whoever sees the final state in memory then reads it complete
+            self.store.write_meta(run.eval_id, final)
+            self.store.save_exports(run.eval_id, self.report(run.eval_id))
+        except OSError:
+            log.exception("could not save eval %s", run.eval_id)
+        with self._changed:
+            run.meta = final
+            self._changed.notify_all()
+        log.info("eval %s %s: %d/%d answers", run.eval_id, state, run.done, run.total)
+
+    # -- control and views -----------------------------------------------------------------
+    def cancel(self, eval_id: str) -> dict:
+        self.store.read_meta(eval_id)  # a 404 for an unknown id
+        run = self._run
+        if run is not None and run.eval_id == eval_id and run.meta["state"] == "running":
+            run.cancel.set()
+            for generation in list(run.current):
+                generation.cancel.set()
+            if run.thread is not None:
+                run.thread.join(30.0)
+        return self.progress(eval_id)
+
+    def cancel_running(self) -> None:
+        """Stops the running eval, if any (at shutdown; it resumes later from its saved answers)."""
+        running = self.running()
+        if running is not None:
+            self.cancel(running["id"])
+
+    def _state_of(self, meta: dict) -> str:
+        run = self._run
+        if meta["state"] == "running" and not (run is not None and run.eval_id == meta["id"] and run.thread
+                                                and run.thread.is_alive()):
+            return "interrupted"  # saved as running by a process that is gone
+        return meta["state"]
+
+    def _progress_of(self, run: _Run) -> dict:
+        return {"id": run.eval_id, "name": run.meta["name"], "state": run.meta["state"], "done": run.done,
+                "total": run.total, "model": run.last_model, "row": run.last_row, "error": run.meta.get("error"),
+                "url": f"/api/evals/{run.eval_id}", "events": f"/api/evals/{run.eval_id}/events"}
+
+    def progress(self, eval_id: str) -> dict:
+        run = self._run
+        if run is not None and run.eval_id == eval_id:
+            return self._progress_of(run)
+        meta = self.store.read_meta(eval_id)
+        return {"id": eval_id, "name": meta["name"], "state": self._state_of(meta),
+                "done": self.store.count_outputs(eval_id), "total": meta["total"], "model": None, "row": None,
+                "error": meta.get("error"), "url": f"/api/evals/{eval_id}", "events": f"/api/evals/{eval_id}/events"}
+
+    def running(self) -> Optional[dict]:
+        run = self._run
+        if run is None or run.meta["state"] != "running":
+            return None
+        return {"id": run.eval_id, "done": run.done, "total": run.total, "state": "running"}
+
+    def list(self) -> list[dict]:
+        evals = []
+        for eval_id in self.store.ids():
+            try:
+                meta = self.store.read_meta(eval_id)
+            except (OSError, ValueError, KeyError):
+                continue  # a folder that is not one of ours
+            progress = self.progress(eval_id)
+            evals.append({"id": eval_id, "name": meta["name"], "state": progress["state"], "created": meta["created"],
+                          "done": progress["done"], "total": meta["total"],
+                          "models": meta.get("labels") or [m.get("model") or "served model" for m in meta["models"]]})
+        return evals
+
+    def report(self, eval_id: str) -> dict:
+        """The whole eval: its models, every row with each model's answer and scores, and a
+        summary per model (corpus BLEU, mean ROUGE-L and exact match, mean latency and speed)."""
+        meta = self.store.read_meta(eval_id)
+        rows = self.store.rows(eval_id)
+        outputs = self.store.outputs(eval_id)
+        labels = meta.get("labels") or [f"model {i + 1}" for i in range(len(meta["models"]))]
+        report_rows = []
+        for row in rows:
+            answers = {labels[m]: outputs[(row.index, m)] for m in range(len(labels)) if (row.index, m) in outputs}
+            report_rows.append({**row.to_dict(), "outputs": answers})
+        summary = [self._summary(label, [r["outputs"][label] for r in report_rows if label in r["outputs"]],
+                                 [r["reference"] for r in report_rows if label in r["outputs"]]) for label in labels]
+        progress = self.progress(eval_id)
+        return {
+            "id": eval_id, "name": meta["name"], "state": progress["state"], "created": meta["created"],
+            "finished": meta.get("finished"), "done": progress["done"], "total": meta["total"], "error": meta.get("error"),
+            "params": meta["params"],
+            "models": [{"label": label, **request} for label, request in zip(labels, meta["models"])],
+            "summary": summary, "rows": report_rows,
+        }
+
+    @staticmethod
+    def _summary(label: str, answers: list[dict], references: list[Optional[str]]) -> dict:
+        scored = [(a, r) for a, r in zip(answers, references) if r is not None]
+
+        def mean(values):
+            values = [v for v in values if v is not None]
+            return round(sum(values) / len(values), 4) if values else None
+
+        return {
+            "label": label,
+            "rows": len(answers),
+            "scored_rows": len(scored),
+            "errors": sum(1 for a in answers if a.get("finish_reason") == "error"),
+            "bleu": round(metrics.corpus_bleu([a["output"] for a, _ in scored], [r for _, r in scored]), 2) if scored else None,
+            "rouge_l": mean(a["rouge_l"] for a, _ in scored),
+            "exact_match": mean(a["exact_match"] for a, _ in scored),
+            "latency_ms": mean(a["latency_ms"] for a in answers),
+            "tokens_per_second": mean(a["tokens_per_second"] for a in answers if a.get("tokens_per_second")),
+        }
+
+    def events(self, eval_id: str) -> Iterator[tuple[str, dict]]:
+        """``progress`` now and whenever an answer lands, then ``done`` when the eval ends; None
+        (a keep-alive) after a quiet spell, so proxies keep the connection open."""
+        last_done = -1
+        while True:
+            progress = self.progress(eval_id)
+            if progress["done"] != last_done:
+                last_done = progress["done"]
+                yield "progress", progress
+            if progress["state"] in FINAL_STATES:
+                summary = self.report(eval_id)["summary"]
+                yield "done", {"state": progress["state"], "error": progress["error"], "summary": summary,
+                               "done": progress["done"], "total": progress["total"]}
+                return
+            with self._changed:
+                run = self._run
+                if run is not None and run.eval_id == eval_id and run.done == last_done and run.meta["state"] == "running":
+                    if not self._changed.wait(KEEPALIVE_S):
+                        yield "keepalive", {}

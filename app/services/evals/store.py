@@ -1,0 +1,112 @@
+"""Evals on disk, under ``results/evals/<id>/``: ``meta.json``, the test set as ``rows.jsonl``, and
+one file per finished answer in ``outputs/``. Every file is written whole to a temporary name
+and renamed over the old one, so a crash (or kill -9) mid-eval leaves each file either as it was
+or complete, never torn; an eval resumes by skipping the answers already on disk."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+from app.services.core.errors import NotFound
+from app.services.evals.test_sets import TestRow
+
+EVAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+CSV_COLUMNS = ("index", "model", "prompt", "system", "reference", "output", "bleu", "rouge_l", "exact_match",
+               "latency_ms", "ttft_ms", "tokens_per_second", "completion_tokens", "finish_reason", "error")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def jsonl(records: Iterable[dict]) -> str:
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+class EvalStore:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _dir(self, eval_id: str) -> Path:
+        # ids come from URLs: only our own shape may name a folder
+        if not eval_id or not set(eval_id) <= EVAL_ID_CHARS or not (self.root / eval_id / "meta.json").is_file():
+            raise NotFound(f"no eval {eval_id!r}; GET /api/evals lists them")
+        return self.root / eval_id
+
+    def create(self, eval_id: str, meta: dict, rows: list[TestRow]) -> None:
+        folder = self.root / eval_id
+        atomic_write(folder / "rows.jsonl", jsonl(row.to_dict() for row in rows))
+        atomic_write(folder / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1))  # last: marks it complete
+
+    def write_meta(self, eval_id: str, meta: dict) -> None:
+        atomic_write(self._dir(eval_id) / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1))
+
+    def read_meta(self, eval_id: str) -> dict:
+        return json.loads((self._dir(eval_id) / "meta.json").read_text(encoding="utf-8"))
+
+    def rows(self, eval_id: str) -> list[TestRow]:
+        lines = (self._dir(eval_id) / "rows.jsonl").read_text(encoding="utf-8").splitlines()
+        return [TestRow(**json.loads(line)) for line in lines if line.strip()]
+
+    def save_output(self, eval_id: str, row: int, model: int, output: dict) -> None:
+        atomic_write(self._dir(eval_id) / "outputs" / f"r{row:06d}-m{model:02d}.json", json.dumps(output, ensure_ascii=False))
+
+    def _output_files(self, eval_id: str) -> list[Path]:
+        folder = self._dir(eval_id) / "outputs"
+        return sorted(folder.glob("r*-m*.json")) if folder.is_dir() else []
+
+    def count_outputs(self, eval_id: str) -> int:
+        """How many answers are saved, from the file names alone (the listing and progress need no more)."""
+        return len(self._output_files(eval_id))
+
+    def outputs(self, eval_id: str) -> dict[tuple[int, int], dict]:
+        found: dict[tuple[int, int], dict] = {}
+        for path in self._output_files(eval_id):
+            row, model = path.stem[1:].split("-m")
+            found[(int(row), int(model))] = json.loads(path.read_text(encoding="utf-8"))
+        return found
+
+    def ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted((p.name for p in self.root.iterdir() if (p / "meta.json").is_file()), reverse=True)
+
+    # -- exports ---------------------------------------------------------------------------
+    def export_jsonl(self, report: dict) -> str:
+        return jsonl(report["rows"])
+
+    def export_csv(self, report: dict) -> str:
+        """One line per answer (row × model), so a spreadsheet can filter and pivot it."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in report["rows"]:
+            for label, output in row["outputs"].items():
+                writer.writerow({**output, "index": row["index"], "model": label, "prompt": row["prompt"],
+                                 "system": row["system"] or "", "reference": row["reference"] or ""})
+        return buffer.getvalue()
+
+    def save_exports(self, eval_id: str, report: dict) -> Optional[Path]:
+        folder = self._dir(eval_id)
+        atomic_write(folder / "results.jsonl", self.export_jsonl(report))
+        atomic_write(folder / "results.csv", self.export_csv(report))
+        atomic_write(folder / "summary.json", json.dumps(report["summary"], ensure_ascii=False, indent=1))
+        return folder
