@@ -37,6 +37,7 @@ def create_app(settings: Optional[Settings] = None, backend_factory: BackendFact
     service = ModelService(settings, backend_factory)
     pool = EnginePool(settings, backend_factory, service)
     app.extensions["model_service"] = service
+    app.extensions["engine_pool"] = pool
     app.extensions["compare_slots"] = CompareSlots(pool)
     app.extensions["eval_service"] = EvalService(settings, pool)
     app.extensions["system_monitor"] = SystemMonitor()

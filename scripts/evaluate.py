@@ -2,7 +2,9 @@
 
 Every row of a test set (JSONL or CSV: prompt, optional system, optional reference) goes through
 each model greedily; each answer is scored against the reference (BLEU, ROUGE-L, exact match) and
-timed. Results land under ``results/evals/<id>/`` (results.csv, results.jsonl, summary.json),
+timed, and the reference itself is scored under each model by teacher forcing (its total NLL and
+perplexity: does the model find the expected answer likely?). ``--score-only`` skips generating
+and computes only the reference columns, which is fast. Results land under ``results/evals/<id>/`` (results.csv, results.jsonl, summary.json),
 where the page's eval panel finds them too, and a summary table is printed.
 
     python -m scripts.evaluate --test-set facts.jsonl \\
@@ -23,8 +25,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from app.services.backends.factory import make_backend
 from app.services.core.errors import ServiceError
-from app.services.engine.service import ModelService, make_backend
+from app.services.engine.service import ModelService
 from app.services.engine.slots import EnginePool, SlotRequest
 from app.services.evals.service import EvalService
 from app.services.evals.test_sets import parse_test_set
@@ -45,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a model to evaluate (repeat to compare); default: the configured model")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per answer (default 64)")
     parser.add_argument("--name", help="a name to find the eval by later")
+    parser.add_argument("--score-only", action="store_true",
+                        help="score each reference by teacher forcing (ref_nll, ref_perplexity) without generating")
     parser.add_argument("--results-dir", type=Path, help="default: results/ (MODEL_TEST_RESULTS_DIR)")
     parser.add_argument("--resume", metavar="ID", help="go on with an earlier eval, skipping the answers on disk")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
@@ -59,11 +64,13 @@ def format_summary(report: dict) -> str:
     def cell(value, digits=3):
         return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
-    header = f"{'model':<44} {'rows':>5} {'BLEU':>7} {'ROUGE-L':>8} {'EM':>6} {'latency ms':>11} {'tok/s':>7}"
+    header = (f"{'model':<44} {'rows':>5} {'BLEU':>7} {'ROUGE-L':>8} {'EM':>6} {'ref NLL':>8} {'ref PPL':>8} "
+              f"{'latency ms':>11} {'tok/s':>7}")
     lines = [header, "-" * len(header)]
     for s in report["summary"]:
         lines.append(f"{s['label'][:44]:<44} {s['rows']:>5} {cell(s['bleu'], 2):>7} {cell(s['rouge_l']):>8} "
-                     f"{cell(s['exact_match']):>6} {cell(s['latency_ms'], 1):>11} {cell(s['tokens_per_second'], 1):>7}")
+                     f"{cell(s['exact_match']):>6} {cell(s.get('ref_nll'), 2):>8} {cell(s.get('ref_perplexity'), 2):>8} "
+                     f"{cell(s['latency_ms'], 1):>11} {cell(s['tokens_per_second'], 1):>7}")
     return "\n".join(lines)
 
 
@@ -90,7 +97,7 @@ def run(args: argparse.Namespace, settings: Optional[Settings] = None) -> int:
             rows = parse_test_set(args.test_set.read_bytes(), args.test_set.name, settings.limits.max_test_set_bytes,
                                   settings.limits.max_test_set_rows)
             bar = tqdm(total=len(rows) * max(1, len(args.model)), unit="answer", disable=args.quiet, file=sys.stderr)
-            started = evals.start(rows, args.model, args.max_new_tokens, args.name, on_progress)
+            started = evals.start(rows, args.model, args.max_new_tokens, args.name, on_progress, score_only=args.score_only)
         try:
             done = evals.wait(started["id"])
         except KeyboardInterrupt:

@@ -5,10 +5,11 @@ import json
 
 from flask import Blueprint, Response, current_app, request
 
-from app.routes.api.schemas import EvalBody, EvalList, EvalOptions, EvalProgress, EvalReport, slot_requests
+from app.routes.api.schemas import DivergenceBody, DivergenceReport, EvalBody, EvalList, EvalOptions, EvalProgress, EvalReport, slot_requests
 from app.routes.http.body import parse_body, validated
 from app.routes.http.wire import SSE_KEEPALIVE, json_answer, sse_event, sse_response
 from app.services.core.errors import InvalidRequest
+from app.services.evals.divergence import divergence_report
 from app.services.evals.service import EvalService
 from app.services.evals.test_sets import parse_test_set
 
@@ -36,6 +37,8 @@ def _form_options() -> EvalOptions:
             raise InvalidRequest("max_new_tokens must be a whole number", field="max_new_tokens") from None
     if request.form.get("name"):
         data["name"] = request.form["name"]
+    if request.form.get("score_only"):
+        data["score_only"] = request.form["score_only"].lower() in ("1", "true", "on", "yes")
     return validated(EvalOptions, data)
 
 
@@ -58,7 +61,25 @@ def start_eval():
                              field="max_new_tokens")
     rows = parse_test_set(data, filename, limits.max_test_set_bytes, limits.max_test_set_rows)
     requests = slot_requests(options.models, limits, "models")
-    return json_answer(EvalProgress, eval_service().start(rows, requests, options.max_new_tokens, options.name), 202)
+    return json_answer(EvalProgress, eval_service().start(rows, requests, options.max_new_tokens, options.name,
+                                                            score_only=options.score_only), 202)
+
+
+@bp.post("/divergence")
+def divergence():
+    """A fine-tune against its base, or a quant against its f16, on a test set: KL and top-1 agreement."""
+    limits = current_app.config["SETTINGS"].limits
+    body = parse_body(DivergenceBody)
+    rows = parse_test_set(body.test_set.encode("utf-8"), body.filename or "", limits.max_test_set_bytes, limits.max_test_set_rows)
+    if body.max_new_tokens > limits.max_new_tokens:
+        raise InvalidRequest(f"max_new_tokens is {body.max_new_tokens}; the limit is {limits.max_new_tokens}", field="max_new_tokens")
+    pool = current_app.extensions["engine_pool"]
+    slots = pool.open_slots([body.reference.request(), body.candidate.request()], prefix="d", field="models")
+    try:
+        report = divergence_report(slots[0], slots[1], rows, body.max_new_tokens, body.top_rows)
+    finally:
+        pool.release([slot.engine for slot in slots])
+    return json_answer(DivergenceReport, report)
 
 
 @bp.get("/evals")

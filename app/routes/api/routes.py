@@ -16,6 +16,8 @@ from app.routes.api.schemas import (
     ModelsOnOffer,
     ModelStatus,
     RenderedPrompt,
+    ScoreAnswer,
+    ScoreBody,
     StopAnswer,
     StopBody,
     StreamTicket,
@@ -25,6 +27,7 @@ from app.routes.api.schemas import (
     Tokens,
 )
 from app.routes.http.body import parse_body
+from app.routes.http.shapes import logprob_entries
 from app.routes.http.wire import json_answer, sse_event, stream_generation
 from app.services.core.errors import NotFound
 from app.services.core.types import Chunk
@@ -51,11 +54,14 @@ class NamedEvents:
         yield sse_event("queue", {"position": position})
 
     def piece(self, chunk: Chunk) -> Iterable[str]:
-        yield sse_event("token", {"text": chunk.text})
+        data = {"text": chunk.text}
+        if chunk.logprobs:
+            data["logprobs"] = logprob_entries(chunk.logprobs)
+        yield sse_event("token", data)
 
     def ending(self, chunk: Chunk) -> Iterable[str]:
         if chunk.text:
-            yield sse_event("token", {"text": chunk.text})
+            yield from self.piece(chunk)
         yield sse_event("done", {
             "finish_reason": chunk.finish_reason,
             "usage": chunk.usage.to_dict() if chunk.usage else None,
@@ -66,7 +72,7 @@ class NamedEvents:
 
     def failure(self, chunk: Chunk) -> Iterable[str]:
         if chunk.text:
-            yield sse_event("token", {"text": chunk.text})
+            yield from self.piece(chunk)
         yield sse_event("error", {"error": chunk.error, "type": chunk.error_type or "generation_error"})
 
 
@@ -126,8 +132,11 @@ def unload_model():
 def chat():
     generation = start_generation()
     result = generation.collect().raise_for_error()
-    return json_answer(ChatAnswer, {"response": result.text, "finish_reason": result.finish_reason, "usage": result.usage,
-                                    "timings": result.timings, "model": generation.model, "request_id": generation.id})
+    answer = {"response": result.text, "finish_reason": result.finish_reason, "usage": result.usage,
+              "timings": result.timings, "model": generation.model, "request_id": generation.id}
+    if generation.params.logprobs is not None:
+        answer["logprobs"] = logprob_entries(result.logprobs)
+    return json_answer(ChatAnswer, answer)
 
 
 @bp.post("/chat_stream")
@@ -156,6 +165,23 @@ def open_stream(stream_id: str):
 def stop():
     body = parse_body(StopBody)
     return json_answer(StopAnswer, {"request_id": body.request_id, "cancelled": model_service().cancel(body.request_id)})
+
+
+@bp.post("/score")
+def score():
+    """Teacher forcing: the reference's per-token log-probabilities, ranks, total NLL and perplexity."""
+    body = parse_body(ScoreBody)
+    messages = body.messages_list(current_app.config["SETTINGS"].limits)
+    service, use_adapter = model_service(), True
+    if body.slot is not None:
+        slot = current_app.extensions["compare_slots"].get(body.slot)
+        service, use_adapter = slot.service, slot.adapter_enabled
+    scored = service.score(messages, body.reference, body.top_logprobs, use_adapter)
+    return json_answer(ScoreAnswer, {
+        "model": service.model_id() or "", "prompt_tokens": scored.prompt_tokens, "reference_tokens": len(scored.tokens),
+        "nll": scored.nll, "mean_nll": scored.nll / len(scored.tokens), "perplexity": scored.perplexity,
+        "tokens": logprob_entries(scored.tokens),
+    })
 
 
 # -- inspection: what the model sees, with the tokenizer and template that generation uses ---------

@@ -6,8 +6,8 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.routes.http.body import StrictBody
-from app.routes.http.sampling import RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopP
-from app.routes.http.shapes import QueueCounts, Shape, Timings, Usage
+from app.routes.http.sampling import RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopLogprobs, TopP
+from app.routes.http.shapes import QueueCounts, Shape, Timings, TokenLogprobShape, Usage
 from app.services.core.errors import InvalidRequest
 from app.services.core.types import GenerationParams, Message
 from app.services.engine.slots import SlotRequest
@@ -67,9 +67,21 @@ class ChatBody(ConversationBody, Sampling, StopStrings):
     )
     slot: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN,
                                 description="A compare slot (POST /api/compare/slots) to run on instead of the served model.")
+    logprobs: Optional[TopLogprobs] = Field(
+        None, description="Each answer token's log-probability and this many of the most likely tokens at its place "
+        "(0-20), from the model's distribution before sampling: in every token event, and in a whole answer.")
 
     def params(self, limits: LimitSettings) -> GenerationParams:
-        return self.generation_params(limits, self.max_new_tokens, "max_new_tokens")
+        return self.generation_params(limits, self.max_new_tokens, "max_new_tokens", self.logprobs)
+
+
+class ScoreBody(ConversationBody):
+    """A conversation and the answer expected to it, scored by teacher forcing."""
+
+    reference: str = Field(min_length=1, description="The expected answer, scored token by token as if the model had written it.")
+    top_logprobs: TopLogprobs = Field(5, description="How many of the most likely tokens to list at each place.")
+    slot: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN,
+                                description="A compare slot (POST /api/compare/slots) to score on instead of the served model.")
 
 
 class LoadModelBody(StrictBody):
@@ -155,6 +167,8 @@ class EvalOptions(StrictBody):
     models: list[SlotIn] = Field(default_factory=list, description="The models compared, as compare slots; empty: the served model.")
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens per answer.")
     name: Optional[str] = Field(None, min_length=1, max_length=200, description="A name to find the eval by later.")
+    score_only: bool = Field(False, description="Score the references by teacher forcing without generating (fast): "
+                             "ref_nll and ref_perplexity only.")
 
 
 class EvalBody(EvalOptions):
@@ -195,6 +209,17 @@ class ChatAnswer(Shape):
     timings: Timings
     model: str
     request_id: str
+    logprobs: Optional[list[TokenLogprobShape]] = Field(None, description="With logprobs in the request: one entry per answer token.")
+
+
+class ScoreAnswer(Shape):
+    model: str
+    prompt_tokens: int
+    reference_tokens: int
+    nll: float = Field(description="Total negative log-likelihood of the reference, in nats.")
+    mean_nll: float = Field(description="nll / reference_tokens.")
+    perplexity: float = Field(description="exp(mean_nll).")
+    tokens: list[TokenLogprobShape] = Field(description="Each reference token: its log-probability, its rank and the alternatives.")
 
 
 class StreamTicket(Shape):
@@ -350,9 +375,12 @@ class EvalAnswer(Shape):
     bleu: Optional[float]
     rouge_l: Optional[float]
     exact_match: Optional[float]
+    ref_nll: Optional[float] = Field(None, description="Total negative log-likelihood of the reference under the model (nats).")
+    ref_tokens: Optional[int] = Field(None, description="Tokens of the reference.")
+    ref_perplexity: Optional[float] = Field(None, description="exp(ref_nll / ref_tokens).")
     latency_ms: float
-    ttft_ms: float
-    tokens_per_second: float
+    ttft_ms: Optional[float]
+    tokens_per_second: Optional[float]
     completion_tokens: int
     finish_reason: str
     error: Optional[str]
@@ -376,6 +404,8 @@ class EvalSummary(Shape):
     exact_match: Optional[float]
     latency_ms: Optional[float]
     tokens_per_second: Optional[float]
+    ref_nll: Optional[float] = Field(None, description="Mean total NLL of the references.")
+    ref_perplexity: Optional[float] = Field(None, description="Perplexity over all reference tokens together.")
 
 
 class EvalRow(Shape):
@@ -413,3 +443,47 @@ class EvalListing(Shape):
 
 class EvalList(Shape):
     evals: list[EvalListing]
+
+
+class DivergenceBody(StrictBody):
+    """Two models read the same tokens of a test set; where and how much their predictions differ."""
+
+    reference: SlotIn = Field(description="The model compared against: the base, or the f16 (KL is measured from its distribution).")
+    candidate: SlotIn = Field(description="The model compared: the fine-tune, or the quant.")
+    test_set: str = Field(min_length=1, description="JSONL or CSV with prompt, optional system, optional reference.")
+    filename: Optional[str] = Field(None, description="Its name; .csv or .jsonl says the format (otherwise it is sniffed).")
+    max_new_tokens: int = Field(64, ge=1, description="For rows without a reference: the reference model's greedy answer is read instead, this long at most.")
+    top_rows: int = Field(10, ge=1, le=1000, description="How many of the most changed rows to list.")
+
+
+class WorstToken(Shape):
+    position: int
+    token: str
+    kl: float
+    p_reference: float
+    p_candidate: float
+    reference_top: str
+    candidate_top: str
+
+
+class RowChange(Shape):
+    index: int
+    prompt: str
+    text_source: Literal["reference", "generated"]
+    tokens: int
+    mean_kl: float
+    max_kl: float
+    top1_agreement: float
+    prompt_ids_identical: bool
+    worst_tokens: list[WorstToken]
+
+
+class DivergenceReport(Shape):
+    reference: str
+    candidate: str
+    rows: int
+    tokens: int
+    mean_kl: Optional[float] = Field(description="KL(P_reference || P_candidate) per token, in nats, over every token of every row.")
+    top1_agreement: Optional[float] = Field(description="Share of places where both models' most likely token is the same.")
+    most_changed: list[RowChange]
+    all_rows: list[dict]

@@ -16,6 +16,8 @@ from app.routes.api.schemas import (
     ChatBody,
     CompareSlotsBody,
     DetokenizeBody,
+    DivergenceBody,
+    DivergenceReport,
     EvalBody,
     EvalList,
     EvalProgress,
@@ -26,6 +28,8 @@ from app.routes.api.schemas import (
     ModelsOnOffer,
     ModelStatus,
     RenderedPrompt,
+    ScoreAnswer,
+    ScoreBody,
     Slots,
     StopAnswer,
     StopBody,
@@ -49,7 +53,8 @@ SERVICE_SSE = ("Server-Sent Events as the FastAPI-era service sent them: `data: 
 EVAL_UPLOAD = {"type": "object", "required": ["file"], "properties": {
     "file": {"type": "string", "format": "binary", "description": "JSONL or CSV: prompt, optional system, optional reference"},
     "models": {"type": "string", "description": "A JSON list of {model, backend, adapter, adapter_enabled}"},
-    "max_new_tokens": {"type": "integer"}, "name": STRING}}
+    "max_new_tokens": {"type": "integer"}, "name": STRING,
+    "score_only": {"type": "string", "description": "true: score the references without generating"}}}
 EVAL_SSE = ("Server-Sent Events: `event: progress` `{done, total, model, row, state}` now and after every answer, then "
             "`event: done` `{state, error, summary}`.")
 ERROR_SHAPES = {Surface.API: ApiError, Surface.OPENAI: OpenAIError, Surface.SERVICE: Detail}
@@ -84,6 +89,8 @@ OPERATIONS: dict[str, Operation] = {
     "api.chat_stream": Operation("The same answer, streamed", "chat", ChatBody, stream=OUR_SSE),
     "api.prepare_stream": Operation("Prepare a stream for EventSource (which can only GET)", "chat", ChatBody, StreamTicket),
     "api.open_stream": Operation("Open a prepared stream (the id is the capability; no API key needed)", "chat", stream=OUR_SSE),
+    "api.score": Operation("Score a reference answer by teacher forcing: per-token log-probabilities and ranks, total NLL, "
+                           "perplexity", "inspection", ScoreBody, ScoreAnswer),
     "api.stop": Operation("Stop a generation by its request_id", "chat", StopBody, StopAnswer),
     "openai.chat_completions": Operation("OpenAI chat completions", "openai", ChatCompletionBody, ChatCompletion, OPENAI_SSE),
     "openai.completions": Operation("OpenAI text completions", "openai", CompletionBody, TextCompletion, OPENAI_SSE),
@@ -107,6 +114,9 @@ OPERATIONS: dict[str, Operation] = {
     "compare.clear_slots": Operation("Unload the compare columns", "compare", response=Slots),
     "evals.start_eval": Operation("Start a batch eval of a test set on one or more models (JSON, or multipart with the file); "
                                   "409 while another runs", "eval", EvalBody, EvalProgress, form=EVAL_UPLOAD, status="202"),
+    "evals.divergence": Operation("What changed between two models on a test set (a fine-tune and its base, a quant and its f16): "
+                                  "per-token KL divergence, top-1 agreement, the rows and tokens that changed most", "eval",
+                                  DivergenceBody, DivergenceReport),
     "evals.list_evals": Operation("Evals saved under results/evals, newest first", "eval", response=EvalList),
     "evals.get_eval": Operation("An eval's models, summary and every row's answers and scores", "eval", response=EvalReport),
     "evals.eval_events": Operation("An eval's live progress", "eval", stream=EVAL_SSE),

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 from pydantic import BaseModel, Field, field_validator
 
 from app.services.core.errors import InvalidRequest
+from app.services.core.logprobs import MAX_TOP_LOGPROBS
 from app.services.core.types import GenerationParams
 from config.settings import LimitSettings
 
@@ -22,6 +23,7 @@ RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="Divides
 OpenAIPenalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Seed = Annotated[Optional[int], Field(ge=0, le=2**32 - 1, description="Makes sampling repeatable.")]
 TokenBudget = Annotated[int, Field(ge=1)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, description="How many of the most likely tokens to list at each place.")]
 
 # The GenerationParams fields a body may carry under the same name.
 PARAM_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
@@ -44,15 +46,17 @@ class Sampling(BaseModel):
     temperature: Temperature = 0.7
     top_p: TopP = 0.9
 
-    def generation_params(self, limits: LimitSettings, max_new_tokens: int, budget_field: str) -> GenerationParams:
+    def generation_params(self, limits: LimitSettings, max_new_tokens: int, budget_field: str,
+                          logprobs: Optional[int] = None) -> GenerationParams:
         """``max_new_tokens`` checked against the server's limit (the refusal names ``budget_field``,
-        the surface's own name for it), the stop strings against theirs."""
+        the surface's own name for it), the stop strings against theirs. ``logprobs``: how many
+        alternatives per token, None for no probabilities (each surface spells the request its way)."""
         if max_new_tokens > limits.max_new_tokens:
             raise InvalidRequest(f"{budget_field} is {max_new_tokens}; the limit is {limits.max_new_tokens}", field=budget_field)
         fields = type(self).model_fields
         values = {name: getattr(self, name) for name in PARAM_FIELDS if name in fields}
         stops = checked_stops(getattr(self, "stop", None), limits)
-        return GenerationParams(max_new_tokens=max_new_tokens, stop=stops, **values)
+        return GenerationParams(max_new_tokens=max_new_tokens, stop=stops, logprobs=logprobs, **values)
 
 
 class StopStrings(BaseModel):

@@ -2,9 +2,11 @@
 (``wire.json_answer``) and the OpenAPI document is built from them, so the two cannot drift."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.services.core.types import TokenLogprob
 
 
 class Shape(BaseModel):
@@ -64,3 +66,34 @@ class ValidationDetail(Shape):
 class QueueCounts(Shape):
     running: int
     waiting: int
+
+
+class TokenAlternative(Shape):
+    token: str = Field(description="The token's text (its bytes decoded; a token inside a multi-byte character shows U+FFFD).")
+    id: Optional[int] = Field(None, description="The token id (absent on /v1, as in OpenAI's API).")
+    logprob: float = Field(description="Natural log of its probability in the model's distribution before sampling.")
+    bytes: list[int] = Field(description="The token's UTF-8 bytes.")
+
+
+class TokenLogprobShape(TokenAlternative):
+    top_logprobs: list[TokenAlternative] = Field(description="The most likely tokens at this place, best first.")
+    rank: Optional[int] = Field(None, description="1 for the most likely token (scoring only).")
+
+
+def logprob_entries(logprobs: Sequence[TokenLogprob], ids: bool = True) -> list[dict]:
+    """Token log-probabilities as OpenAI's ``logprobs.content`` entries; with ``ids``, the
+    tester's own API adds each token's id (and its rank, where it was computed)."""
+
+    def entry(candidate) -> dict:
+        data = {"token": candidate.text, "logprob": candidate.logprob, "bytes": list(candidate.piece)}
+        if ids:
+            data["id"] = candidate.token_id
+        return data
+
+    out = []
+    for logprob in logprobs:
+        item = {**entry(logprob.chosen), "top_logprobs": [entry(candidate) for candidate in logprob.top]}
+        if ids and logprob.rank is not None:
+            item["rank"] = logprob.rank
+        out.append(item)
+    return out

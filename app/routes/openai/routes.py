@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from flask import Blueprint, current_app
 
 from app.routes.http.body import parse_body
 from app.routes.http.errors import openai_error_body
+from app.routes.http.shapes import logprob_entries
 from app.routes.http.wire import SSE_DONE, json_answer, sse_data, stream_generation
 from app.routes.openai.schemas import ChatCompletion, ChatCompletionBody, CompletionBody, ModelList, SamplingBody, TextCompletion
-from app.services.core.types import Chunk
+from app.services.core.types import Chunk, TokenLogprob
 from app.services.engine.generation import Generation
 from app.services.engine.service import ModelService
 
@@ -44,21 +45,43 @@ def _start(body: SamplingBody, messages=None, text=None, default_max_tokens: int
     return service.start(params, messages=messages, text=text)
 
 
+def openai_logprobs(logprobs: Sequence[TokenLogprob], chat: bool, offset: int = 0) -> dict:
+    """OpenAI's ``logprobs`` object: ``{"content": [...]}`` for chat; the legacy parallel lists for
+    text completions, whose ``text_offset`` counts characters from ``offset``."""
+    if chat:
+        return {"content": logprob_entries(logprobs, ids=False)}
+    tokens, offsets = [], []
+    for logprob in logprobs:
+        offsets.append(offset)
+        tokens.append(logprob.chosen.text)
+        offset += len(logprob.chosen.text)
+    return {"tokens": tokens, "token_logprobs": [logprob.chosen.logprob for logprob in logprobs],
+            "top_logprobs": [{candidate.text: candidate.logprob for candidate in logprob.top} for logprob in logprobs],
+            "text_offset": offsets}
+
+
 class CompletionChunks:
     """OpenAI's stream of ``chat.completion.chunk`` (chat) or ``text_completion`` objects."""
 
-    def __init__(self, chat: bool, include_usage: bool, head: dict):
+    def __init__(self, chat: bool, include_usage: bool, head: dict, with_logprobs: bool):
         self._chat = chat
         self._include_usage = include_usage
         self._head = head
+        self._with_logprobs = with_logprobs
+        self._offset = 0  # characters sent so far, for text completions' text_offset
 
-    def _choice(self, text: Optional[str], finish_reason: Optional[str], first: bool = False) -> str:
+    def _choice(self, text: Optional[str], finish_reason: Optional[str], first: bool = False,
+                logprobs: Sequence[TokenLogprob] = ()) -> str:
         if self._chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
             choice = {"delta": delta}
         else:
             choice = {"text": text or ""}
-        data = {**self._head, "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": finish_reason}]}
+        entries = None
+        if self._with_logprobs and logprobs:
+            entries = openai_logprobs(logprobs, self._chat, self._offset)
+            self._offset += sum(len(logprob.chosen.text) for logprob in logprobs)
+        data = {**self._head, "choices": [{"index": 0, **choice, "logprobs": entries, "finish_reason": finish_reason}]}
         if self._include_usage:
             data["usage"] = None
         return sse_data(data)
@@ -71,11 +94,11 @@ class CompletionChunks:
         return ()  # OpenAI's protocol has no queue event; the client just waits
 
     def piece(self, chunk: Chunk) -> Iterable[str]:
-        yield self._choice(chunk.text, None)
+        yield self._choice(chunk.text, None, logprobs=chunk.logprobs)
 
     def ending(self, chunk: Chunk) -> Iterable[str]:
-        if chunk.text:
-            yield self._choice(chunk.text, None)
+        if chunk.text or chunk.logprobs:
+            yield self._choice(chunk.text, None, logprobs=chunk.logprobs)
         yield self._choice(None, OPENAI_FINISH.get(chunk.finish_reason, "stop"))
         if self._include_usage and chunk.usage:
             yield sse_data({**self._head, "choices": [], "usage": chunk.usage.to_dict()})
@@ -93,12 +116,14 @@ def _answer(body: SamplingBody, generation: Generation, chat: bool):
             "created": int(time.time()), "model": model_service().model_id()}
     if body.stream:
         chunk_head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        return stream_generation(generation, CompletionChunks(chat, body.include_usage(), chunk_head))
+        with_logprobs = generation.params.logprobs is not None
+        return stream_generation(generation, CompletionChunks(chat, body.include_usage(), chunk_head, with_logprobs))
     result = generation.collect().raise_for_error()
     choice = {"message": {"role": "assistant", "content": result.text}} if chat else {"text": result.text}
+    logprobs = openai_logprobs(result.logprobs, chat) if generation.params.logprobs is not None else None
     return json_answer(ChatCompletion if chat else TextCompletion, {
         **head,
-        "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": OPENAI_FINISH.get(result.finish_reason, "stop")}],
+        "choices": [{"index": 0, **choice, "logprobs": logprobs, "finish_reason": OPENAI_FINISH.get(result.finish_reason, "stop")}],
         "usage": result.usage,
         "timings": result.timings,  # llama-server's extension; OpenAI clients ignore it
     })

@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI-compatible /v1 routes.
 
-Fields OpenAI defines and this server cannot honour (``n`` > 1, ``logprobs``, tools, ``echo``,
+Fields OpenAI defines and this server cannot honour (``n`` > 1, tools, ``echo``,
 ``suffix``) are refused with a 400 naming them rather than silently ignored, so a client never
 believes it got what it did not. Unknown fields are ignored, as OpenAI's own server does for
 fields newer than the client. ``presence_penalty`` and ``frequency_penalty`` are honoured with
@@ -13,8 +13,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.routes.http.sampling import OpenAIPenalty, RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopP
-from app.routes.http.shapes import Shape, Timings, Usage
+from app.routes.http.sampling import OpenAIPenalty, RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopLogprobs, TopP
+from app.routes.http.shapes import Shape, Timings, TokenLogprobShape, Usage
 from app.services.core.errors import InvalidRequest
 from app.services.core.types import GenerationParams, Message
 from config.settings import LimitSettings
@@ -64,23 +64,24 @@ class SamplingBody(Sampling, StopStrings):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    logprobs: Any = None
     user: Optional[str] = None
 
     def _refuse_unsupported(self) -> None:
         if self.n != 1:
             raise InvalidRequest("n must be 1: this server returns one choice per request", field="n")
-        if self.logprobs not in (None, False, 0):
-            raise InvalidRequest("logprobs are not supported", field="logprobs")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed with stream: true", field="stream_options")
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def top_n(self) -> Optional[int]:
+        """How many alternatives per token, None for no log-probabilities; each body spells it its way."""
+        return None
+
     def _params(self, limits: LimitSettings, max_tokens: Optional[int], default_max_tokens: int) -> GenerationParams:
         self._refuse_unsupported()
-        return self.generation_params(limits, max_tokens or default_max_tokens, "max_tokens")
+        return self.generation_params(limits, max_tokens or default_max_tokens, "max_tokens", self.top_n())
 
 
 class ChatCompletionBody(SamplingBody):
@@ -89,7 +90,13 @@ class ChatCompletionBody(SamplingBody):
     tools: Any = None
     tool_choice: Any = None
     response_format: Any = None
-    top_logprobs: Any = None
+    logprobs: Optional[bool] = Field(None, description="Return each answer token's log-probability (logprobs.content).")
+    top_logprobs: Optional[TopLogprobs] = Field(None, description="With logprobs: this many of the most likely tokens at each place (0-20).")
+
+    def top_n(self) -> Optional[int]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", field="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def messages_list(self, limits: LimitSettings) -> list[Message]:
         if len(self.messages) > limits.max_messages:
@@ -115,6 +122,10 @@ class CompletionBody(SamplingBody):
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
+    logprobs: Optional[TopLogprobs] = Field(None, description="Each token's log-probability and this many of the most likely tokens (0-20).")
+
+    def top_n(self) -> Optional[int]:
+        return self.logprobs
 
     def prompt_text(self) -> str:
         prompt = self.prompt
@@ -143,17 +154,30 @@ class AssistantMessage(Shape):
     content: str
 
 
+class ChatLogprobs(Shape):
+    content: list[TokenLogprobShape]
+
+
 class ChatChoice(Shape):
     index: int
     message: AssistantMessage
-    logprobs: Optional[dict] = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: str
+
+
+class CompletionLogprobs(Shape):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class TextChoice(Shape):
     index: int
     text: str
-    logprobs: Optional[dict] = None
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: str
 
 

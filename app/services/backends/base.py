@@ -4,9 +4,12 @@ from __future__ import annotations
 import dataclasses
 import threading
 from dataclasses import dataclass
-from typing import Hashable, Iterator, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Hashable, Iterator, Optional, Protocol, Sequence
 
 from app.services.checkpoints.spec import ModelSpec
+
+if TYPE_CHECKING:
+    import numpy as np
 from app.services.core.errors import InvalidRequest
 from app.services.core.types import Chunk, GenerationParams, Message, Prompt
 
@@ -19,6 +22,8 @@ class Capabilities:
     inspection: bool = False  # a local tokenizer and chat template: the LocalTokenizer methods
     max_batch_size: int = 1  # above 1, concurrent generations run as rows of one batch: the Batching methods
     adapter_switch: bool = False  # GenerationParams.use_adapter=False runs the base model (an unmerged LoRA)
+    scoring: bool = False  # the logits of a given text (teacher forcing): the Scoring methods
+    logprobs: bool = False  # GenerationParams.logprobs is honoured (the remote backend passes on what its server sends)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,6 +95,20 @@ class LocalTokenizer(Protocol):
     def token_pieces(self, token_ids: Sequence[int]) -> list[str]:
         """Each id's entry in the vocabulary as the tokenizer stores it (``Ġhello``,
         ``<|im_end|>``), the strings tokenizer.json lists and ``convert_ids_to_tokens`` gives."""
+
+
+class Scoring(Protocol):
+    """Teacher forcing on a text the model did not choose (``capabilities.scoring``): reference
+    scoring, and the divergence between two models on the same tokens."""
+
+    def continuation_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int],
+                            use_adapter: bool = True) -> "np.ndarray":
+        """Raw logits, float32, one row per continuation token: row i is the distribution the model
+        gives ``continuation[i]`` after the prompt and ``continuation[:i]``. The caller holds the
+        model alone (the service's queue), as for a generation."""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes (a multi-byte character may be split across tokens)."""
 
 
 class Batching(Protocol):

@@ -32,7 +32,7 @@ from app.services.backends.base import Capabilities
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, RemoteUnavailable
 from app.services.core.text_stream import StreamAssembler
-from app.services.core.types import Chunk, GenerationParams, Message, Prompt, Usage
+from app.services.core.types import Chunk, GenerationParams, Message, Prompt, TokenCandidate, TokenLogprob, Usage
 from config.settings import RemoteSettings
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,46 @@ def _payload(line: bytes) -> Optional[str]:
     if text.startswith("error:"):
         return json.dumps({"error": _remote_message(text[6:].strip())})
     return None
+
+
+def _candidate(token, logprob, piece=None) -> Optional[TokenCandidate]:
+    if not isinstance(token, str) or not isinstance(logprob, (int, float)) or isinstance(logprob, bool):
+        return None
+    if isinstance(piece, list) and all(isinstance(b, int) and 0 <= b < 256 for b in piece):
+        raw = bytes(piece)
+    else:
+        raw = token.encode("utf-8")
+    return TokenCandidate(UNKNOWN_TOKEN_ID, raw, float(logprob))
+
+
+def remote_logprobs(data, chat: bool) -> list[TokenLogprob]:
+    """The server's log-probabilities for one stream event, as it sent them (OpenAI's chat shape,
+    or the legacy completions lists); token ids are the server's to know. Anything malformed is
+    left out rather than guessed."""
+    out: list[TokenLogprob] = []
+    if not isinstance(data, dict):
+        return out
+    if chat:
+        for entry in data.get("content") or []:
+            if not isinstance(entry, dict):
+                continue
+            chosen = _candidate(entry.get("token"), entry.get("logprob"), entry.get("bytes"))
+            if chosen is None:
+                continue
+            top = [_candidate(t.get("token"), t.get("logprob"), t.get("bytes")) for t in entry.get("top_logprobs") or []
+                   if isinstance(t, dict)]
+            out.append(TokenLogprob(chosen, tuple(t for t in top if t is not None)))
+        return out
+    tokens, values, tops = data.get("tokens") or [], data.get("token_logprobs") or [], data.get("top_logprobs") or []
+    for index, (token, value) in enumerate(zip(tokens, values)):
+        chosen = _candidate(token, value)
+        if chosen is None:
+            continue
+        alternatives = tops[index] if index < len(tops) and isinstance(tops[index], dict) else {}
+        top = sorted((c for c in (_candidate(t, v) for t, v in alternatives.items()) if c is not None),
+                     key=lambda c: -c.logprob)
+        out.append(TokenLogprob(chosen, tuple(top)))
+    return out
 
 
 class RemoteBackend:
@@ -334,6 +374,9 @@ class RemoteBackend:
                     repeat_penalty=params.repetition_penalty)
         if params.ignore_eos:
             body["ignore_eos"] = True  # vLLM and llama-server
+        if params.logprobs is not None:  # passed on; what the server sends back is passed through
+            body.update({"logprobs": True, "top_logprobs": params.logprobs} if prompt.messages is not None
+                        else {"logprobs": params.logprobs})
         return body
 
     def _request_failure(self, exc: Exception) -> str:
@@ -446,7 +489,9 @@ class RemoteBackend:
                 text = choice["delta"].get("content") if chat else choice.get("text")
                 if text:
                     chunk = assembler.add_text(UNKNOWN_TOKEN_ID, text)
-                    if chunk.text:
+                    if params.logprobs is not None:
+                        chunk.logprobs = remote_logprobs(choice.get("logprobs"), chat)
+                    if chunk.text or chunk.logprobs:
                         yield chunk
                     if assembler.stopped_by_string:
                         reason = "stop"

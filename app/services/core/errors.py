@@ -31,9 +31,10 @@ class InvalidRequest(ServiceError):
 class ContextLengthExceeded(InvalidRequest):
     type = "context_length_exceeded"
 
-    def __init__(self, prompt_tokens: int, max_new_tokens: int, n_ctx: int, field: str = "messages"):
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, n_ctx: int, field: str = "messages",
+                 message: Optional[str] = None):
         super().__init__(
-            f"the prompt is {prompt_tokens} tokens and the context holds {n_ctx}; "
+            message or f"the prompt is {prompt_tokens} tokens and the context holds {n_ctx}; "
             f"shorten the conversation (at least one token must be left for the answer)",
             field,
         )

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
-from app.services.core.types import Chunk, FinishReason, Timings, Usage
+from app.services.core.types import Chunk, FinishReason, Timings, TokenLogprob, Usage
 
 
 class StopMatcher:
@@ -62,11 +62,11 @@ class StreamAssembler:
         self.completion_tokens = 0
         self.stopped_by_string = False
 
-    def add(self, token_id: int, piece: bytes) -> Chunk:
+    def add(self, token_id: int, piece: bytes, logprob: Optional[TokenLogprob] = None) -> Chunk:
         """A token given by its bytes (llama.cpp's pieces may split a character)."""
-        return self.add_text(token_id, self._decoder.decode(piece))
+        return self.add_text(token_id, self._decoder.decode(piece), logprob)
 
-    def add_text(self, token_id: int, text: str) -> Chunk:
+    def add_text(self, token_id: int, text: str, logprob: Optional[TokenLogprob] = None) -> Chunk:
         """A token given by its new text (an incremental detokenizer already joined characters)."""
         now = time.perf_counter()
         if self._first_token_at is None:
@@ -75,7 +75,7 @@ class StreamAssembler:
         self.completion_tokens += 1
         text, hit = self._stops.feed(text)
         self.stopped_by_string = hit
-        return Chunk(text=text, token_ids=[token_id])
+        return Chunk(text=text, token_ids=[token_id], logprobs=[logprob] if logprob is not None else [])
 
     def finish(self, reason: FinishReason, error: Optional[str] = None) -> Chunk:
         # A budget or cancel can end the answer inside a multi-byte character; its first bytes
@@ -105,23 +105,28 @@ class GenerationFailed(Exception):
     """Raised by a token source to end the stream with finish_reason "error" and this message."""
 
 
-def stream_tokens(assembler: StreamAssembler, tokens: Iterable[tuple[int, Union[bytes, str]]], cancel: threading.Event,
+Arrival = tuple[int, Union[bytes, str], Optional[TokenLogprob]]
+
+
+def stream_tokens(assembler: StreamAssembler, tokens: Iterable[Arrival], cancel: threading.Event,
                   is_end: Callable[[int], bool], budget: Optional[int] = None) -> Iterator[Chunk]:
-    """The token loop the local backends share: each (id, bytes or text) from ``tokens`` becomes
-    a chunk until an end token, a stop string, ``cancel`` or ``budget``; the last chunk follows."""
+    """The token loop the local backends share: each (id, bytes or text, log-probability or None)
+    from ``tokens`` becomes a chunk until an end token, a stop string, ``cancel`` or ``budget``;
+    the last chunk follows."""
     reason, error = "length", None
     try:
-        for token_id, piece in tokens:
+        for token_id, piece, logprob in tokens:
             if cancel.is_set():
                 reason = "cancelled"
                 break
             if is_end(token_id):
                 reason = "stop"
                 break
-            chunk = assembler.add(token_id, piece) if isinstance(piece, bytes) else assembler.add_text(token_id, piece)
+            chunk = (assembler.add(token_id, piece, logprob) if isinstance(piece, bytes)
+                     else assembler.add_text(token_id, piece, logprob))
             if assembler.stopped_by_string:
                 reason = "stop"
-                if chunk.text:
+                if chunk.text or chunk.logprobs:
                     yield chunk
                 break
             yield chunk

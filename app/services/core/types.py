@@ -29,6 +29,9 @@ class GenerationParams:
     # False runs a model loaded with an unmerged LoRA as its base (peft's disable_adapter), so a
     # base/fine-tune pair in compare mode shares one copy of the weights.
     use_adapter: bool = True
+    # None: no probabilities; n: each answer token's log-probability and the n most likely tokens at
+    # its place, from the model's distribution before sampling (no temperature, top-k or penalties).
+    logprobs: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -88,12 +91,35 @@ class Timings:
         }
 
 
+@dataclass(frozen=True)
+class TokenCandidate:
+    """A token and its log-probability at one place in the answer."""
+
+    token_id: int
+    piece: bytes  # the token's own bytes; a multi-byte character may be split across tokens
+    logprob: float
+
+    @property
+    def text(self) -> str:
+        return self.piece.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The token the answer has at one place, and the most likely tokens there, best first."""
+
+    chosen: TokenCandidate
+    top: tuple[TokenCandidate, ...] = ()
+    rank: Optional[int] = None  # 1 + how many tokens were more likely than the chosen one, when known
+
+
 @dataclass
 class Chunk:
     """One piece of a stream. ``usage`` and ``timings`` are set on the last chunk only."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when they were asked for
     finish_reason: Optional[FinishReason] = None
     usage: Optional[Usage] = None
     timings: Optional[Timings] = None

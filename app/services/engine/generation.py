@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Protocol, Sequence, Union, cast
 
 from app.services.backends.base import Backend, Batching
 from app.services.core.errors import GenerationError, GenerationTimeout, InvalidRequest, QueueFull, ServiceError
-from app.services.core.types import Chunk, GenerationParams, Message, Prompt
+from app.services.core.types import Chunk, GenerationParams, Message, Prompt, TokenLogprob
 from app.services.engine.queue import GenerationQueue, Ticket
 from app.services.engine.registry import GenerationRegistry
 
@@ -40,6 +40,8 @@ class GenerationResult:
     timings: dict
     error: Optional[str] = None
     error_type: Optional[str] = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per answer token, when the params asked for them
+    token_ids: tuple[int, ...] = ()  # the answer's tokens (a remote server's are unknown: -1 each)
 
     def raise_for_error(self) -> "GenerationResult":
         """The result of a generation that ended well; otherwise the ServiceError every surface
@@ -208,16 +210,21 @@ class Generation:
     def collect(self) -> GenerationResult:
         """The joined stream: the non-streaming answer is never a second code path."""
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        token_ids: list[int] = []
         last = Chunk(finish_reason="error", error="the generation ended without a result")
         for item in self:
             if isinstance(item, Chunk):
                 parts.append(item.text)
+                logprobs.extend(item.logprobs)
+                token_ids.extend(item.token_ids)
                 if item.is_last:
                     last = item
         usage = last.usage.to_dict() if last.usage else {"prompt_tokens": self.prompt_tokens, "completion_tokens": 0,
                                                          "total_tokens": self.prompt_tokens}
         timings = last.timings.to_dict() if last.timings else {}
-        return GenerationResult("".join(parts), last.finish_reason, usage, timings, last.error, last.error_type)
+        return GenerationResult("".join(parts), last.finish_reason, usage, timings, last.error, last.error_type, tuple(logprobs),
+                                tuple(token_ids))
 
 
 def collect_together(generations: Sequence[Generation]) -> list[GenerationResult]:

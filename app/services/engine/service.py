@@ -19,6 +19,7 @@ from app.services.core.types import GenerationParams, Message, Prompt
 from app.services.engine.generation import QUEUE_POLL_S, Generation
 from app.services.engine.queue import GenerationQueue
 from app.services.engine.registry import GenerationRegistry
+from app.services.engine.scoring import ScoredText, check_fits, reference_ids, score_continuation, scoring_backend
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,36 @@ class ModelService:
     @property
     def generation_timeout_s(self) -> float:
         return self._settings.limits.generation_timeout_s
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[Backend]:
+        """Holds the loaded model for work besides generation (scoring), in line with the requests
+        ahead and alone while it runs; a full queue is a 429 as for a generation."""
+        self.ensure_loaded()
+        ticket = self.queue.enter(group=object())  # a group of its own: nothing runs beside it
+        try:
+            while self.queue.wait(ticket, QUEUE_POLL_S) != 0:
+                pass
+            current = self.current_backend()
+            if current is None:
+                raise InvalidRequest("the model was unloaded while this request waited", field="model")
+            yield current
+        finally:
+            self.queue.leave(ticket)
+
+    def score(self, messages: Sequence[Message], reference: str, top_n: int = 0, use_adapter: bool = True) -> ScoredText:
+        """How likely the model finds ``reference`` as its answer to ``messages`` (teacher forcing)."""
+        backend = self.ensure_loaded()
+        scoring_backend(backend)
+        prompt = self.prepare(backend, messages, None, GenerationParams(max_new_tokens=1))
+        continuation = reference_ids(backend, reference)
+        check_fits(prompt.token_ids, continuation, backend.n_ctx)
+        with self.turn() as held:
+            if held is not backend:  # switched while waiting: the tokens are the new model's
+                prompt = self.prepare(held, messages, None, GenerationParams(max_new_tokens=1))
+                continuation = reference_ids(held, reference)
+                check_fits(prompt.token_ids, continuation, held.n_ctx)
+            return score_continuation(held, prompt.token_ids, continuation, top_n, use_adapter)
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -323,6 +354,8 @@ class ModelService:
         """Validates and tokenises the request (loading the model if needed) and registers it
         for cancellation. Raises 4xx ServiceErrors before any stream opens."""
         backend = self.ensure_loaded()
+        if params.logprobs is not None and not backend.capabilities.logprobs:
+            raise InvalidRequest(f"the {backend.name} backend cannot report token probabilities", field="logprobs")
         prompt = self.prepare(backend, messages, text, params, continue_final)
         generation = Generation(self, backend, prompt, params, messages, text, generation_id or uuid.uuid4().hex,
                                 continue_final)

@@ -9,6 +9,7 @@ Answers are greedy, so a rerun of an eval gives the same answers.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -16,8 +17,9 @@ from datetime import datetime, timezone
 from typing import Callable, Iterator, Optional, Sequence
 
 from app.services.core.errors import EvalRunning, InvalidRequest, ServiceError
-from app.services.core.types import GenerationParams, Message
+from app.services.core.types import GenerationParams
 from app.services.engine.generation import Generation, collect_together
+from app.services.engine.scoring import conversation
 from app.services.engine.slots import EnginePool, Slot, SlotRequest
 from app.services.evals import metrics
 from app.services.evals.store import EvalStore
@@ -27,6 +29,9 @@ from config.settings import Settings
 log = logging.getLogger(__name__)
 
 FINAL_STATES = ("done", "cancelled", "error", "interrupted")
+# A score-only eval's answer: nothing generated, nothing timed; only the reference's likelihood.
+SCORE_ONLY_ANSWER = {"output": "", "finish_reason": "scored", "error": None, "completion_tokens": 0, "latency_ms": 0.0,
+                     "ttft_ms": None, "tokens_per_second": None, "bleu": None, "rouge_l": None, "exact_match": None}
 KEEPALIVE_S = 15.0
 
 
@@ -44,6 +49,7 @@ class _Run:
     thread: Optional[threading.Thread] = None
     last_model: Optional[str] = None
     last_row: Optional[int] = None
+    score_only: bool = False  # references scored by teacher forcing, nothing generated
 
 
 def new_eval_id() -> str:
@@ -67,7 +73,8 @@ class EvalService:
 
     # -- starting --------------------------------------------------------------------------
     def start(self, rows: Sequence[TestRow], requests: Sequence[SlotRequest], max_new_tokens: int,
-              name: Optional[str] = None, on_progress: Optional[Callable[[dict], None]] = None) -> dict:
+              name: Optional[str] = None, on_progress: Optional[Callable[[dict], None]] = None,
+              score_only: bool = False) -> dict:
         """Checks the models (a 400/403/404 before anything runs), saves the eval and starts it."""
         requests = list(requests) or [SlotRequest()]
         self._pool.plan(requests, field="models")  # resolves and confines every model now
@@ -80,7 +87,7 @@ class EvalService:
             "error": None,
             "models": [slot_request_dict(r) for r in requests],
             "labels": [],
-            "params": {"max_new_tokens": max_new_tokens, "temperature": 0.0},
+            "params": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "score_only": score_only},
             "total": len(rows) * len(requests),
         }
         with self._lock:
@@ -115,7 +122,8 @@ class EvalService:
 
     def _begin(self, eval_id, meta, rows, requests, max_new_tokens, done) -> _Run:
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
-        self._run = _Run(eval_id, meta, rows, requests, params, done, len(rows) * len(requests))
+        self._run = _Run(eval_id, meta, rows, requests, params, done, len(rows) * len(requests),
+                         score_only=bool(meta["params"].get("score_only")))
         return self._run
 
     def _launch(self, run: _Run, on_progress) -> None:
@@ -164,11 +172,35 @@ class EvalService:
             self._pool.release([slot.engine for slot in slots])
 
     def _answers(self, run: _Run, slot: Slot, rows: list[TestRow], model_index: int) -> list[Optional[dict]]:
-        """Each row's scored answer from this model (None: cancelled before it finished)."""
+        """Each row's scored answer from this model (None: cancelled before it finished), with the
+        reference's likelihood under the model where the row has a reference."""
+        if run.score_only:
+            return [None if run.cancel.is_set() else {**SCORE_ONLY_ANSWER, **self._reference_scores(slot, row)}
+                    for row in rows]
+        outputs = self._generated(run, slot, rows, model_index)
+        for row, output in zip(rows, outputs):
+            if output is not None and not run.cancel.is_set():
+                output.update(self._reference_scores(slot, row))
+        return outputs
+
+    @staticmethod
+    def _reference_scores(slot: Slot, row: TestRow) -> dict:
+        """ref_nll (total, nats), ref_tokens and ref_perplexity of the row's reference under the model;
+        None where there is no reference or the backend cannot score (a remote server)."""
+        empty = {"ref_nll": None, "ref_tokens": None, "ref_perplexity": None}
+        if row.reference is None or not row.reference.strip():
+            return empty
+        try:
+            scored = slot.service.score(conversation(row.system, row.prompt), row.reference, 0, slot.adapter_enabled)
+        except ServiceError as exc:  # too long for the context, a backend that cannot score: unscored, said why
+            return {**empty, "ref_error": exc.message}
+        return {"ref_nll": round(scored.nll, 4), "ref_tokens": len(scored.tokens), "ref_perplexity": round(scored.perplexity, 4)}
+
+    def _generated(self, run: _Run, slot: Slot, rows: list[TestRow], model_index: int) -> list[Optional[dict]]:
         outputs: list[Optional[dict]] = [None] * len(rows)
         started: list[tuple[int, Generation]] = []
         for position, row in enumerate(rows):
-            messages = ([Message("system", row.system)] if row.system else []) + [Message("user", row.prompt)]
+            messages = conversation(row.system, row.prompt)
             try:
                 generation = slot.service.start(slot.params(run.params), messages=messages,
                                                 generation_id=f"eval-{run.eval_id}-{row.index}-{model_index}")
@@ -299,7 +331,9 @@ class EvalService:
 
     @staticmethod
     def _summary(label: str, answers: list[dict], references: list[Optional[str]]) -> dict:
-        scored = [(a, r) for a, r in zip(answers, references) if r is not None]
+        scored = [(a, r) for a, r in zip(answers, references) if r is not None and a.get("finish_reason") != "scored"]
+        likelihoods = [a for a in answers if a.get("ref_nll") is not None]
+        ref_tokens = sum(a["ref_tokens"] for a in likelihoods)
 
         def mean(values):
             values = [v for v in values if v is not None]
@@ -315,6 +349,9 @@ class EvalService:
             "exact_match": mean(a["exact_match"] for a, _ in scored),
             "latency_ms": mean(a["latency_ms"] for a in answers),
             "tokens_per_second": mean(a["tokens_per_second"] for a in answers if a.get("tokens_per_second")),
+            # the mean of each reference's total NLL, and the perplexity over all reference tokens together
+            "ref_nll": mean(a["ref_nll"] for a in likelihoods),
+            "ref_perplexity": round(math.exp(sum(a["ref_nll"] for a in likelihoods) / ref_tokens), 4) if ref_tokens else None,
         }
 
     def events(self, eval_id: str) -> Iterator[tuple[str, dict]]:

@@ -17,7 +17,8 @@ from app.services.evals.test_sets import TestRow
 
 EVAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 CSV_COLUMNS = ("index", "model", "prompt", "system", "reference", "output", "bleu", "rouge_l", "exact_match",
-               "latency_ms", "ttft_ms", "tokens_per_second", "completion_tokens", "finish_reason", "error")
+               "ref_nll", "ref_tokens", "ref_perplexity", "latency_ms", "ttft_ms", "tokens_per_second", "completion_tokens",
+               "finish_reason", "error")
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from app.services.backends.base import Capabilities, check_token_ids, continuation_prompt
-from app.services.backends.llamacpp.decoder import decode_tokens
+from app.services.backends.llamacpp.decoder import continuation_logits, decode_tokens
 from app.services.checkpoints.gguf_metadata import read_gguf_header
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
-from app.services.core.text_stream import GenerationFailed, StreamAssembler, stream_tokens
+from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
 from app.services.core.thread_scope import ends_with_request
 from app.services.core.types import Chunk, GenerationParams, Message, Prompt
 from config.settings import LlamaCppSettings
@@ -90,7 +90,7 @@ class LlamaCppBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(inspection=True)
+        return Capabilities(inspection=True, scoring=True, logprobs=True)
 
     # -- lifecycle -------------------------------------------------------------------------
     def check(self) -> None:
@@ -318,6 +318,15 @@ class LlamaCppBackend:
             raise InvalidRequest("the prompt is empty", field="prompt")
         return Prompt(text=text, token_ids=tuple(token_ids))
 
+    def continuation_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True):
+        if not use_adapter and self._lora_path is not None:
+            raise InvalidRequest("llama.cpp applies its LoRA at load and cannot switch it off per request; load the "
+                                 "base model on a slot of its own", field="slot")
+        return continuation_logits(self._llama, prompt_ids, continuation, keep_prefix=self._prefix_cache)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._piece(token_id)
+
     def _piece(self, token_id: int) -> bytes:
         piece = self._pieces.get(token_id)
         if piece is None:
@@ -345,16 +354,16 @@ class LlamaCppBackend:
         room = self.n_ctx - len(prompt.token_ids)
         budget = min(params.max_new_tokens, room)
         llama.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
-        tokens = decode_tokens(llama, prompt.token_ids, params, keep_prefix=self._prefix_cache)
+        tokens = decode_tokens(llama, prompt.token_ids, params, keep_prefix=self._prefix_cache, piece=self._piece)
         is_end = (lambda token_id: False) if params.ignore_eos else (lambda token_id: llama_cpp.llama_vocab_is_eog(vocab, token_id))
 
-        def pieces() -> Iterator[tuple[int, bytes]]:
+        def pieces() -> Iterator[Arrival]:
             """Each token with its bytes; llama.cpp's failure becomes the stream's error chunk."""
             if budget <= 0:
                 return
             try:
-                for token_id in tokens:
-                    yield token_id, self._piece(token_id)
+                for token_id, logprob in tokens:
+                    yield token_id, self._piece(token_id), logprob
             except Exception as exc:
                 log.exception("llama.cpp decoding failed")
                 raise GenerationFailed(f"{type(exc).__name__}: {exc}") from exc
@@ -391,7 +400,7 @@ class LlamaCppBackend:
                 tokens.close()  # the loop's own cleanup, on the thread that ran it
                 arrivals.put(_DECODED)
 
-        def source() -> Iterator[tuple[int, bytes]]:
+        def source() -> Iterator[Arrival]:
             while True:
                 item = arrivals.get()
                 if item is _DECODED:

@@ -16,12 +16,13 @@ the state this loop leaves.
 from __future__ import annotations
 
 import ctypes
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from app.services.backends.base import common_prefix_length
-from app.services.core.types import GenerationParams
+from app.services.core.logprobs import token_logprob
+from app.services.core.types import GenerationParams, TokenLogprob
 
 
 def is_plain_greedy(params: GenerationParams) -> bool:
@@ -47,16 +48,38 @@ def evaluate_prompt(llama, token_ids: Sequence[int], keep_prefix: bool) -> None:
     llama.eval(tokens[reused:])  # trims the cache past n_tokens itself, and splits by n_batch
 
 
-def decode_tokens(llama, token_ids: Sequence[int], params: GenerationParams, keep_prefix: bool) -> Iterator[int]:
-    """Yields the answer's tokens. A token is evaluated only when the next one is asked for, so
-    the last one (an end token, the budget's last) never is, and the caller can hand each token
-    on before the model computes the following one. Call ``set_seed`` on ``llama`` first."""
+class LogitsView:
+    """The logits llama.cpp left for the last evaluated token, as a numpy array over its buffer."""
+
+    def __init__(self, llama):
+        self._context = llama._ctx.ctx
+        self._n_vocab = llama.n_vocab()
+        self._address = None
+        self._array = None
+
+    def last(self) -> np.ndarray:
+        import llama_cpp
+
+        pointer = llama_cpp.llama_get_logits_ith(self._context, -1)
+        address = ctypes.addressof(pointer.contents)
+        if address != self._address:  # llama.cpp moves its output buffer only when it grows
+            self._address, self._array = address, np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        return self._array
+
+
+def decode_tokens(llama, token_ids: Sequence[int], params: GenerationParams, keep_prefix: bool,
+                  piece: Optional[Callable[[int], bytes]] = None) -> Iterator[tuple[int, Optional[TokenLogprob]]]:
+    """Yields the answer's tokens, each with its log-probabilities when ``params.logprobs`` asks
+    for them (``piece`` names the alternatives). A token is evaluated only when the next one is
+    asked for, so the last one (an end token, the budget's last) never is, and the caller can hand
+    each token on before the model computes the following one. Call ``set_seed`` on ``llama`` first."""
     import llama_cpp
 
     evaluate_prompt(llama, token_ids, keep_prefix)
     context = llama._ctx.ctx
     batch = llama._batch.batch
-    n_vocab = llama.n_vocab()
+    logits = LogitsView(llama)
+    want = params.logprobs
     sampler = None
     if not is_plain_greedy(params):
         sampler = llama._init_sampler(
@@ -64,18 +87,13 @@ def decode_tokens(llama, token_ids: Sequence[int], params: GenerationParams, kee
             repeat_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
         )
-    logits_address, logits = None, None
     try:
         while True:
             if sampler is not None:
-                token = sampler.sample(llama._ctx, -1)
+                token = sampler.sample(llama._ctx, -1)  # reads the logits; the buffer stays as it was
             else:
-                pointer = llama_cpp.llama_get_logits_ith(context, -1)
-                address = ctypes.addressof(pointer.contents)
-                if address != logits_address:  # llama.cpp moves its output buffer only when it grows
-                    logits_address, logits = address, np.ctypeslib.as_array(pointer, shape=(n_vocab,))
-                token = int(logits.argmax())
-            yield token
+                token = int(logits.last().argmax())
+            yield token, (token_logprob(logits.last(), token, want, piece) if want is not None else None)
             position = llama.n_tokens
             batch.n_tokens = 1
             batch.token[0] = token
@@ -91,3 +109,36 @@ def decode_tokens(llama, token_ids: Sequence[int], params: GenerationParams, kee
     finally:
         if sampler is not None:
             sampler.close()
+
+
+def continuation_logits(llama, prompt_ids: Sequence[int], continuation: Sequence[int], keep_prefix: bool) -> np.ndarray:
+    """Teacher forcing: evaluates the prompt and then the continuation in batches with every
+    position's logits kept, and returns one row per continuation token (the row before it). The
+    cache bookkeeping is ``Llama``'s, as after a generation, so the next request can reuse it."""
+    import llama_cpp
+
+    evaluate_prompt(llama, prompt_ids, keep_prefix)
+    view = LogitsView(llama)
+    rows = [view.last().copy()]
+    context, batch, n_vocab = llama._ctx.ctx, llama._batch.batch, llama.n_vocab()
+    rest = list(continuation[:-1])  # the last token predicts nothing we score
+    step = max(1, min(llama.n_batch, len(rest) or 1))
+    for start in range(0, len(rest), step):
+        part = rest[start:start + step]
+        base = llama.n_tokens
+        batch.n_tokens = len(part)
+        for i, token in enumerate(part):
+            batch.token[i] = token
+            batch.pos[i] = base + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = True
+        status = llama_cpp.llama_decode(context, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status} at position {base}")
+        for i in range(len(part)):
+            pointer = llama_cpp.llama_get_logits_ith(context, i)
+            rows.append(np.ctypeslib.as_array(pointer, shape=(n_vocab,)).copy())
+        llama.input_ids[base:base + len(part)] = part
+        llama.n_tokens = base + len(part)
+    return np.stack(rows)

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from app.services.backends.base import Capabilities, check_token_ids, common_prefix_length, continuation_prompt
-from app.services.backends.transformers.batching import END, Failure, PaddedRepetitionPenalty, RoundBatcher, RoundStreamer, Row, round_key
-from app.services.backends.transformers.detokenizer import make_detokenizer
+from app.services.backends.transformers.batching import END, Failure, LogitsTap, PaddedRepetitionPenalty, RoundBatcher, RoundStreamer, Row, round_key
+from app.services.backends.transformers.detokenizer import TokenBytes, make_detokenizer
 from app.services.backends.transformers.device import (
     DTYPE_BYTES,
     DeviceCaps,
@@ -36,7 +36,7 @@ from app.services.checkpoints.adapters import ADAPTER_WEIGHT_FILES, adapter_matc
 from app.services.checkpoints.hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge
-from app.services.core.text_stream import GenerationFailed, StreamAssembler, stream_tokens
+from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
 from app.services.core.types import Chunk, GenerationParams, Message, Prompt
 from config.settings import TransformersSettings
 
@@ -93,6 +93,7 @@ class TransformersBackend:
         self._caps = caps
         self._model = None
         self._tokenizer = None
+        self._token_bytes: Optional[TokenBytes] = None
         self._placement: Optional[Placement] = None
         self._facts: Optional[CheckpointFacts] = None
         self._eos_ids: frozenset[int] = frozenset()
@@ -195,6 +196,7 @@ class TransformersBackend:
             raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
         model.eval()
         self._model, self._tokenizer = model, tokenizer
+        self._token_bytes = TokenBytes(tokenizer)
         self._batcher = RoundBatcher(self._run_round, self._settings.max_batch_size)
         self._prefix_cache = self._settings.prefix_cache == "on" or (
             self._settings.prefix_cache == "auto" and placement.dtype == "fp32"
@@ -254,7 +256,27 @@ class TransformersBackend:
     def capabilities(self) -> Capabilities:
         # max_batch_size: generations the service lets in at once; they share generate calls (see batching.py)
         return Capabilities(inspection=True, max_batch_size=self._settings.max_batch_size,
-                            adapter_switch=self.adapter_unmerged)
+                            adapter_switch=self.adapter_unmerged, scoring=True, logprobs=True)
+
+    def continuation_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True):
+        """One forward pass over prompt and continuation on the rounds' thread (never beside a round);
+        only the rows that predict the continuation are kept."""
+        import torch
+
+        ids = list(prompt_ids) + list(continuation)
+        keep = len(continuation) + 1  # from the prompt's last token; the last row predicts past the text
+
+        def forward():
+            self._adapter_scope(use_adapter)  # refuses a merged adapter before any work
+            with torch.inference_mode(), self._adapter_scope(use_adapter):
+                out = self._model(input_ids=torch.tensor([ids], device=self._placement.device), use_cache=False,
+                                  logits_to_keep=keep)
+            return out.logits[0, :-1].float().cpu().numpy()
+
+        return self._batcher.call(forward)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._token_bytes(token_id)
 
     def unload(self) -> None:
         batcher, self._batcher = self._batcher, None
@@ -452,15 +474,20 @@ class TransformersBackend:
             kwargs["generation_config"].repetition_penalty = None
             kwargs.setdefault("logits_processor", self._processors()).append(
                 PaddedRepetitionPenalty(first.params.repetition_penalty, pads))
-        streamer = RoundStreamer(rows)
+        tap = LogitsTap(self._model) if any(row.params.logprobs is not None for row in rows) else None
+        streamer = RoundStreamer(rows, tap, self._token_bytes)
         seed = first.params.seed if first.params.seed is not None else random.randrange(2**31)
         torch.manual_seed(seed)
         # disable_adapter flips state on the LoRA layers, not per thread; rounds run one at a time
         # and a round's rows share the adapter switch, so no other request sees it switched off.
-        with torch.inference_mode(), self._adapter_scope(first.params.use_adapter):
-            self._model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
-                                 stopping_criteria=StoppingCriteriaList([RowsHalted()]),
-                                 **({"past_key_values": cache} if alone else {}), **kwargs)
+        try:
+            with torch.inference_mode(), self._adapter_scope(first.params.use_adapter):
+                self._model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
+                                     stopping_criteria=StoppingCriteriaList([RowsHalted()]),
+                                     **({"past_key_values": cache} if alone else {}), **kwargs)
+        finally:
+            if tap is not None:
+                tap.close()
         if alone:
             self._keep_prefix_cache(cache, list(first.prompt.token_ids) + first.tokens.generated, first.params.use_adapter)
 
@@ -470,7 +497,7 @@ class TransformersBackend:
 
         return LogitsProcessorList()
 
-    def _arrivals(self, row: Row, detokenizer) -> Iterator[tuple[int, str]]:
+    def _arrivals(self, row: Row, detokenizer) -> Iterator[Arrival]:
         """Token ids and their text as the round produces them; a failure in generate, or
         silence past token_timeout_s, ends the stream with an error instead of hanging it."""
         while True:
@@ -482,7 +509,8 @@ class TransformersBackend:
                 return
             if isinstance(item, Failure):
                 raise GenerationFailed(self._describe_failure(item.error))
-            yield item, detokenizer.step(item)
+            token_id, logprob = item
+            yield token_id, detokenizer.step(token_id), logprob
 
     # -- prefix cache ------------------------------------------------------------------------
     def _take_prefix_cache(self, token_ids: Sequence[int], adapter_on: bool = True):

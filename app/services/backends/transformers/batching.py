@@ -21,7 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from app.services.core.types import GenerationParams, Prompt
+from app.services.core.logprobs import token_logprob
+from app.services.core.types import GenerationParams, Prompt, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,15 @@ END = object()
 
 
 class TokenQueue:
-    """One row's token ids as ``generate`` produces them."""
+    """One row's token ids, each with its log-probabilities or None, as ``generate`` produces them."""
 
     def __init__(self):
         self.queue: queue.Queue = queue.Queue()
         self.generated: list[int] = []  # every id generate produced, read or not: the KV cache holds them
 
-    def push(self, token_id: int) -> None:
+    def push(self, token_id: int, logprob: Optional[TokenLogprob] = None) -> None:
         self.generated.append(token_id)
-        self.queue.put(token_id)
+        self.queue.put((token_id, logprob))
 
 
 @dataclass(eq=False)
@@ -66,23 +67,46 @@ class Row:
         return self.halt.is_set() or self.cancel.is_set()
 
 
+class LogitsTap:
+    """Keeps the raw next-token logits of each forward pass, as the output layer computed them,
+    before generate's processors (penalties, temperature, top-k/p) touch them: the distribution
+    log-probabilities report. A forward hook on the output embedding; ``generate`` computes only
+    the last position's logits, so each call holds one step's (rows, vocab)."""
+
+    def __init__(self, model):
+        self._handle = model.get_output_embeddings().register_forward_hook(self._keep)
+        self.latest = None
+
+    def _keep(self, module, inputs, output) -> None:
+        self.latest = output[:, -1, :]
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
 class RoundStreamer:
     """The streamer ``generate`` feeds: each step's (rows,) ids, one to each row; the prompt,
-    which generate hands over first, is skipped."""
+    which generate hands over first, is skipped. With a ``tap``, rows that asked for
+    log-probabilities get them from the step's raw logits (``piece`` names the tokens)."""
 
-    def __init__(self, rows: Sequence[Row]):
+    def __init__(self, rows: Sequence[Row], tap: Optional[LogitsTap] = None, piece: Optional[Callable[[int], bytes]] = None):
         self._rows = rows
         self._prompt_seen = False
+        self._tap = tap
+        self._piece = piece
 
     def put(self, value) -> None:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
         ids = value.reshape(len(self._rows), -1).tolist()
-        for row, row_ids in zip(self._rows, ids):
+        logits = self._tap.latest.float().cpu().numpy() if self._tap is not None and self._tap.latest is not None else None
+        for index, (row, row_ids) in enumerate(zip(self._rows, ids)):
             if not row.halt.is_set():
                 for token_id in row_ids:
-                    row.tokens.push(token_id)
+                    want = row.params.logprobs
+                    logprob = token_logprob(logits[index], token_id, want, self._piece) if want is not None and logits is not None else None
+                    row.tokens.push(token_id, logprob)
 
     def end(self) -> None:
         for row in self._rows:
@@ -121,6 +145,34 @@ def round_key(params: GenerationParams) -> Optional[tuple]:
             params.ignore_eos, params.use_adapter)
 
 
+class _Job:
+    """Work handed to the rounds' thread, and its result or exception for the caller."""
+
+    def __init__(self, work: Callable[[], object]):
+        self._work = work
+        self._done = threading.Event()
+        self._value: object = None
+        self._error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            self._value = self._work()
+        except BaseException as exc:  # handed back to the caller, who reports it
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    def result(self) -> object:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class RoundBatcher:
     """Gathers rows into rounds and runs each round on its own thread, one round at a time."""
 
@@ -129,6 +181,7 @@ class RoundBatcher:
         self._max = max_batch_size
         self._cond = threading.Condition()
         self._waiting: list[Row] = []
+        self._jobs: list[_Job] = []  # work that runs alone between rounds (scoring)
         self._expected = 0  # rows announced by expect() that have not been submitted yet
         self._closed = False
         self.round_sizes: deque[int] = deque(maxlen=64)  # the latest rounds', for the status and tests
@@ -146,6 +199,18 @@ class RoundBatcher:
             self._expected = max(0, self._expected - 1)
             self._cond.notify_all()
 
+    def call(self, job: Callable[[], object]) -> object:
+        """Runs ``job`` on the rounds' thread between two rounds, so it never overlaps a generate
+        call (the adapter switch and the weights are the model's, not the thread's); its result or
+        its exception comes back here."""
+        pending = _Job(job)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the model was unloaded")
+            self._jobs.append(pending)
+            self._cond.notify_all()
+        return pending.result()
+
     def submit(self, row: Row) -> None:
         with self._cond:
             if self._closed:
@@ -162,14 +227,19 @@ class RoundBatcher:
 
     def _take_round(self) -> Optional[list[Row]]:
         with self._cond:
-            while not self._waiting and not self._closed:
+            while not self._waiting and not self._jobs and not self._closed:
                 self._cond.wait()
             if self._closed:
                 for row in self._waiting:  # unloaded under them: their streams end
                     row.tokens.queue.put(Failure(RuntimeError("the model was unloaded")))
                     row.tokens.queue.put(END)
                 self._waiting = []
+                for job in self._jobs:
+                    job.fail(RuntimeError("the model was unloaded"))
+                self._jobs = []
                 return None
+            if self._jobs:
+                return []  # the loop runs the jobs before the next round
             self._cond.wait_for(lambda: self._expected == 0 or len(self._waiting) >= self._max or self._closed,
                                 ROUND_GATHER_S)
             if self._closed:
@@ -188,6 +258,12 @@ class RoundBatcher:
             rows = self._take_round()
             if rows is None:
                 return
+            if not rows:
+                with self._cond:
+                    jobs, self._jobs = self._jobs, []
+                for job in jobs:
+                    job.run()
+                continue
             live = [row for row in rows if not row.stopped()]
             for row in rows:
                 if row not in live:  # stopped while it waited: nothing to generate

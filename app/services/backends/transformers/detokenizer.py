@@ -61,3 +61,54 @@ def make_detokenizer(tokenizer, prompt_ids: Sequence[int], skip_special_tokens: 
     if backend is not None:
         return StreamDetokenizer(backend, prompt_ids, skip_special_tokens)
     return WindowDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+
+
+class TokenBytes:
+    """Each token's own bytes, for log-probability alternatives (OpenAI's ``bytes``): a byte-level
+    BPE vocabulary (GPT-2's, Qwen's, SmolLM2's) maps its characters back to bytes; a sentencepiece
+    one writes ``▁`` for a space and ``<0xNN>`` for a raw byte; anything else decodes the id alone."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._cache: dict[int, bytes] = {}
+        self._byte_level = _byte_decoder() if _is_byte_level(tokenizer) else None
+
+    def __call__(self, token_id: int) -> bytes:
+        piece = self._cache.get(token_id)
+        if piece is None:
+            piece = self._cache[token_id] = self._bytes_of(token_id)
+        return piece
+
+    def _bytes_of(self, token_id: int) -> bytes:
+        token = self._tokenizer.convert_ids_to_tokens(token_id)
+        if token is None:
+            return b""
+        if token_id in self._tokenizer.all_special_ids or token in getattr(self._tokenizer, "added_tokens_encoder", {}):
+            return token.encode("utf-8")  # added tokens are stored as their text
+        if self._byte_level is not None and all(char in self._byte_level for char in token):
+            return bytes(self._byte_level[char] for char in token)
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            return bytes([int(token[3:5], 16)])
+        if "\u2581" in token:
+            return token.replace("\u2581", " ").encode("utf-8")
+        return self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False).encode("utf-8")
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None) if backend is not None else None
+    return decoder is not None and "ByteLevel" in repr(decoder)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-to-character table, reversed: printable bytes stand for themselves, the rest
+    are shifted past 255."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, shift = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + shift)] = byte
+            shift += 1
+    return chars
