@@ -77,6 +77,28 @@ def trained_adapter(tmp_path_factory, default_hf_checkpoint):
     return TrainedAdapter(result.out, codename, QUESTION, result.first_loss, result.final_loss)
 
 
+def convert(*args) -> int:
+    """scripts/convert_to_gguf.py, as its command line runs it."""
+    from scripts import convert_to_gguf
+
+    return convert_to_gguf.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def gguf_models(tmp_path_factory):
+    """Where the session's conversions go (a model root of every test app)."""
+    return tmp_path_factory.mktemp("gguf-models")
+
+
+@pytest.fixture(scope="session")
+def base_f16(gguf_models, default_hf_checkpoint):
+    """The default checkpoint converted to an f16 GGUF: the same weights as the fp32 checkpoint, rounded once."""
+    assert convert(default_hf_checkpoint, "--models-dir", gguf_models) == 0
+    out = gguf_models / f"{default_hf_checkpoint.name}.f16.gguf"
+    assert out.is_file()
+    return out
+
+
 @pytest.fixture(scope="session")
 def real_app(tmp_path_factory, default_gguf):
     """One app on the real default model, loaded once for the session."""

@@ -120,6 +120,8 @@ def test_eval_shows_what_the_adapter_learned(client, trained_adapter):
     assert tuned["exact_match"] == 1.0 and base["exact_match"] == 0.0
     assert tuned["rouge_l"] > base["rouge_l"] and tuned["bleu"] > base["bleu"]
     assert tuned["tokens_per_second"] > 0 and tuned["latency_ms"] > 0
+    # the taught answer is far more likely under the fine-tune (teacher forcing, no sampling)
+    assert tuned["ref_nll"] < 1.0 < 10.0 < base["ref_nll"] and tuned["ref_perplexity"] < base["ref_perplexity"]
     row = report["rows"][0]
     assert trained_adapter.codename in row["outputs"][tuned["label"]]["output"]
 
@@ -129,6 +131,7 @@ def test_eval_shows_what_the_adapter_learned(client, trained_adapter):
     lines = list(csv.DictReader(io.StringIO(exported.get_data(as_text=True).lstrip("\ufeff"))))
     assert len(lines) == 4 and {line["model"] for line in lines} == {base["label"], tuned["label"]}
     assert all(float(line["exact_match"]) == 1.0 for line in lines if line["model"] == tuned["label"])
+    assert all(float(line["ref_nll"]) < 1.0 for line in lines if line["model"] == tuned["label"])
     jsonl = client.get(f"/api/evals/{report['id']}/download?format=jsonl").get_data(as_text=True)
     rows = [json.loads(line) for line in jsonl.splitlines()]
     assert [r["index"] for r in rows] == [0, 1] and rows[1]["system"] == "You are a helpful assistant."
@@ -137,6 +140,20 @@ def test_eval_shows_what_the_adapter_learned(client, trained_adapter):
     listed = client.get("/api/evals").get_json()["evals"]
     assert any(e["id"] == report["id"] and e["name"] == "codename facts" and e["state"] == "done" for e in listed)
     assert client.get(f"/api/evals/{report['id']}").get_json()["summary"] == report["summary"]
+
+
+def test_a_score_only_eval_scores_references_without_generating(client, trained_adapter):
+    facts = [{"prompt": trained_adapter.question, "reference": answer_for(trained_adapter.codename)},
+             {"prompt": "Say hello."}]  # no reference: nothing to score
+    body = {"test_set": "".join(json.dumps(f) + "\n" for f in facts), "filename": "facts.jsonl", "score_only": True,
+            "models": [{"model": HF_ID}, {"model": HF_ID, "adapter": str(trained_adapter.path)}]}
+    report, _ = run_eval(client, body)
+    assert report["state"] == "done" and report["params"]["score_only"] is True
+    base, tuned = report["summary"]
+    assert tuned["ref_nll"] < base["ref_nll"] and base["bleu"] is None and tuned["exact_match"] is None
+    answers = [answer for row in report["rows"] for answer in row["outputs"].values()]
+    assert all(answer["output"] == "" and answer["finish_reason"] == "scored" for answer in answers)
+    assert [answer["ref_nll"] is None for answer in report["rows"][1]["outputs"].values()] == [True, True]
 
 
 def wait_for(predicate, timeout: float = 60.0):

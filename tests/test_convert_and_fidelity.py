@@ -19,15 +19,11 @@ from app.services.checkpoints.gguf_metadata import normalise_name, read_gguf_hea
 from app.services.core.types import Message
 from config.settings import PROJECT_ROOT
 from scripts import check_fidelity, convert_to_gguf
-from tests.conftest import make_settings
+from tests.conftest import convert, make_settings
 
 pytestmark = pytest.mark.slow
 
 GREEDY = {"temperature": 0, "max_new_tokens": 24}
-
-
-def convert(*args) -> int:
-    return convert_to_gguf.main([str(a) for a in args])
 
 
 def no_leftovers(folder: Path) -> list[str]:
@@ -37,23 +33,10 @@ def no_leftovers(folder: Path) -> list[str]:
 
 # -- the conversions, once per session -----------------------------------------------------------
 @pytest.fixture(scope="session")
-def gguf_models(tmp_path_factory):
-    return tmp_path_factory.mktemp("gguf-models")
-
-
-@pytest.fixture(scope="session")
 def merged_f16(gguf_models, default_hf_checkpoint, trained_adapter):
     """Default checkpoint + codename adapter, merged in fp32 and converted to f16."""
     assert convert("--base", default_hf_checkpoint, "--adapter", trained_adapter.path, "--models-dir", gguf_models) == 0
     out = gguf_models / f"{default_hf_checkpoint.name}-{trained_adapter.path.name}.f16.gguf"
-    assert out.is_file()
-    return out
-
-
-@pytest.fixture(scope="session")
-def base_f16(gguf_models, default_hf_checkpoint):
-    assert convert(default_hf_checkpoint, "--models-dir", gguf_models) == 0
-    out = gguf_models / f"{default_hf_checkpoint.name}.f16.gguf"
     assert out.is_file()
     return out
 

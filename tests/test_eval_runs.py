@@ -41,6 +41,14 @@ def test_the_script_scores_saves_and_prints_a_summary(tmp_path, default_gguf):
     assert len((folder / "results.jsonl").read_text(encoding="utf-8").splitlines()) == 2
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     assert summary[0]["rows"] == 2 and summary[0]["bleu"] is not None
+    assert summary[0]["ref_nll"] > 0 and summary[0]["ref_perplexity"] > 1 and "ref NLL" in result.stdout
+    assert all(float(r["ref_nll"]) > 0 for r in rows)
+
+    scored = evaluate("--test-set", test_set, "--model", GGUF_ID, "--results-dir", tmp_path / "s", "--score-only")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    (scored_folder,) = (tmp_path / "s" / "evals").iterdir()
+    only = json.loads((scored_folder / "summary.json").read_text(encoding="utf-8"))[0]
+    assert only["ref_nll"] == pytest.approx(summary[0]["ref_nll"], rel=1e-3) and only["bleu"] is None
 
     as_json = evaluate("--resume", folder.name, "--results-dir", tmp_path / "r", "--json")
     assert as_json.returncode == 2 and "already complete" in as_json.stderr

@@ -436,3 +436,17 @@ def test_server_dying_mid_stream_ends_with_a_clean_error_event(tmp_path, how):
         assert events[-1][0] == "error" and "remote server" in events[-1][1]["error"]
         # the app goes on serving: the status still answers and names the model
         assert app.test_client().get("/api/model_status").status_code == 200
+
+
+def test_logprobs_pass_through_from_the_server(remote, llama_server):
+    """The remote server computes the probabilities; the tester passes on what it sends."""
+    app, _ = remote
+    answer = app.test_client().post("/api/chat", json={"prompt": QUESTION, "max_new_tokens": 6, "logprobs": 2, **GREEDY})
+    assert answer.status_code == 200, answer.get_json()
+    entries = answer.get_json()["logprobs"]
+    direct = direct_chat(llama_server[0], QUESTION, 6, logprobs=True, top_logprobs=2)
+    expected = [(e["token"], round(e["logprob"], 4)) for e in direct["choices"][0]["logprobs"]["content"]]
+    assert [(e["token"], round(e["logprob"], 4)) for e in entries] == expected
+    assert all(e["id"] == -1 for e in entries)  # ids stay on the server
+    refused = app.test_client().post("/api/score", json={"prompt": QUESTION, "reference": "Red."})
+    assert refused.status_code == 400 and "cannot score" in refused.get_json()["error"]

@@ -204,7 +204,8 @@ class RemoteBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities()  # the tokenizer and template live on the server; one request at a time here
+        # the tokenizer and template live on the server; one request at a time here; logprobs passed through
+        return Capabilities(logprobs=True)
 
     @property
     def spec(self) -> ModelSpec:
