@@ -10,6 +10,8 @@ from flask import Flask
 
 from app.logging_setup import configure_logging
 from app.routes import register_routes
+from app.services.arena.service import ArenaService
+from app.services.arena.store import ArenaStore
 from app.services.backends.factory import BackendFactory, make_backend
 from app.services.engine.service import ModelService
 from app.services.engine.slots import CompareSlots, EnginePool
@@ -38,8 +40,9 @@ def create_app(settings: Optional[Settings] = None, backend_factory: BackendFact
     pool = EnginePool(settings, backend_factory, service)
     app.extensions["model_service"] = service
     app.extensions["engine_pool"] = pool
-    app.extensions["compare_slots"] = CompareSlots(pool)
-    app.extensions["eval_service"] = EvalService(settings, pool)
+    app.extensions["compare_slots"] = compare_slots = CompareSlots(pool)
+    app.extensions["eval_service"] = evals = EvalService(settings, pool)
+    app.extensions["arena"] = ArenaService(ArenaStore(settings.results_dir / "arena.sqlite3"), compare_slots, evals.store)
     app.extensions["system_monitor"] = SystemMonitor()
     register_routes(app, settings.server)
     log.info("model_test ready: backend=%s model=%s adapter=%s (loads on first use)", settings.backend or "inferred",

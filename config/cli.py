@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     leaves = list(leaf_fields())
     owners: dict[str, list[LeafField]] = defaultdict(list)
     for leaf in leaves:
-        if leaf.short_flag:
+        # a section class used twice (remote, judge_endpoint) keeps its short flags for its first use
+        if leaf.short_flag and all(other.info is not leaf.info for other in owners[leaf.short_flag]):
             owners[leaf.short_flag].append(leaf)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for leaf in leaves:
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} settings" if section else "the model to serve, and where files live")
         names = [leaf.long_flag]
-        if leaf.short_flag and len(owners[leaf.short_flag]) == 1 and leaf.short_flag != leaf.long_flag:
+        owned = leaf.short_flag and any(owner is leaf for owner in owners[leaf.short_flag])
+        if owned and len(owners[leaf.short_flag]) == 1 and leaf.short_flag != leaf.long_flag:
             names.append(leaf.short_flag)
         argument = _argument(leaf.info.annotation)
         if argument.get("type") is str and "metavar" not in argument:

@@ -193,6 +193,8 @@ class Settings(BaseSettings):
     )
     saves_dir: Path = Field(PROJECT_ROOT / "saves", description="LLaMA-Factory style outputs: saves/<model>/lora/<name>/.")
     results_dir: Path = Field(PROJECT_ROOT / "results", description="Where evals (results/evals/<id>/) and benchmarks are saved.")
+    judge_prompts: Path = Field(PROJECT_ROOT / "config" / "judge_prompts.txt",
+                                description="The prompts an eval's judge model reads (pairwise and single-answer grading); edit them freely.")
     presets: dict[str, Preset] = Field(
         default_factory=lambda: dict(DEFAULT_PRESETS),
         description='Named models; override as JSON, e.g. MODEL_TEST_PRESETS=\'{"qwen2.5-7b-instruct": {"backend": "transformers", "path": "/data/qwen7b"}}\'.',
@@ -202,3 +204,7 @@ class Settings(BaseSettings):
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
     transformers: TransformersSettings = Field(default_factory=TransformersSettings)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
+    judge_endpoint: RemoteSettings = Field(
+        default_factory=RemoteSettings,
+        description="An OpenAI-compatible server an eval may use as its judge (base_url, model, api_key), set by the "
+        "operator only: clients choose it by name, never give its address or key, and results never hold the key.")

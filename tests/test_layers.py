@@ -13,11 +13,13 @@ from config.settings import PROJECT_ROOT
 
 APP = PROJECT_ROOT / "app"
 
-# Top to bottom. evals sits above engine: an eval runs its rows through the engine's slots.
+# Top to bottom. evals and arena sit above engine: an eval runs its rows through the engine's
+# slots, a blind comparison its prompt through the compare columns.
 LAYERS = [
     ("app", 9),  # the factory
     ("app.routes", 8),
     ("app.services.evals", 7),
+    ("app.services.arena", 7),
     ("app.services.engine", 6),
     ("app.services.catalog", 5),
     ("app.services.backends", 4),

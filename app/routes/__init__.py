@@ -13,7 +13,7 @@ from __future__ import annotations
 from flask import Flask
 
 from app.routes import docs, pages
-from app.routes.api import compare, evals
+from app.routes.api import arena, compare, evals
 from app.routes.api import routes as api
 from app.routes.http.errors import register_error_handlers
 from app.routes.openai import routes as openai
@@ -23,7 +23,7 @@ from config.settings import ServerSettings
 
 def register_routes(app: Flask, server: ServerSettings) -> None:
     """Blueprints, error handlers, and the optional API key and CORS, in one place."""
-    for module in (pages, api, openai, docs, service, compare, evals):
+    for module in (pages, api, openai, docs, service, compare, evals, arena):
         app.register_blueprint(module.bp)
     register_error_handlers(app)
     if server.api_key:

@@ -37,6 +37,12 @@ def _form_options() -> EvalOptions:
             raise InvalidRequest("max_new_tokens must be a whole number", field="max_new_tokens") from None
     if request.form.get("name"):
         data["name"] = request.form["name"]
+    if request.form.get("judge"):
+        try:
+            data["judge"] = json.loads(request.form["judge"])
+        except ValueError:
+            raise InvalidRequest("judge must be a JSON object: {model, backend, adapter, mode} or {endpoint: true, mode}",
+                                 field="judge") from None
     if request.form.get("score_only"):
         data["score_only"] = request.form["score_only"].lower() in ("1", "true", "on", "yes")
     return validated(EvalOptions, data)
@@ -61,8 +67,9 @@ def start_eval():
                              field="max_new_tokens")
     rows = parse_test_set(data, filename, limits.max_test_set_bytes, limits.max_test_set_rows)
     requests = slot_requests(options.models, limits, "models")
-    return json_answer(EvalProgress, eval_service().start(rows, requests, options.max_new_tokens, options.name,
-                                                            score_only=options.score_only), 202)
+    return json_answer(EvalProgress, eval_service().start(
+        rows, requests, options.max_new_tokens, options.name, score_only=options.score_only,
+        judge=options.judge.judge_request(current_app.config["SETTINGS"].judge_endpoint) if options.judge else None), 202)
 
 
 @bp.post("/divergence")

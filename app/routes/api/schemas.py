@@ -11,7 +11,8 @@ from app.routes.http.shapes import QueueCounts, Shape, Timings, TokenLogprobShap
 from app.services.core.errors import InvalidRequest
 from app.services.core.types import GenerationParams, Message
 from app.services.engine.slots import SlotRequest
-from config.settings import LimitSettings
+from app.services.evals.judge import JudgeRequest
+from config.settings import LimitSettings, RemoteSettings
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -163,12 +164,29 @@ class CompareSlotsBody(StrictBody):
     slots: list[SlotIn] = Field(min_length=1, description="The columns: each a model, maybe an adapter, and whether it is on.")
 
 
+class JudgeIn(SlotIn):
+    """The eval's judge: a model this server serves (as a compare slot names it), or with endpoint
+    true the operator's judge endpoint (settings.judge_endpoint)."""
+
+    mode: Literal["pairwise", "single", "both"] = Field(
+        "both", description="pairwise: which of two models' answers is better, asked in both orders; single: each answer "
+        "graded 1-10 against the row's reference; both.")
+    endpoint: bool = Field(False, description="Judge with the operator's configured endpoint (MODEL_TEST_JUDGE_ENDPOINT__*).")
+    max_new_tokens: int = Field(512, ge=8, le=4096, description="The judge's explanation and verdict, at most.")
+
+    def judge_request(self, endpoint: RemoteSettings) -> JudgeRequest:
+        if self.endpoint:
+            return JudgeRequest(self.mode, endpoint=endpoint, max_new_tokens=self.max_new_tokens)
+        return JudgeRequest(self.mode, slot=self.request(), max_new_tokens=self.max_new_tokens)
+
+
 class EvalOptions(StrictBody):
     models: list[SlotIn] = Field(default_factory=list, description="The models compared, as compare slots; empty: the served model.")
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens per answer.")
     name: Optional[str] = Field(None, min_length=1, max_length=200, description="A name to find the eval by later.")
     score_only: bool = Field(False, description="Score the references by teacher forcing without generating (fast): "
                              "ref_nll and ref_perplexity only.")
+    judge: Optional[JudgeIn] = Field(None, description="A judge model: its verdicts and reasons are saved per row and summed up per model.")
 
 
 class EvalBody(EvalOptions):
@@ -406,6 +424,14 @@ class EvalSummary(Shape):
     tokens_per_second: Optional[float]
     ref_nll: Optional[float] = Field(None, description="Mean total NLL of the references.")
     ref_perplexity: Optional[float] = Field(None, description="Perplexity over all reference tokens together.")
+    judge_wins: Optional[int] = Field(None, description="Pairs (row x other model) the judge gave this model, in both orders.")
+    judge_losses: Optional[int] = None
+    judge_ties: Optional[int] = Field(None, description="Pairs judged a tie, or judged differently in the two orders.")
+    judge_unparsable: Optional[int] = Field(None, description="Pairs where a verdict could not be read.")
+    judge_errors: Optional[int] = None
+    judge_pairs: Optional[int] = Field(None, description="wins + losses + ties + unparsable + errors.")
+    judge_rating: Optional[float] = Field(None, description="Mean single-answer rating (1-10) against the references.")
+    judge_rated: Optional[int] = None
 
 
 class EvalRow(Shape):
@@ -414,6 +440,7 @@ class EvalRow(Shape):
     system: Optional[str]
     reference: Optional[str]
     outputs: dict[str, EvalAnswer]
+    judge: Optional[list[dict]] = Field(None, description="The judge's verdicts on this row, with its reasons.")
 
 
 class EvalReport(Shape):
@@ -426,6 +453,8 @@ class EvalReport(Shape):
     total: int
     error: Optional[str]
     params: dict
+    judge: Optional[dict] = Field(None, description="Which model judged, and how (never a key).")
+    judge_error: Optional[str] = Field(None, description="Why the judge could not judge, when it could not.")
     models: list[EvalModel]
     summary: list[EvalSummary]
     rows: list[EvalRow]
@@ -487,3 +516,71 @@ class DivergenceReport(Shape):
     top1_agreement: Optional[float] = Field(description="Share of places where both models' most likely token is the same.")
     most_changed: list[RowChange]
     all_rows: list[dict]
+
+
+# -- blind votes -----------------------------------------------------------------------------
+
+class BlindCompareBody(ChatBody):
+    """A prompt for every compare column; the answers come back shuffled and unlabelled."""
+
+
+class EvalPairBody(StrictBody):
+    eval_id: str = Field(min_length=1, max_length=64, description="A finished eval.")
+    row: int = Field(ge=0, description="The row whose answers are compared.")
+    models: Optional[list[str]] = Field(None, min_length=2, max_length=4, description="The eval's model labels to compare; default its first two.")
+
+
+class VoteBody(StrictBody):
+    vote: str = Field(min_length=1, max_length=16, description="The better answer's letter (A, B, ...), tie, or both_bad.")
+
+
+class ShownAnswer(Shape):
+    position: str
+    text: str
+
+
+class ArenaComparison(Shape):
+    id: str
+    source: str
+    answers: list[ShownAnswer]
+
+
+class ArenaVote(Shape):
+    id: str
+    source: str
+    messages: list[dict]
+    answers: list[ShownAnswer]
+    vote: Optional[str]
+    mapping: Optional[dict[str, str]] = Field(None, description="Which model wrote which answer: only once voted.")
+
+
+class RatingRow(Shape):
+    model: str
+    rating: float = Field(description="Bradley-Terry strength on the Elo scale (1000 = the average model).")
+    games: int
+    ci95: list[Optional[float]]
+
+
+class PairRecord(Shape):
+    model_a: str
+    model_b: str
+    wins_a: int
+    wins_b: int
+    ties: int
+    games: int
+    win_share_a: float = Field(description="(wins_a + ties / 2) / games.")
+    ci95: list[Optional[float]] = Field(description="Wilson 95 % interval of win_share_a.")
+
+
+class ArenaRatings(Shape):
+    votes: int
+    games: int
+    leaderboard: list[RatingRow]
+    pairs: list[PairRecord]
+
+
+class VoteResult(Shape):
+    id: str
+    vote: str
+    mapping: dict[str, str]
+    ratings: ArenaRatings

@@ -12,6 +12,10 @@ from pydantic import BaseModel
 
 from app.routes.api.schemas import (
     ApplyTemplateBody,
+    ArenaComparison,
+    ArenaRatings,
+    ArenaVote,
+    BlindCompareBody,
     ChatAnswer,
     ChatBody,
     CompareSlotsBody,
@@ -20,6 +24,7 @@ from app.routes.api.schemas import (
     DivergenceReport,
     EvalBody,
     EvalList,
+    EvalPairBody,
     EvalProgress,
     EvalReport,
     FidelityBody,
@@ -38,6 +43,8 @@ from app.routes.api.schemas import (
     Text,
     TokenizeBody,
     Tokens,
+    VoteBody,
+    VoteResult,
 )
 from app.routes.http.errors import SURFACE_OF_BLUEPRINT, Surface
 from app.routes.http.shapes import ApiError, Detail, OpenAIError, ValidationDetail
@@ -117,6 +124,20 @@ OPERATIONS: dict[str, Operation] = {
     "evals.divergence": Operation("What changed between two models on a test set (a fine-tune and its base, a quant and its f16): "
                                   "per-token KL divergence, top-1 agreement, the rows and tokens that changed most", "eval",
                                   DivergenceBody, DivergenceReport),
+    "arena.compare": Operation("A blind comparison: every compare column answers the prompt; the answers come back shuffled as "
+                               "A, B, ... with the models hidden until the vote", "arena", BlindCompareBody, ArenaComparison,
+                               status="201"),
+    "arena.compare_eval_row": Operation("A finished eval's row as a blind comparison of its models' answers", "arena", EvalPairBody,
+                                        ArenaComparison, status="201"),
+    "arena.comparison": Operation("A comparison: its answers, and once voted its vote and which model wrote which", "arena",
+                                  response=ArenaVote),
+    "arena.vote": Operation("Vote on a comparison (A, B, ..., tie or both_bad): reveals the models and answers the new ratings; "
+                            "409 when it already has a vote", "arena", VoteBody, VoteResult),
+    "arena.ratings": Operation("Ratings from every vote: a Bradley-Terry table on the Elo scale with bootstrap 95 % intervals, "
+                               "and wins, losses and ties per pair with Wilson intervals", "arena", response=ArenaRatings),
+    "arena.export": Operation("Every vote with its prompt, answers and models, and the ratings", "arena",
+                              query=(("format", {"type": "string", "enum": ["csv", "json"], "default": "csv"}, "csv or json"),),
+                              raw={"text/csv": "CSV", "application/json": "JSON"}),
     "evals.list_evals": Operation("Evals saved under results/evals, newest first", "eval", response=EvalList),
     "evals.get_eval": Operation("An eval's models, summary and every row's answers and scores", "eval", response=EvalReport),
     "evals.eval_events": Operation("An eval's live progress", "eval", stream=EVAL_SSE),

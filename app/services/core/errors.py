@@ -116,3 +116,8 @@ class EvalRunning(ServiceError):
 
     def details(self) -> dict:
         return {"running": self.running}
+
+
+class AlreadyVoted(ServiceError):
+    status = 409
+    type = "already_voted"

@@ -21,7 +21,7 @@ from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import NotFound, ServiceError
 from app.services.core.types import GenerationParams
 from app.services.engine.service import ModelService
-from config.settings import Settings
+from config.settings import RemoteSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,11 @@ class EnginePool:
         transformers = self._settings.transformers.model_copy(update={"merge_adapter": not key.unmerged})
         return self._settings.model_copy(update={"transformers": transformers})
 
+    def detached(self, remote: RemoteSettings) -> ModelService:
+        """A service outside the pool for a model on another OpenAI-compatible server (an eval's
+        judge), sharing the registry so Stop reaches its generations; the caller unloads it."""
+        return ModelService(self._settings.model_copy(update={"remote": remote}), self._backend_factory, self._main.registry)
+
     def engines(self) -> list[dict]:
         with self._lock:
             return [{"model": key.spec.label, "unmerged": key.unmerged, "users": self._users.get(key, 0)}
@@ -206,9 +211,11 @@ class CompareSlots:
             return []
 
     def list(self) -> list[dict]:
+        return [slot.to_dict() for slot in self.slots()]
+
+    def slots(self) -> list[Slot]:
         with self._lock:
-            slots = list(self._slots)
-        return [slot.to_dict() for slot in slots]
+            return list(self._slots)
 
     def engines(self) -> list[dict]:
         """The models loaded for compare and evals, each once however many slots use it."""

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator, Optional, Sequence
 
+from app.services.arena.store import ArenaStore
 from app.services.core.errors import EvalRunning, InvalidRequest, ServiceError
 from app.services.core.types import GenerationParams
 from app.services.engine.generation import Generation, collect_together
 from app.services.engine.scoring import conversation
 from app.services.engine.slots import EnginePool, Slot, SlotRequest
 from app.services.evals import metrics
+from app.services.evals.judge import Judge, JudgeRequest, judge_rows, judge_summary, load_prompts, row_verdicts
 from app.services.evals.store import EvalStore
 from app.services.evals.test_sets import TestRow
 from config.settings import Settings
@@ -50,6 +52,7 @@ class _Run:
     last_model: Optional[str] = None
     last_row: Optional[int] = None
     score_only: bool = False  # references scored by teacher forcing, nothing generated
+    judge: Optional[JudgeRequest] = None
 
 
 def new_eval_id() -> str:
@@ -63,10 +66,11 @@ def slot_request_dict(request: SlotRequest) -> dict:
 
 
 class EvalService:
-    def __init__(self, settings: Settings, pool: EnginePool):
+    def __init__(self, settings: Settings, pool: EnginePool, judgments: Optional[ArenaStore] = None):
         self._settings = settings
         self._pool = pool
         self.store = EvalStore(settings.results_dir / "evals")
+        self.judgments = judgments or ArenaStore(settings.results_dir / "arena.sqlite3")
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._run: Optional[_Run] = None
@@ -74,10 +78,19 @@ class EvalService:
     # -- starting --------------------------------------------------------------------------
     def start(self, rows: Sequence[TestRow], requests: Sequence[SlotRequest], max_new_tokens: int,
               name: Optional[str] = None, on_progress: Optional[Callable[[dict], None]] = None,
-              score_only: bool = False) -> dict:
+              score_only: bool = False, judge: Optional[JudgeRequest] = None) -> dict:
         """Checks the models (a 400/403/404 before anything runs), saves the eval and starts it."""
         requests = list(requests) or [SlotRequest()]
         self._pool.plan(requests, field="models")  # resolves and confines every model now
+        if judge is not None:
+            load_prompts(self._settings.judge_prompts)  # a broken prompts file is a 400 now, not after the answers
+            if judge.slot is not None:
+                self._pool.plan([judge.slot], field="judge")
+            elif judge.endpoint is not None and not judge.endpoint.base_url:
+                raise InvalidRequest("no judge endpoint is configured (MODEL_TEST_JUDGE_ENDPOINT__BASE_URL); name a model "
+                                     "this server serves as the judge instead", field="judge")
+            if judge.mode == "pairwise" and len(requests) < 2:
+                raise InvalidRequest("a pairwise judge needs at least two models", field="judge")
         eval_id = new_eval_id()
         meta = {
             "id": eval_id,
@@ -88,12 +101,13 @@ class EvalService:
             "models": [slot_request_dict(r) for r in requests],
             "labels": [],
             "params": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "score_only": score_only},
+            "judge": judge.describe() if judge else None,
             "total": len(rows) * len(requests),
         }
         with self._lock:
             self._refuse_if_running()
             self.store.create(eval_id, meta, list(rows))
-            run = self._begin(eval_id, meta, list(rows), requests, max_new_tokens, done=0)
+            run = self._begin(eval_id, meta, list(rows), requests, max_new_tokens, done=0, judge=judge)
         self._launch(run, on_progress)
         return self.progress(eval_id)
 
@@ -120,10 +134,11 @@ class EvalService:
             raise EvalRunning(f"eval {run.eval_id} is running ({run.done}/{run.total}); wait for it or cancel it "
                               f"(POST /api/evals/{run.eval_id}/cancel)", running=run.eval_id)
 
-    def _begin(self, eval_id, meta, rows, requests, max_new_tokens, done) -> _Run:
+    def _begin(self, eval_id, meta, rows, requests, max_new_tokens, done, judge: Optional[JudgeRequest] = None) -> _Run:
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
+        judge = judge or JudgeRequest.from_meta(meta.get("judge"), self._settings.judge_endpoint)
         self._run = _Run(eval_id, meta, rows, requests, params, done, len(rows) * len(requests),
-                         score_only=bool(meta["params"].get("score_only")))
+                         score_only=bool(meta["params"].get("score_only")), judge=judge)
         return self._run
 
     def _launch(self, run: _Run, on_progress) -> None:
@@ -162,6 +177,8 @@ class EvalService:
                             self._changed.notify_all()
                         if on_progress:
                             on_progress(self._progress_of(run))
+            if run.judge is not None and not run.cancel.is_set():
+                self._judge(run, [slot.label for slot in slots])
             final = "cancelled" if run.cancel.is_set() and run.done < run.total else "done"
             self._finish(run, final, None)
         except Exception as exc:  # the worker boundary: the eval's state must say why it stopped
@@ -170,6 +187,40 @@ class EvalService:
             self._finish(run, "error", message)
         finally:
             self._pool.release([slot.engine for slot in slots])
+
+    def _judge(self, run: _Run, labels: list[str]) -> None:
+        """The judge's verdicts on every row (those not on disk yet). A judge that cannot be loaded
+        (an endpoint that is down) is said once in the eval's meta; the answers stay as they are."""
+        prompts = load_prompts(self._settings.judge_prompts)
+        outputs = self.store.outputs(run.eval_id)
+
+        def answer(row_index: int, label: str) -> Optional[str]:
+            output = outputs.get((row_index, labels.index(label)))
+            return output["output"] if output and output.get("finish_reason") not in ("error", "scored") else None
+
+        judge_slots: list[Slot] = []
+        service = None
+        try:
+            if run.judge.endpoint is not None:
+                service = self._pool.detached(run.judge.endpoint)
+                service.load(backend="openai", model=run.judge.endpoint.model)
+                judge = Judge(f"{service.model_id() or 'the judge endpoint'} at {run.judge.endpoint.base_url}", service,
+                              max_new_tokens=run.judge.max_new_tokens)
+            else:
+                judge_slots = self._pool.open_slots([run.judge.slot or SlotRequest()], prefix="j", field="judge")
+                judge = Judge(judge_slots[0].label, judge_slots[0].service, judge_slots[0].adapter_enabled,
+                              run.judge.max_new_tokens)
+            with self._changed:
+                run.last_model, run.last_row = f"judge: {judge.label}", None
+                self._changed.notify_all()
+            judge_rows(judge, prompts, self.judgments, run.eval_id, run.rows, answer, labels, run.judge.mode, run.cancel.is_set)
+        except ServiceError as exc:
+            log.warning("eval %s: the judge failed: %s", run.eval_id, exc.message)
+            run.meta["judge_error"] = exc.message
+        finally:
+            self._pool.release([slot.engine for slot in judge_slots])
+            if service is not None:
+                service.unload()
 
     def _answers(self, run: _Run, slot: Slot, rows: list[TestRow], model_index: int) -> list[Optional[dict]]:
         """Each row's scored answer from this model (None: cancelled before it finished), with the
@@ -314,17 +365,23 @@ class EvalService:
         rows = self.store.rows(eval_id)
         outputs = self.store.outputs(eval_id)
         labels = meta.get("labels") or [f"model {i + 1}" for i in range(len(meta["models"]))]
+        judgments = self.judgments.judgments(eval_id) if meta.get("judge") else []
         report_rows = []
         for row in rows:
             answers = {labels[m]: outputs[(row.index, m)] for m in range(len(labels)) if (row.index, m) in outputs}
-            report_rows.append({**row.to_dict(), "outputs": answers})
+            extra = {"judge": row_verdicts(judgments, row.index)} if meta.get("judge") else {}
+            report_rows.append({**row.to_dict(), "outputs": answers, **extra})
         summary = [self._summary(label, [r["outputs"][label] for r in report_rows if label in r["outputs"]],
                                  [r["reference"] for r in report_rows if label in r["outputs"]]) for label in labels]
+        if meta.get("judge"):
+            verdicts = judge_summary(judgments, labels)
+            summary = [{**entry, **verdicts[entry["label"]]} for entry in summary]
         progress = self.progress(eval_id)
         return {
             "id": eval_id, "name": meta["name"], "state": progress["state"], "created": meta["created"],
             "finished": meta.get("finished"), "done": progress["done"], "total": meta["total"], "error": meta.get("error"),
             "params": meta["params"],
+            "judge": meta.get("judge"), "judge_error": meta.get("judge_error"),
             "models": [{"label": label, **request} for label, request in zip(labels, meta["models"])],
             "summary": summary, "rows": report_rows,
         }
