@@ -127,7 +127,7 @@ def test_the_model_rule(sdk, live_server):
         ({"messages": QUESTION, "temperature": 3}, "temperature", "less than or equal to 2"),
         ({"messages": QUESTION, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
         ({"messages": QUESTION, "max_tokens": 10**7}, "max_tokens", "limit"),
-        ({"messages": QUESTION, "logprobs": True}, "logprobs", "not supported"),
+        ({"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
         ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
         ({"messages": QUESTION, "stop": [""]}, "stop", "empty"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages.0.content", "only text"),

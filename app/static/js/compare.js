@@ -2,514 +2,508 @@
  * server, all answering the same prompt at once. Each column streams on its own EventSource,
  * shows its figures when done, and can highlight word by word where it differs from column 1.
  */
-(() => {
-  "use strict";
+import { bind, t } from "./i18n.js";
+import { newRequestId, openGenerationStream, postJson, requestJson, requestStop } from "./api.js";
+import { byId, fileName, makeElement, sendOnEnter } from "./dom.js";
+import { makeFigures } from "./format.js";
+import { SlotList } from "./picker.js";
+import { getCatalog } from "./catalog.js";
+import { lastStatus } from "./model-panel.js";
+import { generationParams } from "./sampling.js";
 
-  const MT = (window.MT = window.MT || {});
-  const { t } = MT.i18n;
-  const { makeElement, makeFigures, requestJson, postJson, newRequestId, requestStop, openGenerationStream } = MT.core;
+const MIN_COLUMNS = 2;
+const MAX_COLUMNS = 4;
+const STOP_GRACE_MS = 2000;
+// The word diff is quadratic in the answers' lengths; past this many word pairs it would stall the page.
+const MAX_DIFF_CELLS = 4e6;
 
-  const MIN_COLUMNS = 2;
-  const MAX_COLUMNS = 4;
-  const STOP_GRACE_MS = 2000;
-  // The word diff is quadratic in the answers' lengths; past this many word pairs it would stall the page.
-  const MAX_DIFF_CELLS = 4e6;
+const els = {
+  setup: byId("compare-setup"),
+  summary: byId("compare-setup-summary"),
+  pickers: byId("compare-pickers"),
+  add: byId("compare-add"),
+  load: byId("compare-load"),
+  unload: byId("compare-unload"),
+  progress: byId("compare-progress"),
+  progressText: byId("compare-progress-text"),
+  error: byId("compare-error"),
+  stale: byId("compare-stale"),
+  columns: byId("compare-columns"),
+  empty: byId("compare-empty"),
+  head: byId("compare-head"),
+  rounds: byId("compare-rounds"),
+  composer: byId("compare-composer"),
+  prompt: byId("compare-prompt"),
+  send: byId("compare-send"),
+  stop: byId("compare-stop"),
+  clear: byId("compare-clear"),
+  multiTurn: byId("compare-multiturn"),
+  diff: byId("compare-diff"),
+};
 
-  const byId = (id) => document.getElementById(id);
-  const els = {
-    setup: byId("compare-setup"),
-    summary: byId("compare-setup-summary"),
-    pickers: byId("compare-pickers"),
-    add: byId("compare-add"),
-    load: byId("compare-load"),
-    unload: byId("compare-unload"),
-    progress: byId("compare-progress"),
-    progressText: byId("compare-progress-text"),
-    error: byId("compare-error"),
-    stale: byId("compare-stale"),
-    columns: byId("compare-columns"),
-    empty: byId("compare-empty"),
-    head: byId("compare-head"),
-    rounds: byId("compare-rounds"),
-    composer: byId("compare-composer"),
-    prompt: byId("compare-prompt"),
-    send: byId("compare-send"),
-    stop: byId("compare-stop"),
-    clear: byId("compare-clear"),
-    multiTurn: byId("compare-multiturn"),
-    diff: byId("compare-diff"),
-  };
+/** The slots the server has loaded (POST/GET /api/compare/slots), in column order. */
+let loadedSlots = [];
+/** Each round: the prompt and one cell per column. */
+let rounds = [];
+/** Each slot's own conversation, sent with the next prompt when "multi-turn" is on. */
+let histories = new Map();
+let loading = false;
+let running = null; // the round whose columns are still streaming
 
-  /** The slots the server has loaded (POST/GET /api/compare/slots), in column order. */
-  let slots = [];
-  /** Each round: the prompt and one cell per column. */
-  let rounds = [];
-  /** Each slot's own conversation, sent with the next prompt when "multi-turn" is on. */
-  let histories = new Map();
-  let loading = false;
-  let running = null; // the round whose columns are still streaming
+const slotList = new SlotList(els.pickers, {
+  min: MIN_COLUMNS,
+  max: MAX_COLUMNS,
+  cardKey: "slots.column",
+  onChange: () => updateControls(),
+});
 
-  const slotList = new MT.picker.SlotList(els.pickers, {
-    min: MIN_COLUMNS,
-    max: MAX_COLUMNS,
-    cardKey: "slots.column",
-    onChange: () => updateControls(),
+// ---------------------------------------------------------------- word diff
+
+const WORD_RE = /\s+|[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff\uff00-\uffef]|[^\s\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff\uff00-\uffef]+/g;
+
+/** Splits text into words and the spaces between them; each CJK character is a word of its own. */
+function tokenize(text) {
+  return String(text).match(WORD_RE) || [];
+}
+
+/**
+ * Where `other` differs from `base`, word by word: `other` cut into segments
+ * [{text, changed}], `changed` marking words outside the longest common subsequence.
+ * Answers null when the texts are too long to compare in reasonable time.
+ */
+function diffWords(base, other) {
+  const a = tokenize(base).filter((w) => !/^\s/.test(w));
+  const tokens = tokenize(other);
+  const bIndex = [];
+  tokens.forEach((w, i) => {
+    if (!/^\s/.test(w)) bIndex.push(i);
   });
-
-  // ---------------------------------------------------------------- word diff
-
-  const WORD_RE = /\s+|[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff\uff00-\uffef]|[^\s\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff\uff00-\uffef]+/g;
-
-  /** Splits text into words and the spaces between them; each CJK character is a word of its own. */
-  function tokenize(text) {
-    return String(text).match(WORD_RE) || [];
-  }
-
-  /**
-   * Where `other` differs from `base`, word by word: `other` cut into segments
-   * [{text, changed}], `changed` marking words outside the longest common subsequence.
-   * Answers null when the texts are too long to compare in reasonable time.
-   */
-  function diffWords(base, other) {
-    const a = tokenize(base).filter((w) => !/^\s/.test(w));
-    const tokens = tokenize(other);
-    const bIndex = [];
-    tokens.forEach((w, i) => {
-      if (!/^\s/.test(w)) bIndex.push(i);
-    });
-    const n = a.length;
-    const m = bIndex.length;
-    if ((n + 1) * (m + 1) > MAX_DIFF_CELLS) return null;
-    // lengths[i][j]: the LCS of a[i..] and b[j..], filled from the end so the walk can go forwards.
-    const width = m + 1;
-    const lengths = new Uint32Array((n + 1) * width);
-    for (let i = n - 1; i >= 0; i -= 1) {
-      for (let j = m - 1; j >= 0; j -= 1) {
-        lengths[i * width + j] = a[i] === tokens[bIndex[j]]
-          ? lengths[(i + 1) * width + j + 1] + 1
-          : Math.max(lengths[(i + 1) * width + j], lengths[i * width + j + 1]);
-      }
-    }
-    const common = new Uint8Array(tokens.length);
-    let i = 0;
-    let j = 0;
-    while (i < n && j < m) {
-      if (a[i] === tokens[bIndex[j]]) {
-        common[bIndex[j]] = 1;
-        i += 1;
-        j += 1;
-      } else if (lengths[(i + 1) * width + j] >= lengths[i * width + j + 1]) {
-        i += 1;
-      } else {
-        j += 1;
-      }
-    }
-    // Neighbouring changed words, with the spaces between them, make one highlight.
-    const nextChanged = new Uint8Array(tokens.length + 1);
-    for (let k = tokens.length - 1; k >= 0; k -= 1) {
-      nextChanged[k] = /^\s/.test(tokens[k]) ? nextChanged[k + 1] : common[k] ? 0 : 1;
-    }
-    const segments = [];
-    tokens.forEach((word, index) => {
-      const prev = segments[segments.length - 1];
-      const changed = /^\s/.test(word) ? Boolean(prev && prev.changed && nextChanged[index + 1]) : !common[index];
-      if (prev && prev.changed === changed) prev.text += word;
-      else segments.push({ text: word, changed });
-    });
-    return segments;
-  }
-
-  /** Shows a cell's answer, plain or with the words that differ from column 1 marked. */
-  function renderCellText(cell, baseText) {
-    const useDiff = els.diff.checked && baseText !== null && cell.done;
-    if (!useDiff) {
-      cell.content.replaceChildren(document.createTextNode(cell.answer));
-      cell.answerNode = cell.content.firstChild;
-      return;
-    }
-    const segments = diffWords(baseText, cell.answer);
-    if (!segments) {
-      cell.content.replaceChildren(document.createTextNode(cell.answer));
-      cell.answerNode = cell.content.firstChild;
-      cell.content.title = t("compare.diff_too_long");
-      return;
-    }
-    cell.content.replaceChildren(...segments.map((segment) =>
-      segment.changed ? makeElement("span", "diff-changed", segment.text) : document.createTextNode(segment.text)));
-    cell.answerNode = null;
-  }
-
-  function renderRoundDiff(round) {
-    const base = round.cells[0];
-    const baseReady = base && base.done;
-    round.cells.forEach((cell, index) => {
-      if (!cell.done) return;
-      renderCellText(cell, index > 0 && baseReady ? base.answer : null);
-    });
-    round.el.classList.toggle("diffing", els.diff.checked);
-  }
-
-  // ---------------------------------------------------------------- the columns
-
-  function slotColumn(slotId) {
-    return slots.findIndex((slot) => slot.id === slotId);
-  }
-
-  /** "shares weights with column 1 (adapter unmerged)", or "" for a slot with weights of its own. */
-  function sharesNote(slot) {
-    if (!slot.shares_weights_with) return "";
-    const column = slotColumn(slot.shares_weights_with) + 1;
-    const mode = slot.adapter_mode ? t(`compare.mode_${slot.adapter_mode}`) : "";
-    return t(mode ? "compare.shares_mode" : "compare.shares", { n: column > 0 ? column : slot.shares_weights_with, mode });
-  }
-
-  function slotTitle(slot) {
-    const parts = [slot.model, slot.backend, slot.adapter && `adapter ${slot.adapter} (${slot.adapter_enabled ? "on" : "off"})`];
-    return parts.filter(Boolean).join("\n");
-  }
-
-  function renderHead() {
-    els.columns.style.setProperty("--cols", String(Math.max(slots.length, 1)));
-    els.head.replaceChildren(...slots.map((slot, index) => {
-      const cell = makeElement("div", "compare-col-head");
-      cell.dataset.slot = slot.id;
-      const label = makeElement("div", "col-label");
-      label.append(makeElement("span", "col-number", String(index + 1)), makeElement("span", "col-name", String(slot.label || slot.id)));
-      label.title = slotTitle(slot);
-      const sub = [slot.backend, slot.adapter && t(slot.adapter_enabled ? "compare.adapter_on" : "compare.adapter_off",
-        { name: MT.core.fileName(slot.adapter) })].filter(Boolean).join(" · ");
-      cell.append(label, makeElement("div", "col-sub", sub));
-      const note = sharesNote(slot);
-      if (note) cell.append(makeElement("div", "col-note", note));
-      return cell;
-    }));
-    els.empty.hidden = slots.length > 0;
-    els.head.hidden = slots.length === 0;
-  }
-
-  function setLoadedSlots(list) {
-    slots = Array.isArray(list) ? list : [];
-    rounds = [];
-    histories = new Map(slots.map((slot) => [slot.id, []]));
-    els.rounds.replaceChildren();
-    renderHead();
-    renderSummary();
-    updateControls();
-  }
-
-  function renderSummary() {
-    if (slots.length) MT.i18n.bind(els.summary, "compare.setup_loaded", { n: slots.length });
-    else MT.i18n.bind(els.summary, "compare.setup");
-  }
-
-  /** The slot a column's picker describes, reduced to what it generates with. */
-  function specKey(spec) {
-    const catalog = MT.catalog();
-    const known = catalog.models.find((m) => m.id === spec.model || m.path === spec.model);
-    // The server names no adapter for a slot whose adapter is off: to the model it is the base.
-    const adapter = spec.adapter && spec.adapter_enabled !== false ? spec.adapter : null;
-    return JSON.stringify([known ? known.id : spec.model, adapter]);
-  }
-
-  function pickersMatchSlots() {
-    const specs = slotList.specs();
-    return specs.length === slots.length && specs.every((spec, i) => specKey(spec) === specKey(slots[i]));
-  }
-
-  function updateControls() {
-    const busy = loading || Boolean(running);
-    els.load.disabled = busy || slotList.specs().some((spec) => !spec.model);
-    els.unload.disabled = busy || !slots.length;
-    els.add.disabled = busy || slotList.cards.length >= MAX_COLUMNS;
-    slotList.setDisabled(busy);
-    els.send.disabled = busy || !slots.length;
-    els.prompt.disabled = Boolean(running);
-    els.stop.disabled = !running;
-    els.clear.disabled = busy || !rounds.length;
-    els.stale.hidden = !slots.length || loading || pickersMatchSlots();
-  }
-
-  function showError(text) {
-    els.error.textContent = text || "";
-    els.error.hidden = !text;
-  }
-
-  // ---------------------------------------------------------------- loading the slots
-
-  let loadTimer = null;
-
-  function showLoading(on) {
-    clearInterval(loadTimer);
-    els.progress.hidden = !on;
-    if (!on) return;
-    const started = Date.now();
-    const tick = () => {
-      els.progressText.textContent = t("compare.loading", { s: Math.round((Date.now() - started) / 1000) });
-    };
-    tick();
-    loadTimer = setInterval(tick, 1000);
-  }
-
-  async function loadColumns() {
-    if (loading || running) return;
-    const specs = slotList.specs().map((spec) => {
-      const body = { model: spec.model, adapter: spec.adapter, adapter_enabled: spec.adapter ? spec.adapter_enabled : true };
-      if (spec.backend && spec.backend !== "other") body.backend = spec.backend;
-      return body;
-    });
-    loading = true;
-    showError("");
-    showLoading(true);
-    updateControls();
-    try {
-      const answer = await requestJson("/api/compare/slots", { method: "POST", body: { slots: specs }, verbatim: true });
-      setLoadedSlots(answer.slots);
-      els.setup.open = false; // the columns are what matter now; the pickers fold away
-    } catch (err) {
-      showError(err.message);
-      // A failed load may have replaced the old set or left it: show what the server has now.
-      await refreshSlots(false);
-    } finally {
-      loading = false;
-      showLoading(false);
-      updateControls();
+  const n = a.length;
+  const m = bIndex.length;
+  if ((n + 1) * (m + 1) > MAX_DIFF_CELLS) return null;
+  // lengths[i][j]: the LCS of a[i..] and b[j..], filled from the end so the walk can go forwards.
+  const width = m + 1;
+  const lengths = new Uint32Array((n + 1) * width);
+  for (let i = n - 1; i >= 0; i -= 1) {
+    for (let j = m - 1; j >= 0; j -= 1) {
+      lengths[i * width + j] = a[i] === tokens[bIndex[j]]
+        ? lengths[(i + 1) * width + j + 1] + 1
+        : Math.max(lengths[(i + 1) * width + j], lengths[i * width + j + 1]);
     }
   }
-
-  async function unloadColumns() {
-    if (loading || running) return;
-    loading = true;
-    showError("");
-    updateControls();
-    try {
-      const answer = await requestJson("/api/compare/slots", { method: "DELETE", verbatim: true });
-      setLoadedSlots(answer.slots || []);
-      els.setup.open = true;
-    } catch (err) {
-      showError(err.message);
-    } finally {
-      loading = false;
-      updateControls();
+  const common = new Uint8Array(tokens.length);
+  let i = 0;
+  let j = 0;
+  while (i < n && j < m) {
+    if (a[i] === tokens[bIndex[j]]) {
+      common[bIndex[j]] = 1;
+      i += 1;
+      j += 1;
+    } else if (lengths[(i + 1) * width + j] >= lengths[i * width + j + 1]) {
+      i += 1;
+    } else {
+      j += 1;
     }
   }
-
-  /** Asks the server which slots it has; with `adoptPickers` the pickers take them over too. */
-  async function refreshSlots(adoptPickers) {
-    try {
-      const answer = await requestJson("/api/compare/slots", { verbatim: true });
-      const list = Array.isArray(answer.slots) ? answer.slots : [];
-      const identity = (all) => JSON.stringify(all.map((s) => [s.id, s.model, s.backend, s.adapter, s.adapter_enabled]));
-      const same = identity(list) === identity(slots);
-      if (!same) setLoadedSlots(list);
-      if (adoptPickers && list.length >= MIN_COLUMNS) {
-        slotList.setSpecs(list);
-        els.setup.open = false;
-      }
-      return true;
-    } catch (err) {
-      if (err.status !== 404) showError(err.message);
-      return false;
-    }
+  // Neighbouring changed words, with the spaces between them, make one highlight.
+  const nextChanged = new Uint8Array(tokens.length + 1);
+  for (let k = tokens.length - 1; k >= 0; k -= 1) {
+    nextChanged[k] = /^\s/.test(tokens[k]) ? nextChanged[k + 1] : common[k] ? 0 : 1;
   }
-
-  /** Two columns to start from: the served model, then another model (its GGUF or checkpoint twin, say). */
-  function defaultSpecs() {
-    const catalog = MT.catalog();
-    const available = catalog.models.filter((m) => m.available);
-    if (!available.length) return [{}, {}];
-    const status = MT.status();
-    const first = available.find((m) => status && m.path === status.model) || available[0];
-    if (status && status.adapter && first.backend !== "llamacpp") {
-      return [{ model: first.id, adapter: status.adapter, adapter_enabled: true },
-              { model: first.id, adapter: status.adapter, adapter_enabled: false }];
-    }
-    const second = available.find((m) => m.id !== first.id) || first;
-    return [{ model: first.id }, { model: second.id }];
-  }
-
-  let pickersSeeded = false;
-
-  document.addEventListener("mt:catalog", () => {
-    if (pickersSeeded || slotList.cards.length) return;
-    pickersSeeded = true;
-    slotList.setSpecs(defaultSpecs());
+  const segments = [];
+  tokens.forEach((word, index) => {
+    const prev = segments[segments.length - 1];
+    const changed = /^\s/.test(word) ? Boolean(prev && prev.changed && nextChanged[index + 1]) : !common[index];
+    if (prev && prev.changed === changed) prev.text += word;
+    else segments.push({ text: word, changed });
   });
+  return segments;
+}
 
-  // ---------------------------------------------------------------- one round
-
-  function newCell(slot, column) {
-    const el = makeElement("div", "compare-cell");
-    el.dataset.slot = slot.id;
-    el.dataset.column = String(column + 1);
-    const content = makeElement("div", "content");
-    const note = makeElement("div", "note");
-    note.hidden = true;
-    el.append(content, note);
-    const answerNode = document.createTextNode("");
-    content.append(answerNode);
-    return { slot, el, content, note, answerNode, answer: "", done: false, ended: false, id: newRequestId(), source: null,
-             stopTimer: null };
+/** Shows a cell's answer, plain or with the words that differ from column 1 marked. */
+function renderCellText(cell, baseText) {
+  const useDiff = els.diff.checked && baseText !== null && cell.done;
+  if (!useDiff) {
+    cell.content.replaceChildren(document.createTextNode(cell.answer));
+    cell.answerNode = cell.content.firstChild;
+    return;
   }
-
-  function setCellNote(cell, key, vars) {
-    if (key) MT.i18n.bind(cell.note, key, vars);
-    else cell.note.textContent = "";
-    cell.note.hidden = !key;
+  const segments = diffWords(baseText, cell.answer);
+  if (!segments) {
+    cell.content.replaceChildren(document.createTextNode(cell.answer));
+    cell.answerNode = cell.content.firstChild;
+    cell.content.title = t("compare.diff_too_long");
+    return;
   }
+  cell.content.replaceChildren(...segments.map((segment) =>
+    segment.changed ? makeElement("span", "diff-changed", segment.text) : document.createTextNode(segment.text)));
+  cell.answerNode = null;
+}
 
-  function appendToCell(cell, text) {
-    if (cell.ended || !text) return;
-    cell.answer += text;
-    setCellNote(cell, "");
-    if (cell.answerNode) cell.answerNode.appendData(text);
-  }
-
-  function finishCell(round, cell, { finishReason, usage = null, timings = null, error = null }) {
-    if (cell.ended) return;
-    cell.ended = true;
-    cell.done = true;
-    clearTimeout(cell.stopTimer);
-    if (cell.source) cell.source.close();
-    cell.el.classList.remove("streaming");
-    setCellNote(cell, "");
-    const figures = makeFigures({ finishReason: error ? null : finishReason, usage, timings });
-    if (figures) cell.el.append(figures);
-    if (error) cell.el.append(makeElement("div", "cell-error", error));
-    if (!cell.answer && !error) cell.el.classList.add("empty");
-    cell.result = { finishReason, usage, timings, error };
-
-    if (cell.answer && els.multiTurn.checked) {
-      const history = histories.get(cell.slot.id) || [];
-      history.push({ role: "user", content: round.prompt }, { role: "assistant", content: cell.answer });
-      histories.set(cell.slot.id, history);
-    }
-    if (round.cells.every((c) => c.done)) {
-      running = null;
-      renderRoundDiff(round);
-      updateControls();
-      if (window.matchMedia("(pointer: fine)").matches && document.body.dataset.view === "compare") els.prompt.focus();
-    } else if (els.diff.checked) {
-      renderRoundDiff(round);
-    }
-  }
-
-  async function runCell(round, cell, body) {
-    const created = await postJson("/api/streams", body);
-    cell.id = created.stream_id;
-    if (round.stopRequested) {
-      requestStop(cell.id);
-      finishCell(round, cell, { finishReason: "cancelled" });
-      return;
-    }
-    cell.source = openGenerationStream(created.url, {
-      queue: () => setCellNote(cell, "compare.waiting"),
-      token: (text) => appendToCell(cell, text),
-      done: (data) => finishCell(round, cell, { finishReason: data.finish_reason, usage: data.usage, timings: data.timings }),
-      error: (message) => finishCell(round, cell, { finishReason: "error", error: message }),
-      lost: () => finishCell(round, cell, round.stopRequested ? { finishReason: "cancelled" }
-        : { finishReason: "error", error: t("chat.lost") }),
-    });
-  }
-
-  function send() {
-    if (running || loading || !slots.length) return;
-    const text = els.prompt.value;
-    if (!text.trim()) return;
-    els.prompt.value = "";
-    showError("");
-
-    const el = makeElement("div", "compare-round");
-    const promptEl = makeElement("div", "round-prompt");
-    const role = makeElement("span", "role");
-    MT.i18n.bind(role, "role.user");
-    promptEl.append(role, makeElement("span", "content", text));
-    const cellsEl = makeElement("div", "round-cells");
-    el.append(promptEl, cellsEl);
-    const round = { prompt: text, el, cells: [], stopRequested: false };
-    round.cells = slots.map((slot, column) => newCell(slot, column));
-    for (const cell of round.cells) {
-      cell.el.classList.add("streaming");
-      cellsEl.append(cell.el);
-    }
-    rounds.push(round);
-    els.rounds.append(el);
-    el.scrollIntoView({ block: "start" });
-    running = round;
-    updateControls();
-
-    const params = MT.chat.generationParams();
-    const system = document.getElementById("system").value;
-    for (const cell of round.cells) {
-      const history = els.multiTurn.checked ? histories.get(cell.slot.id) || [] : [];
-      const body = { messages: [...history, { role: "user", content: text }], request_id: cell.id, slot: cell.slot.id, ...params };
-      if (system.trim()) body.system = system;
-      runCell(round, cell, body).catch((err) => finishCell(round, cell, { finishReason: "error", error: err.message }));
-    }
-  }
-
-  function stop() {
-    const round = running;
-    if (!round || round.stopRequested) return;
-    round.stopRequested = true;
-    els.stop.disabled = true;
-    for (const cell of round.cells) {
-      if (cell.ended) continue;
-      setCellNote(cell, "chat.stopping");
-      requestStop(cell.id);
-      cell.stopTimer = setTimeout(() => {
-        requestStop(cell.id); // Stop pressed within moments of Send may have beaten the registration
-        finishCell(round, cell, { finishReason: "cancelled" });
-      }, STOP_GRACE_MS);
-    }
-  }
-
-  function clearRounds() {
-    if (running) return;
-    rounds = [];
-    histories = new Map(slots.map((slot) => [slot.id, []]));
-    els.rounds.replaceChildren();
-    updateControls();
-  }
-
-  // ---------------------------------------------------------------- wiring
-
-  els.add.addEventListener("click", () => {
-    const specs = slotList.specs();
-    slotList.add(specs.length ? { ...specs[specs.length - 1] } : {});
+function renderRoundDiff(round) {
+  const base = round.cells[0];
+  const baseReady = base && base.done;
+  round.cells.forEach((cell, index) => {
+    if (!cell.done) return;
+    renderCellText(cell, index > 0 && baseReady ? base.answer : null);
   });
-  els.load.addEventListener("click", loadColumns);
-  els.unload.addEventListener("click", unloadColumns);
-  els.composer.addEventListener("submit", (event) => {
-    event.preventDefault();
-    send();
-  });
-  MT.chat.sendOnEnter(els.prompt, send);
-  els.stop.addEventListener("click", stop);
-  els.clear.addEventListener("click", clearRounds);
-  els.diff.addEventListener("change", () => rounds.forEach(renderRoundDiff));
-  document.addEventListener("mt:lang", () => {
-    renderHead();
-    renderSummary();
-    if (loading) showLoading(true);
-  });
-  // Another tab may have loaded slots; look again whenever the view is opened.
-  document.addEventListener("mt:view", (event) => {
-    if (event.detail === "compare" && !loading && !running) refreshSlots(slots.length === 0);
-  });
+  round.el.classList.toggle("diffing", els.diff.checked);
+}
 
+// ---------------------------------------------------------------- the columns
+
+function slotColumn(slotId) {
+  return loadedSlots.findIndex((slot) => slot.id === slotId);
+}
+
+/** "shares weights with column 1 (adapter unmerged)", or "" for a slot with weights of its own. */
+function sharesNote(slot) {
+  if (!slot.shares_weights_with) return "";
+  const column = slotColumn(slot.shares_weights_with) + 1;
+  const mode = slot.adapter_mode ? t(`compare.mode_${slot.adapter_mode}`) : "";
+  return t(mode ? "compare.shares_mode" : "compare.shares", { n: column > 0 ? column : slot.shares_weights_with, mode });
+}
+
+function slotTitle(slot) {
+  const parts = [slot.model, slot.backend, slot.adapter && `adapter ${slot.adapter} (${slot.adapter_enabled ? "on" : "off"})`];
+  return parts.filter(Boolean).join("\n");
+}
+
+function renderHead() {
+  els.columns.style.setProperty("--cols", String(Math.max(loadedSlots.length, 1)));
+  els.head.replaceChildren(...loadedSlots.map((slot, index) => {
+    const cell = makeElement("div", "compare-col-head");
+    cell.dataset.slot = slot.id;
+    const label = makeElement("div", "col-label");
+    label.append(makeElement("span", "col-number", String(index + 1)), makeElement("span", "col-name", String(slot.label || slot.id)));
+    label.title = slotTitle(slot);
+    const sub = [slot.backend, slot.adapter && t(slot.adapter_enabled ? "compare.adapter_on" : "compare.adapter_off",
+      { name: fileName(slot.adapter) })].filter(Boolean).join(" · ");
+    cell.append(label, makeElement("div", "col-sub", sub));
+    const note = sharesNote(slot);
+    if (note) cell.append(makeElement("div", "col-note", note));
+    return cell;
+  }));
+  els.empty.hidden = loadedSlots.length > 0;
+  els.head.hidden = loadedSlots.length === 0;
+}
+
+function setLoadedSlots(list) {
+  loadedSlots = Array.isArray(list) ? list : [];
+  rounds = [];
+  histories = new Map(loadedSlots.map((slot) => [slot.id, []]));
+  els.rounds.replaceChildren();
   renderHead();
   renderSummary();
   updateControls();
-  refreshSlots(true);
+}
 
-  MT.compare = {
-    diffWords,
-    tokenize,
-    specs: () => slotList.specs(),
-    slots: () => slots.map((slot) => ({ ...slot })),
-    setSpecs: (specs) => slotList.setSpecs(specs),
-    loadColumns,
-    send,
-    stop,
+function renderSummary() {
+  if (loadedSlots.length) bind(els.summary, "compare.setup_loaded", { n: loadedSlots.length });
+  else bind(els.summary, "compare.setup");
+}
+
+/** The slot a column's picker describes, reduced to what it generates with. */
+function specKey(spec) {
+  const catalog = getCatalog();
+  const known = catalog.models.find((m) => m.id === spec.model || m.path === spec.model);
+  // The server names no adapter for a slot whose adapter is off: to the model it is the base.
+  const adapter = spec.adapter && spec.adapter_enabled !== false ? spec.adapter : null;
+  return JSON.stringify([known ? known.id : spec.model, adapter]);
+}
+
+function pickersMatchSlots() {
+  const specs = slotList.specs();
+  return specs.length === loadedSlots.length && specs.every((spec, i) => specKey(spec) === specKey(loadedSlots[i]));
+}
+
+function updateControls() {
+  const busy = loading || Boolean(running);
+  els.load.disabled = busy || slotList.specs().some((spec) => !spec.model);
+  els.unload.disabled = busy || !loadedSlots.length;
+  els.add.disabled = busy || slotList.cards.length >= MAX_COLUMNS;
+  slotList.setDisabled(busy);
+  els.send.disabled = busy || !loadedSlots.length;
+  els.prompt.disabled = Boolean(running);
+  els.stop.disabled = !running;
+  els.clear.disabled = busy || !rounds.length;
+  els.stale.hidden = !loadedSlots.length || loading || pickersMatchSlots();
+}
+
+function showError(text) {
+  els.error.textContent = text || "";
+  els.error.hidden = !text;
+}
+
+// ---------------------------------------------------------------- loading the slots
+
+let loadTimer = null;
+
+function showLoading(on) {
+  clearInterval(loadTimer);
+  els.progress.hidden = !on;
+  if (!on) return;
+  const started = Date.now();
+  const tick = () => {
+    els.progressText.textContent = t("compare.loading", { s: Math.round((Date.now() - started) / 1000) });
   };
-})();
+  tick();
+  loadTimer = setInterval(tick, 1000);
+}
+
+async function loadColumns() {
+  if (loading || running) return;
+  const specs = slotList.specs().map((spec) => {
+    const body = { model: spec.model, adapter: spec.adapter, adapter_enabled: spec.adapter ? spec.adapter_enabled : true };
+    if (spec.backend && spec.backend !== "other") body.backend = spec.backend;
+    return body;
+  });
+  loading = true;
+  showError("");
+  showLoading(true);
+  updateControls();
+  try {
+    const answer = await requestJson("/api/compare/slots", { method: "POST", body: { slots: specs }, verbatim: true });
+    setLoadedSlots(answer.slots);
+    els.setup.open = false; // the columns are what matter now; the pickers fold away
+  } catch (err) {
+    showError(err.message);
+    // A failed load may have replaced the old set or left it: show what the server has now.
+    await refreshSlots(false);
+  } finally {
+    loading = false;
+    showLoading(false);
+    updateControls();
+  }
+}
+
+async function unloadColumns() {
+  if (loading || running) return;
+  loading = true;
+  showError("");
+  updateControls();
+  try {
+    const answer = await requestJson("/api/compare/slots", { method: "DELETE", verbatim: true });
+    setLoadedSlots(answer.slots || []);
+    els.setup.open = true;
+  } catch (err) {
+    showError(err.message);
+  } finally {
+    loading = false;
+    updateControls();
+  }
+}
+
+/** Asks the server which slots it has; with `adoptPickers` the pickers take them over too. */
+async function refreshSlots(adoptPickers) {
+  try {
+    const answer = await requestJson("/api/compare/slots", { verbatim: true });
+    const list = Array.isArray(answer.slots) ? answer.slots : [];
+    const identity = (all) => JSON.stringify(all.map((s) => [s.id, s.model, s.backend, s.adapter, s.adapter_enabled]));
+    const same = identity(list) === identity(loadedSlots);
+    if (!same) setLoadedSlots(list);
+    if (adoptPickers && list.length >= MIN_COLUMNS) {
+      slotList.setSpecs(list);
+      els.setup.open = false;
+    }
+    return true;
+  } catch (err) {
+    if (err.status !== 404) showError(err.message);
+    return false;
+  }
+}
+
+/** Two columns to start from: the served model, then another model (its GGUF or checkpoint twin, say). */
+function defaultSpecs() {
+  const catalog = getCatalog();
+  const available = catalog.models.filter((m) => m.available);
+  if (!available.length) return [{}, {}];
+  const status = lastStatus();
+  const first = available.find((m) => status && m.path === status.model) || available[0];
+  if (status && status.adapter && first.backend !== "llamacpp") {
+    return [{ model: first.id, adapter: status.adapter, adapter_enabled: true },
+            { model: first.id, adapter: status.adapter, adapter_enabled: false }];
+  }
+  const second = available.find((m) => m.id !== first.id) || first;
+  return [{ model: first.id }, { model: second.id }];
+}
+
+let pickersSeeded = false;
+
+document.addEventListener("mt:catalog", () => {
+  if (pickersSeeded || slotList.cards.length) return;
+  pickersSeeded = true;
+  slotList.setSpecs(defaultSpecs());
+});
+
+// ---------------------------------------------------------------- one round
+
+function newCell(slot, column) {
+  const el = makeElement("div", "compare-cell");
+  el.dataset.slot = slot.id;
+  el.dataset.column = String(column + 1);
+  const content = makeElement("div", "content");
+  const note = makeElement("div", "note");
+  note.hidden = true;
+  el.append(content, note);
+  const answerNode = document.createTextNode("");
+  content.append(answerNode);
+  return { slot, el, content, note, answerNode, answer: "", done: false, ended: false, id: newRequestId(), source: null,
+           stopTimer: null };
+}
+
+function setCellNote(cell, key, vars) {
+  if (key) bind(cell.note, key, vars);
+  else cell.note.textContent = "";
+  cell.note.hidden = !key;
+}
+
+function appendToCell(cell, text) {
+  if (cell.ended || !text) return;
+  cell.answer += text;
+  setCellNote(cell, "");
+  if (cell.answerNode) cell.answerNode.appendData(text);
+}
+
+function finishCell(round, cell, { finishReason, usage = null, timings = null, error = null }) {
+  if (cell.ended) return;
+  cell.ended = true;
+  cell.done = true;
+  clearTimeout(cell.stopTimer);
+  if (cell.source) cell.source.close();
+  cell.el.classList.remove("streaming");
+  setCellNote(cell, "");
+  const figures = makeFigures({ finishReason: error ? null : finishReason, usage, timings });
+  if (figures) cell.el.append(figures);
+  if (error) cell.el.append(makeElement("div", "cell-error", error));
+  if (!cell.answer && !error) cell.el.classList.add("empty");
+  cell.result = { finishReason, usage, timings, error };
+
+  if (cell.answer && els.multiTurn.checked) {
+    const history = histories.get(cell.slot.id) || [];
+    history.push({ role: "user", content: round.prompt }, { role: "assistant", content: cell.answer });
+    histories.set(cell.slot.id, history);
+  }
+  if (round.cells.every((c) => c.done)) {
+    running = null;
+    renderRoundDiff(round);
+    updateControls();
+    if (window.matchMedia("(pointer: fine)").matches && document.body.dataset.view === "compare") els.prompt.focus();
+  } else if (els.diff.checked) {
+    renderRoundDiff(round);
+  }
+}
+
+async function runCell(round, cell, body) {
+  const created = await postJson("/api/streams", body);
+  cell.id = created.stream_id;
+  if (round.stopRequested) {
+    requestStop(cell.id);
+    finishCell(round, cell, { finishReason: "cancelled" });
+    return;
+  }
+  cell.source = openGenerationStream(created.url, {
+    queue: () => setCellNote(cell, "compare.waiting"),
+    token: (text) => appendToCell(cell, text),
+    done: (data) => finishCell(round, cell, { finishReason: data.finish_reason, usage: data.usage, timings: data.timings }),
+    error: (message) => finishCell(round, cell, { finishReason: "error", error: message }),
+    lost: () => finishCell(round, cell, round.stopRequested ? { finishReason: "cancelled" }
+      : { finishReason: "error", error: t("chat.lost") }),
+  });
+}
+
+function send() {
+  if (running || loading || !loadedSlots.length) return;
+  const text = els.prompt.value;
+  if (!text.trim()) return;
+  els.prompt.value = "";
+  showError("");
+
+  const el = makeElement("div", "compare-round");
+  const promptEl = makeElement("div", "round-prompt");
+  const role = makeElement("span", "role");
+  bind(role, "role.user");
+  promptEl.append(role, makeElement("span", "content", text));
+  const cellsEl = makeElement("div", "round-cells");
+  el.append(promptEl, cellsEl);
+  const round = { prompt: text, el, cells: [], stopRequested: false };
+  round.cells = loadedSlots.map((slot, column) => newCell(slot, column));
+  for (const cell of round.cells) {
+    cell.el.classList.add("streaming");
+    cellsEl.append(cell.el);
+  }
+  rounds.push(round);
+  els.rounds.append(el);
+  el.scrollIntoView({ block: "start" });
+  running = round;
+  updateControls();
+
+  const params = generationParams();
+  const system = document.getElementById("system").value;
+  for (const cell of round.cells) {
+    const history = els.multiTurn.checked ? histories.get(cell.slot.id) || [] : [];
+    const body = { messages: [...history, { role: "user", content: text }], request_id: cell.id, slot: cell.slot.id, ...params };
+    if (system.trim()) body.system = system;
+    runCell(round, cell, body).catch((err) => finishCell(round, cell, { finishReason: "error", error: err.message }));
+  }
+}
+
+function stop() {
+  const round = running;
+  if (!round || round.stopRequested) return;
+  round.stopRequested = true;
+  els.stop.disabled = true;
+  for (const cell of round.cells) {
+    if (cell.ended) continue;
+    setCellNote(cell, "chat.stopping");
+    requestStop(cell.id);
+    cell.stopTimer = setTimeout(() => {
+      requestStop(cell.id); // Stop pressed within moments of Send may have beaten the registration
+      finishCell(round, cell, { finishReason: "cancelled" });
+    }, STOP_GRACE_MS);
+  }
+}
+
+function clearRounds() {
+  if (running) return;
+  rounds = [];
+  histories = new Map(loadedSlots.map((slot) => [slot.id, []]));
+  els.rounds.replaceChildren();
+  updateControls();
+}
+
+// ---------------------------------------------------------------- wiring
+
+els.add.addEventListener("click", () => {
+  const specs = slotList.specs();
+  slotList.add(specs.length ? { ...specs[specs.length - 1] } : {});
+});
+els.load.addEventListener("click", loadColumns);
+els.unload.addEventListener("click", unloadColumns);
+els.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  send();
+});
+sendOnEnter(els.prompt, send);
+els.stop.addEventListener("click", stop);
+els.clear.addEventListener("click", clearRounds);
+els.diff.addEventListener("change", () => rounds.forEach(renderRoundDiff));
+document.addEventListener("mt:lang", () => {
+  renderHead();
+  renderSummary();
+  if (loading) showLoading(true);
+});
+// Another tab may have loaded slots; look again whenever the view is opened.
+document.addEventListener("mt:view", (event) => {
+  if (event.detail === "compare" && !loading && !running) refreshSlots(loadedSlots.length === 0);
+});
+
+renderHead();
+renderSummary();
+updateControls();
+refreshSlots(true);
+
+export const specs = () => slotList.specs();
+export const slots = () => loadedSlots.map((slot) => ({ ...slot }));
+export const setSpecs = (wanted) => slotList.setSpecs(wanted);
+export { diffWords, tokenize, loadColumns, send, stop };

@@ -1,0 +1,344 @@
+/* The chat: one conversation with the served model, its turns streamed in (or asked whole),
+ * Stop, Regenerate and Continue, and its place in this browser's history.
+ */
+import { newRequestId, openGenerationStream, postJson, requestStop } from "./api.js";
+import { byId, fileName, makeButton, makeElement, sendOnEnter } from "./dom.js";
+import { makeFigures } from "./format.js";
+import * as history from "./history.js";
+import { bind, t } from "./i18n.js";
+import { clearMessages, followingNewText, renderAssistant, renderError, renderMessage, renderNote, scrollToBottom } from "./messages.js";
+import { lastStatus, modelReady } from "./model-panel.js";
+import { generationParams, restoreParams } from "./sampling.js";
+import { showView } from "./views.js";
+
+// After Stop the server answers with a "done" (finish_reason "cancelled"); if that never
+// comes, the page ends the turn itself rather than leave the user locked out.
+const STOP_GRACE_MS = 2000;
+
+const els = {
+  messages: byId("messages"),
+  composer: byId("composer"),
+  prompt: byId("prompt"),
+  send: byId("send"),
+  stop: byId("stop"),
+  newChat: byId("new-chat"),
+  system: byId("system"),
+  streamToggle: byId("stream-toggle"),
+};
+
+/** The committed conversation, sent whole with every turn, and the element of each message. */
+const conversation = [];
+const messageEls = [];
+/** The stored record of the open conversation (history.js); null until its first answer. */
+let record = null;
+let activeTurn = null;
+
+export const currentConversation = () => conversation.map((message) => ({ ...message }));
+export const currentRecord = () => (record ? JSON.parse(JSON.stringify(record)) : null);
+
+// ---------------------------------------------------------------- one turn
+
+/**
+ * One request to the model. "new" asks a new user message, "regenerate" asks the last one
+ * again (its old answer already dropped), "continue" extends the last answer in place.
+ */
+class Turn {
+  constructor(kind, { userText = "", userEl = null, assistantEl = null, prefix = "" } = {}) {
+    this.kind = kind;
+    this.id = newRequestId();
+    this.prefix = prefix;
+    this.answer = "";
+    this.ended = false;
+    this.stopRequested = false;
+    this.eventSource = null;
+    this.stopTimer = null;
+    this.fetchAbort = new AbortController();
+    this.promptBody = null; // the conversation this turn sent, for its "prompt" view
+
+    if (kind === "continue") {
+      this.userMessage = null;
+      this.el = assistantEl;
+      this.el.classList.remove("empty");
+      const oldFigures = this.el.querySelector(".figures");
+      if (oldFigures) oldFigures.remove();
+    } else {
+      this.userMessage = { role: "user", content: userText };
+      this.userEl = userEl || renderMessage("user", userText);
+      this.userEl.classList.remove("unsent");
+      this.userEl.removeAttribute("title");
+      this.el = renderAssistant("", () => this.promptBody);
+    }
+    this.el.classList.add("streaming");
+    this.answerNode = document.createTextNode("");
+    this.el.querySelector(".content").append(this.answerNode);
+    this.noteEl = this.el.querySelector(".note");
+    scrollToBottom(); // the user just sent: bring the new turn into view even if they had scrolled up
+  }
+
+  append(text) {
+    if (this.ended || !text) return;
+    this.answer += text;
+    this.setNote("");
+    // appendData keeps one text node growing instead of re-rendering the whole answer per token
+    followingNewText(() => this.answerNode.appendData(text));
+  }
+
+  setNote(key, vars) {
+    if (key) bind(this.noteEl, key, vars);
+    else this.noteEl.textContent = "";
+    this.noteEl.hidden = !key;
+  }
+
+  /** Ends the turn once, whichever of done / error / stop timeout / dropped connection comes first. */
+  finish({ finishReason, usage = null, timings = null, error = null }) {
+    if (this.ended) return;
+    this.ended = true;
+    clearTimeout(this.stopTimer);
+    if (this.eventSource) this.eventSource.close();
+    this.el.classList.remove("streaming");
+    this.setNote("");
+
+    const continuing = this.kind === "continue";
+    followingNewText(() => {
+      const figures = makeFigures({ finishReason: error ? null : finishReason, usage, timings });
+      // figures go above the prompt view, next to the answer they describe
+      if (figures) this.el.querySelector(".msg-tools").before(figures);
+      if (error) {
+        if (!this.answer && !continuing) this.el.remove();
+        renderError(error);
+      }
+    });
+
+    // A partial answer (stopped or cut off) stays in the history; a turn that produced
+    // nothing is not kept, so the next request does not carry an unanswered message.
+    if (continuing) {
+      conversation.push({ role: "assistant", content: this.prefix + this.answer });
+      messageEls.push(this.el);
+    } else if (this.answer) {
+      conversation.push(this.userMessage, { role: "assistant", content: this.answer });
+      messageEls.push(this.userEl, this.el);
+    } else {
+      this.userEl.classList.add("unsent");
+      this.userEl.title = t("chat.unsent");
+      if (!error) this.el.classList.add("empty");
+    }
+
+    if (activeTurn === this) activeTurn = null;
+    if (this.answer || continuing) persist();
+    setGenerating(false);
+  }
+}
+
+// ---------------------------------------------------------------- asking
+
+function generationBody(messages, requestId) {
+  // Our own id lets Stop reach the server even before /api/streams or /api/chat answers.
+  const body = { messages, request_id: requestId, ...generationParams() };
+  const system = els.system.value;
+  if (system.trim()) body.system = system;
+  return body;
+}
+
+async function runStreamed(turn, body) {
+  const created = await postJson("/api/streams", body);
+  turn.id = created.stream_id;
+  if (turn.stopRequested) {
+    // Stop was pressed before the stream existed: drop the parked request unopened.
+    requestStop(turn.id);
+    turn.finish({ finishReason: "cancelled" });
+    return;
+  }
+  turn.eventSource = openGenerationStream(created.url, {
+    queue: (data) => turn.setNote("chat.waiting", { position: data.position }),
+    token: (text) => turn.append(text),
+    done: (data) => turn.finish({ finishReason: data.finish_reason, usage: data.usage, timings: data.timings }),
+    error: (message) => turn.finish({ finishReason: "error", error: message }),
+    lost: () => {
+      if (turn.stopRequested) turn.finish({ finishReason: "cancelled" });
+      else turn.finish({ finishReason: "error", error: t("chat.lost") });
+    },
+  });
+}
+
+async function runWhole(turn, body) {
+  turn.setNote("chat.generating");
+  const result = await postJson("/api/chat", body, turn.fetchAbort.signal);
+  turn.append(result.response);
+  turn.finish({ finishReason: result.finish_reason, usage: result.usage, timings: result.timings });
+}
+
+function canStart() {
+  return !activeTurn && modelReady();
+}
+
+/** Sends `messages` for `turn`; `extra` joins the body (continue_final for a continuation). */
+function startTurn(turn, messages, extra = {}) {
+  activeTurn = turn;
+  setGenerating(true);
+  const body = { ...generationBody(messages, turn.id), ...extra };
+  if (turn.kind !== "continue") turn.promptBody = { messages: body.messages, ...(body.system ? { system: body.system } : {}) };
+  const run = els.streamToggle.checked ? runStreamed : runWhole;
+  run(turn, body).catch((err) => {
+    if (err.name === "AbortError") turn.finish({ finishReason: "cancelled" });
+    else turn.finish({ finishReason: "error", error: err.message });
+  });
+}
+
+export function send() {
+  if (!canStart()) return;
+  const text = els.prompt.value;
+  if (!text.trim()) return;
+  els.prompt.value = "";
+  const turn = new Turn("new", { userText: text });
+  startTurn(turn, [...conversation, turn.userMessage]);
+}
+
+/** Drops the last answer and asks its question again. */
+export function regenerate() {
+  const n = conversation.length;
+  if (!canStart() || n < 2 || conversation[n - 1].role !== "assistant" || conversation[n - 2].role !== "user") return;
+  conversation.pop();
+  messageEls.pop().remove();
+  const question = conversation.pop();
+  const userEl = messageEls.pop();
+  const turn = new Turn("regenerate", { userText: question.content, userEl });
+  startTurn(turn, [...conversation, turn.userMessage]);
+}
+
+/** Asks the model to go on from the end of its last answer; the new text joins that answer. */
+export function continueAnswer() {
+  const n = conversation.length;
+  if (!canStart() || !n || conversation[n - 1].role !== "assistant") return;
+  const last = conversation.pop();
+  const turn = new Turn("continue", { assistantEl: messageEls.pop(), prefix: last.content });
+  startTurn(turn, [...conversation, last], { continue_final: true });
+}
+
+/** Regenerate and Continue sit under the last answer only, and only between turns. */
+function refreshAnswerActions() {
+  for (const el of els.messages.querySelectorAll(".answer-actions")) el.remove();
+  const n = conversation.length;
+  if (activeTurn || !n || conversation[n - 1].role !== "assistant") return;
+  const tools = messageEls[n - 1] && messageEls[n - 1].querySelector(".msg-tools");
+  if (!tools) return;
+  const actions = makeElement("span", "answer-actions");
+  const canRegenerate = n >= 2 && conversation[n - 2].role === "user";
+  if (canRegenerate) actions.append(makeButton("regenerate", "chat.regenerate", regenerate));
+  actions.append(makeButton("continue", "chat.continue", continueAnswer));
+  for (const button of actions.children) button.disabled = !canStart();
+  tools.prepend(actions);
+}
+
+export function stop() {
+  const turn = activeTurn;
+  if (!turn || turn.stopRequested) return;
+  turn.stopRequested = true;
+  els.stop.disabled = true;
+  turn.setNote("chat.stopping");
+  requestStop(turn.id);
+  turn.stopTimer = setTimeout(() => {
+    // Stop pressed within moments of Send can reach the server before the generation is
+    // registered; a second request catches it, since a dropped fetch alone would not.
+    requestStop(turn.id);
+    turn.fetchAbort.abort();
+    turn.finish({ finishReason: "cancelled" });
+  }, STOP_GRACE_MS);
+}
+
+export function newChat() {
+  if (activeTurn) return;
+  conversation.length = 0;
+  messageEls.length = 0;
+  record = null;
+  history.setCurrent(null);
+  clearMessages();
+  els.prompt.focus();
+}
+
+function setGenerating(generating) {
+  els.prompt.disabled = generating;
+  els.newChat.disabled = generating;
+  els.stop.disabled = !generating;
+  history.setLocked(generating);
+  updateSendButton();
+  refreshAnswerActions();
+  if (!generating && window.matchMedia("(pointer: fine)").matches && document.body.dataset.view === "chat") els.prompt.focus();
+}
+
+/** Send waits while a turn runs and while a model is being loaded or unloaded. */
+function updateSendButton() {
+  els.send.disabled = !canStart();
+  for (const button of els.messages.querySelectorAll(".answer-actions button")) button.disabled = !canStart();
+}
+
+// ---------------------------------------------------------------- the history of conversations
+
+/** What served the conversation, from the last status: exported with it so a run can be repeated. */
+function modelInfo() {
+  const status = lastStatus();
+  if (!status) return null;
+  return { model: status.model, model_name: status.model_name, backend: status.backend, adapter: status.adapter };
+}
+
+/** Saves the open conversation to this browser's history after each turn. */
+function persist() {
+  if (!conversation.length) return;
+  const now = new Date().toISOString();
+  if (!record) record = { id: newRequestId(), created: now, title: history.titleOf(conversation) };
+  Object.assign(record, {
+    updated: now,
+    model: modelInfo(),
+    system: els.system.value,
+    params: generationParams(),
+    messages: conversation.map((message) => ({ ...message })),
+  });
+  history.save(record);
+}
+
+/** Shows a stored conversation, with the system prompt and sampling it was had with. */
+export function openConversation(stored) {
+  if (activeTurn) return;
+  showView("chat");
+  conversation.length = 0;
+  messageEls.length = 0;
+  clearMessages();
+  record = { ...stored };
+  els.system.value = stored.system || "";
+  restoreParams(stored.params || {});
+
+  const model = stored.model;
+  const status = lastStatus();
+  const served = status && status.model;
+  if (model && model.model && served && model.model !== served) {
+    renderNote("chat.recorded_with", { model: model.model_name || fileName(model.model), backend: model.backend || "?" });
+  }
+  const system = stored.system && stored.system.trim() ? { system: stored.system } : {};
+  for (const message of stored.messages) {
+    const before = conversation.slice();
+    const el = message.role === "assistant"
+      ? renderAssistant(message.content, () => ({ messages: before, ...system }))
+      : renderMessage(message.role, message.content);
+    conversation.push({ role: message.role, content: message.content });
+    messageEls.push(el);
+  }
+  history.setCurrent(record.id);
+  refreshAnswerActions();
+  scrollToBottom();
+}
+
+// ---------------------------------------------------------------- wiring
+
+history.onOpen(openConversation);
+document.addEventListener("mt:history-deleted-current", () => {
+  if (!activeTurn) newChat();
+  else record = null; // the running turn saves it again as a new conversation
+});
+document.addEventListener("mt:model-busy", updateSendButton);
+
+els.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  send();
+});
+sendOnEnter(els.prompt, send);
+els.stop.addEventListener("click", stop);
+els.newChat.addEventListener("click", newChat);
