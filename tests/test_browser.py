@@ -648,3 +648,44 @@ def test_the_api_docs_render_offline(driver, live_server):
     WebDriverWait(driver, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) > 10)
     paths = {el.text for el in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
     assert {"/v1/chat/completions", "/api/chat", "/chat"} <= {p.replace("\u200b", "") for p in paths}
+
+
+# ---------------------------------------------------------------- token probabilities
+
+def test_token_probabilities_show_alternatives_and_branch_the_answer(page, live_server):
+    """Hover a token: its alternatives; click one: the answer is regenerated from that token on."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    page.execute_script("window.modelTest.newChat()")
+    page.find_element(By.CSS_SELECTOR, "label.switch:has(#probs-toggle)").click()
+    assert page.execute_script("return document.getElementById('probs-toggle').checked")
+    set_slider(page, "max-tokens", 64)
+    send(page, "Name three colours.")
+    wait_turn_finished(page, timeout=90)
+    spans = page.find_elements(By.CSS_SELECTOR, "#messages .msg.assistant .tok[data-p]")
+    assert len(spans) >= 3
+    joined = page.execute_script("return Array.from(document.querySelectorAll('#messages .msg.assistant .tok'), "
+                                 "(s) => s.textContent).join('')")
+    assert joined == answer_text(page)
+    colours = {span.value_of_css_property("background-color") for span in spans}
+    assert len(colours) > 1, "every token has the same colour: the probabilities are not shown"
+
+    # the second token: an alternative there keeps the first token and changes the rest
+    ActionChains(page).move_to_element(spans[1]).perform()
+    box = WebDriverWait(page, 5).until(lambda d: d.find_element(By.CSS_SELECTOR, ".alternatives:not([hidden])"))
+    options = box.find_elements(By.CSS_SELECTOR, "button.alt")
+    assert len(options) == 5 and "%" in options[0].text
+    assert "chosen" in options[0].get_attribute("class") and not options[0].is_enabled()  # greedy-ish: the first is the token
+    choice = next(option for option in options[1:] if option.is_enabled())
+    picked = json.loads(choice.text.rsplit("  ", 1)[0])
+    prefix = page.execute_script("return arguments[0].textContent", spans[0])
+    choice.click()
+    WebDriverWait(page, 10).until(lambda d: is_streaming(d) or "branched" in d.page_source)
+    wait_turn_finished(page, timeout=90)
+    conversation = page.execute_script("return window.modelTest.conversation()")
+    assert [m["role"] for m in conversation] == ["user", "assistant"]  # the branch replaced the answer
+    assert conversation[1]["content"].startswith(prefix + picked)
+    assert answer_text(page).startswith(prefix + picked)
+    assert page.find_elements(By.CSS_SELECTOR, "#messages .msg.assistant .branch-note")
+    assert wait_server_idle(live_server) == {"running": 0, "waiting": 0}
+    page.find_element(By.CSS_SELECTOR, "label.switch:has(#probs-toggle)").click()  # off again for the other tests

@@ -9,6 +9,7 @@ import { bind, t } from "./i18n.js";
 import { clearMessages, followingNewText, renderAssistant, renderError, renderMessage, renderNote, scrollToBottom } from "./messages.js";
 import { lastStatus, modelReady } from "./model-panel.js";
 import { generationParams, restoreParams } from "./sampling.js";
+import { TOP_ALTERNATIVES, probabilitiesOn, tokenView } from "./tokens.js";
 import { showView } from "./views.js";
 
 // After Stop the server answers with a "done" (finish_reason "cancelled"); if that never
@@ -69,18 +70,25 @@ class Turn {
       this.el = renderAssistant("", () => this.promptBody);
     }
     this.el.classList.add("streaming");
-    this.answerNode = document.createTextNode("");
-    this.el.querySelector(".content").append(this.answerNode);
+    const content = this.el.querySelector(".content");
+    this.withProbabilities = probabilitiesOn();
+    if (this.withProbabilities) {
+      this.view = tokenView(content, (prefix, alternative) => branchAt(this.el, prefix, alternative), this.prefix);
+    } else {
+      this.answerNode = document.createTextNode("");
+      content.append(this.answerNode);
+    }
     this.noteEl = this.el.querySelector(".note");
     scrollToBottom(); // the user just sent: bring the new turn into view even if they had scrolled up
   }
 
-  append(text) {
-    if (this.ended || !text) return;
-    this.answer += text;
+  append(text, logprobs = null) {
+    if (this.ended || (!text && !logprobs)) return;
+    this.answer += text || "";
     this.setNote("");
+    if (this.view) followingNewText(() => this.view.add(text, logprobs));
     // appendData keeps one text node growing instead of re-rendering the whole answer per token
-    followingNewText(() => this.answerNode.appendData(text));
+    else if (text) followingNewText(() => this.answerNode.appendData(text));
   }
 
   setNote(key, vars) {
@@ -150,7 +158,7 @@ async function runStreamed(turn, body) {
   }
   turn.eventSource = openGenerationStream(created.url, {
     queue: (data) => turn.setNote("chat.waiting", { position: data.position }),
-    token: (text) => turn.append(text),
+    token: (text, data) => turn.append(text, data.logprobs),
     done: (data) => turn.finish({ finishReason: data.finish_reason, usage: data.usage, timings: data.timings }),
     error: (message) => turn.finish({ finishReason: "error", error: message }),
     lost: () => {
@@ -163,7 +171,7 @@ async function runStreamed(turn, body) {
 async function runWhole(turn, body) {
   turn.setNote("chat.generating");
   const result = await postJson("/api/chat", body, turn.fetchAbort.signal);
-  turn.append(result.response);
+  turn.append(result.response, result.logprobs);
   turn.finish({ finishReason: result.finish_reason, usage: result.usage, timings: result.timings });
 }
 
@@ -176,6 +184,7 @@ function startTurn(turn, messages, extra = {}) {
   activeTurn = turn;
   setGenerating(true);
   const body = { ...generationBody(messages, turn.id), ...extra };
+  if (turn.withProbabilities) body.logprobs = TOP_ALTERNATIVES;
   if (turn.kind !== "continue") turn.promptBody = { messages: body.messages, ...(body.system ? { system: body.system } : {}) };
   const run = els.streamToggle.checked ? runStreamed : runWhole;
   run(turn, body).catch((err) => {
@@ -212,6 +221,27 @@ export function continueAnswer() {
   const last = conversation.pop();
   const turn = new Turn("continue", { assistantEl: messageEls.pop(), prefix: last.content });
   startTurn(turn, [...conversation, last], { continue_final: true });
+}
+
+/**
+ * A branch of the conversation: the answer in `el` is cut where the user picked another token
+ * (`prefix` is the text before it), that token goes in instead, and the model goes on writing
+ * from there. The answer's later turns are dropped, as regenerating would drop them.
+ */
+function branchAt(el, prefix, alternative) {
+  const index = messageEls.indexOf(el);
+  if (!canStart() || index < 0 || conversation[index].role !== "assistant") return;
+  for (const later of messageEls.splice(index)) later.remove();
+  conversation.splice(index);
+  const start = prefix + alternative;
+  const before = conversation.slice();
+  const system = els.system.value.trim() ? { system: els.system.value } : {};
+  const answerEl = renderAssistant(start, () => ({ messages: before, ...system }));
+  const note = makeElement("div", "branch-note");
+  bind(note, "probs.branched", { token: JSON.stringify(alternative) });
+  answerEl.querySelector(".content").before(note);
+  const turn = new Turn("continue", { assistantEl: answerEl, prefix: start });
+  startTurn(turn, [...conversation, { role: "assistant", content: start }], { continue_final: true });
 }
 
 /** Regenerate and Continue sit under the last answer only, and only between turns. */

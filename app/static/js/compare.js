@@ -10,6 +10,7 @@ import { SlotList } from "./picker.js";
 import { getCatalog } from "./catalog.js";
 import { lastStatus } from "./model-panel.js";
 import { generationParams } from "./sampling.js";
+import { TOP_ALTERNATIVES, probabilitiesOn, tokenView } from "./tokens.js";
 
 const MIN_COLUMNS = 2;
 const MAX_COLUMNS = 4;
@@ -123,6 +124,10 @@ function diffWords(base, other) {
 /** Shows a cell's answer, plain or with the words that differ from column 1 marked. */
 function renderCellText(cell, baseText) {
   const useDiff = els.diff.checked && baseText !== null && cell.done;
+  if (!useDiff && cell.tokenNodes) {
+    cell.content.replaceChildren(...cell.tokenNodes); // the token spans, with their probabilities
+    return;
+  }
   if (!useDiff) {
     cell.content.replaceChildren(document.createTextNode(cell.answer));
     cell.answerNode = cell.content.firstChild;
@@ -346,10 +351,20 @@ function newCell(slot, column) {
   const note = makeElement("div", "note");
   note.hidden = true;
   el.append(content, note);
-  const answerNode = document.createTextNode("");
-  content.append(answerNode);
-  return { slot, el, content, note, answerNode, answer: "", done: false, ended: false, id: newRequestId(), source: null,
-           stopTimer: null };
+  const cell = { slot, el, content, note, answer: "", done: false, ended: false, id: newRequestId(), source: null,
+                 stopTimer: null, messages: [], withProbabilities: probabilitiesOn() };
+  startCellText(cell, "");
+  return cell;
+}
+
+/** The cell's answer so far (`start`, a branch's kept text), then what streams in. */
+function startCellText(cell, start) {
+  cell.answer = start;
+  cell.tokenNodes = null;
+  cell.content.replaceChildren(document.createTextNode(start));
+  cell.answerNode = cell.withProbabilities ? null : cell.content.firstChild;
+  cell.view = cell.withProbabilities
+    ? tokenView(cell.content, (prefix, alternative) => branchCell(cell, prefix, alternative), start) : null;
 }
 
 function setCellNote(cell, key, vars) {
@@ -358,11 +373,12 @@ function setCellNote(cell, key, vars) {
   cell.note.hidden = !key;
 }
 
-function appendToCell(cell, text) {
-  if (cell.ended || !text) return;
-  cell.answer += text;
+function appendToCell(cell, text, logprobs = null) {
+  if (cell.ended || (!text && !logprobs)) return;
+  cell.answer += text || "";
   setCellNote(cell, "");
-  if (cell.answerNode) cell.answerNode.appendData(text);
+  if (cell.view) cell.view.add(text, logprobs);
+  else if (cell.answerNode && text) cell.answerNode.appendData(text);
 }
 
 function finishCell(round, cell, { finishReason, usage = null, timings = null, error = null }) {
@@ -378,11 +394,13 @@ function finishCell(round, cell, { finishReason, usage = null, timings = null, e
   if (error) cell.el.append(makeElement("div", "cell-error", error));
   if (!cell.answer && !error) cell.el.classList.add("empty");
   cell.result = { finishReason, usage, timings, error };
+  if (cell.view) cell.tokenNodes = Array.from(cell.content.childNodes);
 
   if (cell.answer && els.multiTurn.checked) {
     const history = histories.get(cell.slot.id) || [];
     history.push({ role: "user", content: round.prompt }, { role: "assistant", content: cell.answer });
     histories.set(cell.slot.id, history);
+    cell.inHistory = true;
   }
   if (round.cells.every((c) => c.done)) {
     running = null;
@@ -394,7 +412,11 @@ function finishCell(round, cell, { finishReason, usage = null, timings = null, e
   }
 }
 
-async function runCell(round, cell, body) {
+function runCell(round, cell, body) {
+  streamCell(round, cell, body).catch((err) => finishCell(round, cell, { finishReason: "error", error: err.message }));
+}
+
+async function streamCell(round, cell, body) {
   const created = await postJson("/api/streams", body);
   cell.id = created.stream_id;
   if (round.stopRequested) {
@@ -404,7 +426,7 @@ async function runCell(round, cell, body) {
   }
   cell.source = openGenerationStream(created.url, {
     queue: () => setCellNote(cell, "compare.waiting"),
-    token: (text) => appendToCell(cell, text),
+    token: (text, data) => appendToCell(cell, text, data.logprobs),
     done: (data) => finishCell(round, cell, { finishReason: data.finish_reason, usage: data.usage, timings: data.timings }),
     error: (message) => finishCell(round, cell, { finishReason: "error", error: message }),
     lost: () => finishCell(round, cell, round.stopRequested ? { finishReason: "cancelled" }
@@ -442,10 +464,43 @@ function send() {
   const system = document.getElementById("system").value;
   for (const cell of round.cells) {
     const history = els.multiTurn.checked ? histories.get(cell.slot.id) || [] : [];
-    const body = { messages: [...history, { role: "user", content: text }], request_id: cell.id, slot: cell.slot.id, ...params };
-    if (system.trim()) body.system = system;
-    runCell(round, cell, body).catch((err) => finishCell(round, cell, { finishReason: "error", error: err.message }));
+    cell.messages = [...history, { role: "user", content: text }];
+    cell.round = round;
+    runCell(round, cell, cellBody(cell, cell.messages, params, system));
   }
+}
+
+function cellBody(cell, messages, params, system) {
+  const body = { messages, request_id: cell.id, slot: cell.slot.id, ...params };
+  if (system.trim()) body.system = system;
+  if (cell.withProbabilities) body.logprobs = TOP_ALTERNATIVES;
+  return body;
+}
+
+/**
+ * A column's answer branched where the user picked another token: cut there, that token in
+ * instead, and the column's model goes on writing from it. Only the latest round can branch,
+ * and only between rounds.
+ */
+function branchCell(cell, prefix, alternative) {
+  const round = cell.round;
+  if (running || loading || !round || round !== rounds[rounds.length - 1]) return;
+  if (cell.inHistory) {
+    histories.get(cell.slot.id).splice(-2, 2); // this round's answer is being replaced
+    cell.inHistory = false;
+  }
+  const start = prefix + alternative;
+  for (const old of cell.el.querySelectorAll(".figures, .cell-error")) old.remove();
+  cell.el.classList.remove("empty");
+  cell.el.classList.add("streaming");
+  Object.assign(cell, { ended: false, done: false, id: newRequestId(), source: null });
+  startCellText(cell, start);
+  round.stopRequested = false;
+  running = round;
+  updateControls();
+  const system = document.getElementById("system").value;
+  const body = cellBody(cell, [...cell.messages, { role: "assistant", content: start }], generationParams(), system);
+  runCell(round, cell, { ...body, continue_final: true });
 }
 
 function stop() {
