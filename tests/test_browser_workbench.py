@@ -405,7 +405,8 @@ def test_a_batch_evaluation_runs_shows_its_scores_and_downloads(page, live_serve
     cells_text = [td.text for td in rows[0].find_elements(By.TAG_NAME, "td")]
     assert cells_text[1] == "3"
     assert re.fullmatch(r"\d+\.\d", cells_text[2]) and re.fullmatch(r"[\d.]+%", cells_text[4]), cells_text
-    assert re.fullmatch(r"\d+ ms", cells_text[5]), cells_text
+    assert re.fullmatch(r"\d+\.\d\d", cells_text[5]) and re.fullmatch(r"\d+\.\d\d", cells_text[6]), cells_text  # ref NLL, PPL
+    assert re.fullmatch(r"\d+ ms", cells_text[7]), cells_text
     assert len(page.find_elements(By.CSS_SELECTOR, "#eval-chart svg rect")) >= 3 + 3  # legend and bars
     per_row = page.find_elements(By.CSS_SELECTOR, "#eval-rows tbody tr")
     assert len(per_row) == 3
@@ -542,3 +543,35 @@ def test_the_system_monitor_shows_the_server(page):
     )
     assert page.find_element(By.ID, "monitor-loading").is_displayed()
     assert page.find_element(By.ID, "monitor-loading-text").text == "Loading x… 4 s"
+
+
+# ---------------------------------------------------------------- blind votes
+
+def test_a_blind_vote_reveals_the_models_and_moves_the_ratings(page, live_server):
+    page.find_element(By.ID, "tab-compare").click()
+    pick_columns(page, [GGUF_ID, HF_ID])
+    load_columns(page, 2)
+    before = request(f"{live_server.url}/api/arena/ratings")["votes"]
+    page.find_element(By.CSS_SELECTOR, "label.check:has(#compare-blind)").click()
+    prompt = page.find_element(By.ID, "compare-prompt")
+    prompt.send_keys("Name a fruit.")
+    page.find_element(By.ID, "compare-send").click()
+    answers = WebDriverWait(page, 180).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#compare-rounds .blind-round:last-child .blind-answer"))
+    assert [a.get_attribute("data-position") for a in answers] == ["A", "B"]
+    round_el = page.find_element(By.CSS_SELECTOR, "#compare-rounds .blind-round:last-child")
+    assert GGUF_ID not in round_el.text and HF_ID not in round_el.text  # nothing names the models before the vote
+    assert all(not reveal.is_displayed() for reveal in round_el.find_elements(By.CSS_SELECTOR, ".blind-reveal"))
+    round_el.find_element(By.CSS_SELECTOR, "button.vote-A").click()
+    WebDriverWait(page, 30).until(lambda d: all(r.is_displayed() for r in round_el.find_elements(By.CSS_SELECTOR, ".blind-reveal")))
+    revealed = {r.text for r in round_el.find_elements(By.CSS_SELECTOR, ".blind-reveal")}
+    assert revealed == {GGUF_ID, HF_ID}
+    ratings = page.find_element(By.ID, "arena-ratings")
+    assert ratings.is_displayed()
+    WebDriverWait(page, 10).until(lambda d: f"{before + 1} votes" in d.find_element(By.ID, "arena-ratings-note").text)
+    table = page.find_element(By.ID, "arena-ratings-table").text
+    winner = next(r.text for r in round_el.find_elements(By.CSS_SELECTOR, ".blind-answer[data-position='A'] .blind-reveal"))
+    assert winner in table and (GGUF_ID if winner == HF_ID else HF_ID) in table
+    assert page.find_elements(By.CSS_SELECTOR, "#arena-ratings-chart svg circle")
+    assert request(f"{live_server.url}/api/arena/ratings")["votes"] == before + 1
+    page.find_element(By.CSS_SELECTOR, "label.check:has(#compare-blind)").click()  # off again for the other tests

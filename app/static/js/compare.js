@@ -9,6 +9,7 @@ import { makeFigures } from "./format.js";
 import { SlotList } from "./picker.js";
 import { getCatalog } from "./catalog.js";
 import { lastStatus } from "./model-panel.js";
+import { blindRound } from "./arena.js";
 import { generationParams } from "./sampling.js";
 import { TOP_ALTERNATIVES, probabilitiesOn, tokenView } from "./tokens.js";
 
@@ -40,6 +41,7 @@ const els = {
   clear: byId("compare-clear"),
   multiTurn: byId("compare-multiturn"),
   diff: byId("compare-diff"),
+  blind: byId("compare-blind"),
 };
 
 /** The slots the server has loaded (POST/GET /api/compare/slots), in column order. */
@@ -440,6 +442,10 @@ function send() {
   if (!text.trim()) return;
   els.prompt.value = "";
   showError("");
+  if (els.blind.checked) {
+    sendBlind(text);
+    return;
+  }
 
   const el = makeElement("div", "compare-round");
   const promptEl = makeElement("div", "round-prompt");
@@ -468,6 +474,26 @@ function send() {
     cell.round = round;
     runCell(round, cell, cellBody(cell, cell.messages, params, system));
   }
+}
+
+/** A blind round: the answers come back together, shuffled, the models hidden until the vote. */
+function sendBlind(text) {
+  const el = makeElement("div", "compare-round blind-round");
+  const promptEl = makeElement("div", "round-prompt");
+  const role = makeElement("span", "role");
+  bind(role, "role.user");
+  promptEl.append(role, makeElement("span", "content", text));
+  el.append(promptEl);
+  els.rounds.append(el);
+  el.scrollIntoView({ block: "start" });
+  running = { cells: [], blind: true };
+  updateControls();
+  const system = document.getElementById("system").value;
+  const body = { prompt: text, ...generationParams(), ...(system.trim() ? { system } : {}) };
+  blindRound(el, body).finally(() => {
+    running = null;
+    updateControls();
+  });
 }
 
 function cellBody(cell, messages, params, system) {

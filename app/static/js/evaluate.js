@@ -6,7 +6,9 @@ import { bind, t } from "./i18n.js";
 import { apiFetch, describeFailure, parseEventData, requestJson } from "./api.js";
 import { byId, downloadBlob, makeButton, makeElement } from "./dom.js";
 import { formatDate } from "./format.js";
-import { SlotList } from "./picker.js";
+import { walkEval } from "./arena.js";
+import { getCatalog } from "./catalog.js";
+import { SlotList, fillModelSelect, selectedModel } from "./picker.js";
 import * as compare from "./compare.js";
 import { refresh as refreshMonitor } from "./monitor.js";
 
@@ -14,10 +16,13 @@ const MAX_MODELS = 4;
 const ROWS_PAGE = 100; // a test set of thousands of rows would make the page crawl if shown whole
 const RESUMABLE = ["cancelled", "interrupted"];
 const SVG_NS = "http://www.w3.org/2000/svg";
+// The chart's bars, each on a 0-100 scale. The reference's perplexity becomes the geometric mean
+// probability of its tokens (100 / perplexity), so that a taller bar is better, as for the others.
 const METRICS = [
-  { key: "bleu", label: "eval.bleu", scale: 1, cls: "bar-bleu" },
-  { key: "rouge_l", label: "eval.rouge_l", scale: 100, cls: "bar-rouge" },
-  { key: "exact_match", label: "eval.exact_match", scale: 100, cls: "bar-em" },
+  { key: "bleu", label: "eval.bleu", value: (row) => row.bleu, cls: "bar-bleu" },
+  { key: "rouge_l", label: "eval.rouge_l", value: (row) => row.rouge_l * 100, cls: "bar-rouge" },
+  { key: "exact_match", label: "eval.exact_match", value: (row) => row.exact_match * 100, cls: "bar-em" },
+  { key: "ref_perplexity", label: "eval.ref_p", value: (row) => 100 / row.ref_perplexity, cls: "bar-ref" },
 ];
 
 const els = {
@@ -52,6 +57,11 @@ const els = {
   list: byId("eval-list"),
   listEmpty: byId("eval-list-empty"),
   refresh: byId("eval-refresh"),
+  scoreOnly: byId("eval-score-only"),
+  vote: byId("eval-vote"),
+  blind: byId("eval-blind"),
+  judge: byId("eval-judge"),
+  judgeMode: byId("eval-judge-mode"),
 };
 
 let following = null; // {id, name, total, source}: the run whose progress is on show
@@ -210,6 +220,9 @@ async function start() {
   const maxTokens = Number(els.maxTokens.value);
   if (els.maxTokens.value !== "" && Number.isFinite(maxTokens)) form.append("max_new_tokens", String(Math.round(maxTokens)));
   if (els.name.value.trim()) form.append("name", els.name.value.trim());
+  if (els.scoreOnly.checked) form.append("score_only", "true");
+  const judge = judgeSpec();
+  if (judge) form.append("judge", JSON.stringify(judge));
 
   els.start.disabled = true;
   try {
@@ -287,7 +300,9 @@ function revealResult() {
 
 function renderSummary(data) {
   const head = makeElement("thead");
-  head.append(headerRow(["eval.model", "eval.rows", "eval.bleu", "eval.rouge_l", "eval.exact_match", "eval.latency", "eval.tps"]));
+  const judged = Boolean(data.judge);
+  head.append(headerRow(["eval.model", "eval.rows", "eval.bleu", "eval.rouge_l", "eval.exact_match", "eval.ref_nll", "eval.ref_ppl",
+    ...(judged ? ["eval.judge_record", "eval.judge_rating"] : []), "eval.latency", "eval.tps"]));
   const body = makeElement("tbody");
   for (const row of data.summary || []) {
     const tr = makeElement("tr");
@@ -295,7 +310,13 @@ function renderSummary(data) {
     const model = (data.models || []).find((m) => m.label === row.label);
     if (model) name.title = [model.model, model.backend, model.adapter && `${model.adapter} (${model.adapter_enabled ? "on" : "off"})`].filter(Boolean).join("\n");
     tr.append(name, cell(String(row.rows ?? "—"), "num"), cell(num(row.bleu, 1), "num"), cell(num(row.rouge_l, 3), "num"),
-      cell(pct(row.exact_match), "num"), cell(ms(row.latency_ms), "num"), cell(num(row.tokens_per_second, 1), "num"));
+      cell(pct(row.exact_match), "num"), cell(num(row.ref_nll, 2), "num"), cell(num(row.ref_perplexity, 2), "num"));
+    if (judged) {
+      const record = cell(t("eval.judge_wlt", { w: row.judge_wins ?? 0, l: row.judge_losses ?? 0, t: row.judge_ties ?? 0 }), "num");
+      record.title = t("eval.judge_record_title", { unparsable: row.judge_unparsable ?? 0, errors: row.judge_errors ?? 0 });
+      tr.append(record, cell(num(row.judge_rating, 1), "num"));
+    }
+    tr.append(cell(ms(row.latency_ms), "num"), cell(num(row.tokens_per_second, 1), "num"));
     body.append(tr);
   }
   els.summary.replaceChildren(head, body);
@@ -325,7 +346,8 @@ function renderChart(summary) {
   const left = 34;
   const top = 34;
   const plotH = 140;
-  const width = Math.max(320, left + 12 + summary.length * (groupW + groupGap));
+  const legendW = METRICS.reduce((sum, metric) => sum + 28 + t(metric.label).length * 7, left);
+  const width = Math.max(320, legendW, left + 12 + summary.length * (groupW + groupGap));
   const height = top + plotH + 30;
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", class: "chart" });
   root.append(svg("title", {}, t("eval.chart_title")));
@@ -346,8 +368,8 @@ function renderChart(summary) {
   summary.forEach((row, g) => {
     const gx = left + 12 + g * (groupW + groupGap);
     METRICS.forEach((metric, i) => {
-      const raw = row[metric.key];
-      const value = typeof raw === "number" && Number.isFinite(raw) ? Math.max(0, Math.min(100, raw * metric.scale)) : 0;
+      const raw = typeof row[metric.key] === "number" ? metric.value(row) : NaN;
+      const value = Number.isFinite(raw) ? Math.max(0, Math.min(100, raw)) : 0;
       const h = (value / 100) * plotH;
       const bar = svg("rect", { x: gx + i * barW, y: top + plotH - h, width: barW - 4, height: Math.max(h, 0.5), class: metric.cls });
       bar.append(svg("title", {}, `${row.label} · ${t(metric.label)}: ${value.toFixed(1)}`));
@@ -364,7 +386,23 @@ function renderChart(summary) {
   els.chart.append(root);
 }
 
-function outputCell(output) {
+/** The judge's verdicts that concern one model's answer on a row, as short lines with the reasons on hover. */
+function judgeNotes(row, label) {
+  const notes = [];
+  for (const verdict of row.judge || []) {
+    if (verdict.kind === "single" && verdict.model === label) {
+      notes.push({ text: t("eval.judge_grade", { v: verdict.verdict }), reason: verdict.reason });
+    } else if (verdict.kind === "pairwise" && (verdict.model_a === label || verdict.model_b === label)) {
+      const other = verdict.model_a === label ? verdict.model_b : verdict.model_a;
+      const outcome = verdict.verdict === label ? "win" : verdict.verdict === other ? "loss" : verdict.verdict || "pending";
+      notes.push({ text: t("eval.judge_vs", { other, outcome: t(`judge.${outcome}`) }),
+                   reason: [verdict.reason_ab, verdict.reason_ba].filter(Boolean).join("\n———\n") });
+    }
+  }
+  return notes;
+}
+
+function outputCell(output, notes = []) {
   const td = makeElement("td", "output");
   if (!output) {
     td.textContent = "—";
@@ -372,14 +410,21 @@ function outputCell(output) {
   }
   td.append(makeElement("div", "cell-text", String(output.output ?? "")));
   const exact = output.exact_match === true || output.exact_match === 1;
+  const scored = output.finish_reason === "scored"; // a score-only eval: no answer, only the reference's likelihood
   const scores = [
-    `BLEU ${num(output.bleu, 1)}`,
-    `R-L ${num(output.rouge_l, 2)}`,
-    exact ? "EM ✓" : "EM ✗",
-    ms(output.latency_ms),
+    scored ? null : `BLEU ${num(output.bleu, 1)}`,
+    scored ? null : `R-L ${num(output.rouge_l, 2)}`,
+    scored ? null : exact ? "EM ✓" : "EM ✗",
+    typeof output.ref_nll === "number" ? `NLL ${num(output.ref_nll, 2)} · PPL ${num(output.ref_perplexity, 2)}` : null,
+    scored ? null : ms(output.latency_ms),
     output.finish_reason && output.finish_reason !== "stop" ? output.finish_reason : null,
   ].filter(Boolean);
   td.append(makeElement("div", "cell-scores", scores.join(" · ")));
+  for (const note of notes) {
+    const line = makeElement("div", "cell-judge", note.text);
+    line.title = note.reason || "";
+    td.append(line);
+  }
   if (exact) td.classList.add("exact");
   return td;
 }
@@ -396,7 +441,7 @@ function renderRows(data) {
     if (row.system) prompt.append(makeElement("div", "cell-system", String(row.system)));
     prompt.append(makeElement("div", "cell-text", String(row.prompt ?? "")));
     tr.append(cell(String((row.index ?? 0) + 1), "num"), prompt, makeElement("td", "reference", row.reference == null ? "—" : String(row.reference)));
-    for (const label of labels) tr.append(outputCell(row.outputs ? row.outputs[label] : null));
+    for (const label of labels) tr.append(outputCell(row.outputs ? row.outputs[label] : null, judgeNotes(row, label)));
     body.append(tr);
   }
   els.rows.replaceChildren(head, body);
@@ -457,6 +502,40 @@ async function refreshList() {
     return [];
   }
 }
+
+els.vote.addEventListener("click", () => {
+  if (shownEval) walkEval(els.blind, shownEval);
+});
+
+// ---------------------------------------------------------------- the judge
+
+/** The judge's select: none, the operator's endpoint, or any model on offer. */
+function renderJudgeChoices() {
+  const keep = els.judge.value;
+  const none = makeElement("option", "", t("eval.judge_none"));
+  none.value = "";
+  const endpoint = makeElement("option", "", t("eval.judge_endpoint"));
+  endpoint.value = "@endpoint";
+  const filled = fillModelSelect(els.judge, getCatalog());
+  els.judge.prepend(none, endpoint);
+  if (!filled) els.judge.replaceChildren(none, endpoint);
+  els.judge.value = Array.from(els.judge.options).some((o) => o.value === keep) ? keep : "";
+  els.judgeMode.disabled = !els.judge.value;
+}
+
+function judgeSpec() {
+  const value = els.judge.value;
+  if (!value) return null;
+  if (value === "@endpoint") return { endpoint: true, mode: els.judgeMode.value };
+  const model = selectedModel(els.judge);
+  return { model: model ? model.id : value, backend: model ? model.backend : undefined, mode: els.judgeMode.value };
+}
+
+els.judge.addEventListener("change", () => {
+  els.judgeMode.disabled = !els.judge.value;
+});
+document.addEventListener("mt:catalog", renderJudgeChoices);
+document.addEventListener("mt:lang", renderJudgeChoices);
 
 // ---------------------------------------------------------------- wiring
 
