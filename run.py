@@ -15,11 +15,11 @@ def main(argv=None) -> None:
     if argv is None and settings.server.hugepages:
         restart_with_hugepages()  # the command line is this process's own, so it can start again with it
     from app import create_app
-    from app.routes.http.auth import warn_if_exposed
     from app.routes.http.server import StreamingRequestHandler
 
     app = create_app(settings)
-    warn_if_exposed(settings.server.host, settings.server.api_key is not None)
+    if settings.server.exposure_warning():
+        log.warning("%s", settings.server.exposure_warning())
     log.info("huge pages: malloc %s, kernel THP mode %s",
              "asks for them" if malloc_asks_for_hugepages() else "does not ask", thp_mode() or "absent")
     log.info("serving on http://%s:%d", settings.server.host, settings.server.port)

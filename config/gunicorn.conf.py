@@ -14,3 +14,10 @@ threads = 32
 timeout = 120
 graceful_timeout = 10
 accesslog = None  # the app logs what matters; one line per token stream is noise
+
+
+def when_ready(server):
+    """gunicorn warns as run.py does when the tester is reachable beyond this machine without a key."""
+    warning = _server.exposure_warning()
+    if warning:
+        server.log.warning(warning)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +30,10 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
+MIN_API_KEY_LENGTH = 16
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
 class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Interface to listen on. 0.0.0.0 exposes the tester to the network.", json_schema_extra={"flag": "--host"})
     api_key: Optional[SecretStr] = Field(
@@ -42,11 +46,32 @@ class ServerSettings(BaseModel):
         description="Origins (e.g. https://lab.example.org) whose pages may call the API from a browser. "
         "Empty (the default) sends no CORS headers, so other sites' pages cannot read answers.",
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names (as browsers send them in the Host header) this server answers to, besides "
+        "localhost, 127.0.0.1, [::1] and the bound host; any other is refused (DNS rebinding). '*' allows every name.",
+    )
     port: int = Field(5000, ge=1, le=65535, description="TCP port to listen on.", json_schema_extra={"flag": "--port"})
     log_dir: Path = Field(PROJECT_ROOT / "logs", description="Folder of the rotating log file.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of console and file.", json_schema_extra={"flag": "--log-level"})
     log_max_bytes: int = Field(5_000_000, ge=10_000, description="Size at which the log file rotates.")
     log_backups: int = Field(3, ge=0, le=100, description="Rotated log files kept.")
+    def exposure_warning(self) -> Optional[str]:
+        """What to warn of when the server is reachable beyond this machine without a key."""
+        if self.host in LOOPBACK_HOSTS or self.api_key is not None:
+            return None
+        return (f"listening on {self.host} without an API key: anyone who can reach this port can use the model; "
+                f"set --api-key (or MODEL_TEST_SERVER__API_KEY)")
+
+    @field_validator("api_key")
+    @classmethod
+    def _a_real_key(cls, key: Optional[SecretStr]) -> Optional[SecretStr]:
+        # An empty key used to turn auth off without a word; a short one is guessed in minutes.
+        if key is not None and len(key.get_secret_value().strip()) < MIN_API_KEY_LENGTH:
+            raise ValueError(f"the API key must be at least {MIN_API_KEY_LENGTH} characters (e.g. python -c "
+                             f"'import secrets; print(secrets.token_urlsafe(24))'); leave it unset for no key")
+        return key
+
     hugepages: bool = Field(
         True,
         description="run.py starts itself again with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (Linux), so the "
@@ -62,6 +87,8 @@ class LimitSettings(BaseModel):
     max_queue: int = Field(8, ge=0, le=1024, description="Requests that may wait for the model; one more gets 429.")
     queue_retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After sent with a 429 when the queue is full.")
     stream_ttl_s: float = Field(60.0, gt=0, le=3600, description="How long a prepared stream id waits for its EventSource.")
+    max_parked_streams: int = Field(32, ge=1, le=10000, description="Prepared streams (POST /api/streams) waiting to be "
+                                    "opened at once; one more gets 429. Each expires after stream_ttl_s.")
     max_batch: int = Field(64, ge=1, le=10000, description="Most prompts one /batch request may carry.")
     generation_timeout_s: float = Field(
         600.0, gt=0, le=86400,
@@ -71,6 +98,11 @@ class LimitSettings(BaseModel):
     max_slots: int = Field(4, ge=1, le=16, description="Most models one compare set or one eval may hold.")
     max_test_set_bytes: int = Field(5_000_000, ge=1024, le=1 << 30, description="Largest eval test set accepted; more gets a 400.")
     max_test_set_rows: int = Field(10_000, ge=1, le=1_000_000, description="Most rows an eval test set may have.")
+    max_evals_kept: int = Field(200, ge=1, le=100_000, description="Evals kept under results/evals/; starting one more "
+                                "removes the oldest finished ones (never a running one).")
+    max_eval_storage_bytes: int = Field(2_000_000_000, ge=1_000_000, le=1 << 44, description="Space results/evals/ may "
+                                        "take; past it the oldest finished evals go, and an eval that still does not fit "
+                                        "is refused with 507.")
 
 
 class LlamaCppSettings(BaseModel):
@@ -106,7 +138,9 @@ class TransformersSettings(BaseModel):
         "instructions (AVX512-BF16/AMX; measured faster there), else fp32 (see README). The LoRA is merged in this dtype.", json_schema_extra={"flag": "--dtype"},
     )
     device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto tries CUDA, then MPS, then the CPU.", json_schema_extra={"flag": "--device"})
-    trust_remote_code: bool = Field(False, description="Run the model's own modelling code (Hunyuan needs it).", json_schema_extra={"flag": "--trust-remote-code"})
+    trust_remote_code: bool = Field(False, description="Allow models to run their own modelling code (auto_map in config.json): "
+                                    "an operator's choice at startup, never a client's. Qwen2.5, Qwen3 and Hunyuan dense need none.",
+                                    json_schema_extra={"flag": "--trust-remote-code"})
     merge_adapter: bool = Field(True, description="Merge the LoRA into the weights (merge_and_unload) instead of keeping it unmerged.")
     n_threads: int = Field(default_factory=physical_cores, ge=1, le=512, description="torch CPU threads; physical cores by default.", json_schema_extra={"flag": "--n-threads"})
     n_ctx: Optional[int] = Field(None, ge=64, le=1 << 20, description="Context window; the model's max_position_embeddings when unset.", json_schema_extra={"flag": "--n-ctx"})
@@ -160,11 +194,13 @@ class Preset(BaseModel):
     backend: BackendName
     path: str = Field(description="A .gguf file or a Hugging Face model directory; relative paths are under models_dir. "
                       "For the openai backend: the model's name on the remote server (remote.base_url).")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="The model needs its own modelling code: honoured only when the "
+                                    "operator turned remote code on at startup (transformers.trust_remote_code).")
 
 
 DEFAULT_PRESETS: dict[str, Preset] = {
-    "hunyuan-7b-instruct": Preset(backend="transformers", path="Hunyuan-7B-Instruct", trust_remote_code=True),
+    # transformers has HunYuanDenseV1ForCausalLM natively: no remote code for it
+    "hunyuan-7b-instruct": Preset(backend="transformers", path="Hunyuan-7B-Instruct"),
     "qwen2.5-0.5b-instruct": Preset(backend="transformers", path="Qwen2.5-0.5B-Instruct"),
     "qwen2.5-1.5b-instruct": Preset(backend="transformers", path="Qwen2.5-1.5B-Instruct"),
     "qwen2.5-7b-instruct": Preset(backend="transformers", path="Qwen2.5-7B-Instruct"),

@@ -618,17 +618,17 @@ def test_a_locked_server_asks_for_the_key_once_and_keeps_it_for_the_tab(driver, 
     from tests.conftest import make_settings, serve
 
     tmp = tmp_path_factory.mktemp("locked-page")
-    app = create_app(make_settings(tmp, server=ServerSettings(log_dir=tmp / "logs", api_key="page-key")))
+    app = create_app(make_settings(tmp, server=ServerSettings(log_dir=tmp / "logs", api_key="page-key-for-the-test")))
     server, thread = serve(app)
     try:
         driver.set_window_size(*DESKTOP_SIZE)
         driver.get(f"http://127.0.0.1:{server.server_port}/")
         alert = WebDriverWait(driver, 10).until(expected_conditions.alert_is_present())
         assert "API key" in alert.text
-        alert.send_keys("page-key")
+        alert.send_keys("page-key-for-the-test")
         alert.accept()
         WebDriverWait(driver, 15).until(lambda d: d.find_element(By.ID, "model-state").text in ("not_loaded", "loaded"))
-        assert driver.execute_script("return sessionStorage.getItem('model_test.api_key')") == "page-key"
+        assert driver.execute_script("return sessionStorage.getItem('model_test.api_key')") == "page-key-for-the-test"
         send(driver, "Say hello.")
         wait_turn_finished(driver, timeout=60)
         assert answer_text(driver), "a streamed answer came through with the key"

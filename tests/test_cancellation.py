@@ -62,9 +62,9 @@ def test_closed_event_source_stream_stops_generation(live_server):
     prepared = requests.post(f"{live_server.url}/api/streams", json=LONG, timeout=30).json()
     response = requests.get(live_server.url + prepared["url"], stream=True, timeout=30)
     read_tokens(response, 3)
-    produced_when_closed = tokens_so_far(live_server.service, prepared["stream_id"])
+    produced_when_closed = tokens_so_far(live_server.service, prepared["request_id"])
     response.close()
-    record = wait_for_end(live_server.service, prepared["stream_id"])
+    record = wait_for_end(live_server.service, prepared["request_id"])
     assert record["finish_reason"] == "cancelled"
     assert record["completion_tokens"] <= produced_when_closed + TOKENS_OF_SLACK
     assert_model_is_free(live_server)

@@ -274,9 +274,9 @@ def test_columns_sharing_weights_take_turns_and_the_waiting_one_hears_its_place(
 def test_eval_progress_opens_without_the_api_key_but_nothing_else_does(tmp_path, default_gguf):
     from config.settings import ServerSettings
 
-    app = create_app(make_settings(tmp_path, server=ServerSettings(log_dir=tmp_path / "logs", api_key="sesame")))
+    app = create_app(make_settings(tmp_path, server=ServerSettings(log_dir=tmp_path / "logs", api_key="sesame-open-up-please")))
     client = app.test_client()
-    key = {"Authorization": "Bearer sesame"}
+    key = {"Authorization": "Bearer sesame-open-up-please"}
     started = client.post("/api/eval", headers=key, json={"test_set": '{"prompt": "Hi", "reference": "Hello"}',
                                                            "models": [{"model": GGUF_ID}], "max_new_tokens": 4})
     assert started.status_code == 202

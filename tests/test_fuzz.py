@@ -27,6 +27,22 @@ JSON_VALUES = st.recursive(
 )
 
 
+# Strings that break code that forgets them: a NUL (no path holds one), lone UTF-16 surrogates (no
+# UTF-8 encoder writes one), a formula a spreadsheet would run; and numbers past every bound.
+ODD_STRINGS = ["model\x00.gguf", "\x00", "\ud800", "a\udfffb", "=HYPERLINK(\"http://x\")", "\ud83d"]
+HUGE_NUMBERS = [10**30, -10**30, 1e308, -1e308, 2**64]
+# Whole bodies of odd bytes, sent to every route besides the drawn ones.
+ODD_BODIES = [
+    b"[" * 100_000,  # nesting past the JSON parser's recursion limit
+    b"{\"a\":" * 50_000 + b"1" + b"}" * 50_000,
+    b'{"model": "x\\u0000y", "prompt": "\\u0000", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    b'{"prompt": "\\udfff", "text": "\\ud800", "reference": "\\ud83d", "tokens": [1e400]}',
+    b'{"max_new_tokens": ' + b"9" * 5000 + b', "prompt": "hi"}',  # past Python's int digit limit
+    b'{"max_tokens": 1e400, "temperature": -1e400, "messages": [{"role": "user", "content": "hi"}]}',
+    "{\"prompt\": \"caf\u00e9\"}".encode("latin-1"),  # not UTF-8
+]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, default_gguf):
     root = tmp_path_factory.mktemp("fuzz")
@@ -72,11 +88,12 @@ def from_schema(schema: dict, document: dict, depth: int = 0) -> st.SearchStrate
             base = st.lists(from_schema(schema.get("items", {}), document, depth + 1), max_size=5)
         elif kind == "string":
             base = st.text(alphabet=string.printable + "中文<>&\"'", max_size=40) | st.sampled_from(
-                ["smollm2-135m-instruct-q4_1", "../../etc/passwd", "/etc/passwd", "", " ", "<img src=x onerror=alert(1)>"])
+                ["smollm2-135m-instruct-q4_1", "../../etc/passwd", "/etc/passwd", "", " ", "<img src=x onerror=alert(1)>"]
+                + ODD_STRINGS)
         elif kind == "integer":
-            base = st.integers(-5, 70000) | st.integers(-2**63, 2**63)
+            base = st.integers(-5, 70000) | st.integers(-2**63, 2**63) | st.sampled_from(HUGE_NUMBERS)
         elif kind == "number":
-            base = st.floats(-5, 10, allow_nan=False) | st.floats(allow_nan=False, allow_infinity=False)
+            base = st.floats(-5, 10, allow_nan=False) | st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(HUGE_NUMBERS)
         elif kind == "boolean":
             base = st.booleans()
         else:
@@ -147,6 +164,9 @@ def test_fuzz_route(server, path, method):
 
     fuzz()
     assert len(sent) >= EXAMPLES_PER_ROUTE, sent  # hypothesis really sent them (it may add shrink runs)
+    for raw in ODD_BODIES:
+        response = call(url, method.upper(), fill_path(path, "x"), data=raw, headers={"Content-Type": "application/json"})
+        check(response, f"{method.upper()} {path} {raw[:60]!r}")
     # still serving, and the model still answers
     answer = requests.post(f"{url}/api/chat", json={"prompt": "Say hi.", "max_new_tokens": 4}, timeout=REQUEST_TIMEOUT_S)
     assert answer.status_code in (200, 409, 429), answer.text

@@ -44,6 +44,7 @@ def gunicorn_url(tmp_path_factory, default_gguf):
     yield url
     process.terminate()
     process.wait(timeout=30)
+    process.stderr.close()
 
 
 def arrivals_of(response, is_token) -> list[float]:

@@ -16,16 +16,18 @@ from app.routes import docs, pages
 from app.routes.api import arena, compare, evals
 from app.routes.api import routes as api
 from app.routes.http.errors import register_error_handlers
+from app.routes.http.guard import install_guard
 from app.routes.openai import routes as openai
 from app.routes.service import routes as service
 from config.settings import ServerSettings
 
 
 def register_routes(app: Flask, server: ServerSettings) -> None:
-    """Blueprints, error handlers, and the optional API key and CORS, in one place."""
+    """Blueprints, error handlers, the host and origin checks, and the optional API key and CORS, in one place."""
     for module in (pages, api, openai, docs, service, compare, evals, arena):
         app.register_blueprint(module.bp)
     register_error_handlers(app)
+    install_guard(app, server.host, server.allowed_hosts, server.cors_origins)
     if server.api_key:
         from app.routes.http.auth import install_api_key
 

@@ -46,5 +46,6 @@ def index():
 def health():
     status = current_app.extensions["model_service"].status()
     return json_answer(Health, {"status": "ok" if status["state"] != "error" else "error",
-                                "model_loaded": status["state"] == "loaded", "model_name": status["model"],
+                                # the model's name, never its path: /health is public, and paths are the operator's
+                                "model_loaded": status["state"] == "loaded", "model_name": status["model_name"],
                                 "state": status["state"]})

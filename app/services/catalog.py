@@ -38,6 +38,12 @@ DEFAULT_HF_ID = "smollm2-135m-instruct"
 SCAN_DEPTH = 4  # models/<org>/<name>/<file>.gguf is as deep as pulls go
 
 
+def refuse_nul(value: Optional[str], field: str) -> None:
+    """A NUL byte ends a C string: no file name holds one, and the OS refuses it with a ValueError."""
+    if value is not None and "\x00" in value:
+        raise InvalidRequest(f"{field} holds a NUL byte, which no model name or path can contain", field=field)
+
+
 class ModelCatalog:
     def __init__(self, settings: Settings):
         self._settings = settings
@@ -85,16 +91,18 @@ class ModelCatalog:
         candidate = Path(path).expanduser()
         return candidate if candidate.is_absolute() else self.models_dir / candidate
 
-    def _locate(self, value: str, roots: tuple[Path, ...]) -> Path:
+    def _locate(self, value: str, roots: tuple[Path, ...], confine: bool = False) -> Path:
         """A path as given (absolute or from the working directory), else under the first root
-        that has it; a path found nowhere is returned as given, for check() to report."""
+        that has it; a path found nowhere is returned as given, for check() to report. For a
+        client (``confine``) a relative path is looked for under the roots only, never the
+        working directory, so whether a file exists elsewhere changes no answer."""
         given = Path(value).expanduser()
-        if given.is_absolute() or given.exists():
+        if given.is_absolute() or (given.exists() and (not confine or self._inside_roots(given))):
             return given
         for root in roots:
             if (root / given).exists():
                 return root / given
-        return given
+        return roots[0] / given if confine and roots else given
 
     def roots(self) -> list[Path]:
         """The folders a request may name models and adapters in (symlinks resolved)."""
@@ -105,21 +113,25 @@ class ModelCatalog:
             pass
         return [root.expanduser().resolve() for root in roots]
 
+    def _inside_roots(self, path: Path) -> bool:
+        real = path.expanduser().resolve()
+        return any(real == root or real.is_relative_to(root) for root in self.roots())
+
     def confine(self, path: Path, field: str) -> None:
         """Refuses a path a client named that lies outside the model roots, after following
         symlinks and ``..``: the API must not become a way to probe or load arbitrary files."""
-        real = path.expanduser().resolve()
-        roots = self.roots()
-        if not any(real == root or real.is_relative_to(root) for root in roots):
+        if not self._inside_roots(path):
+            # The rule, not the folders: their paths are the operator's to know.
             raise PathNotAllowed(
-                f"{field} {path} is outside the model folders ({', '.join(str(r) for r in roots)}); "
-                f"add its folder to MODEL_TEST_MODEL_ROOTS to allow it",
+                f"{field} {path} is outside the model folders the server allows; name a model from GET /api/models, "
+                f"or ask the operator to add its folder to MODEL_TEST_MODEL_ROOTS",
                 field=field,
             )
 
     def refuse_unknown_name(self, value: str, field: str) -> None:
         """A bare name that is no model on offer would otherwise resolve against the working
         directory and be refused as outside the model folders, which says nothing useful."""
+        refuse_nul(value, field)
         bare = not Path(value).is_absolute() and "/" not in value and os.sep not in value
         if bare and self._named(value) is None and not (self.models_dir / value).exists():
             raise ModelNotFound(f"{field} {value!r} is not a model on offer (GET /api/models lists them) "
@@ -133,6 +145,8 @@ class ModelCatalog:
         presets and built-ins are the operator's choice and always allowed."""
         if backend is not None and backend not in ("llamacpp", "transformers", "openai"):
             raise InvalidRequest(f"unknown backend {backend!r}; use llamacpp, transformers or openai", field="backend")
+        refuse_nul(model, "model")
+        refuse_nul(adapter, "adapter")
         if model is None:
             configured = self._settings.model
             if self._settings.backend == "openai" and self._settings.remote.model:
@@ -145,7 +159,9 @@ class ModelCatalog:
             if backend == "openai" and (spec is None or not spec.is_remote):
                 spec = self.remote_spec(model)  # on a remote server a model is a name, never a local path
             elif spec is None:
-                path = self._locate(model, (self.models_dir,))
+                path = self._locate(model, (self.models_dir,), confine)
+                if confine and Path(model).expanduser().is_absolute():
+                    self.confine(path, "model")  # before anything looks at the file: the same answer whether it exists
                 inferred = backend or self._infer_backend(path)
                 # with the openai backend configured, a name that is no local file is a remote model's
                 spec = self.remote_spec(model) if inferred == "openai" else ModelSpec(inferred, path)
@@ -157,7 +173,8 @@ class ModelCatalog:
 
     def with_adapter(self, spec: ModelSpec, adapter: str, confine: bool = False) -> ModelSpec:
         """``spec`` with the LoRA adapter at ``adapter`` (a path, or one under models_dir or saves_dir)."""
-        adapter_path = self._locate(adapter, (self.models_dir, Path(self._settings.saves_dir)))
+        refuse_nul(adapter, "adapter")
+        adapter_path = self._locate(adapter, (self.models_dir, Path(self._settings.saves_dir)), confine)
         if confine and not spec.is_remote:  # a remote model takes no local adapter at all; make_backend says why
             self.confine(adapter_path, "adapter")
         return dataclasses.replace(spec, adapter=adapter_path)

@@ -1,12 +1,10 @@
 """Batch evaluation: upload a test set, follow its progress, read, download, cancel, resume."""
 from __future__ import annotations
 
-import json
-
 from flask import Blueprint, Response, current_app, request
 
 from app.routes.api.schemas import DivergenceBody, DivergenceReport, EvalBody, EvalList, EvalOptions, EvalProgress, EvalReport, slot_requests
-from app.routes.http.body import parse_body, validated
+from app.routes.http.body import InvalidBody, parse_body, parse_json, validated
 from app.routes.http.wire import SSE_KEEPALIVE, json_answer, sse_event, sse_response
 from app.services.core.errors import InvalidRequest
 from app.services.evals.divergence import divergence_report
@@ -27,8 +25,8 @@ def _form_options() -> EvalOptions:
     data: dict = {}
     if "models" in request.form:
         try:
-            data["models"] = json.loads(request.form["models"])
-        except ValueError:
+            data["models"] = parse_json(request.form["models"])
+        except InvalidBody:
             raise InvalidRequest("models must be a JSON list of {model, backend, adapter, adapter_enabled}", field="models") from None
     if request.form.get("max_new_tokens"):
         try:
@@ -39,8 +37,8 @@ def _form_options() -> EvalOptions:
         data["name"] = request.form["name"]
     if request.form.get("judge"):
         try:
-            data["judge"] = json.loads(request.form["judge"])
-        except ValueError:
+            data["judge"] = parse_json(request.form["judge"])
+        except InvalidBody:
             raise InvalidRequest("judge must be a JSON object: {model, backend, adapter, mode} or {endpoint: true, mode}",
                                  field="judge") from None
     if request.form.get("score_only"):

@@ -149,8 +149,9 @@ def chat_stream():
 def prepare_stream():
     """For EventSource, which can only GET: validate and park the request, answer its URL."""
     generation = start_generation()
-    model_service().park(generation)
-    return json_answer(StreamTicket, {"stream_id": generation.id, "url": url_for("api.open_stream", stream_id=generation.id)}, 201)
+    stream_id = model_service().park(generation)
+    return json_answer(StreamTicket, {"stream_id": stream_id, "request_id": generation.id,
+                                      "url": url_for("api.open_stream", stream_id=stream_id)}, 201)
 
 
 @bp.get("/streams/<stream_id>")

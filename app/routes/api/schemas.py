@@ -241,7 +241,8 @@ class ScoreAnswer(Shape):
 
 
 class StreamTicket(Shape):
-    stream_id: str
+    stream_id: str = Field(description="The stream's id: 128 random bits of the server's; the URL is its capability.")
+    request_id: str = Field(description="The generation's id, for POST /api/stop.")
     url: str
 
 

@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = re.compile(r"^/(?:|health|docs|docs/.*|openapi\.json|static/.*|favicon\.ico)$")
 CAPABILITY_PATHS = re.compile(r"^/api/(?:streams/[^/]+|evals/[^/]+/events)$")
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def _unauthorized(message: str):
@@ -45,9 +44,3 @@ def install_api_key(app: Flask, api_key: str) -> None:
         if not hmac.compare_digest(token.strip().encode("utf-8"), expected):
             return _unauthorized("the API key is wrong")
         return None
-
-
-def warn_if_exposed(host: str, api_key_set: bool) -> None:
-    if host not in LOOPBACK_HOSTS and not api_key_set:
-        log.warning("listening on %s without an API key: anyone who can reach this port can use the model; "
-                    "set --api-key (or MODEL_TEST_SERVER__API_KEY)", host)

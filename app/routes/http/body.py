@@ -7,7 +7,8 @@ from typing import Optional
 from flask import request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from app.services.core.errors import InvalidRequest
+from app.services.core.errors import InvalidRequest, UnsupportedMediaType
+from app.services.core.unicode import lone_surrogate_at
 
 
 class StrictBody(BaseModel):
@@ -37,17 +38,37 @@ def parse_body(model_cls: type[BaseModel], allow_empty: bool = False, context: O
             return model_cls()
         raise InvalidBody("the request body is empty; send a JSON object", "body",
                           [{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}])
-    try:
-        data = json.loads(raw)  # whatever the Content-Type says, as before
-    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are no text
-        error = {"type": "json_invalid", "loc": ["body", getattr(exc, "pos", 0)], "msg": "JSON decode error",
-                 "input": {}, "ctx": {"error": getattr(exc, "msg", str(exc))}}
-        raise InvalidBody("the request body is not valid JSON", "body", [error]) from None
+    if request.mimetype != "application/json":
+        # A web page can send text/plain or a form to another site without asking first; a JSON
+        # body it cannot send without a preflight, which this server never grants.
+        raise UnsupportedMediaType(f"send the body as JSON with Content-Type: application/json "
+                                   f"(this request says {request.mimetype or 'nothing'})")
+    data = parse_json(raw)
     if not isinstance(data, dict):
         raise InvalidBody("the request body must be a JSON object", "body",
                           [{"type": "model_attributes_type", "loc": ["body"],
                             "msg": "Input should be a valid dictionary or object to extract fields from", "input": data}])
     return validated(model_cls, data, context)
+
+
+def parse_json(raw) -> object:
+    """JSON text as Python data; bytes that are no JSON, nesting too deep for the parser, and
+    strings holding a lone surrogate (no UTF-8 can carry one) are each an InvalidBody."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise InvalidBody("the request body nests too deeply", "body",
+                          [{"type": "json_invalid", "loc": ["body"], "msg": "JSON nested too deeply", "input": {}}]) from None
+    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are no text
+        error = {"type": "json_invalid", "loc": ["body", getattr(exc, "pos", 0)], "msg": "JSON decode error",
+                 "input": {}, "ctx": {"error": getattr(exc, "msg", str(exc))}}
+        raise InvalidBody("the request body is not valid JSON", "body", [error]) from None
+    where = lone_surrogate_at(data)
+    if where is not None:
+        field = ".".join(map(str, where)) or "body"
+        raise InvalidBody(f"{field}: the text holds a lone UTF-16 surrogate, which is no character", field,
+                          [{"type": "string_unicode", "loc": ["body", *where], "msg": "lone surrogate", "input": None}])
+    return data
 
 
 def validated(model_cls: type[BaseModel], data: dict, context: Optional[dict] = None):

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 from app.services.arena.ratings import Game, leaderboard, pair_table
 from app.services.arena.store import ArenaStore, iter_pairs
 from app.services.core.errors import AlreadyVoted, EvalRunning, InvalidRequest
+from app.services.core.spreadsheet import spreadsheet_safe
 from app.services.core.types import GenerationParams, Message
 from app.services.engine.generation import collect_together
 from app.services.engine.slots import CompareSlots
@@ -112,6 +113,7 @@ class ArenaService:
         for comparison in comparisons:
             prompt = next((m["content"] for m in reversed(comparison["messages"]) if m["role"] == "user"), "")
             winner = comparison["mapping"].get(comparison["vote"], comparison["vote"])
-            writer.writerow([comparison["id"], comparison["voted"], comparison["source"], prompt, comparison["vote"], winner,
-                             " | ".join(f"{p}={m}" for p, m in comparison["mapping"].items())])
+            writer.writerow([spreadsheet_safe(cell) for cell in (
+                comparison["id"], comparison["voted"], comparison["source"], prompt, comparison["vote"], winner,
+                " | ".join(f"{p}={m}" for p, m in comparison["mapping"].items()))])
         return buffer.getvalue(), "text/csv"

@@ -36,3 +36,13 @@ class ModelSpec:
             return f"the model served at {self.base_url}" if self.base_url else "a remote model (no --base-url given)"
         base = self.name or self.path.name
         return f"{base} + {self.adapter.name}" if self.adapter else base
+
+    def same_model(self, other: "ModelSpec") -> bool:
+        """Whether two specs serve the same weights the same way, however they were named (a
+        built-in's id and its file's path are one model)."""
+        def key(spec: ModelSpec):
+            place = spec.name if spec.is_remote else spec.path.expanduser().resolve()
+            adapter = spec.adapter.expanduser().resolve() if spec.adapter else None
+            return spec.backend, place, adapter, spec.trust_remote_code, spec.base_url
+
+        return key(self) == key(other)

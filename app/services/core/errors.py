@@ -121,3 +121,19 @@ class EvalRunning(ServiceError):
 class AlreadyVoted(ServiceError):
     status = 409
     type = "already_voted"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    type = "unsupported_media_type"
+
+
+class StorageFull(ServiceError):
+    """Results would pass the operator's cap on the space they take (results/evals/)."""
+
+    status = 507
+    type = "storage_full"
+
+
+class TooManyStreams(QueueFull):
+    type = "too_many_streams"

@@ -2,12 +2,13 @@
 Stop and EventSource URLs find a generation whichever model (served or compare slot) runs it."""
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections import deque
 from typing import Optional, Protocol
 
-from app.services.core.errors import InvalidRequest
+from app.services.core.errors import InvalidRequest, TooManyStreams
 
 
 class Tracked(Protocol):
@@ -24,13 +25,18 @@ EARLY_STOP_KEPT_S = 30.0  # a Stop that overtakes its own request still counts t
 
 
 class GenerationRegistry:
-    def __init__(self, stream_ttl_s: float):
+    def __init__(self, stream_ttl_s: float, max_parked: int = 32, retry_after_s: int = 2):
         self._stream_ttl_s = stream_ttl_s
+        self._max_parked = max_parked
+        self._retry_after_s = retry_after_s
         self._lock = threading.Lock()
         self._active: dict[str, Tracked] = {}
         self._finished: deque[dict] = deque(maxlen=FINISHED_KEPT)
-        self._pending: dict[str, tuple[Tracked, float]] = {}
+        self._pending: dict[str, tuple[Tracked, float]] = {}  # by request id
+        self._stream_ids: dict[str, str] = {}  # a parked stream's URL id -> its request id
         self._early_stops: dict[str, float] = {}
+        self._sweeper: Optional[threading.Thread] = None
+        self._wake = threading.Condition(self._lock)
 
     def register(self, generation: Tracked) -> None:
         with self._lock:
@@ -78,16 +84,47 @@ class GenerationRegistry:
         return True
 
     # -- prepared streams, for EventSource (a POST prepares, a GET streams) ----------------
-    def park(self, generation: Tracked) -> None:
-        now = time.monotonic()
+    def park(self, generation: Tracked) -> str:
+        """Holds a validated generation until its EventSource opens it; returns the stream's id:
+        128 random bits of the server's, so the URL is a capability no client chose. At most
+        ``max_parked`` wait at once (TooManyStreams, a 429, past that); each expires after
+        ``stream_ttl_s`` on a timer, whether or not another request comes."""
+        stream_id = secrets.token_urlsafe(16)
         with self._lock:
-            expired = [gid for gid, (_, at) in self._pending.items() if now - at > self._stream_ttl_s]
-            dropped = [self._pending.pop(gid)[0] for gid in expired]
-            self._pending[generation.id] = (generation, now)
-        for stale in dropped:
-            stale.close()
+            if len(self._pending) >= self._max_parked:
+                raise TooManyStreams(f"{len(self._pending)} prepared streams are waiting to be opened; open or drop them, "
+                                     f"or retry later", retry_after_s=self._retry_after_s)
+            self._pending[generation.id] = (generation, time.monotonic())
+            self._stream_ids[stream_id] = generation.id
+            if self._sweeper is None or not self._sweeper.is_alive():
+                self._sweeper = threading.Thread(target=self._sweep, name="stream-expiry", daemon=True)
+                self._sweeper.start()
+            self._wake.notify_all()
+        return stream_id
 
-    def claim(self, generation_id: str) -> Optional[Tracked]:
+    def claim(self, stream_id: str) -> Optional[Tracked]:
         with self._lock:
-            entry = self._pending.pop(generation_id, None)
+            request_id = self._stream_ids.pop(stream_id, None)
+            entry = self._pending.pop(request_id, None) if request_id is not None else None
         return entry[0] if entry else None
+
+    def parked(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _sweep(self) -> None:
+        """Closes parked streams whose time is up; ends when none is left (a new park starts it again)."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._sweeper = None
+                    return
+                now = time.monotonic()
+                expired = [gid for gid, (_, at) in self._pending.items() if now - at > self._stream_ttl_s]
+                dropped = [self._pending.pop(gid)[0] for gid in expired]
+                self._stream_ids = {sid: gid for sid, gid in self._stream_ids.items() if gid in self._pending}
+                if not dropped:
+                    soonest = min(at for _, at in self._pending.values()) + self._stream_ttl_s
+                    self._wake.wait(max(0.05, soonest - now))
+            for stale in dropped:
+                stale.close()

@@ -42,7 +42,8 @@ class ModelService:
         self._status_lock = threading.Lock()
         self.queue = GenerationQueue(settings.limits.max_queue, settings.limits.queue_retry_after_s)
         # shared with the compare and eval engines, so Stop and stream URLs reach theirs too
-        self.registry = registry or GenerationRegistry(settings.limits.stream_ttl_s)
+        limits = settings.limits
+        self.registry = registry or GenerationRegistry(limits.stream_ttl_s, limits.max_parked_streams, limits.queue_retry_after_s)
 
     # -- models ----------------------------------------------------------------------------
     def current_backend(self) -> Optional[Backend]:
@@ -160,7 +161,7 @@ class ModelService:
         """The body of load(); the caller holds _load_lock."""
         try:
             with self._status_lock:
-                already_loaded = self._backend is not None and self._spec == target
+                already_loaded = self._backend is not None and self._spec is not None and self._spec.same_model(target)
             if already_loaded:
                 self._set_error(None)  # asking for the model in use again answers an earlier refusal
                 return self.status()
@@ -372,8 +373,9 @@ class ModelService:
     def cancel(self, generation_id: str) -> bool:
         return self.registry.cancel(generation_id)
 
-    def park(self, generation: Generation) -> None:
-        self.registry.park(generation)
+    def park(self, generation: Generation) -> str:
+        """Holds the generation for its EventSource; the stream's id (the server's, unguessable)."""
+        return self.registry.park(generation)
 
     def claim(self, generation_id: str) -> Optional[Generation]:
         return self.registry.claim(generation_id)

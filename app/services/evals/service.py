@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterator, Optional, Sequence
 
 from app.services.arena.store import ArenaStore
-from app.services.core.errors import EvalRunning, InvalidRequest, ServiceError
+from app.services.core.errors import EvalRunning, InvalidRequest, ServiceError, StorageFull
 from app.services.core.types import GenerationParams
 from app.services.engine.generation import Generation, collect_together
 from app.services.engine.scoring import conversation
@@ -106,6 +106,7 @@ class EvalService:
         }
         with self._lock:
             self._refuse_if_running()
+            self._make_room(sum(len(row.prompt) + len(row.system or "") + len(row.reference or "") for row in rows))
             self.store.create(eval_id, meta, list(rows))
             run = self._begin(eval_id, meta, list(rows), requests, max_new_tokens, done=0, judge=judge)
         self._launch(run, on_progress)
@@ -127,6 +128,32 @@ class EvalService:
             run = self._begin(eval_id, meta, rows, requests, meta["params"]["max_new_tokens"], done)
         self._launch(run, on_progress)
         return self.progress(eval_id)
+
+    def _make_room(self, incoming_bytes: int) -> None:
+        """Keeps results/evals/ within limits.max_evals_kept and max_eval_storage_bytes, removing
+        the oldest finished evals first (never a running one): a client that starts eval after
+        eval cannot fill the disk. An eval that would not fit even then is a 507."""
+        limits = self._settings.limits
+        ids = sorted(self.store.ids())  # oldest first: ids begin with their UTC start time
+        sizes = {eval_id: self.store.size_of(eval_id) for eval_id in ids}
+        removable = [eval_id for eval_id in ids if self._finished(eval_id)]
+        while removable and (len(sizes) + 1 > limits.max_evals_kept
+                             or sum(sizes.values()) + incoming_bytes > limits.max_eval_storage_bytes):
+            oldest = removable.pop(0)
+            self.store.remove(oldest)
+            log.info("removed eval %s to keep results/evals within its limits", oldest)
+            sizes.pop(oldest)
+        used = sum(sizes.values())
+        if used + incoming_bytes > limits.max_eval_storage_bytes:
+            raise StorageFull(f"evals take {used / 1e6:.1f} MB and this one needs about {incoming_bytes / 1e6:.1f} MB more; "
+                              f"the server keeps at most {limits.max_eval_storage_bytes / 1e6:.0f} MB "
+                              f"(limits.max_eval_storage_bytes) and none of the stored evals can go")
+
+    def _finished(self, eval_id: str) -> bool:
+        try:
+            return self._state_of(self.store.read_meta(eval_id)) != "running"
+        except (OSError, ValueError, KeyError):
+            return False  # a folder that is not one of ours is not ours to remove
 
     def _refuse_if_running(self) -> None:
         run = self._run

@@ -8,11 +8,13 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
 from app.services.core.errors import NotFound
+from app.services.core.spreadsheet import safe_row
 from app.services.evals.test_sets import TestRow
 
 EVAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
@@ -85,6 +87,22 @@ class EvalStore:
             found[(int(row), int(model))] = json.loads(path.read_text(encoding="utf-8"))
         return found
 
+    def size_of(self, eval_id: str) -> int:
+        """Bytes on disk under the eval's folder."""
+        total = 0
+        stack = [self.root / eval_id]
+        while stack:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+    def remove(self, eval_id: str) -> None:
+        shutil.rmtree(self._dir(eval_id))
+
     def ids(self) -> list[str]:
         if not self.root.is_dir():
             return []
@@ -101,8 +119,8 @@ class EvalStore:
         writer.writeheader()
         for row in report["rows"]:
             for label, output in row["outputs"].items():
-                writer.writerow({**output, "index": row["index"], "model": label, "prompt": row["prompt"],
-                                 "system": row["system"] or "", "reference": row["reference"] or ""})
+                writer.writerow(safe_row({**output, "index": row["index"], "model": label, "prompt": row["prompt"],
+                                          "system": row["system"] or "", "reference": row["reference"] or ""}))
         return buffer.getvalue()
 
     def save_exports(self, eval_id: str, report: dict) -> Optional[Path]:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from app.services.core.errors import InvalidRequest
+from app.services.core.unicode import lone_surrogate_at
 
 COLUMNS = ("prompt", "system", "reference")
 
@@ -92,9 +93,13 @@ def _parse_jsonl(text: str) -> list[TestRow]:
             continue
         try:
             record = json.loads(line)
+        except RecursionError:
+            raise InvalidTestSet("the JSON nests too deeply", line_number) from None
         except ValueError as exc:
             raise InvalidTestSet(f"not valid JSON ({getattr(exc, 'msg', exc)}); each line must be one JSON object",
                                  line_number) from None
+        if lone_surrogate_at(record) is not None:
+            raise InvalidTestSet("the text holds a lone UTF-16 surrogate, which is no character", line_number)
         if not isinstance(record, dict):
             raise InvalidTestSet(f"a JSON {type(record).__name__}, not an object with a prompt", line_number)
         rows.append(_row(record, len(rows), line_number))

@@ -149,7 +149,7 @@ function generationBody(messages, requestId) {
 
 async function runStreamed(turn, body) {
   const created = await postJson("/api/streams", body);
-  turn.id = created.stream_id;
+  turn.id = created.request_id; // Stop names the generation; the stream URL is its own capability
   if (turn.stopRequested) {
     // Stop was pressed before the stream existed: drop the parked request unopened.
     requestStop(turn.id);

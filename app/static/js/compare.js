@@ -420,7 +420,7 @@ function runCell(round, cell, body) {
 
 async function streamCell(round, cell, body) {
   const created = await postJson("/api/streams", body);
-  cell.id = created.stream_id;
+  cell.id = created.request_id;
   if (round.stopRequested) {
     requestStop(cell.id);
     finishCell(round, cell, { finishReason: "cancelled" });

@@ -179,7 +179,8 @@ class TransformersBackend:
             self._fallback_reason = placement.reason
         torch.set_num_threads(self._settings.n_threads)
         transformers.utils.logging.disable_progress_bar()  # a tqdm bar per load is noise in a server log
-        trust = self._settings.trust_remote_code or self.spec.trust_remote_code
+        # remote code runs only when the operator allowed it at startup; a preset (or a client) cannot turn it on
+        trust = self._settings.trust_remote_code
         dtype = getattr(torch, TORCH_DTYPES[placement.dtype])
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.spec.path, trust_remote_code=trust)
@@ -189,8 +190,10 @@ class TransformersBackend:
             model.to(placement.device)
         except ValueError as exc:
             if "trust_remote_code" in str(exc):
-                raise ModelLoadFailed(f"{self.spec.path.name} ships its own modelling code; load it with trust_remote_code "
-                                      f"(MODEL_TEST_TRANSFORMERS__TRUST_REMOTE_CODE=1 or a preset): {exc}", field="model") from exc
+                raise ModelLoadFailed(f"{self.spec.path.name} ships its own modelling code and transformers has no class of "
+                                      f"its own for it; the server's operator can allow remote code at startup "
+                                      f"(--trust-remote-code or MODEL_TEST_TRANSFORMERS__TRUST_REMOTE_CODE=1): {exc}",
+                                      field="model") from exc
             raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
         except (OSError, RuntimeError, KeyError) as exc:
             raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
