@@ -35,6 +35,7 @@ from app.services.backends.transformers.device import (
 from app.services.checkpoints.adapters import ADAPTER_WEIGHT_FILES, adapter_matches_base, read_adapter_config
 from app.services.checkpoints.hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
 from app.services.checkpoints.spec import ModelSpec
+from app.services.checkpoints.stop_tokens import hf_stop_ids
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge
 from app.services.core.text_stream import GenerationFailed, StreamAssembler, stream_tokens
 from app.services.core.types import Chunk, GenerationParams, Message, Prompt
@@ -220,14 +221,11 @@ class TransformersBackend:
 
     @staticmethod
     def _find_eos_ids(model, tokenizer) -> frozenset[int]:
-        ids: set[int] = set()
-        for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(v for v in value if isinstance(v, int))
-        return frozenset(ids)
+        """checkpoints.stop_tokens.hf_stop_ids on the loaded objects (the generation config is
+        the model config's EOS when the checkpoint has no generation_config.json)."""
+        generation = getattr(model, "generation_config", None)
+        return frozenset(hf_stop_ids(getattr(generation, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
+                                     getattr(tokenizer, "eos_token_id", None)))
 
     def batch_group(self, params: GenerationParams):
         """Requests of one group can be rows of one batch; the service's queue lets only one group
@@ -328,8 +326,8 @@ class TransformersBackend:
         return len(self._encode(text, add_special_tokens=False))
 
     def stop_token_ids(self) -> list[int]:
-        """The ids that end an answer, as stream() checks them: the EOS ids of the generation
-        config, the model config and the tokenizer together."""
+        """The ids that end an answer, as stream() checks them: the generation config's EOS ids
+        (checkpoints/stop_tokens.py), which generate() stops on too."""
         return sorted(self._eos_ids)
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
