@@ -64,13 +64,16 @@ def main(argv: list[str]) -> None:
     stop_tokens = _stop_tokens()
     import gguf
 
-    original = gguf.GGUFWriter.write_header_to_file
+    writer = getattr(gguf, "GGUFWriter", None)
+    original = getattr(writer, "write_header_to_file", None)
+    if original is None:  # a gguf-py without the writer we know: the converter's own end tokens stand
+        log.warning("cannot declare the end tokens %s: this gguf-py has no GGUFWriter.write_header_to_file", wanted)
+    else:
+        def write_header_to_file(self, *a, **kw):
+            set_end_tokens(self, wanted, stop_tokens)
+            return original(self, *a, **kw)
 
-    def write_header_to_file(self, *a, **kw):
-        set_end_tokens(self, wanted, stop_tokens)
-        return original(self, *a, **kw)
-
-    gguf.GGUFWriter.write_header_to_file = write_header_to_file
+        writer.write_header_to_file = write_header_to_file
     sys.argv = [script, *args]
     sys.path.insert(0, str(Path(script).resolve().parent))  # as `python CONVERTER` would have it
     runpy.run_path(script, run_name="__main__")

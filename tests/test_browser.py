@@ -502,7 +502,8 @@ SYNTHETIC_CATALOG = {
         {"id": "org/base-a", "name": "base-a", "backend": "transformers", "kind": "directory",
          "path": "/models/org/base-a", "available": True, "size_bytes": 1_500_000_000, "trust_remote_code": False},
         {"id": "base-b", "name": "base-b", "backend": "transformers", "kind": "preset",
-         "path": "/models/base-b", "available": True, "size_bytes": 270_000_000, "trust_remote_code": True},
+         "path": "/models/base-b", "available": True, "size_bytes": 270_000_000, "trust_remote_code": True,
+         "architecture": "HunYuanDenseV1ForCausalLM", "template": "hunyuan"},
         {"id": "missing", "name": "missing", "backend": "transformers", "kind": "preset",
          "path": "/models/missing", "available": False, "size_bytes": None, "trust_remote_code": False},
         {"id": "q.gguf", "name": "<b>q</b>.gguf", "backend": "llamacpp", "kind": "file",
@@ -546,6 +547,7 @@ def test_adapter_options_follow_the_chosen_model(page, live_server):
     options = model_options(page)
     assert options["missing"]["disabled"] and "(not downloaded)" in options["missing"]["text"]
     assert "(remote code)" in options["base-b"]["text"]
+    assert " · HunYuanDenseV1ForCausalLM, hunyuan" in options["base-b"]["text"]  # architecture and template family
     assert options["org/base-a"]["text"] == "base-a · 1.5 GB"
     assert options["q.gguf"]["group"] == GGUF_GROUP
     assert options["q.gguf"]["text"].startswith("<b>q</b>.gguf")  # names are text, not markup

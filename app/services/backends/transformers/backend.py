@@ -113,6 +113,7 @@ class TransformersBackend:
         """Everything that can refuse a model before the current one is let go: the directory,
         the adapter and its base, the device, and whether the weights fit in memory."""
         self._facts = inspect_checkpoint(self.spec.path)
+        self._check_architecture()
         if self.spec.adapter is not None:
             self._adapter_config = self._check_adapter(self.spec.adapter)
         prepare_process_for_torch()
@@ -120,6 +121,44 @@ class TransformersBackend:
         placement = place(self._settings.device, self._settings.dtype, caps, self._facts.tensors)
         self._check_memory(placement)
         self._placement = placement
+
+    @property
+    def remote_code_allowed(self) -> bool:
+        """The checkpoint's own modelling code may run: the operator allowed remote code at startup
+        (transformers.trust_remote_code) and the model is no preset that leaves it off."""
+        return self._settings.trust_remote_code and self.spec.trust_remote_code is not False
+
+    def _remote_code_hint(self) -> str:
+        if not self._settings.trust_remote_code:
+            hint = "start the tester with --trust-remote-code (MODEL_TEST_TRANSFORMERS__TRUST_REMOTE_CODE=1) to allow it"
+            return hint + (", and set trust_remote_code in the preset" if self.spec.trust_remote_code is False else "")
+        return f"set trust_remote_code in the preset {self.spec.name!r} to run it"
+
+    def _check_architecture(self) -> None:
+        """A checkpoint transformers has no class for loads only with its own code, and only where
+        that is allowed: refused here with the reason, before the current model is let go."""
+        import json
+
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        try:
+            config = json.loads((self.spec.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InvalidModel(f"unreadable config.json in {self.spec.path}: {exc}", field="model") from None
+        model_type = config.get("model_type")
+        if model_type in CONFIG_MAPPING_NAMES:
+            return  # a native class; remote code runs only if allowed and the checkpoint ships some
+        import transformers
+
+        architecture = (config.get("architectures") or [model_type])[0]
+        what = f"{self.spec.path.name} ({architecture}, model_type {model_type!r})"
+        if "auto_map" not in config:
+            raise InvalidModel(f"{what} has no class in transformers {transformers.__version__} and ships no modelling "
+                               f"code of its own (config.json has no auto_map)", field="model")
+        if not self.remote_code_allowed:
+            raise InvalidModel(f"{what} has no class in transformers {transformers.__version__}; it ships its own "
+                               f"modelling code (config.json auto_map), which is not run unless allowed: "
+                               f"{self._remote_code_hint()}", field="model")
 
     def _check_adapter(self, adapter: Path) -> dict:
         if not adapter.exists():
@@ -179,7 +218,7 @@ class TransformersBackend:
             self._fallback_reason = placement.reason
         torch.set_num_threads(self._settings.n_threads)
         transformers.utils.logging.disable_progress_bar()  # a tqdm bar per load is noise in a server log
-        trust = self._settings.trust_remote_code or self.spec.trust_remote_code
+        trust = self.remote_code_allowed
         dtype = getattr(torch, TORCH_DTYPES[placement.dtype])
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.spec.path, trust_remote_code=trust)
@@ -188,9 +227,9 @@ class TransformersBackend:
                 model = self._apply_adapter(model)
             model.to(placement.device)
         except ValueError as exc:
-            if "trust_remote_code" in str(exc):
-                raise ModelLoadFailed(f"{self.spec.path.name} ships its own modelling code; load it with trust_remote_code "
-                                      f"(MODEL_TEST_TRANSFORMERS__TRUST_REMOTE_CODE=1 or a preset): {exc}", field="model") from exc
+            if "trust_remote_code" in str(exc):  # e.g. a tokenizer that exists only as the checkpoint's own code
+                raise InvalidModel(f"{self.spec.path.name} needs its own code to load, which is not run unless allowed: "
+                                   f"{self._remote_code_hint()} ({exc})", field="model") from exc
             raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
         except (OSError, RuntimeError, KeyError) as exc:
             raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
