@@ -146,8 +146,8 @@ class TransformersBackend:
         except (OSError, ValueError) as exc:
             raise InvalidModel(f"unreadable config.json in {self.spec.path}: {exc}", field="model") from None
         model_type = config.get("model_type")
-        if model_type in CONFIG_MAPPING_NAMES:
-            return  # a native class; remote code runs only if allowed and the checkpoint ships some
+        if not isinstance(model_type, str) or model_type in CONFIG_MAPPING_NAMES:
+            return  # a native class (remote code runs only if allowed and shipped), or transformers' to work out
         import transformers
 
         architecture = (config.get("architectures") or [model_type])[0]
