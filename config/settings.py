@@ -138,9 +138,11 @@ class TransformersSettings(BaseModel):
         "instructions (AVX512-BF16/AMX; measured faster there), else fp32 (see README). The LoRA is merged in this dtype.", json_schema_extra={"flag": "--dtype"},
     )
     device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto tries CUDA, then MPS, then the CPU.", json_schema_extra={"flag": "--device"})
-    trust_remote_code: bool = Field(False, description="Allow models to run their own modelling code (auto_map in config.json): "
-                                    "an operator's choice at startup, never a client's. Qwen2.5, Qwen3 and Hunyuan dense need none.",
-                                    json_schema_extra={"flag": "--trust-remote-code"})
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow a checkpoint's own modelling code (config.json auto_map) to run: for model paths, and for "
+        "presets that set trust_remote_code. Off, every model loads into transformers' own class for its architecture "
+        "(Qwen2.5, Qwen3 and Hunyuan dense have one), and one without such a class is refused.", json_schema_extra={"flag": "--trust-remote-code"})
     merge_adapter: bool = Field(True, description="Merge the LoRA into the weights (merge_and_unload) instead of keeping it unmerged.")
     n_threads: int = Field(default_factory=physical_cores, ge=1, le=512, description="torch CPU threads; physical cores by default.", json_schema_extra={"flag": "--n-threads"})
     n_ctx: Optional[int] = Field(None, ge=64, le=1 << 20, description="Context window; the model's max_position_embeddings when unset.", json_schema_extra={"flag": "--n-ctx"})
@@ -194,12 +196,13 @@ class Preset(BaseModel):
     backend: BackendName
     path: str = Field(description="A .gguf file or a Hugging Face model directory; relative paths are under models_dir. "
                       "For the openai backend: the model's name on the remote server (remote.base_url).")
-    trust_remote_code: bool = Field(False, description="The model needs its own modelling code: honoured only when the "
-                                    "operator turned remote code on at startup (transformers.trust_remote_code).")
+    trust_remote_code: bool = Field(
+        False, description="This model needs its own modelling code. Honoured only when the tester was started with "
+        "remote code allowed (transformers.trust_remote_code); a preset without it always loads transformers' own class.")
 
 
 DEFAULT_PRESETS: dict[str, Preset] = {
-    # transformers has HunYuanDenseV1ForCausalLM natively: no remote code for it
+    # transformers has HunYuanDenseV1ForCausalLM (and Qwen2/Qwen3) natively: no remote code
     "hunyuan-7b-instruct": Preset(backend="transformers", path="Hunyuan-7B-Instruct"),
     "qwen2.5-0.5b-instruct": Preset(backend="transformers", path="Qwen2.5-0.5B-Instruct"),
     "qwen2.5-1.5b-instruct": Preset(backend="transformers", path="Qwen2.5-1.5B-Instruct"),

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 from app.services.checkpoints.default_model import default_gguf_path, default_hf_checkpoint_path
+from app.services.checkpoints.gguf_metadata import read_gguf_header
+from app.services.checkpoints.stop_tokens import gguf_stop_ids
 from config.settings import Settings
 
 log = logging.getLogger("build_default_checkpoint")
@@ -37,6 +39,11 @@ def build(out: Path, gguf: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.generation_config = loaded.generation_config
+    # Both backends stop on the same ids only if the checkpoint names the ones the GGUF declares
+    # (checkpoints/stop_tokens.py); transformers' GGUF loader keeps only its EOS.
+    ends = gguf_stop_ids(read_gguf_header(gguf).metadata)
+    if ends:
+        plain.generation_config.eos_token_id = ends[0] if len(ends) == 1 else list(ends)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     plain.save_pretrained(staging)

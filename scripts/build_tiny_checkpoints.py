@@ -4,13 +4,14 @@ Each one keeps every architectural trait of the real model's config and is shrun
 and depth (2 layers), so the tester's paths for these families (transformers, PEFT, the llama.cpp
 converter, llama.cpp itself) can be exercised end to end in seconds, without the hub:
 
-* ``qwen2.5``: Qwen2.5-0.5B-Instruct's config divided by 16 in width (hidden 56, 7 query heads to
-  1 key/value head as 14 to 2, head_dim 8 = hidden / heads), bias on q/k/v only, tied embeddings,
-  rope_theta 1e6, rms_norm_eps 1e-6, no sliding window; the real tokenizer and template.
-* ``qwen3``: Qwen3-0.6B's config (hidden 32, 4 heads to 2 as 16 to 8, an explicit head_dim 16 that
+* ``qwen2.5``: Qwen2.5's config shrunk in width (hidden 64, 8 query heads to 1 key/value head as
+  Qwen2.5-3B's 16 to 2, head_dim 8 = hidden / heads, intermediate 352 as 0.5B's 4864 / 896 rounded
+  up to a multiple of 32), bias on q/k/v only, tied embeddings, rope_theta 1e6, rms_norm_eps 1e-6,
+  no sliding window; the real tokenizer and template (that of every Qwen2.5 Instruct size).
+* ``qwen3``: Qwen3-0.6B's config (hidden 64, 4 heads to 2 as 16 to 8, an explicit head_dim 32 that
   is twice hidden / heads as 128 is to 1024 / 16), q/k RMSNorm before the rotary embedding, no
   attention bias, tied embeddings, rope_theta 1e6; the real tokenizer and template.
-* ``hunyuan-dense``: Hunyuan-1.8B-Instruct's config (HunYuanDenseV1ForCausalLM, hidden 32, 4 heads
+* ``hunyuan-dense``: Hunyuan-1.8B-Instruct's config (HunYuanDenseV1ForCausalLM, hidden 64, 4 heads
   to 1 as 16 to 4, explicit head_dim, q/k RMSNorm *after* the rotary embedding, NTK-alpha rope
   written as rope_scaling type "dynamic" with alpha 1000 on rope_theta 1e4 and 32k positions,
   rms_norm_eps 1e-5, no biases, tied embeddings). Its tokenizer and template are stand-ins, below.
@@ -38,16 +39,24 @@ configs, ``eos_token_id`` is the end of an answer (``<｜hy_place▁holder▁no�
 ``eod_token_id`` the end of a document, and generation_config.json names both, end of answer
 first, which is how llama.cpp's converter picks the EOT and EOS tokens of a Hunyuan dense GGUF.
 
-Sizes (bf16, tied embeddings): qwen2.5 8.6M parameters, 17 MB of weights; qwen3 and
-hunyuan-dense 4.9M, 10 MB; the 151k-token vocabulary is nearly all of it, and each tokenizer.json
-adds 11 MB. Qwen3's and Hunyuan's matrices have rows of multiples of 32, so a q8_0 conversion
-quantises them; Qwen2.5's rows of 56 (kept for its 7:1 head grouping) do not fit q8_0's 32-wide
-blocks, and llama.cpp's converter keeps them in f16 in a q8_0 file.
+Sizes (bf16, tied embeddings): 9.8-9.9M parameters, 20 MB of weights each; the 151k-token
+vocabulary is nearly all of it, and each tokenizer.json adds 11 MB. All three are 64 wide: at 32
+(tried first) a hidden state has too few directions to make every one of 151k random embeddings
+the greedy pick, so a LoRA could not teach Qwen3 its ``</think>`` or Hunyuan a word starting
+" Z" (measured: the loss stopped at 2.2-2.4 whatever the steps, rank or learning rate). Every matrix has rows of a multiple of 32, so a q8_0 conversion really quantises them
+(llama.cpp's converter keeps a tensor whose rows do not fit q8_0's 32-wide blocks in f16, which
+is why Qwen2.5 is 64 wide: 0.5B's own 14:2 grouping divided down gives rows of 56).
 
 Weights are initialised by transformers from a fixed seed, in fp32, then the biases and norm
 weights (zeros and ones by default) are drawn at random too, so that a converter which drops,
 swaps or misplaces one of them changes the outputs; stored as bf16, as the real checkpoints
-are. The same inputs give the same bytes. A folder is rebuilt only when its recipe (config,
+are. The final norm's weights are drawn around ``FINAL_NORM_SCALE`` (20) rather than 1: with
+transformers' 0.02 init and tied embeddings, a 64-wide model's logits would spread by about 0.15
+(a trained model's by several units), every answer would be nearly uniform over the vocabulary
+(a loss that cannot fall below ~11) and a fine-tune could tip the greedy pick only by a hair that
+bf16 or q8_0 rounding undoes. At 20 they spread by about 3, and a LoRA that learns one fact
+drives its loss to ~0.001 in 30 steps. A uniform scale of the logits changes no greedy pick of
+the random model itself. The same inputs give the same bytes. A folder is rebuilt only when its recipe (config,
 tokens, template, vocab file, this script, library versions) differs from the one recorded in
 its ``tiny_recipe.json``; it is built beside its final place under a hidden ``.partial`` name
 and renamed when complete.
@@ -78,6 +87,10 @@ STAMP_NAME = "tiny_recipe.json"
 # Drawn for the biases and the norm weights (around 1), on top of transformers' own init.
 BIAS_STD = 0.02
 NORM_STD = 0.1
+# The final norm's weights are drawn around this instead of 1, for logits that spread as a trained
+# model's do (see the module docstring).
+FINAL_NORM_SCALE = 20.0
+FINAL_NORM = "model.norm.weight"
 
 # Qwen2.5's and Qwen3's added tokens, in id order from 151643 (the end of the BPE vocabulary),
 # each with the "special" flag of the real tokenizer_config.json.
@@ -162,8 +175,8 @@ RECIPES = {
         vocab_size=151936,
         config={
             "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-            "hidden_size": 56, "intermediate_size": 304, "num_hidden_layers": 2,
-            "num_attention_heads": 7, "num_key_value_heads": 1,
+            "hidden_size": 64, "intermediate_size": 352, "num_hidden_layers": 2,
+            "num_attention_heads": 8, "num_key_value_heads": 1,
             "hidden_act": "silu", "max_position_embeddings": 32768, "initializer_range": 0.02,
             "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
             "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 2,
@@ -187,8 +200,8 @@ RECIPES = {
         vocab_size=151936,
         config={
             "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
-            "hidden_size": 32, "intermediate_size": 96, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
             "attention_bias": False, "hidden_act": "silu", "max_position_embeddings": 40960,
             "initializer_range": 0.02, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None,
             "tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": None,
@@ -212,8 +225,8 @@ RECIPES = {
                    "model_max_length": 32768},
         config={
             "architectures": ["HunYuanDenseV1ForCausalLM"], "model_type": "hunyuan_v1_dense",
-            "hidden_size": 32, "intermediate_size": 96, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8,
+            "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
             "attention_bias": False, "mlp_bias": False, "use_qk_norm": True, "use_rotary_pos_emb": True,
             "norm_type": "rms", "hidden_act": "silu", "max_position_embeddings": 32768,
             "initializer_range": 0.02, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
@@ -391,12 +404,16 @@ def _randomise_biases_and_norms(model) -> None:
     import torch
 
     generator = torch.Generator().manual_seed(SEED + 1)
+    parameters = dict(model.named_parameters())
+    if FINAL_NORM not in parameters:
+        raise TinyBuildError(f"{type(model).__name__} has no {FINAL_NORM}")
     with torch.no_grad():
-        for name, parameter in sorted(model.named_parameters()):
+        for name, parameter in sorted(parameters.items()):
             if name.endswith(".bias"):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * BIAS_STD)
             elif "norm" in name and name.endswith(".weight"):
-                parameter.copy_(1.0 + torch.randn(parameter.shape, generator=generator) * NORM_STD)
+                scale = FINAL_NORM_SCALE if name == FINAL_NORM else 1.0
+                parameter.copy_(scale * (1.0 + torch.randn(parameter.shape, generator=generator) * NORM_STD))
 
 
 # -- one checkpoint --------------------------------------------------------------------------------

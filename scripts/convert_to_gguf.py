@@ -20,7 +20,9 @@ failure or Ctrl-C leaves nothing that looks like a model. Failures are one line 
 from __future__ import annotations
 
 import argparse
+import ast
 import ctypes
+import json
 import logging
 import os
 import re
@@ -104,13 +106,16 @@ def converter_env(directory: Path) -> dict:
 _PROGRESS = re.compile(r"Writing:\s+(\d+)%")
 _LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL):[^:]*:(.*)$")
 _KEY_LINES = ("Loading model", "Loading base model", "Model architecture", "Using model architecture",
-              "Exporting model", "n_tensors", "successfully exported")
+              "Exporting model", "n_tensors", "successfully exported", "end tokens")
+END_TOKENS_HOOK = Path(__file__).resolve().parent / "gguf_end_tokens_hook.py"
 
 
-def run_converter(script: Path, args: list[str], verbose: bool = False) -> None:
+def run_converter(script: Path, args: list[str], verbose: bool = False, end_tokens: tuple[int, ...] = ()) -> None:
     """Runs a converter script, its log forwarded to ours (key lines at INFO, the rest at DEBUG
-    unless ``verbose``), and raises ConvertError with its own last error line when it fails."""
-    command = [sys.executable, str(script), *args]
+    unless ``verbose``), and raises ConvertError with its own last error line when it fails.
+    With ``end_tokens`` it runs through gguf_end_tokens_hook.py, so the GGUF declares those ids."""
+    hook = [str(END_TOKENS_HOOK), ",".join(map(str, end_tokens))] if end_tokens else []
+    command = [sys.executable, *hook, str(script), *args]
     log.debug("running %s", " ".join(command))
     errors: list[str] = []
     tail: list[str] = []
@@ -160,9 +165,51 @@ def _failure_reason(errors: list[str], tail: list[str], returncode: int) -> str:
         reason = f"exit code {returncode}"
     if "No space left on device" in reason:
         return f"no space left on device ({reason})"
-    if re.search(r"Model \S+ is not supported", reason):
-        return f"{reason}: llama.cpp {llama_cpp_version()} cannot convert this architecture"
+    unsupported = re.search(r"Model (\S+) is not supported", reason)
+    if unsupported:
+        return unknown_architecture(unsupported.group(1))
     return reason
+
+
+# -- architectures ---------------------------------------------------------------------------------
+def unknown_architecture(architecture: str, model_dir: Optional[Path] = None) -> str:
+    where = f" ({model_dir.name}/config.json)" if model_dir is not None else ""
+    return (f"llama.cpp's converter (llama-cpp-python {llama_cpp_version()}) does not know architecture "
+            f"{architecture}{where}, so it cannot be converted to GGUF; a newer llama-cpp-python may know it")
+
+
+def converter_architectures(directory: Path) -> Optional[frozenset[str]]:
+    """The text-model architectures the converter registers (TEXT_MODEL_MAP in its
+    conversion/__init__.py), read without importing it, which would load torch; None when the
+    file has no such table, and the converter itself decides."""
+    try:
+        tree = ast.parse((directory / "conversion" / "__init__.py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == "TEXT_MODEL_MAP" for t in targets) and isinstance(node.value, ast.Dict):
+            keys = [k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+            return frozenset(keys) or None
+    return None
+
+
+def model_architecture(model_dir: Path) -> Optional[str]:
+    """config.json's ``architectures[0]``, as the converter picks the model class."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    return architectures[0] if isinstance(architectures, list) and architectures and isinstance(architectures[0], str) else None
+
+
+def check_architecture(model_dir: Path, converter: Path) -> None:
+    """Refuses, before any work is done, a checkpoint whose architecture the converter does not know."""
+    known = converter_architectures(converter)
+    architecture = model_architecture(model_dir)
+    if known is not None and architecture is not None and architecture not in known:
+        raise ConvertError(unknown_architecture(architecture, model_dir))
 
 
 # -- temporary outputs -----------------------------------------------------------------------------
@@ -226,14 +273,17 @@ def check_free_space(folder: Path, needs: dict[str, float]) -> None:
 # -- the steps -------------------------------------------------------------------------------------
 def convert_checkpoint(model_dir: Path, out: Path, outtype: str, model_name: Optional[str] = None,
                        converter: Optional[Path] = None, verbose: bool = False) -> Path:
-    """``convert_hf_to_gguf.py`` on a Hugging Face model folder; writes ``out`` (a .partial first)."""
+    """``convert_hf_to_gguf.py`` on a Hugging Face model folder; writes ``out`` (a .partial first),
+    declaring the end tokens of the folder's generation config (checkpoints/stop_tokens.py)."""
+    from app.services.checkpoints.stop_tokens import hf_stop_ids_in
+
     script = find_converter(converter or converter_dir(), "convert_hf_to_gguf.py")
     started = time.perf_counter()
     with staged(out) as temp:
         args = [str(model_dir), "--outfile", str(temp), "--outtype", outtype]
         if model_name:
             args += ["--model-name", model_name]
-        run_converter(script, args, verbose)
+        run_converter(script, args, verbose, end_tokens=hf_stop_ids_in(model_dir))
         if not temp.is_file():
             raise ConvertError(f"{script.name} exited without writing {temp.name}")
         publish(temp, out)
@@ -433,6 +483,7 @@ def run(args: argparse.Namespace) -> Path:
         adapter = _check_adapter(args.adapter, base, args.force)
         converter = args.converter_dir or converter_dir()
         find_converter(converter, "convert_lora_to_gguf.py")
+        check_architecture(base, converter)
         out = _check_out(args.out or default_out(models_dir, f"{base.name}-lora-{adapter.name}", args.outtype), args.overwrite)
         check_free_space(out.parent, {"LoRA": _adapter_size(adapter) * BYTES_PER_WEIGHT[args.outtype] / 2})
         convert_lora(adapter, base, out, args.outtype, converter, args.verbose)
@@ -472,6 +523,7 @@ def run(args: argparse.Namespace) -> Path:
 
     converter = args.converter_dir or converter_dir()
     find_converter(converter, "convert_hf_to_gguf.py")
+    check_architecture(source_dir, converter)
     final_kind = args.quantize or args.outtype
     out = _check_out(args.out or default_out(models_dir, name, final_kind), args.overwrite)
     if args.quantize:

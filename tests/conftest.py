@@ -56,6 +56,44 @@ def default_hf_checkpoint():
     return path
 
 
+# -- the tiny Qwen2.5, Qwen3 and Hunyuan dense checkpoints (scripts/build_tiny_checkpoints.py) --------
+@pytest.fixture(scope="session")
+def tiny_source():
+    """llama.cpp's vocab GGUFs and chat templates, as make setup extracts them."""
+    from scripts import build_tiny_checkpoints as tiny
+
+    path = tiny.default_source()
+    assert (path / "ggml-vocab-qwen2.gguf").is_file(), f"llama.cpp's vocab GGUFs are missing from {path}; run make setup"
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_source, tmp_path_factory) -> dict:
+    """name -> folder: the ones make setup built when their recipe is current, else fresh ones in a temp folder."""
+    from scripts import build_tiny_checkpoints as tiny
+
+    setup_dir = PROJECT_ROOT / "models" / "tiny"
+    stale = [name for name in tiny.NAMES
+             if not tiny.is_current(setup_dir / name, tiny.recipe_digest(tiny.RECIPES[name], tiny_source))]
+    fresh = tmp_path_factory.mktemp("tiny")
+    if stale:
+        tiny.build_all(fresh, stale, tiny_source)
+    return {name: (fresh if name in stale else setup_dir) / name for name in tiny.NAMES}
+
+
+@pytest.fixture(scope="session")
+def tiny_ggufs(tiny_checkpoints, tmp_path_factory) -> dict:
+    """name -> each tiny checkpoint converted to f16 by scripts/convert_to_gguf.py, once per session."""
+    from scripts import convert_to_gguf
+
+    out = tmp_path_factory.mktemp("tiny-gguf")
+    paths = {}
+    for name, folder in tiny_checkpoints.items():
+        paths[name] = out / f"{name}.f16.gguf"
+        assert convert_to_gguf.main([str(folder), "--out", str(paths[name])]) == 0
+    return paths
+
+
 @dataclass(frozen=True)
 class TrainedAdapter:
     path: object

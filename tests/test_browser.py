@@ -502,7 +502,8 @@ SYNTHETIC_CATALOG = {
         {"id": "org/base-a", "name": "base-a", "backend": "transformers", "kind": "directory",
          "path": "/models/org/base-a", "available": True, "size_bytes": 1_500_000_000, "trust_remote_code": False},
         {"id": "base-b", "name": "base-b", "backend": "transformers", "kind": "preset",
-         "path": "/models/base-b", "available": True, "size_bytes": 270_000_000, "trust_remote_code": True},
+         "path": "/models/base-b", "available": True, "size_bytes": 270_000_000, "trust_remote_code": True,
+         "architecture": "HunYuanDenseV1ForCausalLM", "template": "hunyuan"},
         {"id": "missing", "name": "missing", "backend": "transformers", "kind": "preset",
          "path": "/models/missing", "available": False, "size_bytes": None, "trust_remote_code": False},
         {"id": "q.gguf", "name": "<b>q</b>.gguf", "backend": "llamacpp", "kind": "file",
@@ -546,6 +547,7 @@ def test_adapter_options_follow_the_chosen_model(page, live_server):
     options = model_options(page)
     assert options["missing"]["disabled"] and "(not downloaded)" in options["missing"]["text"]
     assert "(remote code)" in options["base-b"]["text"]
+    assert " · HunYuanDenseV1ForCausalLM, hunyuan" in options["base-b"]["text"]  # architecture and template family
     assert options["org/base-a"]["text"] == "base-a · 1.5 GB"
     assert options["q.gguf"]["group"] == GGUF_GROUP
     assert options["q.gguf"]["text"].startswith("<b>q</b>.gguf")  # names are text, not markup
@@ -660,6 +662,7 @@ def test_token_probabilities_show_alternatives_and_branch_the_answer(page, live_
     page.find_element(By.CSS_SELECTOR, "label.switch:has(#probs-toggle)").click()
     assert page.execute_script("return document.getElementById('probs-toggle').checked")
     set_slider(page, "max-tokens", 64)
+    set_slider(page, "temperature", 0.1)
     send(page, "Name three colours.")
     wait_turn_finished(page, timeout=90)
     spans = page.find_elements(By.CSS_SELECTOR, "#messages .msg.assistant .tok[data-p]")
@@ -675,12 +678,18 @@ def test_token_probabilities_show_alternatives_and_branch_the_answer(page, live_
     box = WebDriverWait(page, 5).until(lambda d: d.find_element(By.CSS_SELECTOR, ".alternatives:not([hidden])"))
     options = box.find_elements(By.CSS_SELECTOR, "button.alt")
     assert len(options) == 5 and "%" in options[0].text
-    assert "chosen" in options[0].get_attribute("class") and not options[0].is_enabled()  # greedy-ish: the first is the token
+    # the sampled token is marked among its alternatives and cannot be branched to (at temperature
+    # 0.1 it is nearly always among the top five; when it is not, none is marked)
+    sampled = page.execute_script("return arguments[0].textContent", spans[1])
+    marked = [option for option in options if "chosen" in option.get_attribute("class")]
+    assert len(marked) <= 1
+    for option in marked:
+        assert not option.is_enabled() and json.loads(option.text.rsplit("  ", 1)[0]) == sampled
     choice = next(option for option in options[1:] if option.is_enabled())
     picked = json.loads(choice.text.rsplit("  ", 1)[0])
     prefix = page.execute_script("return arguments[0].textContent", spans[0])
     choice.click()
-    WebDriverWait(page, 10).until(lambda d: is_streaming(d) or "branched" in d.page_source)
+    WebDriverWait(page, 10).until(lambda d: is_streaming(d) or d.find_elements(By.CSS_SELECTOR, ".branch-note"))
     wait_turn_finished(page, timeout=90)
     conversation = page.execute_script("return window.modelTest.conversation()")
     assert [m["role"] for m in conversation] == ["user", "assistant"]  # the branch replaced the answer

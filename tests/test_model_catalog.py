@@ -39,7 +39,9 @@ def test_backend_is_inferred_from_the_path(catalog, tmp_path):
 
 def test_presets_carry_their_backend_and_need_no_remote_code(catalog, tmp_path):
     spec = catalog.resolve("hunyuan-7b-instruct")
-    assert spec.backend == "transformers" and not spec.trust_remote_code  # transformers 5 has the class natively
+    # transformers has Hunyuan dense natively: the preset asks for no remote code
+    assert spec.backend == "transformers" and spec.trust_remote_code is False
+    assert catalog.resolve(str(tmp_path / "some-model")).trust_remote_code is None  # a path: the operator's switch decides
     assert spec.path == tmp_path / "models" / "Hunyuan-7B-Instruct"
     with pytest.raises(InvalidRequest, match="cannot run on the llamacpp backend"):
         catalog.resolve("qwen2.5-7b-instruct", "llamacpp")

@@ -312,7 +312,7 @@ def test_models_lists_ggufs_directories_and_adapters(tmp_path, default_hf_checkp
     by_id = {m["id"]: m for m in body["models"]}
     assert by_id[DEFAULT_GGUF_ID]["backend"] == "llamacpp" and by_id[DEFAULT_GGUF_ID]["available"]
     assert by_id[DEFAULT_HF_ID]["backend"] == "transformers" and by_id[DEFAULT_HF_ID]["available"]
-    assert by_id["hunyuan-7b-instruct"]["trust_remote_code"] is False  # native class: no remote code
+    assert by_id["hunyuan-7b-instruct"]["trust_remote_code"] is False  # native in transformers
     assert "qwen2.5-7b-instruct" in by_id and "qwen2.5-0.5b-instruct" in by_id
     adapters = {a["name"]: a for a in body["adapters"]}
     assert adapters["SmolLM2-135M-Instruct/lora/run1"]["bases"] == [DEFAULT_HF_ID]

@@ -27,7 +27,9 @@ from app.services.checkpoints.adapters import (
 )
 from app.services.checkpoints.default_model import default_gguf_path, default_hf_checkpoint_path
 from app.services.checkpoints.gguf_metadata import read_gguf_header
+from app.services.checkpoints.hf_checkpoint import read_architecture, read_chat_template
 from app.services.checkpoints.spec import ModelSpec
+from app.services.checkpoints.template_kinds import template_kind
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelNotFound, PathNotAllowed, ServiceError
 from config.settings import Settings
 
@@ -231,8 +233,9 @@ class ModelCatalog:
             # Listing stays offline: whether the server is up and serves it is for load() to find out.
             return {"id": model_id, "name": spec.name, "backend": "openai", "kind": kind, "path": spec.name,
                     "available": bool(spec.base_url), "size_bytes": None, "trust_remote_code": False,
-                    "base_url": spec.base_url}
+                    "base_url": spec.base_url, "architecture": None, "template": None}
         available = path.is_file() if spec.backend == "llamacpp" else is_hf_model_dir(path)
+        architecture, template = self._family(spec) if available else (None, None)
         return {
             "id": model_id,
             "name": spec.name or path.name,
@@ -241,8 +244,23 @@ class ModelCatalog:
             "path": str(path),
             "available": available,
             "size_bytes": self._size(path) if available else None,
-            "trust_remote_code": spec.trust_remote_code,
+            "trust_remote_code": bool(spec.trust_remote_code),
+            "architecture": architecture,
+            "template": template,
         }
+
+    @staticmethod
+    def _family(spec: ModelSpec) -> tuple[Optional[str], Optional[str]]:
+        """(architecture, template family) from config.json and the tokenizer files, or a GGUF's
+        header (read_gguf_header caches it): small reads, no weights."""
+        if spec.backend == "llamacpp":
+            try:
+                header = read_gguf_header(spec.path)
+            except InvalidModel:
+                return None, None
+            template = header.get("tokenizer.chat_template")
+            return header.architecture, template_kind(template if isinstance(template, str) else None)
+        return read_architecture(spec.path), template_kind(read_chat_template(spec.path))
 
     @staticmethod
     def _size(path: Path) -> int:

@@ -274,6 +274,12 @@ class ModelEntry(Shape):
     path: str
     available: bool
     size_bytes: Optional[int] = None
+    architecture: Optional[str] = Field(
+        None, description="config.json's architectures[0] (e.g. Qwen2ForCausalLM) or a GGUF's general.architecture "
+        "(e.g. qwen2); null when the weights are not here or the model is remote.")
+    template: Optional[str] = Field(
+        None, description="The chat template's family (chatml, llama3, hunyuan, ..., custom for one not recognised), "
+        "from tokenizer_config.json / chat_template.jinja or a GGUF's tokenizer.chat_template; null when there is none.")
 
 
 class AdapterEntry(Shape):

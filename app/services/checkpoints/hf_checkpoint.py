@@ -10,6 +10,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from app.services.core.errors import InvalidModel, ModelNotFound
 
@@ -96,3 +97,46 @@ def inspect_checkpoint(model_dir: Path) -> CheckpointFacts:
             for name, entry in read_safetensors_header(path).items():
                 tensors.append((name, math.prod(entry.get("shape", [])) if entry.get("shape") else 1))
     return CheckpointFacts(tuple(files), tuple(tensors), sum(p.stat().st_size for p in files))
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_architecture(model_dir: Path) -> Optional[str]:
+    """config.json's ``architectures[0]`` (``model_type`` when it names none); None when unreadable."""
+    config = _read_json_object(model_dir / "config.json")
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+        return architectures[0]
+    model_type = config.get("model_type")
+    return model_type if isinstance(model_type, str) else None
+
+
+def _default_template(value) -> Optional[str]:
+    """A chat_template value: a string, or named templates of which chat uses "default"."""
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+        return template if isinstance(template, str) else None
+    return None
+
+
+def read_chat_template(model_dir: Path) -> Optional[str]:
+    """The chat template the tokenizer loads: chat_template.jinja (where transformers 5 saves it),
+    else tokenizer_config.json's chat_template, else chat_template.json's."""
+    try:
+        return (model_dir / "chat_template.jinja").read_text(encoding="utf-8") or None
+    except (OSError, UnicodeDecodeError):
+        pass
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        template = _default_template(_read_json_object(model_dir / name).get("chat_template"))
+        if template:
+            return template
+    return None

@@ -18,7 +18,9 @@ class ModelSpec:
     path: Path
     adapter: Optional[Path] = None
     name: Optional[str] = None  # the preset or built-in name it was asked by; a remote model's name
-    trust_remote_code: bool = False
+    # A preset's trust_remote_code (True/False); None for a model named by path. Either way remote
+    # code runs only when the operator allowed it at startup (transformers.trust_remote_code).
+    trust_remote_code: Optional[bool] = None
     base_url: Optional[str] = None  # backend "openai": the remote server's API root
 
     @property

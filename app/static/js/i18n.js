@@ -113,6 +113,11 @@ const STRINGS = {
     "gen.top_p": "Top-p",
     "gen.max_tokens": "Max tokens",
     "gen.stream": "Stream tokens",
+    "gen.probs": "Token probabilities",
+    "gen.probs_title": "Colour each token by the probability the model gave it; hover or tap one for its alternatives, click an alternative to branch the answer from there",
+    "probs.title": "{token}: {p}",
+    "probs.branch": "Continue the answer from this token instead",
+    "probs.branched": "Branched here with {token}",
     "system.title": "System prompt",
     "system.placeholder": "Optional; leave empty to use none",
 
@@ -360,6 +365,11 @@ const STRINGS = {
     "gen.top_p": "Top-p",
     "gen.max_tokens": "最大 token 数",
     "gen.stream": "流式输出",
+    "gen.probs": "Token 概率",
+    "gen.probs_title": "按模型给出的概率为每个 token 着色；悬停或点按查看候选，点击候选即从该处分支生成",
+    "probs.title": "{token}：{p}",
+    "probs.branch": "改用此 token 继续生成",
+    "probs.branched": "已从此处以 {token} 分支",
     "system.title": "系统提示词",
     "system.placeholder": "可选；留空则不使用",
 

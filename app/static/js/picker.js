@@ -20,10 +20,17 @@ function adaptersFor(modelId, adapters) {
   return adapters.filter((adapter) => Array.isArray(adapter.bases) && adapter.bases.includes(modelId));
 }
 
+/** "Qwen2ForCausalLM, chatml": the architecture and chat template family /api/models read. */
+function familyText(model) {
+  return [model.architecture, model.template].filter(Boolean).join(", ");
+}
+
 function modelOptionText(model) {
   const parts = [String(model.name || model.id)];
   const size = formatSize(model.size_bytes);
   if (size) parts.push(size);
+  const family = familyText(model);
+  if (family) parts.push(family);
   let text = parts.join(" · ");
   if (model.trust_remote_code) text += ` ${t("picker.remote_code")}`;
   if (!model.available) text += ` ${t("picker.not_downloaded")}`;

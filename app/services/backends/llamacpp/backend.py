@@ -31,6 +31,7 @@ from app.services.backends.base import Capabilities, check_token_ids, continuati
 from app.services.backends.llamacpp.decoder import continuation_logits, decode_tokens
 from app.services.checkpoints.gguf_metadata import read_gguf_header
 from app.services.checkpoints.spec import ModelSpec
+from app.services.checkpoints.stop_tokens import gguf_stop_ids
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
 from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
 from app.services.core.thread_scope import ends_with_request
@@ -85,6 +86,7 @@ class LlamaCppBackend:
         self._gpu_layers = 0
         self._gpu_fallback_reason: Optional[str] = None
         self._pieces: dict[int, bytes] = {}
+        self._stop_ids: frozenset[int] = frozenset()
         self._prefix_cache = False
         self._piece_buffer = ctypes.create_string_buffer(256)
 
@@ -157,6 +159,7 @@ class LlamaCppBackend:
         self._system_info = system_info
         self._llama_cpp_version = llama_cpp.__version__
         self._formatter = self._make_formatter(llama_cpp)
+        self._stop_ids = self._find_stop_ids(llama_cpp)
         self._prefix_cache = self._settings.prefix_cache == "on" or (
             self._settings.prefix_cache == "auto" and self._device == "CPU" and not builds_with_llamafile(system_info)
         )
@@ -212,6 +215,18 @@ class LlamaCppBackend:
             add_generation_prompt=True,
         )
 
+    def _find_stop_ids(self, llama_cpp) -> frozenset[int]:
+        """The end tokens the file declares (checkpoints.stop_tokens.gguf_stop_ids); for a file that
+        declares none, llama.cpp's own end-of-generation set, the only guess left."""
+        declared = gguf_stop_ids(read_gguf_header(self._path).metadata)
+        if declared:
+            return frozenset(declared)
+        vocab = self._llama._model.vocab
+        guessed = frozenset(i for i in range(self._llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i))
+        log.warning("%s declares no end token (tokenizer.ggml.eos/eot/eom_token_id); stopping on llama.cpp's "
+                    "end-of-generation tokens %s", self._path.name, sorted(guessed))
+        return guessed
+
     def _token_text(self, token_id: int) -> str:
         if token_id < 0:
             return ""
@@ -227,6 +242,7 @@ class LlamaCppBackend:
             self._llama.close()
         self._llama = None
         self._formatter = None
+        self._stop_ids = frozenset()
         self._pieces.clear()
 
     # -- facts -----------------------------------------------------------------------------
@@ -281,12 +297,10 @@ class LlamaCppBackend:
         return len(self.tokenize(text))
 
     def stop_token_ids(self) -> list[int]:
-        """The ids that end an answer: every end-of-generation token of the vocabulary
-        (llama_vocab_is_eog: EOS, EOT, <|im_end|>, ...), as stream() checks them."""
-        import llama_cpp
-
-        vocab = self._llama._model.vocab
-        return [token_id for token_id in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, token_id)]
+        """The ids that end an answer, as stream() checks them: the EOS, EOT and EOM tokens the
+        GGUF declares (checkpoints/stop_tokens.py), not every token llama.cpp takes for an end by
+        its text."""
+        return sorted(self._stop_ids)
 
     @property
     def vocab_size(self) -> int:
@@ -346,16 +360,14 @@ class LlamaCppBackend:
 
     # -- generation ------------------------------------------------------------------------
     def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
-        import llama_cpp
-
         llama = self._llama
-        vocab = llama._model.vocab
+        stop_ids = self._stop_ids
         assembler = StreamAssembler(len(prompt.token_ids), params.stop)
         room = self.n_ctx - len(prompt.token_ids)
         budget = min(params.max_new_tokens, room)
         llama.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
         tokens = decode_tokens(llama, prompt.token_ids, params, keep_prefix=self._prefix_cache, piece=self._piece)
-        is_end = (lambda token_id: False) if params.ignore_eos else (lambda token_id: llama_cpp.llama_vocab_is_eog(vocab, token_id))
+        is_end = (lambda token_id: False) if params.ignore_eos else stop_ids.__contains__
 
         def pieces() -> Iterator[Arrival]:
             """Each token with its bytes; llama.cpp's failure becomes the stream's error chunk."""

@@ -35,6 +35,7 @@ from app.services.backends.transformers.device import (
 from app.services.checkpoints.adapters import ADAPTER_WEIGHT_FILES, adapter_matches_base, read_adapter_config
 from app.services.checkpoints.hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
 from app.services.checkpoints.spec import ModelSpec
+from app.services.checkpoints.stop_tokens import hf_stop_ids
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge
 from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
 from app.services.core.types import Chunk, GenerationParams, Message, Prompt
@@ -113,6 +114,7 @@ class TransformersBackend:
         """Everything that can refuse a model before the current one is let go: the directory,
         the adapter and its base, the device, and whether the weights fit in memory."""
         self._facts = inspect_checkpoint(self.spec.path)
+        self._check_architecture()
         if self.spec.adapter is not None:
             self._adapter_config = self._check_adapter(self.spec.adapter)
         prepare_process_for_torch()
@@ -120,6 +122,44 @@ class TransformersBackend:
         placement = place(self._settings.device, self._settings.dtype, caps, self._facts.tensors)
         self._check_memory(placement)
         self._placement = placement
+
+    @property
+    def remote_code_allowed(self) -> bool:
+        """The checkpoint's own modelling code may run: the operator allowed remote code at startup
+        (transformers.trust_remote_code) and the model is no preset that leaves it off."""
+        return self._settings.trust_remote_code and self.spec.trust_remote_code is not False
+
+    def _remote_code_hint(self) -> str:
+        if not self._settings.trust_remote_code:
+            hint = "start the tester with --trust-remote-code (MODEL_TEST_TRANSFORMERS__TRUST_REMOTE_CODE=1) to allow it"
+            return hint + (", and set trust_remote_code in the preset" if self.spec.trust_remote_code is False else "")
+        return f"set trust_remote_code in the preset {self.spec.name!r} to run it"
+
+    def _check_architecture(self) -> None:
+        """A checkpoint transformers has no class for loads only with its own code, and only where
+        that is allowed: refused here with the reason, before the current model is let go."""
+        import json
+
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        try:
+            config = json.loads((self.spec.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InvalidModel(f"unreadable config.json in {self.spec.path}: {exc}", field="model") from None
+        model_type = config.get("model_type")
+        if not isinstance(model_type, str) or model_type in CONFIG_MAPPING_NAMES:
+            return  # a native class (remote code runs only if allowed and shipped), or transformers' to work out
+        import transformers
+
+        architecture = (config.get("architectures") or [model_type])[0]
+        what = f"{self.spec.path.name} ({architecture}, model_type {model_type!r})"
+        if "auto_map" not in config:
+            raise InvalidModel(f"{what} has no class in transformers {transformers.__version__} and ships no modelling "
+                               f"code of its own (config.json has no auto_map)", field="model")
+        if not self.remote_code_allowed:
+            raise InvalidModel(f"{what} has no class in transformers {transformers.__version__}; it ships its own "
+                               f"modelling code (config.json auto_map), which is not run unless allowed: "
+                               f"{self._remote_code_hint()}", field="model")
 
     def _check_adapter(self, adapter: Path) -> dict:
         if not adapter.exists():
@@ -179,8 +219,7 @@ class TransformersBackend:
             self._fallback_reason = placement.reason
         torch.set_num_threads(self._settings.n_threads)
         transformers.utils.logging.disable_progress_bar()  # a tqdm bar per load is noise in a server log
-        # remote code runs only when the operator allowed it at startup; a preset (or a client) cannot turn it on
-        trust = self._settings.trust_remote_code
+        trust = self.remote_code_allowed
         dtype = getattr(torch, TORCH_DTYPES[placement.dtype])
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.spec.path, trust_remote_code=trust)
@@ -189,11 +228,9 @@ class TransformersBackend:
                 model = self._apply_adapter(model)
             model.to(placement.device)
         except ValueError as exc:
-            if "trust_remote_code" in str(exc):
-                raise ModelLoadFailed(f"{self.spec.path.name} ships its own modelling code and transformers has no class of "
-                                      f"its own for it; the server's operator can allow remote code at startup "
-                                      f"(--trust-remote-code or MODEL_TEST_TRANSFORMERS__TRUST_REMOTE_CODE=1): {exc}",
-                                      field="model") from exc
+            if "trust_remote_code" in str(exc):  # e.g. a tokenizer that exists only as the checkpoint's own code
+                raise InvalidModel(f"{self.spec.path.name} needs its own code to load, which is not run unless allowed: "
+                                   f"{self._remote_code_hint()} ({exc})", field="model") from exc
             raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
         except (OSError, RuntimeError, KeyError) as exc:
             raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
@@ -225,14 +262,11 @@ class TransformersBackend:
 
     @staticmethod
     def _find_eos_ids(model, tokenizer) -> frozenset[int]:
-        ids: set[int] = set()
-        for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(v for v in value if isinstance(v, int))
-        return frozenset(ids)
+        """checkpoints.stop_tokens.hf_stop_ids on the loaded objects (the generation config is
+        the model config's EOS when the checkpoint has no generation_config.json)."""
+        generation = getattr(model, "generation_config", None)
+        return frozenset(hf_stop_ids(getattr(generation, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
+                                     getattr(tokenizer, "eos_token_id", None)))
 
     def batch_group(self, params: GenerationParams):
         """Requests of one group can be rows of one batch; the service's queue lets only one group
@@ -353,8 +387,8 @@ class TransformersBackend:
         return len(self._encode(text, add_special_tokens=False))
 
     def stop_token_ids(self) -> list[int]:
-        """The ids that end an answer, as stream() checks them: the EOS ids of the generation
-        config, the model config and the tokenizer together."""
+        """The ids that end an answer, as stream() checks them: the generation config's EOS ids
+        (checkpoints/stop_tokens.py), which generate() stops on too."""
         return sorted(self._eos_ids)
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
