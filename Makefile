@@ -127,6 +127,8 @@ test: setup browser-deps
 # llama.cpp (a warning) and OpenSSL is left out: llama-bench downloads nothing.
 LLAMA_BENCH_DIR ?= $(HOME)/.cache/model_test/llama-bench/$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_KEY)
 LLAMA_BENCH := $(LLAMA_BENCH_DIR)/llama-bench
+# llama-server from the same build: the reference for parallel streams (issue 21)
+LLAMA_SERVER := $(LLAMA_BENCH_DIR)/llama-server
 
 $(LLAMA_BENCH): | $(STAMP)
 	@command -v cmake >/dev/null || { echo 'bench-deps needs cmake >= 3.14 (apt-get install cmake, brew install cmake)'; exit 1; }
@@ -136,9 +138,10 @@ $(LLAMA_BENCH): | $(STAMP)
 		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
 	cmake -S $(LLAMA_BENCH_DIR).tmp/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp -B $(LLAMA_BENCH_DIR).tmp/build \
 		$(CMAKE_ARGS) -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
-	cmake --build $(LLAMA_BENCH_DIR).tmp/build --config Release --target llama-bench -j2
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
+	cmake --build $(LLAMA_BENCH_DIR).tmp/build --config Release --target llama-bench llama-server -j2
 	printf 'llama-cpp-python %s\nCMAKE_ARGS=%s\n' '$(LLAMA_CPP_VERSION)' '$(CMAKE_ARGS)' > $(LLAMA_BENCH_DIR)/BUILD_INFO
+	cp $(LLAMA_BENCH_DIR).tmp/build/bin/llama-server $(LLAMA_SERVER).part && mv $(LLAMA_SERVER).part $(LLAMA_SERVER)
 	cp $(LLAMA_BENCH_DIR).tmp/build/bin/llama-bench $@.part && mv $@.part $@
 	rm -rf $(LLAMA_BENCH_DIR).tmp
 
@@ -146,7 +149,7 @@ bench-deps: $(LLAMA_BENCH)
 
 # e.g. make bench BENCH_ARGS="--backend llamacpp --runs 3"
 bench: setup bench-deps
-	$(PY) -m scripts.bench_stream --llama-bench $(LLAMA_BENCH) $(BENCH_ARGS)
+	$(PY) -m scripts.bench_stream --llama-bench $(LLAMA_BENCH) --llama-server $(LLAMA_SERVER) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

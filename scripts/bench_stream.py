@@ -64,6 +64,7 @@ import requests
 from app.services.backends.llamacpp.backend import LlamaCppBackend
 from app.services.checkpoints.default_model import default_gguf_path
 from app.services.checkpoints.spec import ModelSpec
+from app.services.core.cpu_share import machine_busy_seconds
 from app.services.core.types import GenerationParams, Message, Prompt
 from app.services.system.hugepages import environ_without_hugepages, malloc_asks_for_hugepages, restart_with_hugepages, thp_mode
 from config.settings import PROJECT_ROOT, LlamaCppSettings, Settings, TransformersSettings, physical_cores
@@ -741,17 +742,6 @@ def machine() -> dict:
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
             "platform": platform.platform(), "python": platform.python_version(),
             "thp_mode": thp_mode(), "malloc_huge_pages": malloc_asks_for_hugepages()}
-
-
-def machine_busy_seconds() -> Optional[float]:
-    """CPU seconds the whole machine has been busy (Linux ``/proc/stat``), to tell afterwards
-    how much of the run's CPU went to other processes."""
-    try:
-        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_seconds() -> float:

@@ -25,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,13 +73,17 @@ def free_port() -> int:
 
 def start_server(extra_args: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    # The server's log goes to a file: a pipe nobody reads fills up (64 KiB, a few hundred request
+    # lines) and then blocks the server's next log write, which hung the load after ~200 requests.
+    console = tempfile.TemporaryFile()
     process = subprocess.Popen([sys.executable, "run.py", "--port", str(port), *extra_args], cwd=PROJECT_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+                               stdout=subprocess.DEVNULL, stderr=console, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stderr.read().decode(errors='replace')[-2000:]}")
+            console.seek(0)
+            raise RuntimeError(f"the server exited: {console.read().decode(errors='replace')[-2000:]}")
         try:
             if requests.get(f"{url}/health", timeout=1).ok:
                 return process, url

@@ -207,3 +207,13 @@ def live_server(real_app):
     yield LiveServer(real_app, f"http://127.0.0.1:{server.server_port}")
     server.shutdown()
     thread.join(timeout=10)
+
+
+def load_llamacpp(gguf, parallel: int, n_ctx: int = TEST_N_CTX):
+    """A loaded llama.cpp backend on 2 threads, with ``parallel`` sequences (1: the single-sequence loop)."""
+    from app.services.backends.llamacpp.backend import LlamaCppBackend
+    from app.services.checkpoints.spec import ModelSpec
+
+    backend = LlamaCppBackend(ModelSpec("llamacpp", gguf), LlamaCppSettings(n_ctx=n_ctx, n_threads=2, parallel=parallel))
+    backend.load()
+    return backend

@@ -10,7 +10,7 @@ from app.services.backends.llamacpp.backend import LlamaCppBackend
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.types import GenerationParams, Message
 from config.settings import LlamaCppSettings
-from tests.conftest import TEST_N_CTX
+from tests.conftest import load_llamacpp
 
 GREEDY = GenerationParams(max_new_tokens=48, temperature=0.0, repetition_penalty=1.0)
 USER_TURNS = [
@@ -24,10 +24,23 @@ OTHER_TURNS = ["What is 2 + 2?", "And times 3?"]
 
 @pytest.fixture(scope="module")
 def backend(default_gguf):
-    backend = LlamaCppBackend(ModelSpec("llamacpp", default_gguf), LlamaCppSettings(n_ctx=TEST_N_CTX, n_threads=2))
-    backend.load()
+    """One request at a time: the single-sequence token loop (decoder.py)."""
+    backend = load_llamacpp(default_gguf, 1)
     yield backend
     backend.unload()
+
+
+@pytest.fixture(scope="module")
+def parallel_backend(default_gguf):
+    """Four sequences (parallel.py), each with cells of its own."""
+    backend = load_llamacpp(default_gguf, 4)
+    yield backend
+    backend.unload()
+
+
+@pytest.fixture(params=["one sequence", "four sequences"])
+def either_backend(request):
+    return request.getfixturevalue("backend" if request.param == "one sequence" else "parallel_backend")
 
 
 def answer(backend, messages, cold: bool) -> tuple[str, list[int]]:
@@ -41,7 +54,8 @@ def answer(backend, messages, cold: bool) -> tuple[str, list[int]]:
     return "".join(text), tokens
 
 
-def test_warm_answers_equal_cold_answers_across_turns_and_switches(backend):
+def test_warm_answers_equal_cold_answers_across_turns_and_switches(either_backend):
+    backend = either_backend
     conversations = {"colours": [Message("system", "You are brief.")], "sums": []}
     script = [("colours", USER_TURNS[0]), ("colours", USER_TURNS[1]), ("sums", OTHER_TURNS[0]),
               ("colours", USER_TURNS[2]), ("sums", OTHER_TURNS[1]), ("colours", USER_TURNS[3])]
@@ -55,7 +69,8 @@ def test_warm_answers_equal_cold_answers_across_turns_and_switches(backend):
         conversations[name] = messages + [Message("assistant", cold_text)]
 
 
-def test_a_shorter_prompt_after_a_longer_one_is_not_served_stale(backend):
+def test_a_shorter_prompt_after_a_longer_one_is_not_served_stale(either_backend):
+    backend = either_backend
     long_messages = [Message("user", "Tell me about the moon and the stars in detail.")]
     short_messages = [Message("user", "Tell me about the moon")]
     answer(backend, long_messages, cold=False)
@@ -71,12 +86,9 @@ def test_decoding_runs_on_a_fresh_thread_that_ends_with_the_answer(default_gguf)
     generation decodes on a thread of its own, gone when the answer is."""
     import threading
 
-    from app.services.backends.llamacpp.backend import LlamaCppBackend
-    from app.services.checkpoints.spec import ModelSpec
     from app.services.core.types import GenerationParams, Message
-    from config.settings import LlamaCppSettings
 
-    backend = LlamaCppBackend(ModelSpec("llamacpp", default_gguf), LlamaCppSettings(n_threads=2, n_ctx=512))
+    backend = LlamaCppBackend(ModelSpec("llamacpp", default_gguf), LlamaCppSettings(n_threads=2, n_ctx=512, parallel=1))
     backend.load()
     try:
         prompt = backend.prepare(messages=[Message("user", "Count to ten.")])
@@ -169,8 +181,10 @@ def generate_reference(llama, token_ids, params: GenerationParams, count: int) -
     GenerationParams(max_new_tokens=40, temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.1,
                      presence_penalty=0.2, frequency_penalty=0.1, seed=1234, ignore_eos=True),
 ], ids=["greedy", "greedy-penalised", "sampled-seeded"])
-def test_the_lean_token_loop_picks_what_llama_generate_picks(backend, params):
-    """decode_tokens replaced Llama.generate to save its per-token overhead; the tokens must not move."""
+def test_the_lean_token_loop_picks_what_llama_generate_picks(either_backend, params):
+    """decode_tokens replaced Llama.generate to save its per-token overhead, and parallel.py samples
+    each sequence with the same chain; the tokens must not move."""
+    backend = either_backend
     prompt = backend.prepare(messages=[Message("user", "Tell me a story about a lighthouse keeper.")])
     backend.clear_cache()
     ours = [token_id for chunk in backend.stream(prompt, params, threading.Event()) for token_id in chunk.token_ids]

@@ -29,9 +29,11 @@ from typing import Iterator, Optional, Sequence
 
 from app.services.backends.base import Capabilities, check_token_ids, continuation_prompt
 from app.services.backends.llamacpp.decoder import continuation_logits, decode_tokens
+from app.services.backends.llamacpp.parallel import ParallelDecoder
 from app.services.checkpoints.gguf_metadata import read_gguf_header
 from app.services.checkpoints.spec import ModelSpec
 from app.services.checkpoints.stop_tokens import gguf_stop_ids
+from app.services.core.cpu_share import CpuShare
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
 from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
 from app.services.core.thread_scope import ends_with_request
@@ -89,10 +91,22 @@ class LlamaCppBackend:
         self._stop_ids: frozenset[int] = frozenset()
         self._prefix_cache = False
         self._piece_buffer = ctypes.create_string_buffer(256)
+        self._parallel: Optional[ParallelDecoder] = None
+        self._cpu_share: Optional[CpuShare] = None
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(inspection=True, scoring=True, logprobs=True)
+        return Capabilities(inspection=True, scoring=True, logprobs=True, max_batch_size=self._settings.parallel)
+
+    # -- batching (parallel.py): every request may join the running batch ---------------------
+    def batch_group(self, params: GenerationParams) -> int:
+        return 0  # each sequence samples with a chain of its own, so any sampling shares a step
+
+    def expect_row(self) -> None:
+        """Nothing to wait for: a request joins at the decoder's next step whenever it comes."""
+
+    def row_not_coming(self) -> None:
+        """See expect_row."""
 
     # -- lifecycle -------------------------------------------------------------------------
     def check(self) -> None:
@@ -163,10 +177,16 @@ class LlamaCppBackend:
         self._prefix_cache = self._settings.prefix_cache == "on" or (
             self._settings.prefix_cache == "auto" and self._device == "CPU" and not builds_with_llamafile(system_info)
         )
+        if self._settings.adapt_threads and self._device == "CPU":
+            self._cpu_share = CpuShare(self._settings.n_threads)
+        if self._settings.parallel > 1:
+            self._parallel = ParallelDecoder(self._llama, n_seq=self._settings.parallel, n_ctx=self._llama.n_ctx(),
+                                             n_batch=self._llama.n_batch, keep_prefix=self._prefix_cache,
+                                             piece=self._piece, threads=self._threads_now)
         log.info(
-            "loaded %s on %s (n_ctx=%d, threads=%d, gpu_layers=%d, prefix cache %s, weights %s)",
-            self._path.name, self._device, self.n_ctx, self._settings.n_threads, self._gpu_layers,
-            "on" if self._prefix_cache else "off", self._weights(),
+            "loaded %s on %s (n_ctx=%d, parallel=%d, threads=%d, gpu_layers=%d, prefix cache %s, weights %s)",
+            self._path.name, self._device, self.n_ctx, self._settings.parallel, self._settings.n_threads,
+            self._gpu_layers, "on" if self._prefix_cache else "off", self._weights(),
         )
 
     def _open(self, llama_cpp, n_gpu_layers: int):
@@ -236,8 +256,20 @@ class LlamaCppBackend:
         """Forgets the KV cache, so the next request starts cold."""
         if self._llama is not None:
             self._llama.reset()
+        if self._parallel is not None:
+            self._parallel.forget_cells()
+
+    def _threads_now(self) -> Optional[int]:
+        """The decoding threads to use now (core.cpu_share), or None to leave them as loaded."""
+        return self._cpu_share.threads if self._cpu_share is not None else None
 
     def unload(self) -> None:
+        if self._parallel is not None:
+            self._parallel.close()
+            self._parallel = None
+        if self._cpu_share is not None:
+            self._cpu_share.close()
+            self._cpu_share = None
         if self._llama is not None:
             self._llama.close()
         self._llama = None
@@ -256,6 +288,7 @@ class LlamaCppBackend:
             "n_ctx": self.n_ctx,
             "n_threads": self._settings.n_threads,
             "n_gpu_layers": self._gpu_layers,
+            "parallel": self._settings.parallel,
         }
         if self._llama is not None:
             metadata = self._llama.metadata
@@ -365,9 +398,18 @@ class LlamaCppBackend:
         assembler = StreamAssembler(len(prompt.token_ids), params.stop)
         room = self.n_ctx - len(prompt.token_ids)
         budget = min(params.max_new_tokens, room)
-        llama.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
-        tokens = decode_tokens(llama, prompt.token_ids, params, keep_prefix=self._prefix_cache, piece=self._piece)
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
         is_end = (lambda token_id: False) if params.ignore_eos else stop_ids.__contains__
+        if self._parallel is not None:
+            arrivals = self._parallel.generate(prompt.token_ids, params, seed, budget, is_end)
+            try:
+                yield from stream_tokens(assembler, arrivals, cancel, is_end, budget)
+            finally:
+                arrivals.close()  # frees the sequence at the decoder's next step
+            return
+        llama.set_seed(seed)
+        tokens = decode_tokens(llama, prompt.token_ids, params, keep_prefix=self._prefix_cache, piece=self._piece,
+                               threads=self._threads_now)
 
         def pieces() -> Iterator[Arrival]:
             """Each token with its bytes; llama.cpp's failure becomes the stream's error chunk."""

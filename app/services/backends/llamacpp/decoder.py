@@ -67,14 +67,39 @@ class LogitsView:
         return self._array
 
 
+class ThreadCount:
+    """Keeps a context's thread count at what ``wanted`` answers (core.cpu_share), changing it
+    only when the answer changes; None from ``wanted`` leaves it as it is."""
+
+    def __init__(self, context, wanted: Optional[Callable[[], Optional[int]]]):
+        import llama_cpp
+
+        self._context = context
+        self._wanted = wanted
+        self._current: Optional[int] = llama_cpp.llama_n_threads(context)  # as the context was made
+
+    def update(self) -> None:
+        if self._wanted is None:
+            return
+        threads = self._wanted()
+        if threads is not None and threads != self._current:
+            import llama_cpp
+
+            llama_cpp.llama_set_n_threads(self._context, threads, threads)
+            self._current = threads
+
+
 def decode_tokens(llama, token_ids: Sequence[int], params: GenerationParams, keep_prefix: bool,
-                  piece: Optional[Callable[[int], bytes]] = None) -> Iterator[tuple[int, Optional[TokenLogprob]]]:
+                  piece: Optional[Callable[[int], bytes]] = None,
+                  threads: Optional[Callable[[], Optional[int]]] = None) -> Iterator[tuple[int, Optional[TokenLogprob]]]:
     """Yields the answer's tokens, each with its log-probabilities when ``params.logprobs`` asks
     for them (``piece`` names the alternatives). A token is evaluated only when the next one is
     asked for, so the last one (an end token, the budget's last) never is, and the caller can hand
     each token on before the model computes the following one. Call ``set_seed`` on ``llama`` first."""
     import llama_cpp
 
+    thread_count = ThreadCount(llama._ctx.ctx, threads)
+    thread_count.update()
     evaluate_prompt(llama, token_ids, keep_prefix)
     context = llama._ctx.ctx
     batch = llama._batch.batch
@@ -101,6 +126,7 @@ def decode_tokens(llama, token_ids: Sequence[int], params: GenerationParams, kee
             batch.n_seq_id[0] = 1
             batch.seq_id[0][0] = 0
             batch.logits[0] = True
+            thread_count.update()
             status = llama_cpp.llama_decode(context, batch)
             if status != 0:
                 raise RuntimeError(f"llama_decode returned {status} at position {position}")

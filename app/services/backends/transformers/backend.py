@@ -36,6 +36,7 @@ from app.services.checkpoints.adapters import ADAPTER_WEIGHT_FILES, adapter_matc
 from app.services.checkpoints.hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
 from app.services.checkpoints.spec import ModelSpec
 from app.services.checkpoints.stop_tokens import hf_stop_ids
+from app.services.core.cpu_share import CpuShare
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge
 from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
 from app.services.core.types import Chunk, GenerationParams, Message, Prompt
@@ -105,6 +106,8 @@ class TransformersBackend:
         self._kv_cache = None
         self._kv_ids: tuple[int, ...] = ()
         self._batcher: Optional[RoundBatcher] = None
+        self._cpu_share: Optional[CpuShare] = None
+        self._torch_threads = settings.n_threads
         self._kv_adapter_on = True  # the cache holds keys and values computed with the adapter on or off
         self.last_reused_tokens = 0
         self._versions: dict = {}
@@ -218,6 +221,9 @@ class TransformersBackend:
             log.warning("%s: %s", self.spec.path.name, placement.reason)
             self._fallback_reason = placement.reason
         torch.set_num_threads(self._settings.n_threads)
+        self._torch_threads = self._settings.n_threads
+        if self._settings.adapt_threads and placement.device == "cpu":
+            self._cpu_share = CpuShare(self._settings.n_threads)
         transformers.utils.logging.disable_progress_bar()  # a tqdm bar per load is noise in a server log
         trust = self.remote_code_allowed
         dtype = getattr(torch, TORCH_DTYPES[placement.dtype])
@@ -315,7 +321,20 @@ class TransformersBackend:
     def token_bytes(self, token_id: int) -> bytes:
         return self._token_bytes(token_id)
 
+    def _adapt_threads(self) -> None:
+        """Fewer torch threads while other processes keep cores busy (core.cpu_share); called
+        each step on the rounds' thread, between two forward passes."""
+        share = self._cpu_share
+        if share is not None and share.threads != self._torch_threads:
+            import torch
+
+            torch.set_num_threads(share.threads)
+            self._torch_threads = share.threads
+
     def unload(self) -> None:
+        share, self._cpu_share = self._cpu_share, None
+        if share is not None:
+            share.close()
         batcher, self._batcher = self._batcher, None
         if batcher is not None:
             batcher.close()
@@ -491,8 +510,11 @@ class TransformersBackend:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        adapt_threads = self._adapt_threads
+
         class RowsHalted(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
+                adapt_threads()  # once per step, between forward passes
                 return torch.tensor([row.stopped() for row in rows], dtype=torch.bool, device=input_ids.device)
 
         device = self._placement.device

@@ -1,0 +1,349 @@
+"""Several requests on one llama.cpp model at once: continuous batching, as llama-server's slots.
+
+A small model's decode step is bound by reading the weights, and one read can serve several
+sequences: every step decodes one token for each running sequence in one ``llama_decode`` batch.
+A request that arrives mid-way is prefilled in the next step (its prompt tokens share the batch
+with the others' next tokens, ``n_batch`` at a time) and generates from the step after; one that
+ends, is stopped or whose client hangs up leaves at once, its sequence free for the next.
+
+The context holds ``n_seq`` sequences of ``n_ctx`` cells each, in separate KV streams
+(``kv_unified=False``): a sequence's cells lie in order as when it runs alone, so attention sums
+in the same order and a greedy answer equals the one it gets alone (tested). A sequence keeps its
+cells when its request ends, and a later request takes the free sequence whose cells share the
+longest prefix with its prompt (llama-server's slot choice by similarity): turn N of a chat
+evaluates only what is new since turn N-1, as on one sequence.
+
+One thread, this module's, owns the context; requests hand their prompt over and read their
+tokens from a queue. Sampling is per sequence: greedy picks in numpy (``decoder.is_plain_greedy``),
+everything else in a llama.cpp sampler chain of its own, built as ``Llama`` builds it, so a seed
+gives the same answer as on the single-sequence path.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from app.services.backends.base import common_prefix_length
+from app.services.backends.llamacpp.decoder import ThreadCount, is_plain_greedy
+from app.services.core.logprobs import token_logprob
+from app.services.core.text_stream import Arrival, GenerationFailed
+from app.services.core.types import GenerationParams
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt: list[int]
+    params: GenerationParams
+    seed: int
+    budget: int
+    is_end: Callable[[int], bool]
+    arrivals: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    halt: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One of the context's sequences: the tokens its cells hold, and the request using it."""
+
+    seq_id: int
+    cells: list[int] = field(default_factory=list)
+    request: Optional[_Request] = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill
+    next_token: Optional[int] = None  # sampled, to be decoded in the next step
+    sampler: object = None
+    produced: int = 0
+    last_used: int = 0
+
+
+class ParallelDecoder:
+    """Runs up to ``n_seq`` generations together on one context of ``llama``'s model."""
+
+    def __init__(self, llama, n_seq: int, n_ctx: int, n_batch: int, keep_prefix: bool,
+                 piece: Callable[[int], bytes], threads: Optional[Callable[[], Optional[int]]] = None):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self._llama = llama
+        self._n_seq = n_seq
+        self._n_batch = max(n_batch, n_seq)
+        self._keep_prefix = keep_prefix
+        self._piece = piece
+        self._n_vocab = llama.n_vocab()
+        params = type(llama.context_params).from_buffer_copy(llama.context_params)
+        params.n_ctx = n_ctx * n_seq
+        params.n_seq_max = n_seq
+        params.kv_unified = False  # one KV stream per sequence: see the module docstring
+        params.n_batch = self._n_batch
+        params.n_ubatch = min(params.n_ubatch, self._n_batch) or self._n_batch
+        self._context = _internals.LlamaContext(model=llama._model, params=params, verbose=llama.verbose)
+        if llama._lora_adapter is not None:  # the same adapter Llama applied to its own context
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llama._lora_adapter)
+            scales = (ctypes.c_float * 1)(llama.lora_scale)
+            if llama_cpp.llama_set_adapters_lora(self._context.ctx, adapters, 1, scales):
+                self._context.close()
+                raise RuntimeError("llama.cpp could not apply the LoRA adapter to the parallel context")
+        self._memory = llama_cpp.llama_get_memory(self._context.ctx)
+        self._thread_count = ThreadCount(self._context.ctx, threads)
+        self._batch = _internals.LlamaBatch(n_tokens=self._n_batch, embd=0, n_seq_max=1)
+        self._sequences = [_Sequence(seq_id) for seq_id in range(n_seq)]
+        self._waiting: deque[_Request] = deque()
+        self._lock = threading.Condition()
+        self._closing = False
+        self._clock = 0
+        self.prefilled_tokens = 0  # prompt tokens evaluated, for the status and tests: reuse shows here
+        self._thread: Optional[threading.Thread] = None  # the decoder, while there is work
+
+    @property
+    def n_seq(self) -> int:
+        return self._n_seq
+
+    # -- the requests' side ------------------------------------------------------------------
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams, seed: int, budget: int,
+                 is_end: Callable[[int], bool]) -> Iterator[Arrival]:
+        """The answer's tokens as (id, bytes, logprob). Closing the iterator early (a stop string,
+        Stop, a hang-up) frees the sequence at the decoder's next step."""
+        request = _Request(list(prompt_ids), params, seed, budget, is_end)
+        with self._lock:
+            if self._closing:
+                raise GenerationFailed("the model was unloaded")
+            self._waiting.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llamacpp-parallel", daemon=True)
+                self._thread.start()
+            self._lock.notify()
+        try:
+            while True:
+                item = request.arrivals.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, GenerationFailed):
+                    raise item
+                yield item
+        finally:
+            request.halt.set()
+            with self._lock:
+                self._lock.notify()
+
+    def running(self) -> int:
+        with self._lock:
+            return sum(1 for sequence in self._sequences if sequence.request is not None)
+
+    def forget_cells(self) -> None:
+        """Drops the cells of every idle sequence (a cache reset); running ones keep theirs."""
+        import llama_cpp
+
+        with self._lock:
+            for sequence in self._sequences:
+                if sequence.request is None:
+                    llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
+                    sequence.cells.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        self._batch.close()
+        self._context.close()
+
+    # -- the decoder thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            try:
+                if not self._step():
+                    return
+            except Exception as exc:  # the worker boundary: the batch's streams must hear of it
+                log.exception("llama.cpp parallel decoding failed")
+                with self._lock:  # those running end with the error; those waiting go on
+                    self._fail_running(GenerationFailed(f"{type(exc).__name__}: {exc}"))
+
+    def _fail_running(self, failure: GenerationFailed) -> None:
+        """Ends every running request with ``failure`` and forgets its cells, which a failed
+        decode may have left half-written; the caller holds the lock."""
+        import llama_cpp
+
+        for sequence in self._sequences:
+            if sequence.request is not None:
+                sequence.request.arrivals.put(failure)
+                if sequence.sampler is not None:
+                    sequence.sampler.close()
+                sequence.request, sequence.sampler, sequence.pending, sequence.next_token = None, None, [], None
+                llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
+                sequence.cells.clear()
+
+    def _fail_all(self, failure: GenerationFailed) -> None:
+        self._fail_running(failure)
+        while self._waiting:
+            self._waiting.popleft().arrivals.put(failure)
+
+    def _step(self) -> bool:
+        """One ``llama_decode``: every running sequence's next token and what fits of the
+        newcomers' prompts. Answers False once closing with nothing left to run."""
+        with self._lock:
+            while True:
+                if self._closing:  # unloaded under them (the service waits for its streams first)
+                    self._fail_all(GenerationFailed("the model was unloaded"))
+                    self._thread = None
+                    return False
+                self._drop_halted()
+                self._admit()
+                active = [s for s in self._sequences if s.request is not None]
+                if active:
+                    break
+                if not self._waiting:
+                    # Idle: the thread ends, and with it the OpenMP team it started (an idle team
+                    # on a long-lived thread slows every other thread that decodes: see the
+                    # guide); the next request starts a fresh one.
+                    self._thread = None
+                    return False
+                self._lock.wait()
+        rows = self._fill_batch(active)
+        import llama_cpp
+
+        self._thread_count.update()
+        status = llama_cpp.llama_decode(self._context.ctx, self._batch.batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status} for a batch of {self._batch.batch.n_tokens} tokens")
+        for sequence, index in rows:
+            self._sample(sequence, index)
+        return True
+
+    def _drop_halted(self) -> None:
+        """Sequences whose request was closed (Stop, a hang-up) leave before the next decode."""
+        for sequence in self._sequences:
+            if sequence.request is not None and sequence.request.halt.is_set():
+                self._release(sequence)
+        while self._waiting and self._waiting[0].halt.is_set():
+            self._waiting.popleft().arrivals.put(_DONE)
+
+    def _admit(self) -> None:
+        """Gives each waiting request the free sequence whose cells share most of its prompt."""
+        import llama_cpp
+
+        while self._waiting and not self._closing:
+            free = [s for s in self._sequences if s.request is None]
+            if not free:
+                return
+            request = self._waiting.popleft()
+            if request.halt.is_set():
+                request.arrivals.put(_DONE)
+                continue
+            if request.budget <= 0:
+                request.arrivals.put(_DONE)
+                continue
+            sequence = self._choose(free, request.prompt)
+            prompt = request.prompt
+            shared = min(common_prefix_length(sequence.cells, prompt), len(prompt) - 1) if self._keep_prefix else 0
+            # the prompt's last token is always evaluated, so its logits are fresh
+            if not (shared and llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, shared, -1)):
+                llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
+                shared = 0
+            del sequence.cells[shared:]
+            sequence.request = request
+            sequence.pending = prompt[shared:]
+            sequence.next_token = None
+            sequence.produced = 0
+            sequence.sampler = self._make_sampler(request)
+            self._clock += 1
+            sequence.last_used = self._clock
+
+    def _choose(self, free: list[_Sequence], prompt: list[int]) -> _Sequence:
+        """The free sequence that holds most of this prompt, if it holds at least half of what its
+        cells hold (a conversation coming back); else the least recently used, so that a prompt
+        sharing only a system line does not take a waiting conversation's cells."""
+        def reuse(sequence: _Sequence) -> int:
+            if not self._keep_prefix or not sequence.cells:
+                return 0
+            shared = common_prefix_length(sequence.cells, prompt)
+            return shared if 2 * shared >= len(sequence.cells) else 0
+
+        return max(free, key=lambda s: (reuse(s), -s.last_used))
+
+    def _make_sampler(self, request: _Request):
+        params = request.params
+        if is_plain_greedy(params):
+            return None
+        llama = self._llama
+        llama.set_seed(request.seed)  # Llama._init_sampler seeds its dist sampler with it
+        return llama._init_sampler(
+            top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=params.temperature,
+            repeat_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+        )
+
+    def _fill_batch(self, active: list[_Sequence]) -> list[tuple[_Sequence, int]]:
+        """Writes the step's tokens into the batch; answers which sequence samples from which row.
+        Running sequences go first (one token each), then prompt chunks in arrival order."""
+        batch = self._batch.batch
+        rows: list[tuple[_Sequence, int]] = []
+        n = 0
+
+        def put(sequence: _Sequence, token: int, wants_logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = len(sequence.cells)
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = sequence.seq_id
+            batch.logits[n] = wants_logits
+            if wants_logits:
+                rows.append((sequence, n))
+            sequence.cells.append(token)
+            n += 1
+
+        for sequence in active:
+            if sequence.next_token is not None:
+                put(sequence, sequence.next_token, True)
+                sequence.next_token = None
+        for sequence in sorted((s for s in active if s.pending), key=lambda s: s.last_used):
+            room = self._n_batch - n
+            if room <= 0:
+                break
+            chunk, sequence.pending = sequence.pending[:room], sequence.pending[room:]
+            for i, token in enumerate(chunk):
+                put(sequence, token, not sequence.pending and i == len(chunk) - 1)
+            self.prefilled_tokens += len(chunk)
+        batch.n_tokens = n
+        return rows
+
+    def _sample(self, sequence: _Sequence, index: int) -> None:
+        import llama_cpp
+
+        request = sequence.request
+        if sequence.sampler is not None:
+            token = sequence.sampler.sample(self._context, index)
+        else:
+            token = None
+        want = request.params.logprobs
+        if token is None or want is not None:
+            pointer = llama_cpp.llama_get_logits_ith(self._context.ctx, index)
+            logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+            if token is None:
+                token = int(logits.argmax())
+        logprob = token_logprob(logits, token, want, self._piece) if want is not None else None
+        request.arrivals.put((token, self._piece(token), logprob))
+        sequence.produced += 1
+        if request.halt.is_set() or request.is_end(token) or sequence.produced >= request.budget:
+            # the last token is never decoded, as on the single-sequence path
+            self._release(sequence)
+        else:
+            sequence.next_token = token
+
+    def _release(self, sequence: _Sequence) -> None:
+        request = sequence.request
+        if sequence.sampler is not None:
+            sequence.sampler.close()
+        sequence.request, sequence.sampler, sequence.pending, sequence.next_token = None, None, [], None
+        request.arrivals.put(_DONE)
