@@ -212,15 +212,19 @@ def test_tokens_stream_in_and_stop_ends_the_generation(page, live_server):
 
 
 def test_a_queued_turn_shows_its_place_and_stop_takes_it_out(page, live_server):
-    blocker_id = "browser-test-blocker"
-    blocker = threading.Thread(
+    # every sequence the model decodes at once (llamacpp.parallel) is taken, so the page's turn waits
+    with urllib.request.urlopen(f"{live_server.url}/api/model_status", timeout=10) as response:
+        sequences = json.load(response)["capabilities"]["max_batch_size"]
+    blocker_ids = [f"browser-test-blocker-{i}" for i in range(sequences)]
+    blockers = [threading.Thread(
         target=post_json,
         args=(f"{live_server.url}/api/chat", {"prompt": "Write a long story.", "max_new_tokens": 2048, "request_id": blocker_id}),
         daemon=True,
-    )
-    blocker.start()
+    ) for blocker_id in blocker_ids]
+    for blocker in blockers:
+        blocker.start()
     try:
-        WebDriverWait(page, 10, poll_frequency=0.1).until(lambda d: server_queue(live_server)["running"] == 1)
+        WebDriverWait(page, 20, poll_frequency=0.1).until(lambda d: server_queue(live_server)["running"] == sequences)
         send(page, "Hello!")
         WebDriverWait(page, 10, poll_frequency=0.1).until(
             lambda d: "waiting, position 1" in d.execute_script(LAST_ASSISTANT_JS + "return el ? el.textContent : '';")
@@ -231,8 +235,10 @@ def test_a_queued_turn_shows_its_place_and_stop_takes_it_out(page, live_server):
         assert answer_text(page) == ""
         assert page.execute_script("return window.modelTest.conversation()") == []
     finally:
-        post_json(f"{live_server.url}/api/stop", {"request_id": blocker_id})
-        blocker.join(timeout=30)
+        for blocker_id in blocker_ids:
+            post_json(f"{live_server.url}/api/stop", {"request_id": blocker_id})
+        for blocker in blockers:
+            blocker.join(timeout=30)
     assert wait_server_idle(live_server) == {"running": 0, "waiting": 0}
 
 

@@ -26,7 +26,8 @@ def test_sixteen_streaming_clients(tmp_path):
     assert done.returncode == 0
     assert report["completed"] + report["disconnected"] == 64
     assert report["disconnected"] == 64 // 5  # every 5th hung up after its first token
-    assert report["rate_limited_429"] > 0  # 16 clients against 1 slot and 8 places in line: some were told to wait
+    # 16 clients at the defaults: 4 decoding together (llamacpp.parallel), 12 in line, none told to wait
+    assert report["rate_limited_429"] == 0
     assert report["server_errors"] == [] and report["stuck_clients"] == 0
     probe = report["disconnect_probe"]
     assert probe["freed_within_s"] and probe["freed_after_ms"] < 1000

@@ -17,7 +17,7 @@ from app.services.backends.transformers.detokenizer import StreamDetokenizer, Wi
 from app.services.backends.transformers.device import choose_dtype, probe_caps
 from app.services.catalog import DEFAULT_GGUF_ID, DEFAULT_HF_ID
 from app.services.core.types import GenerationParams, Message
-from config.settings import TransformersSettings
+from config.settings import LlamaCppSettings, TransformersSettings
 from tests.conftest import TEST_N_CTX, make_settings
 from tests.sse_client import sse_events_from_body
 
@@ -278,7 +278,10 @@ def test_a_model_too_big_for_memory_is_refused_before_the_current_one_goes(tmp_p
 
 
 def test_a_switch_gives_the_old_models_memory_back(tmp_path, default_hf_checkpoint, default_gguf):
-    app = create_app(make_settings(tmp_path, transformers=TransformersSettings(dtype="fp32", n_threads=2, n_ctx=TEST_N_CTX)))
+    # one llama.cpp sequence: four would free a KV cache of their own on the switch, which the
+    # transformers load reuses, hiding part of its growth
+    app = create_app(make_settings(tmp_path, transformers=TransformersSettings(dtype="fp32", n_threads=2, n_ctx=TEST_N_CTX),
+                                   llamacpp=LlamaCppSettings(n_ctx=TEST_N_CTX, n_threads=2, parallel=1)))
     client = app.test_client()
     process = psutil.Process()
     # A first round trip pays for what stays for good: torch's and transformers' own code.
