@@ -757,6 +757,28 @@ def load_average() -> Optional[list[float]]:
         return None
 
 
+# A served path measured faster than its in-process baseline by more than this is a measurement
+# fault, not a result (issue 21: transformers SSE ran at 1.58 x bare generate once): two OpenMP
+# runtimes in one process, threads left over from earlier paths, the baseline's thread.
+SUSPECT_OVER_BASELINE = 1.10
+BASELINE_RATIOS = [
+    ("llamacpp", "sse_over_create_chat_completion"),
+    ("llamacpp", "sse_over_in_process_tokens_per_second"),
+    ("transformers", "sse_over_bare_generate"),
+    ("transformers", "sse_over_in_process_tokens_per_second"),
+]
+
+
+def suspect_baselines(summary: dict) -> list[dict]:
+    """The served-over-baseline ratios above SUSPECT_OVER_BASELINE: baselines not to trust."""
+    suspects = []
+    for backend, name in BASELINE_RATIOS:
+        value = ((summary.get("backends") or {}).get(backend) or {}).get("ratios", {}).get(name)
+        if value is not None and value > SUSPECT_OVER_BASELINE:
+            suspects.append({"what": f"{backend}.{name}", "value": value})
+    return suspects
+
+
 def evaluate_targets(summary: dict) -> list[dict]:
     """Each target with its measured value; ``met`` is None where the value was not measured
     (a backend left out, llama-bench not built)."""
@@ -927,6 +949,11 @@ def main(argv=None) -> int:
         summary["other_processes_cpu_s"] = round(foreign, 1)
         summary["wall_s"] = round(time.monotonic() - started, 1)
     summary["targets"] = evaluate_targets(summary)
+    summary["suspect_baselines"] = suspect_baselines(summary)
+    for suspect in summary["suspect_baselines"]:
+        log.warning("%s = %.3f: the served path beats its baseline by more than %d %%, so the baseline ran in a "
+                    "state a user's own process would not be in; do not trust this ratio", suspect["what"],
+                    suspect["value"], round(100 * (SUSPECT_OVER_BASELINE - 1)))
     written = write_results(args.out, summary)
     sys.stdout.write(written.read_text())
     return 0

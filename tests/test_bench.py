@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from config.settings import PROJECT_ROOT
-from scripts.bench_stream import TARGETS, evaluate_targets
+from scripts.bench_stream import TARGETS, evaluate_targets, suspect_baselines
 
 PATHS = {
     "llamacpp": {"llama-bench", "llama-bench-empty", "llama-bench-in-memory", "create-chat-completion", "in-process", "http-sse", "openai-sse"},
@@ -105,3 +105,10 @@ def test_targets_not_measured_are_reported_as_such():
     assert checks["llamacpp.multi_turn.turn10_over_turn1_ttft"]["met"] is True
     assert checks["transformers.ratios.sse_over_bare_generate"]["met"] is None
     assert checks["startup.health_s"]["met"] is True and checks["startup.load_model_s"]["met"] is False
+
+
+def test_a_served_path_that_beats_its_baseline_is_flagged():
+    summary = {"backends": {"transformers": {"ratios": {"sse_over_bare_generate": 1.58, "sse_over_in_process_tokens_per_second": 1.02}},
+                            "llamacpp": {"ratios": {"sse_over_create_chat_completion": 1.05}}}}
+    assert suspect_baselines(summary) == [{"what": "transformers.sse_over_bare_generate", "value": 1.58}]
+    assert suspect_baselines({}) == []
