@@ -75,7 +75,6 @@ class ParallelDecoder:
         from llama_cpp import _internals
 
         self._llama = llama
-        self._n_seq = n_seq
         self._n_batch = max(n_batch, n_seq)
         self._keep_prefix = keep_prefix
         self._piece = piece
@@ -103,10 +102,6 @@ class ParallelDecoder:
         self._clock = 0
         self.prefilled_tokens = 0  # prompt tokens evaluated, for the status and tests: reuse shows here
         self._thread: Optional[threading.Thread] = None  # the decoder, while there is work
-
-    @property
-    def n_seq(self) -> int:
-        return self._n_seq
 
     # -- the requests' side ------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams, seed: int, budget: int,
