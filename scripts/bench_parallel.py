@@ -39,7 +39,7 @@ import requests
 
 from app.services.checkpoints.default_model import default_gguf_path
 from config.settings import PROJECT_ROOT, physical_cores
-from scripts.bench_stream import LLAMA_BENCH_CACHE, RESULTS_DIR, Server, free_port, load_average, machine
+from scripts.bench_stream import LLAMA_BENCH_CACHE, RESULTS_DIR, Server, free_port, load_average, machine, stop_process
 
 log = logging.getLogger("bench_parallel")
 
@@ -82,12 +82,7 @@ class LlamaServer:
         raise RuntimeError("llama-server did not answer /health within 120 s")
 
     def __exit__(self, *exc) -> None:
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_process(self._process)
 
 
 def stream_once(url: str, prompt: str, max_tokens: int) -> dict:

@@ -330,6 +330,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen) -> None:
+    """Asks a server to stop, and kills it if it has not within 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class Server:
     """``run.py`` in a subprocess, as a user starts it. Records how long it took to answer
     ``/health`` after the spawn and to load its model through ``POST /api/load_model``."""
@@ -381,12 +391,7 @@ class Server:
         return requests.get(f"{self.url}/api/model_status", timeout=30).json()
 
     def __exit__(self, *exc) -> None:
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_process(self._process)
         self._console.close()
         self._log_dir.cleanup()
 
