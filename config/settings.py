@@ -160,9 +160,10 @@ class TransformersSettings(BaseModel):
         "difference 4e-5); in bf16/fp16 the batch shape moves logits by up to 0.25 and greedy answers can change.",
     )
     max_batch_size: int = Field(
-        4, ge=1, le=256,
-        description="Requests generated together as one left-padded batch (concurrent chats, /batch, evals); "
-        "1 generates one at a time. Requests with a seed of their own, or different sampling settings, run apart.",
+        8, ge=1, le=256,
+        description="Requests decoded together as rows of one running batch (concurrent chats, /batch, evals); "
+        "newcomers join at the next step. 1 generates one at a time. 8: on 2 CPU cores 8 rows gave 6.6x one "
+        "row's tokens/s in bf16 and 3.7x in fp32 (4 rows: 3.6x, 2.4x).",
     )
     token_timeout_s: float = Field(120.0, gt=0, le=3600, description="A generation that yields no token for this long ends with an error.")
     memory_limit_bytes: Optional[int] = Field(

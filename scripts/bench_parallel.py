@@ -11,8 +11,12 @@ Sections, each measured side by side in one run (servers alternate within every 
   ``--parallel N`` (same GGUF, same build flags, same context per sequence); the ratios
   ``ours / llama-server`` at every N and ``N streams / 1 stream``.
 - ``join``: time to first token of a request that arrives while three others decode, against the
-  same request on an idle server (p50 and p95), on both servers.
+  same request on an idle server (p50 and p95), on both servers and on the tester's transformers
+  backend.
 - ``transformers``: the aggregate table for the transformers backend in bf16 and fp32.
+- ``engines``: transformers' batching engines in one process, in bf16 and fp32: the tester's
+  running batch, a left-padded ``generate`` (the rounds it replaced) and transformers' own
+  continuous batching; aggregate tokens/s and the paired ratios.
 - ``busy``: one stream's decode tokens/s with a busy loop pinned to one core, against quiet, for
   the tester on both backends and for llama-server.
 - ``load``: ``scripts.load_test`` at the defaults (16 clients, 200 requests).
@@ -185,7 +189,9 @@ def bench_streams(llama_server: Optional[Path], runs: int, max_tokens: int, coun
 def bench_join(llama_server: Optional[Path], runs: int) -> dict:
     """TTFT of a fourth request while three decode, against the same request on an idle server."""
     out = {}
-    for name, make in servers_at(4, llama_server).items():
+    transformers = {"ours_transformers": lambda: Server(["--backend", "transformers", "--transformers-max-batch-size", "4",
+                                                         "--limits-max-queue", "64"])}
+    for name, make in servers_at(4, llama_server, **transformers).items():
         with make() as server:
             stream_once(server.url, PROMPTS[0], 8)
             idle, joined = [], []
@@ -221,6 +227,131 @@ def bench_transformers(runs: int, max_tokens: int, counts: list[int]) -> dict:
                 rows[str(n)]["over_one_stream"] = rows[str(n)]["aggregate_tps"] / rows["1"]["aggregate_tps"]
         table[dtype] = rows
         log.info("transformers %s: %s", dtype, {n: round(r["aggregate_tps"], 1) for n, r in rows.items()})
+    return table
+
+
+class TransformersEngines:
+    """transformers' batching engines on the default checkpoint in one dtype, each with a model of
+    its own: the tester's running batch (rows join and leave between steps), a left-padded
+    ``generate`` over the same prompts (the rounds the running batch replaced), and transformers'
+    own continuous batching (``ContinuousBatchingManager``, paged attention). Each call runs N
+    greedy requests of ``max_tokens`` (the end token ignored) and returns the aggregate tokens/s.
+
+    Each engine runs on threads that end with its call (the manager is started and stopped around
+    each call), so no other engine's idle OpenMP pool is alive while it runs: past as many pool
+    threads as CPUs libgomp stops spinning between regions and every engine runs at about half
+    speed (see transformers/batching.py). That is the state a user's own process is in."""
+
+    def __init__(self, dtype: str, max_tokens: int, max_rows: int):
+        import torch
+        from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+
+        from app.services.backends.transformers.backend import TransformersBackend
+        from app.services.catalog import ModelCatalog
+        from app.services.core.types import GenerationParams, Message
+        from config.settings import Settings, TransformersSettings
+
+        spec = ModelCatalog(Settings()).default_spec("transformers")
+        threads = physical_cores()
+        torch.set_num_threads(threads)
+        self._max_tokens = max_tokens
+        self._params = GenerationParams(max_new_tokens=max_tokens, temperature=0.0, ignore_eos=True, repetition_penalty=1.0)
+        self._backend = TransformersBackend(spec, TransformersSettings(dtype=dtype, n_threads=threads, max_batch_size=max_rows,
+                                                                       adapt_threads=False, prefix_cache="off"))
+        self._backend.load()
+        self._prompts = [self._backend.prepare(messages=[Message("user", text)]) for text in PROMPTS]
+        self._pad_id = min(self._backend.stop_token_ids())
+        torch_dtype = getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dtype])
+        self._padded_model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch_dtype).eval()
+        self._paged_model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch_dtype).eval()
+        self._paged_settings = {
+            "generation_config": GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1),
+            "continuous_batching_config": ContinuousBatchingConfig(max_requests_per_batch=max_rows)}
+
+    def close(self) -> None:
+        self._backend.unload()
+
+    def running_batch(self, n: int) -> float:
+        counts = [0] * n
+
+        def consume(index: int) -> None:
+            chunks = self._backend.stream(self._prompts[index], self._params, threading.Event())
+            counts[index] = sum(len(chunk.token_ids) for chunk in chunks)
+
+        for _ in range(n):
+            self._backend.expect_row()  # what the service does as it lets each request in
+        workers = [threading.Thread(target=consume, args=(i,)) for i in range(n)]
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return sum(counts) / (time.perf_counter() - started)
+
+    def padded_generate(self, n: int) -> float:
+        result: list[float] = []
+        worker = threading.Thread(target=lambda: result.append(self._padded_generate(n)))
+        worker.start()
+        worker.join()
+        return result[0]
+
+    def _padded_generate(self, n: int) -> float:
+        import torch
+
+        ids = [list(prompt.token_ids) for prompt in self._prompts[:n]]
+        longest = max(len(row) for row in ids)
+        input_ids = torch.tensor([[self._pad_id] * (longest - len(row)) + row for row in ids])
+        mask = torch.tensor([[0] * (longest - len(row)) + [1] * len(row) for row in ids])
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = self._padded_model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self._max_tokens,
+                                              min_new_tokens=self._max_tokens, do_sample=False, pad_token_id=self._pad_id)
+        return (out.shape[1] - longest) * n / (time.perf_counter() - started)
+
+    def continuous_batching(self, n: int) -> float:
+        with self._paged_model.continuous_batching_context_manager(warmup=False, **self._paged_settings) as manager:
+            manager.add_request(list(self._prompts[0].token_ids), max_new_tokens=2)  # a fresh manager's first steps are slow
+            while not manager.get_result(timeout=600).is_finished():
+                pass
+            started = time.perf_counter()
+            wanted = {manager.add_request(list(prompt.token_ids), max_new_tokens=self._max_tokens)
+                      for prompt in self._prompts[:n]}
+            tokens = 0
+            while wanted:
+                result = manager.get_result(timeout=600)
+                if result is None:
+                    raise RuntimeError("transformers' continuous batching stopped answering")
+                if result.request_id in wanted and result.is_finished():
+                    wanted.discard(result.request_id)
+                    tokens += len(result.generated_tokens)
+            return tokens / (time.perf_counter() - started)
+
+
+def bench_engines(runs: int, max_tokens: int, counts: list[int]) -> dict:
+    """TransformersEngines side by side in bf16 and fp32; the engines take turns within every round."""
+    table: dict = {}
+    names = ["running_batch", "padded_generate", "continuous_batching"]
+    for dtype in ("bf16", "fp32"):
+        engines = TransformersEngines(dtype, max_tokens, max(counts))
+        try:
+            rows = {}
+            for n in counts:
+                for name in names:
+                    getattr(engines, name)(min(n, 2))  # warm-up
+                samples: dict[str, list[float]] = {name: [] for name in names}
+                for round_index in range(runs):
+                    turn = round_index % len(names)
+                    for name in names[turn:] + names[:turn]:
+                        samples[name].append(getattr(engines, name)(n))
+                row: dict = {name: median(values) for name, values in samples.items()}
+                for other in names[1:]:
+                    row[f"running_batch_over_{other}"] = median([a / b for a, b in zip(samples["running_batch"], samples[other])])
+                row["samples"] = samples
+                rows[str(n)] = row
+                log.info("engines %s N=%d: %s", dtype, n, {k: v for k, v in row.items() if k != "samples"})
+            table[dtype] = rows
+        finally:
+            engines.close()
     return table
 
 
@@ -278,14 +409,14 @@ def find_llama_server(explicit: Optional[Path]) -> Optional[Path]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", action="append", choices=["streams", "join", "transformers", "busy", "load"])
+    parser.add_argument("--only", action="append", choices=["streams", "join", "transformers", "engines", "busy", "load"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--counts", default="1,2,4,8", help="concurrent streams to measure")
     parser.add_argument("--llama-server", type=Path, default=None, help="default: the one make bench-deps built")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    sections = args.only or ["streams", "join", "transformers", "busy", "load"]
+    sections = args.only or ["streams", "join", "transformers", "engines", "busy", "load"]
     counts = [int(value) for value in args.counts.split(",")]
     llama_server = find_llama_server(args.llama_server)
     if llama_server is None:
@@ -298,6 +429,8 @@ def main(argv=None) -> int:
         summary["join"] = bench_join(llama_server, max(args.runs, 5))
     if "transformers" in sections:
         summary["transformers"] = bench_transformers(args.runs, min(args.max_tokens, 64), counts)
+    if "engines" in sections:
+        summary["engines"] = bench_engines(args.runs, args.max_tokens, counts)
     if "busy" in sections:
         summary["busy"] = bench_busy(llama_server, args.runs, args.max_tokens)
     if "load" in sections:

@@ -65,6 +65,7 @@ from app.services.backends.llamacpp.backend import LlamaCppBackend
 from app.services.checkpoints.default_model import default_gguf_path
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.cpu_share import machine_busy_seconds
+from app.services.core.thread_scope import on_a_thread_of_its_own
 from app.services.core.types import GenerationParams, Message, Prompt
 from app.services.system.hugepages import environ_without_hugepages, malloc_asks_for_hugepages, restart_with_hugepages, thp_mode
 from config.settings import PROJECT_ROOT, LlamaCppSettings, Settings, TransformersSettings, physical_cores
@@ -288,9 +289,13 @@ def llama_bench_path(binary: Path, model: Path, threads: int, n_tokens: int, dep
 
 
 def bare_generate_path(model, input_ids, n_tokens: int) -> Callable[[], Sample]:
-    """``model.generate`` with no streamer, stopping criteria or worker thread: what the
-    transformers backend would cost with nothing of its own around it. With no token to time,
-    decode speed is taken from the difference of a 1-token and an n-token generate."""
+    """``model.generate`` with no streamer or stopping criteria: what the transformers backend
+    would cost with nothing of its own around it. With no token to time, decode speed is taken
+    from the difference of a 1-token and an n-token generate. Each sample runs on a thread of its
+    own (``on_own_thread``), as a user's script would: torch's OpenMP keeps a worker pool for every
+    thread that has computed, and with more pool threads than CPUs libgomp stops spinning, which
+    halved every other path of this process (the in-process baselines ran at 16.7 tok/s while the
+    server, a process of its own, ran at 26.7; see transformers/batching.py)."""
     import copy
 
     import torch
@@ -319,7 +324,7 @@ def bare_generate_path(model, input_ids, n_tokens: int) -> Callable[[], Sample]:
         rate = (n_tokens - 1) / (whole - first) if whole > first else 0.0
         return Sample(first * 1000.0, rate, n_tokens)
 
-    return run
+    return on_own_thread(run)
 
 
 # -- servers ----------------------------------------------------------------------------------
@@ -595,8 +600,8 @@ def default_cpu_dtype() -> str:
 
 def measure_batching(backend, params: GenerationParams, runs: int) -> dict:
     """Aggregate decode throughput of 4 different requests run one after another, and together as
-    rows of one left-padded batch (the backend's rounds, as concurrent clients, /batch and evals
-    get them), alternately, ``runs`` times; the ratio is paired per round."""
+    rows of the backend's running batch (as concurrent clients, /batch and evals get them),
+    alternately, ``runs`` times; the ratio is paired per round."""
     prompts = [backend.prepare(messages=[Message("user", text)]) for text in BATCH_PROMPTS]
 
     def consume(prompt) -> int:
@@ -630,7 +635,7 @@ def measure_batching(backend, params: GenerationParams, runs: int) -> dict:
     return {"batch_size": len(prompts), "sequential_tokens_per_second": statistics.median(one_by_one),
             "batched_tokens_per_second": statistics.median(batched),
             "batched_over_sequential": paired_ratio(batched, one_by_one),
-            "round_sizes": list(backend.round_sizes)[-len(prompts) - 1:]}
+            "batch_sizes": list(backend.batch_sizes)[-len(prompts) - 1:]}
 
 
 def random_lora(base: Path, out: Path, rank: int = 16) -> Path:
@@ -661,7 +666,8 @@ def bench_transformers(args, params: GenerationParams) -> dict:
     catalog = ModelCatalog(Settings())
     base = catalog.default_spec("transformers")
     adapter_dir = tempfile.TemporaryDirectory(prefix="bench-lora-")
-    adapter = random_lora(base.path, Path(adapter_dir.name) / "lora-r16")
+    # on a thread that ends: a live thread that has computed would halve every path (on_own_thread)
+    adapter = on_a_thread_of_its_own(lambda: random_lora(base.path, Path(adapter_dir.name) / "lora-r16"))
 
     def backend(dtype: str, merge: bool = True, with_adapter: bool = False) -> TransformersBackend:
         settings = TransformersSettings(dtype=dtype, n_threads=args.threads, n_ctx=args.n_ctx, merge_adapter=merge)
@@ -831,12 +837,12 @@ def report_markdown(summary: dict) -> str:
                   ", ".join(f"{key} = {fmt(value, 3)}" for key, value in section["ratios"].items())]
     batching = summary["backends"].get("transformers", {}).get("batching")
     if batching:
-        lines += ["", "## transformers: 4 requests one after another vs as one left-padded batch", "",
-                  "| dtype | sequential tokens/s | batched tokens/s (aggregate) | × sequential (paired) | rows per round |",
+        lines += ["", "## transformers: 4 requests one after another vs as rows of one running batch", "",
+                  "| dtype | sequential tokens/s | batched tokens/s (aggregate) | × sequential (paired) | batch sizes |",
                   "| --- | ---: | ---: | ---: | --- |"]
         for dtype, figures in batching.items():
             lines.append(f"| {dtype} | {fmt(figures['sequential_tokens_per_second'])} | {fmt(figures['batched_tokens_per_second'])} | "
-                         f"{fmt(figures['batched_over_sequential'], 2)} | {figures['round_sizes']} |")
+                         f"{fmt(figures['batched_over_sequential'], 2)} | {figures['batch_sizes']} |")
     multi = {name: section["multi_turn"] for name, section in summary["backends"].items() if "multi_turn" in section}
     if multi:
         names = list(multi)

@@ -1,5 +1,6 @@
-"""Concurrent requests on the transformers backend run as rows of one left-padded batch: the
-same greedy answers as one at a time, each row stopping on its own, and /batch using it."""
+"""Concurrent requests on the transformers backend decode as rows of one running batch: the same
+greedy answers as one at a time, each row stopping on its own, newcomers joining a running batch
+at the next step, and /batch using it."""
 from __future__ import annotations
 
 import threading
@@ -43,9 +44,9 @@ def test_a_batch_answers_as_one_at_a_time_does(service):
     backend = service.current_backend()
     greedy = GenerationParams(max_new_tokens=48, temperature=0)  # repetition_penalty 1.1: padding must not count
     alone = [service.start(greedy, messages=[Message("user", q)]).collect() for q in QUESTIONS]
-    assert backend.round_sizes[-4:] == [1, 1, 1, 1]
+    assert backend.batch_sizes[-4:] == [1, 1, 1, 1]
     together = answers(service, [greedy] * 4)
-    assert backend.round_sizes[-1] == 4
+    assert backend.batch_sizes[-1] == 4
     assert [r.text for r in together] == [r.text for r in alone]
     assert [r.finish_reason for r in together] == [r.finish_reason for r in alone]
     assert [r.usage for r in together] == [r.usage for r in alone]
@@ -56,7 +57,7 @@ def test_rows_stop_on_their_own(service):
     budgets = [GenerationParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (5, 40, 12, 40)]
     budgets[3] = GenerationParams(max_new_tokens=40, temperature=0, ignore_eos=True, stop=(" ",))
     results = answers(service, budgets)
-    assert service.current_backend().round_sizes[-1] == 4
+    assert service.current_backend().batch_sizes[-1] == 4
     assert [r.usage["completion_tokens"] for r in results[:3]] == [5, 40, 12]
     assert [r.finish_reason for r in results] == ["length", "length", "length", "stop"]
     assert " " not in results[3].text
@@ -85,21 +86,69 @@ def test_stopping_one_row_leaves_the_others_running(service):
     assert all(r.finish_reason == "length" and r.usage["completion_tokens"] == 40 for r in rest)
 
 
-def test_a_seeded_sample_runs_alone_and_repeats(service):
+def test_a_seeded_sample_repeats_inside_a_batch(service):
     seeded = GenerationParams(max_new_tokens=24, temperature=0.9, seed=7)
     alone = service.start(seeded, messages=[Message("user", QUESTIONS[0])]).collect().text
     greedy = GenerationParams(max_new_tokens=24, temperature=0)
-    results = answers(service, [seeded, greedy, greedy, greedy])
+    hot = GenerationParams(max_new_tokens=24, temperature=1.3, top_k=0, top_p=1.0)
+    results = answers(service, [seeded, greedy, hot, greedy])
+    assert service.current_backend().batch_sizes[-1] == 4  # different sampling settings share the batch
     assert results[0].text == alone
-    assert sorted(service.current_backend().round_sizes[-2:]) == [1, 3]
+
+
+def test_a_request_joins_a_running_batch(service):
+    """A newcomer is prefilled and decodes beside the running row instead of waiting for it, and
+    answers what it answers alone."""
+    greedy = GenerationParams(max_new_tokens=24, temperature=0)
+    alone = service.start(greedy, messages=[Message("user", QUESTIONS[1])]).collect()
+    long = service.start(GenerationParams(max_new_tokens=200, temperature=0, ignore_eos=True),
+                         messages=[Message("user", QUESTIONS[0])])
+    events = []
+    first_tokens = threading.Event()
+
+    def read_long():
+        for item in long:
+            if getattr(item, "token_ids", None):
+                first_tokens.set()
+            if getattr(item, "is_last", False):
+                events.append("long ended")
+
+    reader = threading.Thread(target=read_long)
+    reader.start()
+    assert first_tokens.wait(60)
+    joined = service.start(greedy, messages=[Message("user", QUESTIONS[1])]).collect()
+    events.append("newcomer ended")
+    reader.join(timeout=120)
+    assert events == ["newcomer ended", "long ended"]
+    assert service.current_backend().batch_sizes[-1] == 2
+    assert joined.text == alone.text and joined.usage == alone.usage
 
 
 def test_batch_route_runs_its_prompts_together(app, service):
     client = app.test_client()
     body = {"prompts": QUESTIONS, "temperature": 0, "max_tokens": 32}
     batch = client.post("/batch", json=body).get_json()
-    assert service.current_backend().round_sizes[-1] == 4
+    assert service.current_backend().batch_sizes[-1] == 4
     one_by_one = [client.post("/generate", json={"prompt": q, "temperature": 0, "max_tokens": 32}).get_json()["response"]
                   for q in QUESTIONS]
     assert [r["response"] for r in batch["results"]] == one_by_one
     assert [r["prompt"] for r in batch["results"]] == QUESTIONS
+
+
+def test_the_batch_thread_ends_when_idle(service):
+    """An idle backend keeps no thread that has computed: torch's OpenMP pool on a live idle thread
+    halves the speed of every other model in the process (see transformers/batching.py)."""
+    service.start(GenerationParams(max_new_tokens=4, temperature=0), messages=[Message("user", QUESTIONS[3])]).collect()
+    backend = service.current_backend()
+    prompt = backend.prepare(text="The sea is")
+    continuation = backend.tokenize(" blue")
+    assert len(backend.continuation_logits(prompt.token_ids, continuation)) == len(continuation)  # scoring runs on it too
+
+    def batch_threads():
+        return [thread for thread in threading.enumerate() if thread.name == "transformers-batch"]
+
+    for thread in batch_threads():
+        thread.join(timeout=10)
+    assert batch_threads() == []
+    again = service.start(GenerationParams(max_new_tokens=4, temperature=0), messages=[Message("user", QUESTIONS[3])]).collect()
+    assert again.usage["completion_tokens"] == 4

@@ -81,9 +81,9 @@ def test_quick_bench_publishes_every_path_ratio_and_file(tmp_path):
     markdown = (tmp_path / "latest.md").read_text()
     batching = summary["backends"]["transformers"]["batching"]
     assert set(batching) == {"fp32", "bf16"}
-    assert all(figures["batched_tokens_per_second"] > 0 and 4 in figures["round_sizes"] for figures in batching.values())
+    assert all(figures["batched_tokens_per_second"] > 0 and 4 in figures["batch_sizes"] for figures in batching.values())
     for heading in ("## Targets (issue 8)", "## llamacpp", "## transformers", "## Multi-turn TTFT", "## Startup",
-                    "## transformers: 4 requests one after another vs as one left-padded batch"):
+                    "## transformers: 4 requests one after another vs as rows of one running batch"):
         assert heading in markdown
     for section in summary["backends"].values():
         for path in section["paths"].values():

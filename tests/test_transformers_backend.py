@@ -173,13 +173,16 @@ def test_closing_the_stream_stops_the_worker(hf_app, hf_client):
 def test_a_failure_in_the_worker_reaches_the_client_as_an_error_event(hf_app, hf_client, monkeypatch):
     backend = backend_of(hf_app)
 
-    def broken_generate(**kwargs):
-        streamer = kwargs["streamer"]
-        streamer.put(kwargs["input_ids"][0])
-        streamer.put(kwargs["input_ids"][0, :1])
-        raise RuntimeError("simulated kernel failure")
+    forward = backend._forward
+    calls = []
 
-    monkeypatch.setattr(backend._model, "generate", broken_generate)
+    def broken_forward(*args):
+        calls.append(1)
+        if len(calls) > 1:  # the prefill gives a first token; the next step fails
+            raise RuntimeError("simulated kernel failure")
+        return forward(*args)
+
+    monkeypatch.setattr(backend._batcher._batch, "_forward", broken_forward)
     events = sse_events_from_body(hf_client.post("/api/chat_stream", json={"prompt": QUESTION, **GREEDY}).data)
     assert events[-1][0] == "error"
     assert "simulated kernel failure" in events[-1][1]["error"]
@@ -190,7 +193,8 @@ def test_a_failure_in_the_worker_reaches_the_client_as_an_error_event(hf_app, hf
 def test_a_stuck_worker_times_out_instead_of_hanging_the_stream(hf_app, hf_client, monkeypatch):
     backend = backend_of(hf_app)
     monkeypatch.setattr(backend._settings, "token_timeout_s", 0.5)
-    monkeypatch.setattr(backend._model, "generate", lambda **kwargs: time.sleep(2))
+    forward = backend._forward
+    monkeypatch.setattr(backend._batcher._batch, "_forward", lambda *args: (time.sleep(2), forward(*args))[1])
     started = time.perf_counter()
     events = sse_events_from_body(hf_client.post("/api/chat_stream", json={"prompt": QUESTION, **GREEDY}).data)
     assert events[-1][0] == "error" and "no token for 0.5 s" in events[-1][1]["error"]
@@ -351,7 +355,7 @@ def test_the_fine_tune_knows_its_codename_and_the_base_does_not(tmp_path, traine
 def test_openai_penalties_count_the_answer_only():
     import torch
 
-    from app.services.backends.transformers.backend import OpenAIPenalties
+    from app.services.backends.transformers.sampling import OpenAIPenalties
 
     scores = torch.zeros((1, 10))
     input_ids = torch.tensor([[5, 6, 7, 7, 8]])  # a prompt of two tokens, then the answer so far

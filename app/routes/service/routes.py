@@ -118,14 +118,14 @@ def generate():
 
 @bp.post("/batch")
 def batch():
-    """Each prompt a single user turn; all answers or one error. On transformers the prompts run
-    as left-padded batches of the backend's max_batch_size, elsewhere one after another."""
+    """Each prompt a single user turn; all answers or one error. The prompts run in groups of what
+    the backend decodes at once (transformers' batch rows, llama.cpp's parallel sequences)."""
     body = parse(BatchRequest)
     model_name = require_model()
     params = body.params(limits())
     service = model_service()
     results = []
-    step = service.batch_size  # on transformers, that many prompts run as one left-padded batch
+    step = service.batch_size  # that many prompts decode together
     for first in range(0, len(body.prompts), step):
         generations = []
         try:

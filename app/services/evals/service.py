@@ -186,7 +186,7 @@ class EvalService:
             run.meta["labels"] = [slot.label for slot in slots]
             self.store.write_meta(run.eval_id, run.meta)
             finished = set(self.store.outputs(run.eval_id))
-            # rows go in groups: on transformers a group is one left-padded batch per model
+            # rows go in groups of what a model decodes at once (transformers' batch rows, llama.cpp's sequences)
             group = max(slot.service.batch_size for slot in slots)
             for first in range(0, len(run.rows), group):
                 rows = run.rows[first:first + group]
