@@ -12,6 +12,12 @@ threads while others are busy, and all of them again when they are not.
 ``interval_s`` on a thread of its own, and answers the threads to use: the configured count less
 the cores other processes kept busy (rounded), at least one. Where ``/proc/stat`` is missing
 (macOS) it always answers the configured count.
+
+It gives threads up slowly and takes them back at once: a thread goes only when two samples in a
+row saw others busy, and all come back on the first sample that does not. Measured with two
+servers taking turns (each the other's "other process"), a share that followed every sample
+both ways kept the next server on one thread for up to 2.5 s after the first had finished, and a
+quiet stream right after ran at 0.72-0.85 x the same server without the share.
 """
 from __future__ import annotations
 
@@ -53,10 +59,11 @@ def threads_for(configured: int, others_busy_cores: float) -> int:
 
 
 class CpuShare:
-    def __init__(self, configured: int, interval_s: float = 0.5):
+    def __init__(self, configured: int, interval_s: float = 0.25):
         self.configured = configured
         self._interval_s = interval_s
         self._threads = configured
+        self._busy_samples = 0  # samples in a row that saw others busy
         self.others_busy_cores = 0.0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -78,6 +85,9 @@ class CpuShare:
             machine, own, at = machine_now, own_now, now
             self.others_busy_cores = others
             threads = threads_for(self.configured, others)
+            self._busy_samples = self._busy_samples + 1 if threads < self.configured else 0
+            if threads < self._threads and self._busy_samples < 2:
+                continue  # one busy sample may be a burst, or the tail of work that has ended
             if threads != self._threads:
                 log.info("other processes keep %.1f cores busy: decoding on %d of %d threads", others, threads,
                          self.configured)
