@@ -42,6 +42,7 @@ from typing import Callable, Optional
 import requests
 
 from app.services.checkpoints.default_model import default_gguf_path
+from app.services.core.thread_scope import on_a_thread_of_its_own
 from config.settings import PROJECT_ROOT, physical_cores
 from scripts.bench_stream import LLAMA_BENCH_CACHE, RESULTS_DIR, Server, free_port, load_average, machine, stop_process
 
@@ -289,11 +290,7 @@ class TransformersEngines:
         return sum(counts) / (time.perf_counter() - started)
 
     def padded_generate(self, n: int) -> float:
-        result: list[float] = []
-        worker = threading.Thread(target=lambda: result.append(self._padded_generate(n)))
-        worker.start()
-        worker.join()
-        return result[0]
+        return on_a_thread_of_its_own(lambda: self._padded_generate(n))
 
     def _padded_generate(self, n: int) -> float:
         import torch

@@ -256,14 +256,7 @@ def on_own_thread(run: Callable[[], Sample]) -> Callable[[], Sample]:
     a thread team alive for every thread that has decoded; an idle team on this (long-lived) main
     thread halves the speed of decoding on any other thread (measured: 148 -> 72 tokens/s), which
     would slow the backend's decoding thread in the in-process path behind this one."""
-    def threaded() -> Sample:
-        result: list[Sample] = []
-        worker = threading.Thread(target=lambda: result.append(run()), name="bench-sample")
-        worker.start()
-        worker.join()
-        return result[0]
-
-    return threaded
+    return lambda: on_a_thread_of_its_own(run, "bench-sample")
 
 
 def llama_bench_path(binary: Path, model: Path, threads: int, n_tokens: int, depth: int = 0,

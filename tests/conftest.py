@@ -217,3 +217,10 @@ def load_llamacpp(gguf, parallel: int, n_ctx: int = TEST_N_CTX):
     backend = LlamaCppBackend(ModelSpec("llamacpp", gguf), LlamaCppSettings(n_ctx=n_ctx, n_threads=2, parallel=parallel))
     backend.load()
     return backend
+
+
+def loaded_llamacpp(gguf, parallel: int):
+    """A fixture's body: ``load_llamacpp``, yielded, then unloaded."""
+    backend = load_llamacpp(gguf, parallel)
+    yield backend
+    backend.unload()

@@ -10,7 +10,7 @@ from app.services.backends.llamacpp.backend import LlamaCppBackend
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.types import GenerationParams, Message
 from config.settings import LlamaCppSettings
-from tests.conftest import load_llamacpp
+from tests.conftest import loaded_llamacpp
 
 GREEDY = GenerationParams(max_new_tokens=48, temperature=0.0, repetition_penalty=1.0)
 USER_TURNS = [
@@ -25,17 +25,13 @@ OTHER_TURNS = ["What is 2 + 2?", "And times 3?"]
 @pytest.fixture(scope="module")
 def backend(default_gguf):
     """One request at a time: the single-sequence token loop (decoder.py)."""
-    backend = load_llamacpp(default_gguf, 1)
-    yield backend
-    backend.unload()
+    yield from loaded_llamacpp(default_gguf, 1)
 
 
 @pytest.fixture(scope="module")
 def parallel_backend(default_gguf):
     """Four sequences (parallel.py), each with cells of its own."""
-    backend = load_llamacpp(default_gguf, 4)
-    yield backend
-    backend.unload()
+    yield from loaded_llamacpp(default_gguf, 4)
 
 
 @pytest.fixture(params=["one sequence", "four sequences"])

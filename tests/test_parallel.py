@@ -10,7 +10,7 @@ import pytest
 
 from app.services.core.types import GenerationParams, Message
 from config.settings import LimitSettings, LlamaCppSettings
-from tests.conftest import load_llamacpp
+from tests.conftest import load_llamacpp, loaded_llamacpp
 
 GREEDY = GenerationParams(max_new_tokens=40, temperature=0.0)
 PROMPTS = ["Name three colours.", "What is the capital of France?", "Write a haiku about rain.",
@@ -19,16 +19,12 @@ PROMPTS = ["Name three colours.", "What is the capital of France?", "Write a hai
 
 @pytest.fixture(scope="module")
 def alone(default_gguf):
-    backend = load_llamacpp(default_gguf, 1)
-    yield backend
-    backend.unload()
+    yield from loaded_llamacpp(default_gguf, 1)
 
 
 @pytest.fixture(scope="module")
 def parallel(default_gguf):
-    backend = load_llamacpp(default_gguf, 4)
-    yield backend
-    backend.unload()
+    yield from loaded_llamacpp(default_gguf, 4)
 
 
 def answer(backend, user_text: str, params: GenerationParams = GREEDY, messages=None) -> list[int]:

@@ -469,13 +469,10 @@ class TransformersBackend:
     def _forward(self, input_ids, attention_mask, position_ids, cache, use_adapter: bool):
         """One forward pass of the running batch (on the batch's thread): the logits of each
         row's last position."""
-        import torch
-
         self._adapt_threads()  # once per step, between forward passes
         self._switch_adapter(use_adapter)  # a batch's rows share it, so no other request sees it switched
-        with torch.inference_mode():
-            out = self._model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self._model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=cache, use_cache=True, logits_to_keep=1)  # in inference mode (running_batch)
         return out.logits[:, -1]
 
     def _arrivals(self, row: Row, detokenizer) -> Iterator[Arrival]:

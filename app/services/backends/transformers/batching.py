@@ -58,9 +58,22 @@ class Row:
     halt: threading.Event = field(default_factory=threading.Event)  # set by the reader: a stop string, Stop, its budget
     tokens: TokenQueue = field(default_factory=TokenQueue)
     left: threading.Event = field(default_factory=threading.Event)  # out of the batch: nothing more is computed for it
+    sampler: Optional[object] = None  # its sampling.RowSampler, from when it joins a batch
+    ended: bool = False  # picked its end token or reached its budget
 
     def stopped(self) -> bool:
         return self.halt.is_set() or self.cancel.is_set()
+
+    def sequence(self) -> list[int]:
+        """Its prompt and every token picked for it so far."""
+        return list(self.prompt.token_ids) + self.tokens.generated
+
+    def finish(self, failure: Optional[BaseException] = None) -> None:
+        """Out of the batch: its stream ends, with ``failure`` if there is one."""
+        if failure is not None:
+            self.tokens.queue.put(Failure(failure))
+        self.tokens.queue.put(END)
+        self.left.set()
 
 
 def batch_key(params: GenerationParams) -> tuple:
@@ -198,8 +211,7 @@ class Batcher:
                 job.run()
             for row in newcomers:
                 if row.stopped():  # stopped while it waited: nothing to generate
-                    row.tokens.queue.put(END)
-                    row.left.set()
+                    row.finish()
             newcomers = [row for row in newcomers if not row.stopped()]
             try:
                 self._batch.leave()
@@ -214,9 +226,7 @@ class Batcher:
                 log.exception("a decoding step of %d rows failed", len(self._batch.rows) + len(newcomers))
                 for row in newcomers:
                     if row not in self._batch.rows:
-                        row.tokens.queue.put(Failure(exc))
-                        row.tokens.queue.put(END)
-                        row.left.set()
+                        row.finish(exc)
                 self._batch.fail(exc)
 
     def _shut(self) -> None:
@@ -226,9 +236,7 @@ class Batcher:
             waiting, self._waiting = self._waiting, []
             jobs, self._jobs = self._jobs, []
         for row in waiting:
-            row.tokens.queue.put(Failure(unloaded))
-            row.tokens.queue.put(END)
-            row.left.set()
+            row.finish(unloaded)
         for job in jobs:
             job.fail(unloaded)
         self._batch.fail(unloaded)

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Collection, Optional, Sequence
 
-from app.services.backends.transformers.batching import END, Failure, Row
+from app.services.backends.transformers.batching import Row
 from app.services.backends.transformers.sampling import RowSampler
 from app.services.core.logprobs import token_logprob
 
@@ -60,9 +60,6 @@ class RunningBatch:
         self.use_adapter = True  # the rows' adapter switch: all rows of a batch share it
         self._cache = None
         self._mask = None  # (rows, columns): 1 where a row's cache holds a real token
-        self._samplers: dict[int, RowSampler] = {}
-        self._ids: dict[int, list[int]] = {}  # each row's prompt and answer, as its penalties see them
-        self._done: set[int] = set()  # ended on its end token or its budget
 
     @in_inference_mode
     def join(self, rows: list[Row]) -> None:
@@ -87,8 +84,7 @@ class RunningBatch:
         mask = torch.cat([torch.ones(len(rows), reused, dtype=torch.long, device=self._device), fresh], dim=1)
         logits = self._forward(input_ids, mask, positions, cache, self.use_adapter)
         for row in rows:
-            self._samplers[id(row)] = RowSampler(row.params, len(row.prompt.token_ids), self._end_ids, self._device)
-            self._ids[id(row)] = list(row.prompt.token_ids)
+            row.sampler = RowSampler(row.params, len(row.prompt.token_ids), self._end_ids, self._device)
         self._stack(cache, mask)
         self.rows.extend(rows)
         self._pick(rows, logits)
@@ -98,7 +94,7 @@ class RunningBatch:
         """One token for every running row, in one forward pass."""
         import torch
 
-        last = torch.tensor([[self._ids[id(row)][-1]] for row in self.rows], dtype=torch.long, device=self._device)
+        last = torch.tensor([[row.tokens.generated[-1]] for row in self.rows], dtype=torch.long, device=self._device)
         positions = self._mask.sum(dim=1, keepdim=True)
         self._mask = torch.cat([self._mask, torch.ones(len(self.rows), 1, dtype=torch.long, device=self._device)], dim=1)
         logits = self._forward(last, self._mask, positions, self._cache, self.use_adapter)
@@ -110,14 +106,11 @@ class RunningBatch:
         for index, row in enumerate(rows):
             if row.stopped():
                 continue  # its reader has what it wants; it leaves before the next step
-            ids = self._ids[id(row)]
-            token_id = self._samplers[id(row)].choose(ids, logits[index])
-            ids.append(token_id)
+            token_id = row.sampler.choose(row.sequence(), logits[index])
             want = row.params.logprobs
             row.tokens.push(token_id, token_logprob(raw[index], token_id, want, self._piece) if want is not None else None)
-            answered = len(ids) - len(row.prompt.token_ids)
-            if answered >= row.budget or (token_id in self._end_ids and not row.params.ignore_eos):
-                self._done.add(id(row))
+            if len(row.tokens.generated) >= row.budget or (token_id in self._end_ids and not row.params.ignore_eos):
+                row.ended = True
 
     @in_inference_mode
     def leave(self) -> list[Row]:
@@ -125,7 +118,7 @@ class RunningBatch:
         for a returning conversation. Returns the rows that left."""
         import torch
 
-        leaving = [row for row in self.rows if row.stopped() or id(row) in self._done]
+        leaving = [row for row in self.rows if row.stopped() or row.ended]
         if not leaving:
             return []
         staying = [index for index, row in enumerate(self.rows) if row not in leaving]
@@ -134,7 +127,7 @@ class RunningBatch:
             self._cut_padding()
             if len(self.rows) == 1:
                 # the last picked token was never fed, so the cache ends before it
-                self._keep_prefix(self._cache, self._ids[id(last)], self.use_adapter)
+                self._keep_prefix(self._cache, last.sequence(), self.use_adapter)
             self._cache = self._mask = None
         else:
             keep = torch.tensor(staying, dtype=torch.long, device=self._device)
@@ -143,26 +136,16 @@ class RunningBatch:
             self._cut_padding()
         self.rows = [self.rows[index] for index in staying]
         for row in leaving:
-            self._forget(row)
-            row.tokens.queue.put(END)
-            row.left.set()
+            row.finish()
         return leaving
 
     @in_inference_mode
     def fail(self, error: BaseException) -> None:
         """A forward pass failed: every running row's stream hears of it, and the cache goes."""
         for row in self.rows:
-            self._forget(row)
-            row.tokens.queue.put(Failure(error))
-            row.tokens.queue.put(END)
-            row.left.set()
+            row.finish(error)
         self.rows = []
         self._cache = self._mask = None
-
-    def _forget(self, row: Row) -> None:
-        self._samplers.pop(id(row), None)
-        self._ids.pop(id(row), None)
-        self._done.discard(id(row))
 
     def _stack(self, cache, mask) -> None:
         """Puts a newcomers' cache under the running rows', both padded on the left to one width."""
