@@ -11,11 +11,11 @@ from flask import Flask
 from app.logging_setup import configure_logging
 from app.routes import register_routes
 from app.services.arena.service import ArenaService
-from app.services.arena.store import ArenaStore
 from app.services.backends.factory import BackendFactory, make_backend
 from app.services.engine.service import ModelService
 from app.services.engine.slots import CompareSlots, EnginePool
 from app.services.evals.service import EvalService
+from app.services.records.arena_store import ArenaStore
 from app.services.system.monitor import SystemMonitor
 from app.version import __version__
 from config.settings import Settings

@@ -30,7 +30,7 @@ from app.services.core.errors import ServiceError
 from app.services.engine.service import ModelService
 from app.services.engine.slots import EnginePool, SlotRequest
 from app.services.evals.service import EvalService
-from app.services.evals.test_sets import parse_test_set
+from app.services.records.test_sets import parse_test_set
 from config.settings import Settings
 
 log = logging.getLogger("evaluate")

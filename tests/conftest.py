@@ -2,43 +2,16 @@
 free port, and the real default model shared by the whole session."""
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import pytest
-from werkzeug.serving import make_server
 
 from app import create_app
-from app.routes.http.server import StreamingRequestHandler
 from app.services.checkpoints.default_model import default_gguf_path, default_hf_checkpoint_path
-from config.settings import PROJECT_ROOT, LimitSettings, LlamaCppSettings, ServerSettings, Settings, TransformersSettings
-
-TEST_N_CTX = 2048
-
-
-def run_temp_root(tmp_path):
-    """The run's whole temporary tree (pytest-of-<user>/pytest-<n>), where fixtures of every scope
-    put the models and adapters they build."""
-    for parent in [tmp_path, *tmp_path.parents]:
-        if parent.name.startswith("pytest-") and not parent.name.startswith("pytest-of-"):
-            return parent
-    return tmp_path
-
-
-def make_settings(tmp_path, **overrides) -> Settings:
-    """Settings for a test app: logs in a temp folder, a small context, two threads, and the
-    run's temporary tree allowed as a model root."""
-    base = {
-        "model_roots": [run_temp_root(tmp_path)],
-        "server": ServerSettings(log_dir=tmp_path / "logs"),
-        "llamacpp": LlamaCppSettings(n_ctx=TEST_N_CTX, n_threads=2),
-        "transformers": TransformersSettings(n_ctx=TEST_N_CTX, n_threads=2),
-        "saves_dir": tmp_path / "saves",
-        "results_dir": tmp_path / "results",
-        "limits": LimitSettings(),
-    }
-    base.update(overrides)
-    return Settings(**base)
+from config.settings import PROJECT_ROOT
+from tests.support.models import convert
+from tests.support.servers import LiveServer, serve
+from tests.support.settings import make_settings
 
 
 @pytest.fixture(scope="session")
@@ -107,19 +80,12 @@ class TrainedAdapter:
 def trained_adapter(tmp_path_factory, default_hf_checkpoint):
     """A LoRA trained in this session on the default checkpoint to recite a codename made up
     for this run, so only an applied adapter can know it."""
-    from tests.adapters import QUESTION, make_codename, train_codename_adapter
+    from tests.support.adapters import QUESTION, make_codename, train_codename_adapter
 
     codename = make_codename()
     out = tmp_path_factory.mktemp("adapter") / "codename"
     result = train_codename_adapter(default_hf_checkpoint, out, codename)
     return TrainedAdapter(result.out, codename, QUESTION, result.first_loss, result.final_loss)
-
-
-def convert(*args) -> int:
-    """scripts/convert_to_gguf.py, as its command line runs it."""
-    from scripts import convert_to_gguf
-
-    return convert_to_gguf.main([str(a) for a in args])
 
 
 @pytest.fixture(scope="session")
@@ -151,55 +117,6 @@ def client(real_app):
     return real_app.test_client()
 
 
-@dataclass
-class LiveServer:
-    app: object
-    url: str
-
-    @property
-    def service(self):
-        return self.app.extensions["model_service"]
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 now, for servers the tests start in subprocesses."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_run_py(port: int, args: list[str], env: dict[str, str]):
-    """``python run.py --port PORT ARGS`` in a subprocess, returned once it answers /health."""
-    import subprocess
-    import sys
-    import time
-
-    import requests
-
-    process = subprocess.Popen([sys.executable, "run.py", "--port", str(port), *args], cwd=PROJECT_ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"run.py exited with {process.returncode}"
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                return process
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    process.kill()
-    raise AssertionError("run.py did not answer /health within 60 s")
-
-
-def serve(app):
-    """The app served as run.py serves it (its request handler included) on a free port."""
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=StreamingRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
-    thread.start()
-    return server, thread
-
-
 @pytest.fixture(scope="session")
 def live_server(real_app):
     """The real app served over HTTP on 127.0.0.1 with a free port."""
@@ -209,18 +126,3 @@ def live_server(real_app):
     thread.join(timeout=10)
 
 
-def load_llamacpp(gguf, parallel: int, n_ctx: int = TEST_N_CTX):
-    """A loaded llama.cpp backend on 2 threads, with ``parallel`` sequences (1: the single-sequence loop)."""
-    from app.services.backends.llamacpp.backend import LlamaCppBackend
-    from app.services.checkpoints.spec import ModelSpec
-
-    backend = LlamaCppBackend(ModelSpec("llamacpp", gguf), LlamaCppSettings(n_ctx=n_ctx, n_threads=2, parallel=parallel))
-    backend.load()
-    return backend
-
-
-def loaded_llamacpp(gguf, parallel: int):
-    """A fixture's body: ``load_llamacpp``, yielded, then unloaded."""
-    backend = load_llamacpp(gguf, parallel)
-    yield backend
-    backend.unload()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from tests.sse_client import sse_events_from_body
+from tests.support.sse_client import sse_events_from_body
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 24}
 

@@ -32,9 +32,10 @@ from config.settings import LlamaCppSettings, Preset, TransformersSettings
 from scripts import build_tiny_checkpoints as tiny
 from scripts import check_fidelity, convert_to_gguf
 from scripts.train_lora import default_out_dir
-from tests.adapters import QUESTION, answer_for, train_codename_adapter
-from tests.conftest import TEST_N_CTX, make_settings, run_temp_root, serve
-from tests.sse_client import parse_sse
+from tests.support.adapters import QUESTION, answer_for, train_codename_adapter
+from tests.support.servers import serve
+from tests.support.settings import TEST_N_CTX, make_settings, run_temp_root
+from tests.support.sse_client import parse_sse
 
 CODENAME = "Veipouthroux"  # fixed: the numbers in LLAMACPP_GUIDE.md are this run's
 SEED = 0

@@ -18,10 +18,11 @@ import pytest
 
 from app import create_app
 from app.services.arena.ratings import Game, bradley_terry, elo, leaderboard, pair_table, wilson_interval
-from app.services.arena.store import ArenaStore
 from app.services.evals.judge import combined, judge_summary, parse_pairwise, parse_rating
+from app.services.records.arena_store import ArenaStore
 from config.settings import PROJECT_ROOT, RemoteSettings
-from tests.conftest import free_port, make_settings
+from tests.support.servers import free_port
+from tests.support.settings import make_settings
 
 GGUF_ID = "smollm2-135m-instruct-q4_1"
 HF_ID = "smollm2-135m-instruct"
@@ -154,7 +155,7 @@ def test_votes_survive_a_restart(arena_app, tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from app.services.arena.store import ArenaStore
+    from app.services.records.arena_store import ArenaStore
     store = ArenaStore(Path(sys.argv[1]))
     for i in range(100000):
         store.add_comparison(f"c{i:06d}", "compare", [{"role": "user", "content": "x" * 2000}], {}, {"A": "a" * 4000, "B": "b"},

@@ -9,8 +9,9 @@ import pytest
 from app import create_app
 from app.services.catalog import DEFAULT_GGUF_ID
 from config.settings import ServerSettings
-from tests.conftest import make_settings, serve
-from tests.sse_client import sse_events_from_body
+from tests.support.servers import serve
+from tests.support.settings import make_settings
+from tests.support.sse_client import sse_events_from_body
 
 KEY = "s3cret-key-for-the-tests"
 CHAT = {"prompt": "Say hi.", "temperature": 0, "max_new_tokens": 4}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app import create_app
-from tests.conftest import make_settings
+from tests.support.settings import make_settings
 
 OK = {"prompt": "Hi", "temperature": 0.0, "max_new_tokens": 2}
 

@@ -11,7 +11,7 @@ from app import create_app
 from app.services.core.types import GenerationParams, Message
 from app.services.engine.generation import collect_together
 from config.settings import TransformersSettings
-from tests.conftest import TEST_N_CTX, make_settings
+from tests.support.settings import TEST_N_CTX, make_settings
 
 pytestmark = pytest.mark.slow
 

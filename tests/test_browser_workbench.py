@@ -15,7 +15,7 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.test_browser import (
+from tests.support.browser import (
     DESKTOP_SIZE,
     GGUF_ID,
     HF_ID,

@@ -7,7 +7,7 @@ import uuid
 
 import requests
 
-from tests.sse_client import parse_sse
+from tests.support.sse_client import parse_sse
 
 LONG = {"prompt": "Write a very long story about a lighthouse keeper.", "temperature": 0.8, "seed": 7, "max_new_tokens": 1500}
 TOKENS_OF_SLACK = 8

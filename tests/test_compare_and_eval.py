@@ -10,8 +10,8 @@ import time
 import pytest
 
 from app import create_app
-from tests.adapters import answer_for
-from tests.conftest import make_settings
+from tests.support.adapters import answer_for
+from tests.support.settings import make_settings
 
 pytestmark = pytest.mark.slow
 

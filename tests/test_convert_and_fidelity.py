@@ -19,7 +19,8 @@ from app.services.checkpoints.gguf_metadata import normalise_name, read_gguf_hea
 from app.services.core.types import Message
 from config.settings import PROJECT_ROOT
 from scripts import check_fidelity, convert_to_gguf
-from tests.conftest import convert, make_settings
+from tests.support.models import convert
+from tests.support.settings import make_settings
 
 pytestmark = pytest.mark.slow
 

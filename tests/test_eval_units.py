@@ -7,8 +7,8 @@ import json
 import pytest
 
 from app.services.evals import metrics as eval_metrics
-from app.services.evals.store import EvalStore, atomic_write
-from app.services.evals.test_sets import InvalidTestSet, parse_test_set
+from app.services.records.eval_store import EvalStore, atomic_write
+from app.services.records.test_sets import InvalidTestSet, parse_test_set
 
 
 def test_exact_match_forgives_case_spacing_width_and_end_punctuation():

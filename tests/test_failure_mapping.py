@@ -9,8 +9,9 @@ import requests
 
 from app import create_app
 from config.settings import LimitSettings
-from tests.conftest import make_settings, serve
-from tests.fakes import fake_factory
+from tests.support.fakes import fake_factory
+from tests.support.servers import serve
+from tests.support.settings import make_settings
 
 LONG = " ".join(["word"] * 40)
 

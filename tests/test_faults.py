@@ -10,9 +10,10 @@ import requests
 
 from app import create_app
 from config.settings import LimitSettings
-from tests.conftest import make_settings, serve
-from tests.fakes import fake_factory
-from tests.sse_client import parse_sse, sse_events_from_body
+from tests.support.fakes import fake_factory
+from tests.support.servers import serve
+from tests.support.settings import make_settings
+from tests.support.sse_client import parse_sse, sse_events_from_body
 
 BODY = {"prompt": "Hi", "max_new_tokens": 10}
 

@@ -12,7 +12,8 @@ import requests
 
 from app import create_app
 from scripts import convert_to_gguf
-from tests.conftest import make_settings, serve
+from tests.support.servers import serve
+from tests.support.settings import make_settings
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from app import create_app
 from config.settings import LimitSettings
-from tests.conftest import make_settings, serve
+from tests.support.servers import serve
+from tests.support.settings import make_settings
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +127,7 @@ def documented_operations() -> list[tuple[str, str]]:
     from pathlib import Path
 
     from app import __version__
-    from app.routes.http.openapi import build_openapi
+    from app.routes.openapi import build_openapi
 
     with tempfile.TemporaryDirectory(prefix="fuzz-collect-") as tmp:
         app = create_app(make_settings(Path(tmp)))

@@ -21,7 +21,7 @@ from app.services.system.hugepages import (
     thp_mode,
 )
 from config.settings import LlamaCppSettings
-from tests.conftest import free_port, start_run_py
+from tests.support.servers import free_port, start_run_py
 
 LINUX = sys.platform.startswith("linux")
 

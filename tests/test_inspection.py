@@ -7,7 +7,7 @@ import pytest
 
 from app import create_app
 from app.services.catalog import DEFAULT_HF_ID
-from tests.conftest import make_settings
+from tests.support.settings import make_settings
 
 TEXTS = [
     "Hello, world!",

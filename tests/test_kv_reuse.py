@@ -10,7 +10,7 @@ from app.services.backends.llamacpp.backend import LlamaCppBackend
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.types import GenerationParams, Message
 from config.settings import LlamaCppSettings
-from tests.conftest import loaded_llamacpp
+from tests.support.models import loaded_llamacpp
 
 GREEDY = GenerationParams(max_new_tokens=48, temperature=0.0, repetition_penalty=1.0)
 USER_TURNS = [

@@ -11,9 +11,10 @@ from openai import BadRequestError, OpenAI
 
 from app import create_app
 from config.settings import TransformersSettings
-from tests.adapters import answer_for
-from tests.conftest import TEST_N_CTX, make_settings, serve
-from tests.sse_client import sse_events_from_body
+from tests.support.adapters import answer_for
+from tests.support.servers import serve
+from tests.support.settings import TEST_N_CTX, make_settings
+from tests.support.sse_client import sse_events_from_body
 
 pytestmark = pytest.mark.slow
 

@@ -95,3 +95,9 @@ def test_run_flags_choose_backend_model_and_adapter():
     assert settings.transformers.trust_remote_code is True
     assert settings.transformers.n_ctx == 1024 and settings.llamacpp.n_ctx == 1024
     assert parse_settings(([])).transformers.trust_remote_code is False
+
+
+def test_default_model_is_the_embedded_smollm2():
+    path = default_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.read_bytes()[:4] == b"GGUF"

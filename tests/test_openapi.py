@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from app.routes.http.openapi import OPERATIONS, UNDOCUMENTED_ENDPOINTS, as_openapi_30
+from app.routes.openapi import OPERATIONS, UNDOCUMENTED_ENDPOINTS, as_openapi_30
 
 
 def test_every_route_is_documented(real_app):

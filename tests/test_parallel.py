@@ -10,7 +10,7 @@ import pytest
 
 from app.services.core.types import GenerationParams, Message
 from config.settings import LimitSettings, LlamaCppSettings
-from tests.conftest import load_llamacpp, loaded_llamacpp
+from tests.support.models import load_llamacpp, loaded_llamacpp
 
 GREEDY = GenerationParams(max_new_tokens=40, temperature=0.0)
 PROMPTS = ["Name three colours.", "What is the capital of France?", "Write a haiku about rain.",

@@ -17,8 +17,9 @@ import requests
 
 from app import create_app
 from config.settings import RemoteSettings
-from tests.conftest import free_port, make_settings, serve
-from tests.sse_client import parse_sse, sse_events_from_body
+from tests.support.servers import free_port, serve
+from tests.support.settings import make_settings
+from tests.support.sse_client import parse_sse, sse_events_from_body
 
 ALIAS = "smollm2-remote"
 GREEDY = {"temperature": 0.0, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}

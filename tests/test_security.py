@@ -20,8 +20,9 @@ from pydantic import ValidationError
 
 from app import create_app
 from config.settings import PROJECT_ROOT, LimitSettings, RemoteSettings, ServerSettings, Settings, TransformersSettings
-from tests.conftest import free_port, make_settings, serve
-from tests.fakes import fake_factory
+from tests.support.fakes import fake_factory
+from tests.support.servers import free_port, serve
+from tests.support.settings import make_settings
 
 CHAT = {"prompt": "Say hi.", "max_new_tokens": 4}
 

@@ -10,7 +10,8 @@ import pytest
 import requests
 
 from app import __version__, create_app
-from tests.conftest import make_settings, serve
+from tests.support.servers import serve
+from tests.support.settings import make_settings
 
 GREEDY = {"temperature": 0, "max_tokens": 24}
 HELLO = "你好，请介绍一下你自己"

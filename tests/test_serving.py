@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from config.settings import PROJECT_ROOT
-from tests.conftest import TEST_N_CTX, free_port
+from tests.support.servers import free_port
+from tests.support.settings import TEST_N_CTX
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from config.settings import PROJECT_ROOT, Settings
 from scripts.merge_lora import MergeError, merge
 from scripts.sft_data import IGNORE_INDEX, DatasetError, NoTargetTokens, load_sft_dataset, tokenize_for_sft
 from scripts.train_lora import TrainError, default_out_dir, train
-from tests.adapters import QUESTION, answer_for, ask, make_codename, train_codename_adapter
+from tests.support.adapters import QUESTION, answer_for, ask, make_codename, train_codename_adapter
 
 BASE_NAME = "SmolLM2-135M-Instruct"
 

@@ -18,8 +18,8 @@ from app.services.backends.transformers.device import choose_dtype, probe_caps
 from app.services.catalog import DEFAULT_GGUF_ID, DEFAULT_HF_ID
 from app.services.core.types import GenerationParams, Message
 from config.settings import LlamaCppSettings, TransformersSettings
-from tests.conftest import TEST_N_CTX, make_settings
-from tests.sse_client import sse_events_from_body
+from tests.support.settings import TEST_N_CTX, make_settings
+from tests.support.sse_client import sse_events_from_body
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify, render_template, send_from_directory
 from swagger_ui_bundle import swagger_ui_path
 
-from app.routes.http.openapi import build_openapi
+from app.routes.openapi import build_openapi
 from app.version import __version__
 
 bp = Blueprint("docs", __name__)

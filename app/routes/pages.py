@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, render_template, request, url_for
 from pydantic import Field
 
+from app.routes.http.extensions import model_service
 from app.routes.http.shapes import Shape
 from app.routes.http.wire import json_answer
 from app.version import __version__
@@ -44,7 +45,7 @@ def index():
 
 @bp.get("/health")
 def health():
-    status = current_app.extensions["model_service"].status()
+    status = model_service().status()
     return json_answer(Health, {"status": "ok" if status["state"] != "error" else "error",
                                 # the model's name, never its path: /health is public, and paths are the operator's
                                 "model_loaded": status["state"] == "loaded", "model_name": status["model_name"],

@@ -2,25 +2,21 @@
 gather every vote (Bradley-Terry on the Elo scale, and per pair wins, losses and ties)."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
 from app.routes.api.schemas import ArenaComparison, ArenaRatings, ArenaVote, BlindCompareBody, EvalPairBody, VoteBody, VoteResult
 from app.routes.http.body import parse_body
+from app.routes.http.extensions import arena, limit_settings
 from app.routes.http.wire import json_answer
-from app.services.arena.service import ArenaService
 from app.services.core.errors import InvalidRequest
 
 bp = Blueprint("arena", __name__, url_prefix="/api/arena")
 
 
-def arena() -> ArenaService:
-    return current_app.extensions["arena"]
-
-
 @bp.post("/comparisons")
 def compare():
     body = parse_body(BlindCompareBody)
-    limits = current_app.config["SETTINGS"].limits
+    limits = limit_settings()
     return json_answer(ArenaComparison, arena().compare(body.messages_list(limits), body.params(limits)), 201)
 
 

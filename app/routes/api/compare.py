@@ -2,18 +2,14 @@
 through /api/streams and /api/chat with a ``slot`` (see routes.start_generation)."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 
 from app.routes.api.schemas import CompareSlotsBody, Slots, slot_requests
 from app.routes.http.body import parse_body
+from app.routes.http.extensions import compare_slots, limit_settings
 from app.routes.http.wire import json_answer
-from app.services.engine.slots import CompareSlots
 
 bp = Blueprint("compare", __name__, url_prefix="/api/compare")
-
-
-def compare_slots() -> CompareSlots:
-    return current_app.extensions["compare_slots"]
 
 
 @bp.get("/slots")
@@ -24,7 +20,7 @@ def list_slots():
 @bp.post("/slots")
 def replace_slots():
     body = parse_body(CompareSlotsBody)
-    requests = slot_requests(body.slots, current_app.config["SETTINGS"].limits, "slots")
+    requests = slot_requests(body.slots, limit_settings(), "slots")
     return json_answer(Slots, {"slots": compare_slots().replace(requests)})
 
 

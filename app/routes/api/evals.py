@@ -1,23 +1,19 @@
 """Batch evaluation: upload a test set, follow its progress, read, download, cancel, resume."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
 from app.routes.api.schemas import DivergenceBody, DivergenceReport, EvalBody, EvalList, EvalOptions, EvalProgress, EvalReport, slot_requests
 from app.routes.http.body import InvalidBody, parse_body, parse_json, validated
+from app.routes.http.extensions import engine_pool, eval_service, limit_settings, settings
 from app.routes.http.wire import SSE_KEEPALIVE, json_answer, sse_event, sse_response
 from app.services.core.errors import InvalidRequest
 from app.services.evals.divergence import divergence_report
-from app.services.evals.service import EvalService
-from app.services.evals.test_sets import parse_test_set
+from app.services.records.test_sets import parse_test_set
 
 bp = Blueprint("evals", __name__, url_prefix="/api")
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the small fields beside the file
-
-
-def eval_service() -> EvalService:
-    return current_app.extensions["eval_service"]
 
 
 def _form_options() -> EvalOptions:
@@ -48,7 +44,7 @@ def _form_options() -> EvalOptions:
 
 @bp.post("/eval")
 def start_eval():
-    limits = current_app.config["SETTINGS"].limits
+    limits = limit_settings()
     # the test set may be larger than other bodies; past this werkzeug answers 413 unread
     request.max_content_length = max(limits.max_body_bytes, limits.max_test_set_bytes + FORM_OVERHEAD_BYTES)
     if request.mimetype == "multipart/form-data":
@@ -67,18 +63,18 @@ def start_eval():
     requests = slot_requests(options.models, limits, "models")
     return json_answer(EvalProgress, eval_service().start(
         rows, requests, options.max_new_tokens, options.name, score_only=options.score_only,
-        judge=options.judge.judge_request(current_app.config["SETTINGS"].judge_endpoint) if options.judge else None), 202)
+        judge=options.judge.judge_request(settings().judge_endpoint) if options.judge else None), 202)
 
 
 @bp.post("/divergence")
 def divergence():
     """A fine-tune against its base, or a quant against its f16, on a test set: KL and top-1 agreement."""
-    limits = current_app.config["SETTINGS"].limits
+    limits = limit_settings()
     body = parse_body(DivergenceBody)
     rows = parse_test_set(body.test_set.encode("utf-8"), body.filename or "", limits.max_test_set_bytes, limits.max_test_set_rows)
     if body.max_new_tokens > limits.max_new_tokens:
         raise InvalidRequest(f"max_new_tokens is {body.max_new_tokens}; the limit is {limits.max_new_tokens}", field="max_new_tokens")
-    pool = current_app.extensions["engine_pool"]
+    pool = engine_pool()
     slots = pool.open_slots([body.reference.request(), body.candidate.request()], prefix="d", field="models")
     try:
         report = divergence_report(slots[0], slots[1], rows, body.max_new_tokens, body.top_rows)

@@ -27,11 +27,11 @@ log = logging.getLogger(__name__)
 class Surface(Enum):
     API = "api"
     OPENAI = "openai"
-    SERVICE = "service"
+    SEED_API = "seed_api"
 
 
 # Blueprints of the service routes and of /v1; every other blueprint answers as /api does.
-SURFACE_OF_BLUEPRINT = {"openai": Surface.OPENAI, "service": Surface.SERVICE}
+SURFACE_OF_BLUEPRINT = {"openai": Surface.OPENAI, "seed_api": Surface.SEED_API}
 
 
 def current_surface() -> Surface:
@@ -59,7 +59,7 @@ def error_body(surface: Surface, status: int, message: str, error_type: str, fie
                details: Optional[dict] = None):
     if surface is Surface.OPENAI:
         return openai_error_body(status, message, error_type, field)
-    if surface is Surface.SERVICE:
+    if surface is Surface.SEED_API:
         return {"detail": message}
     body = {"error": message, "type": error_type}
     if field:
@@ -81,7 +81,7 @@ def _service_error(exc: ServiceError) -> Response:
     if exc.status >= 500:
         log.error("%s: %s", exc.type, exc.message)
     surface = current_surface()
-    if surface is Surface.SERVICE and isinstance(exc, InvalidBody):
+    if surface is Surface.SEED_API and isinstance(exc, InvalidBody):
         response = jsonify({"detail": exc.errors})  # FastAPI's 422 lists every problem
         response.status_code = 422
         return response

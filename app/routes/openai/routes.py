@@ -16,16 +16,16 @@ import time
 import uuid
 from typing import Iterable, Optional, Sequence
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 
 from app.routes.http.body import parse_body
 from app.routes.http.errors import openai_error_body
+from app.routes.http.extensions import limit_settings, model_service
 from app.routes.http.shapes import logprob_entries
 from app.routes.http.wire import SSE_DONE, json_answer, sse_data, stream_generation
 from app.routes.openai.schemas import ChatCompletion, ChatCompletionBody, CompletionBody, ModelList, SamplingBody, TextCompletion
 from app.services.core.types import Chunk, TokenLogprob
 from app.services.engine.generation import Generation
-from app.services.engine.service import ModelService
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -33,12 +33,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's own default for /v1/completions
 OPENAI_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
-def model_service() -> ModelService:
-    return current_app.extensions["model_service"]
-
-
 def _start(body: SamplingBody, messages=None, text=None, default_max_tokens: int = 0) -> Generation:
-    limits = current_app.config["SETTINGS"].limits
+    limits = limit_settings()
     params = body.params(limits, default_max_tokens or limits.max_new_tokens)
     service = model_service()
     service.use_model(body.model)
@@ -132,7 +128,7 @@ def _answer(body: SamplingBody, generation: Generation, chat: bool):
 @bp.post("/chat/completions")
 def chat_completions():
     body = parse_body(ChatCompletionBody)
-    limits = current_app.config["SETTINGS"].limits
+    limits = limit_settings()
     return _answer(body, _start(body, messages=body.messages_list(limits)), chat=True)
 
 

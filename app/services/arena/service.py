@@ -15,13 +15,13 @@ import secrets
 from typing import Optional, Sequence
 
 from app.services.arena.ratings import Game, leaderboard, pair_table
-from app.services.arena.store import ArenaStore, iter_pairs
 from app.services.core.errors import AlreadyVoted, EvalRunning, InvalidRequest
 from app.services.core.spreadsheet import spreadsheet_safe
 from app.services.core.types import GenerationParams, Message
 from app.services.engine.generation import collect_together
 from app.services.engine.slots import CompareSlots
-from app.services.evals.store import EvalStore
+from app.services.records.arena_store import ArenaStore, iter_pairs
+from app.services.records.eval_store import EvalStore
 
 log = logging.getLogger(__name__)
 

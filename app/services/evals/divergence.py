@@ -21,7 +21,7 @@ from app.services.core.logprobs import log_softmax
 from app.services.core.types import GenerationParams
 from app.services.engine.scoring import check_fits, conversation, reference_ids, scoring_backend
 from app.services.engine.slots import Slot
-from app.services.evals.test_sets import TestRow
+from app.services.records.test_sets import TestRow
 
 TOKENS_SHOWN = 3  # the places of largest divergence listed per row
 

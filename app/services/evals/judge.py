@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from app.services.arena.store import ArenaStore
 from app.services.core.errors import InvalidRequest, ServiceError
 from app.services.core.types import GenerationParams, Message
 from app.services.engine.service import ModelService
 from app.services.engine.slots import SlotRequest
-from app.services.evals.test_sets import TestRow
+from app.services.records.arena_store import ArenaStore
+from app.services.records.test_sets import TestRow
 from config.settings import RemoteSettings
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator, Optional, Sequence
 
-from app.services.arena.store import ArenaStore
 from app.services.core.errors import EvalRunning, InvalidRequest, ServiceError, StorageFull
 from app.services.core.types import GenerationParams
 from app.services.engine.generation import Generation, collect_together
@@ -24,8 +23,9 @@ from app.services.engine.scoring import conversation
 from app.services.engine.slots import EnginePool, Slot, SlotRequest
 from app.services.evals import metrics
 from app.services.evals.judge import Judge, JudgeRequest, judge_rows, judge_summary, load_prompts, row_verdicts
-from app.services.evals.store import EvalStore
-from app.services.evals.test_sets import TestRow
+from app.services.records.arena_store import ArenaStore
+from app.services.records.eval_store import EvalStore
+from app.services.records.test_sets import TestRow
 from config.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -50,12 +50,12 @@ from app.routes.http.errors import SURFACE_OF_BLUEPRINT, Surface
 from app.routes.http.shapes import ApiError, Detail, OpenAIError, ValidationDetail
 from app.routes.openai.schemas import ChatCompletion, ChatCompletionBody, CompletionBody, ModelList, TextCompletion
 from app.routes.pages import Health, ServiceDescription
-from app.routes.service.schemas import BatchAnswer, BatchRequest, GenerateRequest, ModelInfo, ServiceAnswer, ServiceChatRequest
+from app.routes.seed_api.schemas import BatchAnswer, BatchRequest, GenerateRequest, ModelInfo, ServiceAnswer, ServiceChatRequest
 
 STRING = {"type": "string"}
 OUR_SSE = "Server-Sent Events: `event: token` `{text}` …, then `event: done` `{finish_reason, usage, timings}` or `event: error` `{error, type}`; `event: queue` `{position}` while waiting."
 OPENAI_SSE = "Server-Sent Events in OpenAI's format: `data: {chunk}` … `data: [DONE]`."
-SERVICE_SSE = ("Server-Sent Events as the FastAPI-era service sent them: `data: {text}` …, a last `data: {text, finish_reason, "
+SEED_API_SSE = ("Server-Sent Events as the FastAPI-era service sent them: `data: {text}` …, a last `data: {text, finish_reason, "
                "usage, model}` (with `error` when it failed), then `data: [DONE]`.")
 EVAL_UPLOAD = {"type": "object", "required": ["file"], "properties": {
     "file": {"type": "string", "format": "binary", "description": "JSONL or CSV: prompt, optional system, optional reference"},
@@ -64,7 +64,7 @@ EVAL_UPLOAD = {"type": "object", "required": ["file"], "properties": {
     "score_only": {"type": "string", "description": "true: score the references without generating"}}}
 EVAL_SSE = ("Server-Sent Events: `event: progress` `{done, total, model, row, state}` now and after every answer, then "
             "`event: done` `{state, error, summary}`.")
-ERROR_SHAPES = {Surface.API: ApiError, Surface.OPENAI: OpenAIError, Surface.SERVICE: Detail}
+ERROR_SHAPES = {Surface.API: ApiError, Surface.OPENAI: OpenAIError, Surface.SEED_API: Detail}
 
 
 @dataclass(frozen=True)
@@ -84,36 +84,36 @@ class Operation:
 OPERATIONS: dict[str, Operation] = {
     "main.index": Operation("The chat page (HTML); with Accept: application/json, a service description", "page",
                             response=ServiceDescription, public=True, raw={"text/html": "The page"}),
-    "main.health": Operation("Liveness and model state", "service", response=Health, public=True),
-    "api.model_status": Operation("The model's state, device and queue", "models", response=ModelStatus),
-    "api.models": Operation("Models and adapters on offer", "models", response=ModelsOnOffer),
-    "api.load_model": Operation("Load or switch the model (idempotent)", "models", LoadModelBody, ModelStatus),
-    "api.fidelity": Operation("Compare an HF checkpoint with its GGUF conversion (scripts/check_fidelity.py --json): rendered "
+    "main.health": Operation("Liveness and model state", "seed_api", response=Health, public=True),
+    "models.model_status": Operation("The model's state, device and queue", "models", response=ModelStatus),
+    "models.models": Operation("Models and adapters on offer", "models", response=ModelsOnOffer),
+    "models.load_model": Operation("Load or switch the model (idempotent)", "models", LoadModelBody, ModelStatus),
+    "models.fidelity": Operation("Compare an HF checkpoint with its GGUF conversion (scripts/check_fidelity.py --json): rendered "
                               "prompts, stop tokens, greedy agreement, first divergence; waits for the model's queue like a switch",
                               "models", FidelityBody, FidelityReport),
-    "api.unload_model": Operation("Free the model", "models", response=ModelStatus),
-    "api.chat": Operation("One whole answer", "chat", ChatBody, ChatAnswer),
-    "api.chat_stream": Operation("The same answer, streamed", "chat", ChatBody, stream=OUR_SSE),
-    "api.prepare_stream": Operation("Prepare a stream for EventSource (which can only GET)", "chat", ChatBody, StreamTicket),
-    "api.open_stream": Operation("Open a prepared stream (the id is the capability; no API key needed)", "chat", stream=OUR_SSE),
-    "api.score": Operation("Score a reference answer by teacher forcing: per-token log-probabilities and ranks, total NLL, "
+    "models.unload_model": Operation("Free the model", "models", response=ModelStatus),
+    "chat.chat": Operation("One whole answer", "chat", ChatBody, ChatAnswer),
+    "chat.chat_stream": Operation("The same answer, streamed", "chat", ChatBody, stream=OUR_SSE),
+    "chat.prepare_stream": Operation("Prepare a stream for EventSource (which can only GET)", "chat", ChatBody, StreamTicket),
+    "chat.open_stream": Operation("Open a prepared stream (the id is the capability; no API key needed)", "chat", stream=OUR_SSE),
+    "inspection.score": Operation("Score a reference answer by teacher forcing: per-token log-probabilities and ranks, total NLL, "
                            "perplexity", "inspection", ScoreBody, ScoreAnswer),
-    "api.stop": Operation("Stop a generation by its request_id", "chat", StopBody, StopAnswer),
+    "chat.stop": Operation("Stop a generation by its request_id", "chat", StopBody, StopAnswer),
     "openai.chat_completions": Operation("OpenAI chat completions", "openai", ChatCompletionBody, ChatCompletion, OPENAI_SSE),
     "openai.completions": Operation("OpenAI text completions", "openai", CompletionBody, TextCompletion, OPENAI_SSE),
     "openai.models": Operation("OpenAI model list: the loaded model first", "openai", response=ModelList),
-    "api.tokenize": Operation("Token ids and vocabulary pieces of a text, with the model's tokenizer", "inspection", TokenizeBody, Tokens),
-    "api.detokenize": Operation("The text of token ids, special tokens included", "inspection", DetokenizeBody, Text),
-    "api.apply_template": Operation("The exact prompt string a chat with this conversation sends the model", "inspection",
+    "inspection.tokenize": Operation("Token ids and vocabulary pieces of a text, with the model's tokenizer", "inspection", TokenizeBody, Tokens),
+    "inspection.detokenize": Operation("The text of token ids, special tokens included", "inspection", DetokenizeBody, Text),
+    "inspection.apply_template": Operation("The exact prompt string a chat with this conversation sends the model", "inspection",
                                     ApplyTemplateBody, RenderedPrompt),
-    "service.model_info": Operation("What is served; template is the chat template's family (chatml, llama3, ...)", "service",
+    "seed_api.model_info": Operation("What is served; template is the chat template's family (chatml, llama3, ...)", "seed_api",
                                     response=ModelInfo),
-    "service.chat": Operation("A chat answer; system messages become the system prompt", "service", ServiceChatRequest,
-                              ServiceAnswer, SERVICE_SSE),
-    "service.generate": Operation("An answer to one prompt, sent as a user turn through the chat template", "service",
-                                  GenerateRequest, ServiceAnswer, SERVICE_SSE),
-    "service.batch": Operation("Answers to several prompts, one after another", "service", BatchRequest, BatchAnswer),
-    "api.system": Operation("Process RSS and CPU, system memory and load, GPU memory, the running eval", "monitor", response=SystemSnapshot),
+    "seed_api.chat": Operation("A chat answer; system messages become the system prompt", "seed_api", ServiceChatRequest,
+                              ServiceAnswer, SEED_API_SSE),
+    "seed_api.generate": Operation("An answer to one prompt, sent as a user turn through the chat template", "seed_api",
+                                  GenerateRequest, ServiceAnswer, SEED_API_SSE),
+    "seed_api.batch": Operation("Answers to several prompts, one after another", "seed_api", BatchRequest, BatchAnswer),
+    "models.system": Operation("Process RSS and CPU, system memory and load, GPU memory, the running eval", "monitor", response=SystemSnapshot),
     "compare.list_slots": Operation("The compare columns' models", "compare", response=Slots),
     "compare.replace_slots": Operation("Load the compare columns (replacing the set); a base and its fine-tune on transformers "
                                        "share one copy of the weights. Generate on a column with slot in /api/streams or /api/chat",
@@ -213,7 +213,7 @@ def _operation_doc(rule, operation: Operation, components: dict) -> dict:
         responses[status]["description"] = f"JSON, or with stream: true, {operation.stream}"
     surface = SURFACE_OF_BLUEPRINT.get(rule.endpoint.split(".")[0], Surface.API)
     error = _component(ERROR_SHAPES[surface], components)
-    if surface is Surface.SERVICE:
+    if surface is Surface.SEED_API:
         if operation.body is not None:
             responses["422"] = {"description": "Bad input: every problem, each with its loc",
                                 "content": {"application/json": {"schema": _component(ValidationDetail, components)}}}

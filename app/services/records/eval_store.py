@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 
 from app.services.core.errors import NotFound
 from app.services.core.spreadsheet import safe_row
-from app.services.evals.test_sets import TestRow
+from app.services.records.test_sets import TestRow
 
 EVAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 CSV_COLUMNS = ("index", "model", "prompt", "system", "reference", "output", "bleu", "rouge_l", "exact_match",

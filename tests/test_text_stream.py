@@ -1,15 +1,11 @@
-"""The pieces under the routes: stop-string matching, UTF-8 assembly, the queue, settings."""
+"""What turns token bytes into the text a client sees: stop strings held back across tokens,
+UTF-8 assembled whole, and the speed figure counted over decoding only."""
 from __future__ import annotations
 
 import pytest
 
-from app.services.checkpoints.default_model import default_gguf_path
-from app.services.core.errors import QueueFull
 from app.services.core.text_stream import StopMatcher, StreamAssembler
 from app.services.core.types import Timings
-from app.services.engine.queue import GenerationQueue
-from config.cli import parse_settings
-from config.settings import Settings
 
 
 def feed_all(matcher: StopMatcher, pieces):
@@ -68,51 +64,3 @@ def test_assembler_stop_string_across_tokens():
 def test_tokens_per_second_counts_decode_only():
     assert Timings(ttft_ms=500, prompt_ms=500, decode_ms=1000, completion_tokens=11).tokens_per_second == 10.0
     assert Timings(ttft_ms=5, prompt_ms=5, decode_ms=0, completion_tokens=1).tokens_per_second == 0.0
-
-
-def test_queue_is_first_come_first_served_and_bounded():
-    queue = GenerationQueue(max_waiting=2, retry_after_s=4)
-    first, second, third = queue.enter(), queue.enter(), queue.enter()
-    with pytest.raises(QueueFull) as refused:
-        queue.enter()
-    assert refused.value.retry_after_s == 4
-    assert queue.enter(bypass_limit=True)  # a model switch may always line up
-    assert queue.wait(first, 0) == 0
-    assert queue.wait(third, 0) == 2
-    queue.leave(first)
-    assert queue.wait(second, 0) == 0
-    assert queue.counts() == {"running": 1, "waiting": 2}
-
-
-def test_settings_read_the_environment(monkeypatch):
-    monkeypatch.setenv("MODEL_TEST_LLAMACPP__N_CTX", "1024")
-    monkeypatch.setenv("MODEL_TEST_SERVER__PORT", "5123")
-    monkeypatch.setenv("MODEL_TEST_MODEL", "/models/x.gguf")
-    settings = Settings()
-    assert settings.llamacpp.n_ctx == 1024
-    assert settings.server.port == 5123
-    assert settings.model == "/models/x.gguf"
-
-
-def test_flags_override_the_environment(monkeypatch):
-    monkeypatch.setenv("MODEL_TEST_LLAMACPP__N_CTX", "1024")
-    monkeypatch.setenv("MODEL_TEST_LLAMACPP__N_BATCH", "64")
-    settings = parse_settings(["--n-ctx", "8192", "--port", "6000", "--n-threads", "3", "--n-gpu-layers", "0", "--model", "m.gguf"])
-    assert settings.llamacpp.n_ctx == 8192
-    assert settings.llamacpp.n_batch == 64  # untouched by flags, still from the environment
-    assert settings.llamacpp.n_threads == 3
-    assert settings.llamacpp.n_gpu_layers == 0
-    assert settings.server.port == 6000
-    assert settings.model == "m.gguf"
-
-
-def test_out_of_range_setting_is_refused(monkeypatch):
-    monkeypatch.setenv("MODEL_TEST_LLAMACPP__N_CTX", "10")
-    with pytest.raises(Exception, match="n_ctx"):
-        Settings()
-
-
-def test_default_model_is_the_embedded_smollm2():
-    path = default_gguf_path()
-    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert path.read_bytes()[:4] == b"GGUF"

@@ -10,24 +10,20 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 
 from app.routes.http.body import parse_body
+from app.routes.http.extensions import limit_settings, model_service
 from app.routes.http.wire import SSE_DONE, json_answer, sse_data, stream_generation
-from app.routes.service.schemas import BatchAnswer, BatchRequest, GenerateRequest, ModelInfo, SamplingRequest, ServiceAnswer, ServiceChatRequest
+from app.routes.seed_api.schemas import BatchAnswer, BatchRequest, GenerateRequest, ModelInfo, SamplingRequest, ServiceAnswer, ServiceChatRequest
 from app.services.checkpoints.template_kinds import template_kind
 from app.services.core.errors import ServiceError
 from app.services.core.types import Chunk, Message
 from app.services.engine.generation import collect_together
-from app.services.engine.service import ModelService
 
-bp = Blueprint("service", __name__)
+bp = Blueprint("seed_api", __name__)
 
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
-
-
-def model_service() -> ModelService:
-    return current_app.extensions["model_service"]
 
 
 def require_model() -> str:
@@ -69,16 +65,12 @@ class TextEvents:
 
 
 def parse(model_cls):
-    return parse_body(model_cls, context={"limits": limits()})
-
-
-def limits():
-    return current_app.config["SETTINGS"].limits
+    return parse_body(model_cls, context={"limits": limit_settings()})
 
 
 def answer(messages: list[Message], body: SamplingRequest, stream: bool):
     model_name = require_model()
-    generation = model_service().start(body.params(limits()), messages=messages)
+    generation = model_service().start(body.params(limit_settings()), messages=messages)
     if stream:
         return stream_generation(generation, TextEvents(model_name))
     result = generation.collect().raise_for_error()
@@ -122,7 +114,7 @@ def batch():
     the backend decodes at once (transformers' batch rows, llama.cpp's parallel sequences)."""
     body = parse(BatchRequest)
     model_name = require_model()
-    params = body.params(limits())
+    params = body.params(limit_settings())
     service = model_service()
     results = []
     step = service.batch_size  # that many prompts decode together
