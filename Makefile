@@ -35,7 +35,7 @@ LLAMA_WHEELHOUSE ?= $(HOME)/.cache/model_test/llama-cpp-python/$(LLAMA_CPP_VERSI
 LLAMA_CPP_CONVERTER_DIR ?= $(HOME)/.cache/model_test/llama-cpp-python/$(LLAMA_CPP_VERSION)-src
 LLAMA_CONVERTER := $(LLAMA_CPP_CONVERTER_DIR)/convert_hf_to_gguf.py
 
-.PHONY: setup run serve test browser-deps bench bench-deps clean
+.PHONY: setup run serve test browser-deps bench bench-parallel bench-deps clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -149,7 +149,12 @@ bench-deps: $(LLAMA_BENCH)
 
 # e.g. make bench BENCH_ARGS="--backend llamacpp --runs 3"
 bench: setup bench-deps
-	$(PY) -m scripts.bench_stream --llama-bench $(LLAMA_BENCH) --llama-server $(LLAMA_SERVER) $(BENCH_ARGS)
+	$(PY) -m scripts.bench_stream --llama-bench $(LLAMA_BENCH) $(BENCH_ARGS)
+
+# Concurrent streams against llama-server of the same build (issue 21),
+# e.g. make bench-parallel BENCH_ARGS="--only streams --runs 3"
+bench-parallel: setup bench-deps
+	$(PY) -m scripts.bench_parallel --llama-server $(LLAMA_SERVER) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
