@@ -26,8 +26,9 @@ is the median of the per-round ratios (paired), so drift in the machine's speed 
 
 Multi-turn: 10 fixed user turns, each answered greedily by the model (up to 140 tokens, so turn 10
 is about 1,500 tokens), every turn sent whole to ``/api/chat_stream`` with the earlier answers as
-a client sends them back; TTFT of turn 10 against turn 1, and turn 10 sent cold after an
-unrelated chat.
+a client sends them back; TTFT of turn 10 against turn 1, and turn 10 sent cold after one
+unrelated chat per KV sequence of the server (``--parallel``), which evicts the conversation
+from every sequence.
 Startup: spawning ``python run.py`` to the first 200 from ``/health``, then ``POST
 /api/load_model`` of the default GGUF.
 Memory: the benchmark starts itself again with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, as
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import itertools
 import json
 import logging
 import os
@@ -104,6 +106,18 @@ MULTI_TURN_USERS = [
     "How were keepers trained for the job?",
     "When did automation replace the keepers?",
     "Summarise our whole conversation in three sentences.",
+]
+# The system lines of the chats that evict the conversation from every KV sequence: numbered and
+# each about something else, so no two share more than a few tokens (nor with MULTI_TURN_SYSTEM).
+UNRELATED_TOPICS = [
+    "Colours are your speciality.",
+    "Painters ask you for advice.",
+    "Gardeners trust your taste in flowers.",
+    "Tailors choose cloth with your help.",
+    "Kites are what you design.",
+    "Birdwatchers describe plumage to you.",
+    "Bakers decorate cakes under your eye.",
+    "Sailors read flags with your guidance.",
 ]
 
 
@@ -442,10 +456,25 @@ def ratio(results: dict[str, PathResult], top: str, bottom: str) -> Optional[flo
     return paired_ratio([s.tokens_per_second for s in upper.samples], [s.tokens_per_second for s in lower.samples])
 
 
-def measure_multi_turn(url: str, runs: int, answer_tokens: int) -> dict:
+def cache_evicting_chats(sequences: int) -> list[list[dict]]:
+    """One short chat per KV sequence, each unlike the others and unlike the conversation.
+
+    The llama.cpp backend keeps a sequence's cells after its request and gives a prompt the free
+    sequence holding at least half of it, else the least recently used one
+    (``backends/llamacpp/parallel.py``). One unrelated chat therefore lands on another sequence
+    and the conversation's cells survive it; ``sequences`` chats sent one after another, none
+    sharing half of its cells with another (each has its own system line), take every sequence
+    in turn, the conversation's last. The transformers backend keeps one cache, so one is enough."""
+    return [[{"role": "system", "content": f"Chat {index + 1}. {topic} You answer in one word."},
+             {"role": "user", "content": "Name a colour."}]
+            for index, topic in zip(range(sequences), itertools.cycle(UNRELATED_TOPICS))]
+
+
+def measure_multi_turn(url: str, runs: int, answer_tokens: int, sequences: int = 1) -> dict:
     """TTFT of each turn of the conversation, every turn sent whole with the earlier answers, as
-    a client does. Before each run, and before turn 10 is sent again cold, an unrelated chat,
-    so nothing starts warm. Greedy answers are the same in every run where warm equals cold."""
+    a client does. Before each run, and before turn 10 is sent again cold, one unrelated chat per
+    KV sequence of the server (``sequences``: its ``--parallel``), so nothing starts warm. Greedy
+    answers are the same in every run where warm equals cold."""
     session = requests.Session()
 
     def ask(messages: list[dict], max_new_tokens: int) -> tuple[float, int, str]:
@@ -453,14 +482,15 @@ def measure_multi_turn(url: str, runs: int, answer_tokens: int) -> dict:
         started, arrivals, done, text = chat_stream(session, url, body)
         return (arrivals[0] - started) * 1000.0, done["usage"]["prompt_tokens"], text
 
-    def unrelated() -> None:
-        ask([{"role": "user", "content": "Name a colour."}], 1)
+    def evict_every_sequence() -> None:
+        for chat in cache_evicting_chats(sequences):
+            ask(chat, 1)
 
     turns = len(MULTI_TURN_USERS)
     per_turn: list[list[float]] = [[] for _ in range(turns)]
     prompt_tokens, cold, conversations = [0] * turns, [], []
     for index in range(runs):
-        unrelated()
+        evict_every_sequence()
         messages = [{"role": "system", "content": MULTI_TURN_SYSTEM}]
         for turn, question in enumerate(MULTI_TURN_USERS):
             messages.append({"role": "user", "content": question})
@@ -468,7 +498,7 @@ def measure_multi_turn(url: str, runs: int, answer_tokens: int) -> dict:
             per_turn[turn].append(ttft)
             messages.append({"role": "assistant", "content": answer})
         conversations.append(messages)
-        unrelated()
+        evict_every_sequence()
         cold.append(ask(messages[:-1], 1)[0])
         log.info("multi-turn run %d: turn 1 %.1f ms, turn %d %.1f ms (%d prompt tokens), cold %.1f ms",
                  index + 1, per_turn[0][-1], turns, per_turn[-1][-1], prompt_tokens[-1], cold[-1])
@@ -482,6 +512,7 @@ def measure_multi_turn(url: str, runs: int, answer_tokens: int) -> dict:
         "turn10_prompt_tokens": prompt_tokens[-1],
         "turn10_over_turn1_ttft": medians[-1] / medians[0],
         "turn10_cold_over_warm_ttft": statistics.median(cold) / medians[-1],
+        "cold_after_chats": sequences,
         "same_answers_every_run": all(c == conversations[0] for c in conversations),
     }
 
@@ -548,8 +579,11 @@ def bench_llamacpp(args, params: GenerationParams) -> dict:
                 "openai-sse": ("(b2) llama.cpp through /v1/chat/completions stream", openai_sse_path(server.url, params)),
             })
             results = measure(paths, args.runs, args.warmup)
-            multi_turn = measure_multi_turn(server.url, args.multi_turn_runs, args.multi_turn_answer_tokens)
-            multi_turn["prefix_cache"] = server.status().get("info", {}).get("prefix_cache")
+            info = server.status().get("info", {})
+            # one unrelated chat per KV sequence makes turn 10 cold (cache_evicting_chats)
+            multi_turn = measure_multi_turn(server.url, args.multi_turn_runs, args.multi_turn_answer_tokens,
+                                            sequences=int(info.get("parallel") or settings.parallel))
+            multi_turn["prefix_cache"] = info.get("prefix_cache")
     finally:
         backend.unload()
         reference.close()
@@ -700,7 +734,8 @@ def bench_transformers(args, params: GenerationParams) -> dict:
             results = measure(paths, args.runs, args.warmup)
             batch_params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, 64))
             batching = {dtype: measure_batching(backends[f"hf-{dtype}"], batch_params, args.runs) for dtype in ("fp32", "bf16")}
-            multi_turn = measure_multi_turn(server.url, args.multi_turn_runs, args.multi_turn_answer_tokens)
+            # the transformers backend keeps one prefix cache: one unrelated chat replaces it
+            multi_turn = measure_multi_turn(server.url, args.multi_turn_runs, args.multi_turn_answer_tokens, sequences=1)
             multi_turn["prefix_cache"] = server.status().get("info", {}).get("prefix_cache")
     finally:
         for loaded in backends.values():
@@ -847,7 +882,9 @@ def report_markdown(summary: dict) -> str:
             cells = [f"{multi[name]['turns'][index]['prompt_tokens']} | {fmt(multi[name]['turns'][index]['ttft_ms'])}" for name in names]
             lines.append(f"| {index + 1} | " + " | ".join(cells) + " |")
         cells = [f"{multi[name]['turn10_prompt_tokens']} | {fmt(multi[name]['turn10_cold_ttft_ms'])}" for name in names]
-        lines.append("| 10, cold (after an unrelated chat) | " + " | ".join(cells) + " |")
+        evictions = max(multi[name].get("cold_after_chats", 1) for name in names)
+        lines.append(f"| 10, cold (after {evictions} unrelated chat{'s' if evictions > 1 else ''}, one per KV sequence) | "
+                     + " | ".join(cells) + " |")
         cells = [f" | {fmt(multi[name]['turn10_over_turn1_ttft'], 2)}" for name in names]
         lines.append("| turn 10 / turn 1 | " + " | ".join(cells) + " |")
         cells = [f"{name}: prefix cache {'on' if multi[name].get('prefix_cache') else 'off'}, greedy answers "

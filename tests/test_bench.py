@@ -8,11 +8,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 
+from app.services.core.types import GenerationParams, Message
 from config.settings import PROJECT_ROOT
-from scripts.bench_stream import TARGETS, evaluate_targets, suspect_baselines
+from scripts.bench_stream import (
+    MULTI_TURN_SYSTEM,
+    MULTI_TURN_USERS,
+    TARGETS,
+    cache_evicting_chats,
+    evaluate_targets,
+    suspect_baselines,
+)
+from tests.support.models import loaded_llamacpp
 
 PATHS = {
     "llamacpp": {"llama-bench", "llama-bench-empty", "llama-bench-in-memory", "create-chat-completion", "in-process", "http-sse", "openai-sse"},
@@ -71,6 +81,7 @@ def test_quick_bench_publishes_every_path_ratio_and_file(tmp_path):
         assert tokens == sorted(tokens) and tokens[0] < tokens[-1]  # the history grows turn by turn
         for key in ("turn1_ttft_ms", "turn10_ttft_ms", "turn10_cold_ttft_ms", "turn10_over_turn1_ttft"):
             assert multi[key] > 0, (backend, key)
+        assert multi["cold_after_chats"] == (4 if backend == "llamacpp" else 1)  # one per KV sequence
         assert isinstance(multi["same_answers_every_run"], bool)
 
     assert summary["startup"]["health_s"] > 0 and summary["startup"]["load_model_s"] > 0
@@ -112,3 +123,38 @@ def test_a_served_path_that_beats_its_baseline_is_flagged():
                             "llamacpp": {"ratios": {"sse_over_create_chat_completion": 1.05}}}}
     assert suspect_baselines(summary) == [{"what": "transformers.sse_over_bare_generate", "value": 1.58}]
     assert suspect_baselines({}) == []
+
+
+@pytest.fixture(scope="module")
+def four_sequences(default_gguf):
+    yield from loaded_llamacpp(default_gguf, 4)
+
+
+def test_the_cold_turn_finds_none_of_its_cells_on_any_sequence(four_sequences):
+    """The multi-turn bench's cold turn 10: one unrelated chat lands on another of the four
+    sequences and the conversation's cells survive it (turn 10 stays warm); one unrelated chat
+    per sequence takes them all, the conversation's last, so turn 10 is evaluated whole."""
+    backend, decoder = four_sequences, four_sequences._parallel
+    conversation = [Message("system", MULTI_TURN_SYSTEM)]
+    for question in MULTI_TURN_USERS[:3]:
+        conversation += [Message("user", question), Message("assistant", "Keepers kept the light burning all night.")]
+    conversation.append(Message("user", MULTI_TURN_USERS[3]))
+    prompt = backend.prepare(messages=conversation)
+
+    def evaluated_for(messages) -> int:
+        before = decoder.prefilled_tokens
+        params = GenerationParams(max_new_tokens=1, temperature=0.0)
+        for _ in backend.stream(backend.prepare(messages=messages), params, threading.Event()):
+            pass
+        return decoder.prefilled_tokens - before
+
+    def chat(messages: list[dict]) -> list[Message]:
+        return [Message(m["role"], m["content"]) for m in messages]
+
+    assert evaluated_for(conversation) == len(prompt.token_ids)  # a fresh model: cold
+    evaluated_for(chat(cache_evicting_chats(1)[0]))
+    assert evaluated_for(conversation) <= 2  # still warm: the old cold case was not cold
+    for evicting in cache_evicting_chats(4):
+        evaluated_for(chat(evicting))
+    # only the chat template's opening (``<|im_start|>system``) may be shared with an evicting chat
+    assert evaluated_for(conversation) >= len(prompt.token_ids) - 4
