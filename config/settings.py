@@ -75,7 +75,7 @@ class ServerSettings(BaseModel):
     hugepages: bool = Field(
         True,
         description="run.py starts itself again with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (Linux), so the "
-        "memory llama.cpp allocates sits on transparent huge pages (see app/hugepages.py).",
+        "memory llama.cpp allocates sits on transparent huge pages (see app/services/system/hugepages.py).",
     )
 
 
@@ -110,7 +110,7 @@ class LlamaCppSettings(BaseModel):
     n_threads: int = Field(default_factory=physical_cores, ge=1, le=512, description="CPU threads for decoding; physical cores by default.", json_schema_extra={"flag": "--n-threads"})
     n_threads_batch: Optional[int] = Field(None, ge=1, le=512, description="CPU threads for prompt processing; n_threads when unset.")
     adapt_threads: bool = Field(True, description="Decode on fewer threads while other processes keep cores busy "
-                                "(measured on 2 cores with one taken: 0.8 tokens/s on 2 threads, 55 on 1), all of them again when they are not.")
+                                "(all threads spin at every step, so one busy core stalls them all), all of them again when they are not.")
     n_batch: int = Field(512, ge=1, le=65536, description="Prompt tokens evaluated per llama_decode call.")
     parallel: int = Field(4, ge=1, le=64, description="Requests decoded together, each on a sequence of its own with n_ctx cells "
                           "(continuous batching; the KV cache is parallel x n_ctx). 1 decodes one request at a time.",
@@ -131,7 +131,7 @@ class LlamaCppSettings(BaseModel):
         "auto",
         description="Map the GGUF file (on) or read the weights into the process's memory (off). auto reads "
         "them in on the CPU when the file takes less than half the available memory, where they can sit on "
-        "huge pages (decoding measured 3-5 % faster; see app/hugepages.py), and maps it otherwise and on a GPU.",
+        "huge pages, which decode faster (see app/services/system/hugepages.py), and maps it otherwise and on a GPU.",
     )
     verbose: bool = Field(False, description="Let llama.cpp print its own load log to stderr.")
 
@@ -151,7 +151,7 @@ class TransformersSettings(BaseModel):
     merge_adapter: bool = Field(True, description="Merge the LoRA into the weights (merge_and_unload) instead of keeping it unmerged.")
     n_threads: int = Field(default_factory=physical_cores, ge=1, le=512, description="torch CPU threads; physical cores by default.", json_schema_extra={"flag": "--n-threads"})
     adapt_threads: bool = Field(True, description="Decode on fewer threads while other processes keep cores busy "
-                                "(measured on 2 cores with one taken: 0.8 tokens/s on 2 threads, 55 on 1), all of them again when they are not.")
+                                "(all threads spin at every step, so one busy core stalls them all), all of them again when they are not.")
     n_ctx: Optional[int] = Field(None, ge=64, le=1 << 20, description="Context window; the model's max_position_embeddings when unset.", json_schema_extra={"flag": "--n-ctx"})
     prefix_cache: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -162,8 +162,8 @@ class TransformersSettings(BaseModel):
     max_batch_size: int = Field(
         8, ge=1, le=256,
         description="Requests decoded together as rows of one running batch (concurrent chats, /batch, evals); "
-        "newcomers join at the next step. 1 generates one at a time. 8: on 2 CPU cores 8 rows gave 6.6x one "
-        "row's tokens/s in bf16 and 3.7x in fp32 (4 rows: 3.6x, 2.4x).",
+        "newcomers join at the next step. 1 generates one at a time. 8: aggregate tokens/s still grow up to 8 "
+        "rows on 2 CPU cores (docs/benchmarks.md).",
     )
     token_timeout_s: float = Field(120.0, gt=0, le=3600, description="A generation that yields no token for this long ends with an error.")
     memory_limit_bytes: Optional[int] = Field(

@@ -32,7 +32,7 @@ from every sequence.
 Startup: spawning ``python run.py`` to the first 200 from ``/health``, then ``POST
 /api/load_model`` of the default GGUF.
 Memory: the benchmark starts itself again with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, as
-``run.py`` does (``app/hugepages.py``), so every path, llama-bench and the servers included, runs
+``run.py`` does (``app/services/system/hugepages.py``), so every path, llama-bench and the servers included, runs
 with malloc asking for huge pages; set ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` to measure without.
 
 Writes ``results/bench/stream-<time>.{json,md,png}`` and ``latest.{json,md,png}``.
@@ -268,8 +268,9 @@ def create_chat_completion_path(llama, params: GenerationParams) -> Callable[[],
 def on_own_thread(run: Callable[[], Sample]) -> Callable[[], Sample]:
     """Runs each sample on a fresh thread, as a server runs each request. llama.cpp's OpenMP keeps
     a thread team alive for every thread that has decoded; an idle team on this (long-lived) main
-    thread halves the speed of decoding on any other thread (measured: 148 -> 72 tokens/s), which
-    would slow the backend's decoding thread in the in-process path behind this one."""
+    thread halves the speed of decoding on any other thread (docs/benchmarks.md, "Measurements
+    behind the code"), which would slow the backend's decoding thread in the in-process path
+    behind this one."""
     return lambda: on_a_thread_of_its_own(run, "bench-sample")
 
 
@@ -301,8 +302,8 @@ def bare_generate_path(model, input_ids, n_tokens: int) -> Callable[[], Sample]:
     from the difference of a 1-token and an n-token generate. Each sample runs on a thread of its
     own (``on_own_thread``), as a user's script would: torch's OpenMP keeps a worker pool for every
     thread that has computed, and with more pool threads than CPUs libgomp stops spinning, which
-    halved every other path of this process (the in-process baselines ran at 16.7 tok/s while the
-    server, a process of its own, ran at 26.7; see transformers/batching.py)."""
+    halved every other path of this process: the in-process baselines lost to the server, a
+    process of its own (LLAMACPP_GUIDE.md, "On transformers: one running batch")."""
     import copy
 
     import torch
@@ -443,8 +444,8 @@ def measure(paths: dict[str, tuple[str, Callable[[], Sample]]], runs: int, warmu
 
 def paired_ratio(top: list[float], bottom: list[float]) -> Optional[float]:
     """The median over rounds of top / bottom, each round's two figures taken minutes apart at
-    most. This machine's speed drifts by 20% between minutes (a VM: 120 vs 150 tokens/s for
-    llama-bench in one run), which a ratio of the two medians would take for a difference."""
+    most. A VM's speed drifts between minutes (docs/benchmarks.md has this one's), which a ratio
+    of the two medians would take for a difference."""
     pairs = [upper / lower for upper, lower in zip(top, bottom) if lower]
     return statistics.median(pairs) if pairs and len(top) == len(bottom) else None
 

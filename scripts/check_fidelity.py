@@ -22,7 +22,7 @@ The models load one after the other, so a pair that fits memory only once still 
 ``messages`` (a whole conversation) or ``prompt``; any other file is one prompt per line.
 Exit codes: 0 done, 1 agreement below ``--min-agreement``, 2 bad input.
 
-The comparison itself lives in app/services/fidelity.py, shared with ``POST /api/fidelity``;
+The comparison itself lives in app/services/engine/fidelity.py, shared with ``POST /api/fidelity``;
 this script adds the command line and the table.
 """
 from __future__ import annotations

@@ -78,7 +78,7 @@ def test_a_shorter_prompt_after_a_longer_one_is_not_served_stale(either_backend)
 def test_decoding_runs_on_a_fresh_thread_that_ends_with_the_answer(default_gguf):
     """llama.cpp's OpenMP keeps a thread team alive for every thread that has decoded, and an idle
     team on a long-lived thread (a gunicorn worker thread) halved the decode speed of every other
-    thread (measured under gunicorn: 139 then 65-79 tokens/s; on fresh threads 141-150). So each
+    thread (under gunicorn; LLAMACPP_GUIDE.md, "Threads and context", has the figures). So each
     generation decodes on a thread of its own, gone when the answer is."""
     import threading
 

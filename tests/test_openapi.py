@@ -8,7 +8,7 @@ from app.routes.openapi import OPERATIONS, UNDOCUMENTED_ENDPOINTS, as_openapi_30
 
 def test_every_route_is_documented(real_app):
     served = {rule.endpoint for rule in real_app.url_map.iter_rules()} - UNDOCUMENTED_ENDPOINTS
-    assert served - set(OPERATIONS) == set(), "routes missing from app/openapi.py"
+    assert served - set(OPERATIONS) == set(), "routes missing from app/routes/openapi.py"
     document = real_app.test_client().get("/openapi.json").get_json()
     documented = {(method.upper(), path) for path, operations in document["paths"].items() for method in operations}
     for rule in real_app.url_map.iter_rules():

@@ -3,13 +3,13 @@
 werkzeug writes a chunked response piece by piece to an unbuffered socket: the chunk's size,
 CRLF, the data and CRLF are four ``send`` calls, and the client wakes up for each. A token
 stream writes one small chunk per token, so on a machine whose cores are all decoding, those
-extra system calls and wake-ups come out of the decoder's time (measured on 2 cores: SSE at
-0.89 × llama-bench with four sends per token). Buffering the socket file makes werkzeug's
+extra system calls and wake-ups come out of the decoder's time (docs/benchmarks.md, "Measurements
+behind the code", has what it cost). Buffering the socket file makes werkzeug's
 ``flush`` after every write the only send; Nagle's algorithm is turned off so that send is not
 held back until the client acknowledges the previous token. gunicorn (``make serve``) already
 joins a chunk into one send.
 
-It also marks its threads as ending with their request (``services.thread_scope``), which lets
+It also marks its threads as ending with their request (``services/core/thread_scope.py``), which lets
 the llama.cpp backend decode on them without a hand-off per token.
 """
 from __future__ import annotations

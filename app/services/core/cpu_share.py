@@ -2,11 +2,12 @@
 
 Decoding splits every step across ``n`` threads that wait for each other at barriers, spinning.
 When another process (a training run, a browser) takes one of those cores, the thread that shares
-it gets a time slice now and then, and every step waits for it: measured on 2 cores with a busy
-loop pinned to one, llama.cpp fell from 120 to 0.8 tokens/s with 2 threads, and ran at 55 with 1
-(torch collapses the same way). Passive waiting (``OMP_WAIT_POLICY=passive``) kept 46 under load
-but cost the quiet machine three quarters of its speed (120 to 30), so the remedy is fewer
-threads while others are busy, and all of them again when they are not.
+it gets a time slice now and then, and every step waits for it: with a busy loop pinned to one
+of 2 cores, llama.cpp on 2 threads fell to a small fraction of its speed, far below what 1 thread
+keeps (torch collapses the same way). Passive waiting (``OMP_WAIT_POLICY=passive``) survived the
+load but cost the quiet machine most of its speed, so the remedy is fewer threads while others
+are busy, and all of them again when they are not (the figures: LLAMACPP_GUIDE.md, "A busy
+machine: fewer threads while others need the cores").
 
 ``CpuShare`` reads the whole machine's busy time (``/proc/stat``) less this process's own, every
 ``interval_s`` on a thread of its own, and answers the threads to use: the configured count less
@@ -14,10 +15,10 @@ the cores other processes kept busy (rounded), at least one. Where ``/proc/stat`
 (macOS) it always answers the configured count.
 
 It gives threads up slowly and takes them back at once: a thread goes only when two samples in a
-row saw others busy, and all come back on the first sample that does not. Measured with two
-servers taking turns (each the other's "other process"), a share that followed every sample
-both ways kept the next server on one thread for up to 2.5 s after the first had finished, and a
-quiet stream right after ran at 0.72-0.85 x the same server without the share.
+row saw others busy, and all come back on the first sample that does not. With two servers
+taking turns (each the other's "other process"), a share that followed every sample both ways
+kept the next server on one thread for seconds after the first had finished, and a quiet stream
+right after ran measurably slower than the same server without the share (same section).
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ probabilities and OpenAI's logprobs report). Ties rank by token id, lowest first
 token a greedy pick takes (numpy's and torch's argmax return the first maximum), so under greedy
 decoding the chosen token is always the first alternative.
 
-One pass over the vocabulary for the normaliser and one for the top n: about 0.14 ms a token for
-a 49k vocabulary and 0.4 ms for 152k (numpy, one core).
+One pass over the vocabulary for the normaliser and one for the top n, in numpy (what that costs
+a token: docs/benchmarks.md, "Measurements behind the code").
 """
 from __future__ import annotations
 

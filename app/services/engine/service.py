@@ -197,7 +197,7 @@ class ModelService:
 
     def fidelity(self, hf_model: str, gguf_model: str, adapter: Optional[str] = None,
                  prompts: Optional[Sequence[Sequence[Message]]] = None, max_tokens: int = 32) -> dict:
-        """Runs the fidelity check (app/services/fidelity.py) of an HF checkpoint against its GGUF
+        """Runs the fidelity check (app/services/engine/fidelity.py) of an HF checkpoint against its GGUF
         as a job on this model's queue, like a model switch: it waits for the running generation,
         and generations that arrive meanwhile wait behind it (they get queue events) and resume on
         the served model, which stays loaded. The check's two models load one after the other

@@ -8,10 +8,10 @@ tunable is read once, when the process starts, so ``run.py`` and the benchmark s
 again with it (:func:`restart_with_hugepages`); ``make serve`` starts gunicorn through
 ``python -m app.services.system.hugepages``.
 
-Measured with SmolLM2-135M Q4_1 on 2 cores (see LLAMACPP_GUIDE.md): weights read into memory
-(no mmap) on huge pages decode 3-5 % faster through SSE than the mmap'd file on 4 KiB pages;
-either change alone gains nothing measurable. Where the tunable means nothing (THP ``never`` or
-``always``, another libc, macOS) glibc or the loader ignores it.
+Weights read into memory (no mmap) on huge pages decode faster through SSE than the mmap'd file
+on 4 KiB pages, and either change alone gains nothing measurable (the figures: LLAMACPP_GUIDE.md,
+"Weights in memory, on huge pages", and docs/benchmarks.md). Where the tunable means nothing (THP
+``never`` or ``always``, another libc, macOS) glibc or the loader ignores it.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 /* The conversations this browser has had, kept in localStorage: the list panel, export to a
- * JSON file and import from one. The chat (app.js) owns the open conversation and saves it here
+ * JSON file and import from one. The chat (chat.js) owns the open conversation and saves it here
  * after every turn; this module never talks to the server.
  */
 import { bind, t } from "./i18n.js";

@@ -1,5 +1,5 @@
 /* The system panel: the server's memory, CPU and GPU from GET /api/system, a model load's
- * progress from the status app.js polls, and a running evaluation's progress.
+ * progress from the status model-panel.js polls, and a running evaluation's progress.
  */
 import { t } from "./i18n.js";
 import { getJson } from "./api.js";

@@ -206,7 +206,7 @@ class LlamaCppBackend:
         )
 
     def _use_mmap(self, n_gpu_layers: int) -> bool:
-        """Weights read into memory can sit on huge pages (app/hugepages.py); a mapped file cannot.
+        """Weights read into memory can sit on huge pages (app/services/system/hugepages.py); a mapped file cannot.
         On a GPU the weights are copied to it anyway and Metal maps the file without a copy."""
         if self._settings.mmap != "auto":
             return self._settings.mmap == "on"
