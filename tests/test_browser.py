@@ -118,6 +118,21 @@ def test_tokens_stream_in_and_stop_ends_the_generation(page, live_server):
     assert no_horizontal_scroll, "the page scrolls sideways at phone width"
 
 
+def test_stop_ends_an_answer_asked_whole(page, live_server):
+    page.find_element(By.CSS_SELECTOR, "label.switch:has(#stream-toggle)").click()
+    assert not page.find_element(By.ID, "stream-toggle").is_selected()
+    set_slider(page, "max-tokens", 1024)
+    send(page, "Write a long story about a cat.")
+    WebDriverWait(page, 20, poll_frequency=0.1).until(lambda d: server_queue(live_server)["running"] == 1)
+    assert is_streaming(page)
+
+    page.find_element(By.ID, "stop").click()
+    wait_turn_finished(page, timeout=10)
+    assert "cancelled" in figures_text(page)
+    assert wait_server_idle(live_server) == {"running": 0, "waiting": 0}
+    assert live_server.service.finished()[-1]["finish_reason"] == "cancelled"
+
+
 def test_a_queued_turn_shows_its_place_and_stop_takes_it_out(page, live_server):
     # every sequence the model decodes at once (llamacpp.parallel) is taken, so the page's turn waits
     with urllib.request.urlopen(f"{live_server.url}/api/model_status", timeout=10) as response:

@@ -112,6 +112,17 @@ return Array.from(document.querySelectorAll('#compare-rounds .compare-round:last
 """
 
 
+# Keeps the body of each POST /api/streams the page sends from now on, in window.streamBodies.
+RECORD_STREAM_BODIES_JS = """
+window.streamBodies = [];
+const send = window.fetch;
+window.fetch = (url, options = {}) => {
+  if (String(url).endsWith('/api/streams')) window.streamBodies.push(JSON.parse(options.body));
+  return send(url, options);
+};
+"""
+
+
 def cells(driver) -> list[dict]:
     return driver.execute_script(CELLS_JS)
 
@@ -178,6 +189,14 @@ def test_compare_streams_two_models_side_by_side_with_their_figures(page, live_s
         assert HF_ID in heads[1] and "transformers" in heads[1]
         assert not page.find_element(By.ID, "compare-setup").get_attribute("open"), "the pickers fold away once loaded"
 
+        # The Evaluate view can take the loaded columns as its models.
+        page.find_element(By.ID, "tab-evaluate").click()
+        page.find_element(By.ID, "eval-use-compare").click()
+        eval_models = page.execute_script(
+            "return Array.from(document.querySelectorAll('#eval-models .slot-card select.slot-model'), (s) => s.value)")
+        assert eval_models == [GGUF_ID, HF_ID]
+        page.find_element(By.ID, "tab-compare").click()
+
         page.find_element(By.ID, "compare-prompt").send_keys("Write a short poem about the sea.")
         page.find_element(By.ID, "compare-send").click()
         assert page.find_element(By.ID, "compare-stop").is_enabled()
@@ -205,14 +224,19 @@ def test_compare_streams_two_models_side_by_side_with_their_figures(page, live_s
         page.save_screenshot(str(SHOTS / "workbench_compare_diff.png"))
         assert phone_shot(page, "workbench_compare_phone.png"), "the compare view scrolls sideways at phone width"
 
-        # Stop ends every column, and each keeps what it had.
+        # Stop ends every column, and each keeps what it had. The sidebar's system prompt goes to every column.
         set_slider(page, "max-tokens", 1024)
+        page.find_element(By.ID, "system").send_keys("You are a storyteller.")
+        page.execute_script(RECORD_STREAM_BODIES_JS)
         page.find_element(By.ID, "compare-prompt").send_keys("Write a very long story about a lighthouse keeper.")
         page.find_element(By.ID, "compare-send").click()
         WebDriverWait(page, 30, poll_frequency=0.05).until(lambda d: all(c["text"] for c in cells(d)))
         page.find_element(By.ID, "compare-stop").click()
         stopped = watch_round(page, timeout=15)["cells"]
         assert all("cancelled" in cell["figures"] for cell in stopped), stopped
+        bodies = page.execute_script("return window.streamBodies")
+        assert sorted(body["slot"] for body in bodies) == sorted(slot["id"] for slot in slots)
+        assert all(body["system"] == "You are a storyteller." for body in bodies), bodies
         assert wait_server_idle(live_server)["running"] == 0
         for slot in request(f"{live_server.url}/api/compare/slots")["slots"]:
             assert slot["queue"] == {"running": 0, "waiting": 0}, slot

@@ -1,4 +1,6 @@
-/* Talking to the server: JSON calls with the optional API key, and generation event streams. */
+/* Talking to the server: JSON calls with the optional API key, event streams, and one generation
+ * from its request to its end, Stop included.
+ */
 import { t } from "./i18n.js";
 
 /** A failed API call: `message` is the server's own error text where it sent one. */
@@ -114,13 +116,13 @@ export function newRequestId() {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-export function requestStop(requestId) {
+function requestStop(requestId) {
   postJson("/api/stop", { request_id: requestId }).catch(() => {
-    // the caller's stop grace timer ends the turn whatever happened here
+    // the stop grace timer ends the turn whatever happened here
   });
 }
 
-export function parseEventData(event) {
+function parseEventData(event) {
   try {
     return JSON.parse(event.data);
   } catch (_) {
@@ -129,31 +131,134 @@ export function parseEventData(event) {
 }
 
 /**
- * Opens one generation's event stream and hands its events to `handlers`
- * ({queue, token, done, error(message), lost()}). The server's own "event: error" and a
- * dropped connection arrive on the same listener; only the former carries data.
+ * Opens a server event stream: each event named in `events` has its parsed data handed to its
+ * handler; "done" closes the stream and goes to `done(data)`. The server's own "event: error"
+ * and a dropped connection arrive on the same listener; only the former carries data, and goes
+ * to `error(message)`, the latter to `lost()`. A stream that repeats its state to a new
+ * connection (an eval's progress) passes `reconnects`: the browser then reconnects by itself
+ * and `lost()` comes only once it has given up.
  */
-export function openGenerationStream(url, handlers) {
+export function openEventStream(url, { events = {}, done, error, lost, reconnects = false }) {
   const source = new EventSource(url);
-  source.addEventListener("queue", (event) => handlers.queue && handlers.queue(parseEventData(event)));
-  source.addEventListener("token", (event) => {
-    const data = parseEventData(event);
-    handlers.token(data.text, data); // data.logprobs when they were asked for
-  });
+  for (const [name, handle] of Object.entries(events)) {
+    source.addEventListener(name, (event) => handle(parseEventData(event)));
+  }
   source.addEventListener("done", (event) => {
     source.close();
-    handlers.done(parseEventData(event));
+    done(parseEventData(event));
   });
   source.addEventListener("error", (event) => {
-    source.close();
     if (typeof event.data === "string") {
+      source.close();
       const data = parseEventData(event);
       const where = data.type ? ` (${data.type})` : "";
-      handlers.error(`${data.error || t("err.generation_failed")}${where}`);
-    } else {
-      handlers.lost();
+      error(`${data.error || t("err.generation_failed")}${where}`);
+    } else if (!reconnects || source.readyState === EventSource.CLOSED) {
+      source.close();
+      lost();
     }
   });
   return source;
 }
 
+// ---------------------------------------------------------------- one generation, and Stop
+
+// After Stop the server answers with a "done" (finish_reason "cancelled"); if that never
+// comes, the page ends the turn itself rather than leave the user locked out.
+const STOP_GRACE_MS = 2000;
+
+/**
+ * One generation the page asked for, named by its request id (the page's own, so that Stop can
+ * reach it before the server has answered), and ended exactly once: by its answer, by a failure
+ * of any kind, or by Stop's grace running out. `end` hears {finishReason, usage, timings, error}.
+ */
+class Generation {
+  constructor(requestId, end) {
+    this.id = requestId;
+    this.end = end;
+    this.stopping = false;
+    this.ended = false;
+    this.source = null;
+    this.abort = new AbortController();
+    this.graceTimer = null;
+  }
+
+  finish({ finishReason, usage = null, timings = null, error = null }) {
+    if (this.ended) return;
+    this.ended = true;
+    clearTimeout(this.graceTimer);
+    if (this.source) this.source.close();
+    this.end({ finishReason, usage, timings, error });
+  }
+
+  answered(data) {
+    this.finish({ finishReason: data.finish_reason, usage: data.usage, timings: data.timings });
+  }
+
+  failed(err) {
+    if (err.name === "AbortError") this.finish({ finishReason: "cancelled" });
+    else this.finish({ finishReason: "error", error: err.message });
+  }
+}
+
+/**
+ * Streams one generation: POST /api/streams prepares it from `body` (which carries its
+ * request_id), then its event stream brings it in. `queue(data)` hears its place in the queue,
+ * `token(text, data)` each piece (data.logprobs when they were asked for), and `end(outcome)`
+ * its end, whatever ended it: the one place a refused request, the server's error event and a
+ * lost connection arrive, as `outcome.error`. Answers the generation, for stopWithGrace.
+ */
+export function streamTurn(body, { queue = () => {}, token, end }) {
+  const generation = new Generation(body.request_id, end);
+  postJson("/api/streams", body)
+    .then((created) => {
+      generation.id = created.request_id; // Stop names the generation; the stream URL is its own capability
+      if (generation.stopping) {
+        // Stop was pressed before the stream existed: drop the parked request unopened.
+        requestStop(generation.id);
+        generation.finish({ finishReason: "cancelled" });
+        return;
+      }
+      generation.source = openEventStream(created.url, {
+        events: { queue, token: (data) => token(data.text, data) },
+        done: (data) => generation.answered(data),
+        error: (message) => generation.finish({ finishReason: "error", error: message }),
+        lost: () => generation.finish(generation.stopping
+          ? { finishReason: "cancelled" } : { finishReason: "error", error: t("err.lost") }),
+      });
+    })
+    .catch((err) => generation.failed(err));
+  return generation;
+}
+
+/** One generation asked whole (POST /api/chat): its text goes to `token` at once, then `end` as for streamTurn. */
+export function askWhole(body, { token, end }) {
+  const generation = new Generation(body.request_id, end);
+  postJson("/api/chat", body, generation.abort.signal)
+    .then((result) => {
+      if (generation.ended) return;
+      token(result.response, result);
+      generation.answered(result);
+    })
+    .catch((err) => generation.failed(err));
+  return generation;
+}
+
+/**
+ * Stop: asks the server to end `generation`, which then ends on its own "done". If that has
+ * not come within STOP_GRACE_MS, the generation is ended here as cancelled (its stream closed,
+ * its request dropped). Answers false for a generation already stopping or over.
+ */
+export function stopWithGrace(generation) {
+  if (generation.stopping || generation.ended) return false;
+  generation.stopping = true;
+  requestStop(generation.id);
+  generation.graceTimer = setTimeout(() => {
+    // Stop pressed within moments of Send can reach the server before the generation is
+    // registered; a second request catches it, since a dropped fetch alone would not.
+    requestStop(generation.id);
+    generation.abort.abort();
+    generation.finish({ finishReason: "cancelled" });
+  }, STOP_GRACE_MS);
+  return true;
+}

@@ -5,10 +5,8 @@
  * wins, losses and ties) show as a table and a chart, with CSV and JSON exports.
  */
 import { apiFetch, describeFailure, postJson, requestJson } from "./api.js";
-import { byId, downloadBlob, makeButton, makeElement } from "./dom.js";
+import { byId, downloadBlob, makeButton, makeElement, makeSvg } from "./dom.js";
 import { bind, t } from "./i18n.js";
-
-const SVG_NS = "http://www.w3.org/2000/svg";
 
 const els = {
   ratings: byId("arena-ratings"),
@@ -83,13 +81,6 @@ export async function blindRound(container, body) {
 
 // ---------------------------------------------------------------- ratings
 
-function svg(tag, attrs, text) {
-  const el = document.createElementNS(SVG_NS, tag);
-  for (const [name, value] of Object.entries(attrs || {})) el.setAttribute(name, String(value));
-  if (text !== undefined) el.textContent = text;
-  return el;
-}
-
 function row(cells, tag = "td") {
   const tr = makeElement("tr");
   for (const [text, cls] of cells) tr.append(makeElement(tag, cls || "", text));
@@ -108,19 +99,19 @@ function renderChart(board) {
   const rowH = 26;
   const height = 24 + board.length * rowH;
   const x = (value) => left + ((value - low) / (high - low)) * (width - left - 16);
-  const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", class: "chart arena-chart" });
-  root.append(svg("title", {}, t("arena.chart_title")));
+  const root = makeSvg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", class: "chart arena-chart" });
+  root.append(makeSvg("title", {}, t("arena.chart_title")));
   board.forEach((model, index) => {
     const y = 16 + index * rowH + rowH / 2;
     const [ciLow, ciHigh] = model.ci95 || [];
-    root.append(svg("text", { x: left - 8, y: y + 4, class: "chart-label", "text-anchor": "end" },
+    root.append(makeSvg("text", { x: left - 8, y: y + 4, class: "chart-label", "text-anchor": "end" },
       model.model.length > 26 ? `${model.model.slice(0, 25)}…` : model.model));
     if (typeof ciLow === "number" && typeof ciHigh === "number") {
-      root.append(svg("line", { x1: x(ciLow), x2: x(ciHigh), y1: y, y2: y, class: "chart-whisker" }));
+      root.append(makeSvg("line", { x1: x(ciLow), x2: x(ciHigh), y1: y, y2: y, class: "chart-whisker" }));
     }
-    const dot = svg("circle", { cx: x(model.rating), cy: y, r: 5, class: "chart-dot" });
-    dot.append(svg("title", {}, `${model.model}: ${model.rating}`));
-    root.append(dot, svg("text", { x: x(model.rating), y: y - 8, class: "chart-value", "text-anchor": "middle" }, String(model.rating)));
+    const dot = makeSvg("circle", { cx: x(model.rating), cy: y, r: 5, class: "chart-dot" });
+    dot.append(makeSvg("title", {}, `${model.model}: ${model.rating}`));
+    root.append(dot, makeSvg("text", { x: x(model.rating), y: y - 8, class: "chart-value", "text-anchor": "middle" }, String(model.rating)));
   });
   els.ratingsChart.append(root);
 }

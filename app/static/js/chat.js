@@ -1,20 +1,16 @@
 /* The chat: one conversation with the served model, its turns streamed in (or asked whole),
  * Stop, Regenerate and Continue, and its place in this browser's history.
  */
-import { newRequestId, openGenerationStream, postJson, requestStop } from "./api.js";
-import { byId, fileName, makeButton, makeElement, sendOnEnter } from "./dom.js";
+import { askWhole, newRequestId, stopWithGrace, streamTurn } from "./api.js";
+import { byId, fileName, makeButton, makeElement, wireComposer } from "./dom.js";
 import { makeFigures } from "./format.js";
 import * as history from "./history.js";
 import { bind, t } from "./i18n.js";
 import { clearMessages, followingNewText, renderAssistant, renderError, renderMessage, renderNote, scrollToBottom } from "./messages.js";
 import { lastStatus, modelReady } from "./model-panel.js";
-import { generationParams, restoreParams } from "./sampling.js";
+import { generationSettings, restoreSettings } from "./sampling.js";
 import { TOP_ALTERNATIVES, probabilitiesOn, tokenView } from "./tokens.js";
 import { showView } from "./views.js";
-
-// After Stop the server answers with a "done" (finish_reason "cancelled"); if that never
-// comes, the page ends the turn itself rather than leave the user locked out.
-const STOP_GRACE_MS = 2000;
 
 const els = {
   messages: byId("messages"),
@@ -23,7 +19,6 @@ const els = {
   send: byId("send"),
   stop: byId("stop"),
   newChat: byId("new-chat"),
-  system: byId("system"),
   streamToggle: byId("stream-toggle"),
 };
 
@@ -50,10 +45,7 @@ class Turn {
     this.prefix = prefix;
     this.answer = "";
     this.ended = false;
-    this.stopRequested = false;
-    this.eventSource = null;
-    this.stopTimer = null;
-    this.fetchAbort = new AbortController();
+    this.generation = null; // api.js's handle on the request, for Stop
     this.promptBody = null; // the conversation this turn sent, for its "prompt" view
 
     if (kind === "continue") {
@@ -98,11 +90,9 @@ class Turn {
   }
 
   /** Ends the turn once, whichever of done / error / stop timeout / dropped connection comes first. */
-  finish({ finishReason, usage = null, timings = null, error = null }) {
+  finish({ finishReason, usage, timings, error }) {
     if (this.ended) return;
     this.ended = true;
-    clearTimeout(this.stopTimer);
-    if (this.eventSource) this.eventSource.close();
     this.el.classList.remove("streaming");
     this.setNote("");
 
@@ -139,40 +129,9 @@ class Turn {
 
 // ---------------------------------------------------------------- asking
 
-function generationBody(messages, requestId) {
-  // Our own id lets Stop reach the server even before /api/streams or /api/chat answers.
-  const body = { messages, request_id: requestId, ...generationParams() };
-  const system = els.system.value;
-  if (system.trim()) body.system = system;
-  return body;
-}
-
-async function runStreamed(turn, body) {
-  const created = await postJson("/api/streams", body);
-  turn.id = created.request_id; // Stop names the generation; the stream URL is its own capability
-  if (turn.stopRequested) {
-    // Stop was pressed before the stream existed: drop the parked request unopened.
-    requestStop(turn.id);
-    turn.finish({ finishReason: "cancelled" });
-    return;
-  }
-  turn.eventSource = openGenerationStream(created.url, {
-    queue: (data) => turn.setNote("chat.waiting", { position: data.position }),
-    token: (text, data) => turn.append(text, data.logprobs),
-    done: (data) => turn.finish({ finishReason: data.finish_reason, usage: data.usage, timings: data.timings }),
-    error: (message) => turn.finish({ finishReason: "error", error: message }),
-    lost: () => {
-      if (turn.stopRequested) turn.finish({ finishReason: "cancelled" });
-      else turn.finish({ finishReason: "error", error: t("chat.lost") });
-    },
-  });
-}
-
-async function runWhole(turn, body) {
-  turn.setNote("chat.generating");
-  const result = await postJson("/api/chat", body, turn.fetchAbort.signal);
-  turn.append(result.response, result.logprobs);
-  turn.finish({ finishReason: result.finish_reason, usage: result.usage, timings: result.timings });
+/** What an answer's "prompt" view renders: the conversation before the answer, and the system prompt unless blank. */
+function promptViewBody(messages, system) {
+  return { messages, ...(system && system.trim() ? { system } : {}) };
 }
 
 function canStart() {
@@ -183,14 +142,21 @@ function canStart() {
 function startTurn(turn, messages, extra = {}) {
   activeTurn = turn;
   setGenerating(true);
-  const body = { ...generationBody(messages, turn.id), ...extra };
+  // Our own id lets Stop reach the server even before /api/streams or /api/chat answers.
+  const body = { messages, request_id: turn.id, ...generationSettings(), ...extra };
   if (turn.withProbabilities) body.logprobs = TOP_ALTERNATIVES;
-  if (turn.kind !== "continue") turn.promptBody = { messages: body.messages, ...(body.system ? { system: body.system } : {}) };
-  const run = els.streamToggle.checked ? runStreamed : runWhole;
-  run(turn, body).catch((err) => {
-    if (err.name === "AbortError") turn.finish({ finishReason: "cancelled" });
-    else turn.finish({ finishReason: "error", error: err.message });
-  });
+  if (turn.kind !== "continue") turn.promptBody = promptViewBody(body.messages, body.system);
+  const handlers = {
+    queue: (data) => turn.setNote("chat.waiting", { position: data.position }),
+    token: (text, data) => turn.append(text, data.logprobs),
+    end: (outcome) => turn.finish(outcome),
+  };
+  if (els.streamToggle.checked) {
+    turn.generation = streamTurn(body, handlers);
+  } else {
+    turn.setNote("chat.generating");
+    turn.generation = askWhole(body, handlers);
+  }
 }
 
 export function send() {
@@ -235,8 +201,8 @@ function branchAt(el, prefix, alternative) {
   conversation.splice(index);
   const start = prefix + alternative;
   const before = conversation.slice();
-  const system = els.system.value.trim() ? { system: els.system.value } : {};
-  const answerEl = renderAssistant(start, () => ({ messages: before, ...system }));
+  const { system } = generationSettings();
+  const answerEl = renderAssistant(start, () => promptViewBody(before, system));
   const note = makeElement("div", "branch-note");
   bind(note, "probs.branched", { token: JSON.stringify(alternative) });
   answerEl.querySelector(".content").before(note);
@@ -261,18 +227,9 @@ function refreshAnswerActions() {
 
 export function stop() {
   const turn = activeTurn;
-  if (!turn || turn.stopRequested) return;
-  turn.stopRequested = true;
+  if (!turn || !stopWithGrace(turn.generation)) return;
   els.stop.disabled = true;
   turn.setNote("chat.stopping");
-  requestStop(turn.id);
-  turn.stopTimer = setTimeout(() => {
-    // Stop pressed within moments of Send can reach the server before the generation is
-    // registered; a second request catches it, since a dropped fetch alone would not.
-    requestStop(turn.id);
-    turn.fetchAbort.abort();
-    turn.finish({ finishReason: "cancelled" });
-  }, STOP_GRACE_MS);
 }
 
 export function newChat() {
@@ -315,11 +272,12 @@ function persist() {
   if (!conversation.length) return;
   const now = new Date().toISOString();
   if (!record) record = { id: newRequestId(), created: now, title: history.titleOf(conversation) };
+  const { system = "", ...params } = generationSettings();
   Object.assign(record, {
     updated: now,
     model: modelInfo(),
-    system: els.system.value,
-    params: generationParams(),
+    system,
+    params,
     messages: conversation.map((message) => ({ ...message })),
   });
   history.save(record);
@@ -333,8 +291,7 @@ export function openConversation(stored) {
   messageEls.length = 0;
   clearMessages();
   record = { ...stored };
-  els.system.value = stored.system || "";
-  restoreParams(stored.params || {});
+  restoreSettings({ params: stored.params || {}, system: stored.system || "" });
 
   const model = stored.model;
   const status = lastStatus();
@@ -342,11 +299,10 @@ export function openConversation(stored) {
   if (model && model.model && served && model.model !== served) {
     renderNote("chat.recorded_with", { model: model.model_name || fileName(model.model), backend: model.backend || "?" });
   }
-  const system = stored.system && stored.system.trim() ? { system: stored.system } : {};
   for (const message of stored.messages) {
     const before = conversation.slice();
     const el = message.role === "assistant"
-      ? renderAssistant(message.content, () => ({ messages: before, ...system }))
+      ? renderAssistant(message.content, () => promptViewBody(before, stored.system))
       : renderMessage(message.role, message.content);
     conversation.push({ role: message.role, content: message.content });
     messageEls.push(el);
@@ -365,10 +321,6 @@ document.addEventListener("mt:history-deleted-current", () => {
 });
 document.addEventListener("mt:model-busy", updateSendButton);
 
-els.composer.addEventListener("submit", (event) => {
-  event.preventDefault();
-  send();
-});
-sendOnEnter(els.prompt, send);
+wireComposer(els.composer, els.prompt, send);
 els.stop.addEventListener("click", stop);
 els.newChat.addEventListener("click", newChat);

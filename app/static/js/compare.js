@@ -3,19 +3,19 @@
  * shows its figures when done, and can highlight word by word where it differs from column 1.
  */
 import { bind, t } from "./i18n.js";
-import { newRequestId, openGenerationStream, postJson, requestJson, requestStop } from "./api.js";
-import { byId, fileName, makeElement, sendOnEnter } from "./dom.js";
+import { newRequestId, requestJson, stopWithGrace, streamTurn } from "./api.js";
+import { byId, fileName, makeElement, wireComposer } from "./dom.js";
 import { makeFigures } from "./format.js";
 import { SlotList } from "./picker.js";
 import { getCatalog } from "./catalog.js";
 import { lastStatus } from "./model-panel.js";
 import { blindRound } from "./arena.js";
-import { generationParams } from "./sampling.js";
+import { generationSettings } from "./sampling.js";
+import { loadedSlots, setLoadedSlots } from "./compare-slots.js";
 import { TOP_ALTERNATIVES, probabilitiesOn, tokenView } from "./tokens.js";
 
 const MIN_COLUMNS = 2;
 const MAX_COLUMNS = 4;
-const STOP_GRACE_MS = 2000;
 // The word diff is quadratic in the answers' lengths; past this many word pairs it would stall the page.
 const MAX_DIFF_CELLS = 4e6;
 
@@ -44,8 +44,6 @@ const els = {
   blind: byId("compare-blind"),
 };
 
-/** The slots the server has loaded (POST/GET /api/compare/slots), in column order. */
-let loadedSlots = [];
 /** Each round: the prompt and one cell per column. */
 let rounds = [];
 /** Each slot's own conversation, sent with the next prompt when "multi-turn" is on. */
@@ -160,7 +158,7 @@ function renderRoundDiff(round) {
 // ---------------------------------------------------------------- the columns
 
 function slotColumn(slotId) {
-  return loadedSlots.findIndex((slot) => slot.id === slotId);
+  return loadedSlots().findIndex((slot) => slot.id === slotId);
 }
 
 /** "shares weights with column 1 (adapter unmerged)", or "" for a slot with weights of its own. */
@@ -177,8 +175,9 @@ function slotTitle(slot) {
 }
 
 function renderHead() {
-  els.columns.style.setProperty("--cols", String(Math.max(loadedSlots.length, 1)));
-  els.head.replaceChildren(...loadedSlots.map((slot, index) => {
+  const slots = loadedSlots();
+  els.columns.style.setProperty("--cols", String(Math.max(slots.length, 1)));
+  els.head.replaceChildren(...slots.map((slot, index) => {
     const cell = makeElement("div", "compare-col-head");
     cell.dataset.slot = slot.id;
     const label = makeElement("div", "col-label");
@@ -191,22 +190,22 @@ function renderHead() {
     if (note) cell.append(makeElement("div", "col-note", note));
     return cell;
   }));
-  els.empty.hidden = loadedSlots.length > 0;
-  els.head.hidden = loadedSlots.length === 0;
+  els.empty.hidden = slots.length > 0;
+  els.head.hidden = slots.length === 0;
 }
 
-function setLoadedSlots(list) {
-  loadedSlots = Array.isArray(list) ? list : [];
-  rounds = [];
-  histories = new Map(loadedSlots.map((slot) => [slot.id, []]));
-  els.rounds.replaceChildren();
+/** Takes the server's slots as the columns; the rounds so far, asked of the old ones, go. */
+function adoptSlots(list) {
+  setLoadedSlots(list);
+  forgetRounds();
   renderHead();
   renderSummary();
   updateControls();
 }
 
 function renderSummary() {
-  if (loadedSlots.length) bind(els.summary, "compare.setup_loaded", { n: loadedSlots.length });
+  const count = loadedSlots().length;
+  if (count) bind(els.summary, "compare.setup_loaded", { n: count });
   else bind(els.summary, "compare.setup");
 }
 
@@ -221,20 +220,21 @@ function specKey(spec) {
 
 function pickersMatchSlots() {
   const specs = slotList.specs();
-  return specs.length === loadedSlots.length && specs.every((spec, i) => specKey(spec) === specKey(loadedSlots[i]));
+  const slots = loadedSlots();
+  return specs.length === slots.length && specs.every((spec, i) => specKey(spec) === specKey(slots[i]));
 }
 
 function updateControls() {
   const busy = loading || Boolean(running);
   els.load.disabled = busy || slotList.specs().some((spec) => !spec.model);
-  els.unload.disabled = busy || !loadedSlots.length;
+  els.unload.disabled = busy || !loadedSlots().length;
   els.add.disabled = busy || slotList.cards.length >= MAX_COLUMNS;
   slotList.setDisabled(busy);
-  els.send.disabled = busy || !loadedSlots.length;
+  els.send.disabled = busy || !loadedSlots().length;
   els.prompt.disabled = Boolean(running);
   els.stop.disabled = !running;
   els.clear.disabled = busy || !rounds.length;
-  els.stale.hidden = !loadedSlots.length || loading || pickersMatchSlots();
+  els.stale.hidden = !loadedSlots().length || loading || pickersMatchSlots();
 }
 
 function showError(text) {
@@ -260,18 +260,14 @@ function showLoading(on) {
 
 async function loadColumns() {
   if (loading || running) return;
-  const specs = slotList.specs().map((spec) => {
-    const body = { model: spec.model, adapter: spec.adapter, adapter_enabled: spec.adapter ? spec.adapter_enabled : true };
-    if (spec.backend && spec.backend !== "other") body.backend = spec.backend;
-    return body;
-  });
+  const specs = slotList.requestSpecs();
   loading = true;
   showError("");
   showLoading(true);
   updateControls();
   try {
     const answer = await requestJson("/api/compare/slots", { method: "POST", body: { slots: specs }, verbatim: true });
-    setLoadedSlots(answer.slots);
+    adoptSlots(answer.slots);
     els.setup.open = false; // the columns are what matter now; the pickers fold away
   } catch (err) {
     showError(err.message);
@@ -291,7 +287,7 @@ async function unloadColumns() {
   updateControls();
   try {
     const answer = await requestJson("/api/compare/slots", { method: "DELETE", verbatim: true });
-    setLoadedSlots(answer.slots || []);
+    adoptSlots(answer.slots || []);
     els.setup.open = true;
   } catch (err) {
     showError(err.message);
@@ -307,8 +303,8 @@ async function refreshSlots(adoptPickers) {
     const answer = await requestJson("/api/compare/slots", { verbatim: true });
     const list = Array.isArray(answer.slots) ? answer.slots : [];
     const identity = (all) => JSON.stringify(all.map((s) => [s.id, s.model, s.backend, s.adapter, s.adapter_enabled]));
-    const same = identity(list) === identity(loadedSlots);
-    if (!same) setLoadedSlots(list);
+    const same = identity(list) === identity(loadedSlots());
+    if (!same) adoptSlots(list);
     if (adoptPickers && list.length >= MIN_COLUMNS) {
       slotList.setSpecs(list);
       els.setup.open = false;
@@ -353,8 +349,8 @@ function newCell(slot, column) {
   const note = makeElement("div", "note");
   note.hidden = true;
   el.append(content, note);
-  const cell = { slot, el, content, note, answer: "", done: false, ended: false, id: newRequestId(), source: null,
-                 stopTimer: null, messages: [], withProbabilities: probabilitiesOn() };
+  const cell = { slot, el, content, note, answer: "", done: false, ended: false, id: newRequestId(), generation: null,
+                 messages: [], withProbabilities: probabilitiesOn() };
   startCellText(cell, "");
   return cell;
 }
@@ -383,12 +379,10 @@ function appendToCell(cell, text, logprobs = null) {
   else if (cell.answerNode && text) cell.answerNode.appendData(text);
 }
 
-function finishCell(round, cell, { finishReason, usage = null, timings = null, error = null }) {
+function finishCell(round, cell, { finishReason, usage, timings, error }) {
   if (cell.ended) return;
   cell.ended = true;
   cell.done = true;
-  clearTimeout(cell.stopTimer);
-  if (cell.source) cell.source.close();
   cell.el.classList.remove("streaming");
   setCellNote(cell, "");
   const figures = makeFigures({ finishReason: error ? null : finishReason, usage, timings });
@@ -415,29 +409,26 @@ function finishCell(round, cell, { finishReason, usage = null, timings = null, e
 }
 
 function runCell(round, cell, body) {
-  streamCell(round, cell, body).catch((err) => finishCell(round, cell, { finishReason: "error", error: err.message }));
-}
-
-async function streamCell(round, cell, body) {
-  const created = await postJson("/api/streams", body);
-  cell.id = created.request_id;
-  if (round.stopRequested) {
-    requestStop(cell.id);
-    finishCell(round, cell, { finishReason: "cancelled" });
-    return;
-  }
-  cell.source = openGenerationStream(created.url, {
+  cell.generation = streamTurn(body, {
     queue: () => setCellNote(cell, "compare.waiting"),
     token: (text, data) => appendToCell(cell, text, data.logprobs),
-    done: (data) => finishCell(round, cell, { finishReason: data.finish_reason, usage: data.usage, timings: data.timings }),
-    error: (message) => finishCell(round, cell, { finishReason: "error", error: message }),
-    lost: () => finishCell(round, cell, round.stopRequested ? { finishReason: "cancelled" }
-      : { finishReason: "error", error: t("chat.lost") }),
+    end: (outcome) => finishCell(round, cell, outcome),
   });
 }
 
+/** A round's element: the prompt under the user's label; the answers go below it. */
+function newRoundEl(className, text) {
+  const el = makeElement("div", className);
+  const promptEl = makeElement("div", "round-prompt");
+  const role = makeElement("span", "role");
+  bind(role, "role.user");
+  promptEl.append(role, makeElement("span", "content", text));
+  el.append(promptEl);
+  return el;
+}
+
 function send() {
-  if (running || loading || !loadedSlots.length) return;
+  if (running || loading || !loadedSlots().length) return;
   const text = els.prompt.value;
   if (!text.trim()) return;
   els.prompt.value = "";
@@ -447,15 +438,11 @@ function send() {
     return;
   }
 
-  const el = makeElement("div", "compare-round");
-  const promptEl = makeElement("div", "round-prompt");
-  const role = makeElement("span", "role");
-  bind(role, "role.user");
-  promptEl.append(role, makeElement("span", "content", text));
+  const el = newRoundEl("compare-round", text);
   const cellsEl = makeElement("div", "round-cells");
-  el.append(promptEl, cellsEl);
+  el.append(cellsEl);
   const round = { prompt: text, el, cells: [], stopRequested: false };
-  round.cells = loadedSlots.map((slot, column) => newCell(slot, column));
+  round.cells = loadedSlots().map((slot, column) => newCell(slot, column));
   for (const cell of round.cells) {
     cell.el.classList.add("streaming");
     cellsEl.append(cell.el);
@@ -466,39 +453,30 @@ function send() {
   running = round;
   updateControls();
 
-  const params = generationParams();
-  const system = document.getElementById("system").value;
+  const settings = generationSettings();
   for (const cell of round.cells) {
     const history = els.multiTurn.checked ? histories.get(cell.slot.id) || [] : [];
     cell.messages = [...history, { role: "user", content: text }];
     cell.round = round;
-    runCell(round, cell, cellBody(cell, cell.messages, params, system));
+    runCell(round, cell, cellBody(cell, cell.messages, settings));
   }
 }
 
 /** A blind round: the answers come back together, shuffled, the models hidden until the vote. */
 function sendBlind(text) {
-  const el = makeElement("div", "compare-round blind-round");
-  const promptEl = makeElement("div", "round-prompt");
-  const role = makeElement("span", "role");
-  bind(role, "role.user");
-  promptEl.append(role, makeElement("span", "content", text));
-  el.append(promptEl);
+  const el = newRoundEl("compare-round blind-round", text);
   els.rounds.append(el);
   el.scrollIntoView({ block: "start" });
   running = { cells: [], blind: true };
   updateControls();
-  const system = document.getElementById("system").value;
-  const body = { prompt: text, ...generationParams(), ...(system.trim() ? { system } : {}) };
-  blindRound(el, body).finally(() => {
+  blindRound(el, { prompt: text, ...generationSettings() }).finally(() => {
     running = null;
     updateControls();
   });
 }
 
-function cellBody(cell, messages, params, system) {
-  const body = { messages, request_id: cell.id, slot: cell.slot.id, ...params };
-  if (system.trim()) body.system = system;
+function cellBody(cell, messages, settings) {
+  const body = { messages, request_id: cell.id, slot: cell.slot.id, ...settings };
   if (cell.withProbabilities) body.logprobs = TOP_ALTERNATIVES;
   return body;
 }
@@ -519,13 +497,12 @@ function branchCell(cell, prefix, alternative) {
   for (const old of cell.el.querySelectorAll(".figures, .cell-error")) old.remove();
   cell.el.classList.remove("empty");
   cell.el.classList.add("streaming");
-  Object.assign(cell, { ended: false, done: false, id: newRequestId(), source: null });
+  Object.assign(cell, { ended: false, done: false, id: newRequestId(), generation: null });
   startCellText(cell, start);
   round.stopRequested = false;
   running = round;
   updateControls();
-  const system = document.getElementById("system").value;
-  const body = cellBody(cell, [...cell.messages, { role: "assistant", content: start }], generationParams(), system);
+  const body = cellBody(cell, [...cell.messages, { role: "assistant", content: start }], generationSettings());
   runCell(round, cell, { ...body, continue_final: true });
 }
 
@@ -535,21 +512,20 @@ function stop() {
   round.stopRequested = true;
   els.stop.disabled = true;
   for (const cell of round.cells) {
-    if (cell.ended) continue;
-    setCellNote(cell, "chat.stopping");
-    requestStop(cell.id);
-    cell.stopTimer = setTimeout(() => {
-      requestStop(cell.id); // Stop pressed within moments of Send may have beaten the registration
-      finishCell(round, cell, { finishReason: "cancelled" });
-    }, STOP_GRACE_MS);
+    if (!cell.ended && stopWithGrace(cell.generation)) setCellNote(cell, "chat.stopping");
   }
+}
+
+/** Drops the rounds on show and the conversations multi-turn would carry on. */
+function forgetRounds() {
+  rounds = [];
+  histories = new Map(loadedSlots().map((slot) => [slot.id, []]));
+  els.rounds.replaceChildren();
 }
 
 function clearRounds() {
   if (running) return;
-  rounds = [];
-  histories = new Map(loadedSlots.map((slot) => [slot.id, []]));
-  els.rounds.replaceChildren();
+  forgetRounds();
   updateControls();
 }
 
@@ -561,11 +537,7 @@ els.add.addEventListener("click", () => {
 });
 els.load.addEventListener("click", loadColumns);
 els.unload.addEventListener("click", unloadColumns);
-els.composer.addEventListener("submit", (event) => {
-  event.preventDefault();
-  send();
-});
-sendOnEnter(els.prompt, send);
+wireComposer(els.composer, els.prompt, send);
 els.stop.addEventListener("click", stop);
 els.clear.addEventListener("click", clearRounds);
 els.diff.addEventListener("change", () => rounds.forEach(renderRoundDiff));
@@ -576,7 +548,7 @@ document.addEventListener("mt:lang", () => {
 });
 // Another tab may have loaded slots; look again whenever the view is opened.
 document.addEventListener("mt:view", (event) => {
-  if (event.detail === "compare" && !loading && !running) refreshSlots(loadedSlots.length === 0);
+  if (event.detail === "compare" && !loading && !running) refreshSlots(loadedSlots().length === 0);
 });
 
 renderHead();
@@ -585,6 +557,5 @@ updateControls();
 refreshSlots(true);
 
 export const specs = () => slotList.specs();
-export const slots = () => loadedSlots.map((slot) => ({ ...slot }));
 export const setSpecs = (wanted) => slotList.setSpecs(wanted);
 export { diffWords, tokenize, loadColumns, send, stop };

@@ -12,6 +12,16 @@ export function makeElement(tag, className, text) {
   return el;
 }
 
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+/** An SVG element (the charts) with its attributes and, like makeElement, its text as a text node. */
+export function makeSvg(tag, attrs, text) {
+  const el = document.createElementNS(SVG_NS, tag);
+  for (const [name, value] of Object.entries(attrs || {})) el.setAttribute(name, String(value));
+  if (text !== undefined) el.textContent = text;
+  return el;
+}
+
 export function makeButton(className, key, onClick) {
   const button = makeElement("button", className);
   button.type = "button";
@@ -38,13 +48,19 @@ export function downloadBlob(blob, name) {
   setTimeout(() => URL.revokeObjectURL(url), 60000);
 }
 
-
-/** Enter sends, Shift+Enter breaks the line; Enter that confirms an IME candidate (Chinese, Japanese input) must not send. */
-export function sendOnEnter(textarea, action) {
+/**
+ * A composer: submitting its form sends, and so does Enter in its textarea, while Shift+Enter
+ * breaks the line and Enter that confirms an IME candidate (Chinese, Japanese input) does not send.
+ */
+export function wireComposer(form, textarea, send) {
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    send();
+  });
   textarea.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
       event.preventDefault();
-      action();
+      send();
     }
   });
 }

@@ -3,19 +3,18 @@
  * row by row, and download them. Earlier runs are listed and reopen; a stopped one resumes.
  */
 import { bind, t } from "./i18n.js";
-import { apiFetch, describeFailure, parseEventData, requestJson } from "./api.js";
-import { byId, downloadBlob, makeButton, makeElement } from "./dom.js";
+import { apiFetch, describeFailure, openEventStream, requestJson } from "./api.js";
+import { byId, downloadBlob, makeButton, makeElement, makeSvg } from "./dom.js";
 import { formatDate } from "./format.js";
 import { walkEval } from "./arena.js";
 import { getCatalog } from "./catalog.js";
 import { SlotList, fillModelSelect, selectedModel } from "./picker.js";
-import * as compare from "./compare.js";
+import { loadedSlots } from "./compare-slots.js";
 import { refresh as refreshMonitor } from "./monitor.js";
 
 const MAX_MODELS = 4;
 const ROWS_PAGE = 100; // a test set of thousands of rows would make the page crawl if shown whole
 const RESUMABLE = ["cancelled", "interrupted"];
-const SVG_NS = "http://www.w3.org/2000/svg";
 // The chart's bars, each on a 0-100 scale. The reference's perplexity becomes the geometric mean
 // probability of its tokens (100 / perplexity), so that a taller bar is better, as for the others.
 const METRICS = [
@@ -95,7 +94,7 @@ function updateForm() {
   const busy = Boolean(following);
   els.start.disabled = busy;
   els.addModel.disabled = modelList.cards.length >= MAX_MODELS;
-  els.useCompare.disabled = !(compare.slots().length);
+  els.useCompare.disabled = !loadedSlots().length;
   bind(els.modelsHint, modelList.cards.length ? "eval.models_hint_some" : "eval.models_hint_none");
 }
 
@@ -156,32 +155,21 @@ function follow(info) {
   showProgress(info.done || 0, info.total || 0, null);
   updateForm();
 
-  const source = new EventSource(events);
-  following.source = source;
-  source.addEventListener("progress", (event) => {
-    const data = parseEventData(event);
-    showProgress(data.done, data.total, data.model);
-    const listed = evals.find((run) => run.id === id);
-    if (listed && listed.done !== data.done) {
-      Object.assign(listed, { done: data.done, total: data.total, state: "running" });
-      renderList();
-    }
-  });
-  source.addEventListener("done", (event) => {
-    source.close();
-    const data = parseEventData(event);
-    finishFollowing(id, data.state, data.error);
-  });
-  source.addEventListener("error", (event) => {
-    // The server's own error event carries data; a dropped or refused connection does not.
-    if (typeof event.data === "string") {
-      source.close();
-      const data = parseEventData(event);
-      finishFollowing(id, "error", data.error);
-    } else if (source.readyState === EventSource.CLOSED) {
-      finishFollowing(id, null, t("eval.lost"));
-    }
-    // otherwise the browser reconnects by itself and the server repeats the current progress
+  following.source = openEventStream(events, {
+    events: {
+      progress: (data) => {
+        showProgress(data.done, data.total, data.model);
+        const listed = evals.find((run) => run.id === id);
+        if (listed && listed.done !== data.done) {
+          Object.assign(listed, { done: data.done, total: data.total, state: "running" });
+          renderList();
+        }
+      },
+    },
+    done: (data) => finishFollowing(id, data.state, data.error),
+    error: (message) => finishFollowing(id, "error", message),
+    lost: () => finishFollowing(id, null, t("eval.lost")),
+    reconnects: true, // the server repeats the current progress to a new connection
   });
 }
 
@@ -209,14 +197,8 @@ async function start() {
   }
   const form = new FormData();
   form.append("file", file, file.name);
-  const specs = modelList.specs().filter((spec) => spec.model);
-  if (specs.length) {
-    form.append("models", JSON.stringify(specs.map((spec) => {
-      const body = { model: spec.model, adapter: spec.adapter, adapter_enabled: spec.adapter ? spec.adapter_enabled : true };
-      if (spec.backend && spec.backend !== "other") body.backend = spec.backend;
-      return body;
-    })));
-  }
+  const specs = modelList.requestSpecs();
+  if (specs.length) form.append("models", JSON.stringify(specs));
   const maxTokens = Number(els.maxTokens.value);
   if (els.maxTokens.value !== "" && Number.isFinite(maxTokens)) form.append("max_new_tokens", String(Math.round(maxTokens)));
   if (els.name.value.trim()) form.append("name", els.name.value.trim());
@@ -322,13 +304,6 @@ function renderSummary(data) {
   els.summary.replaceChildren(head, body);
 }
 
-function svg(tag, attrs, text) {
-  const el = document.createElementNS(SVG_NS, tag);
-  for (const [name, value] of Object.entries(attrs || {})) el.setAttribute(name, String(value));
-  if (text !== undefined) el.textContent = text;
-  return el;
-}
-
 /** Shortens a label in the middle: model names differ at their ends ("…-q4_1", "…-instruct"). */
 function middleEllipsis(text, max) {
   if (text.length <= max) return text;
@@ -349,20 +324,20 @@ function renderChart(summary) {
   const legendW = METRICS.reduce((sum, metric) => sum + 28 + t(metric.label).length * 7, left);
   const width = Math.max(320, legendW, left + 12 + summary.length * (groupW + groupGap));
   const height = top + plotH + 30;
-  const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", class: "chart" });
-  root.append(svg("title", {}, t("eval.chart_title")));
+  const root = makeSvg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", class: "chart" });
+  root.append(makeSvg("title", {}, t("eval.chart_title")));
   root.style.maxWidth = `${width}px`; // drawn at its own size; it only ever shrinks to fit
 
   let x = left;
   for (const metric of METRICS) {
-    root.append(svg("rect", { x, y: 8, width: 10, height: 10, rx: 2, class: metric.cls }));
-    root.append(svg("text", { x: x + 14, y: 17, class: "chart-legend" }, t(metric.label)));
+    root.append(makeSvg("rect", { x, y: 8, width: 10, height: 10, rx: 2, class: metric.cls }));
+    root.append(makeSvg("text", { x: x + 14, y: 17, class: "chart-legend" }, t(metric.label)));
     x += 14 + t(metric.label).length * 7 + 14;
   }
   for (const tick of [0, 25, 50, 75, 100]) {
     const y = top + plotH - (tick / 100) * plotH;
-    root.append(svg("line", { x1: left, x2: width - 4, y1: y, y2: y, class: "chart-grid" }));
-    root.append(svg("text", { x: left - 6, y: y + 3, class: "chart-axis", "text-anchor": "end" }, String(tick)));
+    root.append(makeSvg("line", { x1: left, x2: width - 4, y1: y, y2: y, class: "chart-grid" }));
+    root.append(makeSvg("text", { x: left - 6, y: y + 3, class: "chart-axis", "text-anchor": "end" }, String(tick)));
   }
   const maxChars = Math.floor((groupW + groupGap - 6) / 6.2);
   summary.forEach((row, g) => {
@@ -371,16 +346,16 @@ function renderChart(summary) {
       const raw = typeof row[metric.key] === "number" ? metric.value(row) : NaN;
       const value = Number.isFinite(raw) ? Math.max(0, Math.min(100, raw)) : 0;
       const h = (value / 100) * plotH;
-      const bar = svg("rect", { x: gx + i * barW, y: top + plotH - h, width: barW - 4, height: Math.max(h, 0.5), class: metric.cls });
-      bar.append(svg("title", {}, `${row.label} · ${t(metric.label)}: ${value.toFixed(1)}`));
+      const bar = makeSvg("rect", { x: gx + i * barW, y: top + plotH - h, width: barW - 4, height: Math.max(h, 0.5), class: metric.cls });
+      bar.append(makeSvg("title", {}, `${row.label} · ${t(metric.label)}: ${value.toFixed(1)}`));
       root.append(bar);
-      root.append(svg("text", { x: gx + i * barW + (barW - 4) / 2, y: top + plotH - h - 3, class: "chart-value", "text-anchor": "middle" },
+      root.append(makeSvg("text", { x: gx + i * barW + (barW - 4) / 2, y: top + plotH - h - 3, class: "chart-value", "text-anchor": "middle" },
         value.toFixed(0)));
     });
     const name = String(row.label);
-    const label = svg("text", { x: gx + (groupW - 4) / 2, y: top + plotH + 16, class: "chart-label", "text-anchor": "middle" },
+    const label = makeSvg("text", { x: gx + (groupW - 4) / 2, y: top + plotH + 16, class: "chart-label", "text-anchor": "middle" },
       middleEllipsis(name, maxChars));
-    label.append(svg("title", {}, name));
+    label.append(makeSvg("title", {}, name));
     root.append(label);
   });
   els.chart.append(root);
@@ -559,7 +534,7 @@ els.addModel.addEventListener("click", () => {
   modelList.add(specs.length ? { ...specs[specs.length - 1] } : {});
 });
 els.useCompare.addEventListener("click", () => {
-  const slots = compare.slots();
+  const slots = loadedSlots();
   if (slots.length) modelList.setSpecs(slots);
 });
 els.cancel.addEventListener("click", cancel);

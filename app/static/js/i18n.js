@@ -51,7 +51,6 @@ const STRINGS = {
     "chat.waiting": "waiting, position {position}",
     "chat.generating": "generating…",
     "chat.stopping": "stopping…",
-    "chat.lost": "the connection to the server was lost before the answer finished",
     "chat.regenerate": "Regenerate",
     "chat.continue": "Continue",
     "chat.recorded_with": "Recorded with {model} ({backend}); a different model is being served now.",
@@ -258,6 +257,7 @@ const STRINGS = {
     "key.refused": "The API key was refused. API key:",
     "err.unreachable": "could not reach the server: {reason}",
     "err.generation_failed": "generation failed",
+    "err.lost": "the connection to the server was lost before the answer finished",
   },
 
   zh: {
@@ -303,7 +303,6 @@ const STRINGS = {
     "chat.waiting": "排队中，第 {position} 位",
     "chat.generating": "生成中…",
     "chat.stopping": "正在停止…",
-    "chat.lost": "回答完成前与服务器的连接已断开",
     "chat.regenerate": "重新生成",
     "chat.continue": "继续",
     "chat.recorded_with": "此对话使用 {model}（{backend}）；当前服务的是另一个模型。",
@@ -510,6 +509,7 @@ const STRINGS = {
     "key.refused": "API key 被拒绝。请重新输入 API key：",
     "err.unreachable": "无法连接服务器：{reason}",
     "err.generation_failed": "生成失败",
+    "err.lost": "回答完成前与服务器的连接已断开",
   },
 };
 

@@ -5,6 +5,7 @@
  */
 import * as chat from "./chat.js";
 import * as compare from "./compare.js";
+import { loadedSlots } from "./compare-slots.js";
 import * as evaluate from "./evaluate.js";
 import { strings, t } from "./i18n.js";
 import { renderMessage } from "./messages.js";
@@ -32,7 +33,7 @@ window.modelTest = {
   record: chat.currentRecord,
 };
 window.MT = Object.freeze({
-  compare: { slots: compare.slots, specs: compare.specs, diffWords: compare.diffWords },
+  compare: { slots: loadedSlots, specs: compare.specs, diffWords: compare.diffWords },
   evaluate: { shown: evaluate.shown, openEval: evaluate.openEval },
   i18n: { t, strings },
 });

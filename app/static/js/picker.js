@@ -149,6 +149,15 @@ class SlotList {
     });
   }
 
+  /** The cards with a model, as POST /api/compare/slots and an evaluation's models take them. */
+  requestSpecs() {
+    return this.specs().filter((spec) => spec.model).map((spec) => {
+      const body = { model: spec.model, adapter: spec.adapter, adapter_enabled: spec.adapter ? spec.adapter_enabled : true };
+      if (spec.backend && spec.backend !== "other") body.backend = spec.backend;
+      return body;
+    });
+  }
+
   setSpecs(specs) {
     this.cards.forEach((card) => card.el.remove());
     this.cards = [];

@@ -1,15 +1,23 @@
-/* The sidebar's sampling settings: the sliders and what generation bodies make of them. */
+/* The sidebar's generation settings, shared by every view: the sampling sliders and the system
+ * prompt. Views read them here, never from the sidebar's elements.
+ */
 import { byId } from "./dom.js";
 
 const inputs = { temperature: byId("temperature"), topP: byId("top-p"), maxTokens: byId("max-tokens") };
+const systemPrompt = byId("system");
 
-/** The sampling settings, as generation bodies and exported conversations name them. */
-export function generationParams() {
-  return {
+/**
+ * The settings as a generation body takes them: the sampling values under the names generation
+ * bodies and exported conversations use, and the system prompt unless it is blank.
+ */
+export function generationSettings() {
+  const settings = {
     max_new_tokens: Number(inputs.maxTokens.value),
     temperature: Number(inputs.temperature.value),
     top_p: Number(inputs.topP.value),
   };
+  if (systemPrompt.value.trim()) settings.system = systemPrompt.value;
+  return settings;
 }
 
 function setSlider(input, value) {
@@ -18,11 +26,12 @@ function setSlider(input, value) {
   input.dispatchEvent(new Event("input", { bubbles: true }));
 }
 
-/** Puts back the settings a stored conversation was had with. */
-export function restoreParams(params = {}) {
+/** Puts back the settings a stored conversation was had with: its sampling values and system prompt. */
+export function restoreSettings({ params = {}, system = "" }) {
   setSlider(inputs.temperature, params.temperature);
   setSlider(inputs.topP, params.top_p);
   setSlider(inputs.maxTokens, params.max_new_tokens);
+  systemPrompt.value = system;
 }
 
 function bindSlider(input, decimals) {
