@@ -26,7 +26,7 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
                 "(--remote-model myft, or POST /api/load_model {\"backend\": \"openai\", \"model\": \"myft\"})",
                 field="adapter",
             )
-        from app.services.backends.remote import RemoteBackend
+        from app.services.backends.remote.backend import RemoteBackend
 
         return RemoteBackend(spec, settings.remote)
     # llama.cpp applies a LoRA only as a GGUF file (convert_lora_to_gguf.py); a PEFT folder is refused
