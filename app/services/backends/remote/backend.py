@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class RemoteBackend:
-    name = "openai"
+    name = "remote"
 
     def __init__(self, spec: ModelSpec, settings: RemoteSettings):
         self._spec = spec
@@ -65,7 +65,7 @@ class RemoteBackend:
         url = self._spec.base_url
         if not url:
             raise InvalidModel(
-                "the openai backend needs the remote server's URL: --base-url http://host:8000/v1 "
+                "the remote backend needs the remote server's URL: --base-url http://host:8000/v1 "
                 "(or MODEL_TEST_REMOTE__BASE_URL)",
                 field="base_url",
             )
@@ -148,7 +148,7 @@ class RemoteBackend:
                 continue_final: bool = False) -> Prompt:
         if continue_final:
             # The server applies its own template; OpenAI's API has no way to say "continue".
-            raise InvalidRequest("the openai backend cannot continue an answer: the remote server renders the "
+            raise InvalidRequest("the remote backend cannot continue an answer: the remote server renders the "
                                  "chat itself; send the conversation without continue_final", field="continue_final")
         if messages is not None:
             return Prompt(text="", token_ids=(), messages=tuple(messages))
