@@ -1,10 +1,10 @@
 """llama.cpp's token loop, with no more per token than llama-bench has: one ``llama_decode`` of
 one token, and picking the next.
 
-``Llama.generate`` spends about 170 µs a token outside ``llama_decode`` (measured on 2 cores,
-SmolLM2-135M: 2% of the token's time, during which the other OpenMP thread spins): a Python
-batch refill, a KV-cache trim call, keyword-heavy ``sample`` calls, and a sampler chain that
-copies all 49,152 logits into a candidate array just to take the largest. Here a greedy request
+Outside ``llama_decode``, ``Llama.generate`` does for every token a Python batch refill, a
+KV-cache trim call, keyword-heavy ``sample`` calls, and a sampler chain that copies every logit
+of the vocabulary into a candidate array just to take the largest, while llama.cpp's other
+OpenMP threads spin (docs/benchmarks.md has what that cost where it was measured). Here a greedy request
 with no penalties takes ``argmax`` of the logits in numpy, which is what llama.cpp's greedy
 sampler returns (the first of equal maxima wins in both); every other request samples with the
 same llama.cpp chain ``Llama.generate`` builds, so a seed gives the same answer as before.
