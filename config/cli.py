@@ -78,15 +78,19 @@ def _default_text(info: FieldInfo) -> str:
     return str(info.default)
 
 
-def _argument(annotation: Any) -> dict:
-    """argparse keywords for a field's type."""
-    annotation = _unwrap_optional(annotation)
+def _argument(info: FieldInfo) -> dict:
+    """argparse keywords for a field's type. Choices a field still accepts under an old name
+    (``json_schema_extra={"old_choices": ...}``) are taken and left out of the help."""
+    annotation = _unwrap_optional(info.annotation)
     origin = typing.get_origin(annotation)
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
     if origin is Literal:
-        choices = typing.get_args(annotation)
-        return {"choices": list(choices), "type": type(choices[0])}
+        choices = list(typing.get_args(annotation))
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        old = list(extra.get("old_choices", []))
+        shown = {"metavar": "{" + ",".join(choices) + "}"} if old else {}
+        return {"choices": choices + old, "type": type(choices[0]), **shown}
     if annotation in (int, float):
         return {"type": annotation, "metavar": "N" if annotation is int else "X"}
     if annotation in (str, SecretStr):
@@ -98,41 +102,63 @@ def _argument(annotation: Any) -> dict:
     return {"type": json.loads, "metavar": "JSON"}  # lists and mappings
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="model_test: chat with your fine-tuned checkpoints. Every flag is a setting of config/settings.py; "
-        "each can also be given as the environment variable named in its help.",
-        argument_default=argparse.SUPPRESS)
+class Flag(typing.NamedTuple):
+    """One command-line flag: its names, where its value goes, its help, and argparse's keywords."""
+
+    names: tuple[str, ...]
+    dest: str  # "section/field", several joined by "|" for a flag that sets them together
+    help: str
+    group: str  # the settings section it is listed under ("" for the top level)
+    options: dict
+
+
+def _help_text(leaf: LeafField) -> str:
+    bounds = _bounds(leaf.info)
+    return " ".join(filter(None, [
+        leaf.info.description or "",
+        f"[{bounds}]" if bounds else "",
+        f"(default: {_default_text(leaf.info)}; env {leaf.env})",
+    ])).replace("%", "%%")
+
+
+def flags() -> list[Flag]:
+    """Every flag run.py takes: one per setting, and one per short flag shared by several sections."""
     leaves = list(leaf_fields())
     owners: dict[str, list[LeafField]] = defaultdict(list)
     for leaf in leaves:
         # a section class used twice (remote, judge_endpoint) keeps its short flags for its first use
         if leaf.short_flag and all(other.info is not leaf.info for other in owners[leaf.short_flag]):
             owners[leaf.short_flag].append(leaf)
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    found = []
     for leaf in leaves:
-        section = leaf.path[0] if len(leaf.path) > 1 else ""
-        if section not in groups:
-            groups[section] = parser.add_argument_group(f"{section} settings" if section else "the model to serve, and where files live")
         names = [leaf.long_flag]
         owned = leaf.short_flag and any(owner is leaf for owner in owners[leaf.short_flag])
         if owned and len(owners[leaf.short_flag]) == 1 and leaf.short_flag != leaf.long_flag:
             names.append(leaf.short_flag)
-        argument = _argument(leaf.info.annotation)
-        if argument.get("type") is str and "metavar" not in argument:
-            argument["metavar"] = leaf.path[-1].upper()
-        bounds = _bounds(leaf.info)
-        help_text = " ".join(filter(None, [
-            leaf.info.description or "",
-            f"[{bounds}]" if bounds else "",
-            f"(default: {_default_text(leaf.info)}; env {leaf.env})",
-        ]))
-        groups[section].add_argument(*names, dest="/".join(leaf.path), help=help_text.replace("%", "%%"), **argument)
+        options = _argument(leaf.info)
+        if options.get("type") is str and "metavar" not in options:
+            options["metavar"] = leaf.path[-1].upper()
+        found.append(Flag(tuple(names), "/".join(leaf.path), _help_text(leaf), leaf.path[0] if len(leaf.path) > 1 else "", options))
     for flag, shared in owners.items():
         if len(shared) > 1:
-            parser.add_argument(flag, dest="|".join("/".join(leaf.path) for leaf in shared),
-                                help=f"sets {', '.join(leaf.long_flag for leaf in shared)} together",
-                                **_argument(shared[0].info.annotation))
+            found.append(Flag((flag,), "|".join("/".join(leaf.path) for leaf in shared),
+                              f"sets {', '.join(leaf.long_flag for leaf in shared)} together", "", _argument(shared[0].info)))
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="model_test: chat with your fine-tuned checkpoints. Every flag is a setting of config/settings.py; "
+        "each can also be given as the environment variable named in its help.",
+        argument_default=argparse.SUPPRESS)
+    groups: dict[str, Any] = {}
+    for flag in flags():
+        if "|" in flag.dest:  # a shared flag: on the parser itself, after the groups
+            parser.add_argument(*flag.names, dest=flag.dest, help=flag.help, **flag.options)
+            continue
+        if flag.group not in groups:
+            groups[flag.group] = parser.add_argument_group(f"{flag.group} settings" if flag.group else "the model to serve, and where files live")
+        groups[flag.group].add_argument(*flag.names, dest=flag.dest, help=flag.help, **flag.options)
     return parser
 
 

@@ -8,16 +8,47 @@ keyword arguments given to :class:`Settings` (which is what ``run.py`` flags and
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+log = logging.getLogger(__name__)
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-BackendName = Literal["llamacpp", "transformers", "openai"]
+BackendName = Literal["llamacpp", "transformers", "remote"]
+# The remote backend was called "openai" up to 0.5 (issue 25); "openai" now names only the /v1 surface.
+# The old name is still taken wherever users gave it, with a warning.
+OLD_BACKEND_NAMES = {"openai": "remote"}
+
+
+@functools.cache
+def say_backend_renamed(old: str, where: str) -> None:
+    """Logs, once per process for each old name and place, that a backend was asked for by its old name."""
+    log.warning("backend %r in %s is deprecated: it is called %r now (the old name will stop working in a "
+                "later release)", old, where, OLD_BACKEND_NAMES[old])
+
+
+def current_backend_name(name: Optional[str], where: str) -> Optional[str]:
+    """``name``, or what a backend given by its old name is called now (said once in the log)."""
+    if isinstance(name, str) and name in OLD_BACKEND_NAMES:
+        say_backend_renamed(name, where)
+        return OLD_BACKEND_NAMES[name]
+    return name
+
+
+def _backend_setting(name, where: str):
+    """A backend setting's value, its old name taken with a log line and a DeprecationWarning."""
+    current = current_backend_name(name, where)
+    if current != name:
+        warnings.warn(f"backend {name!r} is deprecated; use {current!r}", DeprecationWarning, stacklevel=2)
+    return current
 
 
 def physical_cores() -> int:
@@ -172,12 +203,12 @@ class TransformersSettings(BaseModel):
 
 
 class RemoteSettings(BaseModel):
-    """The openai backend: a model served by another OpenAI-compatible server (vLLM, llama-server,
+    """The remote backend: a model served by another OpenAI-compatible server (vLLM, llama-server,
     TGI, Ollama), for models too big for this machine."""
 
     base_url: Optional[str] = Field(
         None, description="The server's OpenAI API root, e.g. http://gpu-host:8000/v1 (vLLM, llama-server), "
-        "http://host:11434/v1 (Ollama). Needed by the openai backend.", json_schema_extra={"flag": "--base-url"},
+        "http://host:11434/v1 (Ollama). Needed by the remote backend.", json_schema_extra={"flag": "--base-url"},
     )
     api_key: Optional[SecretStr] = Field(
         None, min_length=1, description="Sent as 'Authorization: Bearer <key>' to that server (vLLM --api-key, "
@@ -203,10 +234,15 @@ class RemoteSettings(BaseModel):
 class Preset(BaseModel):
     backend: BackendName
     path: str = Field(description="A .gguf file or a Hugging Face model directory; relative paths are under models_dir. "
-                      "For the openai backend: the model's name on the remote server (remote.base_url).")
+                      "For the remote backend: the model's name on the remote server (remote.base_url).")
     trust_remote_code: bool = Field(
         False, description="This model needs its own modelling code. Honoured only when the tester was started with "
         "remote code allowed (transformers.trust_remote_code); a preset without it always loads transformers' own class.")
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _old_backend_name(cls, name):
+        return _backend_setting(name, "a preset")
 
 
 DEFAULT_PRESETS: dict[str, Preset] = {
@@ -223,8 +259,9 @@ class Settings(BaseSettings):
 
     backend: Optional[BackendName] = Field(
         None, description="Backend serving the model. Unset: inferred from the model (a .gguf file runs on llamacpp, "
-        "a directory on transformers); llamacpp for the default model. openai forwards to a remote OpenAI-compatible "
-        "server (see remote).",
+        "a directory on transformers); llamacpp for the default model. remote forwards to a remote OpenAI-compatible "
+        "server (see remote; its old name openai still works, with a warning).",
+        json_schema_extra={"old_choices": list(OLD_BACKEND_NAMES)},
     )
     model: Optional[str] = Field(
         None,
@@ -255,3 +292,8 @@ class Settings(BaseSettings):
         default_factory=RemoteSettings,
         description="An OpenAI-compatible server an eval may use as its judge (base_url, model, api_key), set by the "
         "operator only: clients choose it by name, never give its address or key, and results never hold the key.")
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _old_backend_name(cls, name):
+        return _backend_setting(name, "the backend setting (--backend, MODEL_TEST_BACKEND)")

@@ -150,10 +150,11 @@ def run_converter(script: Path, args: list[str], verbose: bool = False, end_toke
             process.kill()
             raise
     if process.returncode != 0:
-        raise ConvertError(f"{script.name} failed: {_failure_reason(errors, tail, process.returncode)}")
+        raise ConvertError(f"{script.name} failed: {failure_reason(errors, tail, process.returncode)}")
 
 
-def _failure_reason(errors: list[str], tail: list[str], returncode: int) -> str:
+def failure_reason(errors: list[str], tail: list[str], returncode: int) -> str:
+    """One line saying why the converter failed, from its error lines and the tail of its output."""
     traceback_at = max((i for i, line in enumerate(tail) if line.startswith("Traceback")), default=None)
     if traceback_at is not None and tail[-1] != tail[traceback_at]:
         reason = tail[-1].strip()  # the exception line
@@ -456,55 +457,79 @@ def _adapter_size(adapter: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> Path:
+    """One of the module docstring's four runs, chosen by the arguments; the path written."""
     models_dir = Path(args.models_dir or Settings().models_dir)
     started = time.perf_counter()
     if args.quantize:
         quant_ftype(args.quantize)  # an unknown type fails before any work
-
     if args.lora_only:
-        if args.adapter is None:
-            raise ConvertError("--lora-only needs --adapter DIR (the PEFT adapter to convert)")
-        if args.model is not None:
-            raise ConvertError("--lora-only takes --adapter (and --base), not a model")
-        if args.quantize:
-            raise ConvertError("a LoRA is not quantised with --quantize; convert it with --outtype q8_0 instead")
-        base = args.base
-        if base is None:
-            from scripts.merge_lora import MergeError, adapter_base
+        out = _convert_lora_only(args, models_dir)
+    elif args.model is not None and args.model.suffix.lower() == ".gguf":
+        out = _quantize_gguf(args)
+    else:
+        out = _convert_model(args, models_dir)
+    log.info("done in %.1f s: %s", time.perf_counter() - started, out)
+    return out
 
-            try:
-                named = adapter_base(args.adapter.expanduser().resolve())
-            except MergeError as exc:
-                raise ConvertError(str(exc)) from None
-            if not named or not Path(named).expanduser().is_dir():
-                raise ConvertError(f"the adapter names its base as {named or 'nothing'}, which is no local folder; pass --base DIR")
-            base = Path(named)
-        base = _check_model_dir(base, "base model")
-        adapter = _check_adapter(args.adapter, base, args.force)
-        converter = args.converter_dir or converter_dir()
-        find_converter(converter, "convert_lora_to_gguf.py")
-        check_architecture(base, converter)
-        out = _check_out(args.out or default_out(models_dir, f"{base.name}-lora-{adapter.name}", args.outtype), args.overwrite)
-        check_free_space(out.parent, {"LoRA": _adapter_size(adapter) * BYTES_PER_WEIGHT[args.outtype] / 2})
-        convert_lora(adapter, base, out, args.outtype, converter, args.verbose)
-        log.info("done in %.1f s: %s", time.perf_counter() - started, out)
-        return out
 
-    if args.model is not None and args.model.suffix.lower() == ".gguf":
-        # an existing GGUF: quantise it, nothing else
-        source = args.model.expanduser().resolve()
-        if not source.is_file():
-            raise ConvertError(f"model not found: {source}")
-        if not args.quantize:
-            raise ConvertError(f"{source.name} is already a GGUF; pass --quantize TYPE to quantise it")
-        from app.services.checkpoints.gguf_metadata import stem_without_type
+def _convert_lora_only(args: argparse.Namespace, models_dir: Path) -> Path:
+    """``--lora-only``: the PEFT adapter alone, as a GGUF LoRA."""
+    if args.adapter is None:
+        raise ConvertError("--lora-only needs --adapter DIR (the PEFT adapter to convert)")
+    if args.model is not None:
+        raise ConvertError("--lora-only takes --adapter (and --base), not a model")
+    if args.quantize:
+        raise ConvertError("a LoRA is not quantised with --quantize; convert it with --outtype q8_0 instead")
+    base = _check_model_dir(args.base or _base_named_by(args.adapter), "base model")
+    adapter = _check_adapter(args.adapter, base, args.force)
+    converter = args.converter_dir or converter_dir()
+    find_converter(converter, "convert_lora_to_gguf.py")
+    check_architecture(base, converter)
+    out = _check_out(args.out or default_out(models_dir, f"{base.name}-lora-{adapter.name}", args.outtype), args.overwrite)
+    check_free_space(out.parent, {"LoRA": _adapter_size(adapter) * BYTES_PER_WEIGHT[args.outtype] / 2})
+    convert_lora(adapter, base, out, args.outtype, converter, args.verbose)
+    return out
 
-        out = _check_out(args.out or default_out(source.parent, stem_without_type(source), args.quantize), args.overwrite)
-        check_free_space(out.parent, {args.quantize: source.stat().st_size * BYTES_PER_WEIGHT[args.quantize] / 2})
-        quantize(source, out, args.quantize, args.allow_requantize, args.verbose)
-        log.info("done in %.1f s: %s", time.perf_counter() - started, out)
-        return out
 
+def _base_named_by(adapter: Path) -> Path:
+    """The base folder an adapter's config names, when it is a local folder."""
+    from scripts.merge_lora import MergeError, adapter_base
+
+    try:
+        named = adapter_base(adapter.expanduser().resolve())
+    except MergeError as exc:
+        raise ConvertError(str(exc)) from None
+    if not named or not Path(named).expanduser().is_dir():
+        raise ConvertError(f"the adapter names its base as {named or 'nothing'}, which is no local folder; pass --base DIR")
+    return Path(named)
+
+
+def _quantize_gguf(args: argparse.Namespace) -> Path:
+    """An existing GGUF: quantised, nothing else."""
+    source = args.model.expanduser().resolve()
+    if not source.is_file():
+        raise ConvertError(f"model not found: {source}")
+    if not args.quantize:
+        raise ConvertError(f"{source.name} is already a GGUF; pass --quantize TYPE to quantise it")
+    from app.services.checkpoints.gguf_metadata import stem_without_type
+
+    out = _check_out(args.out or default_out(source.parent, stem_without_type(source), args.quantize), args.overwrite)
+    check_free_space(out.parent, {args.quantize: source.stat().st_size * BYTES_PER_WEIGHT[args.quantize] / 2})
+    quantize(source, out, args.quantize, args.allow_requantize, args.verbose)
+    return out
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What a conversion starts from: a model folder, or a base with an adapter to merge first."""
+
+    folder: Path
+    name: str  # of the outputs, and of the merged folder the converter names the model after
+    base: Optional[Path] = None
+    adapter: Optional[Path] = None
+
+
+def _conversion_source(args: argparse.Namespace) -> _Source:
     if args.base is not None or args.adapter is not None:
         if args.model is not None:
             raise ConvertError("give either a model directory or --base with --adapter, not both")
@@ -512,63 +537,73 @@ def run(args: argparse.Namespace) -> Path:
             raise ConvertError("a merge needs both --base DIR and --adapter DIR")
         base = _check_model_dir(args.base, "base model")
         adapter = _check_adapter(args.adapter, base, args.force)
-        name = f"{base.name}-{adapter.name}"
-        source_dir = base
-    elif args.model is not None:
-        base = adapter = None
-        source_dir = _check_model_dir(args.model)
-        name = source_dir.name
-    else:
-        raise ConvertError("give a model directory, --base DIR --adapter DIR, or --lora-only --adapter DIR")
+        return _Source(base, f"{base.name}-{adapter.name}", base, adapter)
+    if args.model is not None:
+        folder = _check_model_dir(args.model)
+        return _Source(folder, folder.name)
+    raise ConvertError("give a model directory, --base DIR --adapter DIR, or --lora-only --adapter DIR")
 
+
+def _convert_model(args: argparse.Namespace, models_dir: Path) -> Path:
+    """A model folder, or a base merged with an adapter, converted and maybe quantised."""
+    source = _conversion_source(args)
     converter = args.converter_dir or converter_dir()
     find_converter(converter, "convert_hf_to_gguf.py")
-    check_architecture(source_dir, converter)
-    final_kind = args.quantize or args.outtype
-    out = _check_out(args.out or default_out(models_dir, name, final_kind), args.overwrite)
-    if args.quantize:
-        if args.outtype == "q8_0" and not args.allow_requantize:
-            raise ConvertError("--quantize re-quantises a q8_0 conversion; convert with --outtype f16 (or bf16) first")
-        converted = out.parent / f"{name}.{args.outtype}.gguf"
-        keep_converted = args.keep_unquantized
-        if keep_converted:
-            converted = _check_out(converted, args.overwrite)
-    else:
-        converted, keep_converted = out, True
-
-    facts = source_facts(source_dir)
-    needs = {}
-    if adapter is not None:
-        needs[f"merged {args.merge_dtype} checkpoint (temporary)"] = facts.parameters * (4 if args.merge_dtype == "fp32" else 2)
-    needs[args.outtype] = facts.parameters * BYTES_PER_WEIGHT[args.outtype]
-    if args.quantize:
-        needs[args.quantize] = facts.parameters * BYTES_PER_WEIGHT[args.quantize]
-    check_free_space(out.parent, needs)
-
+    check_architecture(source.folder, converter)
+    out = _check_out(args.out or default_out(models_dir, source.name, args.quantize or args.outtype), args.overwrite)
+    converted, keep_converted = _converted_path(args, out, source.name)
+    check_free_space(out.parent, _space_needed(args, source_facts(source.folder).parameters, merging=source.adapter is not None))
     with staged(out, ".merged") as merged_root, staged(out, f".{args.outtype}") as intermediate:
-        if adapter is not None:
-            from scripts.merge_lora import MergeError, merge
-
-            # The converter derives general.name/basename/finetune from the folder's name, so the
-            # merge goes into a folder named like the model, inside the hidden temporary one.
-            merged_dir = merged_root / name
-            merged_root.mkdir()
-            merge_started = time.perf_counter()
-            try:
-                merge(base, adapter, merged_dir, dtype=args.merge_dtype, force=args.force)
-            except MergeError as exc:
-                raise ConvertError(str(exc)) from None
-            log.info("merged %s into %s (%s) in %.1f s", adapter.name, base.name, args.merge_dtype, time.perf_counter() - merge_started)
-            source_dir = merged_dir
+        folder = source.folder
+        if source.adapter is not None:
+            folder = _merge(source, merged_root, args)
         target = converted if keep_converted else intermediate
-        convert_checkpoint(source_dir, target, args.outtype, model_name=name if adapter is not None else None,
+        convert_checkpoint(folder, target, args.outtype, model_name=source.name if source.adapter is not None else None,
                            converter=converter, verbose=args.verbose)
-        if adapter is not None:
+        if source.adapter is not None:
             shutil.rmtree(merged_root, ignore_errors=True)  # room for the quantised file
         if args.quantize:
             quantize(target, out, args.quantize, args.allow_requantize, args.verbose)
-    log.info("done in %.1f s: %s", time.perf_counter() - started, out)
     return out
+
+
+def _converted_path(args: argparse.Namespace, out: Path, name: str) -> tuple[Path, bool]:
+    """Where the converter writes (``out`` itself when nothing is quantised after), and whether that file stays."""
+    if not args.quantize:
+        return out, True
+    if args.outtype == "q8_0" and not args.allow_requantize:
+        raise ConvertError("--quantize re-quantises a q8_0 conversion; convert with --outtype f16 (or bf16) first")
+    converted = out.parent / f"{name}.{args.outtype}.gguf"
+    if args.keep_unquantized:
+        return _check_out(converted, args.overwrite), True
+    return converted, False
+
+
+def _space_needed(args: argparse.Namespace, parameters: int, merging: bool) -> dict[str, float]:
+    """Bytes each file of the run takes, by what it is (check_free_space names them)."""
+    needs = {}
+    if merging:
+        needs[f"merged {args.merge_dtype} checkpoint (temporary)"] = parameters * (4 if args.merge_dtype == "fp32" else 2)
+    needs[args.outtype] = parameters * BYTES_PER_WEIGHT[args.outtype]
+    if args.quantize:
+        needs[args.quantize] = parameters * BYTES_PER_WEIGHT[args.quantize]
+    return needs
+
+
+def _merge(source: _Source, merged_root: Path, args: argparse.Namespace) -> Path:
+    """The base with its adapter merged, in a folder named like the model inside ``merged_root``:
+    the converter derives general.name/basename/finetune from the folder's name."""
+    from scripts.merge_lora import MergeError, merge
+
+    merged_dir = merged_root / source.name
+    merged_root.mkdir()
+    started = time.perf_counter()
+    try:
+        merge(source.base, source.adapter, merged_dir, dtype=args.merge_dtype, force=args.force)
+    except MergeError as exc:
+        raise ConvertError(str(exc)) from None
+    log.info("merged %s into %s (%s) in %.1f s", source.adapter.name, source.base.name, args.merge_dtype, time.perf_counter() - started)
+    return merged_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -149,127 +149,150 @@ def _torch_threads(threads: Optional[int]):
         torch.set_num_threads(previous)
 
 
-def train(
-    base: Path,
-    data: Path,
-    out: Optional[Path] = None,
-    rank: int = 16,
-    alpha: int = 32,
-    dropout: float = 0.0,
-    lr: float = 2e-3,
-    steps: int = 30,
-    batch_size: int = 1,
-    max_len: int = 512,
-    seed: int = 0,
-    target_modules: str = "all-linear",
-    log_every: int = 1,
-    threads: Optional[int] = None,
-) -> TrainResult:
+@dataclass(frozen=True)
+class LoraOptions:
+    """How a run trains; train() takes each as a keyword and records them in training_args.json."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    lr: float = 2e-3
+    steps: int = 30
+    batch_size: int = 1
+    max_len: int = 512
+    seed: int = 0
+    target_modules: str = "all-linear"
+    log_every: int = 1
+    threads: Optional[int] = None
+
+    def check(self) -> None:
+        for name, low in (("rank", 1), ("alpha", 1), ("steps", 1), ("batch_size", 1), ("max_len", 8), ("log_every", 1)):
+            if getattr(self, name) < low:
+                raise TrainError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if (self.threads or 1) < 1:
+            raise TrainError(f"threads must be at least 1, got {self.threads or 1}")
+        if not (self.lr > 0):
+            raise TrainError(f"lr must be positive, got {self.lr}")
+        if not (0 <= self.dropout < 1):
+            raise TrainError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def train(base: Path, data: Path, out: Optional[Path] = None, rank: int = 16, alpha: int = 32, dropout: float = 0.0,
+          lr: float = 2e-3, steps: int = 30, batch_size: int = 1, max_len: int = 512, seed: int = 0,
+          target_modules: str = "all-linear", log_every: int = 1, threads: Optional[int] = None) -> TrainResult:
     """Train a LoRA on ``data`` over the model in ``base``; see the module docstring for the outputs.
 
     fp32 on the CPU with a plain AdamW loop at a constant learning rate: for the few dozen steps
     this is meant for, a schedule or the HF Trainer adds start-up time and nothing measurable.
     ``threads`` sets torch's intra-op threads (default: torch's own choice, one per core).
     """
-    for name, value, low in (("rank", rank, 1), ("alpha", alpha, 1), ("steps", steps, 1), ("batch_size", batch_size, 1), ("max_len", max_len, 8), ("log_every", log_every, 1), ("threads", threads or 1, 1)):
-        if value < low:
-            raise TrainError(f"{name} must be at least {low}, got {value}")
-    if not (lr > 0):
-        raise TrainError(f"lr must be positive, got {lr}")
-    if not (0 <= dropout < 1):
-        raise TrainError(f"dropout must be in [0, 1), got {dropout}")
+    options = LoraOptions(rank, alpha, dropout, lr, steps, batch_size, max_len, seed, target_modules, log_every, threads)
+    options.check()
     base = check_base(base)
     data = Path(data).expanduser().resolve()
     out = Path(out).expanduser().resolve() if out else default_out_dir(base)
     _check_out(out)
-
     # Read the data before the model: a bad record should fail in a second, not after the load.
     conversations = load_sft_dataset(data)
 
     # Heavy imports only now, so a CLI mistake is reported without waiting for torch.
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer
 
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    examples = tokenize_dataset(tokenizer, conversations, max_len, source=data)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
+    examples, pad_id = _examples(base, data, conversations, max_len)
     with _torch_threads(threads):
         torch.manual_seed(seed)
-        model = load_base_model(base, torch.float32)
-        model.config.use_cache = False  # no generation during training; the cache only costs memory
-        lora = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=rank,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
-            target_modules=_target_modules(target_modules),
-        )
-        model = get_peft_model(model, lora)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        log.info(
-            "base %s, %d examples from %s, %d trainable of %d parameters (%.2f%%)",
-            base.name, len(examples), data.name, trainable, total, 100 * trainable / total,
-        )
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # Hidden and suffixed: neither the tester's discovery nor a person takes it for an adapter.
-        # (mkdir rather than mkdtemp, whose 0700 would carry over to the finished adapter.)
-        staging = out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
-        staging.mkdir()
-        try:
+        model, trainable = _lora_model(base, options, f"{len(examples)} examples from {data.name}")
+        with _staged(out) as staging:
             batches = _batches(examples, batch_size, steps, seed, pad_id)
             losses, train_seconds = _fit(model, batches, steps, lr, log_every, staging / "loss_log.jsonl")
             model.save_pretrained(staging)
             _pin_base_path(staging / "adapter_config.json", base)
             _save_curve(losses, staging / "loss_curve.png", f"LoRA r={rank} a={alpha} lr={lr:g} on {base.name}: {data.name}")
             seconds = time.perf_counter() - started
-            args = {
-                "base": str(base),
-                "data": str(data),
-                "data_sha256": _sha256(data),
-                "out": str(out),
-                "rank": rank,
-                "alpha": alpha,
-                "dropout": dropout,
-                "lr": lr,
-                "lr_schedule": "constant",
-                "optimizer": "AdamW(weight_decay=0)",
-                "max_grad_norm": MAX_GRAD_NORM,
-                "steps": steps,
-                "batch_size": batch_size,
-                "max_len": max_len,
-                "seed": seed,
-                "target_modules": target_modules,
-                "dtype": "fp32",
-                "device": "cpu",
-                "threads": torch.get_num_threads(),
-                "examples": len(examples),
-                "records": len(conversations),
-                "trainable_params": trainable,
-                "first_loss": losses[0],
-                "final_loss": losses[-1],
-                "train_seconds": round(train_seconds, 3),
-                "total_seconds": round(seconds, 3),
-                "versions": _versions(),
-            }
-            (staging / "training_args.json").write_text(json.dumps(args, indent=2) + "\n", encoding="utf-8")
-            _check_out(out)  # something may have appeared there while we trained
-            if out.exists():
-                out.rmdir()  # an empty folder, as _check_out allows
-            os.rename(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-
-    log.info(
-        "adapter in %s: loss %.4f -> %.4f over %d steps, %.1f s training, %.1f s in all",
-        out, losses[0], losses[-1], steps, train_seconds, seconds,
-    )
+            run = {"threads": torch.get_num_threads(), "examples": len(examples), "records": len(conversations),
+                   "trainable_params": trainable, "first_loss": losses[0], "final_loss": losses[-1],
+                   "train_seconds": round(train_seconds, 3), "total_seconds": round(seconds, 3)}
+            record = _training_args(base, data, out, options, run)
+            (staging / "training_args.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    log.info("adapter in %s: loss %.4f -> %.4f over %d steps, %.1f s training, %.1f s in all",
+             out, losses[0], losses[-1], steps, train_seconds, seconds)
     return TrainResult(out=out, final_loss=losses[-1], first_loss=losses[0], losses=losses, seconds=seconds, trainable_params=trainable)
+
+
+def _examples(base: Path, data: Path, conversations, max_len: int) -> tuple[list, int]:
+    """The conversations tokenized with the base's tokenizer, and the id batches are padded with."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    examples = tokenize_dataset(tokenizer, conversations, max_len, source=data)
+    return examples, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _lora_model(base: Path, options: LoraOptions, what: str):
+    """The base in fp32 with fresh LoRA layers on it, and how many parameters train."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = load_base_model(base, torch.float32)
+    model.config.use_cache = False  # no generation during training; the cache only costs memory
+    lora = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=options.rank,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=_target_modules(options.target_modules),
+    )
+    model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("base %s, %s, %d trainable of %d parameters (%.2f%%)", base.name, what, trainable, total, 100 * trainable / total)
+    return model, trainable
+
+
+@contextmanager
+def _staged(out: Path):
+    """A folder to write the adapter in, renamed to ``out`` when the block ends well and removed when it
+    does not. Hidden and suffixed, so neither the tester's discovery nor a person takes it for an
+    adapter (mkdir rather than mkdtemp, whose 0700 would carry over to the finished adapter)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    staging.mkdir()
+    try:
+        yield staging
+        _check_out(out)  # something may have appeared there while we trained
+        if out.exists():
+            out.rmdir()  # an empty folder, as _check_out allows
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _training_args(base: Path, data: Path, out: Path, options: LoraOptions, run: dict) -> dict:
+    """training_args.json: the inputs, the options, and what the run measured."""
+    return {
+        "base": str(base),
+        "data": str(data),
+        "data_sha256": _sha256(data),
+        "out": str(out),
+        "rank": options.rank,
+        "alpha": options.alpha,
+        "dropout": options.dropout,
+        "lr": options.lr,
+        "lr_schedule": "constant",
+        "optimizer": "AdamW(weight_decay=0)",
+        "max_grad_norm": MAX_GRAD_NORM,
+        "steps": options.steps,
+        "batch_size": options.batch_size,
+        "max_len": options.max_len,
+        "seed": options.seed,
+        "target_modules": options.target_modules,
+        "dtype": "fp32",
+        "device": "cpu",
+        **run,
+        "versions": _versions(),
+    }
 
 
 def _fit(model, batches, steps: int, lr: float, log_every: int, loss_log_path: Path) -> tuple[list[float], float]:

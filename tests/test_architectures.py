@@ -301,7 +301,7 @@ def test_the_hunyuan_preset_loads_transformers_own_class(tiny_checkpoints, tmp_p
         response = app.test_client().post("/api/load_model", json={"model": "hunyuan-7b-instruct"})
         assert response.status_code == 200, response.get_json()
         assert response.get_json()["info"]["architecture"] == "HunYuanDenseV1ForCausalLM"
-        model = app.extensions["model_service"].current_backend()._model
+        model = app.extensions["model_service"].current_backend().torch_model
         assert type(model).__module__.startswith("transformers.models.hunyuan_v1_dense")
     finally:
         app.extensions["model_service"].unload()

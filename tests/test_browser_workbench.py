@@ -333,7 +333,7 @@ def test_the_language_switch_changes_the_page_and_is_remembered(page, live_serve
     assert page.find_element(By.CSS_SELECTOR, "#messages .msg.assistant .role").text == "模型"
     # Text the page composes (groups, figures, notes) follows too.
     assert "远程 · OpenAI 兼容服务器" in page.execute_script(
-        "return MT.i18n.t('group.openai')"
+        "return MT.i18n.t('group.remote')"
     )
     page.find_element(By.ID, "tab-evaluate").click()
     assert page.find_element(By.ID, "eval-start").text == "开始"

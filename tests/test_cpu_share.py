@@ -42,16 +42,34 @@ def test_a_busy_process_takes_a_thread_and_gives_it_back_when_it_ends():
         share.close()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
 @pytest.mark.parametrize("parallel", [1, 4])
-def test_llamacpp_answers_the_same_while_its_threads_change(default_gguf, parallel):
+def test_llamacpp_answers_the_same_while_its_threads_change(default_gguf, parallel, monkeypatch):
     """Changing the thread count between steps must not change a greedy answer."""
-    from app.services.backends.llamacpp.backend import LlamaCppBackend
+    from app.services.backends.llamacpp import backend as llamacpp_backend
     from app.services.checkpoints.spec import ModelSpec
     from app.services.core.types import GenerationParams, Message
     from config.settings import LlamaCppSettings
 
-    backend = LlamaCppBackend(ModelSpec("llamacpp", default_gguf), LlamaCppSettings(n_ctx=512, n_threads=2, parallel=parallel))
+    flips = iter([1, 2] * 100)
+    shares = []
+
+    class FlippingShare:
+        """A CpuShare that answers its full count until told to flip between 1 and 2 each step."""
+
+        def __init__(self, n_threads: int):
+            self.n_threads, self.flipping = n_threads, False
+            shares.append(self)
+
+        @property
+        def threads(self) -> int:
+            return next(flips) if self.flipping else self.n_threads
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(llamacpp_backend, "CpuShare", FlippingShare)
+    settings = LlamaCppSettings(n_ctx=512, n_threads=2, parallel=parallel, adapt_threads=True)
+    backend = llamacpp_backend.LlamaCppBackend(ModelSpec("llamacpp", default_gguf), settings)
     backend.load()
     try:
         params = GenerationParams(max_new_tokens=48, temperature=0.0, ignore_eos=True)
@@ -62,9 +80,7 @@ def test_llamacpp_answers_the_same_while_its_threads_change(default_gguf, parall
             return [t for chunk in backend.stream(prompt, params, threading.Event()) for t in chunk.token_ids]
 
         quiet = tokens()
-        flips = iter([1, 2] * 100)
-        backend._cpu_share = type("Flipping", (), {"threads": property(lambda self: next(flips)),
-                                                   "close": lambda self: None})()
+        shares[0].flipping = True
         assert tokens() == quiet
     finally:
         backend.unload()

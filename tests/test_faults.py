@@ -58,7 +58,7 @@ def test_loader_crash_sets_error_state_and_a_later_load_recovers(tmp_path):
     assert "simulated loader crash" in status["error"]
     assert client.post("/api/chat", json=BODY).status_code == 500
     # the next backend built loads fine
-    app.extensions["model_service"]._backend_factory = fake_factory()
+    factory.options["fail_load"] = False
     assert client.post("/api/load_model", json={}).get_json()["state"] == "loaded"
     assert client.post("/api/chat", json=BODY).status_code == 200
 

@@ -184,7 +184,7 @@ def test_the_lean_token_loop_picks_what_llama_generate_picks(either_backend, par
     prompt = backend.prepare(messages=[Message("user", "Tell me a story about a lighthouse keeper.")])
     backend.clear_cache()
     ours = [token_id for chunk in backend.stream(prompt, params, threading.Event()) for token_id in chunk.token_ids]
-    llama = backend._llama
+    llama = backend.llama
     llama.set_seed(params.seed if params.seed is not None else 0)
     assert ours == generate_reference(llama, prompt.token_ids, params, params.max_new_tokens)
     backend.clear_cache()
@@ -200,7 +200,7 @@ def test_the_token_loop_leaves_llamas_bookkeeping_as_the_cache_holds_it(backend)
     prompt = backend.prepare(messages=[Message("user", "Count to five.")])
     backend.clear_cache()
     answer_ids = [t for chunk in backend.stream(prompt, params, threading.Event()) for t in chunk.token_ids]
-    llama = backend._llama
+    llama = backend.llama
     assert llama.n_tokens == len(prompt.token_ids) + len(answer_ids) - 1
     assert list(llama.input_ids[: llama.n_tokens]) == list(prompt.token_ids) + answer_ids[:-1]
     assert common_prefix_length(llama.input_ids[: llama.n_tokens], list(prompt.token_ids) + [answer_ids[0] + 1]) == len(prompt.token_ids)

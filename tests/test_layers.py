@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from config.cli import build_parser, leaf_fields, parse_settings
+from config.cli import flags, leaf_fields, parse_settings
 from config.settings import PROJECT_ROOT
 
 APP = PROJECT_ROOT / "app"
@@ -116,8 +116,7 @@ def test_no_import_circles_between_packages():
 
 
 def test_every_setting_is_a_flag_with_its_description_and_bounds():
-    parser = build_parser()
-    options = {option: action for action in parser._actions for option in action.option_strings}
+    options = {name: flag for flag in flags() for name in flag.names}
     for leaf in leaf_fields():
         action = options[leaf.long_flag]
         assert leaf.env in action.help, leaf.long_flag

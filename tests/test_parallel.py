@@ -85,7 +85,7 @@ def test_a_request_arriving_mid_batch_joins_and_is_answered(alone, parallel):
 
     def short_answer():
         seen.wait(60)
-        joined_at.append(parallel._parallel.running())  # the long one is still decoding
+        joined_at.append(parallel.parallel_decoder.running())  # the long one is still decoding
         return answer(parallel, PROMPTS[1])
 
     got_long, got_short = concurrently([long_answer, short_answer])
@@ -96,7 +96,7 @@ def test_a_request_arriving_mid_batch_joins_and_is_answered(alone, parallel):
 def test_a_hang_up_frees_its_sequence_within_a_step_while_the_others_go_on(alone, parallel):
     keep_params = GenerationParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
     expected = answer(alone, PROMPTS[2], keep_params)
-    decoder = parallel._parallel
+    decoder = parallel.parallel_decoder
     hung_up = threading.Event()
     running_after: list[int] = []
 
@@ -126,7 +126,7 @@ def test_a_hang_up_frees_its_sequence_within_a_step_while_the_others_go_on(alone
 
 
 def test_a_chats_next_turn_finds_its_own_cells(parallel):
-    decoder = parallel._parallel
+    decoder = parallel.parallel_decoder
     first = [Message("user", "Name three colours.")]
     other = [Message("user", "What is 2 + 2?")]
     reply = parallel.detokenize(answer(parallel, "", messages=first)).split("<|im_end|>")[0]

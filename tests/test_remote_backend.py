@@ -1,4 +1,4 @@
-"""The openai backend against a real OpenAI-compatible server: llama-cpp-python's server on the
+"""The remote backend against a real OpenAI-compatible server: llama-cpp-python's server on the
 embedded GGUF, started once for this module on 127.0.0.1. The failures a real server will not
 produce on demand (a refused key, a server that goes silent, a garbled stream, a 400 naming the
 context) come from a tiny fake server written here."""
@@ -63,13 +63,13 @@ def llama_server(tmp_path_factory, default_gguf):
 
 
 def remote_app(tmp_path, base_url: str, **remote):
-    settings = make_settings(tmp_path, backend="openai", remote=RemoteSettings(base_url=base_url, **remote))
+    settings = make_settings(tmp_path, backend="remote", remote=RemoteSettings(base_url=base_url, **remote))
     return create_app(settings)
 
 
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory, llama_server):
-    """Our app on the openai backend, pointed at the llama.cpp server, served on a free port."""
+    """Our app on the remote backend, pointed at the llama.cpp server, served on a free port."""
     url, _ = llama_server
     app = remote_app(tmp_path_factory.mktemp("remote_app"), url, model=ALIAS)
     server, thread = serve(app)
@@ -93,14 +93,14 @@ def test_status_names_the_remote_model_and_its_server(remote, llama_server):
     app, _ = remote
     client = app.test_client()
     before = client.get("/api/model_status").get_json()
-    assert (before["state"], before["backend"], before["model"]) == ("not_loaded", "openai", ALIAS)
+    assert (before["state"], before["backend"], before["model"]) == ("not_loaded", "remote", ALIAS)
     status = client.post("/api/load_model", json={}).get_json()
-    assert (status["state"], status["backend"], status["model"], status["device"]) == ("loaded", "openai", ALIAS, "remote")
+    assert (status["state"], status["backend"], status["model"], status["device"]) == ("loaded", "remote", ALIAS, "remote")
     assert status["info"]["base_url"] == llama_server[0]
     assert status["info"]["served_models"] == [ALIAS]
     assert status["info"]["api_key"] is False
     listed = client.get("/api/models").get_json()["models"]
-    assert {"id": ALIAS, "backend": "openai", "kind": "remote"}.items() <= next(m for m in listed if m["id"] == ALIAS).items()
+    assert {"id": ALIAS, "backend": "remote", "kind": "remote"}.items() <= next(m for m in listed if m["id"] == ALIAS).items()
 
 
 def test_chat_answers_as_the_server_does_directly(remote, llama_server):
@@ -202,10 +202,10 @@ def test_adapter_and_unknown_model_are_refused_and_the_model_keeps_serving(remot
     adapter = client.post("/api/load_model", json={"adapter": "saves/x/lora/run1"})
     assert adapter.status_code == 400
     assert adapter.get_json()["field"] == "adapter" and "--lora-modules" in adapter.get_json()["error"]
-    unknown = client.post("/api/load_model", json={"backend": "openai", "model": "no-such-model"})
+    unknown = client.post("/api/load_model", json={"backend": "remote", "model": "no-such-model"})
     assert unknown.status_code == 404
     assert ALIAS in unknown.get_json()["error"]  # it names what the server does serve
-    again = client.post("/api/load_model", json={"backend": "openai", "model": ALIAS})
+    again = client.post("/api/load_model", json={"backend": "remote", "model": ALIAS})
     assert again.status_code == 200 and again.get_json()["state"] == "loaded"
 
 
@@ -220,8 +220,8 @@ def test_run_flags_fill_the_remote_settings():
     from config.cli import parse_settings
 
     settings = parse_settings(
-        ["--backend", "openai", "--base-url", "http://gpu-host:8000/v1", "--remote-model", "myft", "--remote-api-key", "s3cret"])
-    assert (settings.backend, settings.remote.base_url, settings.remote.model) == ("openai", "http://gpu-host:8000/v1", "myft")
+        ["--backend", "remote", "--base-url", "http://gpu-host:8000/v1", "--remote-model", "myft", "--remote-api-key", "s3cret"])
+    assert (settings.backend, settings.remote.base_url, settings.remote.model) == ("remote", "http://gpu-host:8000/v1", "myft")
     assert settings.remote.api_key.get_secret_value() == "s3cret" and "s3cret" not in repr(settings)
     assert settings.server.api_key is None  # --api-key is the tester's own
 
@@ -451,3 +451,47 @@ def test_logprobs_pass_through_from_the_server(remote, llama_server):
     assert all(e["id"] == -1 for e in entries)  # ids stay on the server
     refused = app.test_client().post("/api/score", json={"prompt": QUESTION, "reference": "Red."})
     assert refused.status_code == 400 and "cannot score" in refused.get_json()["error"]
+
+
+# -- the old name "openai" -----------------------------------------------------------------------
+
+def answer_hi(handler) -> None:
+    start_stream(handler)
+    send_event(handler, delta("Hi", "stop"))
+    send_event(handler, "[DONE]")
+
+
+def test_the_old_backend_name_still_configures_the_remote_backend_with_a_deprecation_warning(monkeypatch):
+    from config.cli import parse_settings
+    from config.settings import Preset, Settings
+
+    with pytest.warns(DeprecationWarning, match="backend 'openai' is deprecated; use 'remote'"):
+        assert parse_settings(["--backend", "openai", "--base-url", "http://gpu-host:8000/v1"]).backend == "remote"
+    monkeypatch.setenv("MODEL_TEST_BACKEND", "openai")
+    with pytest.warns(DeprecationWarning, match="use 'remote'"):
+        assert Settings().backend == "remote"
+    with pytest.warns(DeprecationWarning, match="use 'remote'"):
+        assert Preset(backend="openai", path="myft").backend == "remote"
+
+
+def test_the_old_backend_name_still_works_in_requests_and_is_logged_once(tmp_path, caplog):
+    from config.settings import say_backend_renamed
+
+    say_backend_renamed.cache_clear()  # said once per process: count from here
+    with FakeServer(chat=answer_hi) as fake:
+        client = remote_app(tmp_path, fake.url).test_client()
+        loaded = client.post("/api/load_model", json={"backend": "openai", "model": "fake"})
+        assert loaded.status_code == 200 and loaded.get_json()["backend"] == "remote"
+        slots = client.post("/api/compare/slots", json={"slots": [{"backend": "openai", "model": "fake"}]})
+        assert slots.status_code == 200 and [s["backend"] for s in slots.get_json()["slots"]] == ["remote"]
+        started = client.post("/api/eval", json={"test_set": '{"prompt": "Hi"}\n', "max_new_tokens": 4,
+                                                 "models": [{"backend": "openai", "model": "fake"}]})
+        assert started.status_code == 202, started.get_json()
+        deadline = time.monotonic() + 30
+        while (report := client.get(f"/api/evals/{started.get_json()['id']}").get_json())["state"] == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert report["state"] == "done" and [m["backend"] for m in report["models"]] == ["remote"]
+        client.delete("/api/compare/slots")
+    said = [record.getMessage() for record in caplog.records if "backend 'openai'" in record.getMessage()]
+    assert len(said) == 1 and "called 'remote' now" in said[0]

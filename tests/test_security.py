@@ -243,8 +243,8 @@ def test_a_path_outside_the_roots_names_the_rule_not_the_roots(server):
         assert str(root) not in message
 
 
-def test_the_openai_backend_answers_alike_for_paths_that_exist_and_do_not(tmp_path):
-    app = create_app(make_settings(tmp_path, backend="openai",
+def test_the_remote_backend_answers_alike_for_paths_that_exist_and_do_not(tmp_path):
+    app = create_app(make_settings(tmp_path, backend="remote",
                                    remote=RemoteSettings(base_url=f"http://127.0.0.1:{free_port()}/v1", connect_timeout_s=1)))
     client = app.test_client()
     answers = [client.post("/api/load_model", json={"model": path}) for path in ("/etc/hostname", "/etc/no-such-file-here")]

@@ -74,5 +74,5 @@ def test_the_default_gguf_and_its_checkpoint_stop_on_the_same_ids(default_gguf, 
 
 def test_an_unknown_architecture_from_the_converters_own_words():
     """When TEXT_MODEL_MAP cannot be read, the converter's own failure line says the same thing."""
-    reason = convert_to_gguf._failure_reason(["Model FooBarForCausalLM is not supported"], [], 1)
+    reason = convert_to_gguf.failure_reason(["Model FooBarForCausalLM is not supported"], [], 1)
     assert reason.startswith("llama.cpp's converter (llama-cpp-python ") and "does not know architecture FooBarForCausalLM" in reason

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from app.services.backends.llamacpp import internals as llamacpp_internals
 from app.services.checkpoints.gguf_metadata import read_gguf_header
 from app.services.checkpoints.stop_tokens import gguf_stop_ids, hf_stop_ids_in
 from scripts import build_tiny_checkpoints as tiny
@@ -271,7 +272,7 @@ def test_converts_to_gguf_with_the_same_template_end_tokens_and_logits(name, che
     try:
         assert gguf.metadata["tokenizer.chat_template"] == tokenizer.chat_template
         assert gguf.n_vocab() == load_json(checkpoints[name], "config.json")["vocab_size"]
-        vocab = gguf._model.vocab
+        vocab = llamacpp_internals.vocab(gguf)
         generation = load_json(checkpoints[name], "generation_config.json")
         # the GGUF declares the generation config's end tokens (the conversion sees to it for Qwen)
         hf_stops = set(hf_stop_ids_in(checkpoints[name]))

@@ -81,8 +81,8 @@ def test_api_answer_equals_model_generate(hf_app, hf_client):
     backend = backend_of(hf_app)
     prompt = backend.prepare(messages=[Message("user", QUESTION)])
     with torch.inference_mode():
-        output = backend._model.generate(torch.tensor([prompt.token_ids]), max_new_tokens=48, do_sample=False)
-    reference = backend._tokenizer.decode(output[0, len(prompt.token_ids):], skip_special_tokens=True)
+        output = backend.torch_model.generate(torch.tensor([prompt.token_ids]), max_new_tokens=48, do_sample=False)
+    reference = backend.tokenizer.decode(output[0, len(prompt.token_ids):], skip_special_tokens=True)
     assert body["response"] == reference.strip() or body["response"] == reference
     assert "Paris" in body["response"]
     assert body["finish_reason"] == "stop"
@@ -126,7 +126,7 @@ def test_multi_byte_text_streams_intact(hf_client):
 
 
 def test_both_detokenizers_rebuild_the_decoded_text_token_by_token(hf_app, hf_client):
-    tokenizer = backend_of(hf_app)._tokenizer
+    tokenizer = backend_of(hf_app).tokenizer
     text = "Grüße! 你好，世界 🌙🚀 naïve café — done."
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     prompt = tokenizer("Say:", add_special_tokens=False)["input_ids"]
@@ -171,18 +171,17 @@ def test_closing_the_stream_stops_the_worker(hf_app, hf_client):
 
 
 def test_a_failure_in_the_worker_reaches_the_client_as_an_error_event(hf_app, hf_client, monkeypatch):
-    backend = backend_of(hf_app)
-
-    forward = backend._forward
+    model = backend_of(hf_app).torch_model
+    forward = model.forward
     calls = []
 
-    def broken_forward(*args):
+    def broken_forward(*args, **kwargs):
         calls.append(1)
         if len(calls) > 1:  # the prefill gives a first token; the next step fails
             raise RuntimeError("simulated kernel failure")
-        return forward(*args)
+        return forward(*args, **kwargs)
 
-    monkeypatch.setattr(backend._batcher._batch, "_forward", broken_forward)
+    monkeypatch.setattr(model, "forward", broken_forward)
     events = sse_events_from_body(hf_client.post("/api/chat_stream", json={"prompt": QUESTION, **GREEDY}).data)
     assert events[-1][0] == "error"
     assert "simulated kernel failure" in events[-1][1]["error"]
@@ -192,9 +191,9 @@ def test_a_failure_in_the_worker_reaches_the_client_as_an_error_event(hf_app, hf
 
 def test_a_stuck_worker_times_out_instead_of_hanging_the_stream(hf_app, hf_client, monkeypatch):
     backend = backend_of(hf_app)
-    monkeypatch.setattr(backend._settings, "token_timeout_s", 0.5)
-    forward = backend._forward
-    monkeypatch.setattr(backend._batcher._batch, "_forward", lambda *args: (time.sleep(2), forward(*args))[1])
+    monkeypatch.setattr(backend.settings, "token_timeout_s", 0.5)
+    forward = backend.torch_model.forward
+    monkeypatch.setattr(backend.torch_model, "forward", lambda *args, **kwargs: (time.sleep(2), forward(*args, **kwargs))[1])
     started = time.perf_counter()
     events = sse_events_from_body(hf_client.post("/api/chat_stream", json={"prompt": QUESTION, **GREEDY}).data)
     assert events[-1][0] == "error" and "no token for 0.5 s" in events[-1][1]["error"]

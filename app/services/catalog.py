@@ -31,7 +31,7 @@ from app.services.checkpoints.hf_checkpoint import read_architecture, read_chat_
 from app.services.checkpoints.spec import ModelSpec
 from app.services.checkpoints.template_kinds import template_kind
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelNotFound, PathNotAllowed, ServiceError
-from config.settings import Settings
+from config.settings import Settings, current_backend_name
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ class ModelCatalog:
         return specs
 
     def default_spec(self, backend: str) -> ModelSpec:
-        """The embedded SmolLM2-135M-Instruct for ``backend``; for openai, the configured remote model."""
-        if backend == "openai":
+        """The embedded SmolLM2-135M-Instruct for ``backend``; for remote, the configured remote model."""
+        if backend == "remote":
             return self.remote_spec(None)
         if backend == "transformers":
             return ModelSpec("transformers", default_hf_checkpoint_path(self.models_dir), name=DEFAULT_HF_ID)
@@ -76,12 +76,12 @@ class ModelCatalog:
         None: the configured remote.model, else the server's only model. A missing base URL is
         the backend's check() to report, so listing and status never fail over it."""
         name = model or self._settings.remote.model
-        return ModelSpec("openai", Path(name or ""), name=name, base_url=self._settings.remote.base_url)
+        return ModelSpec("remote", Path(name or ""), name=name, base_url=self._settings.remote.base_url)
 
     def _named(self, name: str) -> Optional[ModelSpec]:
         preset = self._settings.presets.get(name)
         if preset is not None:
-            if preset.backend == "openai":  # a remote preset's path is the model's name on the server
+            if preset.backend == "remote":  # a remote preset's path is the model's name on the server
                 return self.remote_spec(preset.path)
             return ModelSpec(preset.backend, self._under_models_dir(preset.path), name=name,
                              trust_remote_code=preset.trust_remote_code)
@@ -145,28 +145,29 @@ class ModelCatalog:
         model, the configured one (or, when ``backend`` differs from it, that backend's default).
         With ``confine`` (requests from the API), paths must lie inside :meth:`roots`; names of
         presets and built-ins are the operator's choice and always allowed."""
-        if backend is not None and backend not in ("llamacpp", "transformers", "openai"):
-            raise InvalidRequest(f"unknown backend {backend!r}; use llamacpp, transformers or openai", field="backend")
+        backend = current_backend_name(backend, "a model's backend")
+        if backend is not None and backend not in ("llamacpp", "transformers", "remote"):
+            raise InvalidRequest(f"unknown backend {backend!r}; use llamacpp, transformers or remote", field="backend")
         refuse_nul(model, "model")
         refuse_nul(adapter, "adapter")
         if model is None:
             configured = self._settings.model
-            if self._settings.backend == "openai" and self._settings.remote.model:
+            if self._settings.backend == "remote" and self._settings.remote.model:
                 configured = self._settings.remote.model  # --remote-model names the remote model; --model only without it
             spec = self.resolve(configured, self._settings.backend) if configured is not None else None
             if spec is None or (backend is not None and backend != spec.backend):
                 spec = self.default_spec(backend or self._settings.backend or "llamacpp")
         else:
             spec = self._named(model)
-            if backend == "openai" and (spec is None or not spec.is_remote):
+            if backend == "remote" and (spec is None or not spec.is_remote):
                 spec = self.remote_spec(model)  # on a remote server a model is a name, never a local path
             elif spec is None:
                 path = self._locate(model, (self.models_dir,), confine)
                 if confine and Path(model).expanduser().is_absolute():
                     self.confine(path, "model")  # before anything looks at the file: the same answer whether it exists
                 inferred = backend or self._infer_backend(path)
-                # with the openai backend configured, a name that is no local file is a remote model's
-                spec = self.remote_spec(model) if inferred == "openai" else ModelSpec(inferred, path)
+                # with the remote backend configured, a name that is no local file is a remote model's
+                spec = self.remote_spec(model) if inferred == "remote" else ModelSpec(inferred, path)
                 if confine and not spec.is_remote:
                     self.confine(path, "model")
             elif backend is not None and backend != spec.backend:
@@ -231,7 +232,7 @@ class ModelCatalog:
         path = spec.path
         if spec.is_remote:
             # Listing stays offline: whether the server is up and serves it is for load() to find out.
-            return {"id": model_id, "name": spec.name, "backend": "openai", "kind": kind, "path": spec.name,
+            return {"id": model_id, "name": spec.name, "backend": "remote", "kind": kind, "path": spec.name,
                     "available": bool(spec.base_url), "size_bytes": None, "trust_remote_code": False,
                     "base_url": spec.base_url, "architecture": None, "template": None}
         available = path.is_file() if spec.backend == "llamacpp" else is_hf_model_dir(path)

@@ -95,15 +95,20 @@ class FakeBackend:
         yield assembler.finish(reason)
 
 
-def fake_factory(**kwargs):
-    """A backend factory that also records the backends it built, for assertions."""
-    built: list[FakeBackend] = []
+class FakeFactory:
+    """A backend factory that records the backends it built, for assertions; ``options`` are the
+    FakeBackend keywords of the next one it builds (a test may change them between loads)."""
 
-    def factory(spec, settings) -> FakeBackend:
-        backend = FakeBackend(str(spec.path), **kwargs)
+    def __init__(self, **options):
+        self.options = options
+        self.built: list[FakeBackend] = []
+
+    def __call__(self, spec, settings) -> FakeBackend:
+        backend = FakeBackend(str(spec.path), **self.options)
         backend.spec = spec
-        built.append(backend)
+        self.built.append(backend)
         return backend
 
-    factory.built = built
-    return factory
+
+def fake_factory(**options) -> FakeFactory:
+    return FakeFactory(**options)

@@ -48,7 +48,7 @@ def detokenize():
 def apply_template():
     """The exact prompt a chat with this body would send: generation's ``prepare`` renders with
     ``render_prompt`` and counts with the same tokenizer (tests/test_inspection.py checks the count
-    against a chat's prompt_tokens). A backend without a local template (openai) answers a 400."""
+    against a chat's prompt_tokens). A backend without a local template (remote) answers a 400."""
     body = parse_body(ApplyTemplateBody)
     messages = body.messages_list(limit_settings())
     tokenizer = model_service().inspector()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.routes.http.body import StrictBody
 from app.routes.http.sampling import RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopLogprobs, TopP
@@ -12,9 +12,11 @@ from app.services.core.errors import InvalidRequest
 from app.services.core.types import GenerationParams, Message
 from app.services.engine.slots import SlotRequest
 from app.services.evals.judge import JudgeRequest
-from config.settings import LimitSettings, RemoteSettings
+from config.settings import BackendName, LimitSettings, RemoteSettings, current_backend_name
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# A backend by its name; the remote backend's old name "openai" is still taken (and logged once), not listed.
+Backend = Annotated[BackendName, BeforeValidator(lambda name: current_backend_name(name, "an API request"))]
 
 class MessageIn(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -91,8 +93,8 @@ class LoadModelBody(StrictBody):
         description="A preset or built-in name (GET /api/models), a .gguf file or a Hugging Face directory; "
         "unset reloads the current model (with adapter: puts the adapter on it).",
     )
-    backend: Optional[Literal["llamacpp", "transformers", "openai"]] = Field(
-        None, description="Inferred from the model when unset. openai: model is a name on the remote server (--base-url).",
+    backend: Optional[Backend] = Field(
+        None, description="Inferred from the model when unset. remote: model is a name on the remote server (--base-url).",
     )
     adapter: Optional[str] = Field(None, min_length=1, description="A LoRA adapter: a PEFT directory (transformers backend) or a GGUF LoRA file (llamacpp backend).")
 
@@ -145,7 +147,7 @@ class DetokenizeBody(StrictBody):
 class SlotIn(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     model: Optional[str] = Field(None, min_length=1, description="A model id from GET /api/models, or a path in the model folders; unset: the served model.")
-    backend: Optional[Literal["llamacpp", "transformers", "openai"]] = Field(None, description="Inferred from the model when unset.")
+    backend: Optional[Backend] = Field(None, description="Inferred from the model when unset.")
     adapter: Optional[str] = Field(None, min_length=1, description="A LoRA adapter: a PEFT directory (transformers) or a GGUF LoRA (llamacpp).")
     adapter_enabled: bool = Field(True, description="false runs the model without its adapter; on transformers the base "
                                   "and its fine-tune then share one copy of the weights.")

@@ -30,7 +30,7 @@ class Capabilities:
 
 
 class Backend(Protocol):
-    name: str  # "llamacpp", "transformers", "openai"
+    name: str  # "llamacpp", "transformers", "remote"
     model: str  # what the user asked for: a path or a preset name
 
     @property

@@ -21,12 +21,12 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
     if spec.is_remote:
         if spec.adapter is not None:
             raise InvalidRequest(
-                "the openai backend cannot apply an adapter: serve the LoRA on the remote server under a name of its "
+                "the remote backend cannot apply an adapter: serve the LoRA on the remote server under a name of its "
                 "own (vLLM: --enable-lora --lora-modules myft=/path/to/adapter) and choose that name as the model "
-                "(--remote-model myft, or POST /api/load_model {\"backend\": \"openai\", \"model\": \"myft\"})",
+                "(--remote-model myft, or POST /api/load_model {\"backend\": \"remote\", \"model\": \"myft\"})",
                 field="adapter",
             )
-        from app.services.backends.remote import RemoteBackend
+        from app.services.backends.remote.backend import RemoteBackend
 
         return RemoteBackend(spec, settings.remote)
     # llama.cpp applies a LoRA only as a GGUF file (convert_lora_to_gguf.py); a PEFT folder is refused

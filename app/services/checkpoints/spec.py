@@ -10,7 +10,7 @@ from typing import Optional
 class ModelSpec:
     """One servable model: which backend runs which weights, with which adapter.
 
-    A remote model (backend "openai") has no local weights: ``name`` is its name on the server at
+    A remote model (backend "remote") has no local weights: ``name`` is its name on the server at
     ``base_url`` (None: the server's only model, until loading finds out which) and ``path`` is
     that name as a Path, so code that lists models by path still reads it as a name."""
 
@@ -21,11 +21,11 @@ class ModelSpec:
     # A preset's trust_remote_code (True/False); None for a model named by path. Either way remote
     # code runs only when the operator allowed it at startup (transformers.trust_remote_code).
     trust_remote_code: Optional[bool] = None
-    base_url: Optional[str] = None  # backend "openai": the remote server's API root
+    base_url: Optional[str] = None  # backend "remote": the remote server's API root
 
     @property
     def is_remote(self) -> bool:
-        return self.backend == "openai"
+        return self.backend == "remote"
 
     @property
     def ref(self) -> Optional[str]:

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from app.services.backends.base import common_prefix_length
+from app.services.backends.factory import BackendFactory, make_backend
+from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import InvalidRequest, ServiceError
 from app.services.core.types import GenerationParams, Message
-from config.settings import LlamaCppSettings, TransformersSettings
+from config.settings import LlamaCppSettings, Settings, TransformersSettings
 
 log = logging.getLogger(__name__)
 
@@ -244,29 +246,21 @@ class FidelityReport:
         return data
 
 
-def make_backends(hf_dir: Path, gguf: Path, adapter: Optional[Path] = None, gguf_lora: Optional[Path] = None,
-                  transformers_settings: Optional[TransformersSettings] = None,
-                  llamacpp_settings: Optional[LlamaCppSettings] = None):
-    """The two sides, not loaded yet: (TransformersBackend, LlamaCppBackend)."""
-    from app.services.backends.llamacpp.backend import LlamaCppBackend
-    from app.services.backends.transformers.backend import TransformersBackend
-    from app.services.checkpoints.spec import ModelSpec
-
-    hf_backend = TransformersBackend(ModelSpec("transformers", Path(hf_dir), adapter=Path(adapter) if adapter else None),
-                                     transformers_settings or TransformersSettings(dtype="fp32"))
-    gguf_backend = LlamaCppBackend(ModelSpec("llamacpp", Path(gguf), adapter=Path(gguf_lora) if gguf_lora else None),
-                                   llamacpp_settings or LlamaCppSettings())
-    return hf_backend, gguf_backend
+def make_backends(hf_dir: Path, gguf: Path, adapter: Optional[Path], gguf_lora: Optional[Path], settings: Settings,
+                  factory: BackendFactory = make_backend):
+    """The two sides, not loaded yet, made as every backend is (backends/factory.py): (transformers, llama.cpp)."""
+    hf_spec = ModelSpec("transformers", Path(hf_dir), adapter=Path(adapter) if adapter else None)
+    gguf_spec = ModelSpec("llamacpp", Path(gguf), adapter=Path(gguf_lora) if gguf_lora else None)
+    return factory(hf_spec, settings), factory(gguf_spec, settings)
 
 
 def check_fidelity(hf_dir: Path, gguf: Path, adapter: Optional[Path] = None, gguf_lora: Optional[Path] = None,
                    prompts: Optional[Sequence[tuple[Message, ...]]] = None, max_tokens: int = MAX_TOKENS,
                    dtype: str = "fp32", n_threads: Optional[int] = None, device: str = "auto") -> FidelityReport:
     threads = {"n_threads": n_threads} if n_threads else {}
-    hf_backend, gguf_backend = make_backends(hf_dir, gguf, adapter, gguf_lora,
-                                             TransformersSettings(dtype=dtype, device=device, **threads),
-                                             LlamaCppSettings(**threads))
     _check_paths(Path(hf_dir), Path(gguf), adapter, gguf_lora)
+    settings = Settings(transformers=TransformersSettings(dtype=dtype, device=device, **threads), llamacpp=LlamaCppSettings(**threads))
+    hf_backend, gguf_backend = make_backends(hf_dir, gguf, adapter, gguf_lora, settings)
     return run_fidelity(hf_backend, gguf_backend, hf_dir, gguf, adapter, gguf_lora, prompts, max_tokens, dtype)
 
 

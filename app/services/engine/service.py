@@ -208,9 +208,8 @@ class ModelService:
         hf_spec = self._fidelity_spec(hf_model, "transformers", "hf_model", adapter)
         gguf_spec = self._fidelity_spec(gguf_model, "llamacpp", "gguf_model", None)
         # fp32 like the script: the reference the GGUF's rounding is measured against.
-        hf_backend, gguf_backend = make_backends(
-            hf_spec.path, gguf_spec.path, hf_spec.adapter, None,
-            self._settings.transformers.model_copy(update={"dtype": "fp32"}), self._settings.llamacpp)
+        fp32 = self._settings.model_copy(update={"transformers": self._settings.transformers.model_copy(update={"dtype": "fp32"})})
+        hf_backend, gguf_backend = make_backends(hf_spec.path, gguf_spec.path, hf_spec.adapter, None, fp32, self._backend_factory)
         for backend, field in ((hf_backend, "hf_model"), (gguf_backend, "gguf_model")):
             try:
                 backend.check()

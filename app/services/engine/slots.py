@@ -21,7 +21,7 @@ from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import NotFound, ServiceError
 from app.services.core.types import GenerationParams
 from app.services.engine.service import ModelService
-from config.settings import RemoteSettings, Settings
+from config.settings import RemoteSettings, Settings, current_backend_name
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,10 @@ class EnginePool:
             if request.model is None:
                 spec = self._main.requested_spec()
                 return catalog.with_adapter(spec, request.adapter, confine=True) if request.adapter else spec
-            if request.backend != "openai":  # a remote model's name is the server's to know
+            backend = current_backend_name(request.backend, "a compare slot or eval model")  # stored evals keep old names
+            if backend != "remote":  # a remote model's name is the server's to know
                 catalog.refuse_unknown_name(request.model, "model")
-            return catalog.resolve(request.model, request.backend, request.adapter, confine=True)
+            return catalog.resolve(request.model, backend, request.adapter, confine=True)
         except ServiceError as exc:
             exc.field = f"{field}.{exc.field or 'model'}"
             raise

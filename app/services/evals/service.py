@@ -230,7 +230,7 @@ class EvalService:
         try:
             if run.judge.endpoint is not None:
                 service = self._pool.detached(run.judge.endpoint)
-                service.load(backend="openai", model=run.judge.endpoint.model)
+                service.load(backend="remote", model=run.judge.endpoint.model)
                 judge = Judge(f"{service.model_id() or 'the judge endpoint'} at {run.judge.endpoint.base_url}", service,
                               max_new_tokens=run.judge.max_new_tokens)
             else:

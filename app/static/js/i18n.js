@@ -105,7 +105,7 @@ const STRINGS = {
     "picker.list_unavailable": "model list unavailable: {reason}",
     "group.llamacpp": "GGUF · llama.cpp",
     "group.transformers": "Hugging Face · transformers",
-    "group.openai": "Remote · OpenAI-compatible server",
+    "group.remote": "Remote · OpenAI-compatible server",
 
     "gen.title": "Generation",
     "gen.temperature": "Temperature",
@@ -357,7 +357,7 @@ const STRINGS = {
     "picker.list_unavailable": "无法获取模型列表：{reason}",
     "group.llamacpp": "GGUF · llama.cpp",
     "group.transformers": "Hugging Face · transformers",
-    "group.openai": "远程 · OpenAI 兼容服务器",
+    "group.remote": "远程 · OpenAI 兼容服务器",
 
     "gen.title": "生成参数",
     "gen.temperature": "温度",

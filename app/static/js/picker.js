@@ -11,7 +11,7 @@ import { getCatalog } from "./catalog.js";
 const BACKEND_GROUPS = [
   ["llamacpp", "group.llamacpp"],
   ["transformers", "group.transformers"],
-  ["openai", "group.openai"],
+  ["remote", "group.remote"],
 ];
 
 /** The adapters that fit the model with this id (the server lists each adapter's bases). */
@@ -107,7 +107,7 @@ function fillAdapterSelect(select, model, catalog, wanted) {
 /** Why a model offers no adapter, when there are adapters at all; "" otherwise. */
 function adapterNote(model, fitting, catalog) {
   if (!model) return "";
-  if (model.backend === "openai") return t("picker.note_remote");
+  if (model.backend === "remote") return t("picker.note_remote");
   if (!fitting.length && model.backend === "llamacpp" && catalog.adapters.length) return t("picker.note_gguf");
   if (!fitting.length && catalog.adapters.length) return t("picker.note_none");
   return "";

@@ -24,10 +24,12 @@ import logging
 import queue
 import random
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from app.services.backends.base import Capabilities, check_token_ids, continuation_prompt
+from app.services.backends.llamacpp import internals
 from app.services.backends.llamacpp.decoder import continuation_logits, decode_tokens
 from app.services.backends.llamacpp.parallel import ParallelDecoder
 from app.services.checkpoints.gguf_metadata import read_gguf_header
@@ -37,7 +39,7 @@ from app.services.core.cpu_share import CpuShare
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
 from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
 from app.services.core.thread_scope import ends_with_request
-from app.services.core.types import Chunk, GenerationParams, Message, Prompt
+from app.services.core.types import Chunk, GenerationParams, Message, Prompt, TokenLogprob
 from config.settings import LlamaCppSettings
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,19 @@ def builds_with_llamafile(system_info: str) -> bool:
 
 
 _DECODED = object()
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One request on its way through stream(), as each token path takes it."""
+
+    prompt: Prompt
+    params: GenerationParams
+    cancel: threading.Event
+    budget: int  # tokens it may make: max_new_tokens, or what the context has room for
+    seed: int
+    is_end: Callable[[int], bool]
+    assembler: StreamAssembler
 
 
 class LlamaCppBackend:
@@ -241,7 +256,7 @@ class LlamaCppBackend:
         declared = gguf_stop_ids(read_gguf_header(self._path).metadata)
         if declared:
             return frozenset(declared)
-        vocab = self._llama._model.vocab
+        vocab = internals.vocab(self._llama)
         guessed = frozenset(i for i in range(self._llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i))
         log.warning("%s declares no end token (tokenizer.ggml.eos/eot/eom_token_id); stopping on llama.cpp's "
                     "end-of-generation tokens %s", self._path.name, sorted(guessed))
@@ -250,7 +265,7 @@ class LlamaCppBackend:
     def _token_text(self, token_id: int) -> str:
         if token_id < 0:
             return ""
-        return self._llama._model.token_get_text(token_id)
+        return internals.token_text(self._llama, token_id)
 
     def clear_cache(self) -> None:
         """Forgets the KV cache, so the next request starts cold."""
@@ -279,6 +294,17 @@ class LlamaCppBackend:
 
     # -- facts -----------------------------------------------------------------------------
     @property
+    def llama(self):
+        """The loaded ``llama_cpp.Llama`` (None when unloaded), for checks against llama-cpp-python's
+        own generation and cache bookkeeping."""
+        return self._llama
+
+    @property
+    def parallel_decoder(self) -> Optional[ParallelDecoder]:
+        """The decoder that runs requests together (``parallel`` > 1 and loaded), else None."""
+        return self._parallel
+
+    @property
     def n_ctx(self) -> int:
         return self._llama.n_ctx() if self._llama is not None else self._settings.n_ctx
 
@@ -296,7 +322,7 @@ class LlamaCppBackend:
                 {
                     "model_name": metadata.get("general.name") or self._path.stem,
                     "architecture": metadata.get("general.architecture"),
-                    "n_ctx_train": self._llama._model.n_ctx_train(),
+                    "n_ctx_train": internals.n_ctx_train(self._llama),
                     "llama_cpp_python": self._llama_cpp_version,
                     "build": self._system_info.strip(),
                     "chat_template": bool(self._formatter),
@@ -379,95 +405,67 @@ class LlamaCppBackend:
         if piece is None:
             import llama_cpp
 
-            size = llama_cpp.llama_token_to_piece(
-                self._llama._model.vocab, token_id, self._piece_buffer, len(self._piece_buffer), 0, False
-            )
+            vocab = internals.vocab(self._llama)
+            size = llama_cpp.llama_token_to_piece(vocab, token_id, self._piece_buffer, len(self._piece_buffer), 0, False)
             if size < 0:  # the piece is longer than the buffer; -size is what it needs
                 self._piece_buffer = ctypes.create_string_buffer(-size)
-                size = llama_cpp.llama_token_to_piece(
-                    self._llama._model.vocab, token_id, self._piece_buffer, -size, 0, False
-                )
+                size = llama_cpp.llama_token_to_piece(vocab, token_id, self._piece_buffer, -size, 0, False)
             piece = self._piece_buffer.raw[:size]
             self._pieces[token_id] = piece
         return piece
 
     # -- generation ------------------------------------------------------------------------
     def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
-        llama = self._llama
-        stop_ids = self._stop_ids
-        assembler = StreamAssembler(len(prompt.token_ids), params.stop)
-        room = self.n_ctx - len(prompt.token_ids)
-        budget = min(params.max_new_tokens, room)
-        seed = params.seed if params.seed is not None else random.randrange(2**31)
-        is_end = (lambda token_id: False) if params.ignore_eos else stop_ids.__contains__
+        """The answer's chunks, from one of three token paths: the parallel decoder's batch when
+        there is one; else the single-sequence loop, on this thread when it ends with its request
+        (``thread_scope``), or on a decoding thread of its own. Only the thread that runs the
+        stream knows which it is, so the choice is made here, at the stream's first step."""
+        budget = min(params.max_new_tokens, self.n_ctx - len(prompt.token_ids))
+        run = _Run(
+            prompt, params, cancel, budget,
+            seed=params.seed if params.seed is not None else random.randrange(2**31),
+            is_end=(lambda token_id: False) if params.ignore_eos else self._stop_ids.__contains__,
+            assembler=StreamAssembler(len(prompt.token_ids), params.stop),
+        )
         if self._parallel is not None:
-            arrivals = self._parallel.generate(prompt.token_ids, params, seed, budget, is_end)
-            try:
-                yield from stream_tokens(assembler, arrivals, cancel, is_end, budget)
-            finally:
-                arrivals.close()  # frees the sequence at the decoder's next step
-            return
-        llama.set_seed(seed)
-        tokens = decode_tokens(llama, prompt.token_ids, params, keep_prefix=self._prefix_cache, piece=self._piece,
-                               threads=self._threads_now)
+            yield from self._stream_in_batch(run)
+        elif ends_with_request():
+            yield from self._stream_on_this_thread(run)
+        else:
+            yield from self._stream_handed_off(run)
 
-        def pieces() -> Iterator[Arrival]:
-            """Each token with its bytes; llama.cpp's failure becomes the stream's error chunk."""
-            if budget <= 0:
-                return
-            try:
-                for token_id, logprob in tokens:
-                    yield token_id, self._piece(token_id), logprob
-            except Exception as exc:
-                log.exception("llama.cpp decoding failed")
-                raise GenerationFailed(f"{type(exc).__name__}: {exc}") from exc
+    def _stream_in_batch(self, run: _Run) -> Iterator[Chunk]:
+        """A sequence of the parallel decoder's batch (parallel.py)."""
+        arrivals = self._parallel.generate(run.prompt.token_ids, run.params, run.seed, run.budget, run.is_end)
+        try:
+            yield from stream_tokens(run.assembler, arrivals, run.cancel, run.is_end, run.budget)
+        finally:
+            arrivals.close()  # frees the sequence at the decoder's next step
 
-        if ends_with_request():
-            # This thread ends with its request (thread_scope), so it decodes itself: no hand-off
-            # per token, which on 2 cores pre-empted one of llama.cpp's threads each token.
-            try:
-                yield from stream_tokens(assembler, pieces(), cancel, is_end, budget)
-            finally:
-                tokens.close()
-            return
-        # Elsewhere decoding runs on a thread of its own: llama_decode releases the GIL, so while it
-        # computes token n+1 this thread turns token n into a chunk and the server writes it to the
-        # socket. The decoder stops by itself at an end token and at the budget; a stop string,
-        # Stop or a closed stream halt it within a token.
+    def _stream_on_this_thread(self, run: _Run) -> Iterator[Chunk]:
+        """The single-sequence loop on the thread that reads the stream. It ends with its request,
+        and with it the OpenMP team llama.cpp starts on it, so it decodes itself: no hand-off per
+        token, which on 2 cores pre-empted one of llama.cpp's threads each token."""
+        tokens = self._token_loop(run)
+        try:
+            yield from stream_tokens(run.assembler, self._arrivals(tokens, run.budget), run.cancel, run.is_end, run.budget)
+        finally:
+            tokens.close()
+
+    def _stream_handed_off(self, run: _Run) -> Iterator[Chunk]:
+        """The single-sequence loop on a decoding thread of its own, for a thread that lives on
+        (a long-lived thread keeps an idle OpenMP team: see thread_scope). llama_decode releases
+        the GIL, so while it computes token n+1 this thread turns token n into a chunk and the
+        server writes it. The decoder stops by itself at an end token and at the budget; a stop
+        string, Stop or a closed stream halt it within a token."""
         arrivals: queue.SimpleQueue = queue.SimpleQueue()  # C: no Condition to build per get
         halt = threading.Event()
-
-        def decode() -> None:
-            produced = 0
-            try:
-                for item in pieces():
-                    arrivals.put(item)
-                    produced += 1
-                    if halt.is_set() or cancel.is_set() or is_end(item[0]) or produced >= budget:
-                        break
-            except GenerationFailed as failure:
-                arrivals.put(failure)
-            except BaseException as exc:  # the worker boundary: the stream must hear of it
-                log.exception("llama.cpp decoding stopped")
-                arrivals.put(GenerationFailed(f"{type(exc).__name__}: {exc}"))
-            finally:
-                tokens.close()  # the loop's own cleanup, on the thread that ran it
-                arrivals.put(_DECODED)
-
-        def source() -> Iterator[Arrival]:
-            while True:
-                item = arrivals.get()
-                if item is _DECODED:
-                    return
-                if isinstance(item, GenerationFailed):
-                    raise item
-                yield item
-
-        decoder = threading.Thread(target=decode, name="llamacpp-decode", daemon=True)
+        decoder = threading.Thread(target=self._decode_into, args=(self._token_loop(run), run, arrivals, halt),
+                                   name="llamacpp-decode", daemon=True)
         decoder.start()
         last = None
         try:
-            for chunk in stream_tokens(assembler, source(), cancel, is_end, budget):
+            for chunk in stream_tokens(run.assembler, _until_decoded(arrivals), run.cancel, run.is_end, run.budget):
                 if chunk.is_last:
                     last = chunk  # sent once the decoder has stopped: a client may stop reading at it
                     break
@@ -476,3 +474,50 @@ class LlamaCppBackend:
             halt.set()
             decoder.join()
         yield last
+
+    def _decode_into(self, tokens: Iterator, run: _Run, arrivals: queue.SimpleQueue, halt: threading.Event) -> None:
+        """The decoding thread of ``_stream_handed_off``: queues each token, then a failure or
+        nothing, then ``_DECODED``."""
+        produced = 0
+        try:
+            for item in self._arrivals(tokens, run.budget):
+                arrivals.put(item)
+                produced += 1
+                if halt.is_set() or run.cancel.is_set() or run.is_end(item[0]) or produced >= run.budget:
+                    break
+        except GenerationFailed as failure:
+            arrivals.put(failure)
+        except BaseException as exc:  # the worker boundary: the stream must hear of it
+            log.exception("llama.cpp decoding stopped")
+            arrivals.put(GenerationFailed(f"{type(exc).__name__}: {exc}"))
+        finally:
+            tokens.close()  # the loop's own cleanup, on the thread that ran it
+            arrivals.put(_DECODED)
+
+    def _token_loop(self, run: _Run) -> Iterator[tuple[int, Optional[TokenLogprob]]]:
+        """decoder.decode_tokens on the loaded model, seeded for this request."""
+        self._llama.set_seed(run.seed)
+        return decode_tokens(self._llama, run.prompt.token_ids, run.params, keep_prefix=self._prefix_cache,
+                             piece=self._piece, threads=self._threads_now)
+
+    def _arrivals(self, tokens: Iterator[tuple[int, Optional[TokenLogprob]]], budget: int) -> Iterator[Arrival]:
+        """Each token with its bytes; llama.cpp's failure becomes the stream's error chunk."""
+        if budget <= 0:
+            return
+        try:
+            for token_id, logprob in tokens:
+                yield token_id, self._piece(token_id), logprob
+        except Exception as exc:
+            log.exception("llama.cpp decoding failed")
+            raise GenerationFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _until_decoded(arrivals: queue.SimpleQueue) -> Iterator[Arrival]:
+    """What the decoding thread queued, until ``_DECODED``; a queued failure is raised here."""
+    while True:
+        item = arrivals.get()
+        if item is _DECODED:
+            return
+        if isinstance(item, GenerationFailed):
+            raise item
+        yield item

@@ -1,10 +1,10 @@
 """llama.cpp's token loop, with no more per token than llama-bench has: one ``llama_decode`` of
 one token, and picking the next.
 
-``Llama.generate`` spends about 170 µs a token outside ``llama_decode`` (measured on 2 cores,
-SmolLM2-135M: 2% of the token's time, during which the other OpenMP thread spins): a Python
-batch refill, a KV-cache trim call, keyword-heavy ``sample`` calls, and a sampler chain that
-copies all 49,152 logits into a candidate array just to take the largest. Here a greedy request
+Outside ``llama_decode``, ``Llama.generate`` does for every token a Python batch refill, a
+KV-cache trim call, keyword-heavy ``sample`` calls, and a sampler chain that copies every logit
+of the vocabulary into a candidate array just to take the largest, while llama.cpp's other
+OpenMP threads spin (docs/benchmarks.md has what that cost where it was measured). Here a greedy request
 with no penalties takes ``argmax`` of the logits in numpy, which is what llama.cpp's greedy
 sampler returns (the first of equal maxima wins in both); every other request samples with the
 same llama.cpp chain ``Llama.generate`` builds, so a seed gives the same answer as before.
@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from app.services.backends.base import common_prefix_length
+from app.services.backends.llamacpp import internals
 from app.services.core.logprobs import token_logprob
 from app.services.core.types import GenerationParams, TokenLogprob
 
@@ -39,7 +40,7 @@ def evaluate_prompt(llama, token_ids: Sequence[int], keep_prefix: bool) -> None:
     if keep_prefix and llama.n_tokens > 0:
         shared = min(common_prefix_length(llama.input_ids[: llama.n_tokens], tokens), len(tokens) - 1)
         # A recurrent model's state cannot be cut back to a prefix; seq_rm says so, and it starts cold.
-        if shared > 0 and llama._ctx.kv_cache_seq_rm(-1, shared, -1):
+        if shared > 0 and internals.drop_cells_from(llama, shared):
             reused = shared
     if reused:
         llama.n_tokens = reused
@@ -52,7 +53,7 @@ class LogitsView:
     """The logits llama.cpp left for the last evaluated token, as a numpy array over its buffer."""
 
     def __init__(self, llama):
-        self._context = llama._ctx.ctx
+        self._context = internals.context_pointer(llama)
         self._n_vocab = llama.n_vocab()
         self._address = None
         self._array = None
@@ -98,24 +99,18 @@ def decode_tokens(llama, token_ids: Sequence[int], params: GenerationParams, kee
     each token on before the model computes the following one. Call ``set_seed`` on ``llama`` first."""
     import llama_cpp
 
-    thread_count = ThreadCount(llama._ctx.ctx, threads)
+    context = internals.context_pointer(llama)
+    thread_count = ThreadCount(context, threads)
     thread_count.update()
     evaluate_prompt(llama, token_ids, keep_prefix)
-    context = llama._ctx.ctx
-    batch = llama._batch.batch
+    batch = internals.batch_pointer(llama)
     logits = LogitsView(llama)
     want = params.logprobs
-    sampler = None
-    if not is_plain_greedy(params):
-        sampler = llama._init_sampler(
-            top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=params.temperature,
-            repeat_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-        )
+    sampler = None if is_plain_greedy(params) else internals.sampler_chain(llama, params)
     try:
         while True:
             if sampler is not None:
-                token = sampler.sample(llama._ctx, -1)  # reads the logits; the buffer stays as it was
+                token = sampler.sample(internals.context(llama), -1)  # reads the logits; the buffer stays as it was
             else:
                 token = int(logits.last().argmax())
             yield token, (token_logprob(logits.last(), token, want, piece) if want is not None else None)
@@ -146,7 +141,7 @@ def continuation_logits(llama, prompt_ids: Sequence[int], continuation: Sequence
     evaluate_prompt(llama, prompt_ids, keep_prefix)
     view = LogitsView(llama)
     rows = [view.last().copy()]
-    context, batch, n_vocab = llama._ctx.ctx, llama._batch.batch, llama.n_vocab()
+    context, batch, n_vocab = internals.context_pointer(llama), internals.batch_pointer(llama), llama.n_vocab()
     rest = list(continuation[:-1])  # the last token predicts nothing we score
     step = max(1, min(llama.n_batch, len(rest) or 1))
     for start in range(0, len(rest), step):

@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from app.services.backends.base import common_prefix_length
+from app.services.backends.llamacpp import internals
 from app.services.backends.llamacpp.decoder import ThreadCount, is_plain_greedy
 from app.services.core.logprobs import token_logprob
 from app.services.core.text_stream import Arrival, GenerationFailed
@@ -72,7 +73,6 @@ class ParallelDecoder:
     def __init__(self, llama, n_seq: int, n_ctx: int, n_batch: int, keep_prefix: bool,
                  piece: Callable[[int], bytes], threads: Optional[Callable[[], Optional[int]]] = None):
         import llama_cpp
-        from llama_cpp import _internals
 
         self._llama = llama
         self._n_batch = max(n_batch, n_seq)
@@ -85,16 +85,17 @@ class ParallelDecoder:
         params.kv_unified = False  # one KV stream per sequence: see the module docstring
         params.n_batch = self._n_batch
         params.n_ubatch = min(params.n_ubatch, self._n_batch) or self._n_batch
-        self._context = _internals.LlamaContext(model=llama._model, params=params, verbose=llama.verbose)
-        if llama._lora_adapter is not None:  # the same adapter Llama applied to its own context
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llama._lora_adapter)
+        self._context = internals.open_context(llama, params)
+        lora = internals.lora_adapter(llama)
+        if lora is not None:  # the same adapter Llama applied to its own context
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora)
             scales = (ctypes.c_float * 1)(llama.lora_scale)
             if llama_cpp.llama_set_adapters_lora(self._context.ctx, adapters, 1, scales):
                 self._context.close()
                 raise RuntimeError("llama.cpp could not apply the LoRA adapter to the parallel context")
         self._memory = llama_cpp.llama_get_memory(self._context.ctx)
         self._thread_count = ThreadCount(self._context.ctx, threads)
-        self._batch = _internals.LlamaBatch(n_tokens=self._n_batch, embd=0, n_seq_max=1)
+        self._batch = internals.open_batch(self._n_batch)
         self._sequences = [_Sequence(seq_id) for seq_id in range(n_seq)]
         self._waiting: deque[_Request] = deque()
         self._lock = threading.Condition()
@@ -271,13 +272,8 @@ class ParallelDecoder:
         params = request.params
         if is_plain_greedy(params):
             return None
-        llama = self._llama
-        llama.set_seed(request.seed)  # Llama._init_sampler seeds its dist sampler with it
-        return llama._init_sampler(
-            top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=params.temperature,
-            repeat_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-        )
+        self._llama.set_seed(request.seed)  # the chain's dist sampler is seeded with it
+        return internals.sampler_chain(self._llama, params)
 
     def _fill_batch(self, active: list[_Sequence]) -> list[tuple[_Sequence, int]]:
         """Writes the step's tokens into the batch; answers which sequence samples from which row.

@@ -338,6 +338,22 @@ class TransformersBackend:
 
     # -- facts -----------------------------------------------------------------------------
     @property
+    def torch_model(self):
+        """The loaded transformers model (None when unloaded): every forward pass of the running
+        batch and of scoring is a call of it."""
+        return self._model
+
+    @property
+    def tokenizer(self):
+        """The loaded transformers tokenizer (None when unloaded)."""
+        return self._tokenizer
+
+    @property
+    def settings(self) -> TransformersSettings:
+        """The settings this backend was made with, read as it runs (token_timeout_s at each wait)."""
+        return self._settings
+
+    @property
     def n_ctx(self) -> int:
         return self._n_ctx
 

@@ -116,8 +116,8 @@ class Batcher:
     The thread ends when there is nothing left to do, and the next request starts a new one:
     torch's OpenMP keeps a pool of workers for every thread that has run a parallel region, and
     once the process holds more pool threads than CPUs, libgomp stops spinning between regions
-    (its "throttled" wait), which halves decoding speed on this 2-core machine (measured 33 -> 18
-    tokens/s). An idle backend's thread would do that to every other model in the process (compare
+    (its "throttled" wait), which slows every decoding thread down (docs/benchmarks.md has the
+    figures). An idle backend's thread would do that to every other model in the process (compare
     slots, the bench's baselines); a thread that has ended takes its pool with it.
     """
 

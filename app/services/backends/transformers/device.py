@@ -79,9 +79,8 @@ def choose_device(requested: str, caps: DeviceCaps) -> str:
 
 def choose_dtype(requested: str, device: str, caps: DeviceCaps) -> str:
     """auto: bf16 on CUDA (fp16 where the GPU lacks bf16), fp16 on MPS. On the CPU, bf16 where
-    it has native bf16 instructions: measured 1.31x fp32's decode speed and less than half its
-    time to first token on an AVX512-BF16 CPU (README, scripts/bench_stream.py); without them
-    bf16 is emulated and slower, so fp32."""
+    it has native bf16 instructions, where it decoded faster than fp32 and reached the first token
+    sooner (docs/benchmarks.md); without them bf16 is emulated and slower, so fp32."""
     if requested != "auto":
         return requested
     if device == "cuda":
