@@ -134,7 +134,7 @@ def test_the_cold_turn_finds_none_of_its_cells_on_any_sequence(four_sequences):
     """The multi-turn bench's cold turn 10: one unrelated chat lands on another of the four
     sequences and the conversation's cells survive it (turn 10 stays warm); one unrelated chat
     per sequence takes them all, the conversation's last, so turn 10 is evaluated whole."""
-    backend, decoder = four_sequences, four_sequences._parallel
+    backend, decoder = four_sequences, four_sequences.parallel_decoder
     conversation = [Message("system", MULTI_TURN_SYSTEM)]
     for question in MULTI_TURN_USERS[:3]:
         conversation += [Message("user", question), Message("assistant", "Keepers kept the light burning all night.")]
