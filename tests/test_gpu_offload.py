@@ -183,3 +183,114 @@ def test_a_crash_while_stderr_is_pointed_at_dev_null_still_reports_where_it_was(
     assert done.returncode != 0
     assert "Fatal Python error: Segmentation fault" in done.stderr
     assert "in load_the_model" in done.stderr
+
+
+# -- transformers: the device asked for, and a model too big for the GPU -------------------------
+def test_device_cuda_without_cuda_is_a_400_naming_the_flag(tmp_path, default_hf_checkpoint):
+    from config.settings import TransformersSettings
+
+    settings = make_settings(tmp_path, backend="transformers", model=str(default_hf_checkpoint),
+                             transformers=TransformersSettings(n_ctx=TEST_N_CTX, n_threads=2, device="cuda"))
+    refused = create_app(settings).test_client().post("/api/load_model", json={})
+    assert refused.status_code == 400
+    body = refused.get_json()
+    assert body["field"] == "device" and body["error"].startswith("--device cuda was asked for, but torch sees no CUDA device")
+
+
+def test_a_model_bigger_than_the_gpus_free_memory_is_a_400_naming_the_sizes(default_hf_checkpoint, monkeypatch):
+    from app.services.backends.transformers.backend import TransformersBackend
+    from app.services.backends.transformers.device import DeviceCaps
+    from app.services.checkpoints.spec import ModelSpec
+    from app.services.core.errors import ModelTooLarge
+    from config.settings import TransformersSettings
+
+    monkeypatch.setattr(TransformersBackend, "_available_memory", staticmethod(lambda device: 64 * 2**20))
+    backend = TransformersBackend(ModelSpec("transformers", default_hf_checkpoint), TransformersSettings(),
+                                  caps=DeviceCaps(cuda=True, cuda_bf16=True))
+    with pytest.raises(ModelTooLarge) as refused:
+        backend.check()
+    assert refused.value.status == 400 and refused.value.field == "model"
+    assert "GiB in bf16 on cuda, and 0.06 GiB is available" in refused.value.message
+
+
+def test_a_transformers_model_on_the_cpu_says_why_it_uses_no_gpu(tmp_path, tiny_checkpoints):
+    from config.settings import TransformersSettings
+
+    settings = make_settings(tmp_path, backend="transformers", model=str(tiny_checkpoints["qwen2.5"]),
+                             transformers=TransformersSettings(n_ctx=TEST_N_CTX, n_threads=2))
+    app = create_app(settings)
+    status = load(app)
+    assert status["gpu"]["name"] is None and status["gpu"]["layers_offloaded"] == 0
+    assert status["gpu"]["note"] == "torch sees no CUDA or MPS device; the model runs on the CPU"
+    assert status["gpu"]["layers_total"] == 2
+    app.extensions["model_service"].unload()
+
+
+# -- the monitor: GPU memory and utilisation where the driver reports them ------------------------
+class StandInNvml:
+    """The few calls of nvidia-ml-py's pynvml the monitor makes, for one GPU."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self):
+        self.started = 0
+
+    def nvmlInit(self):
+        self.started += 1
+
+    def nvmlDeviceGetCount(self):
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetName(self, handle):
+        return "NVIDIA H200"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return type("Memory", (), {"used": 30 * GIB, "total": 140 * GIB})()
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return type("Rates", (), {"gpu": 87})()
+
+
+def test_the_monitor_reads_nvml_where_it_is_installed(monkeypatch):
+    from app.services.system.monitor import SystemMonitor
+
+    nvml = StandInNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monitor = SystemMonitor()
+    for _ in range(2):
+        snapshot = monitor.snapshot()
+    assert snapshot["gpus"] == [{"index": 0, "name": "NVIDIA H200", "memory_used_bytes": 30 * GIB,
+                                 "memory_total_bytes": 140 * GIB, "utilization_percent": 87.0, "source": "nvml"}]
+    assert snapshot["gpu_note"] is None and nvml.started == 1
+
+
+def test_the_monitor_reads_nvidia_smi_and_its_not_available_figures(tmp_path, monkeypatch):
+    from app.services.system.monitor import SystemMonitor
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA H200, 30720, 143771, 45'\necho '1, NVIDIA H200, 0, 143771, [N/A]'\n")
+    smi.chmod(0o755)
+    gpus = SystemMonitor(nvidia_smi=str(smi)).snapshot()["gpus"]
+    assert [(g["index"], g["memory_used_bytes"], g["utilization_percent"], g["source"]) for g in gpus] == [
+        (0, 30720 * 2**20, 45.0, "nvidia-smi"), (1, 0, None, "nvidia-smi")]
+
+
+def test_without_a_gpu_the_monitor_says_so_plainly(client_without_gpu):
+    system = client_without_gpu.get("/api/system").get_json()
+    assert system["gpus"] == []
+    assert system["gpu_note"].startswith("no GPU: no NVIDIA driver answers here")
+
+
+@pytest.fixture()
+def client_without_gpu(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi")
+    return create_app(make_settings(tmp_path)).test_client()

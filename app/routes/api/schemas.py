@@ -353,6 +353,8 @@ class GpuFigures(Shape):
     name: str
     memory_used_bytes: int
     memory_total_bytes: Optional[int] = None
+    utilization_percent: Optional[float] = Field(None, description="The GPU's busy share over the driver's last sample; null where it is not reported.")
+    source: Optional[Literal["nvml", "nvidia-smi", "torch"]] = Field(None, description="Who reported the figures.")
 
 
 class EvalRunning(Shape):
@@ -367,6 +369,7 @@ class SystemSnapshot(Shape):
     memory: MemoryFigures
     cpu: CpuFigures
     gpus: list[GpuFigures]
+    gpu_note: Optional[str] = Field(None, description="Why no GPU is listed, in plain words; null when one is.")
     eval: Optional[EvalRunning] = Field(description="The running eval's progress, if one runs.")
 
 
