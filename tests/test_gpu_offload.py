@@ -147,6 +147,19 @@ def test_plan_offload(requested, free, expected_layers, fallback):
     assert (plan.device is None) == fallback
 
 
+def test_a_registry_that_cannot_be_read_leaves_the_offload_to_llama_cpp():
+    plan = plan_offload(-1, "Metal", None, n_blocks=24, file_bytes=GIB)
+    assert (plan.n_gpu_layers, plan.layers_total, plan.device, plan.fallback) == (25, 25, None, False)
+
+
+def test_an_unreadable_registry_still_loads_on_the_gpu(tmp_path, default_gguf, monkeypatch, stand_in):
+    app = gpu_app(tmp_path, default_gguf, monkeypatch)
+    monkeypatch.setattr(offload, "gpu_devices", lambda module: None)
+    status = load(app)
+    assert stand_in.opened_with == [SMOLLM2_LAYERS]
+    assert status["device"] == "CUDA" and status["gpu"]["name"] == "CUDA" and status["gpu"]["memory_bytes"] is None
+
+
 def test_a_gpu_build_that_sees_no_device_runs_on_the_cpu_and_says_why():
     plan = plan_offload(-1, "CUDA", [], n_blocks=24, file_bytes=GIB)
     assert (plan.n_gpu_layers, plan.fallback) == (0, True)

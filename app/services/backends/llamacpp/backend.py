@@ -196,7 +196,7 @@ class LlamaCppBackend:
         """How many layers go to which GPU (llamacpp/offload.py), from the file's block count and
         the GPU's free memory now; the current model has been let go, so its memory counts as free."""
         requested = self._settings.n_gpu_layers
-        devices = offload.gpu_devices(llama_cpp) if gpu and requested != 0 else []
+        devices = offload.gpu_devices(llama_cpp) if gpu and requested != 0 else []  # None: unknown
         header = read_gguf_header(self._path)
         blocks = header.get(f"{header.architecture}.block_count")
         return plan_offload(requested, gpu, devices, blocks if isinstance(blocks, int) else None,
@@ -228,7 +228,7 @@ class LlamaCppBackend:
         """What loading took of the GPU's free memory (weights, KV cache, compute buffers)."""
         if device is None or self._gpu_layers == 0:
             return None
-        now = next((d for d in offload.gpu_devices(llama_cpp) if d.index == device.index), None)
+        now = next((d for d in offload.gpu_devices(llama_cpp) or [] if d.index == device.index), None)
         return max(0, device.free_bytes - now.free_bytes) if now is not None else None
 
     def _open(self, llama_cpp, n_gpu_layers: int):
@@ -358,12 +358,13 @@ class LlamaCppBackend:
         """The GPU's name, the layers on it (n of N, as llama.cpp counts them) and the memory the
         load took there; on the CPU, why."""
         plan = self._offload
-        if plan is None or plan.n_gpu_layers == 0 or plan.device is None:
+        if plan is None or plan.n_gpu_layers == 0:
             return GpuUse(layers_total=plan.layers_total if plan else None,
                           note=plan.why_cpu if plan else "not loaded")
         layers = plan.n_gpu_layers if plan.n_gpu_layers > 0 else (plan.layers_total or 0)
-        return GpuUse(name=plan.device.description, layers_offloaded=layers, layers_total=plan.layers_total,
-                      memory_bytes=self._gpu_memory_bytes)
+        # the registry unread (device None): the backend's name is what is known of the GPU
+        return GpuUse(name=plan.device.description if plan.device else self._device, layers_offloaded=layers,
+                      layers_total=plan.layers_total, memory_bytes=self._gpu_memory_bytes)
 
     # -- prompts ---------------------------------------------------------------------------
     def render_prompt(self, messages: Sequence[Message]) -> str:

@@ -66,16 +66,18 @@ def _library(llama_cpp_module) -> Optional[ctypes.CDLL]:
     return lib
 
 
-def gpu_devices(llama_cpp_module) -> list[GgmlDevice]:
+def gpu_devices(llama_cpp_module) -> Optional[list[GgmlDevice]]:
     """The GPUs (discrete or integrated) llama.cpp's build sees, with their free memory now.
-    Call only after llama_backend_init. Empty on a CPU build or where the library is not found."""
+    Call only after llama_backend_init. None where the registry cannot be read (no libggml where
+    it is expected, a build without the API): then nothing is known, and nothing is decided by it."""
     try:
         lib = _library(llama_cpp_module)
-    except (OSError, AttributeError) as exc:  # a build without the registry API: no device facts
+    except (OSError, AttributeError) as exc:
         log.warning("could not read llama.cpp's devices from libggml: %s", exc)
-        return []
+        return None
     if lib is None:
-        return []
+        log.warning("libggml not found beside llama-cpp-python's libllama; the GPU's name and memory are unknown")
+        return None
     found = []
     for index in range(lib.ggml_backend_dev_count()):
         device = lib.ggml_backend_dev_get(index)
@@ -89,22 +91,25 @@ def gpu_devices(llama_cpp_module) -> list[GgmlDevice]:
     return found
 
 
-def plan_offload(requested: int, gpu_backend: Optional[str], devices: list[GgmlDevice], n_blocks: Optional[int],
+def plan_offload(requested: int, gpu_backend: Optional[str], devices: Optional[list[GgmlDevice]], n_blocks: Optional[int],
                  file_bytes: int) -> OffloadPlan:
     """How many layers go to the GPU. ``requested`` is --n-gpu-layers (-1: all; more than the
     model has: all). A model whose offloaded share of the weights is larger than the GPU's free
-    memory runs on the CPU with the sizes in the reason, instead of failing inside llama.cpp."""
+    memory runs on the CPU with the sizes in the reason, instead of failing inside llama.cpp.
+    ``devices`` None (unknown) leaves the decision to llama.cpp, as before the registry was read."""
     total = n_blocks + 1 if n_blocks else None  # llama.cpp offloads the output layer as one more
     if requested == 0:
         return OffloadPlan(0, total, why_cpu="--n-gpu-layers 0 keeps every layer on the CPU")
     if gpu_backend is None:
         return OffloadPlan(0, total, why_cpu="this llama.cpp build has no GPU backend (a CPU build; LLAMACPP_GUIDE.md "
                                              "says how to build it with CUDA or Metal)")
+    layers = total if total is not None and (requested < 0 or requested > total) else requested
+    if devices is None:
+        return OffloadPlan(layers, total)
     if not devices:
         return OffloadPlan(0, total, fallback=True,
                            why_cpu=f"the {gpu_backend} build of llama.cpp sees no GPU device; running on the CPU")
     device = devices[0]  # llama.cpp's main_gpu 0, as Llama() is called
-    layers = total if total is not None and (requested < 0 or requested > total) else requested
     needed = file_bytes * layers // total if total else file_bytes
     if needed > device.free_bytes:
         return OffloadPlan(0, total, fallback=True, why_cpu=(
