@@ -46,8 +46,8 @@ from app.routes.api.schemas import (
     VoteBody,
     VoteResult,
 )
-from app.routes.http.errors import SURFACE_OF_BLUEPRINT, Surface
-from app.routes.http.shapes import ApiError, Detail, OpenAIError, ValidationDetail
+from app.routes.http.errors import ERROR_SHAPES, SURFACE_OF_BLUEPRINT, Surface
+from app.routes.http.shapes import ValidationDetail
 from app.routes.openai.schemas import ChatCompletion, ChatCompletionBody, CompletionBody, ModelList, TextCompletion
 from app.routes.pages import Health, ServiceDescription
 from app.routes.seed_api.schemas import BatchAnswer, BatchRequest, GenerateRequest, ModelInfo, ServiceAnswer, ServiceChatRequest
@@ -64,7 +64,6 @@ EVAL_UPLOAD = {"type": "object", "required": ["file"], "properties": {
     "score_only": {"type": "string", "description": "true: score the references without generating"}}}
 EVAL_SSE = ("Server-Sent Events: `event: progress` `{done, total, model, row, state}` now and after every answer, then "
             "`event: done` `{state, error, summary}`.")
-ERROR_SHAPES = {Surface.API: ApiError, Surface.OPENAI: OpenAIError, Surface.SEED_API: Detail}
 
 
 @dataclass(frozen=True)

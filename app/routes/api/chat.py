@@ -11,7 +11,7 @@ from app.routes.http.body import parse_body
 from app.routes.http.extensions import compare_slots, limit_settings, model_service
 from app.routes.http.shapes import logprob_entries
 from app.routes.http.wire import json_answer, sse_event, stream_generation
-from app.services.core.errors import NotFound
+from app.services.core.errors import GenerationError, NotFound
 from app.services.core.types import Chunk
 from app.services.engine.generation import Generation
 
@@ -50,7 +50,7 @@ class NamedEvents:
     def failure(self, chunk: Chunk) -> Iterable[str]:
         if chunk.text:
             yield from self.piece(chunk)
-        yield sse_event("error", {"error": chunk.error, "type": chunk.error_type or "generation_error"})
+        yield sse_event("error", {"error": chunk.error, "type": chunk.error_type or GenerationError.type})
 
 
 def start_generation() -> Generation:

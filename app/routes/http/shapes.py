@@ -2,7 +2,7 @@
 (``wire.json_answer``) and the OpenAPI document is built from them, so the two cannot drift."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,9 +33,13 @@ class Timings(Shape):
 
 
 class ApiError(Shape):
+    """/api's error body; only the facts an error has are sent."""
+
     error: str
     type: str
-    field: Optional[str] = None
+    field: Optional[str] = Field(None, description="The request field that is wrong.")
+    running: Optional[str] = Field(None, description="The eval that holds the server (eval_running).")
+    line: Optional[int] = Field(None, description="The test set's line that is wrong (invalid_test_set).")
 
 
 class OpenAIErrorObject(Shape):
@@ -57,6 +61,8 @@ class ValidationProblem(Shape):
     loc: list[Union[str, int]]
     msg: str
     type: str
+    input: Any = None
+    ctx: Optional[dict[str, Any]] = None
 
 
 class ValidationDetail(Shape):

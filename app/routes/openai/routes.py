@@ -19,11 +19,12 @@ from typing import Iterable, Optional, Sequence
 from flask import Blueprint
 
 from app.routes.http.body import parse_body
-from app.routes.http.errors import openai_error_body
+from app.routes.http.errors import openai_error_of
 from app.routes.http.extensions import limit_settings, model_service
 from app.routes.http.shapes import logprob_entries
 from app.routes.http.wire import SSE_DONE, json_answer, sse_data, stream_generation
 from app.routes.openai.schemas import ChatCompletion, ChatCompletionBody, CompletionBody, ModelList, SamplingBody, TextCompletion
+from app.services.core.errors import generation_failure
 from app.services.core.types import Chunk, TokenLogprob
 from app.services.engine.generation import Generation
 
@@ -101,8 +102,7 @@ class CompletionChunks:
         yield SSE_DONE
 
     def failure(self, chunk: Chunk) -> Iterable[str]:
-        status = 504 if chunk.error_type == "generation_timeout" else 500
-        yield sse_data(openai_error_body(status, chunk.error or "generation failed", chunk.error_type or "generation_error", None))
+        yield sse_data(openai_error_of(generation_failure(chunk.error, chunk.error_type)).model_dump(mode="json"))
 
 
 def _answer(body: SamplingBody, generation: Generation, chat: bool):

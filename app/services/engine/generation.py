@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Protocol, Sequence, Union, cast
 
 from app.services.backends.base import Backend, Batching
-from app.services.core.errors import GenerationError, GenerationTimeout, InvalidRequest, QueueFull, ServiceError
+from app.services.core.errors import GenerationTimeout, InvalidRequest, QueueFull, ServiceError, generation_failure
 from app.services.core.types import Chunk, GenerationParams, Message, Prompt, TokenLogprob
 from app.services.engine.queue import GenerationQueue, Ticket
 from app.services.engine.registry import GenerationRegistry
@@ -48,9 +48,7 @@ class GenerationResult:
         answers with, so the same failure has the same status on /api, /v1 and the service routes."""
         if self.finish_reason != "error":
             return self
-        if self.error_type == "generation_timeout":
-            raise GenerationTimeout(self.error or "the generation ran past the server's time limit")
-        raise GenerationError(self.error or "generation failed")
+        raise generation_failure(self.error, self.error_type)
 
 
 class Engine(Protocol):
@@ -180,7 +178,7 @@ class Generation:
                 self.timed_out = True
                 self.cancel.set()  # the backend ends at its next token; its last chunk becomes the error
             if chunk.is_last and self.timed_out:
-                chunk = dataclasses.replace(chunk, finish_reason="error", error_type="generation_timeout", error=(
+                chunk = dataclasses.replace(chunk, finish_reason="error", error_type=GenerationTimeout.type, error=(
                     f"the generation ran longer than the server's limit of {limit:g} s (limits.generation_timeout_s); "
                     f"the answer so far was sent"))
             self.tokens_seen += len(chunk.token_ids)

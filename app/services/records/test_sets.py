@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from app.services.core.errors import InvalidRequest
+from app.services.core.errors import ErrorDetails, InvalidRequest
 from app.services.core.unicode import lone_surrogate_at
 
 COLUMNS = ("prompt", "system", "reference")
@@ -21,8 +21,8 @@ class InvalidTestSet(InvalidRequest):
         super().__init__(f"line {line}: {message}" if line else message, field="file")
         self.line = line
 
-    def details(self) -> dict:
-        return {"line": self.line} if self.line else {}
+    def details(self) -> ErrorDetails:
+        return ErrorDetails(line=self.line or None)
 
 
 @dataclass(frozen=True)
