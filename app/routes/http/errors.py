@@ -109,7 +109,8 @@ def _service_error(exc: ServiceError) -> Response:
         log.error("%s: %s", exc.type, exc.message)
     surface = current_surface()
     if surface is Surface.SEED_API and isinstance(exc, InvalidBody):
-        response = jsonify(ValidationDetail(detail=exc.errors).model_dump(mode="json"))  # FastAPI's 422 lists every problem
+        # FastAPI's 422 lists every problem, each with the keys pydantic gave it
+        response = jsonify(ValidationDetail(detail=exc.errors).model_dump(mode="json", exclude_unset=True))
         response.status_code = 422
         return response
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None

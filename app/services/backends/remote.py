@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 from urllib.parse import urlsplit
 
-from app.services.backends.base import Capabilities
+from app.services.backends.base import BackendInfo, Capabilities
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, RemoteUnavailable
 from app.services.core.text_stream import StreamAssembler
@@ -308,7 +308,7 @@ class RemoteBackend:
         # on it (the room left for an answer) to the server's own check.
         return self._n_ctx_known() or 1 << 31
 
-    def info(self) -> dict:
+    def info(self) -> BackendInfo:
         facts = {
             "device": "remote",
             "base_url": self._base_url,
@@ -326,7 +326,7 @@ class RemoteBackend:
             facts["usage"] = "reported by the server" if self._server_sends_usage else (
                 "counted here: the server reports no usage when streaming; prompt_tokens is 0"
             )
-        return facts
+        return BackendInfo(**facts)
 
     # -- prompts ---------------------------------------------------------------------------
     def chat_template(self) -> Optional[str]:
@@ -512,7 +512,7 @@ class RemoteBackend:
         last = assembler.finish(reason, error)
         if usage is not None:
             last.usage = usage
-            last.timings = dataclasses.replace(last.timings, completion_tokens=usage.completion_tokens)
+            last.timings = last.timings.recounted(usage.completion_tokens)
         yield last
 
     @staticmethod
@@ -548,5 +548,5 @@ class RemoteBackend:
     def _usage(data: dict) -> Optional[Usage]:
         prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
         if isinstance(prompt, int) and isinstance(completion, int):
-            return Usage(prompt, completion)
+            return Usage.of(prompt, completion)
         return None

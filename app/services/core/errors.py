@@ -120,6 +120,13 @@ class PathNotAllowed(ServiceError):
     type = "path_not_allowed"
 
 
+class BackendIncomplete(ServiceError):
+    """A backend declares a capability and lacks the methods that go with it: a bug in the backend."""
+
+    kind = ErrorKind.INTERNAL
+    type = "backend_incomplete"
+
+
 class GenerationTimeout(ServiceError):
     kind = ErrorKind.TIMEOUT
     type = "generation_timeout"

@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from app.services.backends.base import Capabilities, check_token_ids, continuation_prompt
+from app.services.backends.base import BackendInfo, Capabilities, check_token_ids, continuation_prompt
 from app.services.backends.llamacpp.decoder import continuation_logits, decode_tokens
 from app.services.backends.llamacpp.parallel import ParallelDecoder
 from app.services.checkpoints.gguf_metadata import read_gguf_header
@@ -282,7 +282,7 @@ class LlamaCppBackend:
     def n_ctx(self) -> int:
         return self._llama.n_ctx() if self._llama is not None else self._settings.n_ctx
 
-    def info(self) -> dict:
+    def info(self) -> BackendInfo:
         facts = {
             "device": self._device,
             "n_ctx": self.n_ctx,
@@ -308,7 +308,7 @@ class LlamaCppBackend:
             facts["gpu_fallback"] = self._gpu_fallback_reason
         if self._lora_path is not None:
             facts.update({"adapter": str(self._lora_path), "lora_scale": LORA_SCALE})
-        return facts
+        return BackendInfo(**facts)
 
     # -- prompts ---------------------------------------------------------------------------
     def render_prompt(self, messages: Sequence[Message]) -> str:
