@@ -19,12 +19,30 @@ from typing import Iterable, Optional, Sequence
 from flask import Blueprint
 
 from app.routes.http.body import parse_body
-from app.routes.http.errors import openai_error_body
+from app.routes.http.errors import openai_error_of
 from app.routes.http.extensions import limit_settings, model_service
-from app.routes.http.shapes import logprob_entries
 from app.routes.http.wire import SSE_DONE, json_answer, sse_data, stream_generation
-from app.routes.openai.schemas import ChatCompletion, ChatCompletionBody, CompletionBody, ModelList, SamplingBody, TextCompletion
-from app.services.core.types import Chunk, TokenLogprob
+from app.routes.openai.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionBody,
+    ChatCompletionChunk,
+    ChatLogprobs,
+    ChunkDelta,
+    CompletionBody,
+    CompletionLogprobs,
+    ModelCard,
+    ModelList,
+    SamplingBody,
+    TextChoice,
+    TextChunkChoice,
+    TextCompletion,
+    TextCompletionChunk,
+)
+from app.services.core.errors import generation_failure
+from app.services.core.types import Chunk, TokenLogprob, Usage
 from app.services.engine.generation import Generation
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -41,46 +59,38 @@ def _start(body: SamplingBody, messages=None, text=None, default_max_tokens: int
     return service.start(params, messages=messages, text=text)
 
 
-def openai_logprobs(logprobs: Sequence[TokenLogprob], chat: bool, offset: int = 0) -> dict:
-    """OpenAI's ``logprobs`` object: ``{"content": [...]}`` for chat; the legacy parallel lists for
-    text completions, whose ``text_offset`` counts characters from ``offset``."""
-    if chat:
-        return {"content": logprob_entries(logprobs, ids=False)}
-    tokens, offsets = [], []
-    for logprob in logprobs:
-        offsets.append(offset)
-        tokens.append(logprob.chosen.text)
-        offset += len(logprob.chosen.text)
-    return {"tokens": tokens, "token_logprobs": [logprob.chosen.logprob for logprob in logprobs],
-            "top_logprobs": [{candidate.text: candidate.logprob for candidate in logprob.top} for logprob in logprobs],
-            "text_offset": offsets}
-
-
 class CompletionChunks:
     """OpenAI's stream of ``chat.completion.chunk`` (chat) or ``text_completion`` objects."""
 
-    def __init__(self, chat: bool, include_usage: bool, head: dict, with_logprobs: bool):
+    def __init__(self, chat: bool, include_usage: bool, completion_id: str, created: int, model: Optional[str],
+                 with_logprobs: bool):
         self._chat = chat
         self._include_usage = include_usage
-        self._head = head
+        self._head = {"id": completion_id, "created": int(created), "model": model}
         self._with_logprobs = with_logprobs
         self._offset = 0  # characters sent so far, for text completions' text_offset
 
+    def _chunk(self, choices: list, usage: Optional[Usage] = None) -> str:
+        usage_field = {"usage": usage} if self._include_usage else {}  # null in every chunk, but only when asked for
+        if self._chat:
+            chunk = ChatCompletionChunk(object="chat.completion.chunk", choices=choices, **self._head, **usage_field)
+        else:
+            chunk = TextCompletionChunk(object="text_completion", choices=choices, **self._head, **usage_field)
+        return sse_data(chunk, exclude_unset=True)
+
     def _choice(self, text: Optional[str], finish_reason: Optional[str], first: bool = False,
                 logprobs: Sequence[TokenLogprob] = ()) -> str:
-        if self._chat:
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
-            choice = {"delta": delta}
-        else:
-            choice = {"text": text or ""}
         entries = None
         if self._with_logprobs and logprobs:
-            entries = openai_logprobs(logprobs, self._chat, self._offset)
+            entries = ChatLogprobs.of(logprobs) if self._chat else CompletionLogprobs.of(logprobs, self._offset)
             self._offset += sum(len(logprob.chosen.text) for logprob in logprobs)
-        data = {**self._head, "choices": [{"index": 0, **choice, "logprobs": entries, "finish_reason": finish_reason}]}
-        if self._include_usage:
-            data["usage"] = None
-        return sse_data(data)
+        if self._chat:
+            delta = ChunkDelta(role="assistant", content="") if first else (
+                ChunkDelta(content=text) if text is not None else ChunkDelta())
+            choice = ChatChunkChoice(index=0, delta=delta, logprobs=entries, finish_reason=finish_reason)
+        else:
+            choice = TextChunkChoice(index=0, text=text or "", logprobs=entries, finish_reason=finish_reason)
+        return self._chunk([choice])
 
     def opening(self) -> Iterable[str]:
         if self._chat:  # text completions have no role to announce
@@ -97,32 +107,32 @@ class CompletionChunks:
             yield self._choice(chunk.text, None, logprobs=chunk.logprobs)
         yield self._choice(None, OPENAI_FINISH.get(chunk.finish_reason, "stop"))
         if self._include_usage and chunk.usage:
-            yield sse_data({**self._head, "choices": [], "usage": chunk.usage.to_dict()})
+            yield self._chunk([], chunk.usage)
         yield SSE_DONE
 
     def failure(self, chunk: Chunk) -> Iterable[str]:
-        status = 504 if chunk.error_type == "generation_timeout" else 500
-        yield sse_data(openai_error_body(status, chunk.error or "generation failed", chunk.error_type or "generation_error", None))
+        yield sse_data(openai_error_of(generation_failure(chunk.error, chunk.error_type)))
 
 
 def _answer(body: SamplingBody, generation: Generation, chat: bool):
     """The whole answer or its stream, as a chat completion or a text completion."""
-    object_name = ("chat.completion" if chat else "text_completion")
-    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": object_name,
-            "created": int(time.time()), "model": model_service().model_id()}
+    completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created, model = int(time.time()), model_service().model_id()
+    with_logprobs = generation.params.logprobs is not None
     if body.stream:
-        chunk_head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        with_logprobs = generation.params.logprobs is not None
-        return stream_generation(generation, CompletionChunks(chat, body.include_usage(), chunk_head, with_logprobs))
+        framing = CompletionChunks(chat, body.include_usage(), completion_id, created, model, with_logprobs)
+        return stream_generation(generation, framing)
     result = generation.collect().raise_for_error()
-    choice = {"message": {"role": "assistant", "content": result.text}} if chat else {"text": result.text}
-    logprobs = openai_logprobs(result.logprobs, chat) if generation.params.logprobs is not None else None
-    return json_answer(ChatCompletion if chat else TextCompletion, {
-        **head,
-        "choices": [{"index": 0, **choice, "logprobs": logprobs, "finish_reason": OPENAI_FINISH.get(result.finish_reason, "stop")}],
-        "usage": result.usage,
-        "timings": result.timings,  # llama-server's extension; OpenAI clients ignore it
-    })
+    finish_reason = OPENAI_FINISH.get(result.finish_reason, "stop")
+    if chat:
+        choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=result.text),
+                            logprobs=ChatLogprobs.of(result.logprobs) if with_logprobs else None, finish_reason=finish_reason)
+        return json_answer(ChatCompletion(id=completion_id, object="chat.completion", created=created, model=model,
+                                          choices=[choice], usage=result.usage, timings=result.timings))
+    choice = TextChoice(index=0, text=result.text, logprobs=CompletionLogprobs.of(result.logprobs) if with_logprobs else None,
+                        finish_reason=finish_reason)
+    return json_answer(TextCompletion(id=completion_id, object="text_completion", created=created, model=model,
+                                      choices=[choice], usage=result.usage, timings=result.timings))
 
 
 @bp.post("/chat/completions")
@@ -144,8 +154,8 @@ def models():
     service = model_service()
     loaded = service.model_id()
     created = int(time.time())
-    entries = [{"id": loaded, "object": "model", "created": created, "owned_by": "model_test", "loaded": True}] if loaded else []
+    entries = [ModelCard(id=loaded, object="model", created=created, owned_by="model_test", loaded=True)] if loaded else []
     for model in service.catalog.models():
-        if model["available"] and model["id"] != loaded:
-            entries.append({"id": model["id"], "object": "model", "created": created, "owned_by": "model_test", "loaded": False})
-    return json_answer(ModelList, {"object": "list", "data": entries})
+        if model.available and model.id != loaded:
+            entries.append(ModelCard(id=model.id, object="model", created=created, owned_by="model_test", loaded=False))
+    return json_answer(ModelList(object="list", data=entries))

@@ -9,14 +9,14 @@ OpenAI's definition (llama.cpp's penalty sampler; a logits processor for transfo
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.routes.http.sampling import OpenAIPenalty, RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopLogprobs, TopP
-from app.routes.http.shapes import Shape, Timings, TokenLogprobShape, Usage
 from app.services.core.errors import InvalidRequest
-from app.services.core.types import GenerationParams, Message
+from app.services.core.shapes import Shape
+from app.services.core.types import GenerationParams, Message, Timings, TokenCandidate, TokenLogprob, Usage
 from config.settings import LimitSettings
 
 
@@ -147,15 +147,62 @@ class CompletionBody(SamplingBody):
         return self._params(limits, self.max_tokens, default_max_tokens)
 
 
-# -- answers ---------------------------------------------------------------------------------
+# -- answers: whole ones, and the chunks of a stream --------------------------------------------
+# A stream's chunks are sent with exclude_unset: each carries exactly the keys OpenAI's own do (the
+# first delta the role, the last none; usage: null in every chunk only with include_usage).
+
+class OpenAITokenAlternative(Shape):
+    token: str = Field(description="The token's text (its bytes decoded; a token inside a multi-byte character shows U+FFFD).")
+    logprob: float = Field(description="Natural log of its probability in the model's distribution before sampling.")
+    bytes: list[int] = Field(description="The token's UTF-8 bytes.")
+
+    @classmethod
+    def of(cls, candidate: TokenCandidate) -> "OpenAITokenAlternative":
+        return cls(token=candidate.text, logprob=candidate.logprob, bytes=list(candidate.piece))
+
+
+class ChatTokenLogprob(OpenAITokenAlternative):
+    top_logprobs: list[OpenAITokenAlternative] = Field(description="The most likely tokens at this place, best first.")
+
+    @classmethod
+    def of(cls, logprob: TokenLogprob) -> "ChatTokenLogprob":
+        chosen = logprob.chosen
+        return cls(token=chosen.text, logprob=chosen.logprob, bytes=list(chosen.piece),
+                   top_logprobs=[OpenAITokenAlternative.of(candidate) for candidate in logprob.top])
+
+
+class ChatLogprobs(Shape):
+    content: list[ChatTokenLogprob]
+
+    @classmethod
+    def of(cls, logprobs: Sequence[TokenLogprob]) -> "ChatLogprobs":
+        return cls(content=[ChatTokenLogprob.of(logprob) for logprob in logprobs])
+
+
+class CompletionLogprobs(Shape):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int] = Field(description="Each token's first character, counted in the whole answer.")
+
+    @classmethod
+    def of(cls, logprobs: Sequence[TokenLogprob], offset: int = 0) -> "CompletionLogprobs":
+        """``offset``: the characters of the answer before these tokens."""
+        tokens, offsets = [], []
+        for logprob in logprobs:
+            offsets.append(offset)
+            tokens.append(logprob.chosen.text)
+            offset += len(logprob.chosen.text)
+        return cls(tokens=tokens, token_logprobs=[logprob.chosen.logprob for logprob in logprobs],
+                   top_logprobs=[{candidate.text: candidate.logprob for candidate in logprob.top} for logprob in logprobs],
+                   text_offset=offsets)
+
 
 class AssistantMessage(Shape):
     role: Literal["assistant"]
     content: str
-
-
-class ChatLogprobs(Shape):
-    content: list[TokenLogprobShape]
 
 
 class ChatChoice(Shape):
@@ -165,15 +212,6 @@ class ChatChoice(Shape):
     finish_reason: str
 
 
-class CompletionLogprobs(Shape):
-    """The legacy completions shape: parallel lists, one entry per token."""
-
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
 class TextChoice(Shape):
     index: int
     text: str
@@ -181,24 +219,57 @@ class TextChoice(Shape):
     finish_reason: str
 
 
-class ChatCompletion(Shape):
+class CompletionHead(Shape):
     id: str
-    object: Literal["chat.completion"]
     created: int
     model: Optional[str]
+
+
+class ChatCompletion(CompletionHead):
+    object: Literal["chat.completion"]
     choices: list[ChatChoice]
     usage: Usage
     timings: Optional[Timings] = Field(None, description="llama-server's extension; OpenAI clients ignore it.")
 
 
-class TextCompletion(Shape):
-    id: str
+class TextCompletion(CompletionHead):
     object: Literal["text_completion"]
-    created: int
-    model: Optional[str]
     choices: list[TextChoice]
     usage: Usage
     timings: Optional[Timings] = Field(None, description="llama-server's extension; OpenAI clients ignore it.")
+
+
+class ChunkDelta(Shape):
+    role: Optional[Literal["assistant"]] = Field(None, description="In the first chunk only.")
+    content: Optional[str] = Field(None, description="Absent from the last chunk.")
+
+
+class ChatChunkChoice(Shape):
+    index: int
+    delta: ChunkDelta
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: Optional[str] = Field(description="In the last choice chunk only.")
+
+
+class TextChunkChoice(Shape):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs]
+    finish_reason: Optional[str]
+
+
+class CompletionChunkHead(CompletionHead):
+    usage: Optional[Usage] = Field(None, description="Only with stream_options.include_usage: null, and set in the usage chunk.")
+
+
+class ChatCompletionChunk(CompletionChunkHead):
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice] = Field(description="Empty in the usage chunk.")
+
+
+class TextCompletionChunk(CompletionChunkHead):
+    object: Literal["text_completion"]
+    choices: list[TextChunkChoice] = Field(description="Empty in the usage chunk.")
 
 
 class ModelCard(Shape):
