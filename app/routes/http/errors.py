@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 
 from app.routes.http.body import InvalidBody
 from app.services.core.errors import QueueFull, ServiceError
+from app.services.core.unicode import encodable_data
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,13 @@ def openai_error_body(status: int, message: str, error_type: str, field: Optiona
 
 def error_body(surface: Surface, status: int, message: str, error_type: str, field: Optional[str] = None,
                details: Optional[dict] = None):
+    """The envelope, every string in it writable as UTF-8: a message may quote a client's key or
+    value, and one holding a lone surrogate must not turn a 400 into a 500."""
+    return encodable_data(_envelope(surface, status, message, error_type, field, details))
+
+
+def _envelope(surface: Surface, status: int, message: str, error_type: str, field: Optional[str],
+              details: Optional[dict]) -> dict:
     if surface is Surface.OPENAI:
         return openai_error_body(status, message, error_type, field)
     if surface is Surface.SEED_API:
@@ -82,7 +90,7 @@ def _service_error(exc: ServiceError) -> Response:
         log.error("%s: %s", exc.type, exc.message)
     surface = current_surface()
     if surface is Surface.SEED_API and isinstance(exc, InvalidBody):
-        response = jsonify({"detail": exc.errors})  # FastAPI's 422 lists every problem
+        response = jsonify({"detail": encodable_data(exc.errors)})  # FastAPI's 422 lists every problem
         response.status_code = 422
         return response
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None

@@ -15,6 +15,7 @@ from flask import Response, jsonify
 from pydantic import BaseModel
 
 from app.services.core.types import Chunk
+from app.services.core.unicode import encodable
 from app.services.engine.generation import Generation, QueueUpdate
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -22,14 +23,24 @@ SSE_DONE = "data: [DONE]\n\n"
 SSE_KEEPALIVE = ": keep-alive\n\n"
 
 
+def event_json(data: dict) -> str:
+    """``data`` as JSON text that UTF-8 can carry: an error event may quote a client's text."""
+    text = json.dumps(data, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return encodable(text)
+    return text
+
+
 def sse_event(event: str, data: dict) -> str:
     """A named event (``event: token``)."""
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"event: {event}\ndata: {event_json(data)}\n\n"
 
 
 def sse_data(data: dict) -> str:
     """An unnamed event, as OpenAI's stream and the FastAPI-era service's send them."""
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {event_json(data)}\n\n"
 
 
 def sse_response(events: Iterable[str]) -> Response:
