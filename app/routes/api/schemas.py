@@ -61,7 +61,8 @@ class ChatBody(ConversationBody, Sampling, StopStrings):
     repetition_penalty: RepetitionPenalty = 1.1
     seed: Seed = None
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence, up to max_new_tokens (for benchmarks).")
-    request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN, description="Client-chosen id for POST /api/stop.")
+    request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN, description="Client-chosen id for POST /api/stop "
+                                      "(which also needs the generation's stop token).")
     continue_final: bool = Field(
         False, description="The messages end with an assistant message and the model goes on writing it; "
         "the answer holds only the new text.",
@@ -131,6 +132,9 @@ class FidelityBody(StrictBody):
 
 class StopBody(StrictBody):
     request_id: str = Field(pattern=REQUEST_ID_PATTERN)
+    stop_token: str = Field(pattern=REQUEST_ID_PATTERN, description="The generation's stop token, given only to the client "
+                            "that started it: the stop_token of the POST /api/streams answer, or the X-Stop-Token header "
+                            "of the POST /api/chat_stream response.")
 
 
 class TokenizeBody(StrictBody):
@@ -243,6 +247,7 @@ class ScoreAnswer(Shape):
 class StreamTicket(Shape):
     stream_id: str = Field(description="The stream's id: 128 random bits of the server's; the URL is its capability.")
     request_id: str = Field(description="The generation's id, for POST /api/stop.")
+    stop_token: str = Field(description="Send it with the request_id to POST /api/stop: only this client can stop the generation.")
     url: str
 
 
@@ -539,6 +544,8 @@ class EvalPairBody(StrictBody):
 
 class VoteBody(StrictBody):
     vote: str = Field(min_length=1, max_length=16, description="The better answer's letter (A, B, ...), tie, or both_bad.")
+    vote_token: str = Field(min_length=1, max_length=128, description="The token the comparison's creation answered: "
+                            "only the client that created a comparison votes on it.")
 
 
 class ShownAnswer(Shape):
@@ -549,6 +556,7 @@ class ShownAnswer(Shape):
 class ArenaComparison(Shape):
     id: str
     source: str
+    vote_token: str = Field(description="Send it with the vote: only the client that created the comparison votes.")
     answers: list[ShownAnswer]
 
 

@@ -7,20 +7,18 @@ is shown, so the speed of a model cannot give it away), or from a finished eval'
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import secrets
 from typing import Optional, Sequence
 
 from app.services.arena.ratings import Game, leaderboard, pair_table
-from app.services.core.errors import AlreadyVoted, EvalRunning, InvalidRequest
-from app.services.core.spreadsheet import spreadsheet_safe
+from app.services.core.errors import AlreadyVoted, EvalRunning, InvalidRequest, VoteNotAllowed
+from app.services.core.spreadsheet import csv_text
 from app.services.core.types import GenerationParams, Message
 from app.services.engine.generation import collect_together
 from app.services.engine.slots import CompareSlots
-from app.services.records.arena_store import ArenaStore, iter_pairs
+from app.services.records.arena_store import ArenaCap, ArenaStore, NewComparison, iter_pairs
 from app.services.records.eval_store import EvalStore
 
 log = logging.getLogger(__name__)
@@ -30,10 +28,11 @@ VOTES = ("tie", "both_bad")
 
 
 class ArenaService:
-    def __init__(self, store: ArenaStore, compare_slots: CompareSlots, evals: EvalStore):
+    def __init__(self, store: ArenaStore, compare_slots: CompareSlots, evals: EvalStore, cap: ArenaCap):
         self.store = store
         self._slots = compare_slots
         self._evals = evals
+        self._cap = cap
 
     def _shuffled(self, count: int) -> list[int]:
         order = list(range(count))
@@ -44,9 +43,11 @@ class ArenaService:
         order = self._shuffled(len(texts))
         answers = {POSITIONS[i]: texts[index] for i, index in enumerate(order)}
         mapping = {POSITIONS[i]: labels[index] for i, index in enumerate(order)}
-        comparison_id = secrets.token_hex(12)
-        self.store.add_comparison(comparison_id, source, messages, params, answers, mapping)
-        return {"id": comparison_id, "source": source, "answers": [{"position": p, "text": t} for p, t in answers.items()]}
+        comparison = NewComparison(secrets.token_hex(12), source, messages, params, answers, mapping,
+                                   vote_token=secrets.token_urlsafe(16))
+        self.store.add_comparison(comparison, self._cap)
+        return {"id": comparison.id, "source": source, "vote_token": comparison.vote_token,
+                "answers": [{"position": p, "text": t} for p, t in answers.items()]}
 
     def compare(self, messages: Sequence[Message], params: GenerationParams) -> dict:
         """The compare columns answer ``messages``; their answers come back shuffled and unlabelled."""
@@ -84,8 +85,11 @@ class ArenaService:
         texts = [outputs[(row_index, labels.index(label))]["output"] for label in chosen]
         return self._save(f"eval:{eval_id}:{row_index}", messages, meta.get("params", {}), texts, chosen)
 
-    def vote(self, comparison_id: str, vote: str) -> dict:
+    def vote(self, comparison_id: str, vote: str, vote_token: str) -> dict:
         comparison = self.store.comparison(comparison_id)  # a 404 for an unknown comparison
+        if not self.store.may_vote(comparison_id, vote_token):
+            raise VoteNotAllowed(f"only the client that created comparison {comparison_id} may vote on it: send the "
+                                 f"vote_token its creation answered", field="vote_token")
         allowed = list(comparison["answers"]) + list(VOTES)
         if vote not in allowed:
             raise InvalidRequest(f"vote must be one of {', '.join(allowed)}", field="vote")
@@ -107,13 +111,10 @@ class ArenaService:
         comparisons = self.store.voted()
         if fmt == "json":
             return json.dumps({"ratings": self.ratings(), "votes": comparisons}, ensure_ascii=False, indent=1), "application/json"
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["id", "voted", "source", "prompt", "vote", "winner", "models"])
+        lines = []
         for comparison in comparisons:
             prompt = next((m["content"] for m in reversed(comparison["messages"]) if m["role"] == "user"), "")
             winner = comparison["mapping"].get(comparison["vote"], comparison["vote"])
-            writer.writerow([spreadsheet_safe(cell) for cell in (
-                comparison["id"], comparison["voted"], comparison["source"], prompt, comparison["vote"], winner,
-                " | ".join(f"{p}={m}" for p, m in comparison["mapping"].items()))])
-        return buffer.getvalue(), "text/csv"
+            lines.append([comparison["id"], comparison["voted"], comparison["source"], prompt, comparison["vote"], winner,
+                          " | ".join(f"{p}={m}" for p, m in comparison["mapping"].items())])
+        return csv_text(["id", "voted", "source", "prompt", "vote", "winner", "models"], lines), "text/csv"

@@ -33,6 +33,7 @@ from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, RemoteUnavailable
 from app.services.core.text_stream import StreamAssembler
 from app.services.core.types import Chunk, GenerationParams, Message, Prompt, TokenCandidate, TokenLogprob, Usage
+from app.services.core.urls import redacted_url, scrubbed
 from config.settings import RemoteSettings
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class RemoteBackend:
         self._spec = spec
         self._settings = settings
         self._base_url = (spec.base_url or "").rstrip("/")
+        self._shown_url = redacted_url(self._base_url)  # for messages and logs: never the URL's credentials
         self.model = spec.name or ""  # the server's name for it; found by load() when the spec has none
         self._session = None
         self._entry: dict = {}
@@ -230,7 +232,7 @@ class RemoteBackend:
             parts = None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise InvalidModel(
-                f"not a usable server URL: {url!r}; give the server's OpenAI API root, e.g. http://gpu-host:8000/v1",
+                f"not a usable server URL: {redacted_url(url)!r}; give the server's OpenAI API root, e.g. http://gpu-host:8000/v1",
                 field="base_url",
             )
 
@@ -257,35 +259,35 @@ class RemoteBackend:
             if response.status_code >= 400:
                 message = self._http_failure(response.status_code, response.text)
                 if response.status_code == 404 and not self._base_url.endswith("/v1"):
-                    message += f"; is {self._base_url} the server's OpenAI API root? vLLM and llama-server serve it under /v1"
-                raise RemoteUnavailable(f"GET {url}: {message}", field="base_url")
+                    message += f"; is {self._shown_url} the server's OpenAI API root? vLLM and llama-server serve it under /v1"
+                raise RemoteUnavailable(f"GET {self._shown_url}/models: {message}", field="base_url")
             try:
                 listing = response.json()
             except ValueError:
-                raise ModelLoadFailed(f"GET {url} did not answer JSON; is it an OpenAI-compatible server?", field="base_url") from None
+                raise ModelLoadFailed(f"GET {self._shown_url}/models did not answer JSON; is it an OpenAI-compatible server?", field="base_url") from None
         entries = listing.get("data") if isinstance(listing, dict) else None
         if not isinstance(entries, list):
-            raise ModelLoadFailed(f"GET {url} answered no model list (no 'data' array); is it an OpenAI-compatible server?",
+            raise ModelLoadFailed(f"GET {self._shown_url}/models answered no model list (no 'data' array); is it an OpenAI-compatible server?",
                                   field="base_url")
         models = {entry["id"]: entry for entry in entries if isinstance(entry, dict) and isinstance(entry.get("id"), str)}
         self._served = list(models)
         served = ", ".join(self._served[:20]) or "none"
         if self._spec.name:
             if self._spec.name not in models:
-                raise ModelNotFound(f"the remote server at {self._base_url} does not serve {self._spec.name!r}; it serves: {served}",
+                raise ModelNotFound(f"the remote server at {self._shown_url} does not serve {self._spec.name!r}; it serves: {served}",
                                     field="model")
         elif len(models) == 1:
             self.model = self._served[0]
         elif not models:
-            raise ModelLoadFailed(f"the remote server at {self._base_url} lists no models", field="model")
+            raise ModelLoadFailed(f"the remote server at {self._shown_url} lists no models", field="model")
         else:
             raise InvalidRequest(
-                f"the remote server at {self._base_url} serves {len(models)} models ({served}); choose one with "
+                f"the remote server at {self._shown_url} serves {len(models)} models ({served}); choose one with "
                 "--remote-model (or MODEL_TEST_REMOTE__MODEL)",
                 field="model",
             )
         self._entry = models[self.model]
-        log.info("remote model %s at %s (n_ctx %s)", self.model, self._base_url, self._n_ctx_known() or "unknown")
+        log.info("remote model %s at %s (n_ctx %s)", self.model, self._shown_url, self._n_ctx_known() or "unknown")
 
     def unload(self) -> None:
         if self._session is not None:
@@ -311,7 +313,7 @@ class RemoteBackend:
     def info(self) -> dict:
         facts = {
             "device": "remote",
-            "base_url": self._base_url,
+            "base_url": self._shown_url,
             "remote_model": self.model or None,
             "n_ctx": self._n_ctx_known(),
             "api_key": self._settings.api_key is not None,  # whether one is sent, never the key
@@ -385,15 +387,15 @@ class RemoteBackend:
 
         connect_s, read_s = self._timeouts()
         if isinstance(exc, requests.ConnectTimeout):
-            return f"could not connect to the remote server at {self._base_url} within {connect_s:g} s"
+            return f"could not connect to the remote server at {self._shown_url} within {connect_s:g} s"
         if isinstance(exc, requests.ReadTimeout):
             return f"the remote server sent nothing for {read_s:g} s"
         if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-            return f"the remote server broke off the stream: {exc}"
+            return f"the remote server broke off the stream: {scrubbed(str(exc), self._base_url)}"
         if isinstance(exc, requests.ConnectionError):
-            return (f"could not connect to the remote server at {self._base_url}: {_connection_reason(exc)} "
+            return (f"could not connect to the remote server at {self._shown_url}: {_connection_reason(exc)} "
                     "(is it running, and is the URL right?)")
-        return f"the request to the remote server at {self._base_url} failed: {exc}"
+        return f"the request to the remote server at {self._shown_url} failed: {scrubbed(str(exc), self._base_url)}"
 
     def _http_failure(self, status: int, body: str) -> str:
         message = _remote_message(body)
@@ -427,7 +429,7 @@ class RemoteBackend:
                 import requests
 
                 if not isinstance(exc, requests.RequestException):
-                    log.exception("remote stream from %s failed", url)
+                    log.exception("remote stream from %s failed", redacted_url(url))
                 lines.put(_Failure(self._request_failure(exc)))
         finally:
             if response is not None:
@@ -506,7 +508,7 @@ class RemoteBackend:
         finally:
             exchange.abort()  # after [DONE] nothing is lost; before it, the server learns we have gone
         if error:
-            log.warning("remote generation on %s ended with an error: %s", self._base_url, error)
+            log.warning("remote generation on %s ended with an error: %s", self._shown_url, error)
         elif complete:
             self._server_sends_usage = usage is not None
         last = assembler.finish(reason, error)

@@ -118,6 +118,13 @@ class EvalRunning(ServiceError):
         return {"running": self.running}
 
 
+class VoteNotAllowed(ServiceError):
+    """A vote without the token the comparison's creator was given: only that client votes."""
+
+    status = 403
+    type = "vote_not_allowed"
+
+
 class AlreadyVoted(ServiceError):
     status = 409
     type = "already_voted"

@@ -97,6 +97,22 @@ class ModelService:
         finally:
             self.queue.leave(ticket)
 
+    def name_of(self, backend: Backend) -> str:
+        """The name clients know ``backend``'s model by: its catalog id, never its path."""
+        return self.catalog.id_for(backend.spec)
+
+    def public_name(self) -> Optional[str]:
+        """The model the public /health names: the loaded one, else the one the operator configured;
+        never a name a client asked for that did not load."""
+        with self._status_lock:
+            spec = self._spec
+        if spec is None:
+            try:
+                spec = self.catalog.configured()
+            except ServiceError:
+                return None
+        return spec.label
+
     def requested_spec(self) -> ModelSpec:
         return self._requested or self.catalog.configured()
 
@@ -370,8 +386,9 @@ class ModelService:
     def active(self) -> list[dict]:
         return self.registry.active()
 
-    def cancel(self, generation_id: str) -> bool:
-        return self.registry.cancel(generation_id)
+    def cancel(self, generation_id: str, stop_token: str) -> None:
+        """Stops a generation for the client holding its stop token; NotFound for anyone else."""
+        self.registry.cancel(generation_id, stop_token)
 
     def park(self, generation: Generation) -> str:
         """Holds the generation for its EventSource; the stream's id (the server's, unguessable)."""

@@ -2,6 +2,7 @@
 GPU memory where there is a GPU, for the page's monitor panel."""
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -14,6 +15,19 @@ from app.services.system.hugepages import malloc_asks_for_hugepages, process_hug
 log = logging.getLogger(__name__)
 
 NVIDIA_SMI_TIMEOUT_S = 2.0
+
+
+def imported_torch():
+    """torch when some thread has imported it (or is importing it), else None; it is never
+    imported here for its own sake, since that would cost a llama.cpp-only server seconds.
+
+    A module in ``sys.modules`` may still be running its import on another thread (a compare
+    column loading transformers), with half its attributes missing. ``import_module`` takes
+    the module's import lock, so it returns a whole module: at once when the import is done,
+    after the other thread finishes it otherwise."""
+    if "torch" not in sys.modules:
+        return None
+    return importlib.import_module("torch")
 
 
 class SystemMonitor:
@@ -52,7 +66,7 @@ class SystemMonitor:
             found = self._nvidia_smi_gpus()
             if found is not None:
                 return found
-        torch = sys.modules.get("torch")
+        torch = imported_torch()
         if torch is not None and torch.cuda.is_available():
             gpus = []
             for index in range(torch.cuda.device_count()):
