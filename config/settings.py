@@ -103,6 +103,9 @@ class LimitSettings(BaseModel):
     max_eval_storage_bytes: int = Field(2_000_000_000, ge=1_000_000, le=1 << 44, description="Space results/evals/ may "
                                         "take; past it the oldest finished evals go, and an eval that still does not fit "
                                         "is refused with 507.")
+    max_scored_tokens: int = Field(16_384, ge=1, le=1 << 22, description="Tokens one /api/score or /api/divergence request "
+                                   "may read by teacher forcing (references, and for rows without one the answers generated, "
+                                   "summed over the rows); more gets a 400 naming the field.")
     max_arena_comparisons: int = Field(10_000, ge=1, le=10_000_000, description="Blind comparisons kept in results/arena.sqlite3; "
                                        "a new one past it removes the oldest not voted on, and gets 507 when every one left holds a vote.")
     max_arena_bytes: int = Field(200_000_000, ge=100_000, le=1 << 40, description="Bytes the comparisons' prompts and answers "

@@ -99,6 +99,13 @@ class GenerationTimeout(ServiceError):
     type = "generation_timeout"
 
 
+class RequestCancelled(ServiceError):
+    """The client went away (or asked to stop) while its request was being computed."""
+
+    status = 499  # nginx's "client closed request": nobody reads this answer
+    type = "cancelled"
+
+
 class GenerationError(ServiceError):
     """A generation that failed after it started (the backend raised, the remote server broke off)."""
 

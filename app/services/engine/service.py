@@ -8,19 +8,32 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, cast
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, cast
 
 from app.services.backends.base import Backend, LocalTokenizer
 from app.services.backends.factory import BackendFactory, make_backend
 from app.services.catalog import ModelCatalog
 from app.services.checkpoints.spec import ModelSpec
-from app.services.core.errors import ContextLengthExceeded, InvalidModel, InvalidRequest, ModelNotFound, ModelTooLarge, NoModelLoaded, ServiceError
-from app.services.core.types import GenerationParams, Message, Prompt
+from app.services.core.errors import (
+    ContextLengthExceeded,
+    InvalidModel,
+    InvalidRequest,
+    ModelNotFound,
+    ModelTooLarge,
+    NoModelLoaded,
+    RequestCancelled,
+    ServiceError,
+)
+from app.services.core.logprobs import score_rows
+from app.services.core.types import GenerationParams, Message, Prompt, TokenLogprob
 from app.services.engine.generation import QUEUE_POLL_S, Generation
 from app.services.engine.queue import GenerationQueue
 from app.services.engine.registry import GenerationRegistry
-from app.services.engine.scoring import ScoredText, check_fits, reference_ids, score_continuation, scoring_backend
+from app.services.engine.scoring import ScoredText, block_rows, check_budget, check_fits, reference_ids, scoring_backend
 from config.settings import Settings
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +84,42 @@ class ModelService:
         finally:
             self.queue.leave(ticket)
 
-    def score(self, messages: Sequence[Message], reference: str, top_n: int = 0, use_adapter: bool = True) -> ScoredText:
-        """How likely the model finds ``reference`` as its answer to ``messages`` (teacher forcing)."""
+    def score(self, messages: Sequence[Message], reference: str, top_n: int = 0, use_adapter: bool = True,
+              cancel: Optional[threading.Event] = None) -> ScoredText:
+        """How likely the model finds ``reference`` as its answer to ``messages`` (teacher forcing),
+        read a block at a time: what is kept is each token's log-probability, never a distribution."""
         backend = self.ensure_loaded()
-        scoring_backend(backend)
+        scorer = scoring_backend(backend)
         prompt = self.prepare(backend, messages, None, GenerationParams(max_new_tokens=1))
         continuation = reference_ids(backend, reference)
         check_fits(prompt.token_ids, continuation, backend.n_ctx)
-        with self.turn() as held:
-            if held is not backend:  # switched while waiting: the tokens are the new model's
-                prompt = self.prepare(held, messages, None, GenerationParams(max_new_tokens=1))
-                continuation = reference_ids(held, reference)
-                check_fits(prompt.token_ids, continuation, held.n_ctx)
-            return score_continuation(held, prompt.token_ids, continuation, top_n, use_adapter)
+        check_budget(len(continuation), self._settings.limits.max_scored_tokens, "reference", "the reference is")
+        scored: list[TokenLogprob] = []
+        for block in self.read_continuation(backend, prompt.token_ids, continuation, use_adapter, block_rows(backend), cancel):
+            scored.extend(score_rows(block, continuation[len(scored):len(scored) + len(block)], top_n, scorer.token_bytes))
+        return ScoredText(len(prompt.token_ids), tuple(scored))
+
+    def read_continuation(self, backend: Backend, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool,
+                          rows_per_block: int, cancel: Optional[threading.Event] = None) -> Iterator["np.ndarray"]:
+        """The raw logits that predict each token of ``continuation`` after ``prompt_ids``, a block
+        of ``rows_per_block`` rows at a time. Each block is computed in this model's turn, as a
+        generation step is, so chats interleave with a long text; ``cancel`` (a client that hung
+        up) is looked at before each block and ends the reading with RequestCancelled."""
+        blocks = scoring_backend(backend).continuation_logit_blocks(prompt_ids, continuation, use_adapter, rows_per_block, cancel)
+        try:
+            while True:
+                if cancel is not None and cancel.is_set():
+                    raise RequestCancelled("the request was cancelled (its client went away) while its text was read")
+                with self.turn() as held:
+                    if held is not backend:
+                        raise InvalidRequest("the model was switched while this request read its text; send it again",
+                                             field="model")
+                    block = next(blocks, None)
+                if block is None:
+                    return
+                yield block
+        finally:
+            blocks.close()
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator, Optional, Sequence
 
-from app.services.core.errors import EvalRunning, InvalidRequest, ServiceError, StorageFull
+from app.services.core.errors import EvalRunning, InvalidRequest, RequestCancelled, ServiceError, StorageFull
 from app.services.core.types import GenerationParams
 from app.services.core.urls import redacted_url
 from app.services.engine.generation import Generation, collect_together
@@ -289,23 +289,26 @@ class EvalService:
         """Each row's scored answer from this model (None: cancelled before it finished), with the
         reference's likelihood under the model where the row has a reference."""
         if run.score_only:
-            return [None if run.cancel.is_set() else {**SCORE_ONLY_ANSWER, **self._reference_scores(slot, row)}
-                    for row in rows]
+            scored = [None if run.cancel.is_set() else self._reference_scores(slot, row, run.cancel) for row in rows]
+            # a score cut short by a cancel is not a result: a resume reads it again
+            return [None if scores is None or run.cancel.is_set() else {**SCORE_ONLY_ANSWER, **scores} for scores in scored]
         outputs = self._generated(run, slot, rows, model_index)
         for row, output in zip(rows, outputs):
             if output is not None and not run.cancel.is_set():
-                output.update(self._reference_scores(slot, row))
+                output.update(self._reference_scores(slot, row, run.cancel))
         return outputs
 
     @staticmethod
-    def _reference_scores(slot: Slot, row: TestRow) -> dict:
+    def _reference_scores(slot: Slot, row: TestRow, cancel: threading.Event) -> dict:
         """ref_nll (total, nats), ref_tokens and ref_perplexity of the row's reference under the model;
         None where there is no reference or the backend cannot score (a remote server)."""
         empty = {"ref_nll": None, "ref_tokens": None, "ref_perplexity": None}
         if row.reference is None or not row.reference.strip():
             return empty
         try:
-            scored = slot.service.score(conversation(row.system, row.prompt), row.reference, 0, slot.adapter_enabled)
+            scored = slot.service.score(conversation(row.system, row.prompt), row.reference, 0, slot.adapter_enabled, cancel)
+        except RequestCancelled:  # the eval was cancelled meanwhile: unscored, nothing to say
+            return empty
         except ServiceError as exc:  # too long for the context, a backend that cannot score: unscored, said why
             return {**empty, "ref_error": exc.message}
         return {"ref_nll": round(scored.nll, 4), "ref_tokens": len(scored.tokens), "ref_perplexity": round(scored.perplexity, 4)}

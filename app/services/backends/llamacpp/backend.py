@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from app.services.backends.base import Capabilities, check_token_ids, continuation_prompt
-from app.services.backends.llamacpp.decoder import continuation_logits, decode_tokens
+from app.services.backends.llamacpp.decoder import continuation_logit_blocks, continuation_logits, decode_tokens
 from app.services.backends.llamacpp.parallel import ParallelDecoder
 from app.services.checkpoints.gguf_metadata import read_gguf_header
 from app.services.checkpoints.spec import ModelSpec
@@ -366,10 +366,19 @@ class LlamaCppBackend:
         return Prompt(text=text, token_ids=tuple(token_ids))
 
     def continuation_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True):
+        self._refuse_adapter_off(use_adapter)
+        return continuation_logits(self._llama, prompt_ids, continuation, self._prefix_cache, self._threads_now)
+
+    def continuation_logit_blocks(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True,
+                                  block_rows: int = 64, cancel: Optional[threading.Event] = None):
+        self._refuse_adapter_off(use_adapter)
+        return continuation_logit_blocks(self._llama, prompt_ids, continuation, self._prefix_cache, block_rows,
+                                         self._threads_now, cancel)
+
+    def _refuse_adapter_off(self, use_adapter: bool) -> None:
         if not use_adapter and self._lora_path is not None:
             raise InvalidRequest("llama.cpp applies its LoRA at load and cannot switch it off per request; load the "
                                  "base model on a slot of its own", field="slot")
-        return continuation_logits(self._llama, prompt_ids, continuation, keep_prefix=self._prefix_cache)
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._piece(token_id)

@@ -9,6 +9,7 @@ timeout means a stuck worker ends the stream with an error instead of hanging it
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -36,7 +37,7 @@ from app.services.checkpoints.hf_checkpoint import CheckpointFacts, inspect_chec
 from app.services.checkpoints.spec import ModelSpec
 from app.services.checkpoints.stop_tokens import hf_stop_ids
 from app.services.core.cpu_share import CpuShare
-from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge
+from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge, RequestCancelled
 from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
 from app.services.core.thread_scope import on_a_thread_of_its_own
 from app.services.core.types import Chunk, GenerationParams, Message, Prompt
@@ -47,6 +48,30 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 WORKER_JOIN_S = 30.0
 DEVICE_NAMES = {"cuda": "CUDA", "mps": "MPS", "cpu": "CPU"}
+
+
+@contextlib.contextmanager
+def stops_between_layers(model, cancel: Optional[threading.Event]):
+    """While the block runs, each layer of a layer stack (a ModuleList's children: the decoder
+    layers) first looks at ``cancel`` and ends the pass with RequestCancelled: a long forward
+    pass stops within a layer of its client hanging up. The hooks go when the block is done, so
+    generations on the same model never run them."""
+    if cancel is None:
+        yield
+        return
+    import torch
+
+    def check(_module, _args):
+        if cancel.is_set():
+            raise RequestCancelled("the request was cancelled while its text was read")
+
+    handles = [layer.register_forward_pre_hook(check) for stack in model.modules() if isinstance(stack, torch.nn.ModuleList)
+               for layer in stack]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def model_inputs(encoded: dict) -> dict:
@@ -304,6 +329,34 @@ class TransformersBackend:
             return out.logits[0, :-1].float().cpu().numpy()
 
         return self._batcher.call(forward)
+
+    def continuation_logit_blocks(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True,
+                                  block_rows: int = 64, cancel: Optional[threading.Event] = None):
+        """The rows of :meth:`continuation_logits`, ``block_rows`` at a time, each block one forward
+        pass on the batch's thread over the tokens since the last, with a KV cache of this text's
+        own (so a base and its adapter can read the same text block by block, in turns).
+        ``cancel`` is looked at before each layer of the pass (RequestCancelled)."""
+        import torch
+        from transformers import DynamicCache
+
+        ids = list(prompt_ids) + list(continuation)
+        cache = DynamicCache()
+        fed = 0
+        for start in range(0, len(continuation), block_rows):
+            end = min(start + block_rows, len(continuation))
+            upto = len(prompt_ids) + end - 1  # the block's last row is predicted by the token before it
+
+            def forward(first=fed, last=upto, keep=end - start):
+                self._switch_adapter(use_adapter)  # refuses a merged adapter before any work
+                self._adapt_threads()  # as before a generation's step: threads that wait on busy cores stall every op
+                with torch.inference_mode(), stops_between_layers(self._model, cancel):
+                    out = self._model(input_ids=torch.tensor([ids[first:last]], device=self._placement.device),
+                                      past_key_values=cache, use_cache=True, logits_to_keep=keep)
+                return out.logits[0].float().cpu().numpy()
+
+            rows = self._batcher.call(forward)
+            fed = upto
+            yield rows
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._token_bytes(token_id)
