@@ -72,6 +72,16 @@ class ServerSettings(BaseModel):
                              f"'import secrets; print(secrets.token_urlsafe(24))'); leave it unset for no key")
         return key
 
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="Longest a client may take to send a request's "
+                                    "head (request line and headers); past it the connection closes. A client that sends "
+                                    "half a head and stalls would otherwise hold a server thread.")
+    io_timeout_s: float = Field(60.0, gt=0, le=3600, description="Longest silence while a request's body is read or its "
+                                "answer written (a stalled upload, a client that stopped reading); past it the connection closes.")
+    keepalive_s: int = Field(5, ge=0, le=600, description="gunicorn (make serve): seconds an idle keep-alive "
+                               "connection stays open; 0 closes each connection after its answer.")
+    max_connections_per_client: int = Field(64, ge=0, le=100_000, description="Connections one client (IP address) may "
+                                            "hold open at once; one more gets 429. 0: no cap. Behind a reverse proxy every "
+                                            "client is the proxy's address: raise it there, or cap per client in the proxy.")
     hugepages: bool = Field(
         True,
         description="run.py starts itself again with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (Linux), so the "

@@ -101,6 +101,15 @@ def _http_error(exc: HTTPException) -> Response:
     return error_response(exc.code or 500, exc.description or exc.name, exc.name.lower().replace(" ", "_"))
 
 
+def _timed_out(exc: TimeoutError) -> Response:
+    # the socket's io_timeout_s ran out while the body was read: the client stalled, the server is fine
+    log.info("a request stalled past server.io_timeout_s: %s", exc)
+    response = error_response(408, "the request stalled (nothing arrived for server.io_timeout_s); send it again",
+                              "request_timeout")
+    response.headers["Connection"] = "close"
+    return response
+
+
 def _unexpected(exc: Exception) -> Response:
     log.exception("unhandled error")
     return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
@@ -109,4 +118,5 @@ def _unexpected(exc: Exception) -> Response:
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(ServiceError, _service_error)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(TimeoutError, _timed_out)
     app.register_error_handler(Exception, _unexpected)
