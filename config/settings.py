@@ -41,6 +41,17 @@ class ServerSettings(BaseModel):
         description="When set, /api/*, /v1/* and the service routes need 'Authorization: Bearer <key>'; "
         "the page, /health and the API docs stay public. A SecretStr: it never prints in logs or reprs.", json_schema_extra={"flag": "--api-key"},
     )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="More API keys, each accepted as api_key is: one per person or team, so that isolate_prefix_cache "
+        "can keep their prompts apart. Each at least 16 characters.",
+    )
+    isolate_prefix_cache: bool = Field(
+        False,
+        description="With API keys in use, a request reuses only the cached prompt prefix of a request made with the same "
+        "key (llama.cpp's sequences and its context, transformers' prefix cache), so no key can time a guess at another "
+        "key's prompt. Costs a cold prompt where different keys alternate. Without keys every request shares one cache.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Origins (e.g. https://lab.example.org) whose pages may call the API from a browser. "
@@ -58,19 +69,24 @@ class ServerSettings(BaseModel):
     log_backups: int = Field(3, ge=0, le=100, description="Rotated log files kept.")
     def exposure_warning(self) -> Optional[str]:
         """What to warn of when the server is reachable beyond this machine without a key."""
-        if self.host in LOOPBACK_HOSTS or self.api_key is not None:
+        if self.host in LOOPBACK_HOSTS or self.keys():
             return None
         return (f"listening on {self.host} without an API key: anyone who can reach this port can use the model; "
                 f"set --api-key (or MODEL_TEST_SERVER__API_KEY)")
 
-    @field_validator("api_key")
+    @field_validator("api_key", "api_keys")
     @classmethod
-    def _a_real_key(cls, key: Optional[SecretStr]) -> Optional[SecretStr]:
+    def _real_keys(cls, keys):
         # An empty key used to turn auth off without a word; a short one is guessed in minutes.
-        if key is not None and len(key.get_secret_value().strip()) < MIN_API_KEY_LENGTH:
-            raise ValueError(f"the API key must be at least {MIN_API_KEY_LENGTH} characters (e.g. python -c "
-                             f"'import secrets; print(secrets.token_urlsafe(24))'); leave it unset for no key")
-        return key
+        for key in keys if isinstance(keys, list) else [keys]:
+            if key is not None and len(key.get_secret_value().strip()) < MIN_API_KEY_LENGTH:
+                raise ValueError(f"the API key must be at least {MIN_API_KEY_LENGTH} characters (e.g. python -c "
+                                 f"'import secrets; print(secrets.token_urlsafe(24))'); leave it unset for no key")
+        return keys
+
+    def keys(self) -> list[str]:
+        """Every API key the server accepts: api_key and api_keys."""
+        return [key.get_secret_value() for key in ([self.api_key] if self.api_key is not None else []) + list(self.api_keys)]
 
     header_timeout_s: float = Field(10.0, gt=0, le=600, description="Longest a client may take to send a request's "
                                     "head (request line and headers); past it the connection closes. A client that sends "

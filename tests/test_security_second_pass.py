@@ -431,3 +431,81 @@ def test_threads_left_behind_by_whole_answers_end(server):
         requests.post(f"{url}/api/chat", json={"prompt": "Hi", "max_new_tokens": 2}, timeout=60)
     assert not [t for t in threading.enumerate() if t.name == "hangup-watch"]
     assert threading.active_count() <= before + 2
+
+
+# -- 10. a prefix-cache timing probe across API keys -------------------------------------------------
+
+KEY_A, KEY_B = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"
+SECRET_PROMPT = [{"role": "system", "content": "You are the assistant of project Nightjar. " * 12},
+                 {"role": "user", "content": "Summarise the plan."}]
+
+
+def isolated_app(tmp_path, isolate: bool, **overrides):
+    from pydantic import SecretStr
+
+    from config.settings import ServerSettings
+
+    server = ServerSettings(log_dir=tmp_path / "logs", api_key=SecretStr(KEY_A), api_keys=[SecretStr(KEY_B)],
+                            isolate_prefix_cache=isolate)
+    return create_app(make_settings(tmp_path, server=server, **overrides))
+
+
+def prompt_tokens_evaluated(app, key: str, evaluated) -> int:
+    """How many prompt tokens the model evaluated for one chat sent with ``key``."""
+    before = evaluated()
+    answer = app.test_client().post("/api/chat", json={"messages": SECRET_PROMPT, "max_new_tokens": 1, "temperature": 0},
+                                    headers={"Authorization": f"Bearer {key}"})
+    assert answer.status_code == 200, answer.get_json()
+    return evaluated() - before
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated", "shared"])
+def test_a_key_reuses_only_its_own_cached_prompt_on_llama_cpp(tmp_path, default_gguf, isolate):
+    """The probe: a key whose prompt starts fast has guessed another key's cached prompt. With
+    isolation, only the same key's cells are reused, so no other key's guess is ever faster."""
+    app = isolated_app(tmp_path, isolate)
+    service = app.extensions["model_service"]
+    service.load()
+    evaluated = lambda: service.current_backend()._parallel.prefilled_tokens  # noqa: E731  (the decoder's own count)
+    first = prompt_tokens_evaluated(app, KEY_A, evaluated)
+    assert first > 100
+    probe = prompt_tokens_evaluated(app, KEY_B, evaluated)  # the same prompt, another key
+    again = prompt_tokens_evaluated(app, KEY_A, evaluated)  # the same prompt, the same key
+    assert again < 5
+    assert (probe >= first - 1) if isolate else (probe < 5)
+    service.unload()
+
+
+def test_a_key_reuses_only_its_own_cached_prompt_on_transformers(tmp_path, default_hf_checkpoint):
+    from config.settings import TransformersSettings
+    from tests.support.settings import TEST_N_CTX
+
+    app = isolated_app(tmp_path, True, backend="transformers", model="smollm2-135m-instruct",
+                       transformers=TransformersSettings(dtype="fp32", n_threads=2, n_ctx=TEST_N_CTX))
+    service = app.extensions["model_service"]
+    service.load()
+    reused = lambda: service.current_backend().last_reused_tokens  # noqa: E731
+
+    def reused_by(key: str) -> int:
+        prompt_tokens_evaluated(app, key, lambda: 0)
+        return reused()
+
+    reused_by(KEY_A)
+    assert reused_by(KEY_B) == 0
+    reused_by(KEY_A)  # the cache is now B's: A starts cold once more
+    assert reused_by(KEY_A) > 100
+    service.unload()
+
+
+def test_two_keys_both_open_the_api_and_short_ones_are_refused(tmp_path):
+    from pydantic import SecretStr, ValidationError
+
+    from config.settings import ServerSettings
+
+    app = isolated_app(tmp_path, True)
+    client = app.test_client()
+    for key in (KEY_A, KEY_B):
+        assert client.get("/api/model_status", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert client.get("/api/model_status", headers={"Authorization": "Bearer nope-nope-nope-nope"}).status_code == 401
+    with pytest.raises(ValidationError, match="at least 16 characters"):
+        ServerSettings(api_keys=[SecretStr("short")])

@@ -7,6 +7,7 @@ import threading
 from flask import Blueprint, Response, request
 
 from app.routes.api.schemas import DivergenceBody, DivergenceReport, EvalBody, EvalList, EvalOptions, EvalProgress, EvalReport, slot_requests
+from app.routes.http.auth import request_cache_scope
 from app.routes.http.body import InvalidBody, parse_body, parse_json, validated
 from app.routes.http.extensions import engine_pool, eval_service, limit_settings, settings
 from app.routes.http.hangup import cancel_on_hangup
@@ -86,7 +87,8 @@ def divergence():
     try:
         check_tokens_to_read(slots[0], rows, body.max_new_tokens, limits.max_scored_tokens)
         with cancel_on_hangup(cancel):
-            report = divergence_report(slots[0], slots[1], rows, body.max_new_tokens, body.top_rows, cancel)
+            report = divergence_report(slots[0], slots[1], rows, body.max_new_tokens, body.top_rows, cancel,
+                                       request_cache_scope())
     except RequestCancelled:
         log.info("divergence report stopped: its client went away")
         raise

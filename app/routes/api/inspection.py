@@ -7,6 +7,7 @@ import threading
 from flask import Blueprint
 
 from app.routes.api.schemas import ApplyTemplateBody, DetokenizeBody, RenderedPrompt, ScoreAnswer, ScoreBody, Text, TokenizeBody, Tokens
+from app.routes.http.auth import request_cache_scope
 from app.routes.http.body import parse_body
 from app.routes.http.extensions import compare_slots, limit_settings, model_service
 from app.routes.http.hangup import cancel_on_hangup
@@ -27,7 +28,7 @@ def score():
         service, use_adapter = slot.service, slot.adapter_enabled
     cancel = threading.Event()
     with cancel_on_hangup(cancel):
-        scored = service.score(messages, body.reference, body.top_logprobs, use_adapter, cancel)
+        scored = service.score(messages, body.reference, body.top_logprobs, use_adapter, cancel, request_cache_scope())
     return json_answer(ScoreAnswer, {
         "model": service.model_id() or "", "prompt_tokens": scored.prompt_tokens, "reference_tokens": len(scored.tokens),
         "nll": scored.nll, "mean_nll": scored.nll / len(scored.tokens), "perplexity": scored.perplexity,

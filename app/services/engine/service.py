@@ -85,7 +85,7 @@ class ModelService:
             self.queue.leave(ticket)
 
     def score(self, messages: Sequence[Message], reference: str, top_n: int = 0, use_adapter: bool = True,
-              cancel: Optional[threading.Event] = None) -> ScoredText:
+              cancel: Optional[threading.Event] = None, cache_scope: Optional[str] = None) -> ScoredText:
         """How likely the model finds ``reference`` as its answer to ``messages`` (teacher forcing),
         read a block at a time: what is kept is each token's log-probability, never a distribution."""
         backend = self.ensure_loaded()
@@ -95,17 +95,22 @@ class ModelService:
         check_fits(prompt.token_ids, continuation, backend.n_ctx)
         check_budget(len(continuation), self._settings.limits.max_scored_tokens, "reference", "the reference is")
         scored: list[TokenLogprob] = []
-        for block in self.read_continuation(backend, prompt.token_ids, continuation, use_adapter, block_rows(backend), cancel):
+        blocks = self.read_continuation(backend, prompt.token_ids, continuation, use_adapter, block_rows(backend), cancel,
+                                        cache_scope)
+        for block in blocks:
             scored.extend(score_rows(block, continuation[len(scored):len(scored) + len(block)], top_n, scorer.token_bytes))
         return ScoredText(len(prompt.token_ids), tuple(scored))
 
     def read_continuation(self, backend: Backend, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool,
-                          rows_per_block: int, cancel: Optional[threading.Event] = None) -> Iterator["np.ndarray"]:
+                          rows_per_block: int, cancel: Optional[threading.Event] = None,
+                          cache_scope: Optional[str] = None) -> Iterator["np.ndarray"]:
         """The raw logits that predict each token of ``continuation`` after ``prompt_ids``, a block
         of ``rows_per_block`` rows at a time. Each block is computed in this model's turn, as a
         generation step is, so chats interleave with a long text; ``cancel`` (a client that hung
-        up) is looked at before each block and ends the reading with RequestCancelled."""
-        blocks = scoring_backend(backend).continuation_logit_blocks(prompt_ids, continuation, use_adapter, rows_per_block, cancel)
+        up) is looked at before each block and ends the reading with RequestCancelled. ``cache_scope``
+        as GenerationParams.cache_scope."""
+        blocks = scoring_backend(backend).continuation_logit_blocks(prompt_ids, continuation, use_adapter, rows_per_block, cancel,
+                                                                    cache_scope)
         try:
             while True:
                 if cancel is not None and cancel.is_set():

@@ -110,27 +110,28 @@ def _collect(generation: Generation, cancel: Optional[threading.Event]) -> list[
     return token_ids
 
 
-def _continuation(reference: Slot, row: TestRow, max_new_tokens: int, cancel: Optional[threading.Event]) -> tuple[list[int], str]:
+def _continuation(reference: Slot, row: TestRow, max_new_tokens: int, cancel: Optional[threading.Event],
+                  cache_scope: Optional[str]) -> tuple[list[int], str]:
     if row.reference and row.reference.strip():
         return reference_ids(reference.service.ensure_loaded(), row.reference), "reference"
-    params = reference.params(GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=0))
+    params = reference.params(GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=0, cache_scope=cache_scope))
     return _collect(reference.service.start(params, messages=conversation(row.system, row.prompt)), cancel), "generated"
 
 
 def row_divergence(reference: Slot, candidate: Slot, row: TestRow, max_new_tokens: int,
-                   cancel: Optional[threading.Event] = None) -> Optional[RowDivergence]:
+                   cancel: Optional[threading.Event] = None, cache_scope: Optional[str] = None) -> Optional[RowDivergence]:
     ref_backend, ref_prompt = _side_ids(reference, row)
     cand_backend, cand_prompt = _side_ids(candidate, row)
-    continuation, source = _continuation(reference, row, max_new_tokens, cancel)
+    continuation, source = _continuation(reference, row, max_new_tokens, cancel, cache_scope)
     if not continuation:
         return None  # the reference model answered nothing at all: nothing to compare
     for backend, prompt in ((ref_backend, ref_prompt), (cand_backend, cand_prompt)):
         check_fits(prompt.token_ids, continuation, backend.n_ctx, field="test_set")
     rows_per_block = block_rows(ref_backend, cand_backend)
     reference_blocks = reference.service.read_continuation(ref_backend, ref_prompt.token_ids, continuation,
-                                                           reference.adapter_enabled, rows_per_block, cancel)
+                                                           reference.adapter_enabled, rows_per_block, cancel, cache_scope)
     candidate_blocks = candidate.service.read_continuation(cand_backend, cand_prompt.token_ids, continuation,
-                                                           candidate.adapter_enabled, rows_per_block, cancel)
+                                                           candidate.adapter_enabled, rows_per_block, cancel, cache_scope)
     parts, read = [], 0
     try:
         for reference_logits, candidate_logits in zip(reference_blocks, candidate_blocks):
@@ -169,13 +170,13 @@ def check_tokens_to_read(reference: Slot, rows: Sequence[TestRow], max_new_token
 
 
 def divergence_report(reference: Slot, candidate: Slot, rows: Sequence[TestRow], max_new_tokens: int,
-                      top_rows: int, cancel: Optional[threading.Event] = None) -> dict:
+                      top_rows: int, cancel: Optional[threading.Event] = None, cache_scope: Optional[str] = None) -> dict:
     """The summary over every token of every row, and the ``top_rows`` rows that changed most."""
     measured = []
     for row in rows:
         if cancel is not None and cancel.is_set():
             raise RequestCancelled("the request was cancelled (its client went away)")
-        result = row_divergence(reference, candidate, row, max_new_tokens, cancel)
+        result = row_divergence(reference, candidate, row, max_new_tokens, cancel, cache_scope)
         if result is not None:
             measured.append(result)
     tokens = sum(r.tokens for r in measured)

@@ -90,6 +90,7 @@ class LlamaCppBackend:
         self._pieces: dict[int, bytes] = {}
         self._stop_ids: frozenset[int] = frozenset()
         self._prefix_cache = False
+        self._context_scope: Optional[str] = None  # the cache scope of the request that last used the context
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._parallel: Optional[ParallelDecoder] = None
         self._cpu_share: Optional[CpuShare] = None
@@ -367,13 +368,22 @@ class LlamaCppBackend:
 
     def continuation_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True):
         self._refuse_adapter_off(use_adapter)
-        return continuation_logits(self._llama, prompt_ids, continuation, self._prefix_cache, self._threads_now)
+        return continuation_logits(self._llama, prompt_ids, continuation, self._reuses_context(None), self._threads_now)
 
     def continuation_logit_blocks(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True,
-                                  block_rows: int = 64, cancel: Optional[threading.Event] = None):
+                                  block_rows: int = 64, cancel: Optional[threading.Event] = None,
+                                  cache_scope: Optional[str] = None):
         self._refuse_adapter_off(use_adapter)
-        return continuation_logit_blocks(self._llama, prompt_ids, continuation, self._prefix_cache, block_rows,
+        return continuation_logit_blocks(self._llama, prompt_ids, continuation, self._reuses_context(cache_scope), block_rows,
                                          self._threads_now, cancel)
+
+    def _reuses_context(self, cache_scope: Optional[str]) -> bool:
+        """Whether a request of ``cache_scope`` may reuse what the context's cache holds: the prefix
+        cache is on and the cache was left by a request of the same scope; it is now this one's.
+        (The caller holds the model alone, as for every use of the context.)"""
+        same = self._context_scope == cache_scope
+        self._context_scope = cache_scope
+        return self._prefix_cache and same
 
     def _refuse_adapter_off(self, use_adapter: bool) -> None:
         if not use_adapter and self._lora_path is not None:
@@ -417,8 +427,8 @@ class LlamaCppBackend:
                 arrivals.close()  # frees the sequence at the decoder's next step
             return
         llama.set_seed(seed)
-        tokens = decode_tokens(llama, prompt.token_ids, params, keep_prefix=self._prefix_cache, piece=self._piece,
-                               threads=self._threads_now)
+        tokens = decode_tokens(llama, prompt.token_ids, params, keep_prefix=self._reuses_context(params.cache_scope),
+                               piece=self._piece, threads=self._threads_now)
 
         def pieces() -> Iterator[Arrival]:
             """Each token with its bytes; llama.cpp's failure becomes the stream's error chunk."""

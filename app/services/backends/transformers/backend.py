@@ -114,6 +114,7 @@ class TransformersBackend:
         self._cpu_share: Optional[CpuShare] = None
         self._torch_threads = settings.n_threads
         self._kv_adapter_on = True  # the cache holds keys and values computed with the adapter on or off
+        self._kv_scope: Optional[str] = None  # and for a request of this cache scope (server.isolate_prefix_cache)
         self._adapter_on = True  # the unmerged adapter's switch, as the batch's thread last set it
         self.last_reused_tokens = 0
         self._versions: dict = {}
@@ -331,10 +332,12 @@ class TransformersBackend:
         return self._batcher.call(forward)
 
     def continuation_logit_blocks(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True,
-                                  block_rows: int = 64, cancel: Optional[threading.Event] = None):
+                                  block_rows: int = 64, cancel: Optional[threading.Event] = None,
+                                  cache_scope: Optional[str] = None):
         """The rows of :meth:`continuation_logits`, ``block_rows`` at a time, each block one forward
         pass on the batch's thread over the tokens since the last, with a KV cache of this text's
-        own (so a base and its adapter can read the same text block by block, in turns).
+        own (so a base and its adapter can read the same text block by block, in turns; and no
+        other request's cache is reused, whatever its ``cache_scope``).
         ``cancel`` is looked at before each layer of the pass (RequestCancelled)."""
         import torch
         from transformers import DynamicCache
@@ -544,13 +547,16 @@ class TransformersBackend:
             yield token_id, detokenizer.step(token_id), logprob
 
     # -- prefix cache ------------------------------------------------------------------------
-    def _take_prefix_cache(self, token_ids: Sequence[int], adapter_on: bool = True) -> Optional[PrefixCache]:
+    def _take_prefix_cache(self, token_ids: Sequence[int], adapter_on: bool = True,
+                           cache_scope: Optional[str] = None) -> Optional[PrefixCache]:
         """The KV cache of the last generation cut to the prefix it shares with this prompt, or
-        None. At least one prompt token is always evaluated, as the first pick needs logits."""
+        None. At least one prompt token is always evaluated, as the first pick needs logits. A
+        cache left by a request of another cache scope (another API key, with
+        server.isolate_prefix_cache) is never reused."""
         cache, cached_ids = self._kv_cache, self._kv_ids
         self._kv_cache, self._kv_ids = None, ()  # in use: a failed generation leaves none behind
         self.last_reused_tokens = 0
-        if cache is None or not self._prefix_cache or adapter_on != self._kv_adapter_on:
+        if cache is None or not self._prefix_cache or adapter_on != self._kv_adapter_on or cache_scope != self._kv_scope:
             return None
         shared = min(common_prefix_length(cached_ids, token_ids), len(token_ids) - 1)
         if shared <= 0:
@@ -561,12 +567,13 @@ class TransformersBackend:
         self.last_reused_tokens = shared
         return PrefixCache(cache, shared)
 
-    def _keep_prefix_cache(self, cache, sequence: list[int], adapter_on: bool = True) -> None:
+    def _keep_prefix_cache(self, cache, sequence: list[int], adapter_on: bool = True, cache_scope: Optional[str] = None) -> None:
         if not self._prefix_cache:
             return
         length = cache.get_seq_length()
         # the last generated token was sampled but never fed back, so the cache ends before it
         self._kv_cache, self._kv_ids, self._kv_adapter_on = cache, tuple(sequence[:length]), adapter_on
+        self._kv_scope = cache_scope
 
     @property
     def adapter_unmerged(self) -> bool:
