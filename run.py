@@ -18,7 +18,7 @@ def main(argv=None) -> None:
     if argv is None and settings.server.hugepages:
         restart_with_hugepages()  # the command line is this process's own, so it can start again with it
     from app import create_app
-    from app.routes.http.server import StreamingRequestHandler
+    from app.routes.http.server import bounded_handler
 
     app = create_app(settings)
     if settings.server.exposure_warning():
@@ -27,7 +27,7 @@ def main(argv=None) -> None:
              "asks for them" if malloc_asks_for_hugepages() else "does not ask", thp_mode() or "absent")
     log.info("serving on http://%s:%d", settings.server.host, settings.server.port)
     app.run(host=settings.server.host, port=settings.server.port, threaded=True, use_reloader=False,
-            request_handler=StreamingRequestHandler)
+            request_handler=bounded_handler(settings.server))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from app.services.backends.factory import BackendFactory, make_backend
 from app.services.engine.service import ModelService
 from app.services.engine.slots import CompareSlots, EnginePool
 from app.services.evals.service import EvalService
-from app.services.records.arena_store import ArenaStore
+from app.services.records.arena_store import ArenaCap, ArenaStore
 from app.services.system.monitor import SystemMonitor
 from app.version import __version__
 from config.settings import Settings
@@ -42,7 +42,8 @@ def create_app(settings: Optional[Settings] = None, backend_factory: BackendFact
     app.extensions["engine_pool"] = pool
     app.extensions["compare_slots"] = compare_slots = CompareSlots(pool)
     app.extensions["eval_service"] = evals = EvalService(settings, pool)
-    app.extensions["arena"] = ArenaService(ArenaStore(settings.results_dir / "arena.sqlite3"), compare_slots, evals.store)
+    arena_cap = ArenaCap(settings.limits.max_arena_comparisons, settings.limits.max_arena_bytes)
+    app.extensions["arena"] = ArenaService(ArenaStore(settings.results_dir / "arena.sqlite3"), compare_slots, evals.store, arena_cap)
     app.extensions["system_monitor"] = SystemMonitor()
     register_routes(app, settings.server)
     log.info("model_test ready: backend=%s model=%s adapter=%s (loads on first use)", settings.backend or "inferred",

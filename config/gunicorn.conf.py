@@ -1,14 +1,20 @@
 """gunicorn settings for `make serve`: one process, because the model lives in it, with threads
 for concurrent clients (they queue for the model in the service, and streams need a thread each
-while they wait). Host and port come from the same settings as run.py (MODEL_TEST_SERVER__*)."""
+while they wait). Host and port come from the same settings as run.py (MODEL_TEST_SERVER__*).
+
+The worker is gthread's, reading request heads on its main loop before it gives a thread
+(app/routes/http/gunicorn_worker.py): gunicorn has no header timeout, and clients that send half
+a head and stall would otherwise hold every thread. It bounds head time, body and answer
+silence, and connections per client with the same settings as run.py's server."""
 from config.settings import Settings
 
 _server = Settings().server
 
 bind = f"{_server.host}:{_server.port}"
 workers = 1
-worker_class = "gthread"
+worker_class = "app.routes.http.gunicorn_worker.HeadFirstThreadWorker"
 threads = 32
+keepalive = _server.keepalive_s  # idle keep-alive connections close after this
 # gthread's main loop keeps heartbeating while request threads generate, so this bounds only a
 # worker that is truly stuck, not a long answer.
 timeout = 120

@@ -72,6 +72,17 @@ class ServerSettings(BaseModel):
         description="When set, /api/*, /v1/* and the service routes need 'Authorization: Bearer <key>'; "
         "the page, /health and the API docs stay public. A SecretStr: it never prints in logs or reprs.", json_schema_extra={"flag": "--api-key"},
     )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="More API keys, each accepted as api_key is: one per person or team, so that isolate_prefix_cache "
+        "can keep their prompts apart. Each at least 16 characters.",
+    )
+    isolate_prefix_cache: bool = Field(
+        False,
+        description="With API keys in use, a request reuses only the cached prompt prefix of a request made with the same "
+        "key (llama.cpp's sequences and its context, transformers' prefix cache), so no key can time a guess at another "
+        "key's prompt. Costs a cold prompt where different keys alternate. Without keys every request shares one cache.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Origins (e.g. https://lab.example.org) whose pages may call the API from a browser. "
@@ -89,20 +100,35 @@ class ServerSettings(BaseModel):
     log_backups: int = Field(3, ge=0, le=100, description="Rotated log files kept.")
     def exposure_warning(self) -> Optional[str]:
         """What to warn of when the server is reachable beyond this machine without a key."""
-        if self.host in LOOPBACK_HOSTS or self.api_key is not None:
+        if self.host in LOOPBACK_HOSTS or self.keys():
             return None
         return (f"listening on {self.host} without an API key: anyone who can reach this port can use the model; "
                 f"set --api-key (or MODEL_TEST_SERVER__API_KEY)")
 
-    @field_validator("api_key")
+    @field_validator("api_key", "api_keys")
     @classmethod
-    def _a_real_key(cls, key: Optional[SecretStr]) -> Optional[SecretStr]:
+    def _real_keys(cls, keys):
         # An empty key used to turn auth off without a word; a short one is guessed in minutes.
-        if key is not None and len(key.get_secret_value().strip()) < MIN_API_KEY_LENGTH:
-            raise ValueError(f"the API key must be at least {MIN_API_KEY_LENGTH} characters (e.g. python -c "
-                             f"'import secrets; print(secrets.token_urlsafe(24))'); leave it unset for no key")
-        return key
+        for key in keys if isinstance(keys, list) else [keys]:
+            if key is not None and len(key.get_secret_value().strip()) < MIN_API_KEY_LENGTH:
+                raise ValueError(f"the API key must be at least {MIN_API_KEY_LENGTH} characters (e.g. python -c "
+                                 f"'import secrets; print(secrets.token_urlsafe(24))'); leave it unset for no key")
+        return keys
 
+    def keys(self) -> list[str]:
+        """Every API key the server accepts: api_key and api_keys."""
+        return [key.get_secret_value() for key in ([self.api_key] if self.api_key is not None else []) + list(self.api_keys)]
+
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="Longest a client may take to send a request's "
+                                    "head (request line and headers); past it the connection closes. A client that sends "
+                                    "half a head and stalls would otherwise hold a server thread.")
+    io_timeout_s: float = Field(60.0, gt=0, le=3600, description="Longest silence while a request's body is read or its "
+                                "answer written (a stalled upload, a client that stopped reading); past it the connection closes.")
+    keepalive_s: int = Field(5, ge=0, le=600, description="gunicorn (make serve): seconds an idle keep-alive "
+                               "connection stays open; 0 closes each connection after its answer.")
+    max_connections_per_client: int = Field(64, ge=0, le=100_000, description="Connections one client (IP address) may "
+                                            "hold open at once; one more gets 429. 0: no cap. Behind a reverse proxy every "
+                                            "client is the proxy's address: raise it there, or cap per client in the proxy.")
     hugepages: bool = Field(
         True,
         description="run.py starts itself again with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (Linux), so the "
@@ -134,6 +160,13 @@ class LimitSettings(BaseModel):
     max_eval_storage_bytes: int = Field(2_000_000_000, ge=1_000_000, le=1 << 44, description="Space results/evals/ may "
                                         "take; past it the oldest finished evals go, and an eval that still does not fit "
                                         "is refused with 507.")
+    max_scored_tokens: int = Field(16_384, ge=1, le=1 << 22, description="Tokens one /api/score or /api/divergence request "
+                                   "may read by teacher forcing (references, and for rows without one the answers generated, "
+                                   "summed over the rows); more gets a 400 naming the field.")
+    max_arena_comparisons: int = Field(10_000, ge=1, le=10_000_000, description="Blind comparisons kept in results/arena.sqlite3; "
+                                       "a new one past it removes the oldest not voted on, and gets 507 when every one left holds a vote.")
+    max_arena_bytes: int = Field(200_000_000, ge=100_000, le=1 << 40, description="Bytes the comparisons' prompts and answers "
+                                 "may take in results/arena.sqlite3; past it as for max_arena_comparisons.")
 
 
 class LlamaCppSettings(BaseModel):

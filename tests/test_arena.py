@@ -121,7 +121,7 @@ def test_a_blind_comparison_hides_the_models_until_the_vote(arena_app):
     assert GGUF_ID not in json.dumps(shown) and HF_ID not in json.dumps(shown)
     assert client.get(f"/api/arena/comparisons/{shown['id']}").get_json()["mapping"] is None
     before = client.get("/api/arena/ratings").get_json()["votes"]
-    voted = client.post(f"/api/arena/comparisons/{shown['id']}/vote", json={"vote": "B"})
+    voted = client.post(f"/api/arena/comparisons/{shown['id']}/vote", json={"vote": "B", "vote_token": shown["vote_token"]})
     assert voted.status_code == 200
     result = voted.get_json()
     assert set(result["mapping"].values()) == {GGUF_ID, HF_ID}
@@ -133,14 +133,15 @@ def test_a_blind_comparison_hides_the_models_until_the_vote(arena_app):
 
 def test_bad_votes_are_clear_errors(arena_app):
     client = arena_app.test_client()
-    unknown = client.post("/api/arena/comparisons/0123456789abcdef01234567/vote", json={"vote": "A"})
+    unknown = client.post("/api/arena/comparisons/0123456789abcdef01234567/vote", json={"vote": "A", "vote_token": "x"})
     assert unknown.status_code == 404 and unknown.get_json()["type"] == "not_found"
     client.post("/api/compare/slots", json={"slots": [{"model": GGUF_ID}, {"model": HF_ID}]})
     made = client.post("/api/arena/comparisons", json={"prompt": "Say yes.", "max_new_tokens": 4}).get_json()
-    wrong = client.post(f"/api/arena/comparisons/{made['id']}/vote", json={"vote": "C"})
+    token = made["vote_token"]
+    wrong = client.post(f"/api/arena/comparisons/{made['id']}/vote", json={"vote": "C", "vote_token": token})
     assert wrong.status_code == 400 and wrong.get_json()["field"] == "vote"
-    assert client.post(f"/api/arena/comparisons/{made['id']}/vote", json={"vote": "tie"}).status_code == 200
-    again = client.post(f"/api/arena/comparisons/{made['id']}/vote", json={"vote": "A"})
+    assert client.post(f"/api/arena/comparisons/{made['id']}/vote", json={"vote": "tie", "vote_token": token}).status_code == 200
+    again = client.post(f"/api/arena/comparisons/{made['id']}/vote", json={"vote": "A", "vote_token": token})
     assert again.status_code == 409 and again.get_json()["type"] == "already_voted"
     csv_export = client.get("/api/arena/export?format=csv").get_data(as_text=True)
     assert made["id"] in csv_export and "tie" in csv_export
@@ -157,11 +158,12 @@ def test_votes_survive_a_restart(arena_app, tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from app.services.records.arena_store import ArenaStore, Turn
+    from app.services.records.arena_store import ArenaCap, ArenaStore, NewComparison, Turn
     store = ArenaStore(Path(sys.argv[1]))
+    cap = ArenaCap(max_comparisons=10**6, max_bytes=10**10)
     for i in range(100000):
-        store.add_comparison(f"c{i:06d}", "compare", [Turn(role="user", content="x" * 2000)], {}, {"A": "a" * 4000, "B": "b"},
-                             {"A": "m1", "B": "m2"})
+        store.add_comparison(NewComparison(f"c{i:06d}", "compare", [Turn(role="user", content="x" * 2000)], {},
+                                           {"A": "a" * 4000, "B": "b"}, {"A": "m1", "B": "m2"}, vote_token=f"t{i}"), cap)
         store.record_vote(f"c{i:06d}", "A")
         print(i, flush=True)
 """)
@@ -211,7 +213,8 @@ def test_an_eval_can_be_walked_as_blind_pairs_and_judged(arena_app):
     assert pair.status_code == 201
     texts = {a["text"] for a in pair.get_json()["answers"]}
     assert texts == {answer["output"] for answer in report["rows"][1]["outputs"].values()}
-    revealed = client.post(f"/api/arena/comparisons/{pair.get_json()['id']}/vote", json={"vote": "both_bad"}).get_json()
+    revealed = client.post(f"/api/arena/comparisons/{pair.get_json()['id']}/vote",
+                           json={"vote": "both_bad", "vote_token": pair.get_json()["vote_token"]}).get_json()
     assert set(revealed["mapping"].values()) == {GGUF_ID, HF_ID}
     bad_row = client.post("/api/arena/comparisons/from_eval", json={"eval_id": eval_id, "row": 9})
     assert bad_row.status_code == 400 and bad_row.get_json()["field"] == "row"

@@ -102,11 +102,11 @@ def test_unknown_route_and_method_are_json(client):
     assert client.get("/api/chat").status_code == 405
 
 
-def test_stop_of_unknown_request_is_false(client):
-    response = client.post("/api/stop", json={"request_id": "nobody"})
-    assert response.status_code == 200
-    assert response.get_json()["cancelled"] is False
+def test_stop_of_unknown_request_is_a_404(client):
+    response = client.post("/api/stop", json={"request_id": "nobody", "stop_token": "none"})
+    assert response.status_code == 404 and response.get_json()["type"] == "not_found"
     assert client.post("/api/stop", json={}).status_code == 400
+    assert client.post("/api/stop", json={"request_id": "nobody"}).get_json()["field"] == "stop_token"
 
 
 def test_server_keeps_serving_after_bad_input(client):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+import requests
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -137,14 +137,10 @@ def test_a_queued_turn_shows_its_place_and_stop_takes_it_out(page, live_server):
     # every sequence the model decodes at once (llamacpp.parallel) is taken, so the page's turn waits
     with urllib.request.urlopen(f"{live_server.url}/api/model_status", timeout=10) as response:
         sequences = json.load(response)["capabilities"]["max_batch_size"]
-    blocker_ids = [f"browser-test-blocker-{i}" for i in range(sequences)]
-    blockers = [threading.Thread(
-        target=post_json,
-        args=(f"{live_server.url}/api/chat", {"prompt": "Write a long story.", "max_new_tokens": 2048, "request_id": blocker_id}),
-        daemon=True,
-    ) for blocker_id in blocker_ids]
-    for blocker in blockers:
-        blocker.start()
+    # streams, for their stop tokens (only the client that started a generation can stop it)
+    blockers = [requests.post(f"{live_server.url}/api/chat_stream", json={
+        "prompt": "Write a long story.", "max_new_tokens": 2048, "ignore_eos": True, "request_id": f"browser-test-blocker-{i}"},
+        stream=True, timeout=60) for i in range(sequences)]
     try:
         WebDriverWait(page, 20, poll_frequency=0.1).until(lambda d: server_queue(live_server)["running"] == sequences)
         send(page, "Hello!")
@@ -157,10 +153,10 @@ def test_a_queued_turn_shows_its_place_and_stop_takes_it_out(page, live_server):
         assert answer_text(page) == ""
         assert page.execute_script("return window.modelTest.conversation()") == []
     finally:
-        for blocker_id in blocker_ids:
-            post_json(f"{live_server.url}/api/stop", {"request_id": blocker_id})
-        for blocker in blockers:
-            blocker.join(timeout=30)
+        for i, blocker in enumerate(blockers):
+            post_json(f"{live_server.url}/api/stop", {"request_id": f"browser-test-blocker-{i}",
+                                                      "stop_token": blocker.headers["X-Stop-Token"]})
+            blocker.close()
     assert wait_server_idle(live_server) == {"running": 0, "waiting": 0}
 
 

@@ -11,6 +11,7 @@ from tests.support.sse_client import parse_sse
 
 LONG = {"prompt": "Write a very long story about a lighthouse keeper.", "temperature": 0.8, "seed": 7, "max_new_tokens": 1500}
 TOKENS_OF_SLACK = 8
+SHORT_AFTER_STOP = {"prompt": "Count to ten.", "max_new_tokens": 6, "ignore_eos": True, "temperature": 0}
 
 
 def wait_for_end(service, request_id: str, timeout_s: float = 10.0):
@@ -76,7 +77,8 @@ def test_stop_route_ends_the_stream_with_a_cancelled_done(live_server):
     events = parse_sse(response.iter_lines(decode_unicode=True))
     for _ in range(3):
         assert next(events)[0] == "token"
-    stopped = requests.post(f"{live_server.url}/api/stop", json={"request_id": request_id}, timeout=10)
+    token = response.headers["X-Stop-Token"]
+    stopped = requests.post(f"{live_server.url}/api/stop", json={"request_id": request_id, "stop_token": token}, timeout=10)
     assert stopped.json() == {"request_id": request_id, "cancelled": True}
     rest = list(events)
     assert rest[-1][0] == "done"
@@ -86,10 +88,12 @@ def test_stop_route_ends_the_stream_with_a_cancelled_done(live_server):
     assert_model_is_free(live_server)
 
 
-def test_stop_that_overtakes_its_request_still_stops_it(live_server):
+def test_a_stop_before_its_request_is_a_404_and_not_remembered(live_server):
+    """A Stop for an id nobody holds is refused and forgotten: it cannot lie in wait for another
+    client's request that later takes that id."""
     request_id = uuid.uuid4().hex
-    assert requests.post(f"{live_server.url}/api/stop", json={"request_id": request_id}, timeout=10).json()["cancelled"] is False
-    response = requests.post(f"{live_server.url}/api/chat", json={**LONG, "request_id": request_id}, timeout=30)
-    assert response.json()["finish_reason"] == "cancelled"
-    assert response.json()["usage"]["completion_tokens"] <= 1
-
+    early = requests.post(f"{live_server.url}/api/stop", json={"request_id": request_id, "stop_token": "guess"}, timeout=10)
+    assert early.status_code == 404 and early.json()["type"] == "not_found"
+    response = requests.post(f"{live_server.url}/api/chat", json={**SHORT_AFTER_STOP, "request_id": request_id}, timeout=60)
+    assert response.json()["finish_reason"] != "cancelled"
+    assert response.json()["usage"]["completion_tokens"] == SHORT_AFTER_STOP["max_new_tokens"]

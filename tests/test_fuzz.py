@@ -29,8 +29,12 @@ JSON_VALUES = st.recursive(
 
 
 # Strings that break code that forgets them: a NUL (no path holds one), lone UTF-16 surrogates (no
-# UTF-8 encoder writes one), a formula a spreadsheet would run; and numbers past every bound.
-ODD_STRINGS = ["model\x00.gguf", "\x00", "\ud800", "a\udfffb", "=HYPERLINK(\"http://x\")", "\ud83d"]
+# UTF-8 encoder writes one), formulas a spreadsheet would run, also after a bare CR (a new row) or
+# a ";" (a new column in German and French Excel); and numbers past every bound.
+ODD_STRINGS = ["model\x00.gguf", "\x00", "\ud800", "a\udfffb", "=HYPERLINK(\"http://x\")", "\ud83d", "x\r=1+1",
+               "x;=1+1;y", "a\n@SUM(A1)\r\n-2", "\r=cmd", "{reference_block}"]
+# Keys no schema has: a lone surrogate (an error message that quotes it must still encode), a NUL.
+ODD_KEYS = ["\udc00", "\ud800x", "a\x00b", "\ud83d"]
 HUGE_NUMBERS = [10**30, -10**30, 1e308, -1e308, 2**64]
 # Whole bodies of odd bytes, sent to every route besides the drawn ones.
 ODD_BODIES = [
@@ -38,6 +42,10 @@ ODD_BODIES = [
     b"{\"a\":" * 50_000 + b"1" + b"}" * 50_000,
     b'{"model": "x\\u0000y", "prompt": "\\u0000", "messages": [{"role": "user", "content": "\\ud800"}]}',
     b'{"prompt": "\\udfff", "text": "\\ud800", "reference": "\\ud83d", "tokens": [1e400]}',
+    b'{"\\udc00": 1, "text": "hi", "prompt": "hi", "messages": [{"role": "user", "content": "hi", "\\ud800": 2}]}',
+    # a test set (for /api/eval, /api/divergence) whose cells smuggle rows and columns into a spreadsheet
+    json.dumps({"test_set": json.dumps({"prompt": "x\r=1+1", "system": "a;=1+1;b", "reference": "\r@SUM(A1)"}) + "\n",
+                "filename": "s.jsonl", "max_new_tokens": 2, "reference": {}, "candidate": {}}).encode(),
     b'{"max_new_tokens": ' + b"9" * 5000 + b', "prompt": "hi"}',  # past Python's int digit limit
     b'{"max_tokens": 1e400, "temperature": -1e400, "messages": [{"role": "user", "content": "hi"}]}',
     "{\"prompt\": \"caf\u00e9\"}".encode("latin-1"),  # not UTF-8
@@ -85,6 +93,7 @@ def from_schema(schema: dict, document: dict, depth: int = 0) -> st.SearchStrate
                 {name: from_schema(sub, document, depth + 1) for name, sub in properties.items() if name in required},
                 optional={name: from_schema(sub, document, depth + 1) for name, sub in properties.items() if name not in required},
             )
+            base = base | st.tuples(base, st.sampled_from(ODD_KEYS)).map(lambda drawn: {**drawn[0], drawn[1]: 1})
         elif kind == "array":
             base = st.lists(from_schema(schema.get("items", {}), document, depth + 1), max_size=5)
         elif kind == "string":

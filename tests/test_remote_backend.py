@@ -181,7 +181,8 @@ def test_stop_mid_stream_cancels_here_and_on_the_server(remote, llama_server):
     for _ in range(3):
         assert next(events)[0] == "token"
     stopped_at = time.monotonic()
-    assert requests.post(f"{url}/api/stop", json={"request_id": request_id}, timeout=10).json()["cancelled"] is True
+    stop = {"request_id": request_id, "stop_token": response.headers["X-Stop-Token"]}
+    assert requests.post(f"{url}/api/stop", json=stop, timeout=10).json()["cancelled"] is True
     rest = list(events)
     assert rest[-1][0] == "done" and rest[-1][1]["finish_reason"] == "cancelled"
     assert rest[-1][1]["usage"]["completion_tokens"] < 100

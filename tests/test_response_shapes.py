@@ -112,7 +112,8 @@ def test_every_route_answers_in_its_documented_shape(shapes_app):
     assert "token" in names and names[-1] == "done"
     ticket = walk.json("POST", "/api/streams", json=chat)
     walk.stream("GET", ticket["url"])
-    walk.json("POST", "/api/stop", json={"request_id": "nobody"})
+    parked = walk.json("POST", "/api/streams", json=chat)  # stopped with the token only its client was given
+    walk.json("POST", "/api/stop", json={"request_id": parked["request_id"], "stop_token": parked["stop_token"]})
 
     # inspection
     walk.json("POST", "/api/score", json={"prompt": QUESTION, "reference": "Paris.", "top_logprobs": 2})
@@ -148,7 +149,7 @@ def test_every_route_answers_in_its_documented_shape(shapes_app):
     walk.json("GET", "/api/compare/slots")
     shown = walk.json("POST", "/api/arena/comparisons", json=chat)
     walk.json("GET", f"/api/arena/comparisons/{shown['id']}")  # before the vote: no mapping
-    walk.json("POST", f"/api/arena/comparisons/{shown['id']}/vote", json={"vote": "A"})
+    walk.json("POST", f"/api/arena/comparisons/{shown['id']}/vote", json={"vote": "A", "vote_token": shown["vote_token"]})
     walk.json("GET", f"/api/arena/comparisons/{shown['id']}")  # after it: the mapping
     walk.json("GET", "/api/arena/ratings")
     walk.json("DELETE", "/api/compare/slots")

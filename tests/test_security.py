@@ -98,8 +98,8 @@ def test_the_operator_can_allow_hosts_and_origins(tmp_path, default_gguf):
     client = create_app(make_settings(tmp_path, server=server), backend_factory=fake_factory()).test_client()
     assert client.get("/api/model_status", headers={"Host": "tester.lab:5000"}).status_code == 200
     assert client.get("/api/model_status", headers={"Host": "other.lab"}).status_code == 400
-    allowed = client.post("/api/stop", json={"request_id": "a" * 32}, headers={"Origin": "https://lab.example.org"})
-    assert allowed.status_code == 200
+    allowed = client.post("/api/stop", json={"request_id": "a" * 32, "stop_token": "b" * 22}, headers={"Origin": "https://lab.example.org"})
+    assert allowed.status_code == 404  # past the origin check: no such generation
 
 
 # -- 2. the disk ---------------------------------------------------------------------------------

@@ -27,10 +27,10 @@ def register_routes(app: Flask, server: ServerSettings) -> None:
         app.register_blueprint(module.bp)
     register_error_handlers(app)
     install_guard(app, server.host, server.allowed_hosts, server.cors_origins)
-    if server.api_key:
+    if server.keys():
         from app.routes.http.auth import install_api_key
 
-        install_api_key(app, server.api_key.get_secret_value())
+        install_api_key(app, server.keys(), server.isolate_prefix_cache)
     if server.cors_origins:
         from app.routes.http.cors import install_cors
 

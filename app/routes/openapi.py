@@ -12,6 +12,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode
 
 from app.routes.api.schemas import (
+    STOP_TOKEN_HEADER,
     ApplyTemplateBody,
     BlindCompareBody,
     ChatAnswer,
@@ -117,6 +118,7 @@ class Operation:
     query: tuple = ()  # (name, schema, description) of query parameters
     status: str = "200"
     raw: Optional[dict] = None  # non-JSON answers: {mimetype: description}
+    headers: tuple = ()  # (name, description) of headers the answer carries
 
 
 OPERATIONS: dict[str, Operation] = {
@@ -131,13 +133,16 @@ OPERATIONS: dict[str, Operation] = {
                               "models", FidelityBody, FidelityReport),
     "models.unload_model": Operation("Free the model", "models", response=ModelStatus),
     "chat.chat": Operation("One whole answer", "chat", ChatBody, ChatAnswer),
-    "chat.chat_stream": Operation("The same answer, streamed", "chat", ChatBody, stream=OUR_SSE),
+    "chat.chat_stream": Operation("The same answer, streamed", "chat", ChatBody, stream=OUR_SSE,
+                                  headers=((STOP_TOKEN_HEADER, "The generation's stop token, for POST /api/stop: only this "
+                                            "client gets it"),)),
     "chat.prepare_stream": Operation("Prepare a stream for EventSource (which can only GET)", "chat", ChatBody, StreamTicket,
                                      status="201"),
     "chat.open_stream": Operation("Open a prepared stream (the id is the capability; no API key needed)", "chat", stream=OUR_SSE),
     "inspection.score": Operation("Score a reference answer by teacher forcing: per-token log-probabilities and ranks, total NLL, "
                            "perplexity", "inspection", ScoreBody, ScoreAnswer),
-    "chat.stop": Operation("Stop a generation by its request_id", "chat", StopBody, StopAnswer),
+    "chat.stop": Operation("Stop a generation by its request_id and the stop token its client was given; a 404 for any other "
+                           "id or token (nothing is remembered)", "chat", StopBody, StopAnswer),
     "openai.chat_completions": Operation("OpenAI chat completions", "openai", ChatCompletionBody, ChatCompletion, CHAT_SSE),
     "openai.completions": Operation("OpenAI text completions", "openai", CompletionBody, TextCompletion, TEXT_SSE),
     "openai.models": Operation("OpenAI model list: the loaded model first", "openai", response=ModelList),
@@ -171,7 +176,8 @@ OPERATIONS: dict[str, Operation] = {
     "arena.comparison": Operation("A comparison: its answers, and once voted its vote and which model wrote which", "arena",
                                   response=ArenaVote),
     "arena.vote": Operation("Vote on a comparison (A, B, ..., tie or both_bad): reveals the models and answers the new ratings; "
-                            "409 when it already has a vote", "arena", VoteBody, VoteResult),
+                            "403 without the vote_token the comparison's creation answered, 409 when it already has a vote",
+                            "arena", VoteBody, VoteResult),
     "arena.ratings": Operation("Ratings from every vote: a Bradley-Terry table on the Elo scale with bootstrap 95 % intervals, "
                                "and wins, losses and ties per pair with Wilson intervals", "arena", response=ArenaRatings),
     "arena.export": Operation("Every vote with its prompt, answers and models, and the ratings", "arena",
@@ -252,6 +258,9 @@ def _operation_doc(rule, operation: Operation, components: dict) -> dict:
     responses[status] = {"description": stream.description if stream and not operation.response else "OK", **({"content": content} if content else {})}
     if stream and operation.response:
         responses[status]["description"] = f"JSON, or with stream: true, {stream.description}"
+    if operation.headers:
+        responses[status]["headers"] = {name: {"description": description, "schema": STRING}
+                                        for name, description in operation.headers}
     surface = SURFACE_OF_BLUEPRINT.get(rule.endpoint.split(".")[0], Surface.API)
     error = _component(ERROR_SHAPES[surface], components, "serialization")
     if surface is Surface.SEED_API:

@@ -45,7 +45,9 @@ def index():
 
 @bp.get("/health")
 def health():
-    status = model_service().status()
+    service = model_service()
+    status = service.status()
     return json_answer(Health(status="ok" if status.state != "error" else "error",
-                              # the model's name, never its path: /health is public, and paths are the operator's
-                              model_loaded=status.state == "loaded", model_name=status.model_name, state=status.state))
+                              # the model's name, never its path, nor a name some client asked for: /health is
+                              # public, and paths (and remote URLs) are the operator's
+                              model_loaded=status.state == "loaded", model_name=service.public_name(), state=status.state))

@@ -34,6 +34,7 @@ from app.services.checkpoints.spec import ModelSpec
 from app.services.checkpoints.template_kinds import template_kind
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelNotFound, PathNotAllowed, ServiceError
 from app.services.core.shapes import Shape
+from app.services.core.urls import redacted_url
 from config.settings import BackendName, Settings, current_backend_name
 
 log = logging.getLogger(__name__)
@@ -157,14 +158,15 @@ class ModelCatalog:
         real = path.expanduser().resolve()
         return any(real == root or real.is_relative_to(root) for root in self.roots())
 
-    def confine(self, path: Path, field: str) -> None:
+    def confine(self, path: Path, field: str, given: Optional[str] = None) -> None:
         """Refuses a path a client named that lies outside the model roots, after following
-        symlinks and ``..``: the API must not become a way to probe or load arbitrary files."""
+        symlinks and ``..``: the API must not become a way to probe or load arbitrary files.
+        The refusal quotes ``given`` (what the client sent), never ``path``, which may have
+        been put under a model folder whose location is the operator's to know."""
         if not self._inside_roots(path):
-            # The rule, not the folders: their paths are the operator's to know.
             raise PathNotAllowed(
-                f"{field} {path} is outside the model folders the server allows; name a model from GET /api/models, "
-                f"or ask the operator to add its folder to MODEL_TEST_MODEL_ROOTS",
+                f"{field} {given if given is not None else path.name!r} is outside the model folders the server allows; "
+                f"name a model from GET /api/models, or ask the operator to add its folder to MODEL_TEST_MODEL_ROOTS",
                 field=field,
             )
 
@@ -201,13 +203,13 @@ class ModelCatalog:
                 spec = self.remote_spec(model)  # on a remote server a model is a name, never a local path
             elif spec is None:
                 path = self._locate(model, (self.models_dir,), confine)
-                if confine and Path(model).expanduser().is_absolute():
-                    self.confine(path, "model")  # before anything looks at the file: the same answer whether it exists
+                if confine:
+                    # before anything looks at the file (absolute, or climbing out with ..): the same
+                    # answer whether it exists, on every backend
+                    self.confine(path, "model", model)
                 inferred = backend or self._infer_backend(path)
                 # with the remote backend configured, a name that is no local file is a remote model's
                 spec = self.remote_spec(model) if inferred == "remote" else ModelSpec(inferred, path)
-                if confine and not spec.is_remote:
-                    self.confine(path, "model")
             elif backend is not None and backend != spec.backend:
                 raise InvalidRequest(f"{model} is a {spec.backend} model; it cannot run on the {backend} backend", field="backend")
         return self.with_adapter(spec, adapter, confine) if adapter is not None else spec
@@ -217,7 +219,7 @@ class ModelCatalog:
         refuse_nul(adapter, "adapter")
         adapter_path = self._locate(adapter, (self.models_dir, Path(self._settings.saves_dir)), confine)
         if confine and not spec.is_remote:  # a remote model takes no local adapter at all; make_backend says why
-            self.confine(adapter_path, "adapter")
+            self.confine(adapter_path, "adapter", adapter)
         return dataclasses.replace(spec, adapter=adapter_path)
 
     def configured(self) -> ModelSpec:
@@ -271,7 +273,8 @@ class ModelCatalog:
         if spec.is_remote:
             # Listing stays offline: whether the server is up and serves it is for load() to find out.
             return ModelEntry(id=model_id, name=spec.name or model_id, backend="remote", kind=kind, path=spec.name or model_id,
-                              available=bool(spec.base_url), trust_remote_code=False, base_url=spec.base_url)
+                              available=bool(spec.base_url), trust_remote_code=False,
+                              base_url=redacted_url(spec.base_url) if spec.base_url else None)
         available = path.is_file() if spec.backend == "llamacpp" else is_hf_model_dir(path)
         architecture, template = self._family(spec) if available else (None, None)
         return ModelEntry(

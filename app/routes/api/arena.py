@@ -34,7 +34,7 @@ def comparison(comparison_id: str):
 @bp.post("/comparisons/<comparison_id>/vote")
 def vote(comparison_id: str):
     body = parse_body(VoteBody)
-    return json_answer(arena().vote(comparison_id, body.vote))
+    return json_answer(arena().vote(comparison_id, body.vote, body.vote_token))
 
 
 @bp.get("/ratings")

@@ -6,9 +6,21 @@ from typing import Iterable
 
 from flask import Blueprint, url_for
 
-from app.routes.api.schemas import ChatAnswer, ChatBody, DoneEvent, ErrorEvent, QueueEvent, StopAnswer, StopBody, StreamTicket, TokenEvent
+from app.routes.api.schemas import (
+    STOP_TOKEN_HEADER,
+    ChatAnswer,
+    ChatBody,
+    DoneEvent,
+    ErrorEvent,
+    QueueEvent,
+    StopAnswer,
+    StopBody,
+    StreamTicket,
+    TokenEvent,
+)
 from app.routes.http.body import parse_body
 from app.routes.http.extensions import compare_slots, limit_settings, model_service
+from app.routes.http.hangup import cancel_on_hangup
 from app.routes.http.shapes import logprob_entries
 from app.routes.http.wire import json_answer, sse_event, stream_generation
 from app.services.core.errors import GenerationError, NotFound
@@ -61,7 +73,8 @@ def start_generation() -> Generation:
 @bp.post("/chat")
 def chat():
     generation = start_generation()
-    result = generation.collect().raise_for_error()
+    with cancel_on_hangup(generation.cancel):  # the page's Stop for a whole answer is hanging up
+        result = generation.collect().raise_for_error()
     return json_answer(ChatAnswer(
         response=result.text, finish_reason=result.finish_reason, usage=result.usage, timings=result.timings,
         model=generation.model, request_id=generation.id,
@@ -72,7 +85,9 @@ def chat():
 @bp.post("/chat_stream")
 def chat_stream():
     generation = start_generation()
-    return stream_generation(generation, NamedEvents(generation))
+    response = stream_generation(generation, NamedEvents(generation))
+    response.headers[STOP_TOKEN_HEADER] = generation.stop_token  # for POST /api/stop; only this client sees it
+    return response
 
 
 @bp.post("/streams")
@@ -80,7 +95,7 @@ def prepare_stream():
     """For EventSource, which can only GET: validate and park the request, answer its URL."""
     generation = start_generation()
     stream_id = model_service().park(generation)
-    return json_answer(StreamTicket(stream_id=stream_id, request_id=generation.id,
+    return json_answer(StreamTicket(stream_id=stream_id, request_id=generation.id, stop_token=generation.stop_token,
                                     url=url_for("chat.open_stream", stream_id=stream_id)), 201)
 
 
@@ -94,5 +109,7 @@ def open_stream(stream_id: str):
 
 @bp.post("/stop")
 def stop():
+    """Stops a generation for the client that started it (a 404 for any other id or token)."""
     body = parse_body(StopBody)
-    return json_answer(StopAnswer(request_id=body.request_id, cancelled=model_service().cancel(body.request_id)))
+    model_service().cancel(body.request_id, body.stop_token)
+    return json_answer(StopAnswer(request_id=body.request_id, cancelled=True))

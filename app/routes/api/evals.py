@@ -1,15 +1,22 @@
 """Batch evaluation: upload a test set, follow its progress, read, download, cancel, resume."""
 from __future__ import annotations
 
+import logging
+import threading
+
 from flask import Blueprint, Response, request
 
 from app.routes.api.schemas import DivergenceBody, EvalBody, EvalList, EvalOptions, slot_requests
+from app.routes.http.auth import request_cache_scope
 from app.routes.http.body import InvalidBody, parse_body, parse_json, validated
 from app.routes.http.extensions import engine_pool, eval_service, limit_settings, settings
+from app.routes.http.hangup import cancel_on_hangup
 from app.routes.http.wire import SSE_KEEPALIVE, json_answer, sse_event, sse_response
-from app.services.core.errors import InvalidRequest
-from app.services.evals.divergence import divergence_report
+from app.services.core.errors import InvalidRequest, RequestCancelled
+from app.services.evals.divergence import check_tokens_to_read, divergence_report
 from app.services.records.test_sets import parse_test_set
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("evals", __name__, url_prefix="/api")
 
@@ -76,8 +83,15 @@ def divergence():
         raise InvalidRequest(f"max_new_tokens is {body.max_new_tokens}; the limit is {limits.max_new_tokens}", field="max_new_tokens")
     pool = engine_pool()
     slots = pool.open_slots([body.reference.request(), body.candidate.request()], prefix="d", field="models")
+    cancel = threading.Event()
     try:
-        report = divergence_report(slots[0], slots[1], rows, body.max_new_tokens, body.top_rows)
+        check_tokens_to_read(slots[0], rows, body.max_new_tokens, limits.max_scored_tokens)
+        with cancel_on_hangup(cancel):
+            report = divergence_report(slots[0], slots[1], rows, body.max_new_tokens, body.top_rows, cancel,
+                                       request_cache_scope())
+    except RequestCancelled:
+        log.info("divergence report stopped: its client went away")
+        raise
     finally:
         pool.release([slot.engine for slot in slots])
     return json_answer(report)

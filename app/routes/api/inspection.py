@@ -2,11 +2,15 @@
 and how likely it finds a reference answer."""
 from __future__ import annotations
 
+import threading
+
 from flask import Blueprint
 
 from app.routes.api.schemas import ApplyTemplateBody, DetokenizeBody, RenderedPrompt, ScoreAnswer, ScoreBody, Text, TokenizeBody, Tokens
+from app.routes.http.auth import request_cache_scope
 from app.routes.http.body import parse_body
 from app.routes.http.extensions import compare_slots, limit_settings, model_service
+from app.routes.http.hangup import cancel_on_hangup
 from app.routes.http.shapes import logprob_entries
 from app.routes.http.wire import json_answer
 
@@ -22,7 +26,9 @@ def score():
     if body.slot is not None:
         slot = compare_slots().get(body.slot)
         service, use_adapter = slot.service, slot.adapter_enabled
-    scored = service.score(messages, body.reference, body.top_logprobs, use_adapter)
+    cancel = threading.Event()
+    with cancel_on_hangup(cancel):
+        scored = service.score(messages, body.reference, body.top_logprobs, use_adapter, cancel, request_cache_scope())
     return json_answer(ScoreAnswer(
         model=service.model_id() or "", prompt_tokens=scored.prompt_tokens, reference_tokens=len(scored.tokens),
         nll=scored.nll, mean_nll=scored.nll / len(scored.tokens), perplexity=scored.perplexity,

@@ -20,6 +20,7 @@ from app.services.system.monitor import MachineSnapshot
 from config.settings import BackendName, LimitSettings, RemoteSettings, current_backend_name
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+STOP_TOKEN_HEADER = "X-Stop-Token"  # /api/chat_stream's answer carries the stop token in it
 # A backend by its name; the remote backend's old name "openai" is still taken (and logged once), not listed.
 Backend = Annotated[BackendName, BeforeValidator(lambda name: current_backend_name(name, "an API request"))]
 
@@ -68,7 +69,8 @@ class ChatBody(ConversationBody, Sampling, StopStrings):
     repetition_penalty: RepetitionPenalty = 1.1
     seed: Seed = None
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence, up to max_new_tokens (for benchmarks).")
-    request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN, description="Client-chosen id for POST /api/stop.")
+    request_id: Optional[str] = Field(None, pattern=REQUEST_ID_PATTERN, description="Client-chosen id for POST /api/stop "
+                                      "(which also needs the generation's stop token).")
     continue_final: bool = Field(
         False, description="The messages end with an assistant message and the model goes on writing it; "
         "the answer holds only the new text.",
@@ -138,6 +140,9 @@ class FidelityBody(StrictBody):
 
 class StopBody(StrictBody):
     request_id: str = Field(pattern=REQUEST_ID_PATTERN)
+    stop_token: str = Field(pattern=REQUEST_ID_PATTERN, description="The generation's stop token, given only to the client "
+                            "that started it: the stop_token of the POST /api/streams answer, or the X-Stop-Token header "
+                            "of the POST /api/chat_stream response.")
 
 
 class TokenizeBody(StrictBody):
@@ -228,6 +233,8 @@ class EvalPairBody(StrictBody):
 
 class VoteBody(StrictBody):
     vote: str = Field(min_length=1, max_length=16, description="The better answer's letter (A, B, ...), tie, or both_bad.")
+    vote_token: str = Field(min_length=1, max_length=128, description="The token the comparison's creation answered: "
+                            "only the client that created a comparison votes on it.")
 
 
 # -- answers: the services' own shapes, and the few this API puts together from them -----------
@@ -285,6 +292,7 @@ class ScoreAnswer(Shape):
 class StreamTicket(Shape):
     stream_id: str = Field(description="The stream's id: 128 random bits of the server's; the URL is its capability.")
     request_id: str = Field(description="The generation's id, for POST /api/stop.")
+    stop_token: str = Field(description="Send it with the request_id to POST /api/stop: only this client can stop the generation.")
     url: str
 
 

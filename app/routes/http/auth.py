@@ -9,11 +9,13 @@ and the summary scores.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
+from typing import Optional
 
-from flask import Flask, request
+from flask import Flask, g, has_request_context, request
 
 from app.routes.http.errors import error_response
 
@@ -27,8 +29,16 @@ def _unauthorized(message: str):
     return error_response(401, message, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
 
 
-def install_api_key(app: Flask, api_key: str) -> None:
-    expected = api_key.encode("utf-8")
+def request_cache_scope() -> Optional[str]:
+    """Whose cached prompt prefixes this request may reuse (server.isolate_prefix_cache): the key it
+    came with, as an opaque id; None (shared with every request) without isolation or keys."""
+    return g.get("cache_scope") if has_request_context() else None
+
+
+def install_api_key(app: Flask, api_keys: list[str], isolate_prefix_cache: bool = False) -> None:
+    expected = [key.encode("utf-8") for key in api_keys]
+    # what the caches are told about a key: never the key itself
+    scopes = [hashlib.sha256(key).hexdigest()[:16] for key in expected]
 
     @app.before_request
     def require_api_key():
@@ -41,6 +51,10 @@ def install_api_key(app: Flask, api_key: str) -> None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return _unauthorized("this server needs an API key: send Authorization: Bearer <key>")
-        if not hmac.compare_digest(token.strip().encode("utf-8"), expected):
+        given = token.strip().encode("utf-8")
+        matched = [index for index, key in enumerate(expected) if hmac.compare_digest(given, key)]  # every key compared
+        if not matched:
             return _unauthorized("the API key is wrong")
+        if isolate_prefix_cache:
+            g.cache_scope = scopes[matched[0]]
         return None

@@ -8,7 +8,7 @@ from flask import request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from app.services.core.errors import InvalidRequest, UnsupportedMediaType
-from app.services.core.unicode import lone_surrogate_at
+from app.services.core.unicode import encodable, lone_surrogate_at
 
 
 class StrictBody(BaseModel):
@@ -65,10 +65,15 @@ def parse_json(raw) -> object:
         raise InvalidBody("the request body is not valid JSON", "body", [error]) from None
     where = lone_surrogate_at(data)
     if where is not None:
-        field = ".".join(map(str, where)) or "body"
+        field = encodable(".".join(map(str, where))) or "body"  # the key itself may hold the surrogate
         raise InvalidBody(f"{field}: the text holds a lone UTF-16 surrogate, which is no character", field,
-                          [{"type": "string_unicode", "loc": ["body", *where], "msg": "lone surrogate", "input": None}])
+                          [{"type": "string_unicode", "loc": ["body", *map(encodable_key, where)], "msg": "lone surrogate",
+                            "input": None}])
     return data
+
+
+def encodable_key(part):
+    return encodable(part) if isinstance(part, str) else part
 
 
 def validated(model_cls: type[BaseModel], data: dict, context: Optional[dict] = None):

@@ -6,6 +6,7 @@ from flask import Flask, request
 
 ALLOWED_HEADERS = "Authorization, Content-Type"
 ALLOWED_METHODS = "GET, POST, OPTIONS"
+EXPOSED_HEADERS = "X-Stop-Token"  # /api/chat_stream's, which a page on an allowed origin needs for Stop
 
 
 def install_cors(app: Flask, origins: list[str]) -> None:
@@ -17,6 +18,7 @@ def install_cors(app: Flask, origins: list[str]) -> None:
         if origin and ("*" in allowed or origin in allowed):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = ", ".join(filter(None, [response.headers.get("Vary"), "Origin"]))
+            response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
             if request.method == "OPTIONS":
                 response.headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
                 response.headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS

@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 from app.routes.http.body import InvalidBody
 from app.routes.http.shapes import ApiError, Detail, OpenAIError, OpenAIErrorObject, ValidationDetail
 from app.services.core.errors import ErrorDetails, ErrorKind, QueueFull, ServiceError
+from app.services.core.unicode import encodable_data
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ STATUS_OF_KIND: dict[ErrorKind, int] = {
     ErrorKind.CONFLICT: 409,
     ErrorKind.UNSUPPORTED_MEDIA_TYPE: 415,
     ErrorKind.QUEUE_FULL: 429,
+    ErrorKind.CANCELLED: 499,  # nginx's "client closed request"
     ErrorKind.INTERNAL: 500,
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.TIMEOUT: 504,
@@ -90,8 +92,10 @@ def error_body(surface: Surface, status: int, message: str, error_type: str, fie
 
 
 def error_json(body: ErrorBody) -> dict:
-    """The body as JSON data; /api's leaves out the facts an error does not have."""
-    return body.model_dump(mode="json", exclude_none=isinstance(body, ApiError))
+    """The body as JSON data; /api's leaves out the facts an error does not have. Every string in
+    it is writable as UTF-8: a message may quote a client's key or value, and one holding a lone
+    surrogate must not turn a 400 into a 500."""
+    return encodable_data(body.model_dump(mode="json", exclude_none=isinstance(body, ApiError)))
 
 
 def error_response(status: int, message: str, error_type: str, field: Optional[str] = None, headers=None,
@@ -110,7 +114,7 @@ def _service_error(exc: ServiceError) -> Response:
     surface = current_surface()
     if surface is Surface.SEED_API and isinstance(exc, InvalidBody):
         # FastAPI's 422 lists every problem, each with the keys pydantic gave it
-        response = jsonify(ValidationDetail(detail=exc.errors).model_dump(mode="json", exclude_unset=True))
+        response = jsonify(encodable_data(ValidationDetail(detail=exc.errors).model_dump(mode="json", exclude_unset=True)))
         response.status_code = 422
         return response
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
@@ -121,6 +125,15 @@ def _http_error(exc: HTTPException) -> Response:
     return error_response(exc.code or 500, exc.description or exc.name, exc.name.lower().replace(" ", "_"))
 
 
+def _timed_out(exc: TimeoutError) -> Response:
+    # the socket's io_timeout_s ran out while the body was read: the client stalled, the server is fine
+    log.info("a request stalled past server.io_timeout_s: %s", exc)
+    response = error_response(408, "the request stalled (nothing arrived for server.io_timeout_s); send it again",
+                              "request_timeout")
+    response.headers["Connection"] = "close"
+    return response
+
+
 def _unexpected(exc: Exception) -> Response:
     log.exception("unhandled error")
     return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
@@ -129,4 +142,5 @@ def _unexpected(exc: Exception) -> Response:
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(ServiceError, _service_error)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(TimeoutError, _timed_out)
     app.register_error_handler(Exception, _unexpected)

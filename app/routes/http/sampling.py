@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 from pydantic import BaseModel, Field, field_validator
 
+from app.routes.http.auth import request_cache_scope
 from app.services.core.errors import InvalidRequest
 from app.services.core.logprobs import MAX_TOP_LOGPROBS
 from app.services.core.types import GenerationParams
@@ -56,7 +57,8 @@ class Sampling(BaseModel):
         fields = type(self).model_fields
         values = {name: getattr(self, name) for name in PARAM_FIELDS if name in fields}
         stops = checked_stops(getattr(self, "stop", None), limits)
-        return GenerationParams(max_new_tokens=max_new_tokens, stop=stops, logprobs=logprobs, **values)
+        return GenerationParams(max_new_tokens=max_new_tokens, stop=stops, logprobs=logprobs,
+                                cache_scope=request_cache_scope(), **values)
 
 
 class StopStrings(BaseModel):

@@ -15,6 +15,7 @@ from flask import Response, jsonify
 from pydantic import BaseModel
 
 from app.services.core.types import Chunk
+from app.services.core.unicode import encodable
 from app.services.engine.generation import Generation, QueueUpdate
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -23,8 +24,14 @@ SSE_KEEPALIVE = ": keep-alive\n\n"
 
 
 def _event_json(data: BaseModel, exclude_none: bool, exclude_unset: bool) -> str:
+    """``data`` as JSON text that UTF-8 can carry: an error event may quote a client's text."""
     # json.dumps's spacing, as the events have always been written (clients may match on it)
-    return json.dumps(data.model_dump(mode="json", exclude_none=exclude_none, exclude_unset=exclude_unset), ensure_ascii=False)
+    text = json.dumps(data.model_dump(mode="json", exclude_none=exclude_none, exclude_unset=exclude_unset), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return encodable(text)
+    return text
 
 
 def sse_event(event: str, data: BaseModel, exclude_none: bool = False) -> str:

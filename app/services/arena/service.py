@@ -7,8 +7,6 @@ is shown, so the speed of a model cannot give it away), or from a finished eval'
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import secrets
@@ -17,13 +15,13 @@ from typing import Optional, Sequence
 from pydantic import Field
 
 from app.services.arena.ratings import Game, PairRecord, RatingRow, leaderboard, pair_table
-from app.services.core.errors import AlreadyVoted, EvalRunning, InvalidRequest
+from app.services.core.errors import AlreadyVoted, EvalRunning, InvalidRequest, VoteNotAllowed
 from app.services.core.shapes import Shape
-from app.services.core.spreadsheet import spreadsheet_safe
+from app.services.core.spreadsheet import csv_text
 from app.services.core.types import GenerationParams, Message
 from app.services.engine.generation import collect_together
 from app.services.engine.slots import CompareSlots
-from app.services.records.arena_store import ArenaStore, SettingsRecord, StoredComparison, Turn, iter_pairs
+from app.services.records.arena_store import ArenaCap, ArenaStore, NewComparison, SettingsRecord, StoredComparison, Turn, iter_pairs
 from app.services.records.eval_store import EvalStore
 
 log = logging.getLogger(__name__)
@@ -37,7 +35,7 @@ class ShownAnswer(Shape):
     text: str
 
 
-class ArenaComparison(Shape):
+class ShownComparison(Shape):
     """A comparison as it is shown before the vote: the answers, never their models."""
 
     id: str
@@ -45,7 +43,13 @@ class ArenaComparison(Shape):
     answers: list[ShownAnswer]
 
 
-class ArenaVote(ArenaComparison):
+class ArenaComparison(ShownComparison):
+    """A new comparison, as its creator gets it: with the token that lets only that client vote."""
+
+    vote_token: str = Field(description="Send it with the vote: only the client that created the comparison votes.")
+
+
+class ArenaVote(ShownComparison):
     messages: list[Turn]
     vote: Optional[str]
     mapping: Optional[dict[str, str]] = Field(None, description="Which model wrote which answer: only once voted.")
@@ -70,10 +74,11 @@ def shown_answers(comparison: StoredComparison) -> list[ShownAnswer]:
 
 
 class ArenaService:
-    def __init__(self, store: ArenaStore, compare_slots: CompareSlots, evals: EvalStore):
+    def __init__(self, store: ArenaStore, compare_slots: CompareSlots, evals: EvalStore, cap: ArenaCap):
         self.store = store
         self._slots = compare_slots
         self._evals = evals
+        self._cap = cap
 
     def _shuffled(self, count: int) -> list[int]:
         order = list(range(count))
@@ -85,9 +90,10 @@ class ArenaService:
         order = self._shuffled(len(texts))
         answers = {POSITIONS[i]: texts[index] for i, index in enumerate(order)}
         mapping = {POSITIONS[i]: labels[index] for i, index in enumerate(order)}
-        comparison_id = secrets.token_hex(12)
-        self.store.add_comparison(comparison_id, source, messages, params, answers, mapping)
-        return ArenaComparison(id=comparison_id, source=source,
+        comparison = NewComparison(secrets.token_hex(12), source, messages, params, answers, mapping,
+                                   vote_token=secrets.token_urlsafe(16))
+        self.store.add_comparison(comparison, self._cap)
+        return ArenaComparison(id=comparison.id, source=source, vote_token=comparison.vote_token,
                                answers=[ShownAnswer(position=p, text=t) for p, t in answers.items()])
 
     def compare(self, messages: Sequence[Message], params: GenerationParams) -> ArenaComparison:
@@ -132,8 +138,11 @@ class ArenaService:
         return ArenaVote(id=found.id, source=found.source, answers=shown_answers(found), messages=found.messages,
                          vote=found.vote, mapping=found.mapping if found.vote is not None else None)
 
-    def vote(self, comparison_id: str, vote: str) -> VoteResult:
+    def vote(self, comparison_id: str, vote: str, vote_token: str) -> VoteResult:
         comparison = self.store.comparison(comparison_id)  # a 404 for an unknown comparison
+        if not self.store.may_vote(comparison_id, vote_token):
+            raise VoteNotAllowed(f"only the client that created comparison {comparison_id} may vote on it: send the "
+                                 f"vote_token its creation answered", field="vote_token")
         allowed = list(comparison.answers) + list(VOTES)
         if vote not in allowed:
             raise InvalidRequest(f"vote must be one of {', '.join(allowed)}", field="vote")
@@ -157,13 +166,10 @@ class ArenaService:
             data = {"ratings": self.ratings().model_dump(mode="json"),
                     "votes": [comparison.model_dump(mode="json") for comparison in comparisons]}
             return json.dumps(data, ensure_ascii=False, indent=1), "application/json"
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["id", "voted", "source", "prompt", "vote", "winner", "models"])
+        lines = []
         for comparison in comparisons:
             prompt = next((m.content for m in reversed(comparison.messages) if m.role == "user"), "")
             winner = comparison.mapping.get(comparison.vote, comparison.vote)
-            writer.writerow([spreadsheet_safe(cell) for cell in (
-                comparison.id, comparison.voted, comparison.source, prompt, comparison.vote, winner,
-                " | ".join(f"{p}={m}" for p, m in comparison.mapping.items()))])
-        return buffer.getvalue(), "text/csv"
+            lines.append([comparison.id, comparison.voted, comparison.source, prompt, comparison.vote, winner,
+                          " | ".join(f"{p}={m}" for p, m in comparison.mapping.items())])
+        return csv_text(["id", "voted", "source", "prompt", "vote", "winner", "models"], lines), "text/csv"

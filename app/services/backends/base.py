@@ -157,6 +157,15 @@ class Scoring(Protocol):
         gives ``continuation[i]`` after the prompt and ``continuation[:i]``. The caller holds the
         model alone (the service's queue), as for a generation."""
 
+    def continuation_logit_blocks(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True,
+                                  block_rows: int = 64, cancel: Optional[threading.Event] = None,
+                                  cache_scope: Optional[str] = None) -> Iterator["np.ndarray"]:
+        """The same rows, at most ``block_rows`` at a time, each block computed when it is asked
+        for: a long text is read without its whole distributions in memory. The caller holds the
+        model alone while it asks for a block, and may let others run between blocks. ``cancel``
+        is looked at within a block too (RequestCancelled), so a long block stops soon after it is set.
+        ``cache_scope``: as GenerationParams.cache_scope, for a cache the backend shares between requests."""
+
     def token_bytes(self, token_id: int) -> bytes:
         """The token's own bytes (a multi-byte character may be split across tokens)."""
 

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from app.services.core.urls import redacted_url
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -35,7 +37,7 @@ class ModelSpec:
     @property
     def label(self) -> str:
         if self.is_remote and not self.name:
-            return f"the model served at {self.base_url}" if self.base_url else "a remote model (no --base-url given)"
+            return f"the model served at {redacted_url(self.base_url)}" if self.base_url else "a remote model (no --base-url given)"
         base = self.name or self.path.name
         return f"{base} + {self.adapter.name}" if self.adapter else base
 

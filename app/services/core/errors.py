@@ -11,7 +11,7 @@ from typing import Optional
 
 class ErrorKind(str, Enum):
     INVALID_REQUEST = "invalid_request"  # the request is wrong; the field says where
-    FORBIDDEN = "forbidden"  # a path outside what the server may touch
+    FORBIDDEN = "forbidden"  # not for this client: a path outside what the server may touch, another's vote
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"  # the thing is in a state that refuses this (an eval running, a vote cast)
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
@@ -20,6 +20,7 @@ class ErrorKind(str, Enum):
     UNAVAILABLE = "unavailable"  # what the request needs (the model, the remote server) is not there
     TIMEOUT = "timeout"  # the work ran past the server's time limit
     STORAGE_FULL = "storage_full"  # results would pass the operator's cap on their space
+    CANCELLED = "cancelled"  # the client went away while its request was computed; nobody reads the answer
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,13 @@ class GenerationTimeout(ServiceError):
     type = "generation_timeout"
 
 
+class RequestCancelled(ServiceError):
+    """The client went away (or asked to stop) while its request was being computed."""
+
+    kind = ErrorKind.CANCELLED
+    type = "cancelled"
+
+
 class GenerationError(ServiceError):
     """A generation that failed after it started (the backend raised, the remote server broke off)."""
 
@@ -158,6 +166,13 @@ class EvalRunning(ServiceError):
 
     def details(self) -> ErrorDetails:
         return ErrorDetails(running=self.running)
+
+
+class VoteNotAllowed(ServiceError):
+    """A vote without the token the comparison's creator was given: only that client votes."""
+
+    kind = ErrorKind.FORBIDDEN
+    type = "vote_not_allowed"
 
 
 class AlreadyVoted(ServiceError):

@@ -36,6 +36,9 @@ class GenerationParams:
     # None: no probabilities; n: each answer token's log-probability and the n most likely tokens at
     # its place, from the model's distribution before sampling (no temperature, top-k or penalties).
     logprobs: Optional[int] = None
+    # Whose cached prompt prefix this request may reuse (server.isolate_prefix_cache): an opaque
+    # id of its API key; None shares the cache with every other request that has none.
+    cache_scope: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -23,3 +23,20 @@ def lone_surrogate_at(data) -> Optional[list]:
         elif isinstance(value, list):
             stack.extend((path + [index], item) for index, item in enumerate(value))
     return None
+
+
+def encodable(text: str) -> str:
+    """``text`` with each lone surrogate spelled as its escape (``\\udc00``), so an error message
+    that quotes a client's key or value can always be written as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def encodable_data(value):
+    """``value`` (JSON-shaped: dicts, lists, strings) with every string and key made :func:`encodable`."""
+    if isinstance(value, str):
+        return encodable(value)
+    if isinstance(value, dict):
+        return {encodable_data(key): encodable_data(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encodable_data(item) for item in value]
+    return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ class Engine(Protocol):
 
     def current_backend(self) -> Optional[Backend]: ...
 
+    def name_of(self, backend: Backend) -> str:
+        """The name clients know ``backend``'s model by (never a path on this machine)."""
+
     def prepare(self, backend: Backend, messages: Optional[Sequence[Message]], text: Optional[str],
                 params: GenerationParams, continue_final: bool = False) -> Prompt: ...
 
@@ -77,8 +81,10 @@ class Generation:
                  messages: Optional[Sequence[Message]], text: Optional[str], generation_id: str,
                  continue_final: bool = False):
         self.id = generation_id
+        # handed only to the client that started it: Stop needs it (engine/registry.py)
+        self.stop_token = secrets.token_urlsafe(16)
         self.cancel = threading.Event()
-        self.model = backend.model
+        self.model = engine.name_of(backend)
         self.params = params
         self._engine = engine
         self._backend = backend
@@ -150,7 +156,7 @@ class Generation:
                 raise InvalidRequest("the model was unloaded while this request waited", field="model")
             if backend is not self._backend:  # the model was switched while this request waited
                 self._prompt = self._engine.prepare(backend, self._messages, self._text, self.params, self._continue_final)
-                self._backend, self.model = backend, backend.model
+                self._backend, self.model = backend, self._engine.name_of(backend)
             if self._announced_to is not backend:  # announced to a model since switched away (or not at all)
                 self._withdraw()
                 with self._announce_lock:

@@ -1,7 +1,14 @@
 """Every running, waiting and parked generation by request id, across all loaded models, so
-Stop and EventSource URLs find a generation whichever model (served or compare slot) runs it."""
+Stop and EventSource URLs find a generation whichever model (served or compare slot) runs it.
+
+A request id is the client's own name for its generation, so another client may know or guess
+it (an eval's rows, a shared log). Stop therefore also needs the generation's stop token: 128
+random bits the server hands only to the client that started it (the /api/streams answer, the
+/api/chat_stream response's X-Stop-Token header). A Stop for an id nobody holds with that token
+is refused and forgotten; it never waits for a request to come."""
 from __future__ import annotations
 
+import hmac
 import secrets
 import threading
 import time
@@ -9,13 +16,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
-from app.services.core.errors import InvalidRequest, TooManyStreams
+from app.services.core.errors import InvalidRequest, NotFound, TooManyStreams
 
 
 class Tracked(Protocol):
     """What the registry needs of a generation (engine/generation.py's Generation)."""
 
     id: str
+    stop_token: str
     cancel: threading.Event
     tokens_seen: int
 
@@ -35,7 +43,6 @@ class ActiveGeneration:
 
 
 FINISHED_KEPT = 32
-EARLY_STOP_KEPT_S = 30.0  # a Stop that overtakes its own request still counts this long
 
 
 class GenerationRegistry:
@@ -48,7 +55,6 @@ class GenerationRegistry:
         self._finished: deque[FinishedGeneration] = deque(maxlen=FINISHED_KEPT)
         self._pending: dict[str, tuple[Tracked, float]] = {}  # by request id
         self._stream_ids: dict[str, str] = {}  # a parked stream's URL id -> its request id
-        self._early_stops: dict[str, float] = {}
         self._sweeper: Optional[threading.Thread] = None
         self._wake = threading.Condition(self._lock)
 
@@ -57,9 +63,6 @@ class GenerationRegistry:
             if generation.id in self._active:
                 raise InvalidRequest(f"a generation with id {generation.id!r} is already running", field="request_id")
             self._active[generation.id] = generation
-            stopped_at = self._early_stops.pop(generation.id, None)
-        if stopped_at is not None and time.monotonic() - stopped_at < EARLY_STOP_KEPT_S:
-            generation.cancel.set()
 
     def discard(self, generation: Tracked) -> None:
         with self._lock:
@@ -81,21 +84,18 @@ class GenerationRegistry:
         with self._lock:
             return [ActiveGeneration(g.id, g.tokens_seen) for g in self._active.values()]
 
-    def cancel(self, generation_id: str) -> bool:
+    def cancel(self, generation_id: str, stop_token: str) -> None:
+        """Stops the generation ``generation_id`` (or drops it unopened, when parked) for the client
+        holding its stop token; NotFound (a 404) for any other id or token, remembered nowhere."""
         with self._lock:
             generation = self._active.get(generation_id)
+            if generation is None or not hmac.compare_digest(generation.stop_token.encode(), stop_token.encode()):
+                raise NotFound(f"no generation {generation_id!r} is running or waiting with that stop token; only the "
+                               f"client that started a generation can stop it")
             pending = self._pending.pop(generation_id, None)
         if pending is not None:
             pending[0].close()
-        if generation is None:
-            # The page may send Stop before its own request has reached start(); remember it.
-            now = time.monotonic()
-            with self._lock:
-                self._early_stops = {gid: at for gid, at in self._early_stops.items() if now - at < EARLY_STOP_KEPT_S}
-                self._early_stops[generation_id] = now
-            return pending is not None
         generation.cancel.set()
-        return True
 
     # -- prepared streams, for EventSource (a POST prepares, a GET streams) ----------------
     def park(self, generation: Tracked) -> str:

@@ -10,8 +10,12 @@ from typing import Sequence
 
 from app.services.backends.base import Backend, Scoring, local_tokenizer, scoring
 from app.services.core.errors import ContextLengthExceeded, InvalidRequest
-from app.services.core.logprobs import score_rows
 from app.services.core.types import Message, TokenLogprob
+
+# A block of raw logits (float32, one row per token of the text read) is what teacher forcing
+# holds at once per model: 16 MiB is 85 rows of SmolLM2's 49,152 tokens, 27 of Qwen's 151,936.
+BLOCK_BYTES = 16 * 2**20
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 8, 512
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,18 @@ def check_fits(prompt_ids: Sequence[int], continuation: Sequence[int], n_ctx: in
             f"and the context holds {n_ctx}; shorten them"))
 
 
-def score_continuation(backend: Backend, prompt_ids: Sequence[int], continuation: Sequence[int], top_n: int,
-                       use_adapter: bool = True) -> ScoredText:
-    """The caller holds the model alone (ModelService.turn)."""
-    scorer = scoring_backend(backend)
-    logits = scorer.continuation_logits(prompt_ids, continuation, use_adapter)
-    return ScoredText(len(prompt_ids), tuple(score_rows(logits, continuation, top_n, scorer.token_bytes)))
+def check_budget(tokens: int, limit: int, field: str, what: str) -> None:
+    """A request reads at most limits.max_scored_tokens by teacher forcing: each token costs a
+    forward step on every model compared, so the bound is on time as much as on memory."""
+    if tokens > limit:
+        raise InvalidRequest(f"{what} {tokens} tokens; one request may read at most {limit} "
+                             f"(limits.max_scored_tokens)", field=field)
+
+
+def block_rows(*backends: Backend) -> int:
+    """Rows of logits per block, so a block of the largest vocabulary takes about BLOCK_BYTES."""
+    vocab = max((tokenizer.vocab_size for tokenizer in map(local_tokenizer, backends) if tokenizer is not None), default=1)
+    return max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, BLOCK_BYTES // (4 * max(vocab, 1))))
 
 
 def conversation(system: str | None, prompt: str) -> list[Message]:

@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Optional, Sequence
 
 from pydantic import Field
 
@@ -16,15 +16,28 @@ from app.services.backends.base import Backend, BackendInfo, Capabilities, Local
 from app.services.backends.factory import BackendFactory, make_backend
 from app.services.catalog import ModelCatalog
 from app.services.checkpoints.spec import ModelSpec
-from app.services.core.errors import ContextLengthExceeded, InvalidModel, InvalidRequest, ModelNotFound, ModelTooLarge, NoModelLoaded, ServiceError
+from app.services.core.errors import (
+    ContextLengthExceeded,
+    InvalidModel,
+    InvalidRequest,
+    ModelNotFound,
+    ModelTooLarge,
+    NoModelLoaded,
+    RequestCancelled,
+    ServiceError,
+)
+from app.services.core.logprobs import score_rows
 from app.services.core.shapes import Shape
-from app.services.core.types import GenerationParams, GpuUse, Message, Prompt
+from app.services.core.types import GenerationParams, GpuUse, Message, Prompt, TokenLogprob
 from app.services.engine.fidelity import FidelityReport
 from app.services.engine.generation import QUEUE_POLL_S, Generation
 from app.services.engine.queue import GenerationQueue, QueueCounts
 from app.services.engine.registry import ActiveGeneration, FinishedGeneration, GenerationRegistry
-from app.services.engine.scoring import ScoredText, check_fits, reference_ids, score_continuation, scoring_backend
+from app.services.engine.scoring import ScoredText, block_rows, check_budget, check_fits, reference_ids, scoring_backend
 from config.settings import BackendName, Settings
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +107,47 @@ class ModelService:
         finally:
             self.queue.leave(ticket)
 
-    def score(self, messages: Sequence[Message], reference: str, top_n: int = 0, use_adapter: bool = True) -> ScoredText:
-        """How likely the model finds ``reference`` as its answer to ``messages`` (teacher forcing)."""
+    def score(self, messages: Sequence[Message], reference: str, top_n: int = 0, use_adapter: bool = True,
+              cancel: Optional[threading.Event] = None, cache_scope: Optional[str] = None) -> ScoredText:
+        """How likely the model finds ``reference`` as its answer to ``messages`` (teacher forcing),
+        read a block at a time: what is kept is each token's log-probability, never a distribution."""
         backend = self.ensure_loaded()
-        scoring_backend(backend)
+        scorer = scoring_backend(backend)
         prompt = self.prepare(backend, messages, None, GenerationParams(max_new_tokens=1))
         continuation = reference_ids(backend, reference)
         check_fits(prompt.token_ids, continuation, backend.n_ctx)
-        with self.turn() as held:
-            if held is not backend:  # switched while waiting: the tokens are the new model's
-                prompt = self.prepare(held, messages, None, GenerationParams(max_new_tokens=1))
-                continuation = reference_ids(held, reference)
-                check_fits(prompt.token_ids, continuation, held.n_ctx)
-            return score_continuation(held, prompt.token_ids, continuation, top_n, use_adapter)
+        check_budget(len(continuation), self._settings.limits.max_scored_tokens, "reference", "the reference is")
+        scored: list[TokenLogprob] = []
+        blocks = self.read_continuation(backend, prompt.token_ids, continuation, use_adapter, block_rows(backend), cancel,
+                                        cache_scope)
+        for block in blocks:
+            scored.extend(score_rows(block, continuation[len(scored):len(scored) + len(block)], top_n, scorer.token_bytes))
+        return ScoredText(len(prompt.token_ids), tuple(scored))
+
+    def read_continuation(self, backend: Backend, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool,
+                          rows_per_block: int, cancel: Optional[threading.Event] = None,
+                          cache_scope: Optional[str] = None) -> Iterator["np.ndarray"]:
+        """The raw logits that predict each token of ``continuation`` after ``prompt_ids``, a block
+        of ``rows_per_block`` rows at a time. Each block is computed in this model's turn, as a
+        generation step is, so chats interleave with a long text; ``cancel`` (a client that hung
+        up) is looked at before each block and ends the reading with RequestCancelled. ``cache_scope``
+        as GenerationParams.cache_scope."""
+        blocks = scoring_backend(backend).continuation_logit_blocks(prompt_ids, continuation, use_adapter, rows_per_block, cancel,
+                                                                    cache_scope)
+        try:
+            while True:
+                if cancel is not None and cancel.is_set():
+                    raise RequestCancelled("the request was cancelled (its client went away) while its text was read")
+                with self.turn() as held:
+                    if held is not backend:
+                        raise InvalidRequest("the model was switched while this request read its text; send it again",
+                                             field="model")
+                    block = next(blocks, None)
+                if block is None:
+                    return
+                yield block
+        finally:
+            blocks.close()
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -119,6 +160,22 @@ class ModelService:
             yield
         finally:
             self.queue.leave(ticket)
+
+    def name_of(self, backend: Backend) -> str:
+        """The name clients know ``backend``'s model by: its catalog id, never its path."""
+        return self.catalog.id_for(backend.spec)
+
+    def public_name(self) -> Optional[str]:
+        """The model the public /health names: the loaded one, else the one the operator configured;
+        never a name a client asked for that did not load."""
+        with self._status_lock:
+            spec = self._spec
+        if spec is None:
+            try:
+                spec = self.catalog.configured()
+            except ServiceError:
+                return None
+        return spec.label
 
     def requested_spec(self) -> ModelSpec:
         return self._requested or self.catalog.configured()
@@ -390,8 +447,9 @@ class ModelService:
     def active(self) -> list[ActiveGeneration]:
         return self.registry.active()
 
-    def cancel(self, generation_id: str) -> bool:
-        return self.registry.cancel(generation_id)
+    def cancel(self, generation_id: str, stop_token: str) -> None:
+        """Stops a generation for the client holding its stop token; NotFound for anyone else."""
+        self.registry.cancel(generation_id, stop_token)
 
     def park(self, generation: Generation) -> str:
         """Holds the generation for its EventSource; the stream's id (the server's, unguessable)."""

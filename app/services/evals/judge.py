@@ -20,6 +20,7 @@ from typing import Callable, Literal, Optional, Sequence
 
 from app.services.core.errors import InvalidRequest, ServiceError
 from app.services.core.types import GenerationParams, Message
+from app.services.core.urls import redacted_url
 from app.services.engine.service import ModelService
 from app.services.engine.slots import SlotRequest
 from app.services.records.arena_store import ArenaStore, Judgment
@@ -64,10 +65,14 @@ def load_prompts(path: Path) -> JudgePrompts:
 
 
 def fill(template: str, **values: str) -> str:
-    """Each {name} replaced by its value; braces in the values (answers write code) stay as they are."""
-    for name, value in values.items():
-        template = template.replace("{" + name + "}", value)
-    return template
+    """Each {name} of the template replaced by its value, in one pass over the template: text
+    already put in (an answer, which a model or a client wrote) is never searched again, so an
+    answer holding "{reference_block}" stays that text and never receives the reference.
+    Braces the template names nothing with stay as they are."""
+    if not values:
+        return template
+    placeholder = re.compile("|".join(re.escape("{" + name + "}") for name in values))
+    return placeholder.sub(lambda match: values[match.group(0)[1:-1]], template)
 
 
 def parse_pairwise(answer: str) -> str:
@@ -232,7 +237,7 @@ class JudgeRequest:
         """What the eval's meta and report say of the judge: never the key."""
         if self.endpoint is not None:
             return JudgeDescription(mode=self.mode, max_new_tokens=self.max_new_tokens,
-                                    endpoint=JudgeEndpoint(base_url=self.endpoint.base_url, model=self.endpoint.model))
+                                    endpoint=JudgeEndpoint(base_url=redacted_url(self.endpoint.base_url), model=self.endpoint.model))
         slot = self.slot or SlotRequest()
         return JudgeDescription(mode=self.mode, max_new_tokens=self.max_new_tokens, slot=SlotRecord(**dataclasses.asdict(slot)))
 

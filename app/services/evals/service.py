@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator, Optional, Sequence, Union
 
-from app.services.core.errors import EvalRunning, InvalidRequest, ServiceError, StorageFull
+from app.services.core.errors import EvalRunning, InvalidRequest, RequestCancelled, ServiceError, StorageFull
 from app.services.core.shapes import Shape
 from app.services.core.types import GenerationParams
+from app.services.core.urls import redacted_url
 from app.services.engine.generation import Generation, GenerationResult, RollingFeed
 from app.services.engine.scoring import conversation
 from app.services.engine.slots import EnginePool, Slot, SlotRequest
@@ -113,6 +114,11 @@ class _Run:
     last_row: Optional[int] = None
     score_only: bool = False  # references scored by teacher forcing, nothing generated
     judge: Optional[JudgeRequest] = None
+    # bytes on disk, for limits.max_eval_storage_bytes: the other evals', this one's rows and answers so far
+    others_bytes: int = 0
+    rows_bytes: int = 0
+    outputs_bytes: int = 0
+    storage_error: Optional[str] = None  # why the eval stopped early: it outgrew the space left
 
 
 def needs_reference_score(row: TestRow, output: EvalAnswer) -> bool:
@@ -168,11 +174,13 @@ class EvalService:
             judge=judge.describe() if judge else None,
             total=len(rows) * len(requests),
         )
+        rows_bytes = self.store.rows_bytes(list(rows))
         with self._lock:
             self._refuse_if_running()
-            self._make_room(sum(len(row.prompt) + len(row.system or "") + len(row.reference or "") for row in rows))
+            others = self._make_room(self.store.projected_bytes(rows_bytes, len(requests), 0))
             self.store.create(eval_id, meta, list(rows))
             run = self._begin(eval_id, meta, list(rows), requests, max_new_tokens, done=0, judge=judge)
+            run.others_bytes, run.rows_bytes = others, rows_bytes
         self._launch(run, on_progress)
         return self.progress(eval_id)
 
@@ -187,31 +195,59 @@ class EvalService:
             requests = [SlotRequest(**m.model_dump()) for m in meta.models]
             rows = self.store.rows(eval_id)
             done = self.store.count_outputs(eval_id)
+            rows_bytes, outputs_bytes = self.store.rows_bytes(rows), self.store.outputs_bytes(eval_id)
+            others = self._make_room(self.store.projected_bytes(rows_bytes, len(requests), outputs_bytes), running=eval_id)
             meta = meta.model_copy(update={"state": "running", "error": None})
             self.store.write_meta(eval_id, meta)
             run = self._begin(eval_id, meta, rows, requests, meta.params.max_new_tokens, done)
+            run.others_bytes, run.rows_bytes, run.outputs_bytes = others, rows_bytes, outputs_bytes
         self._launch(run, on_progress)
         return self.progress(eval_id)
 
-    def _make_room(self, incoming_bytes: int) -> None:
+    def _make_room(self, incoming_bytes: int, running: Optional[str] = None) -> int:
         """Keeps results/evals/ within limits.max_evals_kept and max_eval_storage_bytes, removing
-        the oldest finished evals first (never a running one): a client that starts eval after
-        eval cannot fill the disk. An eval that would not fit even then is a 507."""
+        the oldest finished evals first (never ``running``, whose ``incoming_bytes`` are counted
+        instead of its folder): a client that starts eval after eval cannot fill the disk. An
+        eval that would not fit even then is a 507. Answers the bytes the other evals take."""
         limits = self._settings.limits
-        ids = sorted(self.store.ids())  # oldest first: ids begin with their UTC start time
+        ids = sorted(eval_id for eval_id in self.store.ids() if eval_id != running)  # oldest first: ids begin with their start time
         sizes = {eval_id: self.store.size_of(eval_id) for eval_id in ids}
         removable = [eval_id for eval_id in ids if self._finished(eval_id)]
         while removable and (len(sizes) + 1 > limits.max_evals_kept
                              or sum(sizes.values()) + incoming_bytes > limits.max_eval_storage_bytes):
             oldest = removable.pop(0)
-            self.store.remove(oldest)
+            self._remove(oldest)
             log.info("removed eval %s to keep results/evals within its limits", oldest)
             sizes.pop(oldest)
         used = sum(sizes.values())
         if used + incoming_bytes > limits.max_eval_storage_bytes:
-            raise StorageFull(f"evals take {used / 1e6:.1f} MB and this one needs about {incoming_bytes / 1e6:.1f} MB more; "
-                              f"the server keeps at most {limits.max_eval_storage_bytes / 1e6:.0f} MB "
-                              f"(limits.max_eval_storage_bytes) and none of the stored evals can go")
+            raise StorageFull(f"evals take {used / 1e6:.1f} MB and this one needs about {incoming_bytes / 1e6:.1f} MB "
+                              f"(its rows, answers and downloads, in bytes on disk); the server keeps at most "
+                              f"{limits.max_eval_storage_bytes / 1e6:.0f} MB (limits.max_eval_storage_bytes) and none of "
+                              f"the stored evals can go")
+        return used
+
+    def _remove(self, eval_id: str) -> None:
+        """An eval's folder, and the blind comparisons and judge verdicts made from it."""
+        self.store.remove(eval_id)
+        self.judgments.forget_eval(eval_id)
+
+    def _charge(self, run: _Run, written: int) -> None:
+        """Counts an answer just saved; an eval that outgrows the space left (after the oldest
+        finished evals made room) stops with the reason in its state."""
+        run.outputs_bytes += written
+        projected = self.store.projected_bytes(run.rows_bytes, len(run.requests), run.outputs_bytes)
+        if run.others_bytes + projected <= self._settings.limits.max_eval_storage_bytes:
+            return
+        with self._lock:
+            try:
+                run.others_bytes = self._make_room(projected, running=run.eval_id)
+            except StorageFull as exc:
+                run.storage_error = exc.message
+                run.cancel.set()
+                feed = run.feed
+                if feed is not None:
+                    feed.cancel_running()
 
     def _finished(self, eval_id: str) -> bool:
         try:
@@ -261,6 +297,9 @@ class EvalService:
                 self._answer_rows(run, slot, pending, model_index, on_progress, unscored)
             if run.judge is not None and not run.cancel.is_set():
                 self._judge(run, [slot.label for slot in slots])
+            if run.storage_error is not None:
+                self._finish(run, "error", run.storage_error)
+                return
             final = "cancelled" if run.cancel.is_set() and run.done < run.total else "done"
             self._finish(run, final, None)
         except Exception as exc:  # the worker boundary: the eval's state must say why it stopped
@@ -286,7 +325,7 @@ class EvalService:
             if run.judge.endpoint is not None:
                 service = self._pool.detached(run.judge.endpoint)
                 service.load(backend="remote", model=run.judge.endpoint.model)
-                judge = Judge(f"{service.model_id() or 'the judge endpoint'} at {run.judge.endpoint.base_url}", service,
+                judge = Judge(f"{service.model_id() or 'the judge endpoint'} at {redacted_url(run.judge.endpoint.base_url)}", service,
                               max_new_tokens=run.judge.max_new_tokens)
             else:
                 judge_slots = self._pool.open_slots([run.judge.slot or SlotRequest()], prefix="j", field="judge")
@@ -314,7 +353,7 @@ class EvalService:
 
         def save(row: TestRow, output: EvalAnswer, counted: bool = True) -> None:
             with saving:
-                self.store.save_output(run.eval_id, row.index, model_index, output)
+                self._charge(run, self.store.save_output(run.eval_id, row.index, model_index, output))
                 with self._changed:
                     run.done += counted
                     run.last_model, run.last_row = slot.label, row.index
@@ -324,9 +363,10 @@ class EvalService:
 
         if run.score_only:
             for row in rows:
-                if run.cancel.is_set():
-                    return
-                save(row, score_only_answer(self._reference_scores(slot, row)))
+                scores = None if run.cancel.is_set() else self._reference_scores(slot, row, run.cancel)
+                if scores is None or run.cancel.is_set():
+                    return  # a score cut short by a cancel is not a result: a resume reads it again
+                save(row, score_only_answer(scores))
             return
         to_score = list(unscored)
 
@@ -335,34 +375,38 @@ class EvalService:
             if needs_reference_score(row, output):
                 to_score.append((row, output))
 
-        self._generate(run, slot, rows, model_index, answered)
+        self._generate(run, slot, rows, answered)
         for row, output in to_score:
             if run.cancel.is_set():
                 return  # the answers are saved; a resume scores their references
-            save(row, output.model_copy(update=dict(self._reference_scores(slot, row))), counted=False)
+            scores = self._reference_scores(slot, row, run.cancel)
+            if run.cancel.is_set():
+                return  # cut short: a resume scores it again
+            save(row, output.model_copy(update=dict(scores)), counted=False)
 
     @staticmethod
-    def _reference_scores(slot: Slot, row: TestRow) -> ReferenceScores:
+    def _reference_scores(slot: Slot, row: TestRow, cancel: Optional[threading.Event] = None) -> ReferenceScores:
         """ref_nll (total, nats), ref_tokens and ref_perplexity of the row's reference under the model;
         None where there is no reference or the backend cannot score (a remote server)."""
         if row.reference is None or not row.reference.strip():
             return ReferenceScores()
         try:
-            scored = slot.service.score(conversation(row.system, row.prompt), row.reference, 0, slot.adapter_enabled)
+            scored = slot.service.score(conversation(row.system, row.prompt), row.reference, 0, slot.adapter_enabled, cancel)
+        except RequestCancelled:  # the eval was cancelled meanwhile: unscored, nothing to say
+            return ReferenceScores()
         except ServiceError as exc:  # too long for the context, a backend that cannot score: unscored, said why
             return ReferenceScores(ref_error=exc.message)
         return ReferenceScores(ref_nll=round(scored.nll, 4), ref_tokens=len(scored.tokens),
                                ref_perplexity=round(scored.perplexity, 4))
 
-    def _generate(self, run: _Run, slot: Slot, rows: list[TestRow], model_index: int,
-                  answered: Callable[[TestRow, EvalAnswer], None]) -> None:
+    def _generate(self, run: _Run, slot: Slot, rows: list[TestRow], answered: Callable[[TestRow, EvalAnswer], None]) -> None:
         """The model's answers to ``rows``, each handed to ``answered`` as it ends, fed row by row."""
 
         def start(position: int) -> Optional[Generation]:
             row = rows[position]
             try:
-                return slot.service.start(slot.params(run.params), messages=conversation(row.system, row.prompt),
-                                          generation_id=f"eval-{run.eval_id}-{row.index}-{model_index}")
+                # a random id, not one derived from the eval's: no client can guess it, take it first or stop it
+                return slot.service.start(slot.params(run.params), messages=conversation(row.system, row.prompt))
             except ServiceError as exc:  # this row does not fit this model (too long, say): scored as empty
                 answered(row, EvalAnswer(output="", finish_reason="error", error=exc.message, completion_tokens=0,
                                          latency_ms=0.0, ttft_ms=None, tokens_per_second=None,

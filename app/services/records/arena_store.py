@@ -8,16 +8,19 @@ request threads.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import sqlite3
 from contextlib import closing
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Union
 
 from pydantic import Field
 
-from app.services.core.errors import NotFound
+from app.services.core.errors import NotFound, StorageFull
 from app.services.core.shapes import Shape
 
 SCHEMA = """
@@ -30,7 +33,9 @@ CREATE TABLE IF NOT EXISTS comparisons (
     answers TEXT NOT NULL,          -- JSON: {"A": text, "B": text, ...} in the order shown
     mapping TEXT NOT NULL,          -- JSON: {"A": model label, ...}, hidden until the vote
     vote TEXT,                      -- "A", "B", ... , "tie" or "both_bad"; NULL until voted
-    voted TEXT
+    voted TEXT,
+    vote_token_hash TEXT,           -- sha256 of the token its creator got: only that client votes
+    size INTEGER                    -- bytes of its texts, for limits.max_arena_bytes
 );
 CREATE TABLE IF NOT EXISTS judgments (
     eval_id TEXT NOT NULL,
@@ -50,6 +55,10 @@ CREATE TABLE IF NOT EXISTS judgments (
 
 # The settings the answers were made with: a comparison's sampling, or the eval's params.
 SettingsRecord = dict[str, Union[bool, int, float, None]]
+
+# a comparison's bytes: its own count, or for rows stored before that column, its texts measured
+SIZE_OF_ROW = ("COALESCE(size, length(CAST(messages AS BLOB)) + length(CAST(params AS BLOB)) + "
+               "length(CAST(answers AS BLOB)) + length(CAST(mapping AS BLOB)))")
 
 
 class Turn(Shape):
@@ -82,6 +91,27 @@ class Judgment(Shape):
     created: str
 
 
+@dataclass(frozen=True)
+class NewComparison:
+    id: str
+    source: str  # "compare", or "eval:<id>:<row>"
+    messages: list[Turn]
+    params: SettingsRecord
+    answers: dict[str, str]  # shown under their letters
+    mapping: dict[str, str]  # letter -> model label, hidden until the vote
+    vote_token: str  # given to the creator only; its hash is kept
+
+
+@dataclass(frozen=True)
+class ArenaCap:
+    """limits.max_arena_comparisons and limits.max_arena_bytes."""
+
+    max_comparisons: int
+    max_bytes: int
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -100,18 +130,47 @@ class ArenaStore:
         if not self._ready:
             with connection:
                 connection.executescript(SCHEMA)
+                columns = {row["name"] for row in connection.execute("PRAGMA table_info(comparisons)")}
+                for column, kind in (("vote_token_hash", "TEXT"), ("size", "INTEGER")):
+                    if column not in columns:  # a store written before these columns existed
+                        connection.execute(f"ALTER TABLE comparisons ADD COLUMN {column} {kind}")
             self._ready = True
         return connection
 
     # -- comparisons and votes -------------------------------------------------------------
-    def add_comparison(self, comparison_id: str, source: str, messages: list[Turn], params: SettingsRecord,
-                       answers: dict[str, str], mapping: dict[str, str]) -> None:
-        turns = [turn.model_dump() for turn in messages]
+    def add_comparison(self, comparison: NewComparison, cap: ArenaCap) -> None:
+        """Stores a comparison within ``cap``: the oldest comparisons nobody voted on make room
+        first; votes are never dropped for new comparisons, so past the cap with only voted ones
+        left it is a StorageFull (507)."""
+        turns = [turn.model_dump() for turn in comparison.messages]
+        texts = (json.dumps(turns, ensure_ascii=False), json.dumps(comparison.params),
+                 json.dumps(comparison.answers, ensure_ascii=False), json.dumps(comparison.mapping, ensure_ascii=False))
+        size = sum(len(text.encode("utf-8")) for text in texts)
         with closing(self._connect()) as connection, connection:
+            self._make_room(connection, size, cap)
             connection.execute(
-                "INSERT INTO comparisons (id, created, source, messages, params, answers, mapping) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (comparison_id, now(), source, json.dumps(turns, ensure_ascii=False), json.dumps(params),
-                 json.dumps(answers, ensure_ascii=False), json.dumps(mapping, ensure_ascii=False)))
+                "INSERT INTO comparisons (id, created, source, messages, params, answers, mapping, vote_token_hash, size) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (comparison.id, now(), comparison.source, *texts, token_hash(comparison.vote_token), size))
+
+    @staticmethod
+    def _make_room(connection: sqlite3.Connection, size: int, cap: ArenaCap) -> None:
+        while True:
+            count, used = connection.execute(f"SELECT COUNT(*), COALESCE(SUM({SIZE_OF_ROW}), 0) FROM comparisons").fetchone()
+            if count + 1 <= cap.max_comparisons and used + size <= cap.max_bytes:
+                return
+            oldest = connection.execute("SELECT id FROM comparisons WHERE vote IS NULL ORDER BY created, rowid LIMIT 1").fetchone()
+            if oldest is None:
+                raise StorageFull(f"the arena holds {count} comparisons ({used / 1e6:.1f} MB), every one with a vote, and keeps "
+                                  f"at most {cap.max_comparisons} ({cap.max_bytes / 1e6:.0f} MB; limits.max_arena_comparisons, "
+                                  f"limits.max_arena_bytes); votes are kept, so no new comparison fits")
+            connection.execute("DELETE FROM comparisons WHERE id = ?", (oldest["id"],))
+
+    def forget_eval(self, eval_id: str) -> None:
+        """The comparisons made from an eval's rows and a judge's verdicts on it, when the eval goes."""
+        with closing(self._connect()) as connection, connection:
+            connection.execute("DELETE FROM comparisons WHERE substr(source, 1, ?) = ?", (len(eval_id) + 6, f"eval:{eval_id}:"))
+            connection.execute("DELETE FROM judgments WHERE eval_id = ?", (eval_id,))
 
     def comparison(self, comparison_id: str) -> StoredComparison:
         with closing(self._connect()) as connection:
@@ -119,6 +178,13 @@ class ArenaStore:
         if row is None:
             raise NotFound(f"no comparison {comparison_id!r}; POST /api/arena/comparisons makes one")
         return _comparison(row)
+
+    def may_vote(self, comparison_id: str, vote_token: str) -> bool:
+        """Whether ``vote_token`` is the one this comparison's creator was given."""
+        with closing(self._connect()) as connection:
+            row = connection.execute("SELECT vote_token_hash FROM comparisons WHERE id = ?", (comparison_id,)).fetchone()
+        stored = row["vote_token_hash"] if row is not None else None
+        return stored is not None and hmac.compare_digest(stored, token_hash(vote_token))
 
     def record_vote(self, comparison_id: str, vote: str) -> bool:
         """Stores the vote unless one is already stored; whether this call stored it."""

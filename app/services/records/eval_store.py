@@ -4,8 +4,6 @@ and renamed over the old one, so a crash (or kill -9) mid-eval leaves each file 
 or complete, never torn; an eval resumes by skipping the answers already on disk."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -16,7 +14,7 @@ from typing import Iterable, Optional
 from pydantic import BaseModel
 
 from app.services.core.errors import NotFound
-from app.services.core.spreadsheet import safe_row
+from app.services.core.spreadsheet import csv_text
 from app.services.records.eval_records import EvalAnswer, EvalMeta, EvalReport
 from app.services.records.test_sets import TestRow
 
@@ -24,6 +22,7 @@ EVAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 CSV_COLUMNS = ("index", "model", "prompt", "system", "reference", "output", "bleu", "rouge_l", "exact_match",
                "ref_nll", "ref_tokens", "ref_perplexity", "latency_ms", "ttft_ms", "tokens_per_second", "completion_tokens",
                "finish_reason", "error")
+META_BYTES = 16_384  # meta.json and summary.json, generously
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -74,8 +73,14 @@ class EvalStore:
         lines = (self._dir(eval_id) / "rows.jsonl").read_text(encoding="utf-8").splitlines()
         return [TestRow.model_validate_json(line) for line in lines if line.strip()]
 
-    def save_output(self, eval_id: str, row: int, model: int, output: EvalAnswer) -> None:
-        atomic_write(self._dir(eval_id) / "outputs" / f"r{row:06d}-m{model:02d}.json", output.model_dump_json())
+    def save_output(self, eval_id: str, row: int, model: int, output: EvalAnswer) -> int:
+        """Saves one answer; the bytes its file takes."""
+        text = output.model_dump_json()
+        atomic_write(self._dir(eval_id) / "outputs" / f"r{row:06d}-m{model:02d}.json", text)
+        return len(text.encode("utf-8"))
+
+    def outputs_bytes(self, eval_id: str) -> int:
+        return sum(path.stat().st_size for path in self._output_files(eval_id))
 
     def _output_files(self, eval_id: str) -> list[Path]:
         folder = self._dir(eval_id) / "outputs"
@@ -106,6 +111,18 @@ class EvalStore:
                         total += entry.stat(follow_symlinks=False).st_size
         return total
 
+    @staticmethod
+    def rows_bytes(rows: list[TestRow]) -> int:
+        """The bytes rows.jsonl takes (UTF-8 as written, so "中" counts three)."""
+        return len(jsonl(rows).encode("utf-8"))
+
+    @staticmethod
+    def projected_bytes(rows_bytes: int, models: int, outputs_bytes: int) -> int:
+        """What an eval will take on disk, exports included: its rows once in rows.jsonl, once in
+        results.jsonl and once per model in results.csv; each answer once in its own file, once
+        in results.jsonl and once in results.csv."""
+        return rows_bytes * (2 + models) + 3 * outputs_bytes + META_BYTES
+
     def remove(self, eval_id: str) -> None:
         shutil.rmtree(self._dir(eval_id))
 
@@ -120,14 +137,13 @@ class EvalStore:
 
     def export_csv(self, report: EvalReport) -> str:
         """One line per answer (row × model), so a spreadsheet can filter and pivot it."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
+        lines = []
         for row in report.rows:
             for label, output in row.outputs.items():
-                writer.writerow(safe_row({**output.model_dump(), "index": row.index, "model": label, "prompt": row.prompt,
-                                          "system": row.system or "", "reference": row.reference or ""}))
-        return buffer.getvalue()
+                cells = {**output.model_dump(), "index": row.index, "model": label, "prompt": row.prompt,
+                         "system": row.system or "", "reference": row.reference or ""}
+                lines.append([cells.get(column) for column in CSV_COLUMNS])
+        return csv_text(CSV_COLUMNS, lines)
 
     def save_exports(self, eval_id: str, report: EvalReport) -> Optional[Path]:
         folder = self._dir(eval_id)

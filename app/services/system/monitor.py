@@ -3,6 +3,7 @@ each GPU's memory and utilisation where the driver reports them, for the page's 
 On a machine without a GPU the snapshot says so (``gpu_note``)."""
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -18,6 +19,19 @@ from app.services.system.hugepages import malloc_asks_for_hugepages, process_hug
 log = logging.getLogger(__name__)
 
 NVIDIA_SMI_TIMEOUT_S = 2.0
+
+
+def imported_torch():
+    """torch when some thread has imported it (or is importing it), else None; it is never
+    imported here for its own sake, since that would cost a llama.cpp-only server seconds.
+
+    A module in ``sys.modules`` may still be running its import on another thread (a compare
+    column loading transformers), with half its attributes missing. ``import_module`` takes
+    the module's import lock, so it returns a whole module: at once when the import is done,
+    after the other thread finishes it otherwise."""
+    if "torch" not in sys.modules:
+        return None
+    return importlib.import_module("torch")
 
 
 NO_GPU = ("no GPU: no NVIDIA driver answers here (NVML, nvidia-smi), and this process uses no CUDA or MPS device "
@@ -108,7 +122,7 @@ class SystemMonitor:
             found = source()
             if found is not None:
                 return found
-        return torch_gpus(sys.modules.get("torch"))
+        return torch_gpus(imported_torch())
 
     def _nvml_gpus(self) -> Optional[list[GpuFigures]]:
         nvml = self._start_nvml()

@@ -116,8 +116,8 @@ export function newRequestId() {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-function requestStop(requestId) {
-  postJson("/api/stop", { request_id: requestId }).catch(() => {
+function requestStop(generation) {
+  postJson("/api/stop", { request_id: generation.id, stop_token: generation.stopToken }).catch(() => {
     // the stop grace timer ends the turn whatever happened here
   });
 }
@@ -168,13 +168,17 @@ export function openEventStream(url, { events = {}, done, error, lost, reconnect
 const STOP_GRACE_MS = 2000;
 
 /**
- * One generation the page asked for, named by its request id (the page's own, so that Stop can
- * reach it before the server has answered), and ended exactly once: by its answer, by a failure
- * of any kind, or by Stop's grace running out. `end` hears {finishReason, usage, timings, error}.
+ * One generation the page asked for, named by its request id, and ended exactly once: by its
+ * answer, by a failure of any kind, or by Stop's grace running out. `end` hears {finishReason,
+ * usage, timings, error}. A streamed one gets its stop token from the server when it is
+ * prepared (only the client that started a generation can stop it); one asked whole has none
+ * and is stopped by hanging up, which the server notices.
  */
 class Generation {
   constructor(requestId, end) {
     this.id = requestId;
+    this.stopToken = null;
+    this.streamed = false;
     this.end = end;
     this.stopping = false;
     this.ended = false;
@@ -210,12 +214,14 @@ class Generation {
  */
 export function streamTurn(body, { queue = () => {}, token, end }) {
   const generation = new Generation(body.request_id, end);
+  generation.streamed = true;
   postJson("/api/streams", body)
     .then((created) => {
       generation.id = created.request_id; // Stop names the generation; the stream URL is its own capability
+      generation.stopToken = created.stop_token;
       if (generation.stopping) {
         // Stop was pressed before the stream existed: drop the parked request unopened.
-        requestStop(generation.id);
+        requestStop(generation);
         generation.finish({ finishReason: "cancelled" });
         return;
       }
@@ -245,18 +251,18 @@ export function askWhole(body, { token, end }) {
 }
 
 /**
- * Stop: asks the server to end `generation`, which then ends on its own "done". If that has
- * not come within STOP_GRACE_MS, the generation is ended here as cancelled (its stream closed,
- * its request dropped). Answers false for a generation already stopping or over.
+ * Stop: asks the server to end `generation` with its stop token, and it then ends on its own
+ * "done"; a stream not prepared yet is stopped as soon as it is (streamTurn). An answer asked
+ * whole is stopped by dropping its request: the server notices the hang-up and stops too. If
+ * no ending has come within STOP_GRACE_MS, the generation is ended here as cancelled (its
+ * stream closed, its request dropped). Answers false for a generation already stopping or over.
  */
 export function stopWithGrace(generation) {
   if (generation.stopping || generation.ended) return false;
   generation.stopping = true;
-  requestStop(generation.id);
+  if (generation.stopToken) requestStop(generation);
+  else if (!generation.streamed) generation.abort.abort();
   generation.graceTimer = setTimeout(() => {
-    // Stop pressed within moments of Send can reach the server before the generation is
-    // registered; a second request catches it, since a dropped fetch alone would not.
-    requestStop(generation.id);
     generation.abort.abort();
     generation.finish({ finishReason: "cancelled" });
   }, STOP_GRACE_MS);

@@ -44,7 +44,8 @@ export function renderComparison(container, comparison, onVoted = null) {
     const button = makeButton(`small vote vote-${vote}`, null, async () => {
       for (const other of buttons) other.disabled = true;
       try {
-        const result = await postJson(`/api/arena/comparisons/${encodeURIComponent(comparison.id)}/vote`, { vote });
+        const result = await postJson(`/api/arena/comparisons/${encodeURIComponent(comparison.id)}/vote`,
+          { vote, vote_token: comparison.vote_token });
         for (const [position, reveal] of cells) {
           reveal.textContent = result.mapping[position] || "?";
           reveal.hidden = false;

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from app.services.backends.base import BackendInfo, Capabilities, check_token_ids, continuation_prompt
 from app.services.backends.llamacpp import internals, offload
-from app.services.backends.llamacpp.decoder import continuation_logits, decode_tokens
+from app.services.backends.llamacpp.decoder import continuation_logit_blocks, continuation_logits, decode_tokens
 from app.services.backends.llamacpp.offload import GgmlDevice, OffloadPlan, plan_offload
 from app.services.backends.llamacpp.parallel import ParallelDecoder
 from app.services.checkpoints.gguf_metadata import read_gguf_header
@@ -108,6 +108,7 @@ class LlamaCppBackend:
         self._pieces: dict[int, bytes] = {}
         self._stop_ids: frozenset[int] = frozenset()
         self._prefix_cache = False
+        self._context_scope: Optional[str] = None  # the cache scope of the request that last used the context
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._parallel: Optional[ParallelDecoder] = None
         self._cpu_share: Optional[CpuShare] = None
@@ -447,10 +448,28 @@ class LlamaCppBackend:
         return Prompt(text=text, token_ids=tuple(token_ids))
 
     def continuation_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True):
+        self._refuse_adapter_off(use_adapter)
+        return continuation_logits(self._llama, prompt_ids, continuation, self._reuses_context(None), self._threads_now)
+
+    def continuation_logit_blocks(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True,
+                                  block_rows: int = 64, cancel: Optional[threading.Event] = None,
+                                  cache_scope: Optional[str] = None):
+        self._refuse_adapter_off(use_adapter)
+        return continuation_logit_blocks(self._llama, prompt_ids, continuation, self._reuses_context(cache_scope), block_rows,
+                                         self._threads_now, cancel)
+
+    def _reuses_context(self, cache_scope: Optional[str]) -> bool:
+        """Whether a request of ``cache_scope`` may reuse what the context's cache holds: the prefix
+        cache is on and the cache was left by a request of the same scope; it is now this one's.
+        (The caller holds the model alone, as for every use of the context.)"""
+        same = self._context_scope == cache_scope
+        self._context_scope = cache_scope
+        return self._prefix_cache and same
+
+    def _refuse_adapter_off(self, use_adapter: bool) -> None:
         if not use_adapter and self._lora_path is not None:
             raise InvalidRequest("llama.cpp applies its LoRA at load and cannot switch it off per request; load the "
                                  "base model on a slot of its own", field="slot")
-        return continuation_logits(self._llama, prompt_ids, continuation, keep_prefix=self._prefix_cache)
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._piece(token_id)
@@ -552,8 +571,9 @@ class LlamaCppBackend:
     def _token_loop(self, run: _Run) -> Iterator[tuple[int, Optional[TokenLogprob]]]:
         """decoder.decode_tokens on the loaded model, seeded for this request."""
         self._llama.set_seed(run.seed)
-        return decode_tokens(self._llama, run.prompt.token_ids, run.params, keep_prefix=self._prefix_cache,
-                             piece=self._piece, threads=self._threads_now)
+        return decode_tokens(self._llama, run.prompt.token_ids, run.params,
+                             keep_prefix=self._reuses_context(run.params.cache_scope), piece=self._piece,
+                             threads=self._threads_now)
 
     def _arrivals(self, tokens: Iterator[tuple[int, Optional[TokenLogprob]]], budget: int) -> Iterator[Arrival]:
         """Each token with its bytes; llama.cpp's failure becomes the stream's error chunk."""

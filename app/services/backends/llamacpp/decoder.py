@@ -16,14 +16,19 @@ the state this loop leaves.
 from __future__ import annotations
 
 import ctypes
+import threading
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from app.services.backends.base import common_prefix_length
 from app.services.backends.llamacpp import internals
+from app.services.core.errors import RequestCancelled
 from app.services.core.logprobs import token_logprob
 from app.services.core.types import GenerationParams, TokenLogprob
+
+# tokens evaluated between two looks at a teacher-forcing request's cancel: a fraction of a second
+CANCEL_STEP = 32
 
 
 def is_plain_greedy(params: GenerationParams) -> bool:
@@ -132,20 +137,49 @@ def decode_tokens(llama, token_ids: Sequence[int], params: GenerationParams, kee
             sampler.close()
 
 
-def continuation_logits(llama, prompt_ids: Sequence[int], continuation: Sequence[int], keep_prefix: bool) -> np.ndarray:
-    """Teacher forcing: evaluates the prompt and then the continuation in batches with every
-    position's logits kept, and returns one row per continuation token (the row before it). The
-    cache bookkeeping is ``Llama``'s, as after a generation, so the next request can reuse it."""
+def continuation_logits(llama, prompt_ids: Sequence[int], continuation: Sequence[int], keep_prefix: bool,
+                        threads: Optional[Callable[[], Optional[int]]] = None) -> np.ndarray:
+    """Teacher forcing in one piece: every row :func:`continuation_logit_blocks` yields, stacked."""
+    blocks = list(continuation_logit_blocks(llama, prompt_ids, continuation, keep_prefix, max(1, len(continuation)), threads))
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+
+def continuation_logit_blocks(llama, prompt_ids: Sequence[int], continuation: Sequence[int], keep_prefix: bool,
+                              block_rows: int, threads: Optional[Callable[[], Optional[int]]] = None,
+                              cancel: Optional[threading.Event] = None) -> Iterator[np.ndarray]:
+    """Teacher forcing a block at a time: row i of the text holds the logits that predict
+    ``continuation[i]`` after the prompt and ``continuation[:i]``; each block of at most
+    ``block_rows`` rows is computed when the caller asks for it, so no more than one block is
+    ever held. Between blocks the caller may let other requests use the context: each block first
+    brings the cache back to the prompt and the text before it, a prefix match that costs one
+    token when nothing else ran meanwhile. ``cancel`` is looked at every CANCEL_STEP tokens and
+    ends the reading with RequestCancelled. The cache bookkeeping is ``Llama``'s, as after a
+    generation, so the next request can reuse it."""
+    prompt, text = list(prompt_ids), list(continuation)
+    n_vocab = llama.n_vocab()
+    thread_count = ThreadCount(internals.context_pointer(llama), threads)  # as for a generation: fewer threads while cores are busy
+    for start in range(0, len(text), block_rows):
+        end = min(start + block_rows, len(text))
+        thread_count.update()
+        # the first block reuses a cache left by another request only where the build allows it;
+        # later ones reuse what this request itself evaluated
+        evaluate_prompt(llama, prompt + text[:start], keep_prefix or start > 0)
+        rows = np.empty((end - start, n_vocab), dtype=np.float32)
+        rows[0] = LogitsView(llama).last()
+        decode_with_logits(llama, text[start:end - 1], rows[1:], cancel)  # the block's last token predicts past it
+        yield rows
+
+
+def decode_with_logits(llama, tokens: Sequence[int], out: np.ndarray, cancel: Optional[threading.Event] = None) -> None:
+    """Evaluates ``tokens`` after what the cache holds, each position's logits copied into ``out``."""
     import llama_cpp
 
-    evaluate_prompt(llama, prompt_ids, keep_prefix)
-    view = LogitsView(llama)
-    rows = [view.last().copy()]
     context, batch, n_vocab = internals.context_pointer(llama), internals.batch_pointer(llama), llama.n_vocab()
-    rest = list(continuation[:-1])  # the last token predicts nothing we score
-    step = max(1, min(llama.n_batch, len(rest) or 1))
-    for start in range(0, len(rest), step):
-        part = rest[start:start + step]
+    step = max(1, min(llama.n_batch, CANCEL_STEP if cancel is not None else llama.n_batch))
+    for start in range(0, len(tokens), step):
+        if cancel is not None and cancel.is_set():
+            raise RequestCancelled("the request was cancelled while its text was read")
+        part = tokens[start:start + step]
         base = llama.n_tokens
         batch.n_tokens = len(part)
         for i, token in enumerate(part):
@@ -159,7 +193,6 @@ def continuation_logits(llama, prompt_ids: Sequence[int], continuation: Sequence
             raise RuntimeError(f"llama_decode returned {status} at position {base}")
         for i in range(len(part)):
             pointer = llama_cpp.llama_get_logits_ith(context, i)
-            rows.append(np.ctypeslib.as_array(pointer, shape=(n_vocab,)).copy())
+            out[start + i] = np.ctypeslib.as_array(pointer, shape=(n_vocab,))
         llama.input_ids[base:base + len(part)] = part
         llama.n_tokens = base + len(part)
-    return np.stack(rows)

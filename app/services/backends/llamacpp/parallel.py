@@ -11,7 +11,9 @@ The context holds ``n_seq`` sequences of ``n_ctx`` cells each, in separate KV st
 in the same order and a greedy answer equals the one it gets alone (tested). A sequence keeps its
 cells when its request ends, and a later request takes the free sequence whose cells share the
 longest prefix with its prompt (llama-server's slot choice by similarity): turn N of a chat
-evaluates only what is new since turn N-1, as on one sequence.
+evaluates only what is new since turn N-1, as on one sequence. Cells are reused only by a request
+of the same cache scope (``params.cache_scope``: its API key, with server.isolate_prefix_cache),
+so how fast a prompt starts says nothing about another key's prompts.
 
 One thread, this module's, owns the context; requests hand their prompt over and read their
 tokens from a queue. Sampling is per sequence: greedy picks in numpy (``decoder.is_plain_greedy``),
@@ -65,6 +67,7 @@ class _Sequence:
     sampler: object = None
     produced: int = 0
     last_used: int = 0
+    scope: Optional[str] = None  # the cache scope of the request that left its cells
 
 
 class ParallelDecoder:
@@ -240,15 +243,17 @@ class ParallelDecoder:
             if request.budget <= 0:
                 request.arrivals.put(_DONE)
                 continue
-            sequence = self._choose(free, request.prompt)
+            sequence = self._choose(free, request)
             prompt = request.prompt
-            shared = min(common_prefix_length(sequence.cells, prompt), len(prompt) - 1) if self._keep_prefix else 0
+            reusable = self._keep_prefix and sequence.scope == request.params.cache_scope
+            shared = min(common_prefix_length(sequence.cells, prompt), len(prompt) - 1) if reusable else 0
             # the prompt's last token is always evaluated, so its logits are fresh
             if not (shared and llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, shared, -1)):
                 llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
                 shared = 0
             del sequence.cells[shared:]
             sequence.request = request
+            sequence.scope = request.params.cache_scope
             sequence.pending = prompt[shared:]
             sequence.next_token = None
             sequence.produced = 0
@@ -256,14 +261,14 @@ class ParallelDecoder:
             self._clock += 1
             sequence.last_used = self._clock
 
-    def _choose(self, free: list[_Sequence], prompt: list[int]) -> _Sequence:
+    def _choose(self, free: list[_Sequence], request: _Request) -> _Sequence:
         """The free sequence that holds most of this prompt, if it holds at least half of what its
         cells hold (a conversation coming back); else the least recently used, so that a prompt
         sharing only a system line does not take a waiting conversation's cells."""
         def reuse(sequence: _Sequence) -> int:
-            if not self._keep_prefix or not sequence.cells:
+            if not self._keep_prefix or not sequence.cells or sequence.scope != request.params.cache_scope:
                 return 0
-            shared = common_prefix_length(sequence.cells, prompt)
+            shared = common_prefix_length(sequence.cells, request.prompt)
             return shared if 2 * shared >= len(sequence.cells) else 0
 
         return max(free, key=lambda s: (reuse(s), -s.last_used))

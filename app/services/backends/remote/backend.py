@@ -27,6 +27,7 @@ from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
 from app.services.core.text_stream import StreamAssembler
 from app.services.core.types import Chunk, GenerationParams, Message, Prompt
+from app.services.core.urls import redacted_url
 from config.settings import RemoteSettings
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,9 @@ class RemoteBackend:
         return dataclasses.replace(self._spec, name=self.model, path=Path(self.model))
 
     @property
-    def _base_url(self) -> str:
-        return self._client.base_url
+    def _shown_url(self) -> str:
+        """The server's URL for messages and logs: never its credentials."""
+        return self._client.shown_url
 
     # -- lifecycle -------------------------------------------------------------------------
     def check(self) -> None:
@@ -76,7 +78,7 @@ class RemoteBackend:
             parts = None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise InvalidModel(
-                f"not a usable server URL: {url!r}; give the server's OpenAI API root, e.g. http://gpu-host:8000/v1",
+                f"not a usable server URL: {redacted_url(url)!r}; give the server's OpenAI API root, e.g. http://gpu-host:8000/v1",
                 field="base_url",
             )
 
@@ -87,22 +89,22 @@ class RemoteBackend:
         self._served = list(models)
         self.model = self._choose_model(models)
         self._entry = models[self.model]
-        log.info("remote model %s at %s (n_ctx %s)", self.model, self._base_url, self._n_ctx_known() or "unknown")
+        log.info("remote model %s at %s (n_ctx %s)", self.model, self._shown_url, self._n_ctx_known() or "unknown")
 
     def _choose_model(self, models: dict[str, dict]) -> str:
         """The model asked for, if the server serves it; unasked, the server's only one."""
         served = ", ".join(self._served[:20]) or "none"
         if self._spec.name:
             if self._spec.name not in models:
-                raise ModelNotFound(f"the remote server at {self._base_url} does not serve {self._spec.name!r}; it serves: {served}",
+                raise ModelNotFound(f"the remote server at {self._shown_url} does not serve {self._spec.name!r}; it serves: {served}",
                                     field="model")
             return self._spec.name
         if len(models) == 1:
             return self._served[0]
         if not models:
-            raise ModelLoadFailed(f"the remote server at {self._base_url} lists no models", field="model")
+            raise ModelLoadFailed(f"the remote server at {self._shown_url} lists no models", field="model")
         raise InvalidRequest(
-            f"the remote server at {self._base_url} serves {len(models)} models ({served}); choose one with "
+            f"the remote server at {self._shown_url} serves {len(models)} models ({served}); choose one with "
             "--remote-model (or MODEL_TEST_REMOTE__MODEL)",
             field="model",
         )
@@ -123,7 +125,7 @@ class RemoteBackend:
     def info(self) -> BackendInfo:
         facts = {
             "device": "remote",
-            "base_url": self._base_url,
+            "base_url": self._shown_url,
             "remote_model": self.model or None,
             "n_ctx": self._n_ctx_known(),
             "api_key": self._settings.api_key is not None,  # whether one is sent, never the key
@@ -177,7 +179,7 @@ class RemoteBackend:
         complete = reading.done or body_ended  # the server ended the stream itself (so a usage it had, it has sent)
         if error:
             reason = "error"
-            log.warning("remote generation on %s ended with an error: %s", self._base_url, error)
+            log.warning("remote generation on %s ended with an error: %s", self._shown_url, error)
         elif reading.stopped:
             reason = "stop"
         elif not complete:

@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 
 from app.services.backends.remote.protocol import StreamFailed, remote_message
 from app.services.core.errors import ModelLoadFailed, RemoteUnavailable
+from app.services.core.urls import redacted_url, scrubbed
 from config.settings import RemoteSettings
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class RemoteClient:
 
     def __init__(self, base_url: str, settings: RemoteSettings):
         self.base_url = base_url.rstrip("/")
+        self.shown_url = redacted_url(self.base_url)  # for messages and logs: never the URL's credentials
         self._settings = settings
         self._session = None
 
@@ -125,16 +127,16 @@ class RemoteClient:
             if response.status_code >= 400:
                 message = self.http_failure(response.status_code, response.text)
                 if response.status_code == 404 and not self.base_url.endswith("/v1"):
-                    message += f"; is {self.base_url} the server's OpenAI API root? vLLM and llama-server serve it under /v1"
-                raise RemoteUnavailable(f"GET {url}: {message}", field="base_url")
+                    message += f"; is {self.shown_url} the server's OpenAI API root? vLLM and llama-server serve it under /v1"
+                raise RemoteUnavailable(f"GET {self.shown_url}/models: {message}", field="base_url")
             try:
                 listing = response.json()
             except ValueError:
-                raise ModelLoadFailed(f"GET {url} did not answer JSON; is it an OpenAI-compatible server?", field="base_url") from None
+                raise ModelLoadFailed(f"GET {self.shown_url}/models did not answer JSON; is it an OpenAI-compatible server?", field="base_url") from None
         entries = listing.get("data") if isinstance(listing, dict) else None
         if not isinstance(entries, list):
-            raise ModelLoadFailed(f"GET {url} answered no model list (no 'data' array); is it an OpenAI-compatible server?",
-                                  field="base_url")
+            raise ModelLoadFailed(f"GET {self.shown_url}/models answered no model list (no 'data' array); is it an "
+                                  f"OpenAI-compatible server?", field="base_url")
         return {entry["id"]: entry for entry in entries if isinstance(entry, dict) and isinstance(entry.get("id"), str)}
 
     def stream(self, path: str, body: dict) -> "RemoteStream":
@@ -148,15 +150,15 @@ class RemoteClient:
 
         connect_s, read_s = self.timeouts()
         if isinstance(exc, requests.ConnectTimeout):
-            return f"could not connect to the remote server at {self.base_url} within {connect_s:g} s"
+            return f"could not connect to the remote server at {self.shown_url} within {connect_s:g} s"
         if isinstance(exc, requests.ReadTimeout):
             return f"the remote server sent nothing for {read_s:g} s"
         if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-            return f"the remote server broke off the stream: {exc}"
+            return f"the remote server broke off the stream: {scrubbed(str(exc), self.base_url)}"
         if isinstance(exc, requests.ConnectionError):
-            return (f"could not connect to the remote server at {self.base_url}: {_connection_reason(exc)} "
+            return (f"could not connect to the remote server at {self.shown_url}: {_connection_reason(exc)} "
                     "(is it running, and is the URL right?)")
-        return f"the request to the remote server at {self.base_url} failed: {exc}"
+        return f"the request to the remote server at {self.shown_url} failed: {scrubbed(str(exc), self.base_url)}"
 
     def http_failure(self, status: int, body: str) -> str:
         message = remote_message(body)
@@ -247,7 +249,7 @@ class RemoteStream:
                 import requests
 
                 if not isinstance(exc, requests.RequestException):
-                    log.exception("remote stream from %s failed", self._url)
+                    log.exception("remote stream from %s failed", redacted_url(self._url))
                 self._lines.put(_Failure(self._client.request_failure(exc)))
         finally:
             if response is not None:

@@ -9,6 +9,7 @@ timeout means a stuck worker ends the stream with an error instead of hanging it
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -36,7 +37,7 @@ from app.services.checkpoints.hf_checkpoint import CheckpointFacts, inspect_chec
 from app.services.checkpoints.spec import ModelSpec
 from app.services.checkpoints.stop_tokens import hf_stop_ids
 from app.services.core.cpu_share import CpuShare
-from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge
+from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge, RequestCancelled
 from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
 from app.services.core.thread_scope import on_a_thread_of_its_own
 from app.services.core.types import Chunk, GenerationParams, GpuUse, Message, Prompt
@@ -47,6 +48,30 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 WORKER_JOIN_S = 30.0
 DEVICE_NAMES = {"cuda": "CUDA", "mps": "MPS", "cpu": "CPU"}
+
+
+@contextlib.contextmanager
+def stops_between_layers(model, cancel: Optional[threading.Event]):
+    """While the block runs, each layer of a layer stack (a ModuleList's children: the decoder
+    layers) first looks at ``cancel`` and ends the pass with RequestCancelled: a long forward
+    pass stops within a layer of its client hanging up. The hooks go when the block is done, so
+    generations on the same model never run them."""
+    if cancel is None:
+        yield
+        return
+    import torch
+
+    def check(_module, _args):
+        if cancel.is_set():
+            raise RequestCancelled("the request was cancelled while its text was read")
+
+    handles = [layer.register_forward_pre_hook(check) for stack in model.modules() if isinstance(stack, torch.nn.ModuleList)
+               for layer in stack]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def model_inputs(encoded: dict) -> dict:
@@ -90,6 +115,7 @@ class TransformersBackend:
         self._cpu_share: Optional[CpuShare] = None
         self._torch_threads = settings.n_threads
         self._kv_adapter_on = True  # the cache holds keys and values computed with the adapter on or off
+        self._kv_scope: Optional[str] = None  # and for a request of this cache scope (server.isolate_prefix_cache)
         self._adapter_on = True  # the unmerged adapter's switch, as the batch's thread last set it
         self.last_reused_tokens = 0
         self._versions: dict = {}
@@ -321,6 +347,36 @@ class TransformersBackend:
 
         return self._batcher.call(forward)
 
+    def continuation_logit_blocks(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True,
+                                  block_rows: int = 64, cancel: Optional[threading.Event] = None,
+                                  cache_scope: Optional[str] = None):
+        """The rows of :meth:`continuation_logits`, ``block_rows`` at a time, each block one forward
+        pass on the batch's thread over the tokens since the last, with a KV cache of this text's
+        own (so a base and its adapter can read the same text block by block, in turns; and no
+        other request's cache is reused, whatever its ``cache_scope``).
+        ``cancel`` is looked at before each layer of the pass (RequestCancelled)."""
+        import torch
+        from transformers import DynamicCache
+
+        ids = list(prompt_ids) + list(continuation)
+        cache = DynamicCache()
+        fed = 0
+        for start in range(0, len(continuation), block_rows):
+            end = min(start + block_rows, len(continuation))
+            upto = len(prompt_ids) + end - 1  # the block's last row is predicted by the token before it
+
+            def forward(first=fed, last=upto, keep=end - start):
+                self._switch_adapter(use_adapter)  # refuses a merged adapter before any work
+                self._adapt_threads()  # as before a generation's step: threads that wait on busy cores stall every op
+                with torch.inference_mode(), stops_between_layers(self._model, cancel):
+                    out = self._model(input_ids=torch.tensor([ids[first:last]], device=self._placement.device),
+                                      past_key_values=cache, use_cache=True, logits_to_keep=keep)
+                return out.logits[0].float().cpu().numpy()
+
+            rows = self._batcher.call(forward)
+            fed = upto
+            yield rows
+
     def token_bytes(self, token_id: int) -> bytes:
         return self._token_bytes(token_id)
 
@@ -525,13 +581,16 @@ class TransformersBackend:
             yield token_id, detokenizer.step(token_id), logprob
 
     # -- prefix cache ------------------------------------------------------------------------
-    def _take_prefix_cache(self, token_ids: Sequence[int], adapter_on: bool = True) -> Optional[PrefixCache]:
+    def _take_prefix_cache(self, token_ids: Sequence[int], adapter_on: bool = True,
+                           cache_scope: Optional[str] = None) -> Optional[PrefixCache]:
         """The KV cache of the last generation cut to the prefix it shares with this prompt, or
-        None. At least one prompt token is always evaluated, as the first pick needs logits."""
+        None. At least one prompt token is always evaluated, as the first pick needs logits. A
+        cache left by a request of another cache scope (another API key, with
+        server.isolate_prefix_cache) is never reused."""
         cache, cached_ids = self._kv_cache, self._kv_ids
         self._kv_cache, self._kv_ids = None, ()  # in use: a failed generation leaves none behind
         self.last_reused_tokens = 0
-        if cache is None or not self._prefix_cache or adapter_on != self._kv_adapter_on:
+        if cache is None or not self._prefix_cache or adapter_on != self._kv_adapter_on or cache_scope != self._kv_scope:
             return None
         shared = min(common_prefix_length(cached_ids, token_ids), len(token_ids) - 1)
         if shared <= 0:
@@ -542,12 +601,13 @@ class TransformersBackend:
         self.last_reused_tokens = shared
         return PrefixCache(cache, shared)
 
-    def _keep_prefix_cache(self, cache, sequence: list[int], adapter_on: bool = True) -> None:
+    def _keep_prefix_cache(self, cache, sequence: list[int], adapter_on: bool = True, cache_scope: Optional[str] = None) -> None:
         if not self._prefix_cache:
             return
         length = cache.get_seq_length()
         # the last generated token was sampled but never fed back, so the cache ends before it
         self._kv_cache, self._kv_ids, self._kv_adapter_on = cache, tuple(sequence[:length]), adapter_on
+        self._kv_scope = cache_scope
 
     @property
     def adapter_unmerged(self) -> bool:

@@ -48,8 +48,8 @@ class PrefixCache:
 class RunningBatch:
     def __init__(self, forward: Callable, end_ids: Collection[int], pad_id: int, device: str,
                  piece: Callable[[int], bytes],
-                 take_prefix: Callable[[Sequence[int], bool], Optional[PrefixCache]],
-                 keep_prefix: Callable[[object, list[int], bool], None]):
+                 take_prefix: Callable[[Sequence[int], bool, Optional[str]], Optional[PrefixCache]],
+                 keep_prefix: Callable[[object, list[int], bool, Optional[str]], None]):
         self._forward = forward  # (input_ids, attention_mask or None, position_ids, cache, use_adapter) -> last logits (rows, vocab)
         self._end_ids = frozenset(end_ids)
         self._pad_id = pad_id
@@ -78,7 +78,8 @@ class RunningBatch:
 
         if not self.rows:
             self.use_adapter = rows[0].params.use_adapter
-        prefix = self._take_prefix(rows[0].prompt.token_ids, self.use_adapter) if not self.rows and len(rows) == 1 else None
+        alone = not self.rows and len(rows) == 1
+        prefix = self._take_prefix(rows[0].prompt.token_ids, self.use_adapter, rows[0].params.cache_scope) if alone else None
         reused = prefix.length if prefix else 0
         cache = prefix.cache if prefix else DynamicCache()
         suffixes = [list(row.prompt.token_ids[reused:]) for row in rows]
@@ -157,7 +158,7 @@ class RunningBatch:
             self._cut_padding()
             if len(self.rows) == 1:
                 # the last picked token was never fed, so the cache ends before it
-                self._keep_prefix(self._cache, last.sequence(), self.use_adapter)
+                self._keep_prefix(self._cache, last.sequence(), self.use_adapter, last.params.cache_scope)
             self._forget()
         else:
             keep = torch.tensor(staying, dtype=torch.long, device=self._device)
