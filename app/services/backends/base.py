@@ -10,6 +10,9 @@ from app.services.checkpoints.spec import ModelSpec
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from app.services.backends.constraints import CompiledConstraint
+from app.services.core.constraints import OutputConstraint
 from app.services.core.errors import InvalidRequest
 from app.services.core.types import Chunk, GenerationParams, Message, Prompt
 
@@ -24,6 +27,7 @@ class Capabilities:
     adapter_switch: bool = False  # GenerationParams.use_adapter=False runs the base model (an unmerged LoRA)
     scoring: bool = False  # the logits of a given text (teacher forcing): the Scoring methods
     logprobs: bool = False  # GenerationParams.logprobs is honoured (the remote backend passes on what its server sends)
+    constrained_decoding: bool = False  # GenerationParams.constraint is enforced token by token: the Constraining methods
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,6 +113,15 @@ class Scoring(Protocol):
 
     def token_bytes(self, token_id: int) -> bytes:
         """The token's own bytes (a multi-byte character may be split across tokens)."""
+
+
+class Constraining(Protocol):
+    """A backend that enforces output constraints (``capabilities.constrained_decoding``)."""
+
+    def compile_constraint(self, constraint: OutputConstraint) -> "CompiledConstraint":
+        """Compiles (or finds in its cache) the constraint for this model's vocabulary, on the
+        caller's thread; raises InvalidRequest naming ``constraint.field`` for what the engine
+        cannot enforce. The first call builds the engine's view of the vocabulary (seconds)."""
 
 
 class Batching(Protocol):
