@@ -195,7 +195,7 @@ class EvalOptions(StrictBody):
 class EvalBody(EvalOptions):
     """The JSON form of POST /api/eval; multipart/form-data sends the file as 'file' instead."""
 
-    test_set: str = Field(min_length=1, description="The test set's text: JSONL or CSV with prompt, optional system, optional reference.")
+    test_set: str = Field(min_length=1, description="The test set's text: JSONL or CSV with prompt, optional system, optional reference, optional schema (a JSON schema the answers are held to).")
     filename: Optional[str] = Field(None, description="Its name; .csv or .jsonl says the format (otherwise it is sniffed).")
 
 
