@@ -16,7 +16,7 @@ import pytest
 from openai import BadRequestError, OpenAI
 
 from app import create_app
-from app.services.backends.constraints import CompiledConstraint, ConstraintCompiler, ConstraintViolation
+from app.services.backends.constraints import CompiledConstraint, ConstraintCompiler, ConstraintViolation, mask_rows
 from app.services.core.constraints import OutputConstraint, ToolSpec
 from app.services.core.errors import InvalidRequest
 from app.services.core.types import GenerationParams, Message
@@ -390,6 +390,23 @@ def test_compiled_constraints_are_cached_per_model(qwen_compiler):
     first = compiler.compile(OutputConstraint.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}))
     again = compiler.compile(OutputConstraint.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}))
     assert again is first  # an equal schema in another request: the same compiled grammar
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mask_rows_masks_the_listed_rows_only_and_leaves_its_input_raw(qwen_compiler, dtype):
+    import torch
+
+    tokenizer, compiler = qwen_compiler
+    row = compiler.compile(OutputConstraint.json_schema(PERSON)).start()
+    logits = torch.randn(3, 151936 + 64, dtype=getattr(torch, dtype))  # wider than the vocabulary, as some embeddings are
+    before = logits.clone()
+    masked = mask_rows(logits, [(1, row)])
+    assert torch.equal(logits, before)  # the raw logits, for log-probabilities
+    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+    allowed = torch.from_numpy(row.allowed())
+    assert torch.equal(torch.isfinite(masked[1, :151936]), allowed) and allowed.sum() >= 1
+    assert torch.isneginf(masked[1, 151936:]).all()
+    assert int(masked[1].argmax()) == tokenizer.convert_tokens_to_ids('{"')  # forced: the document's opening
 
 
 def test_compiling_is_thread_safe(qwen_compiler):
