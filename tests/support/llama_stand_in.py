@@ -82,6 +82,9 @@ def make_stand_in(state: StandInState, metadata: Optional[dict] = None) -> types
         def n_ctx(self):
             return self._n_ctx
 
+        def n_vocab(self):  # read at load for the constraint engine's (lazily built) vocabulary
+            return 49152
+
         def token_eos(self):
             return -1
 

@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.routes.http.body import StrictBody
+from app.routes.http.constraints import ConstraintFields
 from app.routes.http.sampling import RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopLogprobs, TopP
 from app.routes.http.shapes import TokenLogprobShape
 from app.services.catalog import AdapterEntry, ModelEntry
@@ -59,7 +60,7 @@ class ApplyTemplateBody(ConversationBody):
     """The conversation part of a chat body; the sampling fields a chat would carry are ignored."""
 
 
-class ChatBody(ConversationBody, Sampling, StopStrings):
+class ChatBody(ConversationBody, Sampling, StopStrings, ConstraintFields):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     max_new_tokens: TokenBudget = 256
@@ -82,7 +83,7 @@ class ChatBody(ConversationBody, Sampling, StopStrings):
         "(0-20), from the model's distribution before sampling: in every token event, and in a whole answer.")
 
     def params(self, limits: LimitSettings) -> GenerationParams:
-        return self.generation_params(limits, self.max_new_tokens, "max_new_tokens", self.logprobs)
+        return self.generation_params(limits, self.max_new_tokens, "max_new_tokens", self.logprobs, self.output_constraint())
 
 
 class ScoreBody(ConversationBody):
@@ -204,7 +205,7 @@ class EvalOptions(StrictBody):
 class EvalBody(EvalOptions):
     """The JSON form of POST /api/eval; multipart/form-data sends the file as 'file' instead."""
 
-    test_set: str = Field(min_length=1, description="The test set's text: JSONL or CSV with prompt, optional system, optional reference.")
+    test_set: str = Field(min_length=1, description="The test set's text: JSONL or CSV with prompt, optional system, optional reference, optional schema (a JSON schema the answers are held to).")
     filename: Optional[str] = Field(None, description="Its name; .csv or .jsonl says the format (otherwise it is sniffed).")
 
 

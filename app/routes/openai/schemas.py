@@ -2,7 +2,8 @@
 
 Fields OpenAI defines and this server cannot honour (``n`` > 1, tools, ``echo``,
 ``suffix``) are refused with a 400 naming them rather than silently ignored, so a client never
-believes it got what it did not. Unknown fields are ignored, as OpenAI's own server does for
+believes it got what it did not. ``response_format`` and llama-server's ``grammar`` are enforced
+while decoding (http/constraints.py). Unknown fields are ignored, as OpenAI's own server does for
 fields newer than the client. ``presence_penalty`` and ``frequency_penalty`` are honoured with
 OpenAI's definition (llama.cpp's penalty sampler; a logits processor for transformers).
 ``repetition_penalty`` and ``top_k`` are accepted as extensions, as vLLM does.
@@ -13,6 +14,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.routes.http.constraints import ConstraintFields
 from app.routes.http.sampling import OpenAIPenalty, RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopLogprobs, TopP
 from app.services.core.errors import InvalidRequest
 from app.services.core.shapes import Shape
@@ -49,7 +51,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingBody(Sampling, StopStrings):
+class SamplingBody(Sampling, StopStrings, ConstraintFields):
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = Field(None, description="A model from GET /v1/models, or the loaded one; empty means the loaded one.")
@@ -81,7 +83,8 @@ class SamplingBody(Sampling, StopStrings):
 
     def _params(self, limits: LimitSettings, max_tokens: Optional[int], default_max_tokens: int) -> GenerationParams:
         self._refuse_unsupported()
-        return self.generation_params(limits, max_tokens or default_max_tokens, "max_tokens", self.top_n())
+        return self.generation_params(limits, max_tokens or default_max_tokens, "max_tokens", self.top_n(),
+                                      self.output_constraint())
 
 
 class ChatCompletionBody(SamplingBody):
@@ -89,7 +92,6 @@ class ChatCompletionBody(SamplingBody):
     max_completion_tokens: Optional[TokenBudget] = None
     tools: Any = None
     tool_choice: Any = None
-    response_format: Any = None
     logprobs: Optional[bool] = Field(None, description="Return each answer token's log-probability (logprobs.content).")
     top_logprobs: Optional[TopLogprobs] = Field(None, description="With logprobs: this many of the most likely tokens at each place (0-20).")
 
@@ -103,8 +105,6 @@ class ChatCompletionBody(SamplingBody):
             raise InvalidRequest(f"at most {limits.max_messages} messages are allowed, got {len(self.messages)}", field="messages")
         if self.tools:
             raise InvalidRequest("tools are not supported", field="tools")
-        if self.response_format not in (None, {"type": "text"}):
-            raise InvalidRequest("response_format other than text is not supported", field="response_format")
         # "developer" is OpenAI's newer name for the system role.
         messages = [Message("system" if m.role == "developer" else m.role, m.text(i)) for i, m in enumerate(self.messages)]
         if all(m.role == "system" for m in messages):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from typing import TYPE_CHECKING, Hashable, Iterator, Optional, Protocol, Sequence, TypeGuard, TypeVar, Union
+from typing import TYPE_CHECKING, Hashable, Iterator, Literal, Optional, Protocol, Sequence, TypeGuard, TypeVar, Union
 
 from pydantic import Field, model_serializer
 
@@ -11,6 +11,9 @@ from app.services.checkpoints.spec import ModelSpec
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from app.services.backends.constraints import CompiledConstraint
+from app.services.core.constraints import OutputConstraint
 from app.services.core.errors import BackendIncomplete, InvalidRequest
 from app.services.core.shapes import Shape
 from app.services.core.types import Chunk, GenerationParams, GpuUse, Message, Prompt
@@ -19,8 +22,8 @@ from app.services.core.types import Chunk, GenerationParams, GpuUse, Message, Pr
 class Capabilities(Shape):
     """What a backend can do besides load, prepare and stream. Declared, as simonw/llm's models
     declare ``can_stream``: the service and the page read these instead of probing for methods;
-    :func:`batching`, :func:`local_tokenizer` and :func:`scoring` check that a backend that
-    declares one also has its methods."""
+    :func:`batching`, :func:`local_tokenizer`, :func:`scoring` and :func:`constraining` check that a
+    backend that declares one also has its methods."""
 
     inspection: bool = Field(False, description="A local tokenizer and chat template (the LocalTokenizer methods): "
                              "/api/tokenize, /api/detokenize, /api/apply_template.")
@@ -31,6 +34,8 @@ class Capabilities(Shape):
                           "/api/score, reference likelihoods in evals, divergence.")
     logprobs: bool = Field(False, description="Token log-probabilities of an answer are reported (the remote backend "
                            "passes on what its server sends).")
+    constrained_decoding: bool = Field(False, description="GenerationParams.constraint (response_format, grammar, an eval "
+                                       "row's schema) is enforced token by token: the Constraining methods.")
 
 
 class BackendInfo(Shape):
@@ -55,6 +60,9 @@ class BackendInfo(Shape):
     weights: Optional[str] = Field(None, description="llama.cpp: a mapped file, or in memory.")
     gpu_fallback: Optional[str] = Field(None, description="Why a GPU start fell back to the CPU.")
     lora_scale: Optional[float] = None
+    constraint_vocabulary: Optional[Literal["built", "not built"]] = Field(
+        None, description="Whether the constraint engine's view of the vocabulary is built (on the first constrained "
+        "request; it costs memory).")
     # transformers
     dtype: Optional[str] = None
     adapter_merged: Optional[bool] = None
@@ -170,6 +178,15 @@ class Scoring(Protocol):
         """The token's own bytes (a multi-byte character may be split across tokens)."""
 
 
+class Constraining(Protocol):
+    """A backend that enforces output constraints (``capabilities.constrained_decoding``)."""
+
+    def compile_constraint(self, constraint: OutputConstraint) -> "CompiledConstraint":
+        """Compiles (or finds in its cache) the constraint for this model's vocabulary, on the
+        caller's thread; raises InvalidRequest naming ``constraint.field`` for what the engine
+        cannot enforce. The first call builds the engine's view of the vocabulary (seconds)."""
+
+
 class Batching(Protocol):
     """A backend that runs concurrent generations together (``capabilities.max_batch_size`` > 1)."""
 
@@ -216,6 +233,11 @@ def local_tokenizer(backend: "Backend") -> Optional[LocalTokenizer]:
 def scoring(backend: "Backend") -> Optional[Scoring]:
     """The backend's teacher forcing when it declares scoring, else None."""
     return _declared(backend, Scoring, backend.capabilities.scoring)
+
+
+def constraining(backend: "Backend") -> Optional[Constraining]:
+    """The backend's constraint compiler when it declares constrained decoding, else None."""
+    return _declared(backend, Constraining, backend.capabilities.constrained_decoding)
 
 
 def continuation_prompt(rendered: str, final: Message) -> str:

@@ -6,6 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_serializer
 
+from app.services.core.constraints import OutputConstraint
 from app.services.core.shapes import Shape
 
 Role = Literal["system", "user", "assistant"]
@@ -39,6 +40,16 @@ class GenerationParams:
     # Whose cached prompt prefix this request may reuse (server.isolate_prefix_cache): an opaque
     # id of its API key; None shares the cache with every other request that has none.
     cache_scope: Optional[str] = None
+    # None for almost every request: no mask, no parser, nothing per token. Otherwise the answer
+    # is held to it (a JSON schema, a grammar, a tool call) by a backend whose capabilities say
+    # constrained_decoding; logprobs still report the model's distribution before the mask.
+    constraint: Optional[OutputConstraint] = None
+
+    @property
+    def ends_at_end_token(self) -> bool:
+        """Whether an end token ends the answer: ignore_eos runs past it, except under a
+        constraint, whose finished document can only be followed by an end token."""
+        return not self.ignore_eos or self.constraint is not None
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Iterator, Literal, Optional, Sequence
 
 from pydantic import Field
 
-from app.services.backends.base import Backend, BackendInfo, Capabilities, LocalTokenizer, local_tokenizer
+from app.services.backends.base import Backend, BackendInfo, Capabilities, LocalTokenizer, constraining, local_tokenizer
 from app.services.backends.factory import BackendFactory, make_backend
 from app.services.catalog import ModelCatalog
 from app.services.checkpoints.spec import ModelSpec
+from app.services.core.constraints import OutputConstraint
 from app.services.core.errors import (
     ContextLengthExceeded,
     InvalidModel,
@@ -59,6 +60,16 @@ class ModelStatus(Shape):
     capabilities: Optional[Capabilities] = Field(None, description="What the loaded backend can do; absent until it is loaded.")
     queue: QueueCounts
     load_elapsed_s: Optional[float] = Field(None, description="Seconds since the load began, while state is loading.")
+
+
+def check_constraint(backend: Backend, constraint: OutputConstraint) -> None:
+    """Compiles the constraint on ``backend`` (cached there, so the stream finds it ready);
+    a backend that cannot enforce constraints refuses them rather than ignore them."""
+    compiler = constraining(backend)
+    if compiler is None:
+        raise InvalidRequest(f"{constraint.field}: the {backend.name} backend cannot enforce a {constraint.kind.value} "
+                             f"constraint; load the model on the llamacpp or transformers backend", field=constraint.field)
+    compiler.compile_constraint(constraint)
 
 
 class ModelService:
@@ -419,11 +430,14 @@ class ModelService:
 
     def prepare(self, backend: Backend, messages: Optional[Sequence[Message]], text: Optional[str],
                 params: GenerationParams, continue_final: bool = False) -> Prompt:
-        """Renders and tokenises a request on ``backend`` and checks it against the context."""
+        """Renders and tokenises a request on ``backend`` and checks it against the context; compiles
+        its constraint for this model (a 400 for one the engine cannot enforce, before it queues)."""
         prompt = backend.prepare(messages=messages, text=text, continue_final=continue_final)
         if len(prompt.token_ids) >= backend.n_ctx:
             raise ContextLengthExceeded(len(prompt.token_ids), params.max_new_tokens, backend.n_ctx,
                                         field="messages" if messages is not None else "prompt")
+        if params.constraint is not None:
+            check_constraint(backend, params.constraint)
         return prompt
 
     def start(self, params: GenerationParams, messages: Optional[Sequence[Message]] = None,

@@ -8,6 +8,7 @@ Answers are greedy, so a rerun of an eval gives the same answers.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator, Optional, Sequence, Union
 
+from app.services.core.constraints import OutputConstraint
 from app.services.core.errors import EvalRunning, InvalidRequest, RequestCancelled, ServiceError, StorageFull
 from app.services.core.shapes import Shape
 from app.services.core.types import GenerationParams
@@ -135,6 +137,13 @@ def new_eval_id() -> str:
 def slot_record(request: SlotRequest) -> SlotRecord:
     return SlotRecord(model=request.model, backend=request.backend, adapter=request.adapter,
                       adapter_enabled=request.adapter_enabled)
+
+
+def row_params(params: GenerationParams, row: TestRow) -> GenerationParams:
+    """A row's sampling: the eval's, held to the row's schema when it has one."""
+    if row.row_schema is None:
+        return params
+    return dataclasses.replace(params, constraint=OutputConstraint.json_schema(row.row_schema, field="schema"))
 
 
 class EvalService:
@@ -406,7 +415,7 @@ class EvalService:
             row = rows[position]
             try:
                 # a random id, not one derived from the eval's: no client can guess it, take it first or stop it
-                return slot.service.start(slot.params(run.params), messages=conversation(row.system, row.prompt))
+                return slot.service.start(row_params(slot.params(run.params), row), messages=conversation(row.system, row.prompt))
             except ServiceError as exc:  # this row does not fit this model (too long, say): scored as empty
                 answered(row, EvalAnswer(output="", finish_reason="error", error=exc.message, completion_tokens=0,
                                          latency_ms=0.0, ttft_ms=None, tokens_per_second=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from app.services.core.shapes import Shape
 
@@ -136,10 +136,14 @@ Verdict = Annotated[Union[SingleVerdict, PairVerdict], Field(discriminator="kind
 
 
 class EvalRow(Shape):
+    # "schema" on the wire, as in the test set; row_schema in Python (BaseModel has a schema() of its own)
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
     index: int
     prompt: str
     system: Optional[str]
     reference: Optional[str]
+    row_schema: Optional[dict] = Field(None, alias="schema", description="The JSON schema the row's answers were held to, if any.")
     outputs: dict[str, EvalAnswer] = Field(description="Each model's answer, by its label.")
     judge: Optional[list[Verdict]] = Field(None, description="The judge's verdicts on this row, with its reasons.")
 

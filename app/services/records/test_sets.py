@@ -1,11 +1,15 @@
-"""Evaluation test sets: JSONL or CSV rows of ``prompt``, optional ``system`` and optional
-``reference``. Every refusal names the line, so a user can fix a thousand-line file."""
+"""Evaluation test sets: JSONL or CSV rows of ``prompt``, optional ``system``, optional
+``reference`` and optional ``schema`` (a JSON schema the row's answer is held to while it is
+decoded: an object in JSONL, its JSON text in a CSV cell). Every refusal names the line, so a
+user can fix a thousand-line file."""
 from __future__ import annotations
 
 import csv
 import io
 import json
 from typing import Optional
+
+from pydantic import ConfigDict, Field
 
 from app.services.core.errors import ErrorDetails, InvalidRequest
 from app.services.core.shapes import Shape
@@ -26,10 +30,15 @@ class InvalidTestSet(InvalidRequest):
 
 
 class TestRow(Shape):
+    # "schema" on the wire and on disk; row_schema in Python, where BaseModel has a schema() of its own
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
     index: int
     prompt: str
     system: Optional[str] = None
     reference: Optional[str] = None
+    row_schema: Optional[dict] = Field(None, alias="schema", description="A JSON schema the row's answers are held to "
+                                       "while they are decoded (OutputConstraint.json_schema, field schema).")
 
 
 def parse_test_set(data: bytes, filename: str = "", max_bytes: Optional[int] = None,
@@ -79,7 +88,31 @@ def _row(record: dict, index: int, line: int) -> TestRow:
         values[column] = value if value != "" or column == "prompt" else None
     if not (values["prompt"] or "").strip():
         raise InvalidTestSet("the prompt is empty", line)
-    return TestRow(index=index, prompt=values["prompt"], system=values["system"], reference=values["reference"])
+    return TestRow(index=index, prompt=values["prompt"], system=values["system"], reference=values["reference"],
+                   row_schema=_schema(record.get("schema"), line))
+
+
+def _schema(value, line: int) -> Optional[dict]:
+    """A row's JSON schema: an object, or its JSON text (a CSV cell); checked against the JSON
+    Schema meta-schema here, so a typo is refused with its line before the eval starts. What the
+    engine cannot enforce is found when a model compiles it, and that row's answer says so."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise InvalidTestSet(f"schema is not valid JSON ({getattr(exc, 'msg', exc)})", line) from None
+    if not isinstance(value, dict):
+        raise InvalidTestSet(f"schema must be a JSON object (a JSON schema), not {type(value).__name__}", line)
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(value).check_schema(value)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(part) for part in exc.path)
+        raise InvalidTestSet(f"schema is not a valid JSON schema{f' at {where}' if where else ''}: {exc.message}", line) from None
+    return value
 
 
 def _parse_jsonl(text: str) -> list[TestRow]:

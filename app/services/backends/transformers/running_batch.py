@@ -7,6 +7,10 @@ on its own (with newcomers that came with it), and its cache is padded on the le
 under the running rows'. A row that ends, is stopped or loses its client leaves between two
 steps; its cache row is dropped, and columns no row needs any more are cut from the left.
 
+A row under an output constraint (backends/constraints.py) gets its mask on its logits before the
+pick, on the device, and its parser advances once the ids are on the host; rows without one are
+not touched (``_held``).
+
 Positions are each row's own (its count of real tokens), so a row's keys and values are the
 ones it would have alone: padding only adds masked columns. In fp32 a padded row computes what
 the row alone computes (tests/test_batching.py); in bf16 the sums of a wider attention can round
@@ -19,7 +23,8 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Collection, Optional, Sequence
 
-from app.services.backends.transformers.batching import Row
+from app.services.backends.constraints import ConstraintViolation, mask_rows
+from app.services.backends.transformers.batching import Failure, Row
 from app.services.backends.transformers.sampling import INVALID, BatchSampler
 from app.services.core.logprobs import token_logprob
 
@@ -52,6 +57,7 @@ class RunningBatch:
                  keep_prefix: Callable[[object, list[int], bool, Optional[str]], None]):
         self._forward = forward  # (input_ids, attention_mask or None, position_ids, cache, use_adapter) -> last logits (rows, vocab)
         self._end_ids = frozenset(end_ids)
+        self._end_token = min(self._end_ids) if self._end_ids else pad_id  # ends a row whose constraint is complete
         self._pad_id = pad_id
         self._device = device
         self._piece = piece
@@ -94,7 +100,7 @@ class RunningBatch:
         logits = self._forward(input_ids, mask, positions, cache, self.use_adapter)
         sampler = BatchSampler.for_rows([row.params for row in rows], [row.prompt.token_ids for row in rows],
                                         self._end_ids, logits.shape[-1], self._device)
-        picked = sampler.pick(logits)
+        picked = sampler.pick(self._held(rows, logits))
         sampler.record(picked)
         self._stack(cache, mask)
         self._sampler = sampler if self._sampler is None else self._sampler.merged(sampler)
@@ -116,10 +122,17 @@ class RunningBatch:
         logits = self._forward(self._last, self._mask if self._padded else None, self._positions, self._cache,
                                self.use_adapter)
         self._positions.add_(1)
-        picked = self._sampler.pick(logits)
+        picked = self._sampler.pick(self._held(self.rows, logits))
         self._sampler.record(picked)
         self._last = picked.unsqueeze(1)
         self._deliver(self.rows, picked, logits)
+
+    @staticmethod
+    def _held(rows: Sequence[Row], logits):
+        """The logits to pick from: the constrained rows masked by their grammars (a new tensor;
+        ``logits`` stays raw for log-probabilities), or ``logits`` itself when no row has one."""
+        constrained = [(index, row.constraint) for index, row in enumerate(rows) if row.constraint is not None and not row.stopped()]
+        return mask_rows(logits, constrained) if constrained else logits
 
     def _deliver(self, rows: Sequence[Row], picked, logits) -> None:
         """Hands each row its picked id: the ids come to the host in one transfer (with the raw
@@ -140,8 +153,25 @@ class RunningBatch:
                 raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
             want = row.params.logprobs
             row.tokens.push(token_id, token_logprob(raw[index], token_id, want, self._piece) if want is not None else None)
-            if len(row.tokens.generated) >= row.budget or (token_id in self._end_ids and not row.params.ignore_eos):
+            if row.constraint is not None and self._constraint_ended(row, token_id):
                 row.ended = True
+            elif len(row.tokens.generated) >= row.budget or (token_id in self._end_ids and row.params.ends_at_end_token):
+                row.ended = True
+
+    def _constraint_ended(self, row: Row, token_id: int) -> bool:
+        """Moves the row's parser on (its token is on the host now); True when its document is
+        complete (an end token follows, as if sampled: the only one the grammar allows) or the
+        parser failed (its stream ends with the error; the other rows go on)."""
+        try:
+            row.constraint.advance(token_id)
+        except ConstraintViolation as exc:
+            log.error("a constrained row stopped: %s", exc)
+            row.tokens.queue.put(Failure(exc))
+            return True
+        if not row.constraint.is_finished:
+            return False
+        row.tokens.push(self._end_token)
+        return True
 
     @in_inference_mode
     def leave(self) -> list[Row]:

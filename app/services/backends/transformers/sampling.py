@@ -47,7 +47,7 @@ class Chain:
     @classmethod
     def of(cls, params: GenerationParams) -> "Chain":
         sample = params.temperature > 0
-        return cls(params.repetition_penalty, params.presence_penalty, params.frequency_penalty, params.ignore_eos,
+        return cls(params.repetition_penalty, params.presence_penalty, params.frequency_penalty, not params.ends_at_end_token,
                    params.temperature if sample else 0.0, params.top_k if sample else 0, params.top_p if sample else 1.0)
 
     @property
