@@ -130,7 +130,7 @@ def test_stop_ends_an_answer_asked_whole(page, live_server):
     wait_turn_finished(page, timeout=10)
     assert "cancelled" in figures_text(page)
     assert wait_server_idle(live_server) == {"running": 0, "waiting": 0}
-    assert live_server.service.finished()[-1]["finish_reason"] == "cancelled"
+    assert live_server.service.finished()[-1].finish_reason == "cancelled"
 
 
 def test_a_queued_turn_shows_its_place_and_stop_takes_it_out(page, live_server):
