@@ -10,9 +10,10 @@ from app.routes.api.schemas import ChatAnswer, ChatBody, StopAnswer, StopBody, S
 from app.routes.http.body import parse_body
 from app.routes.http.extensions import compare_slots, limit_settings, model_service
 from app.routes.http.shapes import logprob_entries
+from app.routes.http.tools import checked_calls
 from app.routes.http.wire import json_answer, sse_event, stream_generation
 from app.services.core.errors import NotFound
-from app.services.core.types import Chunk
+from app.services.core.types import Chunk, ToolCall
 from app.services.engine.generation import Generation
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
@@ -23,6 +24,7 @@ class NamedEvents:
 
     def __init__(self, generation: Generation):
         self._generation = generation
+        self._calls: list[ToolCall] = []
 
     def opening(self) -> Iterable[str]:
         return ()
@@ -31,21 +33,26 @@ class NamedEvents:
         yield sse_event("queue", {"position": position})
 
     def piece(self, chunk: Chunk) -> Iterable[str]:
+        self._calls.extend(chunk.tool_calls)
+        if not (chunk.text or chunk.logprobs):
+            return
         data = {"text": chunk.text}
         if chunk.logprobs:
             data["logprobs"] = logprob_entries(chunk.logprobs)
         yield sse_event("token", data)
 
     def ending(self, chunk: Chunk) -> Iterable[str]:
-        if chunk.text:
-            yield from self.piece(chunk)
-        yield sse_event("done", {
+        yield from self.piece(chunk)
+        done = {
             "finish_reason": chunk.finish_reason,
             "usage": chunk.usage.to_dict() if chunk.usage else None,
             "timings": chunk.timings.to_dict() if chunk.timings else None,
             "model": self._generation.model,
             "request_id": self._generation.id,
-        })
+        }
+        if self._generation.tools is not None:
+            done["tool_calls"] = checked_calls(self._calls, self._generation.tools)
+        yield sse_event("done", done)
 
     def failure(self, chunk: Chunk) -> Iterable[str]:
         if chunk.text:
@@ -62,7 +69,8 @@ def start_generation() -> Generation:
     if body.slot is not None:
         slot = compare_slots().get(body.slot)
         service, params = slot.service, slot.params(params)
-    return service.start(params, messages=messages, generation_id=body.request_id, continue_final=body.continue_final)
+    return service.start(params, messages=messages, generation_id=body.request_id, continue_final=body.continue_final,
+                         tools=body.tool_use())
 
 
 @bp.post("/chat")
@@ -73,6 +81,8 @@ def chat():
               "timings": result.timings, "model": generation.model, "request_id": generation.id}
     if generation.params.logprobs is not None:
         answer["logprobs"] = logprob_entries(result.logprobs)
+    if generation.tools is not None:
+        answer["tool_calls"] = checked_calls(result.tool_calls, generation.tools)
     return json_answer(ChatAnswer, answer)
 
 

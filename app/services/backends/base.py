@@ -11,7 +11,7 @@ from app.services.checkpoints.spec import ModelSpec
 if TYPE_CHECKING:
     import numpy as np
 from app.services.core.errors import InvalidRequest
-from app.services.core.types import Chunk, GenerationParams, Message, Prompt
+from app.services.core.types import Chunk, GenerationParams, Message, Prompt, ToolFunction
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Capabilities:
     adapter_switch: bool = False  # GenerationParams.use_adapter=False runs the base model (an unmerged LoRA)
     scoring: bool = False  # the logits of a given text (teacher forcing): the Scoring methods
     logprobs: bool = False  # GenerationParams.logprobs is honoured (the remote backend passes on what its server sends)
+    tools: bool = False  # prepare() renders tools through the chat template, and the prompt says how calls are written
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -61,10 +62,12 @@ class Backend(Protocol):
         """The model's Jinja chat template, or None when it has none here (a remote server keeps its own)."""
 
     def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None,
-                continue_final: bool = False) -> Prompt:
+                continue_final: bool = False, tools: Sequence[ToolFunction] = ()) -> Prompt:
         """Renders (for messages) and tokenises the prompt once, so the service can check it
         against the context before any stream opens. ``continue_final``: the messages end with
-        an assistant message the model goes on writing (see ``continuation_prompt``)."""
+        an assistant message the model goes on writing (see ``continuation_prompt``). ``tools``
+        (``capabilities.tools``): rendered by the chat template, whose call syntax the prompt's
+        ``tool_format`` names; a template without a tools section is a 400 naming ``tools``."""
 
     def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
         """Yields chunks; the last one has finish_reason, usage and timings. Checks ``cancel``
@@ -75,8 +78,8 @@ class LocalTokenizer(Protocol):
     """The tokenizer and chat template generation uses, for the inspection routes
     (``capabilities.inspection``)."""
 
-    def render_prompt(self, messages: Sequence[Message]) -> str:
-        """The exact prompt string the model sees for these messages."""
+    def render_prompt(self, messages: Sequence[Message], tools: Sequence[ToolFunction] = ()) -> str:
+        """The exact prompt string the model sees for these messages (and tools)."""
 
     def count_tokens(self, text: str) -> int: ...
 

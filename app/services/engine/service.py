@@ -15,7 +15,7 @@ from app.services.backends.factory import BackendFactory, make_backend
 from app.services.catalog import ModelCatalog
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import ContextLengthExceeded, InvalidModel, InvalidRequest, ModelNotFound, ModelTooLarge, NoModelLoaded, ServiceError
-from app.services.core.types import GenerationParams, Message, Prompt
+from app.services.core.types import GenerationParams, Message, Prompt, ToolUse
 from app.services.engine.generation import QUEUE_POLL_S, Generation
 from app.services.engine.queue import GenerationQueue
 from app.services.engine.registry import GenerationRegistry
@@ -340,9 +340,12 @@ class ModelService:
         return cast(LocalTokenizer, backend)
 
     def prepare(self, backend: Backend, messages: Optional[Sequence[Message]], text: Optional[str],
-                params: GenerationParams, continue_final: bool = False) -> Prompt:
+                params: GenerationParams, continue_final: bool = False, tools: Optional[ToolUse] = None) -> Prompt:
         """Renders and tokenises a request on ``backend`` and checks it against the context."""
-        prompt = backend.prepare(messages=messages, text=text, continue_final=continue_final)
+        offered = tools.tools if tools is not None and tools.offered else ()
+        if offered and not backend.capabilities.tools:
+            raise InvalidRequest(f"the {backend.name} backend cannot offer tools to its model", field="tools")
+        prompt = backend.prepare(messages=messages, text=text, continue_final=continue_final, tools=offered)
         if len(prompt.token_ids) >= backend.n_ctx:
             raise ContextLengthExceeded(len(prompt.token_ids), params.max_new_tokens, backend.n_ctx,
                                         field="messages" if messages is not None else "prompt")
@@ -350,15 +353,16 @@ class ModelService:
 
     def start(self, params: GenerationParams, messages: Optional[Sequence[Message]] = None,
               text: Optional[str] = None, generation_id: Optional[str] = None,
-              continue_final: bool = False) -> Generation:
+              continue_final: bool = False, tools: Optional[ToolUse] = None) -> Generation:
         """Validates and tokenises the request (loading the model if needed) and registers it
-        for cancellation. Raises 4xx ServiceErrors before any stream opens."""
+        for cancellation. Raises 4xx ServiceErrors before any stream opens. ``tools``: offered
+        through the chat template, and the answer read for calls (``Chunk.tool_calls``)."""
         backend = self.ensure_loaded()
         if params.logprobs is not None and not backend.capabilities.logprobs:
             raise InvalidRequest(f"the {backend.name} backend cannot report token probabilities", field="logprobs")
-        prompt = self.prepare(backend, messages, text, params, continue_final)
+        prompt = self.prepare(backend, messages, text, params, continue_final, tools)
         generation = Generation(self, backend, prompt, params, messages, text, generation_id or uuid.uuid4().hex,
-                                continue_final)
+                                continue_final, tools)
         self.registry.register(generation)
         return generation
 
