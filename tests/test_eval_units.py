@@ -49,8 +49,8 @@ def test_jsonl_and_csv_give_the_same_rows():
     from_jsonl = parse_test_set(jsonl.encode(), "set.jsonl")
     from_csv = parse_test_set(csv.encode(), "set.csv")
     assert [r.to_dict() for r in from_jsonl] == [r.to_dict() for r in from_csv] == [
-        {"index": 0, "prompt": "Hi", "system": None, "reference": "Hello"},
-        {"index": 1, "prompt": "Q2", "system": "Be brief.", "reference": None},
+        {"index": 0, "prompt": "Hi", "system": None, "reference": "Hello", "schema": None},
+        {"index": 1, "prompt": "Q2", "system": "Be brief.", "reference": None, "schema": None},
     ]
     # no name: sniffed; a UTF-8 BOM (Excel's CSV) is not part of the first column's name
     assert parse_test_set(("\ufeff" + csv).encode("utf-8"))[0].prompt == "Hi"
@@ -73,6 +73,10 @@ def test_jsonl_and_csv_give_the_same_rows():
         (b"prompt,reference\nq,a\nq2,a2,extra\n", "t.csv", 3, "3 fields where the header has 2"),
         (b"prompt,reference\n", "t.csv", None, "no rows"),
         (b'{"prompt": "caf\xe9"}\n', "t.jsonl", 1, "not UTF-8"),
+        (b'{"prompt": "a"}\n{"prompt": "b", "schema": [1]}\n', "t.jsonl", 2, "schema must be a JSON object"),
+        (b'{"prompt": "a", "schema": {"type": "objekt"}}\n', "t.jsonl", 1, "schema is not a valid JSON schema at type"),
+        (b'{"prompt": "a", "schema": {"minItems": -1}}\n', "t.jsonl", 1, "schema is not a valid JSON schema at minItems"),
+        (b'prompt,schema\na,{"type":\n', "t.csv", 2, "schema is not valid JSON"),
     ],
 )
 def test_bad_test_sets_are_refused_naming_the_line(data, name, line, says):
@@ -83,6 +87,14 @@ def test_bad_test_sets_are_refused_naming_the_line(data, name, line, says):
     if line:
         assert caught.value.message.startswith(f"line {line}: ")
         assert caught.value.details() == {"line": line}
+
+
+def test_a_row_may_carry_its_json_schema():
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    jsonl = parse_test_set((json.dumps({"prompt": "a", "schema": schema}) + "\n" + '{"prompt": "b"}\n').encode(), "t.jsonl")
+    cell = json.dumps(schema).replace('"', '""')
+    csv = parse_test_set(f'prompt,schema\na,"{cell}"\nb,\n'.encode(), "t.csv")
+    assert [r.schema for r in jsonl] == [r.schema for r in csv] == [schema, None]
 
 
 def test_size_and_row_limits():

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from app.routes.http.body import StrictBody
+from app.routes.http.constraints import ConstraintFields
 from app.routes.http.sampling import RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopLogprobs, TopP
 from app.routes.http.shapes import QueueCounts, Shape, Timings, TokenLogprobShape, Usage
 from app.routes.http.tools import CheckedToolCall, ToolCallIn, ToolIn, tool_use
@@ -94,7 +95,7 @@ class ApplyTemplateBody(ConversationBody, ToolsBody):
     """The conversation part of a chat body, and its tools; the sampling fields a chat would carry are ignored."""
 
 
-class ChatBody(ConversationBody, ToolsBody, Sampling, StopStrings):
+class ChatBody(ConversationBody, ToolsBody, Sampling, StopStrings, ConstraintFields):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     max_new_tokens: TokenBudget = 256
@@ -116,7 +117,7 @@ class ChatBody(ConversationBody, ToolsBody, Sampling, StopStrings):
         "(0-20), from the model's distribution before sampling: in every token event, and in a whole answer.")
 
     def params(self, limits: LimitSettings) -> GenerationParams:
-        return self.generation_params(limits, self.max_new_tokens, "max_new_tokens", self.logprobs)
+        return self.generation_params(limits, self.max_new_tokens, "max_new_tokens", self.logprobs, self.output_constraint())
 
 
 class ScoreBody(ConversationBody):
@@ -490,6 +491,7 @@ class EvalRow(Shape):
     prompt: str
     system: Optional[str]
     reference: Optional[str]
+    row_schema: Optional[dict] = Field(None, alias="schema", description="The JSON schema the row's answers were held to, if any.")
     outputs: dict[str, EvalAnswer]
     judge: Optional[list[dict]] = Field(None, description="The judge's verdicts on this row, with its reasons.")
 

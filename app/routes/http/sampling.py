@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 from pydantic import BaseModel, Field, field_validator
 
+from app.services.core.constraints import OutputConstraint
 from app.services.core.errors import InvalidRequest
 from app.services.core.logprobs import MAX_TOP_LOGPROBS
 from app.services.core.types import GenerationParams
@@ -47,16 +48,17 @@ class Sampling(BaseModel):
     top_p: TopP = 0.9
 
     def generation_params(self, limits: LimitSettings, max_new_tokens: int, budget_field: str,
-                          logprobs: Optional[int] = None) -> GenerationParams:
+                          logprobs: Optional[int] = None, constraint: Optional[OutputConstraint] = None) -> GenerationParams:
         """``max_new_tokens`` checked against the server's limit (the refusal names ``budget_field``,
         the surface's own name for it), the stop strings against theirs. ``logprobs``: how many
-        alternatives per token, None for no probabilities (each surface spells the request its way)."""
+        alternatives per token, None for no probabilities (each surface spells the request its way).
+        ``constraint``: the answer's shape (http/constraints.py), None for free text."""
         if max_new_tokens > limits.max_new_tokens:
             raise InvalidRequest(f"{budget_field} is {max_new_tokens}; the limit is {limits.max_new_tokens}", field=budget_field)
         fields = type(self).model_fields
         values = {name: getattr(self, name) for name in PARAM_FIELDS if name in fields}
         stops = checked_stops(getattr(self, "stop", None), limits)
-        return GenerationParams(max_new_tokens=max_new_tokens, stop=stops, logprobs=logprobs, **values)
+        return GenerationParams(max_new_tokens=max_new_tokens, stop=stops, logprobs=logprobs, constraint=constraint, **values)
 
 
 class StopStrings(BaseModel):

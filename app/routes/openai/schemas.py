@@ -2,7 +2,8 @@
 
 Fields OpenAI defines and this server cannot honour (``n`` > 1, ``echo``,
 ``suffix``) are refused with a 400 naming them rather than silently ignored, so a client never
-believes it got what it did not. Unknown fields are ignored, as OpenAI's own server does for
+believes it got what it did not. ``response_format`` and llama-server's ``grammar`` are enforced
+while decoding (http/constraints.py). Unknown fields are ignored, as OpenAI's own server does for
 fields newer than the client. ``presence_penalty`` and ``frequency_penalty`` are honoured with
 OpenAI's definition (llama.cpp's penalty sampler; a logits processor for transformers).
 ``repetition_penalty`` and ``top_k`` are accepted as extensions, as vLLM does.
@@ -13,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.routes.http.constraints import ConstraintFields
 from app.routes.http.sampling import OpenAIPenalty, RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopLogprobs, TopP
 from app.routes.http.shapes import Shape, Timings, TokenLogprobShape, Usage
 from app.routes.http.tools import CalledFunction, FunctionIn, ToolCallIn, ToolCallShape, ToolIn, legacy_tool_use, tool_use
@@ -79,7 +81,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingBody(Sampling, StopStrings):
+class SamplingBody(Sampling, StopStrings, ConstraintFields):
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = Field(None, description="A model from GET /v1/models, or the loaded one; empty means the loaded one.")
@@ -111,7 +113,8 @@ class SamplingBody(Sampling, StopStrings):
 
     def _params(self, limits: LimitSettings, max_tokens: Optional[int], default_max_tokens: int) -> GenerationParams:
         self._refuse_unsupported()
-        return self.generation_params(limits, max_tokens or default_max_tokens, "max_tokens", self.top_n())
+        return self.generation_params(limits, max_tokens or default_max_tokens, "max_tokens", self.top_n(),
+                                      self.output_constraint())
 
 
 class ChatCompletionBody(SamplingBody):
@@ -123,7 +126,6 @@ class ChatCompletionBody(SamplingBody):
     parallel_tool_calls: Optional[bool] = Field(None, description="Accepted; under auto the model may make several calls.")
     functions: Optional[list[FunctionIn]] = Field(None, description="The older form of tools.")
     function_call: Any = Field(None, description='The older form of tool_choice: "auto", "none" or {"name": ...}.')
-    response_format: Any = None
     logprobs: Optional[bool] = Field(None, description="Return each answer token's log-probability (logprobs.content).")
     top_logprobs: Optional[TopLogprobs] = Field(None, description="With logprobs: this many of the most likely tokens at each place (0-20).")
 
@@ -135,8 +137,6 @@ class ChatCompletionBody(SamplingBody):
     def messages_list(self, limits: LimitSettings) -> list[Message]:
         if len(self.messages) > limits.max_messages:
             raise InvalidRequest(f"at most {limits.max_messages} messages are allowed, got {len(self.messages)}", field="messages")
-        if self.response_format not in (None, {"type": "text"}):
-            raise InvalidRequest("response_format other than text is not supported", field="response_format")
         messages = [m.message(i) for i, m in enumerate(self.messages)]
         if all(m.role == "system" for m in messages):
             raise InvalidRequest("the conversation needs a user message", field="messages")

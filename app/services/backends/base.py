@@ -10,6 +10,9 @@ from app.services.checkpoints.spec import ModelSpec
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from app.services.backends.constraints import CompiledConstraint
+from app.services.core.constraints import OutputConstraint
 from app.services.core.errors import InvalidRequest
 from app.services.core.types import Chunk, GenerationParams, Message, Prompt, ToolFunction
 
@@ -25,6 +28,7 @@ class Capabilities:
     scoring: bool = False  # the logits of a given text (teacher forcing): the Scoring methods
     logprobs: bool = False  # GenerationParams.logprobs is honoured (the remote backend passes on what its server sends)
     tools: bool = False  # prepare() renders tools through the chat template, and the prompt says how calls are written
+    constrained_decoding: bool = False  # GenerationParams.constraint is enforced token by token: the Constraining methods
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,6 +116,15 @@ class Scoring(Protocol):
 
     def token_bytes(self, token_id: int) -> bytes:
         """The token's own bytes (a multi-byte character may be split across tokens)."""
+
+
+class Constraining(Protocol):
+    """A backend that enforces output constraints (``capabilities.constrained_decoding``)."""
+
+    def compile_constraint(self, constraint: OutputConstraint) -> "CompiledConstraint":
+        """Compiles (or finds in its cache) the constraint for this model's vocabulary, on the
+        caller's thread; raises InvalidRequest naming ``constraint.field`` for what the engine
+        cannot enforce. The first call builds the engine's view of the vocabulary (seconds)."""
 
 
 class Batching(Protocol):

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from app.services.core.constraints import OutputConstraint
+
 Role = Literal["system", "user", "assistant", "tool"]
 # "tool_calls": the answer ended on the tool calls it made (OpenAI's name for it)
 FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
@@ -109,6 +111,16 @@ class GenerationParams:
     # None: no probabilities; n: each answer token's log-probability and the n most likely tokens at
     # its place, from the model's distribution before sampling (no temperature, top-k or penalties).
     logprobs: Optional[int] = None
+    # None for almost every request: no mask, no parser, nothing per token. Otherwise the answer
+    # is held to it (a JSON schema, a grammar, a tool call) by a backend whose capabilities say
+    # constrained_decoding; logprobs still report the model's distribution before the mask.
+    constraint: Optional[OutputConstraint] = None
+
+    @property
+    def ends_at_end_token(self) -> bool:
+        """Whether an end token ends the answer: ignore_eos runs past it, except under a
+        constraint, whose finished document can only be followed by an end token."""
+        return not self.ignore_eos or self.constraint is not None
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, cast
 
-from app.services.backends.base import Backend, LocalTokenizer
+from app.services.backends.base import Backend, Constraining, LocalTokenizer
 from app.services.backends.factory import BackendFactory, make_backend
 from app.services.catalog import ModelCatalog
 from app.services.checkpoints.spec import ModelSpec
+from app.services.core.constraints import OutputConstraint
 from app.services.core.errors import ContextLengthExceeded, InvalidModel, InvalidRequest, ModelNotFound, ModelTooLarge, NoModelLoaded, ServiceError
 from app.services.core.types import GenerationParams, Message, Prompt, ToolUse
 from app.services.engine.generation import QUEUE_POLL_S, Generation
@@ -23,6 +24,15 @@ from app.services.engine.scoring import ScoredText, check_fits, reference_ids, s
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def check_constraint(backend: Backend, constraint: OutputConstraint) -> None:
+    """Compiles the constraint on ``backend`` (cached there, so the stream finds it ready);
+    a backend that cannot enforce constraints refuses them rather than ignore them."""
+    if not backend.capabilities.constrained_decoding:
+        raise InvalidRequest(f"{constraint.field}: the {backend.name} backend cannot enforce a {constraint.kind.value} "
+                             f"constraint; load the model on the llamacpp or transformers backend", field=constraint.field)
+    cast(Constraining, backend).compile_constraint(constraint)
 
 
 class ModelService:
@@ -341,7 +351,8 @@ class ModelService:
 
     def prepare(self, backend: Backend, messages: Optional[Sequence[Message]], text: Optional[str],
                 params: GenerationParams, continue_final: bool = False, tools: Optional[ToolUse] = None) -> Prompt:
-        """Renders and tokenises a request on ``backend`` and checks it against the context."""
+        """Renders and tokenises a request on ``backend`` and checks it against the context; compiles
+        its constraint for this model (a 400 for one the engine cannot enforce, before it queues)."""
         offered = tools.tools if tools is not None and tools.offered else ()
         if offered and not backend.capabilities.tools:
             raise InvalidRequest(f"the {backend.name} backend cannot offer tools to its model", field="tools")
@@ -349,6 +360,8 @@ class ModelService:
         if len(prompt.token_ids) >= backend.n_ctx:
             raise ContextLengthExceeded(len(prompt.token_ids), params.max_new_tokens, backend.n_ctx,
                                         field="messages" if messages is not None else "prompt")
+        if params.constraint is not None:
+            check_constraint(backend, params.constraint)
         return prompt
 
     def start(self, params: GenerationParams, messages: Optional[Sequence[Message]] = None,

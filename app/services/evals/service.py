@@ -8,6 +8,7 @@ Answers are greedy, so a rerun of an eval gives the same answers.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator, Optional, Sequence
 
+from app.services.core.constraints import OutputConstraint
 from app.services.core.errors import EvalRunning, InvalidRequest, ServiceError, StorageFull
 from app.services.core.types import GenerationParams
 from app.services.engine.generation import Generation, collect_together
@@ -63,6 +65,13 @@ def new_eval_id() -> str:
 def slot_request_dict(request: SlotRequest) -> dict:
     return {"model": request.model, "backend": request.backend, "adapter": request.adapter,
             "adapter_enabled": request.adapter_enabled}
+
+
+def row_params(params: GenerationParams, row: TestRow) -> GenerationParams:
+    """A row's sampling: the eval's, held to the row's schema when it has one."""
+    if row.schema is None:
+        return params
+    return dataclasses.replace(params, constraint=OutputConstraint.json_schema(row.schema, field="schema"))
 
 
 class EvalService:
@@ -280,7 +289,7 @@ class EvalService:
         for position, row in enumerate(rows):
             messages = conversation(row.system, row.prompt)
             try:
-                generation = slot.service.start(slot.params(run.params), messages=messages,
+                generation = slot.service.start(row_params(slot.params(run.params), row), messages=messages,
                                                 generation_id=f"eval-{run.eval_id}-{row.index}-{model_index}")
             except ServiceError as exc:  # this row does not fit this model (too long, say): scored as empty
                 outputs[position] = {"output": "", "finish_reason": "error", "error": exc.message, "completion_tokens": 0,

@@ -1,5 +1,7 @@
-"""Evaluation test sets: JSONL or CSV rows of ``prompt``, optional ``system`` and optional
-``reference``. Every refusal names the line, so a user can fix a thousand-line file."""
+"""Evaluation test sets: JSONL or CSV rows of ``prompt``, optional ``system``, optional
+``reference`` and optional ``schema`` (a JSON schema the row's answer is held to while it is
+decoded: an object in JSONL, its JSON text in a CSV cell). Every refusal names the line, so a
+user can fix a thousand-line file."""
 from __future__ import annotations
 
 import csv
@@ -31,6 +33,7 @@ class TestRow:
     prompt: str
     system: Optional[str] = None
     reference: Optional[str] = None
+    schema: Optional[dict] = None  # the answer is constrained to it (OutputConstraint.json_schema, field "schema")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +86,30 @@ def _row(record: dict, index: int, line: int) -> TestRow:
         values[column] = value if value != "" or column == "prompt" else None
     if not (values["prompt"] or "").strip():
         raise InvalidTestSet("the prompt is empty", line)
-    return TestRow(index, values["prompt"], values["system"], values["reference"])
+    return TestRow(index, values["prompt"], values["system"], values["reference"], _schema(record.get("schema"), line))
+
+
+def _schema(value, line: int) -> Optional[dict]:
+    """A row's JSON schema: an object, or its JSON text (a CSV cell); checked against the JSON
+    Schema meta-schema here, so a typo is refused with its line before the eval starts. What the
+    engine cannot enforce is found when a model compiles it, and that row's answer says so."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise InvalidTestSet(f"schema is not valid JSON ({getattr(exc, 'msg', exc)})", line) from None
+    if not isinstance(value, dict):
+        raise InvalidTestSet(f"schema must be a JSON object (a JSON schema), not {type(value).__name__}", line)
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(value).check_schema(value)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(part) for part in exc.path)
+        raise InvalidTestSet(f"schema is not a valid JSON schema{f' at {where}' if where else ''}: {exc.message}", line) from None
+    return value
 
 
 def _parse_jsonl(text: str) -> list[TestRow]:

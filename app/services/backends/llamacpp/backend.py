@@ -30,12 +30,14 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from app.services.backends.base import Capabilities, check_token_ids, continuation_prompt
 from app.services.backends.chat_template import template_messages, template_tools
+from app.services.backends.constraints import CompiledConstraint, ConstraintCompiler
 from app.services.backends.llamacpp import internals
 from app.services.backends.llamacpp.decoder import continuation_logits, decode_tokens
 from app.services.backends.llamacpp.parallel import ParallelDecoder
 from app.services.checkpoints.gguf_metadata import read_gguf_header
 from app.services.checkpoints.spec import ModelSpec
 from app.services.checkpoints.stop_tokens import gguf_stop_ids
+from app.services.core.constraints import OutputConstraint
 from app.services.core.cpu_share import CpuShare
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
 from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
@@ -87,6 +89,7 @@ class _Run:
     seed: int
     is_end: Callable[[int], bool]
     assembler: StreamAssembler
+    constraint: Optional[CompiledConstraint] = None
 
 
 class LlamaCppBackend:
@@ -109,10 +112,12 @@ class LlamaCppBackend:
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._parallel: Optional[ParallelDecoder] = None
         self._cpu_share: Optional[CpuShare] = None
+        self._constraints: Optional[ConstraintCompiler] = None
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(inspection=True, scoring=True, logprobs=True, tools=True, max_batch_size=self._settings.parallel)
+        return Capabilities(inspection=True, scoring=True, logprobs=True, max_batch_size=self._settings.parallel, tools=True,
+                            constrained_decoding=True)
 
     # -- batching (parallel.py): every request may join the running batch ---------------------
     def batch_group(self, params: GenerationParams) -> int:
@@ -190,6 +195,10 @@ class LlamaCppBackend:
         self._llama_cpp_version = llama_cpp.__version__
         self._formatter = self._make_formatter(llama_cpp)
         self._stop_ids = self._find_stop_ids(llama_cpp)
+        # nothing is built until a request asks for a constraint (see backends/constraints.py)
+        vocab, n_vocab, end_ids = internals.vocab(self._llama), self._llama.n_vocab(), self._stop_ids
+        self._constraints = ConstraintCompiler(lambda: internals.llguidance_tokenizer(vocab, n_vocab, end_ids), n_vocab,
+                                               self._path.name)
         self._prefix_cache = self._settings.prefix_cache == "on" or (
             self._settings.prefix_cache == "auto" and self._device == "CPU" and not builds_with_llamafile(system_info)
         )
@@ -290,6 +299,7 @@ class LlamaCppBackend:
             self._llama.close()
         self._llama = None
         self._formatter = None
+        self._constraints = None
         self._stop_ids = frozenset()
         self._pieces.clear()
 
@@ -331,6 +341,8 @@ class LlamaCppBackend:
                     "weights": self._weights(),
                 }
             )
+            if self._constraints is not None:
+                facts["constraint_vocabulary"] = self._constraints.vocabulary_state
         if self._gpu_fallback_reason:
             facts["gpu_fallback"] = self._gpu_fallback_reason
         if self._lora_path is not None:
@@ -359,6 +371,18 @@ class LlamaCppBackend:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
+
+    @property
+    def _end_token(self) -> int:
+        """The end token a constrained answer ends with once its document is complete."""
+        return min(self._stop_ids) if self._stop_ids else self._llama.token_eos()
+
+    def compile_constraint(self, constraint: OutputConstraint) -> CompiledConstraint:
+        """See base.Constraining; the vocabulary comes from the GGUF through llama.cpp."""
+        compiler = self._constraints
+        if compiler is None:
+            raise InvalidRequest("the model was unloaded", field="model")
+        return compiler.compile(constraint)
 
     def stop_token_ids(self) -> list[int]:
         """The ids that end an answer, as stream() checks them: the EOS, EOT and EOM tokens the
@@ -430,8 +454,9 @@ class LlamaCppBackend:
         run = _Run(
             prompt, params, cancel, budget,
             seed=params.seed if params.seed is not None else random.randrange(2**31),
-            is_end=(lambda token_id: False) if params.ignore_eos else self._stop_ids.__contains__,
+            is_end=self._stop_ids.__contains__ if params.ends_at_end_token else (lambda token_id: False),
             assembler=StreamAssembler(len(prompt.token_ids), params.stop),
+            constraint=self.compile_constraint(params.constraint) if params.constraint is not None else None,
         )
         if self._parallel is not None:
             yield from self._stream_in_batch(run)
@@ -442,7 +467,8 @@ class LlamaCppBackend:
 
     def _stream_in_batch(self, run: _Run) -> Iterator[Chunk]:
         """A sequence of the parallel decoder's batch (parallel.py)."""
-        arrivals = self._parallel.generate(run.prompt.token_ids, run.params, run.seed, run.budget, run.is_end)
+        arrivals = self._parallel.generate(run.prompt.token_ids, run.params, run.seed, run.budget, run.is_end,
+                                           run.constraint.start() if run.constraint is not None else None, self._end_token)
         try:
             yield from stream_tokens(run.assembler, arrivals, run.cancel, run.is_end, run.budget)
         finally:
@@ -504,7 +530,9 @@ class LlamaCppBackend:
         """decoder.decode_tokens on the loaded model, seeded for this request."""
         self._llama.set_seed(run.seed)
         return decode_tokens(self._llama, run.prompt.token_ids, run.params, keep_prefix=self._prefix_cache,
-                             piece=self._piece, threads=self._threads_now)
+                             piece=self._piece, threads=self._threads_now,
+                             constraint=run.constraint.start() if run.constraint is not None else None,
+                             end_token=self._end_token)
 
     def _arrivals(self, tokens: Iterator[tuple[int, Optional[TokenLogprob]]], budget: int) -> Iterator[Arrival]:
         """Each token with its bytes; llama.cpp's failure becomes the stream's error chunk."""

@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from app.services.backends.base import common_prefix_length
+from app.services.backends.constraints import RowConstraint
 from app.services.backends.llamacpp import internals
 from app.services.core.logprobs import token_logprob
 from app.services.core.types import GenerationParams, TokenLogprob
@@ -90,13 +91,30 @@ class ThreadCount:
             self._current = threads
 
 
+def masked_pick_row(logits: np.ndarray, constraint: Optional[RowConstraint], want_logprobs: bool) -> Optional[np.ndarray]:
+    """Applies a row's constraint to its logits in llama.cpp's own buffer, so the greedy argmax
+    and the sampler chain both pick from what the grammar allows. Returns a copy of the raw
+    logits when log-probabilities are wanted (they report the model's distribution before the
+    mask), else None. A row without a constraint is left alone."""
+    if constraint is None:
+        return None
+    raw = logits.copy() if want_logprobs else None
+    constraint.mask_logits(logits)
+    return raw
+
+
 def decode_tokens(llama, token_ids: Sequence[int], params: GenerationParams, keep_prefix: bool,
                   piece: Optional[Callable[[int], bytes]] = None,
-                  threads: Optional[Callable[[], Optional[int]]] = None) -> Iterator[tuple[int, Optional[TokenLogprob]]]:
+                  threads: Optional[Callable[[], Optional[int]]] = None,
+                  constraint: Optional[RowConstraint] = None,
+                  end_token: int = -1) -> Iterator[tuple[int, Optional[TokenLogprob]]]:
     """Yields the answer's tokens, each with its log-probabilities when ``params.logprobs`` asks
     for them (``piece`` names the alternatives). A token is evaluated only when the next one is
     asked for, so the last one (an end token, the budget's last) never is, and the caller can hand
-    each token on before the model computes the following one. Call ``set_seed`` on ``llama`` first."""
+    each token on before the model computes the following one. Call ``set_seed`` on ``llama`` first.
+
+    Under a ``constraint``, each pick is masked by it; once the document is complete (nothing
+    but an end token may follow) ``end_token`` is yielded without running the model."""
     import llama_cpp
 
     context = internals.context_pointer(llama)
@@ -109,11 +127,17 @@ def decode_tokens(llama, token_ids: Sequence[int], params: GenerationParams, kee
     sampler = None if is_plain_greedy(params) else internals.sampler_chain(llama, params)
     try:
         while True:
+            raw = masked_pick_row(logits.last(), constraint, want is not None)
             if sampler is not None:
                 token = sampler.sample(internals.context(llama), -1)  # reads the logits; the buffer stays as it was
             else:
                 token = int(logits.last().argmax())
-            yield token, (token_logprob(logits.last(), token, want, piece) if want is not None else None)
+            yield token, (token_logprob(logits.last() if raw is None else raw, token, want, piece) if want is not None else None)
+            if constraint is not None:
+                constraint.advance(token)
+                if constraint.is_finished:
+                    yield end_token, None
+                    return
             position = llama.n_tokens
             batch.n_tokens = 1
             batch.token[0] = token

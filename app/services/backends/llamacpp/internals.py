@@ -9,11 +9,15 @@ builds (``_init_sampler``). The backend needs them for three things the public A
 - the parallel decoder (parallel.py) opens a second context on the same weights and applies the
   same LoRA to it;
 - both sample with the chain ``Llama.generate`` builds, so a seed gives the answer it gave there,
-  and read the vocabulary for pieces and end tokens.
+  and read the vocabulary for pieces and end tokens;
+- constrained decoding hands llguidance llama.cpp's own ``llama_tokenize`` as a C function pointer.
 
 An upgrade of llama-cpp-python that renames one of these fails here, by name, and nowhere else.
 """
 from __future__ import annotations
+
+import ctypes
+from typing import Sequence
 
 from app.services.core.types import GenerationParams
 
@@ -81,3 +85,32 @@ def open_batch(n_tokens: int):
     from llama_cpp import _internals
 
     return _internals.LlamaBatch(n_tokens=n_tokens, embd=0, n_seq_max=1)
+
+
+def llguidance_tokenizer(vocab_pointer, n_vocab: int, end_ids: Sequence[int]):
+    """llguidance's view of a GGUF's vocabulary (``llguidance.llamacpp.lltokenizer_from_vocab``,
+    which calls the deprecated ``llama_token_get_attr`` once per token): every piece read
+    through llama.cpp, control tokens (and ``<...>`` user-defined ones) marked special with a
+    0xFF prefix as llama.cpp's own llguidance sampler marks them, padded to ``n_vocab``, and
+    tokenization done by ``llama_tokenize`` itself."""
+    import llama_cpp
+    from llguidance import LLTokenizer
+
+    size = 16 * 1024
+    buffer = ctypes.create_string_buffer(size + 1)
+    special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+    pieces: list[bytes] = []
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab_pointer)):
+        length = llama_cpp.llama_token_to_piece(vocab_pointer, token, buffer, size, 0, True)
+        if length < 0:
+            raise ValueError(f"token {token} is longer than {size} bytes")
+        piece = bytes(buffer[:length])
+        attributes = llama_cpp.llama_vocab_get_attr(vocab_pointer, token)
+        if attributes & special or (attributes & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+                                    and piece.startswith(b"<") and piece.endswith(b">")):
+            piece = b"\xff" + piece
+        pieces.append(piece)
+    pieces += [b""] * (n_vocab - len(pieces))
+    tokenize = ctypes.cast(llama_cpp.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+    return LLTokenizer.from_llamacpp(tokens=pieces, vocab_ptr=vocab_pointer, tokenize_fptr=tokenize,
+                                     eos_token=sorted(end_ids), slices=None)

@@ -31,8 +31,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from app.services.backends.base import common_prefix_length
+from app.services.backends.constraints import ConstraintViolation, RowConstraint
 from app.services.backends.llamacpp import internals
-from app.services.backends.llamacpp.decoder import ThreadCount, is_plain_greedy
+from app.services.backends.llamacpp.decoder import ThreadCount, is_plain_greedy, masked_pick_row
 from app.services.core.logprobs import token_logprob
 from app.services.core.text_stream import Arrival, GenerationFailed
 from app.services.core.types import GenerationParams
@@ -49,6 +50,8 @@ class _Request:
     seed: int
     budget: int
     is_end: Callable[[int], bool]
+    constraint: Optional[RowConstraint] = None  # its own parser, under a constraint
+    end_token: int = -1  # sent when its constraint is complete, so the stream ends as at an end token
     arrivals: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     halt: threading.Event = field(default_factory=threading.Event)
 
@@ -106,10 +109,13 @@ class ParallelDecoder:
 
     # -- the requests' side ------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams, seed: int, budget: int,
-                 is_end: Callable[[int], bool]) -> Iterator[Arrival]:
+                 is_end: Callable[[int], bool], constraint: Optional[RowConstraint] = None,
+                 end_token: int = -1) -> Iterator[Arrival]:
         """The answer's tokens as (id, bytes, logprob). Closing the iterator early (a stop string,
-        Stop, a hang-up) frees the sequence at the decoder's next step."""
-        request = _Request(list(prompt_ids), params, seed, budget, is_end)
+        Stop, a hang-up) frees the sequence at the decoder's next step. Under a ``constraint``
+        (a parser of the request's own) every pick is masked by it, and once the document is
+        complete ``end_token`` follows without a decode."""
+        request = _Request(list(prompt_ids), params, seed, budget, is_end, constraint, end_token)
         with self._lock:
             if self._closing:
                 raise GenerationFailed("the model was unloaded")
@@ -313,24 +319,39 @@ class ParallelDecoder:
         import llama_cpp
 
         request = sequence.request
-        if sequence.sampler is not None:
-            token = sequence.sampler.sample(self._context, index)
-        else:
-            token = None
         want = request.params.logprobs
-        if token is None or want is not None:
-            pointer = llama_cpp.llama_get_logits_ith(self._context.ctx, index)
-            logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
-            if token is None:
-                token = int(logits.argmax())
-        logprob = token_logprob(logits, token, want, self._piece) if want is not None else None
+        logits = raw = None
+        if request.constraint is not None or sequence.sampler is None or want is not None:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._context.ctx, index), shape=(self._n_vocab,))
+            raw = masked_pick_row(logits, request.constraint, want is not None)
+        if sequence.sampler is not None:
+            token = sequence.sampler.sample(self._context, index)  # reads the (masked) buffer
+        else:
+            token = int(logits.argmax())
+        logprob = token_logprob(logits if raw is None else raw, token, want, self._piece) if want is not None else None
         request.arrivals.put((token, self._piece(token), logprob))
         sequence.produced += 1
-        if request.halt.is_set() or request.is_end(token) or sequence.produced >= request.budget:
+        if request.constraint is not None and self._constraint_ended(request, token):
+            self._release(sequence)
+        elif request.halt.is_set() or request.is_end(token) or sequence.produced >= request.budget:
             # the last token is never decoded, as on the single-sequence path
             self._release(sequence)
         else:
             sequence.next_token = token
+
+    def _constraint_ended(self, request: _Request, token: int) -> bool:
+        """Moves the request's parser on; True when its document is complete (its end token is
+        sent) or the parser failed (its stream ends with the error; the batch goes on)."""
+        try:
+            request.constraint.advance(token)
+        except ConstraintViolation as exc:
+            log.error("a constrained sequence stopped: %s", exc)
+            request.arrivals.put(GenerationFailed(str(exc)))
+            return True
+        if not request.constraint.is_finished:
+            return False
+        request.arrivals.put((request.end_token, self._piece(request.end_token), None))
+        return True
 
     def _release(self, sequence: _Sequence) -> None:
         request = sequence.request

@@ -20,6 +20,7 @@ from typing import Iterator, Optional, Sequence
 
 from app.services.backends.base import Capabilities, check_token_ids, common_prefix_length, continuation_prompt
 from app.services.backends.chat_template import template_messages, template_tools
+from app.services.backends.constraints import CompiledConstraint, ConstraintCompiler
 from app.services.backends.transformers.batching import END, Batcher, Failure, Row, batch_key
 from app.services.backends.transformers.detokenizer import TokenBytes, make_detokenizer
 from app.services.backends.transformers.device import (
@@ -36,6 +37,7 @@ from app.services.checkpoints.adapters import ADAPTER_WEIGHT_FILES, adapter_matc
 from app.services.checkpoints.hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
 from app.services.checkpoints.spec import ModelSpec
 from app.services.checkpoints.stop_tokens import hf_stop_ids
+from app.services.core.constraints import OutputConstraint
 from app.services.core.cpu_share import CpuShare
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge
 from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
@@ -54,6 +56,14 @@ def model_inputs(encoded: dict) -> dict:
     """What the model takes from a tokenizer's output. Some tokenizers (Hunyuan's) return
     ``token_type_ids``, which causal LMs reject or misread, so they are dropped."""
     return {key: value for key, value in encoded.items() if key != "token_type_ids"}
+
+
+def logits_width(model, tokenizer) -> int:
+    """How many logits the model gives per position: its output embedding's rows, which may be
+    padded past the tokenizer (Qwen2.5: 151,936 for 151,665 tokens)."""
+    embeddings = model.get_output_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    return int(weight.shape[0]) if weight is not None else max(len(tokenizer), getattr(model.config, "vocab_size", 0) or 0)
 
 
 def release_freed_memory() -> None:
@@ -87,6 +97,7 @@ class TransformersBackend:
         self._kv_cache = None
         self._kv_ids: tuple[int, ...] = ()
         self._batcher: Optional[Batcher] = None
+        self._constraints: Optional[ConstraintCompiler] = None
         self._cpu_share: Optional[CpuShare] = None
         self._torch_threads = settings.n_threads
         self._kv_adapter_on = True  # the cache holds keys and values computed with the adapter on or off
@@ -236,6 +247,9 @@ class TransformersBackend:
         batch = RunningBatch(self._forward, self._eos_ids, min(self._eos_ids) if self._eos_ids else 0, placement.device,
                              self._token_bytes, self._take_prefix_cache, self._keep_prefix_cache)
         self._batcher = Batcher(batch, self._settings.max_batch_size)
+        # nothing is built until a request asks for a constraint (see backends/constraints.py)
+        self._constraints = ConstraintCompiler.for_hf_tokenizer(tokenizer, logits_width(model, tokenizer), self._eos_ids,
+                                                               self.spec.label)
         config_ctx = getattr(model.config, "max_position_embeddings", None)
         self._n_ctx = self._settings.n_ctx or config_ctx or 2048
         self._versions = {"torch": torch.__version__, "transformers": transformers.__version__}
@@ -287,7 +301,15 @@ class TransformersBackend:
     def capabilities(self) -> Capabilities:
         # max_batch_size: generations the service lets in at once; they decode as rows of one batch (see batching.py)
         return Capabilities(inspection=True, max_batch_size=self._settings.max_batch_size,
-                            adapter_switch=self.adapter_unmerged, scoring=True, logprobs=True, tools=True)
+                            adapter_switch=self.adapter_unmerged, scoring=True, logprobs=True, constrained_decoding=True,
+                            tools=True)
+
+    def compile_constraint(self, constraint: OutputConstraint) -> CompiledConstraint:
+        """See base.Constraining; the vocabulary comes from the HF (fast) tokenizer."""
+        compiler = self._constraints
+        if compiler is None:
+            raise InvalidRequest("the model was unloaded", field="model")
+        return compiler.compile(constraint)
 
     def continuation_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True):
         """One forward pass over prompt and continuation on the batch's thread (between two steps);
@@ -327,6 +349,7 @@ class TransformersBackend:
         if batcher is not None:
             batcher.close()
         self.clear_cache()
+        self._constraints = None
         model, self._model, self._tokenizer = self._model, None, None
         if model is not None:
             device = self._placement.device
@@ -381,6 +404,8 @@ class TransformersBackend:
                     **self._versions,
                 }
             )
+            if self._constraints is not None:
+                facts["constraint_vocabulary"] = self._constraints.vocabulary_state
             if self._adapter_config:
                 facts["adapter_rank"] = self._adapter_config.get("r")
         if self._fallback_reason:
@@ -463,7 +488,8 @@ class TransformersBackend:
         try:
             if budget > 0:
                 self._check_adapter_switch(params.use_adapter)  # refuses a merged adapter before the row waits for the batch
-                row = Row(prompt, params, cancel, budget)
+                compiled = self.compile_constraint(params.constraint) if params.constraint is not None else None
+                row = Row(prompt, params, cancel, budget, constraint=compiled.start() if compiled is not None else None)
                 self._batcher.submit(row)
         finally:
             if row is None:
@@ -472,7 +498,7 @@ class TransformersBackend:
             yield assembler.finish("length")
             return
         detokenizer = make_detokenizer(self._tokenizer, prompt.token_ids)
-        is_end = (lambda token_id: False) if params.ignore_eos else (lambda token_id: token_id in self._eos_ids)
+        is_end = (lambda token_id: token_id in self._eos_ids) if params.ends_at_end_token else (lambda token_id: False)
         last = None
         try:
             for chunk in stream_tokens(assembler, self._arrivals(row, detokenizer), cancel, is_end, budget):

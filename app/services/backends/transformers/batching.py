@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from app.services.backends.constraints import RowConstraint
 from app.services.core.types import GenerationParams, Prompt, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Row:
     tokens: TokenQueue = field(default_factory=TokenQueue)
     left: threading.Event = field(default_factory=threading.Event)  # out of the batch: nothing more is computed for it
     sampler: Optional[object] = None  # its sampling.RowSampler, from when it joins a batch
+    constraint: Optional[RowConstraint] = None  # its own parser, under an output constraint
     ended: bool = False  # picked its end token or reached its budget
 
     def stopped(self) -> bool:

@@ -18,7 +18,8 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Collection, Optional, Sequence
 
-from app.services.backends.transformers.batching import Row
+from app.services.backends.constraints import ConstraintViolation, mask_rows
+from app.services.backends.transformers.batching import Failure, Row
 from app.services.backends.transformers.sampling import RowSampler
 from app.services.core.logprobs import token_logprob
 
@@ -51,6 +52,7 @@ class RunningBatch:
                  keep_prefix: Callable[[object, list[int], bool], None]):
         self._forward = forward  # (input_ids, attention_mask, position_ids, cache, use_adapter) -> last logits (rows, vocab)
         self._end_ids = frozenset(end_ids)
+        self._end_token = min(self._end_ids) if self._end_ids else pad_id  # ends a row whose constraint is complete
         self._pad_id = pad_id
         self._device = device
         self._piece = piece
@@ -102,15 +104,35 @@ class RunningBatch:
 
     def _pick(self, rows: Sequence[Row], logits) -> None:
         want_logprobs = any(row.params.logprobs is not None for row in rows)
-        raw = logits.float().cpu().numpy() if want_logprobs else None
+        raw = logits.float().cpu().numpy() if want_logprobs else None  # before any mask: the model's own distribution
+        constrained = [(index, row.constraint) for index, row in enumerate(rows) if row.constraint is not None and not row.stopped()]
+        if constrained:  # a new tensor: raw and the unconstrained rows stay as they are
+            logits = mask_rows(logits, constrained)
         for index, row in enumerate(rows):
             if row.stopped():
                 continue  # its reader has what it wants; it leaves before the next step
             token_id = row.sampler.choose(row.sequence(), logits[index])
             want = row.params.logprobs
             row.tokens.push(token_id, token_logprob(raw[index], token_id, want, self._piece) if want is not None else None)
-            if len(row.tokens.generated) >= row.budget or (token_id in self._end_ids and not row.params.ignore_eos):
+            if row.constraint is not None and self._constraint_ended(row, token_id):
                 row.ended = True
+            elif len(row.tokens.generated) >= row.budget or (token_id in self._end_ids and row.params.ends_at_end_token):
+                row.ended = True
+
+    def _constraint_ended(self, row: Row, token_id: int) -> bool:
+        """Moves the row's parser on (after its token is on the host); True when its document is
+        complete (an end token follows, as if sampled: the only one the grammar allows) or the
+        parser failed (its stream ends with the error; the other rows go on)."""
+        try:
+            row.constraint.advance(token_id)
+        except ConstraintViolation as exc:
+            log.error("a constrained row stopped: %s", exc)
+            row.tokens.queue.put(Failure(exc))
+            return True
+        if not row.constraint.is_finished:
+            return False
+        row.tokens.push(self._end_token)
+        return True
 
     @in_inference_mode
     def leave(self) -> list[Row]:

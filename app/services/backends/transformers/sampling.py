@@ -62,7 +62,7 @@ class RowSampler:
             chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
         if params.presence_penalty or params.frequency_penalty:
             chain.append(OpenAIPenalties(prompt_length, params.presence_penalty, params.frequency_penalty))
-        if params.ignore_eos:
+        if not params.ends_at_end_token:
             chain.append(SuppressTokens(end_ids))
         if self._sample:
             chain.append(TemperatureLogitsWarper(params.temperature))
