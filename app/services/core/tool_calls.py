@@ -21,7 +21,8 @@ import json
 import secrets
 from typing import Callable, Optional, Sequence
 
-from app.services.core.types import ToolCall, ToolCallFormat, ToolFunction
+from app.services.core.constraints import OutputConstraint, ToolCallSyntax, ToolSpec
+from app.services.core.types import ToolCall, ToolCallFormat, ToolFunction, ToolUse
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -244,3 +245,21 @@ def call_problem(call: ToolCall, tools: Sequence[ToolFunction]) -> Optional[str]
     except jsonschema.SchemaError as exc:
         return f"the tool's parameters are no valid JSON schema: {exc.message}"
     return None
+
+
+def call_constraint(fmt: ToolCallFormat, tools: ToolUse, markers_are_tokens: bool) -> OutputConstraint:
+    """What ``tool_choice`` "required" or a named function holds the answer to: one call, in the
+    template's own syntax (so the reader above reads it), its arguments held to the tool's
+    schema. ``markers_are_tokens``: the block's markers are single tokens of the vocabulary, and
+    the grammar must write them as such (the model never spells ``<tool_call>`` in pieces)."""
+    specs = [ToolSpec.of(tool.name, tool.parameters) for tool in tools.tools]
+    name = tools.function if tools.choice == "function" else None
+    if not fmt.open:  # the whole answer is the call's JSON
+        chosen = [spec for spec in specs if name is None or spec.name == name]
+        calls = [{"type": "object", "properties": {"name": {"const": spec.name}, fmt.arguments_key: spec.parameters},
+                  "required": ["name", fmt.arguments_key], "additionalProperties": False} for spec in chosen]
+        return OutputConstraint.json_schema(calls[0] if len(calls) == 1 else {"anyOf": calls}, field="tool_choice")
+    before, after = ("[", "]") if fmt.many else ("\n", "\n")
+    syntax = ToolCallSyntax(open=fmt.open, close=fmt.close, special_markers=markers_are_tokens,
+                            arguments_key=fmt.arguments_key, before_json=before, after_json=after)
+    return OutputConstraint.tool_call(specs, syntax, tool_name=name, field="tool_choice")

@@ -69,6 +69,8 @@ class Engine(Protocol):
     def prepare(self, backend: Backend, messages: Optional[Sequence[Message]], text: Optional[str],
                 params: GenerationParams, continue_final: bool = False, tools: Optional[ToolUse] = None) -> Prompt: ...
 
+    def tool_params(self, backend: Backend, params: GenerationParams, tools: Optional[ToolUse]) -> GenerationParams: ...
+
 
 def _batching(backend: Backend) -> Optional[Batching]:
     return cast(Batching, backend) if backend.capabilities.max_batch_size > 1 else None
@@ -158,6 +160,7 @@ class Generation:
             if backend is None:
                 raise InvalidRequest("the model was unloaded while this request waited", field="model")
             if backend is not self._backend:  # the model was switched while this request waited
+                self.params = self._engine.tool_params(backend, self.params, self.tools)
                 self._prompt = self._engine.prepare(backend, self._messages, self._text, self.params, self._continue_final,
                                                     self.tools)
                 self._backend, self.model = backend, backend.model

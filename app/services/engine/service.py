@@ -3,6 +3,7 @@ generations that run on it, behind a bounded queue, each cancellable."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -14,8 +15,10 @@ from app.services.backends.base import Backend, Constraining, LocalTokenizer
 from app.services.backends.factory import BackendFactory, make_backend
 from app.services.catalog import ModelCatalog
 from app.services.checkpoints.spec import ModelSpec
+from app.services.checkpoints.template_kinds import tool_call_format
 from app.services.core.constraints import OutputConstraint
 from app.services.core.errors import ContextLengthExceeded, InvalidModel, InvalidRequest, ModelNotFound, ModelTooLarge, NoModelLoaded, ServiceError
+from app.services.core.tool_calls import call_constraint
 from app.services.core.types import GenerationParams, Message, Prompt, ToolUse
 from app.services.engine.generation import QUEUE_POLL_S, Generation
 from app.services.engine.queue import GenerationQueue
@@ -373,11 +376,29 @@ class ModelService:
         backend = self.ensure_loaded()
         if params.logprobs is not None and not backend.capabilities.logprobs:
             raise InvalidRequest(f"the {backend.name} backend cannot report token probabilities", field="logprobs")
+        params = self.tool_params(backend, params, tools)
         prompt = self.prepare(backend, messages, text, params, continue_final, tools)
         generation = Generation(self, backend, prompt, params, messages, text, generation_id or uuid.uuid4().hex,
                                 continue_final, tools)
         self.registry.register(generation)
         return generation
+
+    @staticmethod
+    def tool_params(backend: Backend, params: GenerationParams, tools: Optional[ToolUse]) -> GenerationParams:
+        """``params`` held to a tool call where ``tool_choice`` is "required" or names a function:
+        the constraint engine makes even a weak model's answer one call that parses, in the syntax
+        the model's template taught it."""
+        if tools is None or tools.choice not in ("required", "function"):
+            return params
+        if params.constraint is not None and params.constraint.field != "tool_choice":
+            raise InvalidRequest(f"tool_choice {tools.function or tools.choice!r} holds the answer to a tool call; it cannot "
+                                 f"also be held to {params.constraint.field}", field="tool_choice")
+        fmt = tool_call_format(backend.chat_template())
+        if fmt is None:  # no tools section: prepare() refuses the tools, naming them
+            return params
+        markers_are_tokens = bool(fmt.open) and backend.capabilities.inspection and \
+            len(cast(LocalTokenizer, backend).tokenize(fmt.open)) == 1
+        return dataclasses.replace(params, constraint=call_constraint(fmt, tools, markers_are_tokens))
 
     # -- the registry's views, for routes and tests that hold the service ------------------
     def finished(self) -> list[dict]:
