@@ -162,3 +162,23 @@ def test_compare_columns_show_their_calls_side_by_side(page, server, tiny_ggufs)
     assert first["left"] < second["left"] and first["boxes"] == second["boxes"] == 0  # side by side, read-only
     page.save_screenshot("/tmp/page_compare_tools.png")
     page.execute_script("return fetch('/api/compare/slots', {method: 'DELETE'})")
+
+
+def test_an_eval_of_schema_and_tool_rows_shows_their_rates_and_calls(page, server):
+    rows = [{"prompt": "Plan a trip.", "schema": SCHEMA},
+            {"prompt": "What time is it?", "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+             "expected_tool_call": {"name": "get_time", "arguments": {"zone": "UTC"}}}]
+    started = page.execute_script(
+        "return fetch('/api/eval', {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(arguments[0])})"
+        ".then((r) => r.json())", {"test_set": "\n".join(map(json.dumps, rows)), "max_new_tokens": 48, "name": "structured"})
+    page.find_element(By.ID, "tab-evaluate").click()
+    WebDriverWait(page, TURN_TIMEOUT_S).until(lambda d: d.execute_script(
+        "return fetch(arguments[0]).then((r) => r.json()).then((e) => e.state)", started["url"]) == "done")
+    page.execute_script("return MT.evaluate.openEval(arguments[0])", started["id"])
+    WebDriverWait(page, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#eval-summary tbody tr"))
+    headers = [th.text for th in page.find_elements(By.CSS_SELECTOR, "#eval-summary thead th")]
+    assert {"Valid JSON", "Schema valid", "Tool name", "Tool arguments"} <= set(headers)
+    values = dict(zip(headers, (td.text for td in page.find_elements(By.CSS_SELECTOR, "#eval-summary tbody td"))))
+    assert values["Valid JSON"] == values["Schema valid"] == values["Tool name"] == "100.0%"
+    calls = [el.text for el in page.find_elements(By.CSS_SELECTOR, "#eval-rows .cell-call")]
+    assert len(calls) == 1 and calls[0].startswith("get_time(")

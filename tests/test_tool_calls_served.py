@@ -14,11 +14,10 @@ import requests
 
 from app import create_app
 from scripts import convert_to_gguf
-from scripts.train_lora import default_out_dir
 from tests.support.servers import serve
 from tests.support.settings import make_settings, run_temp_root
 from tests.support.sse_client import parse_sse
-from tests.support.tool_adapter import CALL, REQUEST, WEATHER_TOOL, train_tool_adapter
+from tests.support.tool_adapter import CALL, REQUEST, WEATHER_TOOL
 
 TIMEOUT_S = 120
 # Parameters a random-weight model finishes within a small budget: enums, bounded integers, short strings.
@@ -158,20 +157,20 @@ def test_api_calls_carry_what_is_wrong_with_them(server, sdk):
 
 # -- a LoRA that learned to call a tool ------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tool_lora(tmp_path_factory, tiny_checkpoints, tiny_ggufs):
+def tool_lora(tmp_path_factory, tiny_checkpoints, tiny_ggufs, tool_adapter):
     """The tiny Qwen2.5 fine-tuned on one request and its call (saves/<model>/lora/<run>), its
     GGUF LoRA for llama.cpp, and a live server offering both."""
     base = tiny_checkpoints["qwen2.5"]
+    assert tool_adapter.final_loss < 0.05, tool_adapter.losses
     root = tmp_path_factory.mktemp("tool-lora")
-    saves, ggufs = root / "saves", root / "models"
+    ggufs = root / "models"
     ggufs.mkdir()
-    trained = train_tool_adapter(base, default_out_dir(base, saves_dir=saves))
-    assert trained.final_loss < 0.05, trained.losses
-    assert convert_to_gguf.main(["--lora-only", "--adapter", str(trained.out), "--base", str(base), "--models-dir", str(ggufs)]) == 0
-    lora_gguf = ggufs / f"{base.name}-lora-{trained.out.name}.f16.gguf"
+    assert convert_to_gguf.main(["--lora-only", "--adapter", str(tool_adapter.out), "--base", str(base), "--models-dir", str(ggufs)]) == 0
+    lora_gguf = ggufs / f"{base.name}-lora-{tool_adapter.out.name}.f16.gguf"
+    saves = tool_adapter.out.parents[2]
     app = create_app(make_settings(root, models_dir=ggufs, saves_dir=saves, model_roots=[run_temp_root(root), base.parent]))
     httpd, thread = serve(app)
-    yield {"app": app, "url": f"http://127.0.0.1:{httpd.server_port}", "base": base, "adapter": trained.out,
+    yield {"app": app, "url": f"http://127.0.0.1:{httpd.server_port}", "base": base, "adapter": tool_adapter.out,
            "base_gguf": tiny_ggufs["qwen2.5"], "lora_gguf": lora_gguf}
     httpd.shutdown()
     thread.join(timeout=10)

@@ -440,6 +440,11 @@ class EvalProgress(Shape):
     events: str
 
 
+class EvalToolCall(Shape):
+    name: str
+    arguments: str = Field(description="JSON text of an object.")
+
+
 class EvalAnswer(Shape):
     output: str
     bleu: Optional[float]
@@ -454,6 +459,12 @@ class EvalAnswer(Shape):
     completion_tokens: int
     finish_reason: str
     error: Optional[str]
+    valid_json: Optional[float] = Field(None, description="With a schema in the row: 1 when the answer is JSON.")
+    schema_valid: Optional[float] = Field(None, description="With a schema in the row: 1 when the answer validates against it.")
+    tool_calls: Optional[list[EvalToolCall]] = Field(None, description="With tools in the row: the calls the answer made.")
+    tool_name_match: Optional[float] = Field(None, description="With expected_tool_call: 1 when the first call names that tool.")
+    tool_arguments_match: Optional[float] = Field(
+        None, description="With expected_tool_call: 1 when the first call is that tool with equal arguments (as JSON values).")
 
 
 class EvalModel(Shape):
@@ -484,6 +495,11 @@ class EvalSummary(Shape):
     judge_pairs: Optional[int] = Field(None, description="wins + losses + ties + unparsable + errors.")
     judge_rating: Optional[float] = Field(None, description="Mean single-answer rating (1-10) against the references.")
     judge_rated: Optional[int] = None
+    valid_json_rate: Optional[float] = Field(None, description="Share of the rows with a schema whose answer is JSON.")
+    schema_valid_rate: Optional[float] = Field(None, description="Share of the rows with a schema whose answer validates against it.")
+    tool_name_accuracy: Optional[float] = Field(None, description="Share of the rows with expected_tool_call whose first call names that tool.")
+    tool_arguments_exact_match: Optional[float] = Field(
+        None, description="Share of the rows with expected_tool_call whose first call has exactly the expected arguments.")
 
 
 class EvalRow(Shape):
@@ -492,6 +508,9 @@ class EvalRow(Shape):
     system: Optional[str]
     reference: Optional[str]
     row_schema: Optional[dict] = Field(None, alias="schema", description="The JSON schema the row's answers were held to, if any.")
+    tools: Optional[list[dict]] = Field(None, description="The tools the row offered (OpenAI's shape).")
+    tool_choice: Any = None
+    expected_tool_call: Optional[dict] = Field(None, description="The call the row expects: {name, arguments}.")
     outputs: dict[str, EvalAnswer]
     judge: Optional[list[dict]] = Field(None, description="The judge's verdicts on this row, with its reasons.")
 

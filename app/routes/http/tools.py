@@ -10,12 +10,10 @@ from typing import Any, Literal, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.routes.http.shapes import Shape
-from app.services.core.errors import InvalidRequest
-from app.services.core.tool_calls import call_problem
+from app.services.core.tool_calls import call_problem, checked_functions, choose_tools
 from app.services.core.types import ToolCall, ToolFunction, ToolUse
 
 FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
-CHOICES = ("auto", "none", "required")
 
 
 class FunctionIn(BaseModel):
@@ -66,54 +64,21 @@ class ToolCallIn(BaseModel):
         return ToolCall(self.id, self.function.name, self.function.arguments)
 
 
-def _named(choice: object) -> Optional[str]:
-    """The function a ``{"type": "function", "function": {"name": ...}}`` choice names."""
-    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
-        name = choice["function"].get("name")
-        if isinstance(name, str) and name:
-            return name
-    return None
-
-
 def _tool_functions(tools: Sequence[FunctionIn], field: str) -> tuple[ToolFunction, ...]:
-    functions = tuple(tool.function() for tool in tools)
-    seen: set[str] = set()
-    for index, function in enumerate(functions):
-        if function.name in seen:
-            raise InvalidRequest(f"two tools are named {function.name!r}", field=f"{field}.{index}")
-        seen.add(function.name)
-    return functions
+    return checked_functions([tool.function() for tool in tools], field)
 
 
 def tool_use(tools: Optional[Sequence[ToolIn]], tool_choice: object) -> Optional[ToolUse]:
     """``tools`` and ``tool_choice`` as the service takes them; None when the request has no tools."""
     functions = _tool_functions([tool.function for tool in tools or ()], "tools")
-    return _choose(functions, tool_choice, "tool_choice", "tools")
+    return choose_tools(functions, tool_choice, "tool_choice", "tools")
 
 
 def legacy_tool_use(functions: Optional[Sequence[FunctionIn]], function_call: object) -> Optional[ToolUse]:
     """OpenAI's older ``functions`` and ``function_call`` ("auto", "none" or ``{"name": ...}``)."""
     if isinstance(function_call, dict) and "type" not in function_call:
         function_call = {"type": "function", "function": function_call}
-    return _choose(_tool_functions(functions or (), "functions"), function_call, "function_call", "functions")
-
-
-def _choose(functions: tuple[ToolFunction, ...], choice: object, field: str, tools_field: str) -> Optional[ToolUse]:
-    if choice is None:
-        return ToolUse(functions) if functions else None
-    name = _named(choice)
-    if choice not in CHOICES and name is None:
-        raise InvalidRequest(f"{field} must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", "
-                             f"\"function\": {{\"name\": ...}}}}", field=field)
-    if not functions:
-        if choice == "none":
-            return None
-        raise InvalidRequest(f"{field} asks for a call, but the request offers no {tools_field}", field=field)
-    if name is not None:
-        if name not in {function.name for function in functions}:
-            raise InvalidRequest(f"{field} names {name!r}, which is not one of the {tools_field}", field=field)
-        return ToolUse(functions, "function", name)
-    return ToolUse(functions, choice)
+    return choose_tools(_tool_functions(functions or (), "functions"), function_call, "function_call", "functions")
 
 
 # -- answers ---------------------------------------------------------------------------------

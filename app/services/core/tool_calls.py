@@ -22,6 +22,7 @@ import secrets
 from typing import Callable, Optional, Sequence
 
 from app.services.core.constraints import OutputConstraint, ToolCallSyntax, ToolSpec
+from app.services.core.errors import InvalidRequest
 from app.services.core.types import ToolCall, ToolCallFormat, ToolFunction, ToolUse
 
 PYTHON_TAG = "<|python_tag|>"
@@ -245,6 +246,50 @@ def call_problem(call: ToolCall, tools: Sequence[ToolFunction]) -> Optional[str]
     except jsonschema.SchemaError as exc:
         return f"the tool's parameters are no valid JSON schema: {exc.message}"
     return None
+
+
+CHOICES = ("auto", "none", "required")
+
+
+def _named(choice: object) -> Optional[str]:
+    """The function a ``{"type": "function", "function": {"name": ...}}`` choice names."""
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
+def checked_functions(functions: Sequence[ToolFunction], field: str) -> tuple[ToolFunction, ...]:
+    """The functions, each name once; a second one is a 400 naming its place in ``field``."""
+    seen: set[str] = set()
+    for index, function in enumerate(functions):
+        if function.name in seen:
+            raise InvalidRequest(f"two tools are named {function.name!r}", field=f"{field}.{index}")
+        seen.add(function.name)
+    return tuple(functions)
+
+
+def choose_tools(functions: tuple[ToolFunction, ...], choice: object, field: str = "tool_choice",
+                 tools_field: str = "tools") -> Optional[ToolUse]:
+    """The tools and OpenAI's ``tool_choice`` ("auto", "none", "required" or ``{"type":
+    "function", "function": {"name": ...}}``) as one ToolUse; None without tools. A choice that is
+    none of these, or names a function not among them, is a 400 naming ``field``."""
+    if choice is None:
+        return ToolUse(functions) if functions else None
+    name = _named(choice)
+    if choice not in CHOICES and name is None:
+        raise InvalidRequest(f"{field} must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", "
+                             f"\"function\": {{\"name\": ...}}}}", field=field)
+    if not functions:
+        if choice == "none":
+            return None
+        raise InvalidRequest(f"{field} asks for a call, but the request offers no {tools_field}", field=field)
+    if name is not None:
+        if name not in {function.name for function in functions}:
+            raise InvalidRequest(f"{field} names {name!r}, which is not one of the {tools_field}", field=field)
+        return ToolUse(functions, "function", name)
+    return ToolUse(functions, choice)
 
 
 def call_constraint(fmt: ToolCallFormat, tools: ToolUse, markers_are_tokens: bool) -> OutputConstraint:

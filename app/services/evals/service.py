@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from app.services.core.constraints import OutputConstraint
 from app.services.core.errors import EvalRunning, InvalidRequest, ServiceError, StorageFull
-from app.services.core.types import GenerationParams
+from app.services.core.types import GenerationParams, ToolCall
 from app.services.engine.generation import Generation, collect_together
 from app.services.engine.scoring import conversation
 from app.services.engine.slots import EnginePool, Slot, SlotRequest
@@ -65,6 +65,15 @@ def new_eval_id() -> str:
 def slot_request_dict(request: SlotRequest) -> dict:
     return {"model": request.model, "backend": request.backend, "adapter": request.adapter,
             "adapter_enabled": request.adapter_enabled}
+
+
+def structure_scores(text: str, calls: Sequence[ToolCall], row: TestRow) -> dict:
+    """An answer's JSON validity against the row's schema and its call against the expected one
+    (metrics.py), and the calls it made where the row offered tools."""
+    scores = {**metrics.json_scores(text, row.schema), **metrics.tool_scores(calls, row.expected_tool_call)}
+    if row.tools:
+        scores["tool_calls"] = [{"name": call.name, "arguments": call.arguments} for call in calls]
+    return scores
 
 
 def row_params(params: GenerationParams, row: TestRow) -> GenerationParams:
@@ -290,11 +299,12 @@ class EvalService:
             messages = conversation(row.system, row.prompt)
             try:
                 generation = slot.service.start(row_params(slot.params(run.params), row), messages=messages,
-                                                generation_id=f"eval-{run.eval_id}-{row.index}-{model_index}")
+                                                generation_id=f"eval-{run.eval_id}-{row.index}-{model_index}",
+                                                tools=row.tool_use())
             except ServiceError as exc:  # this row does not fit this model (too long, say): scored as empty
                 outputs[position] = {"output": "", "finish_reason": "error", "error": exc.message, "completion_tokens": 0,
                                      "latency_ms": 0.0, "ttft_ms": None, "tokens_per_second": None,
-                                     **metrics.score("", row.reference)}
+                                     **metrics.score("", row.reference), **structure_scores("", (), row)}
                 continue
             started.append((position, generation))
         run.current = [generation for _, generation in started]
@@ -319,6 +329,7 @@ class EvalService:
                 "ttft_ms": result.timings.get("ttft_ms"),
                 "tokens_per_second": result.timings.get("tokens_per_second"),
                 **metrics.score(result.text, row.reference),
+                **structure_scores(result.text, result.tool_calls, row),
             }
         return outputs
 
@@ -407,7 +418,7 @@ class EvalService:
             answers = {labels[m]: outputs[(row.index, m)] for m in range(len(labels)) if (row.index, m) in outputs}
             extra = {"judge": row_verdicts(judgments, row.index)} if meta.get("judge") else {}
             report_rows.append({**row.to_dict(), "outputs": answers, **extra})
-        summary = [self._summary(label, [r["outputs"][label] for r in report_rows if label in r["outputs"]],
+        summary = [self.summary_of(label, [r["outputs"][label] for r in report_rows if label in r["outputs"]],
                                  [r["reference"] for r in report_rows if label in r["outputs"]]) for label in labels]
         if meta.get("judge"):
             verdicts = judge_summary(judgments, labels)
@@ -423,7 +434,8 @@ class EvalService:
         }
 
     @staticmethod
-    def _summary(label: str, answers: list[dict], references: list[Optional[str]]) -> dict:
+    def summary_of(label: str, answers: list[dict], references: list[Optional[str]]) -> dict:
+        """One model's line of the summary, from its answers (and the rows' references)."""
         scored = [(a, r) for a, r in zip(answers, references) if r is not None and a.get("finish_reason") != "scored"]
         likelihoods = [a for a in answers if a.get("ref_nll") is not None]
         ref_tokens = sum(a["ref_tokens"] for a in likelihoods)
@@ -445,6 +457,11 @@ class EvalService:
             # the mean of each reference's total NLL, and the perplexity over all reference tokens together
             "ref_nll": mean(a["ref_nll"] for a in likelihoods),
             "ref_perplexity": round(math.exp(sum(a["ref_nll"] for a in likelihoods) / ref_tokens), 4) if ref_tokens else None,
+            # over the rows with a schema, and the rows that expect a call (None where there are none)
+            "valid_json_rate": mean(a.get("valid_json") for a in answers),
+            "schema_valid_rate": mean(a.get("schema_valid") for a in answers),
+            "tool_name_accuracy": mean(a.get("tool_name_match") for a in answers),
+            "tool_arguments_exact_match": mean(a.get("tool_arguments_match") for a in answers),
         }
 
     def events(self, eval_id: str) -> Iterator[tuple[str, dict]]:

@@ -20,7 +20,7 @@ from app.services.records.test_sets import TestRow
 EVAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 CSV_COLUMNS = ("index", "model", "prompt", "system", "reference", "output", "bleu", "rouge_l", "exact_match",
                "ref_nll", "ref_tokens", "ref_perplexity", "latency_ms", "ttft_ms", "tokens_per_second", "completion_tokens",
-               "finish_reason", "error")
+               "finish_reason", "error", "valid_json", "schema_valid", "tool_calls", "tool_name_match", "tool_arguments_match")
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -119,8 +119,10 @@ class EvalStore:
         writer.writeheader()
         for row in report["rows"]:
             for label, output in row["outputs"].items():
+                calls = output.get("tool_calls")  # a list: its JSON text in the cell
                 writer.writerow(safe_row({**output, "index": row["index"], "model": label, "prompt": row["prompt"],
-                                          "system": row["system"] or "", "reference": row["reference"] or ""}))
+                                          "system": row["system"] or "", "reference": row["reference"] or "",
+                                          "tool_calls": json.dumps(calls, ensure_ascii=False) if calls is not None else ""}))
         return buffer.getvalue()
 
     def save_exports(self, eval_id: str, report: dict) -> Optional[Path]:
