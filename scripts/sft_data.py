@@ -234,7 +234,10 @@ def _from_openai(record: dict, where: str) -> list[Message]:
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
                 raise DatasetError(f"{where}: {field}.content has non-text parts; only text is supported")
             content = "".join(p["text"] for p in content)
-        messages.append({"role": role, "content": _text(content, where, f"{field}.content", allow_empty=role == "system")})
+        message = {"role": role, "content": _text(content, where, f"{field}.content", allow_empty=role == "system")}
+        if role == "tool" and isinstance(item.get("tool_call_id"), str):
+            message["tool_call_id"] = item["tool_call_id"]
+        messages.append(message)
     return messages
 
 

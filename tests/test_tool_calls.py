@@ -149,3 +149,38 @@ def test_a_template_without_a_tools_section_is_a_400_naming_tools(backends):
         with pytest.raises(InvalidRequest) as info:
             backend.prepare(messages=CONVERSATION[:1], tools=[WEATHER])
         assert info.value.field == "tools" and "has no tools section" in info.value.message
+
+
+def test_function_calling_data_trains_the_call_with_the_tools_in_the_prompt(tiny_checkpoints, tmp_path):
+    from transformers import AutoTokenizer
+
+    from scripts.sft_data import IGNORE_INDEX, DatasetError, load_sft_dataset, tokenize_for_sft
+    from tests.support.tool_adapter import CALL, tool_call_record
+
+    record = tool_call_record()
+    record["messages"] += [{"role": "tool", "tool_call_id": "call_0", "content": "sunny, 21 C"},
+                           {"role": "assistant", "content": "It is sunny."}]
+    data = tmp_path / "calls.jsonl"
+    data.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    (conversation,) = load_sft_dataset(data)
+    assert conversation.tools == [WEATHER_TOOL]
+    assert conversation[1]["tool_calls"][0]["function"]["arguments"] == CALL["arguments"]  # an object, as templates write it
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["qwen2.5"])
+    example = tokenize_for_sft(tokenizer, conversation, 1024, conversation.tools)
+    labelled = [t if label != IGNORE_INDEX else None for t, label in zip(example["input_ids"], example["labels"])]
+    spans, current = [], []
+    for token in labelled + [None]:
+        if token is None and current:
+            spans.append(tokenizer.decode(current))
+            current = []
+        elif token is not None:
+            current.append(token)
+    assert spans == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call><|im_end|>',
+                     "It is sunny.<|im_end|>"]
+    assert json.dumps(WEATHER_TOOL) in tokenizer.decode(example["input_ids"])  # the tools section is in the prompt
+
+    record["messages"] = [{"role": "user", "content": "Q"}, {"role": "tool", "tool_call_id": "x", "content": "r"},
+                          {"role": "assistant", "content": "A"}]
+    data.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match="a tool result must follow an assistant turn with tool_calls"):
+        load_sft_dataset(data)
