@@ -209,6 +209,17 @@ def test_adapter_and_unknown_model_are_refused_and_the_model_keeps_serving(remot
     assert again.status_code == 200 and again.get_json()["state"] == "loaded"
 
 
+def test_a_constraint_is_refused_not_ignored(remote):
+    app, _ = remote
+    client = app.test_client()
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    held = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "response_format": schema})
+    assert held.status_code == 400 and held.get_json()["error"]["param"] == "response_format.json_schema.schema"
+    assert "the remote backend cannot enforce" in held.get_json()["error"]["message"]
+    grammar = client.post("/api/chat", json={"prompt": "Hi", "grammar": 'root ::= "a"'})
+    assert grammar.status_code == 400 and grammar.get_json()["field"] == "grammar"
+
+
 def test_tokenizer_routes_say_the_tokenizer_is_on_the_server(remote):
     app, _ = remote
     response = app.test_client().post("/api/tokenize", json={"text": "Hello"})

@@ -16,7 +16,7 @@ import pytest
 from openai import BadRequestError, OpenAI
 
 from app import create_app
-from app.services.backends.constraints import ConstraintCompiler
+from app.services.backends.constraints import CompiledConstraint, ConstraintCompiler, ConstraintViolation, mask_rows
 from app.services.core.constraints import OutputConstraint, ToolSpec
 from app.services.core.errors import InvalidRequest
 from app.services.core.types import GenerationParams, Message
@@ -216,6 +216,26 @@ def test_logprobs_of_a_constrained_row_are_the_models_before_the_mask(service):
     assert first.chosen.logprob < first.top[0].logprob
 
 
+def test_a_parser_failure_ends_its_own_row_and_no_other(service, monkeypatch):
+    doomed = OutputConstraint.json_schema({"type": "object", "properties": {"doomed": {"type": "integer"}}, "required": ["doomed"]})
+    start = CompiledConstraint.start
+
+    def start_doomed(compiled):  # a parser that gives up at its first token (a resource limit, say)
+        row = start(compiled)
+        if compiled.constraint == doomed:
+            def give_up(token_id):
+                raise ConstraintViolation("the parser gave up")
+            row.advance = give_up
+        return row
+
+    monkeypatch.setattr(CompiledConstraint, "start", start_doomed)
+    free = GenerationParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    (alone,) = run_together(service, [free])
+    failed, beside = run_together(service, [GenerationParams(max_new_tokens=BUDGET, constraint=doomed), free])
+    assert failed.finish_reason == "error" and "the parser gave up" in failed.error
+    assert beside.finish_reason == "length" and beside.token_ids == alone.token_ids
+
+
 def test_a_finished_document_ends_the_row_even_with_ignore_eos(service):
     (result,) = run_together(service, [GenerationParams(max_new_tokens=BUDGET, temperature=1.0, seed=1, ignore_eos=True,
                                                         constraint=OutputConstraint.json_schema(PERSON))])
@@ -257,6 +277,7 @@ BAD = [
     ({"response_format": {"type": "yaml"}}, "response_format.type", ""),
     ({"grammar": 'root ::= "a" missing'}, "grammar", "missing"),
     ({"grammar": "not a grammar"}, "grammar", "::="),
+    ({"grammar": "root ::= root"}, "grammar", "no answer can match it"),
     ({"grammar": "   "}, "grammar", "empty"),
     ({"grammar": 'root ::= "a"', "response_format": {"type": "json_object"}}, "grammar", "not both"),
 ]
@@ -369,6 +390,23 @@ def test_compiled_constraints_are_cached_per_model(qwen_compiler):
     first = compiler.compile(OutputConstraint.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}))
     again = compiler.compile(OutputConstraint.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}))
     assert again is first  # an equal schema in another request: the same compiled grammar
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mask_rows_masks_the_listed_rows_only_and_leaves_its_input_raw(qwen_compiler, dtype):
+    import torch
+
+    tokenizer, compiler = qwen_compiler
+    row = compiler.compile(OutputConstraint.json_schema(PERSON)).start()
+    logits = torch.randn(3, 151936 + 64, dtype=getattr(torch, dtype))  # wider than the vocabulary, as some embeddings are
+    before = logits.clone()
+    masked = mask_rows(logits, [(1, row)])
+    assert torch.equal(logits, before)  # the raw logits, for log-probabilities
+    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+    allowed = torch.from_numpy(row.allowed())
+    assert torch.equal(torch.isfinite(masked[1, :151936]), allowed) and allowed.sum() >= 1
+    assert torch.isneginf(masked[1, 151936:]).all()
+    assert int(masked[1].argmax()) == tokenizer.convert_tokens_to_ids('{"')  # forced: the document's opening
 
 
 def test_compiling_is_thread_safe(qwen_compiler):

@@ -236,7 +236,7 @@ class EvalOptions(StrictBody):
 class EvalBody(EvalOptions):
     """The JSON form of POST /api/eval; multipart/form-data sends the file as 'file' instead."""
 
-    test_set: str = Field(min_length=1, description="The test set's text: JSONL or CSV with prompt, optional system, optional reference.")
+    test_set: str = Field(min_length=1, description="The test set's text: JSONL or CSV with prompt, optional system, optional reference, optional schema (a JSON schema the answers are held to).")
     filename: Optional[str] = Field(None, description="Its name; .csv or .jsonl says the format (otherwise it is sniffed).")
 
 
@@ -248,6 +248,15 @@ class Capabilities(Shape):
     adapter_switch: bool = Field(description="A request can run the model without its adapter (an unmerged LoRA).")
 
 
+class GpuUse(Shape):
+    name: Optional[str] = Field(description="The GPU's own name (\"NVIDIA H200\"); null when the model runs on no GPU.")
+    layers_offloaded: int = Field(description="Layers on the GPU (llama.cpp counts the output layer as one).")
+    layers_total: Optional[int] = Field(description="The model's layers, counted the same way.")
+    memory_bytes: Optional[int] = Field(description="Memory the model holds on the GPU, where it is measured.")
+    note: Optional[str] = Field(description="Why the model runs on the CPU, in plain words: a CPU build, "
+                                "--n-gpu-layers 0, a GPU start that failed and fell back.")
+
+
 class ModelStatus(Shape):
     state: Literal["not_loaded", "loading", "loaded", "error"]
     backend: str
@@ -255,6 +264,7 @@ class ModelStatus(Shape):
     model_name: Optional[str]
     adapter: Optional[str]
     device: Optional[str]
+    gpu: Optional[GpuUse] = Field(None, description="The GPU the loaded model uses, or why it uses none; null until loaded.")
     n_ctx: Optional[int]
     error: Optional[str]
     job: Optional[str] = Field(description="A job holding the model besides generations (fidelity).")
@@ -388,6 +398,8 @@ class GpuFigures(Shape):
     name: str
     memory_used_bytes: int
     memory_total_bytes: Optional[int] = None
+    utilization_percent: Optional[float] = Field(None, description="The GPU's busy share over the driver's last sample; null where it is not reported.")
+    source: Optional[Literal["nvml", "nvidia-smi", "torch"]] = Field(None, description="Who reported the figures.")
 
 
 class EvalRunning(Shape):
@@ -402,6 +414,7 @@ class SystemSnapshot(Shape):
     memory: MemoryFigures
     cpu: CpuFigures
     gpus: list[GpuFigures]
+    gpu_note: Optional[str] = Field(None, description="Why no GPU is listed, in plain words; null when one is.")
     eval: Optional[EvalRunning] = Field(description="The running eval's progress, if one runs.")
 
 

@@ -93,7 +93,7 @@ class RowConstraint:
 
     def advance(self, token_id: int) -> None:
         if not self._matcher.consume_token(token_id):
-            raise ConstraintViolation(f"the constraint refused token {token_id}: {self._matcher.get_error()}")
+            raise ConstraintViolation(f"the constraint refused token {token_id}: {_first_line(self._matcher.get_error())}")
 
     @property
     def is_finished(self) -> bool:
@@ -195,9 +195,15 @@ class ConstraintCompiler:
 
         tokenizer = self._llg_tokenizer(constraint.field)
         grammar = _grammar(constraint)
-        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        # short errors: the verbose ones dump the parser's state (and the schema) into a message a client reads
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=llguidance.LLParserLimits(verbose_errors=False))
         if matcher.is_error():
             raise _refusal(constraint, matcher.get_error())
+        probe = matcher.deep_copy()  # a grammar that derives no text fails only at its first mask
+        probe.compute_bitmask()
+        if probe.is_error():
+            raise InvalidRequest(f"{constraint.field}: no answer can match it ({_first_line(probe.get_error())})",
+                                 field=constraint.field)
         warnings = tuple(matcher.get_grammar_warnings())
         if warnings:
             log.warning("%s compiled leniently (strict: false), without: %s", constraint.field, "; ".join(warnings))
@@ -271,6 +277,10 @@ def tool_call_lark(constraint: OutputConstraint) -> str:
     return (f"start: call{repeat}\n"
             f"call: {marker(syntax.open)}{literal(syntax.before_json)} body{literal(syntax.after_json)} {marker(syntax.close)}\n"
             f"body: %json {json.dumps(schema)}\n")
+
+
+def _first_line(message: str) -> str:
+    return next((line.strip() for line in message.splitlines() if line.strip()), message)
 
 
 def _refusal(constraint: OutputConstraint, engine_message: str) -> InvalidRequest:

@@ -59,7 +59,6 @@ class Row:
     halt: threading.Event = field(default_factory=threading.Event)  # set by the reader: a stop string, Stop, its budget
     tokens: TokenQueue = field(default_factory=TokenQueue)
     left: threading.Event = field(default_factory=threading.Event)  # out of the batch: nothing more is computed for it
-    sampler: Optional[object] = None  # its sampling.RowSampler, from when it joins a batch
     constraint: Optional[RowConstraint] = None  # its own parser, under an output constraint
     ended: bool = False  # picked its end token or reached its budget
 
