@@ -184,3 +184,26 @@ def test_function_calling_data_trains_the_call_with_the_tools_in_the_prompt(tiny
     data.write_text(json.dumps(record) + "\n", encoding="utf-8")
     with pytest.raises(DatasetError, match="a tool result must follow an assistant turn with tool_calls"):
         load_sft_dataset(data)
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("body, field, says", [
+    ({"prompt": "Hi", "tools": [TOOL]}, "tools", "has no tools section"),  # SmolLM2's template
+    ({"prompt": "Hi", "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}]},
+     "tools.0.function.parameters", "not a valid JSON schema"),
+    ({"prompt": "Hi", "tools": [{"type": "tool", "function": {"name": "f"}}]}, "tools.0.type", "function"),
+    ({"prompt": "Hi", "tools": [TOOL, TOOL]}, "tools.1", "two tools are named 'f'"),
+    ({"prompt": "Hi", "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice", "'g'"),
+    ({"prompt": "Hi", "tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice", "must be"),
+    ({"messages": [{"role": "tool", "content": "r"}]}, "messages.0.tool_call_id", "tool_call_id"),
+    ({"messages": [{"role": "user", "content": "Hi", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}]}]},
+     "messages.0.tool_calls", "only an assistant"),
+])
+@pytest.mark.parametrize("route", ["/api/chat", "/api/streams", "/api/apply_template"])
+def test_bad_tools_on_api_are_a_400_naming_the_field(client, route, body, field, says):
+    response = client.post(route, json=body)
+    assert response.status_code == 400, response.data
+    error = response.get_json()
+    assert error["field"] == field and says in error["error"]
