@@ -60,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+STRUCTURE_RATES = (("valid_json_rate", "valid JSON"), ("schema_valid_rate", "schema valid"),
+                   ("tool_name_accuracy", "tool name"), ("tool_arguments_exact_match", "tool arguments"))
+
+
 def format_summary(report: EvalReport) -> str:
     def cell(value, digits=3):
         return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
@@ -71,6 +75,11 @@ def format_summary(report: EvalReport) -> str:
         lines.append(f"{s.label[:44]:<44} {s.rows:>5} {cell(s.bleu, 2):>7} {cell(s.rouge_l):>8} "
                      f"{cell(s.exact_match):>6} {cell(s.ref_nll, 2):>8} {cell(s.ref_perplexity, 2):>8} "
                      f"{cell(s.latency_ms, 1):>11} {cell(s.tokens_per_second, 1):>7}")
+    rates = [(key, name) for key, name in STRUCTURE_RATES if any(getattr(s, key) is not None for s in report.summary)]
+    if rates:  # rows with a schema or an expected tool call
+        header = f"{'model':<44} " + " ".join(f"{name:>14}" for _, name in rates)
+        lines += ["", header, "-" * len(header)]
+        lines += [f"{s.label[:44]:<44} " + " ".join(f"{cell(getattr(s, key)):>14}" for key, _ in rates) for s in report.summary]
     return "\n".join(lines)
 
 

@@ -5,10 +5,13 @@ Files: ``.json`` (a list of records) or ``.jsonl`` (one record per line). Each r
 - Alpaca: ``instruction``, optional ``input``, ``output``, optional ``system``, optional
   ``history`` (``[[user, assistant], ...]`` turns before the instruction);
 - ShareGPT: ``conversations: [{from: human|user|gpt|assistant|system, value}]``, optional ``system``;
-- OpenAI: ``messages: [{role: system|user|assistant, content}]``.
+- OpenAI: ``messages: [{role: system|user|assistant, content}]``; with OpenAI's function-calling
+  form, ``tools`` beside the messages, assistant turns with ``tool_calls`` (arguments as JSON
+  text) and ``tool`` messages with their results after them.
 
-Every record becomes a list of ``{"role", "content"}`` dicts: an optional system message, then
-user and assistant turns alternating, ending with an assistant turn. Anything else raises
+Every record becomes a :class:`Conversation`, a list of ``{"role", "content"}`` dicts: an optional
+system message, then user and assistant turns alternating (tool results between an assistant's
+calls and its next turn), ending with an assistant turn; its ``tools`` go to the chat template. Anything else raises
 :class:`DatasetError`, naming the file, the record (``record [i]`` is ``data[i]``, 0-based) and,
 for JSONL, the line.
 
@@ -26,7 +29,13 @@ log = logging.getLogger("sft_data")
 
 IGNORE_INDEX = -100  # the label torch's cross entropy (and transformers' loss) skips
 
-Message = dict[str, str]
+Message = dict[str, Any]
+
+
+class Conversation(list):
+    """One record's messages, and the tools the chat template renders for them (None: none)."""
+
+    tools: Optional[list[dict]] = None
 
 SHAREGPT_ROLES = {
     "human": "user",
@@ -35,7 +44,7 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
     "system": "system",
 }
-OPENAI_ROLES = ("system", "user", "assistant")
+OPENAI_ROLES = ("system", "user", "assistant", "tool")
 
 
 class DatasetError(ValueError):
@@ -49,7 +58,7 @@ class NoTargetTokens(DatasetError):
 # --------------------------------------------------------------------------- loading
 
 
-def load_sft_dataset(path: Path) -> list[list[Message]]:
+def load_sft_dataset(path: Path) -> list[Conversation]:
     """Every record of a .json or .jsonl file, as a list of messages."""
     path = Path(path)
     if not path.is_file():
@@ -89,12 +98,14 @@ def load_sft_dataset(path: Path) -> list[list[Message]]:
     return conversations
 
 
-def normalize_record(record: Any, where: str) -> list[Message]:
+def normalize_record(record: Any, where: str) -> Conversation:
     """One Alpaca, ShareGPT or OpenAI record as messages; ``where`` prefixes any error."""
     if not isinstance(record, dict):
         raise DatasetError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    tools = None
     if "messages" in record:
         messages = _from_openai(record, where)
+        tools = _tools(record, where)
     elif "conversations" in record:
         messages = _from_sharegpt(record, where)
     elif "instruction" in record or "output" in record:
@@ -105,7 +116,40 @@ def normalize_record(record: Any, where: str) -> list[Message]:
             f"('instruction', 'output'), ShareGPT ('conversations') or OpenAI ('messages')"
         )
     _check_turns(messages, where)
-    return messages
+    conversation = Conversation(messages)
+    conversation.tools = tools
+    return conversation
+
+
+def _tools(record: dict, where: str) -> Optional[list[dict]]:
+    tools = record.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
+                                              and isinstance(t["function"].get("name"), str) for t in tools):
+        raise DatasetError(f"{where}: 'tools' must be a list of {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}")
+    return tools
+
+
+def _tool_calls(item: dict, where: str, field: str) -> list[dict]:
+    """An assistant turn's calls, their arguments as objects: templates write them with ``tojson``."""
+    calls = item["tool_calls"]
+    if not isinstance(calls, list) or not calls:
+        raise DatasetError(f"{where}: {field}.tool_calls must be a non-empty list")
+    parsed = []
+    for number, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DatasetError(f"{where}: {field}.tool_calls[{number}] must be {{\"function\": {{\"name\", \"arguments\"}}}}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise DatasetError(f"{where}: {field}.tool_calls[{number}].function.arguments is not JSON") from None
+        parsed.append({"id": call.get("id", f"call_{number}"), "type": "function",
+                       "function": {"name": function["name"], "arguments": arguments}})
+    return parsed
 
 
 def _text(value: Any, where: str, field: str, allow_empty: bool = False) -> str:
@@ -173,28 +217,45 @@ def _from_openai(record: dict, where: str) -> list[Message]:
     messages = _system(record, where)
     for turn, item in enumerate(turns):
         field = f"messages[{turn}]"
-        if not isinstance(item, dict) or "role" not in item or "content" not in item:
+        calls = isinstance(item, dict) and item.get("role") == "assistant" and item.get("tool_calls")
+        if not isinstance(item, dict) or "role" not in item or ("content" not in item and not calls):
             raise DatasetError(f"{where}: {field} must be an object with 'role' and 'content'")
         role = item["role"]
         if role not in OPENAI_ROLES:
             raise DatasetError(f"{where}: {field} has unknown role {role!r}; expected one of {list(OPENAI_ROLES)}")
+        if calls:
+            content = item.get("content") or ""
+            messages.append({"role": role, "content": _text(content, where, f"{field}.content", allow_empty=True),
+                             "tool_calls": _tool_calls(item, where, field)})
+            continue
         content = item["content"]
         if isinstance(content, list):
             # The multi-part form: only text parts can be trained on here.
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
                 raise DatasetError(f"{where}: {field}.content has non-text parts; only text is supported")
             content = "".join(p["text"] for p in content)
-        messages.append({"role": role, "content": _text(content, where, f"{field}.content", allow_empty=role == "system")})
+        message = {"role": role, "content": _text(content, where, f"{field}.content", allow_empty=role == "system")}
+        if role == "tool" and isinstance(item.get("tool_call_id"), str):
+            message["tool_call_id"] = item["tool_call_id"]
+        messages.append(message)
     return messages
 
 
 def _check_turns(messages: list[Message], where: str) -> None:
-    """An optional leading system message, then user/assistant alternating, ending with the assistant."""
+    """An optional leading system message, then user/assistant alternating, ending with the
+    assistant; tool results come right after the assistant turn that called, and are followed
+    by an assistant turn."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not body:
         raise DatasetError(f"{where}: no user or assistant turns")
+    expected = "user"
     for turn, message in enumerate(body):
-        expected = "user" if turn % 2 == 0 else "assistant"
+        if message["role"] == "tool":
+            before = body[turn - 1] if turn else {}
+            if not (before.get("role") == "tool" or before.get("tool_calls")):
+                raise DatasetError(f"{where}: turn {turn}: a tool result must follow an assistant turn with tool_calls")
+            expected = "assistant"
+            continue
         if message["role"] != expected:
             if message["role"] == "system":
                 problem = "a system message is only allowed first"
@@ -202,15 +263,16 @@ def _check_turns(messages: list[Message], where: str) -> None:
                 article = "an" if expected == "assistant" else "a"
                 problem = f"expected {article} {expected} turn, got {message['role']} (turns must alternate, starting with the user)"
             raise DatasetError(f"{where}: turn {turn}: {problem}")
+        expected = "assistant" if message["role"] == "user" else "user"
     if body[-1]["role"] != "assistant":
-        raise DatasetError(f"{where}: the last turn is the user's; a training example must end with the assistant's answer")
+        raise DatasetError(f"{where}: the last turn is the {body[-1]['role']}'s; a training example must end with the assistant's answer")
 
 
 # --------------------------------------------------------------------------- tokenising
 
 
-def _render(tokenizer, messages: list[Message], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages: list[Message], generation_prompt: bool, tools: Optional[list[dict]] = None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -223,13 +285,14 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     return {tokenizer.eos_token_id} - {None}
 
 
-def tokenize_for_sft(tokenizer, messages: list[Message], max_len: int) -> dict[str, list[int]]:
+def tokenize_for_sft(tokenizer, messages: list[Message], max_len: int, tools: Optional[list[dict]] = None) -> dict[str, list[int]]:
     """``input_ids``, ``labels`` and ``attention_mask`` for one conversation.
 
     Labels are ``-100`` everywhere except the assistant's turns: their content and closing
     end-of-turn token (``<|im_end|>`` for ChatML, so the model learns to stop), without the
     ``<|im_start|>assistant\\n`` header the generation prompt already supplies and without what
-    the template writes after the end-of-turn token.
+    the template writes after the end-of-turn token. ``tools`` are rendered by the template (its
+    tools section), so a tool-calling turn is learned with the prompt it will be served with.
 
     The spans come from the template itself, rendered incrementally: assistant turn ``i`` is the
     tokens of ``messages[:i+1]`` beyond those of ``messages[:i]`` with the generation prompt.
@@ -240,15 +303,15 @@ def tokenize_for_sft(tokenizer, messages: list[Message], max_len: int) -> dict[s
     """
     if max_len < 1:
         raise ValueError(f"max_len must be at least 1, got {max_len}")
-    full_ids = _encode(tokenizer, _render(tokenizer, messages, generation_prompt=False))
+    full_ids = _encode(tokenizer, _render(tokenizer, messages, generation_prompt=False, tools=tools))
     labels = [IGNORE_INDEX] * len(full_ids)
     stops = end_of_turn_ids(tokenizer)
 
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt_ids = _encode(tokenizer, _render(tokenizer, messages[:i], generation_prompt=True))
-        turn_ids = _encode(tokenizer, _render(tokenizer, messages[: i + 1], generation_prompt=False))
+        prompt_ids = _encode(tokenizer, _render(tokenizer, messages[:i], generation_prompt=True, tools=tools))
+        turn_ids = _encode(tokenizer, _render(tokenizer, messages[: i + 1], generation_prompt=False, tools=tools))
         if turn_ids[: len(prompt_ids)] != prompt_ids or full_ids[: len(turn_ids)] != turn_ids:
             raise DatasetError(
                 f"the chat template is not prefix-stable for this conversation (assistant turn at message {i}): "
@@ -285,7 +348,7 @@ def tokenize_dataset(
     prefix = f"{source}, " if source else ""
     for index, messages in enumerate(conversations):
         try:
-            examples.append(tokenize_for_sft(tokenizer, messages, max_len))
+            examples.append(tokenize_for_sft(tokenizer, messages, max_len, getattr(messages, "tools", None)))
         except NoTargetTokens as exc:
             skipped += 1
             log.warning("%srecord [%d] skipped: %s", prefix, index, exc)

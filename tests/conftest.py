@@ -89,6 +89,17 @@ def trained_adapter(tmp_path_factory, default_hf_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def tool_adapter(tmp_path_factory, tiny_checkpoints):
+    """The tiny Qwen2.5 fine-tuned in this session to call a tool for one request
+    (tests/support/tool_adapter.py), saved where LLaMA-Factory would: saves/<model>/lora/<run>."""
+    from scripts.train_lora import default_out_dir
+    from tests.support.tool_adapter import train_tool_adapter
+
+    base = tiny_checkpoints["qwen2.5"]
+    return train_tool_adapter(base, default_out_dir(base, saves_dir=tmp_path_factory.mktemp("tool-adapter") / "saves"))
+
+
+@pytest.fixture(scope="session")
 def gguf_models(tmp_path_factory):
     """Where the session's conversions go (a model root of every test app)."""
     return tmp_path_factory.mktemp("gguf-models")

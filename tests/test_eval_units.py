@@ -43,14 +43,17 @@ def test_rows_without_reference_are_not_scored():
     assert eval_metrics.score("anything", None).model_dump() == {"bleu": None, "rouge_l": None, "exact_match": None}
 
 
+NO_TOOLS = {"tools": None, "tool_choice": None, "expected_tool_call": None}
+
+
 def test_jsonl_and_csv_give_the_same_rows():
     jsonl = '{"prompt": "Hi", "reference": "Hello"}\n\n{"prompt": "Q2", "system": "Be brief.", "reference": null}\n'
     csv = 'prompt,system,reference\nHi,,Hello\nQ2,Be brief.,\n'
     from_jsonl = parse_test_set(jsonl.encode(), "set.jsonl")
     from_csv = parse_test_set(csv.encode(), "set.csv")
     assert [r.model_dump() for r in from_jsonl] == [r.model_dump() for r in from_csv] == [
-        {"index": 0, "prompt": "Hi", "system": None, "reference": "Hello", "schema": None},
-        {"index": 1, "prompt": "Q2", "system": "Be brief.", "reference": None, "schema": None},
+        {"index": 0, "prompt": "Hi", "system": None, "reference": "Hello", "schema": None, **NO_TOOLS},
+        {"index": 1, "prompt": "Q2", "system": "Be brief.", "reference": None, "schema": None, **NO_TOOLS},
     ]
     # no name: sniffed; a UTF-8 BOM (Excel's CSV) is not part of the first column's name
     assert parse_test_set(("\ufeff" + csv).encode("utf-8"))[0].prompt == "Hi"

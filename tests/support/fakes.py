@@ -74,7 +74,7 @@ class FakeBackend:
     def chat_template(self) -> Optional[str]:
         return "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
 
-    def prepare(self, messages=None, text=None, continue_final=False) -> Prompt:
+    def prepare(self, messages=None, text=None, continue_final=False, tools=()) -> Prompt:
         text = self.render_prompt(messages) if messages is not None else text
         return Prompt(text=text, token_ids=tuple(range(self.count_tokens(text))))
 

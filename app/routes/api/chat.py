@@ -22,9 +22,10 @@ from app.routes.http.body import parse_body
 from app.routes.http.extensions import compare_slots, limit_settings, model_service
 from app.routes.http.hangup import cancel_on_hangup
 from app.routes.http.shapes import logprob_entries
+from app.routes.http.tools import checked_calls
 from app.routes.http.wire import json_answer, sse_event, stream_generation
 from app.services.core.errors import GenerationError, NotFound
-from app.services.core.types import Chunk
+from app.services.core.types import Chunk, ToolCall
 from app.services.engine.generation import Generation
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
@@ -35,6 +36,7 @@ class NamedEvents:
 
     def __init__(self, generation: Generation):
         self._generation = generation
+        self._calls: list[ToolCall] = []
 
     def opening(self) -> Iterable[str]:
         return ()
@@ -43,14 +45,18 @@ class NamedEvents:
         yield sse_event("queue", QueueEvent(position=position))
 
     def piece(self, chunk: Chunk) -> Iterable[str]:
+        self._calls.extend(chunk.tool_calls)
+        if not (chunk.text or chunk.logprobs):
+            return
         yield sse_event("token", TokenEvent(text=chunk.text, logprobs=logprob_entries(chunk.logprobs) if chunk.logprobs else None),
                         exclude_none=True)
 
     def ending(self, chunk: Chunk) -> Iterable[str]:
-        if chunk.text:
-            yield from self.piece(chunk)
+        yield from self.piece(chunk)
+        tools = self._generation.tools
         yield sse_event("done", DoneEvent(finish_reason=chunk.finish_reason, usage=chunk.usage, timings=chunk.timings,
-                                          model=self._generation.model, request_id=self._generation.id))
+                                          model=self._generation.model, request_id=self._generation.id,
+                                          tool_calls=checked_calls(self._calls, tools) if tools is not None else None))
 
     def failure(self, chunk: Chunk) -> Iterable[str]:
         if chunk.text:
@@ -67,7 +73,8 @@ def start_generation() -> Generation:
     if body.slot is not None:
         slot = compare_slots().get(body.slot)
         service, params = slot.service, slot.params(params)
-    return service.start(params, messages=messages, generation_id=body.request_id, continue_final=body.continue_final)
+    return service.start(params, messages=messages, generation_id=body.request_id, continue_final=body.continue_final,
+                         tools=body.tool_use())
 
 
 @bp.post("/chat")
@@ -79,6 +86,7 @@ def chat():
         response=result.text, finish_reason=result.finish_reason, usage=result.usage, timings=result.timings,
         model=generation.model, request_id=generation.id,
         logprobs=logprob_entries(result.logprobs) if generation.params.logprobs is not None else None,
+        tool_calls=checked_calls(result.tool_calls, generation.tools) if generation.tools is not None else None,
     ))
 
 

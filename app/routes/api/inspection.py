@@ -58,5 +58,6 @@ def apply_template():
     body = parse_body(ApplyTemplateBody)
     messages = body.messages_list(limit_settings())
     tokenizer = model_service().inspector()
-    prompt = tokenizer.render_prompt(messages)
+    tools = body.tool_use()
+    prompt = tokenizer.render_prompt(messages, tools.tools if tools is not None and tools.offered else ())
     return json_answer(RenderedPrompt(prompt=prompt, token_count=tokenizer.count_tokens(prompt)))

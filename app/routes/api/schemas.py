@@ -2,18 +2,19 @@
 the few answers this API composes from the services' shapes (the rest are the services' own)."""
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from app.routes.http.body import StrictBody
 from app.routes.http.constraints import ConstraintFields
 from app.routes.http.sampling import RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopLogprobs, TopP
 from app.routes.http.shapes import TokenLogprobShape
+from app.routes.http.tools import CheckedToolCall, ToolCallIn, ToolIn, tool_use
 from app.services.catalog import AdapterEntry, ModelEntry
 from app.services.core.errors import InvalidRequest
 from app.services.core.shapes import Shape
-from app.services.core.types import GenerationParams, Message, Timings, Usage
+from app.services.core.types import GenerationParams, Message, Timings, ToolUse, Usage
 from app.services.engine.slots import SlotRequest, SlotView
 from app.services.evals.judge import JudgeRequest
 from app.services.evals.service import EvalListing, RunningEval
@@ -27,8 +28,37 @@ Backend = Annotated[BackendName, BeforeValidator(lambda name: current_backend_na
 
 class MessageIn(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(min_length=1)
+    role: Literal["system", "user", "assistant", "tool"]
+    # before content, whose check reads them
+    tool_calls: Optional[list[ToolCallIn]] = Field(None, description="An assistant message's calls, as the answer gave them.")
+    tool_call_id: Optional[str] = Field(None, min_length=1, validate_default=True,
+                                        description="A tool message answers this call.")
+    content: str = Field("", validate_default=True,
+                         description="The text; may be empty only in an assistant message that makes tool calls.")
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _only_assistants_call(cls, value, info: ValidationInfo):
+        if value and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message carries tool_calls")
+        return value
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_answers_a_call(cls, value, info: ValidationInfo):
+        if value is None and info.data.get("role") == "tool":
+            raise ValueError("a tool message needs tool_call_id, the id of the call it answers")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _not_empty(cls, value: str, info: ValidationInfo) -> str:
+        if not value and not info.data.get("tool_calls"):
+            raise ValueError("the message is empty: give content (or, for an assistant, tool_calls)")
+        return value
+
+    def message(self) -> Message:
+        return Message(self.role, self.content, tuple(call.call() for call in self.tool_calls or ()), self.tool_call_id)
 
 
 class ConversationBody(StrictBody):
@@ -44,7 +74,7 @@ class ConversationBody(StrictBody):
         if self.messages is not None:
             if len(self.messages) > limits.max_messages:
                 raise InvalidRequest(f"at most {limits.max_messages} messages are allowed, got {len(self.messages)}", field="messages")
-            messages = [Message(m.role, m.content) for m in self.messages]
+            messages = [m.message() for m in self.messages]
         else:
             messages = [Message("user", self.prompt)]
         if self.system:
@@ -56,11 +86,22 @@ class ConversationBody(StrictBody):
         return messages
 
 
-class ApplyTemplateBody(ConversationBody):
-    """The conversation part of a chat body; the sampling fields a chat would carry are ignored."""
+class ToolsBody(BaseModel):
+    """Tools offered to the model, as on /v1 (app/routes/http/tools.py)."""
+
+    tools: Optional[list[ToolIn]] = Field(None, description="Functions the model may call, rendered by its chat template.")
+    tool_choice: Any = Field(None, description='"auto" (the default with tools), "none", "required", or '
+                             '{"type": "function", "function": {"name": ...}}.')
+
+    def tool_use(self) -> Optional[ToolUse]:
+        return tool_use(self.tools, self.tool_choice)
 
 
-class ChatBody(ConversationBody, Sampling, StopStrings, ConstraintFields):
+class ApplyTemplateBody(ConversationBody, ToolsBody):
+    """The conversation part of a chat body, and its tools; the sampling fields a chat would carry are ignored."""
+
+
+class ChatBody(ConversationBody, ToolsBody, Sampling, StopStrings, ConstraintFields):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     max_new_tokens: TokenBudget = 256
@@ -132,7 +173,7 @@ class FidelityBody(StrictBody):
                     raise InvalidRequest("prompts must not be empty strings", field="prompts")
                 prompts.append((Message("user", entry),))
             else:
-                messages = tuple(Message(m.role, m.content) for m in entry.messages)
+                messages = tuple(m.message() for m in entry.messages)
                 if all(m.role == "system" for m in messages):
                     raise InvalidRequest("each conversation in prompts needs a user message", field="prompts")
                 prompts.append(messages)
@@ -241,8 +282,9 @@ class VoteBody(StrictBody):
 # -- answers: the services' own shapes, and the few this API puts together from them -----------
 
 class ChatAnswer(Shape):
-    response: str
-    finish_reason: Literal["stop", "length", "cancelled"]
+    response: str = Field(description="The answer's text; with tools, without the calls it made.")
+    finish_reason: Literal["stop", "length", "cancelled", "tool_calls"]
+    tool_calls: Optional[list[CheckedToolCall]] = Field(None, description="With tools in the request: the calls the answer made.")
     usage: Usage
     timings: Timings
     model: str
@@ -260,11 +302,12 @@ class TokenEvent(Shape):
 class DoneEvent(Shape):
     """``event: done``."""
 
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: Literal["stop", "length", "cancelled", "tool_calls"]
     usage: Optional[Usage]
     timings: Optional[Timings]
     model: str
     request_id: str
+    tool_calls: Optional[list[CheckedToolCall]] = Field(None, description="With tools in the request: the calls the answer made.")
 
 
 class ErrorEvent(Shape):

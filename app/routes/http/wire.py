@@ -80,7 +80,7 @@ def stream_generation(generation: Generation, framing: Framing) -> Response:
                     yield from framing.queued(item.position)
                 elif item.is_last:
                     yield from framing.failure(item) if item.finish_reason == "error" else framing.ending(item)
-                elif item.text or item.logprobs:
+                elif item.text or item.logprobs or item.tool_calls:
                     yield from framing.piece(item)
         finally:
             generation.cancel.set()

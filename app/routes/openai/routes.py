@@ -21,6 +21,7 @@ from flask import Blueprint
 from app.routes.http.body import parse_body
 from app.routes.http.errors import openai_error_of
 from app.routes.http.extensions import limit_settings, model_service
+from app.routes.http.tools import CalledFunction, ToolCallShape
 from app.routes.http.wire import SSE_DONE, json_answer, sse_data, stream_generation
 from app.routes.openai.schemas import (
     AssistantMessage,
@@ -33,6 +34,7 @@ from app.routes.openai.schemas import (
     ChunkDelta,
     CompletionBody,
     CompletionLogprobs,
+    FunctionDelta,
     ModelCard,
     ModelList,
     SamplingBody,
@@ -40,35 +42,65 @@ from app.routes.openai.schemas import (
     TextChunkChoice,
     TextCompletion,
     TextCompletionChunk,
+    ToolCallDelta,
 )
 from app.services.core.errors import generation_failure
-from app.services.core.types import Chunk, TokenLogprob, Usage
+from app.services.core.types import Chunk, TokenLogprob, ToolCall, Usage
 from app.services.engine.generation import Generation
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's own default for /v1/completions
-OPENAI_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+OPENAI_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "tool_calls": "tool_calls"}
 
 
-def _start(body: SamplingBody, messages=None, text=None, default_max_tokens: int = 0) -> Generation:
+def _start(body: SamplingBody, messages=None, text=None, default_max_tokens: int = 0, tools=None) -> Generation:
     limits = limit_settings()
     params = body.params(limits, default_max_tokens or limits.max_new_tokens)
     service = model_service()
     service.use_model(body.model)
-    return service.start(params, messages=messages, text=text)
+    return service.start(params, messages=messages, text=text, tools=tools)
+
+
+def _finish_reason(reason: str, legacy_functions: bool) -> str:
+    reason = OPENAI_FINISH.get(reason, "stop")
+    return "function_call" if legacy_functions and reason == "tool_calls" else reason
+
+
+def call_deltas(call: ToolCall, index: int, legacy_functions: bool) -> list[ChunkDelta]:
+    """One call as OpenAI streams it: a delta with its index, id, type and name (arguments
+    empty), then its arguments; in the older functions form, ``function_call`` deltas."""
+    if legacy_functions:
+        return [ChunkDelta(function_call=FunctionDelta(name=call.name, arguments="")),
+                ChunkDelta(function_call=FunctionDelta(arguments=call.arguments))]
+    return [ChunkDelta(tool_calls=[ToolCallDelta(index=index, id=call.id, type="function",
+                                                 function=FunctionDelta(name=call.name, arguments=""))]),
+            ChunkDelta(tool_calls=[ToolCallDelta(index=index, function=FunctionDelta(arguments=call.arguments))])]
+
+
+def chat_message(text: str, calls: Sequence[ToolCall], legacy_functions: bool) -> AssistantMessage:
+    """The whole answer's message: content null when the answer is only calls, as OpenAI sends it."""
+    content = text if text or not calls else None
+    if calls and legacy_functions:
+        return AssistantMessage(role="assistant", content=content,
+                                function_call=CalledFunction(name=calls[0].name, arguments=calls[0].arguments))
+    tool_calls = [ToolCallShape(id=call.id, type="function", function=CalledFunction(name=call.name, arguments=call.arguments))
+                  for call in calls]
+    return AssistantMessage(role="assistant", content=content, tool_calls=tool_calls or None)
 
 
 class CompletionChunks:
     """OpenAI's stream of ``chat.completion.chunk`` (chat) or ``text_completion`` objects."""
 
     def __init__(self, chat: bool, include_usage: bool, completion_id: str, created: int, model: Optional[str],
-                 with_logprobs: bool):
+                 with_logprobs: bool, legacy_functions: bool = False):
         self._chat = chat
         self._include_usage = include_usage
         self._head = {"id": completion_id, "created": int(created), "model": model}
         self._with_logprobs = with_logprobs
+        self._legacy_functions = legacy_functions
         self._offset = 0  # characters sent so far, for text completions' text_offset
+        self._calls = 0  # tool calls sent so far: the next one's index
 
     def _chunk(self, choices: list, usage: Optional[Usage] = None) -> str:
         usage_field = {"usage": usage} if self._include_usage else {}  # null in every chunk, but only when asked for
@@ -79,14 +111,15 @@ class CompletionChunks:
         return sse_data(chunk, exclude_unset=True)
 
     def _choice(self, text: Optional[str], finish_reason: Optional[str], first: bool = False,
-                logprobs: Sequence[TokenLogprob] = ()) -> str:
+                logprobs: Sequence[TokenLogprob] = (), delta: Optional[ChunkDelta] = None) -> str:
         entries = None
         if self._with_logprobs and logprobs:
             entries = ChatLogprobs.of(logprobs) if self._chat else CompletionLogprobs.of(logprobs, self._offset)
             self._offset += sum(len(logprob.chosen.text) for logprob in logprobs)
         if self._chat:
-            delta = ChunkDelta(role="assistant", content="") if first else (
-                ChunkDelta(content=text) if text is not None else ChunkDelta())
+            if delta is None:
+                delta = ChunkDelta(role="assistant", content="") if first else (
+                    ChunkDelta(content=text) if text is not None else ChunkDelta())
             choice = ChatChunkChoice(index=0, delta=delta, logprobs=entries, finish_reason=finish_reason)
         else:
             choice = TextChunkChoice(index=0, text=text or "", logprobs=entries, finish_reason=finish_reason)
@@ -100,12 +133,19 @@ class CompletionChunks:
         return ()  # OpenAI's protocol has no queue event; the client just waits
 
     def piece(self, chunk: Chunk) -> Iterable[str]:
-        yield self._choice(chunk.text, None, logprobs=chunk.logprobs)
+        if chunk.text or chunk.logprobs or not chunk.tool_calls:
+            yield self._choice(chunk.text, None, logprobs=chunk.logprobs)
+        for call in chunk.tool_calls:
+            if self._legacy_functions and self._calls:
+                break  # the older form carries one call
+            for delta in call_deltas(call, self._calls, self._legacy_functions):
+                yield self._choice(None, None, delta=delta)
+            self._calls += 1
 
     def ending(self, chunk: Chunk) -> Iterable[str]:
-        if chunk.text or chunk.logprobs:
-            yield self._choice(chunk.text, None, logprobs=chunk.logprobs)
-        yield self._choice(None, OPENAI_FINISH.get(chunk.finish_reason, "stop"))
+        if chunk.text or chunk.logprobs or chunk.tool_calls:
+            yield from self.piece(chunk)
+        yield self._choice(None, _finish_reason(chunk.finish_reason, self._legacy_functions))
         if self._include_usage and chunk.usage:
             yield self._chunk([], chunk.usage)
         yield SSE_DONE
@@ -114,18 +154,18 @@ class CompletionChunks:
         yield sse_data(openai_error_of(generation_failure(chunk.error, chunk.error_type)))
 
 
-def _answer(body: SamplingBody, generation: Generation, chat: bool):
+def _answer(body: SamplingBody, generation: Generation, chat: bool, legacy_functions: bool = False):
     """The whole answer or its stream, as a chat completion or a text completion."""
     completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created, model = int(time.time()), model_service().model_id()
     with_logprobs = generation.params.logprobs is not None
     if body.stream:
-        framing = CompletionChunks(chat, body.include_usage(), completion_id, created, model, with_logprobs)
+        framing = CompletionChunks(chat, body.include_usage(), completion_id, created, model, with_logprobs, legacy_functions)
         return stream_generation(generation, framing)
     result = generation.collect().raise_for_error()
-    finish_reason = OPENAI_FINISH.get(result.finish_reason, "stop")
+    finish_reason = _finish_reason(result.finish_reason, legacy_functions)
     if chat:
-        choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=result.text),
+        choice = ChatChoice(index=0, message=chat_message(result.text, result.tool_calls, legacy_functions),
                             logprobs=ChatLogprobs.of(result.logprobs) if with_logprobs else None, finish_reason=finish_reason)
         return json_answer(ChatCompletion(id=completion_id, object="chat.completion", created=created, model=model,
                                           choices=[choice], usage=result.usage, timings=result.timings))
@@ -139,7 +179,8 @@ def _answer(body: SamplingBody, generation: Generation, chat: bool):
 def chat_completions():
     body = parse_body(ChatCompletionBody)
     limits = limit_settings()
-    return _answer(body, _start(body, messages=body.messages_list(limits)), chat=True)
+    generation = _start(body, messages=body.messages_list(limits), tools=body.tool_use())
+    return _answer(body, generation, chat=True, legacy_functions=body.legacy_functions)
 
 
 @bp.post("/completions")

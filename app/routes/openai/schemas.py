@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI-compatible /v1 routes.
 
-Fields OpenAI defines and this server cannot honour (``n`` > 1, tools, ``echo``,
+Fields OpenAI defines and this server cannot honour (``n`` > 1, ``echo``,
 ``suffix``) are refused with a 400 naming them rather than silently ignored, so a client never
 believes it got what it did not. ``response_format`` and llama-server's ``grammar`` are enforced
 while decoding (http/constraints.py). Unknown fields are ignored, as OpenAI's own server does for
@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.routes.http.constraints import ConstraintFields
 from app.routes.http.sampling import OpenAIPenalty, RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopLogprobs, TopP
+from app.routes.http.tools import CalledFunction, FunctionIn, ToolCallIn, ToolCallShape, ToolIn, legacy_tool_use, tool_use
 from app.services.core.errors import InvalidRequest
 from app.services.core.shapes import Shape
-from app.services.core.types import GenerationParams, Message, Timings, TokenCandidate, TokenLogprob, Usage
+from app.services.core.types import GenerationParams, Message, Timings, TokenCandidate, TokenLogprob, ToolCall, ToolUse, Usage
 from config.settings import LimitSettings
 
 
@@ -28,10 +29,39 @@ class TextPart(BaseModel):
     text: Optional[str] = None
 
 
+class FunctionCallIn(BaseModel):
+    """An assistant message's call in the older ``function_call`` form."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    arguments: str
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    # "function" is the older form of "tool": a function's result, named by the function
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[str, list[TextPart], None] = None
+    tool_calls: Optional[list[ToolCallIn]] = Field(None, description="An assistant message's calls.")
+    function_call: Optional[FunctionCallIn] = Field(None, description="An assistant message's call, the older form.")
+    tool_call_id: Optional[str] = Field(None, description="A tool message answers this call.")
+    name: Optional[str] = None
+
+    def message(self, index: int) -> Message:
+        """As the service takes it: "developer" is OpenAI's newer name for the system role, and a
+        "function" result is a tool message answering the function's last call."""
+        calls = tuple(call.call() for call in self.tool_calls or ())
+        if self.function_call is not None:
+            calls += (ToolCall(f"call_{index}", self.function_call.name, self.function_call.arguments),)
+        if self.role == "tool" and not self.tool_call_id:
+            raise InvalidRequest(f"messages[{index}] is a tool message without tool_call_id", field=f"messages.{index}.tool_call_id")
+        if calls and self.role != "assistant":
+            raise InvalidRequest(f"messages[{index}] carries tool calls, which only an assistant message can",
+                                 field=f"messages.{index}.tool_calls")
+        content = "" if calls and self.content is None else self.text(index)
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        call_id = self.tool_call_id if self.role == "tool" else (self.name if self.role == "function" else None)
+        return Message(role, content, calls, call_id)
 
     def text(self, index: int) -> str:
         if isinstance(self.content, str):
@@ -90,8 +120,12 @@ class SamplingBody(Sampling, StopStrings, ConstraintFields):
 class ChatCompletionBody(SamplingBody):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: Optional[TokenBudget] = None
-    tools: Any = None
-    tool_choice: Any = None
+    tools: Optional[list[ToolIn]] = Field(None, description="Functions the model may call, rendered by its chat template.")
+    tool_choice: Any = Field(None, description='"auto" (the default with tools), "none", "required", or '
+                             '{"type": "function", "function": {"name": ...}}.')
+    parallel_tool_calls: Optional[bool] = Field(None, description="Accepted; under auto the model may make several calls.")
+    functions: Optional[list[FunctionIn]] = Field(None, description="The older form of tools.")
+    function_call: Any = Field(None, description='The older form of tool_choice: "auto", "none" or {"name": ...}.')
     logprobs: Optional[bool] = Field(None, description="Return each answer token's log-probability (logprobs.content).")
     top_logprobs: Optional[TopLogprobs] = Field(None, description="With logprobs: this many of the most likely tokens at each place (0-20).")
 
@@ -103,13 +137,23 @@ class ChatCompletionBody(SamplingBody):
     def messages_list(self, limits: LimitSettings) -> list[Message]:
         if len(self.messages) > limits.max_messages:
             raise InvalidRequest(f"at most {limits.max_messages} messages are allowed, got {len(self.messages)}", field="messages")
-        if self.tools:
-            raise InvalidRequest("tools are not supported", field="tools")
-        # "developer" is OpenAI's newer name for the system role.
-        messages = [Message("system" if m.role == "developer" else m.role, m.text(i)) for i, m in enumerate(self.messages)]
+        messages = [m.message(i) for i, m in enumerate(self.messages)]
         if all(m.role == "system" for m in messages):
             raise InvalidRequest("the conversation needs a user message", field="messages")
         return messages
+
+    @property
+    def legacy_functions(self) -> bool:
+        """The request uses the older functions / function_call, and is answered in that form."""
+        return self.functions is not None or self.function_call is not None
+
+    def tool_use(self) -> Optional[ToolUse]:
+        if self.legacy_functions:
+            if self.tools is not None or self.tool_choice is not None:
+                raise InvalidRequest("send tools and tool_choice, or the older functions and function_call, not both",
+                                     field="functions" if self.functions is not None else "function_call")
+            return legacy_tool_use(self.functions, self.function_call)
+        return tool_use(self.tools, self.tool_choice)
 
     def params(self, limits: LimitSettings, default_max_tokens: int) -> GenerationParams:
         if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
@@ -202,7 +246,9 @@ class CompletionLogprobs(Shape):
 
 class AssistantMessage(Shape):
     role: Literal["assistant"]
-    content: str
+    content: Optional[str] = Field(description="The answer's text; null when it is only tool calls.")
+    tool_calls: Optional[list[ToolCallShape]] = None
+    function_call: Optional[CalledFunction] = Field(None, description="The call, for a request in the older functions form.")
 
 
 class ChatChoice(Shape):
@@ -239,9 +285,23 @@ class TextCompletion(CompletionHead):
     timings: Optional[Timings] = Field(None, description="llama-server's extension; OpenAI clients ignore it.")
 
 
+class FunctionDelta(Shape):
+    name: Optional[str] = Field(None, description="In a call's first delta only.")
+    arguments: str = Field(description="Empty in a call's first delta; then the JSON text of its arguments.")
+
+
+class ToolCallDelta(Shape):
+    index: int = Field(description="Which call of the answer this delta belongs to (0 for the first).")
+    id: Optional[str] = Field(None, description="In a call's first delta only.")
+    type: Optional[Literal["function"]] = Field(None, description="In a call's first delta only.")
+    function: FunctionDelta
+
+
 class ChunkDelta(Shape):
     role: Optional[Literal["assistant"]] = Field(None, description="In the first chunk only.")
-    content: Optional[str] = Field(None, description="Absent from the last chunk.")
+    content: Optional[str] = Field(None, description="Absent from the last chunk and from a call's deltas.")
+    tool_calls: Optional[list[ToolCallDelta]] = Field(None, description="A call the answer makes: first its name, then its arguments.")
+    function_call: Optional[FunctionDelta] = Field(None, description="The call, for a request in the older functions form.")
 
 
 class ChatChunkChoice(Shape):

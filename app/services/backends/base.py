@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 from app.services.core.constraints import OutputConstraint
 from app.services.core.errors import BackendIncomplete, InvalidRequest
 from app.services.core.shapes import Shape
-from app.services.core.types import Chunk, GenerationParams, GpuUse, Message, Prompt
+from app.services.core.types import Chunk, GenerationParams, GpuUse, Message, Prompt, ToolFunction
 
 
 class Capabilities(Shape):
@@ -34,6 +34,8 @@ class Capabilities(Shape):
                           "/api/score, reference likelihoods in evals, divergence.")
     logprobs: bool = Field(False, description="Token log-probabilities of an answer are reported (the remote backend "
                            "passes on what its server sends).")
+    tools: bool = Field(False, description="Tools offered in a request are rendered by the chat template, and the "
+                        "answer is read for calls in the syntax the template teaches.")
     constrained_decoding: bool = Field(False, description="GenerationParams.constraint (response_format, grammar, an eval "
                                        "row's schema) is enforced token by token: the Constraining methods.")
 
@@ -119,10 +121,12 @@ class Backend(Protocol):
         """The model's Jinja chat template, or None when it has none here (a remote server keeps its own)."""
 
     def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None,
-                continue_final: bool = False) -> Prompt:
+                continue_final: bool = False, tools: Sequence[ToolFunction] = ()) -> Prompt:
         """Renders (for messages) and tokenises the prompt once, so the service can check it
         against the context before any stream opens. ``continue_final``: the messages end with
-        an assistant message the model goes on writing (see ``continuation_prompt``)."""
+        an assistant message the model goes on writing (see ``continuation_prompt``). ``tools``
+        (``capabilities.tools``): rendered by the chat template, whose call syntax the prompt's
+        ``tool_format`` names; a template without a tools section is a 400 naming ``tools``."""
 
     def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
         """Yields chunks; the last one has finish_reason, usage and timings. Checks ``cancel``
@@ -133,8 +137,8 @@ class LocalTokenizer(Protocol):
     """The tokenizer and chat template generation uses, for the inspection routes
     (``capabilities.inspection``)."""
 
-    def render_prompt(self, messages: Sequence[Message]) -> str:
-        """The exact prompt string the model sees for these messages."""
+    def render_prompt(self, messages: Sequence[Message], tools: Sequence[ToolFunction] = ()) -> str:
+        """The exact prompt string the model sees for these messages (and tools)."""
 
     def count_tokens(self, text: str) -> int: ...
 

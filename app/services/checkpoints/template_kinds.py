@@ -5,7 +5,11 @@ prompt format, the usual cause of a model that is good in one runtime and garbag
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
+
+from app.services.core.tool_calls import HERMES, HUNYUAN, LLAMA3_JSON
+from app.services.core.types import ToolCallFormat
 
 # First match wins: specific markers before ones that other families also write.
 TEMPLATE_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -30,3 +34,32 @@ def template_kind(template: Optional[str]) -> Optional[str]:
         if all(marker in template for marker in markers):
             return kind
     return "custom"
+
+
+def takes_tools(template: Optional[str]) -> bool:
+    """Whether the template renders a ``tools`` list: it reads the variable somewhere. A template
+    that never does would drop the tools silently, and the model would never hear of them."""
+    if not template:
+        return False
+    import jinja2
+    import jinja2.ext
+    from jinja2 import meta
+
+    try:
+        parsed = jinja2.Environment(extensions=[jinja2.ext.loopcontrols]).parse(template)
+    except jinja2.TemplateSyntaxError:  # a tag only the renderers know ({% generation %}): read the text
+        return re.search(r"\btools\b", template) is not None
+    return "tools" in meta.find_undeclared_variables(parsed)
+
+
+def tool_call_format(template: Optional[str]) -> Optional[ToolCallFormat]:
+    """The syntax the template writes (and so teaches) tool calls in; None for a template that
+    takes no tools. One that takes tools in a syntax not known here is read as Llama 3's bare
+    JSON, the plainest of them."""
+    if not takes_tools(template):
+        return None
+    if "<tool_calls>" in template:
+        return HUNYUAN
+    if "<tool_call>" in template:
+        return HERMES
+    return LLAMA3_JSON

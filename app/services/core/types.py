@@ -9,14 +9,91 @@ from pydantic import Field, field_serializer
 from app.services.core.constraints import OutputConstraint
 from app.services.core.shapes import Shape
 
-Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+Role = Literal["system", "user", "assistant", "tool"]
+# "tool_calls": the answer ended on the tool calls it made (OpenAI's name for it)
+FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: ``arguments`` is the JSON text of an object, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_dict(self) -> dict:
+        """OpenAI's shape: ``{"id", "type": "function", "function": {"name", "arguments"}}``."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ToolFunction:
+    """A function the model may call: its name, what it does, and its arguments' JSON schema."""
+
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        """OpenAI's tool shape, which chat templates render as it is."""
+        function: dict = {"name": self.name}
+        if self.description is not None:
+            function["description"] = self.description
+        if self.parameters is not None:
+            function["parameters"] = self.parameters
+        return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How a chat template's family writes tool calls (core/tool_calls.py reads them).
+    ``open``/``close`` mark a block of calls; without them the whole answer is the call (Llama 3).
+    ``many``: a block holds a JSON list of calls (Hunyuan)."""
+
+    family: str
+    open: str = ""
+    close: str = ""
+    many: bool = False
+    arguments_key: str = "arguments"
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The tools a request offers and ``tool_choice``: "auto" (the model decides), "none" (no
+    tools in the prompt), "required" (some call), or "function" with ``function`` named."""
+
+    tools: tuple[ToolFunction, ...]
+    choice: Literal["auto", "none", "required", "function"] = "auto"
+    function: Optional[str] = None
+
+    @property
+    def offered(self) -> bool:
+        """Whether the prompt shows the tools and the answer is read for calls."""
+        return bool(self.tools) and self.choice != "none"
+
+    def chosen(self) -> tuple[ToolFunction, ...]:
+        """The tools a call may go to: the named one, or all of them."""
+        if self.choice == "function":
+            return tuple(tool for tool in self.tools if tool.name == self.function)
+        return self.tools
 
 
 @dataclass(frozen=True)
 class Message:
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant message's calls
+    tool_call_id: Optional[str] = None  # a tool message answers this call
+
+    def to_dict(self) -> dict:
+        """OpenAI's message shape (arguments as JSON text)."""
+        data: dict = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            data["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            data["tool_call_id"] = self.tool_call_id
+        return data
 
 
 @dataclass(frozen=True)
@@ -63,6 +140,8 @@ class Prompt:
     text: str
     token_ids: tuple[int, ...]
     messages: Optional[tuple[Message, ...]] = None
+    # the syntax the template taught for tool calls, when the prompt offers tools
+    tool_format: Optional[ToolCallFormat] = None
 
 
 class Usage(Shape):
@@ -154,6 +233,8 @@ class Chunk:
     timings: Optional[Timings] = None
     error: Optional[str] = None  # set with finish_reason "error"
     error_type: Optional[str] = None  # what kind of error, for clients: "generation_timeout", ...
+    # calls read out of the answer (the text holds only what is not a call), each once complete
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     @property
     def is_last(self) -> bool:

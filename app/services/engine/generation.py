@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 
 from app.services.backends.base import Backend, batching
 from app.services.core.errors import GenerationTimeout, InvalidRequest, QueueFull, ServiceError, generation_failure
-from app.services.core.types import Chunk, GenerationParams, Message, Prompt, Timings, TokenLogprob, Usage
+from app.services.core.tool_calls import ToolCallReader
+from app.services.core.types import Chunk, GenerationParams, Message, Prompt, Timings, TokenLogprob, ToolCall, ToolUse, Usage
 from app.services.engine.queue import GenerationQueue, Ticket
 from app.services.engine.registry import FinishedGeneration, GenerationRegistry
 
@@ -43,6 +44,7 @@ class GenerationResult:
     error_type: Optional[str] = None
     logprobs: tuple[TokenLogprob, ...] = ()  # one per answer token, when the params asked for them
     token_ids: tuple[int, ...] = ()  # the answer's tokens (a remote server's are unknown: -1 each)
+    tool_calls: tuple[ToolCall, ...] = ()  # the calls read out of the answer; ``text`` is the rest
 
     def raise_for_error(self) -> "GenerationResult":
         """The result of a generation that ended well; otherwise the ServiceError every surface
@@ -67,7 +69,9 @@ class Engine(Protocol):
         """The name clients know ``backend``'s model by (never a path on this machine)."""
 
     def prepare(self, backend: Backend, messages: Optional[Sequence[Message]], text: Optional[str],
-                params: GenerationParams, continue_final: bool = False) -> Prompt: ...
+                params: GenerationParams, continue_final: bool = False, tools: Optional[ToolUse] = None) -> Prompt: ...
+
+    def tool_params(self, backend: Backend, params: GenerationParams, tools: Optional[ToolUse]) -> GenerationParams: ...
 
 
 class Generation:
@@ -79,7 +83,7 @@ class Generation:
 
     def __init__(self, engine: Engine, backend: Backend, prompt: Prompt, params: GenerationParams,
                  messages: Optional[Sequence[Message]], text: Optional[str], generation_id: str,
-                 continue_final: bool = False):
+                 continue_final: bool = False, tools: Optional[ToolUse] = None):
         self.id = generation_id
         # handed only to the client that started it: Stop needs it (engine/registry.py)
         self.stop_token = secrets.token_urlsafe(16)
@@ -92,6 +96,7 @@ class Generation:
         self._messages = messages
         self._text = text
         self._continue_final = continue_final
+        self.tools = tools
         self._ticket: Optional[Ticket] = None
         self._created = time.perf_counter()
         self._announced_to: Optional[Backend] = None
@@ -155,7 +160,9 @@ class Generation:
             if backend is None:
                 raise InvalidRequest("the model was unloaded while this request waited", field="model")
             if backend is not self._backend:  # the model was switched while this request waited
-                self._prompt = self._engine.prepare(backend, self._messages, self._text, self.params, self._continue_final)
+                self.params = self._engine.tool_params(backend, self.params, self.tools)
+                self._prompt = self._engine.prepare(backend, self._messages, self._text, self.params, self._continue_final,
+                                                    self.tools)
                 self._backend, self.model = backend, self._engine.name_of(backend)
             if self._announced_to is not backend:  # announced to a model since switched away (or not at all)
                 self._withdraw()
@@ -175,7 +182,10 @@ class Generation:
     def _stream(self, backend: Backend, queue_ms: float) -> Iterator[Chunk]:
         limit = self._engine.generation_timeout_s
         deadline = time.monotonic() + limit
+        calls = self._tool_call_reader()
         for chunk in backend.stream(self._prompt, self.params, self.cancel):
+            if calls is not None:
+                chunk = _read_calls(calls, chunk)
             if time.monotonic() > deadline and not chunk.is_last and not self.timed_out:
                 self.timed_out = True
                 self.cancel.set()  # the backend ends at its next token; its last chunk becomes the error
@@ -189,6 +199,12 @@ class Generation:
             if chunk.is_last:
                 self.outcome = chunk
             yield chunk
+
+    def _tool_call_reader(self) -> Optional[ToolCallReader]:
+        """Reads the answer for calls where the prompt offered tools, in its template's syntax."""
+        if self.tools is None or not self.tools.offered or self._prompt.tool_format is None:
+            return None
+        return ToolCallReader(self._prompt.tool_format)
 
     def close(self) -> None:
         """Leaves the queue and records the ending; also ends a generation that will never be
@@ -212,18 +228,32 @@ class Generation:
         parts: list[str] = []
         logprobs: list[TokenLogprob] = []
         token_ids: list[int] = []
+        tool_calls: list[ToolCall] = []
         last = Chunk(finish_reason="error", error="the generation ended without a result")
         for item in self:
             if isinstance(item, Chunk):
                 parts.append(item.text)
                 logprobs.extend(item.logprobs)
                 token_ids.extend(item.token_ids)
+                tool_calls.extend(item.tool_calls)
                 if item.is_last:
                     last = item
         usage = last.usage or Usage.of(self.prompt_tokens, 0)
         timings = last.timings or Timings()
         return GenerationResult("".join(parts), last.finish_reason, usage, timings, last.error, last.error_type, tuple(logprobs),
-                                tuple(token_ids))
+                                tuple(token_ids), tuple(tool_calls))
+
+
+def _read_calls(reader: ToolCallReader, chunk: Chunk) -> Chunk:
+    """The chunk with its text read for calls: what is plain text stays, each completed call
+    joins ``tool_calls``, and an answer that made calls ends with finish_reason "tool_calls"."""
+    text, calls = reader.feed(chunk.text)
+    if chunk.is_last:
+        rest, more = reader.finish()
+        text, calls = text + rest, calls + more
+        if reader.calls and chunk.finish_reason == "stop":
+            return dataclasses.replace(chunk, text=text, tool_calls=calls, finish_reason="tool_calls")
+    return dataclasses.replace(chunk, text=text, tool_calls=calls)
 
 
 def collect_together(generations: Sequence[Generation]) -> list[GenerationResult]:

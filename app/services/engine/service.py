@@ -3,6 +3,7 @@ generations that run on it, behind a bounded queue, each cancellable."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -16,6 +17,7 @@ from app.services.backends.base import Backend, BackendInfo, Capabilities, Local
 from app.services.backends.factory import BackendFactory, make_backend
 from app.services.catalog import ModelCatalog
 from app.services.checkpoints.spec import ModelSpec
+from app.services.checkpoints.template_kinds import tool_call_format
 from app.services.core.constraints import OutputConstraint
 from app.services.core.errors import (
     ContextLengthExceeded,
@@ -29,7 +31,8 @@ from app.services.core.errors import (
 )
 from app.services.core.logprobs import score_rows
 from app.services.core.shapes import Shape
-from app.services.core.types import GenerationParams, GpuUse, Message, Prompt, TokenLogprob
+from app.services.core.tool_calls import call_constraint
+from app.services.core.types import GenerationParams, GpuUse, Message, Prompt, TokenLogprob, ToolUse
 from app.services.engine.fidelity import FidelityReport
 from app.services.engine.generation import QUEUE_POLL_S, Generation
 from app.services.engine.queue import GenerationQueue, QueueCounts
@@ -429,10 +432,13 @@ class ModelService:
         return tokenizer
 
     def prepare(self, backend: Backend, messages: Optional[Sequence[Message]], text: Optional[str],
-                params: GenerationParams, continue_final: bool = False) -> Prompt:
+                params: GenerationParams, continue_final: bool = False, tools: Optional[ToolUse] = None) -> Prompt:
         """Renders and tokenises a request on ``backend`` and checks it against the context; compiles
         its constraint for this model (a 400 for one the engine cannot enforce, before it queues)."""
-        prompt = backend.prepare(messages=messages, text=text, continue_final=continue_final)
+        offered = tools.tools if tools is not None and tools.offered else ()
+        if offered and not backend.capabilities.tools:
+            raise InvalidRequest(f"the {backend.name} backend cannot offer tools to its model", field="tools")
+        prompt = backend.prepare(messages=messages, text=text, continue_final=continue_final, tools=offered)
         if len(prompt.token_ids) >= backend.n_ctx:
             raise ContextLengthExceeded(len(prompt.token_ids), params.max_new_tokens, backend.n_ctx,
                                         field="messages" if messages is not None else "prompt")
@@ -442,17 +448,36 @@ class ModelService:
 
     def start(self, params: GenerationParams, messages: Optional[Sequence[Message]] = None,
               text: Optional[str] = None, generation_id: Optional[str] = None,
-              continue_final: bool = False) -> Generation:
+              continue_final: bool = False, tools: Optional[ToolUse] = None) -> Generation:
         """Validates and tokenises the request (loading the model if needed) and registers it
-        for cancellation. Raises 4xx ServiceErrors before any stream opens."""
+        for cancellation. Raises 4xx ServiceErrors before any stream opens. ``tools``: offered
+        through the chat template, and the answer read for calls (``Chunk.tool_calls``)."""
         backend = self.ensure_loaded()
         if params.logprobs is not None and not backend.capabilities.logprobs:
             raise InvalidRequest(f"the {backend.name} backend cannot report token probabilities", field="logprobs")
-        prompt = self.prepare(backend, messages, text, params, continue_final)
+        params = self.tool_params(backend, params, tools)
+        prompt = self.prepare(backend, messages, text, params, continue_final, tools)
         generation = Generation(self, backend, prompt, params, messages, text, generation_id or uuid.uuid4().hex,
-                                continue_final)
+                                continue_final, tools)
         self.registry.register(generation)
         return generation
+
+    @staticmethod
+    def tool_params(backend: Backend, params: GenerationParams, tools: Optional[ToolUse]) -> GenerationParams:
+        """``params`` held to a tool call where ``tool_choice`` is "required" or names a function:
+        the constraint engine makes even a weak model's answer one call that parses, in the syntax
+        the model's template taught it."""
+        if tools is None or tools.choice not in ("required", "function"):
+            return params
+        if params.constraint is not None and params.constraint.field != "tool_choice":
+            raise InvalidRequest(f"tool_choice {tools.function or tools.choice!r} holds the answer to a tool call; it cannot "
+                                 f"also be held to {params.constraint.field}", field="tool_choice")
+        fmt = tool_call_format(backend.chat_template())
+        if fmt is None:  # no tools section: prepare() refuses the tools, naming them
+            return params
+        tokenizer = local_tokenizer(backend)
+        markers_are_tokens = bool(fmt.open) and tokenizer is not None and len(tokenizer.tokenize(fmt.open)) == 1
+        return dataclasses.replace(params, constraint=call_constraint(fmt, tools, markers_are_tokens))
 
     # -- the registry's views, for routes and tests that hold the service ------------------
     def finished(self) -> list[FinishedGeneration]:

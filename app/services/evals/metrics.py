@@ -1,4 +1,6 @@
-"""Scores of one answer against its reference: BLEU, ROUGE-L and exact match.
+"""Scores of one answer against its reference: BLEU, ROUGE-L and exact match; for rows that ask
+for structure, whether the answer is valid JSON and validates against the row's schema, and
+whether its tool call is the expected one.
 
 Chinese has no spaces between words, so word-level scores would count a whole sentence as one
 word: BLEU uses sacrebleu's ``zh`` tokenizer and ROUGE-L compares characters when the text is
@@ -6,12 +8,15 @@ Chinese, as the Chinese evaluation suites (LLaMA-Factory's, C-Eval's) do.
 """
 from __future__ import annotations
 
+import json
 import re
 import string
 import unicodedata
 from typing import Optional, Sequence
 
-from app.services.records.eval_records import TextScores
+from app.services.core.types import ToolCall
+from app.services.records.eval_records import StructureScores, TextScores
+from app.services.records.test_sets import ExpectedToolCall
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _PUNCTUATION = set(string.punctuation) | set("，。！？；：、“”‘’（）《》【】…—·")
@@ -98,3 +103,40 @@ def score(output: str, reference: Optional[str]) -> TextScores:
         rouge_l=round(rouge_l(output, reference), 4),
         exact_match=exact_match(output, reference),
     )
+
+
+def json_scores(output: str, schema: Optional[dict]) -> StructureScores:
+    """For a row with a schema: whether the answer is JSON at all, and whether it validates
+    against the schema (a constrained answer cut off by the token budget is neither); None for
+    a row without one."""
+    if schema is None:
+        return StructureScores()
+    try:
+        value = json.loads(output)
+    except ValueError:
+        return StructureScores(valid_json=0.0, schema_valid=0.0)
+    import jsonschema
+
+    try:
+        jsonschema.validate(value, schema, format_checker=jsonschema.FormatChecker())
+    except jsonschema.ValidationError:
+        return StructureScores(valid_json=1.0, schema_valid=0.0)
+    return StructureScores(valid_json=1.0, schema_valid=1.0)
+
+
+def tool_scores(calls: Sequence[ToolCall], expected: Optional[ExpectedToolCall]) -> StructureScores:
+    """For a row that expects a call: whether the answer's first call names the expected tool,
+    and whether its arguments equal the expected ones as JSON values (key order and spacing
+    aside); an answer without a call scores 0 on both. None for a row that expects none."""
+    if expected is None:
+        return StructureScores()
+    if not calls:
+        return StructureScores(tool_name_match=0.0, tool_arguments_match=0.0)
+    first = calls[0]
+    try:
+        arguments = json.loads(first.arguments)
+    except ValueError:
+        arguments = None
+    named = first.name == expected.name
+    return StructureScores(tool_name_match=1.0 if named else 0.0,
+                           tool_arguments_match=1.0 if named and arguments == expected.arguments else 0.0)

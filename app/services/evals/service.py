@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 from app.services.core.constraints import OutputConstraint
 from app.services.core.errors import EvalRunning, InvalidRequest, RequestCancelled, ServiceError, StorageFull
 from app.services.core.shapes import Shape
-from app.services.core.types import GenerationParams
+from app.services.core.types import GenerationParams, ToolCall
 from app.services.core.urls import redacted_url
 from app.services.engine.generation import Generation, GenerationResult, RollingFeed
 from app.services.engine.scoring import conversation
@@ -29,6 +29,7 @@ from app.services.evals import metrics
 from app.services.evals.judge import Judge, JudgeRequest, judge_rows, judge_summary, load_prompts, row_verdicts
 from app.services.records.arena_store import ArenaStore
 from app.services.records.eval_records import (
+    CalledTool,
     EvalAnswer,
     EvalMeta,
     EvalModel,
@@ -40,6 +41,7 @@ from app.services.records.eval_records import (
     JudgeTally,
     ReferenceScores,
     SlotRecord,
+    StructureScores,
 )
 from app.services.records.eval_store import EvalStore
 from app.services.records.test_sets import TestRow
@@ -137,6 +139,17 @@ def new_eval_id() -> str:
 def slot_record(request: SlotRequest) -> SlotRecord:
     return SlotRecord(model=request.model, backend=request.backend, adapter=request.adapter,
                       adapter_enabled=request.adapter_enabled)
+
+
+def structure_scores(text: str, calls: Sequence[ToolCall], row: TestRow) -> StructureScores:
+    """An answer's JSON validity against the row's schema and its call against the expected one
+    (metrics.py), and the calls it made where the row offered tools."""
+    json_scores = metrics.json_scores(text, row.row_schema)
+    tool_scores = metrics.tool_scores(calls, row.expected_tool_call)
+    return StructureScores(
+        valid_json=json_scores.valid_json, schema_valid=json_scores.schema_valid,
+        tool_name_match=tool_scores.tool_name_match, tool_arguments_match=tool_scores.tool_arguments_match,
+        tool_calls=[CalledTool(name=call.name, arguments=call.arguments) for call in calls] if row.tools else None)
 
 
 def row_params(params: GenerationParams, row: TestRow) -> GenerationParams:
@@ -415,11 +428,12 @@ class EvalService:
             row = rows[position]
             try:
                 # a random id, not one derived from the eval's: no client can guess it, take it first or stop it
-                return slot.service.start(row_params(slot.params(run.params), row), messages=conversation(row.system, row.prompt))
+                return slot.service.start(row_params(slot.params(run.params), row), messages=conversation(row.system, row.prompt),
+                                          tools=row.tool_use())
             except ServiceError as exc:  # this row does not fit this model (too long, say): scored as empty
                 answered(row, EvalAnswer(output="", finish_reason="error", error=exc.message, completion_tokens=0,
                                          latency_ms=0.0, ttft_ms=None, tokens_per_second=None,
-                                         **dict(metrics.score("", row.reference))))
+                                         **dict(metrics.score("", row.reference)), **dict(structure_scores("", (), row))))
                 return None
 
         def ended(position: int, result: GenerationResult) -> None:
@@ -437,6 +451,7 @@ class EvalService:
                 ttft_ms=round(timings.ttft_ms, 2) if timings.ttft_ms is not None else None,
                 tokens_per_second=round(timings.tokens_per_second, 2) if timings.tokens_per_second is not None else None,
                 **dict(metrics.score(result.text, row.reference)),
+                **dict(structure_scores(result.text, result.tool_calls, row)),
             ))
 
         run.feed = RollingFeed(slot.service.batch_size, halt=run.cancel)
@@ -532,7 +547,7 @@ class EvalService:
             report_rows.append(EvalRow(**dict(row), outputs=answers,
                                        judge=row_verdicts(judgments, row.index) if meta.judge else None))
         tallies = judge_summary(judgments, labels) if meta.judge else {}
-        summary = [self._summary(label, [r.outputs[label] for r in report_rows if label in r.outputs],
+        summary = [self.summary_of(label, [r.outputs[label] for r in report_rows if label in r.outputs],
                                  [r.reference for r in report_rows if label in r.outputs], tallies.get(label))
                    for label in labels]
         progress = self.progress(eval_id)
@@ -545,8 +560,9 @@ class EvalService:
         )
 
     @staticmethod
-    def _summary(label: str, answers: list[EvalAnswer], references: list[Optional[str]],
+    def summary_of(label: str, answers: list[EvalAnswer], references: list[Optional[str]],
                  tally: Optional[JudgeTally] = None) -> EvalSummary:
+        """One model's line of the summary, from its answers (and the rows' references)."""
         scored = [(a, r) for a, r in zip(answers, references) if r is not None and a.finish_reason != "scored"]
         likelihoods = [a for a in answers if a.ref_nll is not None]
         ref_tokens = sum(a.ref_tokens or 0 for a in likelihoods)
@@ -568,6 +584,11 @@ class EvalService:
             # the mean of each reference's total NLL, and the perplexity over all reference tokens together
             ref_nll=mean(a.ref_nll for a in likelihoods),
             ref_perplexity=round(math.exp(sum(a.ref_nll for a in likelihoods) / ref_tokens), 4) if ref_tokens else None,
+            # over the rows with a schema, and the rows that expect a call (None where there are none)
+            valid_json_rate=mean(a.valid_json for a in answers),
+            schema_valid_rate=mean(a.schema_valid for a in answers),
+            tool_name_accuracy=mean(a.tool_name_match for a in answers),
+            tool_arguments_exact_match=mean(a.tool_arguments_match for a in answers),
             **dict(tally or JudgeTally()),
         )
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from app.services.core.shapes import Shape
+from app.services.records.test_sets import TestRow
 
 EvalState = Literal["running", "done", "cancelled", "error", "interrupted"]
 
@@ -73,7 +74,23 @@ class ReferenceScores(Shape):
     ref_error: Optional[str] = Field(None, description="Why the reference could not be scored (too long, a remote model).")
 
 
-class EvalAnswer(TextScores, ReferenceScores):
+class CalledTool(Shape):
+    name: str
+    arguments: str = Field(description="The JSON text of the arguments, as the model wrote them.")
+
+
+class StructureScores(Shape):
+    """For a row that asks for structure: its answer against the row's schema, and its first call
+    against the expected one (1.0 or 0.0); null where the row asks for none."""
+
+    valid_json: Optional[float] = Field(None, description="The answer parses as JSON (a row with a schema).")
+    schema_valid: Optional[float] = Field(None, description="The answer validates against the row's schema.")
+    tool_name_match: Optional[float] = Field(None, description="The first call names the expected tool.")
+    tool_arguments_match: Optional[float] = Field(None, description="... and its arguments equal the expected ones as JSON values.")
+    tool_calls: Optional[list[CalledTool]] = Field(None, description="The calls the answer made, where the row offered tools.")
+
+
+class EvalAnswer(TextScores, ReferenceScores, StructureScores):
     """One model's answer to one row (``outputs/r<row>-m<model>.json``)."""
 
     output: str
@@ -112,6 +129,10 @@ class EvalSummary(JudgeTally):
     tokens_per_second: Optional[float]
     ref_nll: Optional[float] = Field(None, description="Mean total NLL of the references.")
     ref_perplexity: Optional[float] = Field(None, description="Perplexity over all reference tokens together.")
+    valid_json_rate: Optional[float] = Field(None, description="Over the rows with a schema.")
+    schema_valid_rate: Optional[float] = Field(None, description="Over the rows with a schema.")
+    tool_name_accuracy: Optional[float] = Field(None, description="Over the rows that expect a call.")
+    tool_arguments_exact_match: Optional[float] = Field(None, description="Over the rows that expect a call.")
 
 
 class SingleVerdict(Shape):
@@ -135,15 +156,9 @@ class PairVerdict(Shape):
 Verdict = Annotated[Union[SingleVerdict, PairVerdict], Field(discriminator="kind")]
 
 
-class EvalRow(Shape):
-    # "schema" on the wire, as in the test set; row_schema in Python (BaseModel has a schema() of its own)
-    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+class EvalRow(TestRow):
+    """A test set's row with each model's answer, and the judge's verdicts."""
 
-    index: int
-    prompt: str
-    system: Optional[str]
-    reference: Optional[str]
-    row_schema: Optional[dict] = Field(None, alias="schema", description="The JSON schema the row's answers were held to, if any.")
     outputs: dict[str, EvalAnswer] = Field(description="Each model's answer, by its label.")
     judge: Optional[list[Verdict]] = Field(None, description="The judge's verdicts on this row, with its reasons.")
 

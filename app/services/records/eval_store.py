@@ -21,7 +21,7 @@ from app.services.records.test_sets import TestRow
 EVAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 CSV_COLUMNS = ("index", "model", "prompt", "system", "reference", "output", "bleu", "rouge_l", "exact_match",
                "ref_nll", "ref_tokens", "ref_perplexity", "latency_ms", "ttft_ms", "tokens_per_second", "completion_tokens",
-               "finish_reason", "error")
+               "finish_reason", "error", "valid_json", "schema_valid", "tool_calls", "tool_name_match", "tool_arguments_match")
 META_BYTES = 16_384  # meta.json and summary.json, generously
 
 
@@ -141,7 +141,10 @@ class EvalStore:
         for row in report.rows:
             for label, output in row.outputs.items():
                 cells = {**output.model_dump(), "index": row.index, "model": label, "prompt": row.prompt,
-                         "system": row.system or "", "reference": row.reference or ""}
+                         "system": row.system or "", "reference": row.reference or "",
+                         # a list: its JSON text in the cell
+                         "tool_calls": json.dumps([call.model_dump() for call in output.tool_calls], ensure_ascii=False)
+                         if output.tool_calls is not None else ""}
                 lines.append([cells.get(column) for column in CSV_COLUMNS])
         return csv_text(CSV_COLUMNS, lines)
 

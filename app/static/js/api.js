@@ -170,7 +170,8 @@ const STOP_GRACE_MS = 2000;
 /**
  * One generation the page asked for, named by its request id, and ended exactly once: by its
  * answer, by a failure of any kind, or by Stop's grace running out. `end` hears {finishReason,
- * usage, timings, error}. A streamed one gets its stop token from the server when it is
+ * usage, timings, error, toolCalls} (the calls the answer made, with what is wrong with each,
+ * when tools were offered). A streamed one gets its stop token from the server when it is
  * prepared (only the client that started a generation can stop it); one asked whole has none
  * and is stopped by hanging up, which the server notices.
  */
@@ -187,16 +188,16 @@ class Generation {
     this.graceTimer = null;
   }
 
-  finish({ finishReason, usage = null, timings = null, error = null }) {
+  finish({ finishReason, usage = null, timings = null, error = null, toolCalls = [] }) {
     if (this.ended) return;
     this.ended = true;
     clearTimeout(this.graceTimer);
     if (this.source) this.source.close();
-    this.end({ finishReason, usage, timings, error });
+    this.end({ finishReason, usage, timings, error, toolCalls });
   }
 
   answered(data) {
-    this.finish({ finishReason: data.finish_reason, usage: data.usage, timings: data.timings });
+    this.finish({ finishReason: data.finish_reason, usage: data.usage, timings: data.timings, toolCalls: data.tool_calls || [] });
   }
 
   failed(err) {

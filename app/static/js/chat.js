@@ -8,8 +8,9 @@ import * as history from "./history.js";
 import { bind, t } from "./i18n.js";
 import { clearMessages, followingNewText, renderAssistant, renderError, renderMessage, renderNote, scrollToBottom } from "./messages.js";
 import { lastStatus, modelReady } from "./model-panel.js";
-import { generationSettings, restoreSettings } from "./sampling.js";
+import { generationSettings, restoreSettings, structuredSettings } from "./sampling.js";
 import { TOP_ALTERNATIVES, probabilitiesOn, tokenView } from "./tokens.js";
+import { callMessage, renderToolCalls } from "./tool-calls.js";
 import { showView } from "./views.js";
 
 const els = {
@@ -36,7 +37,8 @@ export const currentRecord = () => (record ? JSON.parse(JSON.stringify(record)) 
 
 /**
  * One request to the model. "new" asks a new user message, "regenerate" asks the last one
- * again (its old answer already dropped), "continue" extends the last answer in place.
+ * again (its old answer already dropped), "continue" extends the last answer in place, "tool"
+ * answers the tools' results the conversation now ends with.
  */
 class Turn {
   constructor(kind, { userText = "", userEl = null, assistantEl = null, prefix = "" } = {}) {
@@ -54,6 +56,9 @@ class Turn {
       this.el.classList.remove("empty");
       const oldFigures = this.el.querySelector(".figures");
       if (oldFigures) oldFigures.remove();
+    } else if (kind === "tool") {
+      this.userMessage = null;
+      this.el = renderAssistant("", () => this.promptBody);
     } else {
       this.userMessage = { role: "user", content: userText };
       this.userEl = userEl || renderMessage("user", userText);
@@ -90,16 +95,20 @@ class Turn {
   }
 
   /** Ends the turn once, whichever of done / error / stop timeout / dropped connection comes first. */
-  finish({ finishReason, usage, timings, error }) {
+  finish({ finishReason, usage, timings, error, toolCalls = [] }) {
     if (this.ended) return;
     this.ended = true;
     this.el.classList.remove("streaming");
     this.setNote("");
 
     const continuing = this.kind === "continue";
+    const calls = error ? [] : toolCalls;
+    const answer = { role: "assistant", content: (continuing ? this.prefix : "") + this.answer };
+    if (calls.length) answer.tool_calls = calls.map(callMessage);
     followingNewText(() => {
+      // the calls and the figures go above the prompt view, next to the answer they belong to
+      if (calls.length) this.el.querySelector(".msg-tools").before(renderToolCalls(calls, (results) => answerTools(answer, results)));
       const figures = makeFigures({ finishReason: error ? null : finishReason, usage, timings });
-      // figures go above the prompt view, next to the answer they describe
       if (figures) this.el.querySelector(".msg-tools").before(figures);
       if (error) {
         if (!this.answer && !continuing) this.el.remove();
@@ -109,20 +118,20 @@ class Turn {
 
     // A partial answer (stopped or cut off) stays in the history; a turn that produced
     // nothing is not kept, so the next request does not carry an unanswered message.
-    if (continuing) {
-      conversation.push({ role: "assistant", content: this.prefix + this.answer });
-      messageEls.push(this.el);
-    } else if (this.answer) {
-      conversation.push(this.userMessage, { role: "assistant", content: this.answer });
-      messageEls.push(this.userEl, this.el);
+    const kept = continuing || this.answer || calls.length;
+    if (kept) {
+      conversation.push(...(this.userMessage ? [this.userMessage] : []), answer);
+      messageEls.push(...(this.userMessage ? [this.userEl] : []), this.el);
     } else {
-      this.userEl.classList.add("unsent");
-      this.userEl.title = t("chat.unsent");
+      if (this.userEl) {
+        this.userEl.classList.add("unsent");
+        this.userEl.title = t("chat.unsent");
+      }
       if (!error) this.el.classList.add("empty");
     }
 
     if (activeTurn === this) activeTurn = null;
-    if (this.answer || continuing) persist();
+    if (kept) persist();
     setGenerating(false);
   }
 }
@@ -142,10 +151,20 @@ function canStart() {
 function startTurn(turn, messages, extra = {}) {
   activeTurn = turn;
   setGenerating(true);
+  let structured;
+  try {
+    structured = structuredSettings();
+  } catch (err) { // a JSON box that does not parse: say which, send nothing
+    turn.finish({ finishReason: "error", error: err.message });
+    return;
+  }
   // Our own id lets Stop reach the server even before /api/streams or /api/chat answers.
-  const body = { messages, request_id: turn.id, ...generationSettings(), ...extra };
+  const body = { messages, request_id: turn.id, ...generationSettings(), ...structured, ...extra };
   if (turn.withProbabilities) body.logprobs = TOP_ALTERNATIVES;
-  if (turn.kind !== "continue") turn.promptBody = promptViewBody(body.messages, body.system);
+  if (turn.kind !== "continue") {
+    const offered = body.tools ? { tools: body.tools, tool_choice: body.tool_choice } : {};
+    turn.promptBody = { ...promptViewBody(body.messages, body.system), ...offered };
+  }
   const handlers = {
     queue: (data) => turn.setNote("chat.waiting", { position: data.position }),
     token: (text, data) => turn.append(text, data.logprobs),
@@ -178,6 +197,20 @@ export function regenerate() {
   const userEl = messageEls.pop();
   const turn = new Turn("regenerate", { userText: question.content, userEl });
   startTurn(turn, [...conversation, turn.userMessage]);
+}
+
+/**
+ * The tools' results for the calls of `answer` (the conversation's last message): they join the
+ * conversation as tool messages and the model answers them. Answers false when it cannot now.
+ */
+function answerTools(answer, results) {
+  if (!canStart() || conversation[conversation.length - 1] !== answer) return false;
+  for (const result of results) {
+    conversation.push({ role: "tool", tool_call_id: result.tool_call_id, content: result.content });
+    messageEls.push(renderMessage("tool", result.content));
+  }
+  startTurn(new Turn("tool"), [...conversation]);
+  return true;
 }
 
 /** Asks the model to go on from the end of its last answer; the new text joins that answer. */
@@ -304,7 +337,8 @@ export function openConversation(stored) {
     const el = message.role === "assistant"
       ? renderAssistant(message.content, () => promptViewBody(before, stored.system))
       : renderMessage(message.role, message.content);
-    conversation.push({ role: message.role, content: message.content });
+    if (message.tool_calls && message.tool_calls.length) el.querySelector(".msg-tools").before(renderToolCalls(message.tool_calls));
+    conversation.push({ ...message });
     messageEls.push(el);
   }
   history.setCurrent(record.id);

@@ -10,9 +10,10 @@ import { SlotList } from "./picker.js";
 import { getCatalog } from "./catalog.js";
 import { lastStatus } from "./model-panel.js";
 import { blindRound } from "./arena.js";
-import { generationSettings } from "./sampling.js";
+import { generationSettings, structuredSettings } from "./sampling.js";
 import { loadedSlots, setLoadedSlots } from "./compare-slots.js";
 import { TOP_ALTERNATIVES, probabilitiesOn, tokenView } from "./tokens.js";
+import { callMessage, renderToolCalls } from "./tool-calls.js";
 
 const MIN_COLUMNS = 2;
 const MAX_COLUMNS = 4;
@@ -379,22 +380,26 @@ function appendToCell(cell, text, logprobs = null) {
   else if (cell.answerNode && text) cell.answerNode.appendData(text);
 }
 
-function finishCell(round, cell, { finishReason, usage, timings, error }) {
+function finishCell(round, cell, { finishReason, usage, timings, error, toolCalls = [] }) {
   if (cell.ended) return;
   cell.ended = true;
   cell.done = true;
   cell.el.classList.remove("streaming");
   setCellNote(cell, "");
+  const calls = error ? [] : toolCalls;
+  if (calls.length) cell.el.append(renderToolCalls(calls)); // each column's calls, side by side with the others'
   const figures = makeFigures({ finishReason: error ? null : finishReason, usage, timings });
   if (figures) cell.el.append(figures);
   if (error) cell.el.append(makeElement("div", "cell-error", error));
-  if (!cell.answer && !error) cell.el.classList.add("empty");
-  cell.result = { finishReason, usage, timings, error };
+  if (!cell.answer && !calls.length && !error) cell.el.classList.add("empty");
+  cell.result = { finishReason, usage, timings, error, toolCalls: calls };
   if (cell.view) cell.tokenNodes = Array.from(cell.content.childNodes);
 
-  if (cell.answer && els.multiTurn.checked) {
+  if ((cell.answer || calls.length) && els.multiTurn.checked) {
     const history = histories.get(cell.slot.id) || [];
-    history.push({ role: "user", content: round.prompt }, { role: "assistant", content: cell.answer });
+    const answer = { role: "assistant", content: cell.answer };
+    if (calls.length) answer.tool_calls = calls.map(callMessage);
+    history.push({ role: "user", content: round.prompt }, answer);
     histories.set(cell.slot.id, history);
     cell.inHistory = true;
   }
@@ -431,12 +436,20 @@ function send() {
   if (running || loading || !loadedSlots().length) return;
   const text = els.prompt.value;
   if (!text.trim()) return;
-  els.prompt.value = "";
   showError("");
   if (els.blind.checked) {
+    els.prompt.value = "";
     sendBlind(text);
     return;
   }
+  let settings;
+  try {
+    settings = { ...generationSettings(), ...structuredSettings() };
+  } catch (err) { // a JSON box that does not parse: say which, send nothing
+    showError(err.message);
+    return;
+  }
+  els.prompt.value = "";
 
   const el = newRoundEl("compare-round", text);
   const cellsEl = makeElement("div", "round-cells");
@@ -453,7 +466,6 @@ function send() {
   running = round;
   updateControls();
 
-  const settings = generationSettings();
   for (const cell of round.cells) {
     const history = els.multiTurn.checked ? histories.get(cell.slot.id) || [] : [];
     cell.messages = [...history, { role: "user", content: text }];
@@ -489,12 +501,19 @@ function cellBody(cell, messages, settings) {
 function branchCell(cell, prefix, alternative) {
   const round = cell.round;
   if (running || loading || !round || round !== rounds[rounds.length - 1]) return;
+  let settings;
+  try {
+    settings = { ...generationSettings(), ...structuredSettings() };
+  } catch (err) {
+    showError(err.message);
+    return;
+  }
   if (cell.inHistory) {
     histories.get(cell.slot.id).splice(-2, 2); // this round's answer is being replaced
     cell.inHistory = false;
   }
   const start = prefix + alternative;
-  for (const old of cell.el.querySelectorAll(".figures, .cell-error")) old.remove();
+  for (const old of cell.el.querySelectorAll(".figures, .cell-error, .tool-calls")) old.remove();
   cell.el.classList.remove("empty");
   cell.el.classList.add("streaming");
   Object.assign(cell, { ended: false, done: false, id: newRequestId(), generation: null });
@@ -502,7 +521,7 @@ function branchCell(cell, prefix, alternative) {
   round.stopRequested = false;
   running = round;
   updateControls();
-  const body = cellBody(cell, [...cell.messages, { role: "assistant", content: start }], generationSettings());
+  const body = cellBody(cell, [...cell.messages, { role: "assistant", content: start }], settings);
   runCell(round, cell, { ...body, continue_final: true });
 }
 

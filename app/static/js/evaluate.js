@@ -280,11 +280,20 @@ function revealResult() {
   els.result.scrollIntoView({ block: "start", behavior: "smooth" });
 }
 
+// Rates a summary has only where rows asked for them (a schema, an expected tool call): a column each, shown when some model has one.
+const STRUCTURE_RATES = [
+  ["valid_json_rate", "eval.valid_json"],
+  ["schema_valid_rate", "eval.schema_valid"],
+  ["tool_name_accuracy", "eval.tool_name"],
+  ["tool_arguments_exact_match", "eval.tool_arguments"],
+];
+
 function renderSummary(data) {
   const head = makeElement("thead");
   const judged = Boolean(data.judge);
+  const rates = STRUCTURE_RATES.filter(([key]) => (data.summary || []).some((row) => typeof row[key] === "number"));
   head.append(headerRow(["eval.model", "eval.rows", "eval.bleu", "eval.rouge_l", "eval.exact_match", "eval.ref_nll", "eval.ref_ppl",
-    ...(judged ? ["eval.judge_record", "eval.judge_rating"] : []), "eval.latency", "eval.tps"]));
+    ...rates.map(([, label]) => label), ...(judged ? ["eval.judge_record", "eval.judge_rating"] : []), "eval.latency", "eval.tps"]));
   const body = makeElement("tbody");
   for (const row of data.summary || []) {
     const tr = makeElement("tr");
@@ -293,6 +302,7 @@ function renderSummary(data) {
     if (model) name.title = [model.model, model.backend, model.adapter && `${model.adapter} (${model.adapter_enabled ? "on" : "off"})`].filter(Boolean).join("\n");
     tr.append(name, cell(String(row.rows ?? "—"), "num"), cell(num(row.bleu, 1), "num"), cell(num(row.rouge_l, 3), "num"),
       cell(pct(row.exact_match), "num"), cell(num(row.ref_nll, 2), "num"), cell(num(row.ref_perplexity, 2), "num"));
+    for (const [key] of rates) tr.append(cell(pct(row[key]), "num"));
     if (judged) {
       const record = cell(t("eval.judge_wlt", { w: row.judge_wins ?? 0, l: row.judge_losses ?? 0, t: row.judge_ties ?? 0 }), "num");
       record.title = t("eval.judge_record_title", { unparsable: row.judge_unparsable ?? 0, errors: row.judge_errors ?? 0 });
@@ -384,12 +394,18 @@ function outputCell(output, notes = []) {
     return td;
   }
   td.append(makeElement("div", "cell-text", String(output.output ?? "")));
+  for (const call of output.tool_calls || []) {
+    td.append(makeElement("div", "cell-call", `${call.name}(${call.arguments})`));
+  }
   const exact = output.exact_match === true || output.exact_match === 1;
   const scored = output.finish_reason === "scored"; // a score-only eval: no answer, only the reference's likelihood
   const scores = [
     scored ? null : `BLEU ${num(output.bleu, 1)}`,
     scored ? null : `R-L ${num(output.rouge_l, 2)}`,
     scored ? null : exact ? "EM ✓" : "EM ✗",
+    typeof output.schema_valid === "number" ? t(output.schema_valid ? "eval.cell_schema_ok" : "eval.cell_schema_bad") : null,
+    typeof output.tool_arguments_match === "number"
+      ? t(output.tool_arguments_match ? "eval.cell_call_ok" : output.tool_name_match ? "eval.cell_call_args" : "eval.cell_call_bad") : null,
     typeof output.ref_nll === "number" ? `NLL ${num(output.ref_nll, 2)} · PPL ${num(output.ref_perplexity, 2)}` : null,
     scored ? null : ms(output.latency_ms),
     output.finish_reason && output.finish_reason !== "stop" ? output.finish_reason : null,

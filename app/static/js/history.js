@@ -10,7 +10,7 @@ import { formatDate } from "./format.js";
 const STORAGE_KEY = "model_test.conversations";
 const FORMAT = "model_test.conversation";
 const MAX_KEPT = 200;
-const ROLES = ["system", "user", "assistant"];
+const ROLES = ["system", "user", "assistant", "tool"];
 // The second click on Delete must come within this long of the first.
 const DELETE_ARM_MS = 3000;
 const MAX_IMPORT_BYTES = 20 * 1024 * 1024;
@@ -93,8 +93,22 @@ function exportData(conversation) {
     model: conversation.model || null,
     system: conversation.system || "",
     params: conversation.params || {},
-    messages: conversation.messages.map(({ role, content }) => ({ role, content })),
+    messages: conversation.messages.map(messageData),
   };
+}
+
+/** A message as stored and exported: its role and text, and a call's id or an answer's calls. */
+function messageData({ role, content, tool_calls: toolCalls, tool_call_id: toolCallId }) {
+  const message = { role, content };
+  if (Array.isArray(toolCalls) && toolCalls.length) message.tool_calls = toolCalls;
+  if (typeof toolCallId === "string") message.tool_call_id = toolCallId;
+  return message;
+}
+
+/** Whether `calls` are tool calls in OpenAI's shape, as an imported answer may carry them. */
+function validCalls(calls) {
+  return Array.isArray(calls) && calls.every((call) => call && typeof call.id === "string" && call.function
+    && typeof call.function.name === "string" && typeof call.function.arguments === "string");
 }
 
 function exportFileName(conversation) {
@@ -156,7 +170,11 @@ function parseImport(text) {
       system = system || message.content;
       return;
     }
-    messages.push({ role: message.role, content: message.content });
+    if (message.tool_calls !== undefined && (message.role !== "assistant" || !validCalls(message.tool_calls))) {
+      throw new ImportError(t("import.bad_tool_calls", { n }));
+    }
+    if (message.role === "tool" && typeof message.tool_call_id !== "string") throw new ImportError(t("import.bad_tool_message", { n }));
+    messages.push(messageData(message));
   });
   if (!messages.length) throw new ImportError(t("import.no_messages"));
   const params = data.params === undefined || data.params === null ? {} : data.params;

@@ -31,6 +31,7 @@ window.modelTest = {
   adaptersFor,
   conversation: chat.currentConversation,
   record: chat.currentRecord,
+  openConversation: chat.openConversation,
 };
 window.MT = Object.freeze({
   compare: { slots: loadedSlots, specs: compare.specs, diffWords: compare.diffWords },

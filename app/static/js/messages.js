@@ -8,7 +8,7 @@ import { bind } from "./i18n.js";
 
 // Within this distance of the bottom the view follows new text; further up, the user is reading.
 const PINNED_SLACK_PX = 48;
-const ROLE_KEYS = { user: "role.user", assistant: "role.assistant", error: "role.error" };
+const ROLE_KEYS = { user: "role.user", assistant: "role.assistant", tool: "role.tool", error: "role.error" };
 
 const box = byId("messages");
 const emptyHint = byId("empty-hint");

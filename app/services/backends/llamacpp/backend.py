@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from app.services.backends.base import BackendInfo, Capabilities, check_token_ids, continuation_prompt
+from app.services.backends.chat_template import template_messages, template_tools
 from app.services.backends.constraints import CompiledConstraint, ConstraintCompiler
 from app.services.backends.llamacpp import internals, offload
 from app.services.backends.llamacpp.decoder import continuation_logit_blocks, continuation_logits, decode_tokens
@@ -42,7 +43,7 @@ from app.services.core.cpu_share import CpuShare
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
 from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
 from app.services.core.thread_scope import ends_with_request, on_a_thread_of_its_own
-from app.services.core.types import Chunk, GenerationParams, GpuUse, Message, Prompt, TokenLogprob
+from app.services.core.types import Chunk, GenerationParams, GpuUse, Message, Prompt, TokenLogprob, ToolCallFormat, ToolFunction
 from config.settings import LlamaCppSettings
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class LlamaCppBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(inspection=True, scoring=True, logprobs=True, max_batch_size=self._settings.parallel,
+        return Capabilities(inspection=True, scoring=True, logprobs=True, max_batch_size=self._settings.parallel, tools=True,
                             constrained_decoding=True)
 
     # -- batching (parallel.py): every request may join the running batch ---------------------
@@ -405,14 +406,18 @@ class LlamaCppBackend:
                       layers_total=plan.layers_total, memory_bytes=self._gpu_memory_bytes)
 
     # -- prompts ---------------------------------------------------------------------------
-    def render_prompt(self, messages: Sequence[Message]) -> str:
+    def render_prompt(self, messages: Sequence[Message], tools: Sequence[ToolFunction] = ()) -> str:
+        return self._render(messages, tools)[0]
+
+    def _render(self, messages: Sequence[Message], tools: Sequence[ToolFunction]) -> tuple[str, Optional[ToolCallFormat]]:
         if self._formatter is None:
             raise InvalidRequest(
                 f"{self._path.name} has no chat template; send a raw prompt to /v1/completions instead",
                 field="messages",
             )
+        tool_dicts, tool_format = template_tools(self.chat_template(), tools, self._path.name)
         try:
-            return self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages]).prompt
+            return self._formatter(messages=template_messages(messages), tools=tool_dicts).prompt, tool_format
         except Exception as exc:  # jinja raises many kinds; all mean these messages do not fit the template
             raise InvalidRequest(f"the chat template rejected these messages: {exc}", field="messages") from exc
 
@@ -458,9 +463,10 @@ class LlamaCppBackend:
         return self._llama.metadata.get("tokenizer.chat_template") if self._llama is not None else None
 
     def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None,
-                continue_final: bool = False) -> Prompt:
+                continue_final: bool = False, tools: Sequence[ToolFunction] = ()) -> Prompt:
+        tool_format = None
         if messages is not None:
-            text = self.render_prompt(messages)
+            text, tool_format = self._render(messages, tools)
             if continue_final:
                 text = continuation_prompt(text, messages[-1])
             token_ids = self.tokenize(text)
@@ -469,7 +475,7 @@ class LlamaCppBackend:
             token_ids = self.tokenize(text, add_special=True)
         if not token_ids:
             raise InvalidRequest("the prompt is empty", field="prompt")
-        return Prompt(text=text, token_ids=tuple(token_ids))
+        return Prompt(text=text, token_ids=tuple(token_ids), tool_format=tool_format)
 
     def continuation_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool = True):
         self._refuse_adapter_off(use_adapter)

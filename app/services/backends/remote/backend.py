@@ -26,7 +26,7 @@ from app.services.backends.remote.protocol import StreamFailed, StreamReading, n
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
 from app.services.core.text_stream import StreamAssembler
-from app.services.core.types import Chunk, GenerationParams, Message, Prompt
+from app.services.core.types import Chunk, GenerationParams, Message, Prompt, ToolFunction
 from app.services.core.urls import redacted_url
 from config.settings import RemoteSettings
 
@@ -147,7 +147,9 @@ class RemoteBackend:
         return None  # the server holds it and the OpenAI API does not expose it
 
     def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None,
-                continue_final: bool = False) -> Prompt:
+                continue_final: bool = False, tools: Sequence[ToolFunction] = ()) -> Prompt:
+        if tools:  # capabilities.tools is off: the service refuses them before this
+            raise InvalidRequest("the remote backend does not pass tools on to its server", field="tools")
         if continue_final:
             # The server applies its own template; OpenAI's API has no way to say "continue".
             raise InvalidRequest("the remote backend cannot continue an answer: the remote server renders the "

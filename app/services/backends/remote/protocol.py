@@ -41,7 +41,7 @@ def request_body(model: str, prompt: Prompt, params: GenerationParams) -> dict:
         "top_p": params.top_p,
     }
     if prompt.messages is not None:
-        body["messages"] = [{"role": m.role, "content": m.content} for m in prompt.messages]
+        body["messages"] = [m.to_dict() for m in prompt.messages]
     else:
         body["prompt"] = prompt.text
     if params.seed is not None:

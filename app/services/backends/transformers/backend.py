@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from app.services.backends.base import BackendInfo, Capabilities, check_token_ids, common_prefix_length, continuation_prompt
+from app.services.backends.chat_template import template_messages, template_tools
 from app.services.backends.constraints import CompiledConstraint, ConstraintCompiler
 from app.services.backends.transformers.batching import END, Batcher, Failure, Row, batch_key
 from app.services.backends.transformers.detokenizer import TokenBytes, make_detokenizer
@@ -42,7 +43,7 @@ from app.services.core.cpu_share import CpuShare
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge, RequestCancelled
 from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
 from app.services.core.thread_scope import on_a_thread_of_its_own
-from app.services.core.types import Chunk, GenerationParams, GpuUse, Message, Prompt
+from app.services.core.types import Chunk, GenerationParams, GpuUse, Message, Prompt, ToolCallFormat, ToolFunction
 from config.settings import TransformersSettings
 
 log = logging.getLogger(__name__)
@@ -342,7 +343,8 @@ class TransformersBackend:
     def capabilities(self) -> Capabilities:
         # max_batch_size: generations the service lets in at once; they decode as rows of one batch (see batching.py)
         return Capabilities(inspection=True, max_batch_size=self._settings.max_batch_size,
-                            adapter_switch=self.adapter_unmerged, scoring=True, logprobs=True, constrained_decoding=True)
+                            adapter_switch=self.adapter_unmerged, scoring=True, logprobs=True, constrained_decoding=True,
+                            tools=True)
 
     def compile_constraint(self, constraint: OutputConstraint) -> CompiledConstraint:
         """See base.Constraining; the vocabulary comes from the HF (fast) tokenizer."""
@@ -485,19 +487,23 @@ class TransformersBackend:
         return BackendInfo(**facts)
 
     # -- prompts ---------------------------------------------------------------------------
-    def render_prompt(self, messages: Sequence[Message]) -> str:
+    def render_prompt(self, messages: Sequence[Message], tools: Sequence[ToolFunction] = ()) -> str:
+        return self._render(messages, tools)[0]
+
+    def _render(self, messages: Sequence[Message], tools: Sequence[ToolFunction]) -> tuple[str, Optional[ToolCallFormat]]:
         if not getattr(self._tokenizer, "chat_template", None):
             raise InvalidRequest(
                 f"{self.spec.path.name} has no chat template (tokenizer_config.json has no chat_template); "
                 f"send a raw prompt to /v1/completions instead",
                 field="messages",
             )
+        tool_dicts, tool_format = template_tools(self.chat_template(), tools, self.spec.path.name)
         try:
-            return self._tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
-            )
+            text = self._tokenizer.apply_chat_template(template_messages(messages), tools=tool_dicts, tokenize=False,
+                                                       add_generation_prompt=True)
         except Exception as exc:  # jinja raises many kinds; all mean these messages do not fit the template
             raise InvalidRequest(f"the chat template rejected these messages: {exc}", field="messages") from exc
+        return text, tool_format
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         encoded = model_inputs(self._tokenizer(text, add_special_tokens=add_special_tokens))
@@ -535,9 +541,10 @@ class TransformersBackend:
         return template or None
 
     def prepare(self, messages: Optional[Sequence[Message]] = None, text: Optional[str] = None,
-                continue_final: bool = False) -> Prompt:
+                continue_final: bool = False, tools: Sequence[ToolFunction] = ()) -> Prompt:
+        tool_format = None
         if messages is not None:
-            text = self.render_prompt(messages)
+            text, tool_format = self._render(messages, tools)
             if continue_final:
                 text = continuation_prompt(text, messages[-1])
             token_ids = self._encode(text, add_special_tokens=False)  # the template wrote its own BOS
@@ -545,7 +552,7 @@ class TransformersBackend:
             token_ids = self._encode(text, add_special_tokens=True)
         if not token_ids:
             raise InvalidRequest("the prompt is empty", field="prompt")
-        return Prompt(text=text, token_ids=tuple(token_ids))
+        return Prompt(text=text, token_ids=tuple(token_ids), tool_format=tool_format)
 
     # -- generation ------------------------------------------------------------------------
     def stream(self, prompt: Prompt, params: GenerationParams, cancel: threading.Event) -> Iterator[Chunk]:
