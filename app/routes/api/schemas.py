@@ -6,7 +6,18 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.routes.http.body import StrictBody
-from app.routes.http.sampling import RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopLogprobs, TopP
+from app.routes.http.sampling import (
+    LogitBias,
+    RepetitionPenalty,
+    Sampling,
+    Seed,
+    StopStrings,
+    Temperature,
+    TokenBudget,
+    TopK,
+    TopLogprobs,
+    TopP,
+)
 from app.routes.http.shapes import QueueCounts, Shape, Timings, TokenLogprobShape, Usage
 from app.services.core.errors import InvalidRequest
 from app.services.core.types import GenerationParams, Message
@@ -53,7 +64,7 @@ class ApplyTemplateBody(ConversationBody):
     """The conversation part of a chat body; the sampling fields a chat would carry are ignored."""
 
 
-class ChatBody(ConversationBody, Sampling, StopStrings):
+class ChatBody(ConversationBody, Sampling, StopStrings, LogitBias):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     max_new_tokens: TokenBudget = 256

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions and /v1/models.
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions and /v1/models, and the same
+three without the /v1 prefix (clients that take the server's root as their base URL).
 
 The wire format follows OpenAI exactly (checked with the official SDK in the tests): a stream
 opens with a chunk whose delta carries the role, the last choice chunk carries
@@ -6,26 +7,31 @@ opens with a chunk whose delta carries the role, the last choice chunk carries
 ``stream_options.include_usage`` is set, then ``data: [DONE]``. Errors have OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}`` (app/routes/http/errors.py); one that happens
 mid-stream travels as a ``data: {"error": ...}`` event, which the SDK raises as an APIError.
+Several choices (``n``, several prompts) stream interleaved, each chunk naming its ``index``.
 
 Model rule: ``model`` may name the loaded model by any of its names, or another model listed
-by GET /v1/models, which is then loaded (a switch); an empty name means the loaded model.
+by GET /v1/models, which is then loaded (a switch); an empty name means the loaded model; with
+``server.any_model_name`` any other name means the loaded model too.
 """
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from flask import Blueprint
 
 from app.routes.http.body import parse_body
 from app.routes.http.errors import openai_error_body
-from app.routes.http.extensions import limit_settings, model_service
+from app.routes.http.extensions import limit_settings, model_service, settings
 from app.routes.http.shapes import logprob_entries
-from app.routes.http.wire import SSE_DONE, json_answer, sse_data, stream_generation
+from app.routes.http.wire import SSE_DONE, json_answer, sse_data, sse_response, stream_generation, stream_together
 from app.routes.openai.schemas import ChatCompletion, ChatCompletionBody, CompletionBody, ModelList, SamplingBody, TextCompletion
 from app.services.core.types import Chunk, TokenLogprob
-from app.services.engine.generation import Generation
+from app.services.engine.completions import Choice, PromptIn, collect_choices, complete, prepared_prompts, score_for_echo, start_choices
+from app.services.engine.generation import Generation, GenerationResult
+from app.services.engine.scoring import ScoredPrompt
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -33,71 +39,118 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's own default for /v1/completions
 OPENAI_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
-def _start(body: SamplingBody, messages=None, text=None, default_max_tokens: int = 0) -> Generation:
-    limits = limit_settings()
-    params = body.params(limits, default_max_tokens or limits.max_new_tokens)
-    service = model_service()
-    service.use_model(body.model)
-    return service.start(params, messages=messages, text=text)
+def _use_model(name: Optional[str]) -> None:
+    model_service().use_model(name, any_name=settings().server.any_model_name)
 
 
-def openai_logprobs(logprobs: Sequence[TokenLogprob], chat: bool, offset: int = 0) -> dict:
-    """OpenAI's ``logprobs`` object: ``{"content": [...]}`` for chat; the legacy parallel lists for
-    text completions, whose ``text_offset`` counts characters from ``offset``."""
-    if chat:
-        return {"content": logprob_entries(logprobs, ids=False)}
-    tokens, offsets = [], []
-    for logprob in logprobs:
+# -- log-probabilities in OpenAI's shapes ------------------------------------------------------
+@dataclass(frozen=True)
+class LegacyEntry:
+    """One token of the legacy completions ``logprobs``; the first prompt token has no numbers."""
+
+    text: str
+    logprob: Optional[float]
+    top: Optional[dict[str, float]]
+
+
+def legacy_entries(logprobs: Sequence[TokenLogprob]) -> list[LegacyEntry]:
+    """The alternatives, and the chosen token itself as OpenAI's lists it (up to logprobs + 1 entries)."""
+    return [LegacyEntry(logprob.chosen.text, logprob.chosen.logprob,
+                        {**{candidate.text: candidate.logprob for candidate in logprob.top},
+                         **({} if any(c.token_id == logprob.chosen.token_id for c in logprob.top) or not logprob.top
+                            else {logprob.chosen.text: logprob.chosen.logprob})})
+            for logprob in logprobs]
+
+
+def echo_entries(scored: ScoredPrompt) -> list[LegacyEntry]:
+    first = LegacyEntry(scored.first_piece.decode("utf-8", errors="replace"), None, None)
+    return [first, *legacy_entries(scored.tokens)]
+
+
+def legacy_logprobs(entries: Sequence[LegacyEntry], offset: int = 0) -> dict:
+    """The parallel lists; ``text_offset`` counts characters of the choice's text from ``offset``."""
+    offsets = []
+    for entry in entries:
         offsets.append(offset)
-        tokens.append(logprob.chosen.text)
-        offset += len(logprob.chosen.text)
-    return {"tokens": tokens, "token_logprobs": [logprob.chosen.logprob for logprob in logprobs],
-            "top_logprobs": [{candidate.text: candidate.logprob for candidate in logprob.top} for logprob in logprobs],
-            "text_offset": offsets}
+        offset += len(entry.text)
+    return {"tokens": [entry.text for entry in entries], "token_logprobs": [entry.logprob for entry in entries],
+            "top_logprobs": [entry.top for entry in entries], "text_offset": offsets}
 
 
+def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> dict:
+    return {"content": logprob_entries(logprobs, ids=False)}
+
+
+@dataclass(frozen=True)
+class Echo:
+    """What a text completion with ``echo`` begins with: the prompt, and its tokens' numbers when asked."""
+
+    text: str
+    entries: Optional[list[LegacyEntry]]
+
+
+# -- streams -----------------------------------------------------------------------------------
 class CompletionChunks:
-    """OpenAI's stream of ``chat.completion.chunk`` (chat) or ``text_completion`` objects."""
+    """OpenAI's stream of ``chat.completion.chunk`` (chat) or ``text_completion`` objects for one
+    choice. ``closes``: its ending also sends the usage chunk and [DONE] (the only choice)."""
 
-    def __init__(self, chat: bool, include_usage: bool, head: dict, with_logprobs: bool):
+    def __init__(self, chat: bool, include_usage: bool, head: dict, with_logprobs: bool, index: int = 0,
+                 echo: Optional[Echo] = None, closes: bool = True):
         self._chat = chat
         self._include_usage = include_usage
         self._head = head
         self._with_logprobs = with_logprobs
-        self._offset = 0  # characters sent so far, for text completions' text_offset
+        self._index = index
+        self._echo = echo
+        self._closes = closes
+        self._offset = len(echo.text) if echo else 0  # characters sent so far, for text completions' text_offset
 
-    def _choice(self, text: Optional[str], finish_reason: Optional[str], first: bool = False,
-                logprobs: Sequence[TokenLogprob] = ()) -> str:
+    def _event(self, text: Optional[str], finish_reason: Optional[str], first: bool = False,
+               logprobs: Optional[dict] = None) -> str:
         if self._chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
             choice = {"delta": delta}
         else:
             choice = {"text": text or ""}
-        entries = None
-        if self._with_logprobs and logprobs:
-            entries = openai_logprobs(logprobs, self._chat, self._offset)
-            self._offset += sum(len(logprob.chosen.text) for logprob in logprobs)
-        data = {**self._head, "choices": [{"index": 0, **choice, "logprobs": entries, "finish_reason": finish_reason}]}
+        data = {**self._head, "choices": [{"index": self._index, **choice, "logprobs": logprobs, "finish_reason": finish_reason}]}
         if self._include_usage:
             data["usage"] = None
         return sse_data(data)
 
+    def _choice(self, text: Optional[str], finish_reason: Optional[str], logprobs: Sequence[TokenLogprob] = ()) -> str:
+        entries = None
+        if self._with_logprobs and logprobs:
+            if self._chat:
+                entries = chat_logprobs(logprobs)
+            else:
+                entries = legacy_logprobs(legacy_entries(logprobs), self._offset)
+                self._offset += sum(len(logprob.chosen.text) for logprob in logprobs)
+        return self._event(text, finish_reason, logprobs=entries)
+
     def opening(self) -> Iterable[str]:
         if self._chat:  # text completions have no role to announce
-            yield self._choice("", None, first=True)
+            yield self._event("", None, first=True)
+        elif self._echo is not None:
+            entries = self._echo.entries
+            yield self._event(self._echo.text, None, logprobs=legacy_logprobs(entries) if entries is not None else None)
 
     def queued(self, position: int) -> Iterable[str]:
         return ()  # OpenAI's protocol has no queue event; the client just waits
 
     def piece(self, chunk: Chunk) -> Iterable[str]:
-        yield self._choice(chunk.text, None, logprobs=chunk.logprobs)
+        yield self._choice(chunk.text, None, chunk.logprobs)
 
     def ending(self, chunk: Chunk) -> Iterable[str]:
         if chunk.text or chunk.logprobs:
-            yield self._choice(chunk.text, None, logprobs=chunk.logprobs)
+            yield self._choice(chunk.text, None, chunk.logprobs)
         yield self._choice(None, OPENAI_FINISH.get(chunk.finish_reason, "stop"))
-        if self._include_usage and chunk.usage:
-            yield sse_data({**self._head, "choices": [], "usage": chunk.usage.to_dict()})
+        if self._closes:
+            yield from self.closing([chunk.usage.to_dict()] if chunk.usage else [])
+
+    def closing(self, usages: Sequence[dict]) -> Iterable[str]:
+        """After the last choice: the usage chunk when asked for, then [DONE]."""
+        if self._include_usage and usages:
+            yield sse_data({**self._head, "choices": [], "usage": sum_usage(usages)})
         yield SSE_DONE
 
     def failure(self, chunk: Chunk) -> Iterable[str]:
@@ -105,47 +158,153 @@ class CompletionChunks:
         yield sse_data(openai_error_body(status, chunk.error or "generation failed", chunk.error_type or "generation_error", None))
 
 
-def _answer(body: SamplingBody, generation: Generation, chat: bool):
-    """The whole answer or its stream, as a chat completion or a text completion."""
-    object_name = ("chat.completion" if chat else "text_completion")
-    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": object_name,
-            "created": int(time.time()), "model": model_service().model_id()}
-    if body.stream:
-        chunk_head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        with_logprobs = generation.params.logprobs is not None
-        return stream_generation(generation, CompletionChunks(chat, body.include_usage(), chunk_head, with_logprobs))
-    result = generation.collect().raise_for_error()
-    choice = {"message": {"role": "assistant", "content": result.text}} if chat else {"text": result.text}
-    logprobs = openai_logprobs(result.logprobs, chat) if generation.params.logprobs is not None else None
-    return json_answer(ChatCompletion if chat else TextCompletion, {
-        **head,
-        "choices": [{"index": 0, **choice, "logprobs": logprobs, "finish_reason": OPENAI_FINISH.get(result.finish_reason, "stop")}],
-        "usage": result.usage,
-        "timings": result.timings,  # llama-server's extension; OpenAI clients ignore it
-    })
+def sum_usage(usages: Sequence[dict]) -> dict:
+    prompt = sum(usage["prompt_tokens"] for usage in usages)
+    completion = sum(usage["completion_tokens"] for usage in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _head(chat: bool, stream: bool) -> dict:
+    service = model_service()
+    object_name = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": object_name,
+            "created": int(time.time()), "model": service.model_id(), "system_fingerprint": service.system_fingerprint()}
+
+
+def _stream(body: SamplingBody, generations: Sequence[Generation], chat: bool, echoes: Sequence[Optional[Echo]] = (),
+            n: int = 1) -> object:
+    """One choice streams on this thread; several interleave (wire.stream_together)."""
+    head = _head(chat, stream=True)
+    with_logprobs = body.top_n() is not None
+    echo_of = (lambda index: echoes[index // n]) if echoes else (lambda index: None)
+    if len(generations) == 1:
+        return stream_generation(generations[0], CompletionChunks(chat, body.include_usage(), head, with_logprobs, 0, echo_of(0)))
+    framings = [CompletionChunks(chat, body.include_usage(), head, with_logprobs, index, echo_of(index), closes=False)
+                for index in range(len(generations))]
+    return stream_together(generations, framings, lambda lasts: framings[0].closing(
+        [last.usage.to_dict() for index, last in enumerate(lasts) if last is not None and last.usage]))
+
+
+# -- whole answers -------------------------------------------------------------------------------
+def _finish(result: GenerationResult) -> str:
+    return OPENAI_FINISH.get(result.finish_reason, "stop")
+
+
+def _usage(choices: Sequence[Choice], n: int) -> dict:
+    """Each prompt's tokens counted once, every choice's answer tokens."""
+    prompt = sum(choice.result.usage["prompt_tokens"] if choice.result else len(choice.prompt.token_ids)
+                 for choice in choices if choice.index % n == 0)
+    completion = sum(choice.result.usage["completion_tokens"] for choice in choices if choice.result)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _timings(results: Sequence[Optional[GenerationResult]]) -> Optional[dict]:
+    return results[0].timings if len(results) == 1 and results[0] is not None else None
 
 
 @bp.post("/chat/completions")
 def chat_completions():
     body = parse_body(ChatCompletionBody)
     limits = limit_settings()
-    return _answer(body, _start(body, messages=body.messages_list(limits)), chat=True)
+    _use_model(body.model)
+    params = body.params(limits, limits.max_new_tokens)
+    prompt = PromptIn(messages=tuple(body.messages_list(limits)), place="messages")
+    service = model_service()
+    generations = start_choices(service, [prompt], params, body.n)
+    if body.stream:
+        return _stream(body, generations, chat=True)
+    results = [result.raise_for_error() for result in collect_choices(generations, service.batch_size)]
+    with_logprobs = params.logprobs is not None
+    return json_answer(ChatCompletion, {
+        **_head(chat=True, stream=False),
+        "choices": [{"index": index, "message": {"role": "assistant", "content": result.text},
+                     "logprobs": chat_logprobs(result.logprobs) if with_logprobs else None, "finish_reason": _finish(result)}
+                    for index, result in enumerate(results)],
+        "usage": {**results[0].usage, "completion_tokens": sum(r.usage["completion_tokens"] for r in results),
+                  "total_tokens": results[0].usage["prompt_tokens"] + sum(r.usage["completion_tokens"] for r in results)},
+        "timings": _timings(results),  # llama-server's extension; OpenAI clients ignore it
+    })
+
+
+def _echoes(body: CompletionBody, prompts: Sequence[PromptIn]) -> list[Optional[Echo]]:
+    """Each prompt's echo for a stream: its text, and its scored tokens when logprobs are asked for."""
+    if not body.echo:
+        return []
+    service = model_service()
+    params = body.params(limit_settings(), COMPLETIONS_DEFAULT_MAX_TOKENS)
+    prepared = prepared_prompts(service, prompts, params)
+    scored: list[Optional[ScoredPrompt]] = [None] * len(prompts)
+    if params.logprobs is not None:
+        scored = list(score_for_echo(service, prepared, params.logprobs))
+    return [Echo(prompt.text, echo_entries(score) if score else None) for prompt, score in zip(prepared, scored)]
+
+
+def _text_choice(choice: Choice, echo: bool, with_logprobs: bool) -> dict:
+    result = choice.result
+    prefix = choice.prompt.text if echo else ""
+    entries: list[LegacyEntry] = []
+    if choice.scored is not None:
+        entries = echo_entries(choice.scored)
+    if result is not None and with_logprobs:
+        entries += legacy_entries(result.logprobs)
+    return {"index": choice.index, "text": prefix + (result.text if result else ""),
+            "logprobs": legacy_logprobs(entries) if with_logprobs else None,
+            "finish_reason": _finish(result) if result else "length"}
 
 
 @bp.post("/completions")
 def completions():
     body = parse_body(CompletionBody)
-    generation = _start(body, text=body.prompt_text(), default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
-    return _answer(body, generation, chat=False)
+    limits = limit_settings()
+    _use_model(body.model)
+    prompts = body.prompts(limits)
+    params = body.params(limits, COMPLETIONS_DEFAULT_MAX_TOKENS)
+    service = model_service()
+    if body.stream:
+        echoes = _echoes(body, prompts)
+        if params.max_new_tokens == 0:
+            return sse_response(_unanswered_stream(body, prompts, echoes))
+        return _stream(body, start_choices(service, prompts, params, body.n), chat=False, echoes=echoes, n=body.n)
+    choices = complete(service, prompts, params, body.n, body.echo)
+    for choice in choices:
+        if choice.result is not None:
+            choice.result.raise_for_error()
+    with_logprobs = params.logprobs is not None
+    return json_answer(TextCompletion, {
+        **_head(chat=False, stream=False),
+        "choices": [_text_choice(choice, body.echo, with_logprobs) for choice in choices],
+        "usage": _usage(choices, body.n),
+        "timings": _timings([choice.result for choice in choices]),
+    })
+
+
+def _unanswered_stream(body: CompletionBody, prompts: Sequence[PromptIn], echoes: Sequence[Optional[Echo]]) -> Iterable[str]:
+    """``max_tokens: 0`` streamed: each choice's echo and its finish, then usage and [DONE]."""
+    head = _head(chat=False, stream=True)
+    prepared = prepared_prompts(model_service(), prompts, body.params(limit_settings(), COMPLETIONS_DEFAULT_MAX_TOKENS))
+    framings = [CompletionChunks(False, body.include_usage(), head, body.top_n() is not None, index,
+                                 echoes[index // body.n] if echoes else None, closes=False)
+                for index in range(len(prompts) * body.n)]
+    for framing in framings:
+        yield from framing.opening()
+        yield from framing.ending(Chunk(finish_reason="length"))
+    yield from framings[0].closing([{"prompt_tokens": len(prompt.token_ids), "completion_tokens": 0} for prompt in prepared])
 
 
 @bp.get("/models")
 def models():
+    """What is on offer; ``loaded`` is true only for a model loaded now. Until one is, the model
+    the next request loads comes first, with ``loaded: false``."""
     service = model_service()
-    loaded = service.model_id()
+    loaded = service.loaded_model_id()
+    first = loaded or service.model_id()
     created = int(time.time())
-    entries = [{"id": loaded, "object": "model", "created": created, "owned_by": "model_test", "loaded": True}] if loaded else []
+
+    def card(model_id: str, is_loaded: bool) -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "model_test", "loaded": is_loaded}
+
+    entries = [card(first, first == loaded)] if first else []
     for model in service.catalog.models():
-        if model["available"] and model["id"] != loaded:
-            entries.append({"id": model["id"], "object": "model", "created": created, "owned_by": "model_test", "loaded": False})
+        if model["available"] and model["id"] != first:
+            entries.append(card(model["id"], False))
     return json_answer(ModelList, {"object": "list", "data": entries})

@@ -32,6 +32,9 @@ class GenerationParams:
     # None: no probabilities; n: each answer token's log-probability and the n most likely tokens at
     # its place, from the model's distribution before sampling (no temperature, top-k or penalties).
     logprobs: Optional[int] = None
+    # Added to the logits of these token ids before any other sampling step (OpenAI's logit_bias);
+    # -100 all but bans a token, 100 all but forces it. Log-probabilities stay the model's own.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,9 @@ class Generation:
             if backend is None:
                 raise InvalidRequest("the model was unloaded while this request waited", field="model")
             if backend is not self._backend:  # the model was switched while this request waited
+                if self._messages is None and self._text is None:
+                    raise InvalidRequest("the model was switched while this request waited, and its prompt was token ids "
+                                         "of the model before; send it again", field="prompt")
                 self._prompt = self._engine.prepare(backend, self._messages, self._text, self.params, self._continue_final)
                 self._backend, self.model = backend, backend.model
             if self._announced_to is not backend:  # announced to a model since switched away (or not at all)
@@ -231,8 +234,13 @@ def collect_together(generations: Sequence[Generation]) -> list[GenerationResult
     """Collects generations at the same time, each on a thread of its own, so a backend that
     batches (transformers) runs them as rows of one batch; on others they simply queue."""
     results: list[Optional[GenerationResult]] = [None] * len(generations)
-    for generation in generations:  # in line together, in order, before any thread runs
-        generation.admit()
+    try:
+        for generation in generations:  # in line together, in order, before any thread runs
+            generation.admit()
+    except ServiceError:  # a full queue: the ones already in line leave it, none runs
+        for generation in generations:
+            generation.close()
+        raise
 
     def collect(index: int) -> None:
         results[index] = generations[index].collect()

@@ -59,5 +59,25 @@ def score_continuation(backend: Backend, prompt_ids: Sequence[int], continuation
     return ScoredText(len(prompt_ids), tuple(score_rows(logits, continuation, top_n, scorer.token_bytes)))
 
 
+@dataclass(frozen=True)
+class ScoredPrompt:
+    """A prompt read by the model token by token, as an evaluation harness scores an answer
+    choice: the first token, which nothing before it predicts, and every later one with its
+    log-probability given the tokens before it."""
+
+    first_id: int
+    first_piece: bytes
+    tokens: tuple[TokenLogprob, ...]  # one per token after the first, each with its rank
+
+
+def score_prompt(backend: Backend, token_ids: Sequence[int], top_n: int) -> ScoredPrompt:
+    """Teacher forcing over the whole prompt; the caller holds the model alone (ModelService.turn).
+    The same computation as a reference's (``score_continuation``), cut after the first token."""
+    scorer = scoring_backend(backend)
+    first = int(token_ids[0])
+    rest = () if len(token_ids) < 2 else score_continuation(backend, token_ids[:1], token_ids[1:], top_n).tokens
+    return ScoredPrompt(first, scorer.token_bytes(first), rest)
+
+
 def conversation(system: str | None, prompt: str) -> list[Message]:
     return ([Message("system", system)] if system else []) + [Message("user", prompt)]

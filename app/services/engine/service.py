@@ -10,16 +10,17 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, cast
 
-from app.services.backends.base import Backend, LocalTokenizer
+from app.services.backends.base import Backend, LocalTokenizer, first_outside_vocabulary
 from app.services.backends.factory import BackendFactory, make_backend
 from app.services.catalog import ModelCatalog
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import ContextLengthExceeded, InvalidModel, InvalidRequest, ModelNotFound, ModelTooLarge, NoModelLoaded, ServiceError
 from app.services.core.types import GenerationParams, Message, Prompt
+from app.services.engine.fingerprint import system_fingerprint
 from app.services.engine.generation import QUEUE_POLL_S, Generation
 from app.services.engine.queue import GenerationQueue
 from app.services.engine.registry import GenerationRegistry
-from app.services.engine.scoring import ScoredText, check_fits, reference_ids, score_continuation, scoring_backend
+from app.services.engine.scoring import ScoredPrompt, ScoredText, check_fits, reference_ids, score_continuation, score_prompt, scoring_backend
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class ModelService:
         self.catalog = ModelCatalog(settings)
         self._backend: Optional[Backend] = None
         self._spec: Optional[ModelSpec] = None  # the loaded model's
+        self._fingerprint: Optional[str] = None  # the loaded model's system_fingerprint
         self._state = "not_loaded"
         self._error: Optional[str] = None
         self._load_started = 0.0
@@ -84,6 +86,16 @@ class ModelService:
                 continuation = reference_ids(held, reference)
                 check_fits(prompt.token_ids, continuation, held.n_ctx)
             return score_continuation(held, prompt.token_ids, continuation, top_n, use_adapter)
+
+    def score_prompts(self, prompts: Sequence[Prompt], top_n: int) -> list[ScoredPrompt]:
+        """Each prompt's tokens read by teacher forcing, in one turn on the model: the prompt
+        log-probabilities of /v1/completions' echo, with the numbers /api/score gives."""
+        backend = self.ensure_loaded()
+        scoring_backend(backend)
+        with self.turn() as held:
+            if held is not backend:  # the prompts' tokens are the model's that was loaded before
+                raise InvalidRequest("the model was switched while this request waited; send it again", field="model")
+            return [score_prompt(held, prompt.token_ids, top_n) for prompt in prompts]
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -190,8 +202,10 @@ class ModelService:
             # The remote backend learns at load which model its server serves when none was named.
             target = candidate.spec
             self.queue.set_capacity(candidate.capabilities.max_batch_size)
+            fingerprint = system_fingerprint(self.catalog.id_for(target), target, candidate.info())
             with self._status_lock:
                 self._backend, self._spec, self._requested, self._state = candidate, target, target, "loaded"
+                self._fingerprint = fingerprint
             log.info("model %s ready in %.2f s", target.label, time.perf_counter() - started)
         return self.status()
 
@@ -269,10 +283,22 @@ class ModelService:
                 return None
         return self.catalog.id_for(spec)
 
-    def use_model(self, name: Optional[str]) -> None:
+    def loaded_model_id(self) -> Optional[str]:
+        """The loaded model's id, or None while none is loaded (unlike model_id, never the next one's)."""
+        with self._status_lock:
+            spec = self._spec if self._backend is not None else None
+        return self.catalog.id_for(spec) if spec is not None else None
+
+    def system_fingerprint(self) -> Optional[str]:
+        """OpenAI's system_fingerprint of the loaded model (engine/fingerprint.py), None while none is."""
+        with self._status_lock:
+            return self._fingerprint if self._backend is not None else None
+
+    def use_model(self, name: Optional[str], any_name: bool = False) -> None:
         """For APIs that name a model in every request (OpenAI's): the loaded model answers to
         any of its names (catalog id, preset name, path, file or folder name); another model on
-        offer is switched to; anything else is a 404. No name means the loaded model."""
+        offer is switched to; anything else is a 404, or with ``any_name`` the loaded model
+        (for clients that hard-code a name). No name means the loaded model."""
         if not name:
             return
         with self._status_lock:
@@ -284,6 +310,8 @@ class ModelService:
             if name in (entry["id"], entry["name"], entry["path"]) and entry["available"]:
                 self.load(model=entry["id"] if entry["kind"] in ("builtin", "preset") else entry["path"])
                 return
+        if any_name:
+            return
         raise ModelNotFound(f"model {name!r} is not on offer; GET /v1/models lists the models this server has", field="model")
 
     def _set_error(self, message: Optional[str], state: Optional[str] = None) -> None:
@@ -295,6 +323,7 @@ class ModelService:
     def _release_current(self) -> None:
         with self._status_lock:
             backend, self._backend, self._spec, self._state = self._backend, None, None, "not_loaded"
+            self._fingerprint = None
         if backend is not None:
             backend.unload()
             log.info("unloaded %s", backend.model)
@@ -348,15 +377,49 @@ class ModelService:
                                         field="messages" if messages is not None else "prompt")
         return prompt
 
+    def prompt_of_ids(self, backend: Backend, token_ids: Sequence[int], place: str = "prompt") -> Prompt:
+        """A prompt given as the model's token ids (OpenAI's completions take them), taken as they are:
+        no BOS is added. An id outside the vocabulary is a 400 naming its place (``prompt[2][5]``)."""
+        if not backend.capabilities.inspection:
+            raise InvalidRequest(f"the {backend.name} backend has no tokenizer here to read token ids; send the prompt as text",
+                                 field=place)
+        if not token_ids:
+            raise InvalidRequest(f"{place} is empty", field=place)
+        tokenizer = cast(LocalTokenizer, backend)
+        index = first_outside_vocabulary(token_ids, tokenizer.vocab_size)
+        if index is not None:
+            raise InvalidRequest(f"{place}[{index}] is {token_ids[index]}; this model's token ids run from 0 to "
+                                 f"{tokenizer.vocab_size - 1}", field=f"{place}[{index}]")
+        if len(token_ids) >= backend.n_ctx:
+            raise ContextLengthExceeded(len(token_ids), 0, backend.n_ctx, field=place)
+        return Prompt(text=tokenizer.detokenize(token_ids), token_ids=tuple(token_ids))
+
+    @staticmethod
+    def check_logit_bias(backend: Backend, params: GenerationParams) -> None:
+        """Biased ids must be the model's own; a remote server checks its own."""
+        if not params.logit_bias or not backend.capabilities.inspection:
+            return
+        vocab_size = cast(LocalTokenizer, backend).vocab_size
+        for token_id, _ in params.logit_bias:
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequest(f"logit_bias names token {token_id}; this model's token ids run from 0 to "
+                                     f"{vocab_size - 1}", field=f"logit_bias.{token_id}")
+
     def start(self, params: GenerationParams, messages: Optional[Sequence[Message]] = None,
               text: Optional[str] = None, generation_id: Optional[str] = None,
-              continue_final: bool = False) -> Generation:
+              continue_final: bool = False, token_ids: Optional[Sequence[int]] = None,
+              place: str = "prompt") -> Generation:
         """Validates and tokenises the request (loading the model if needed) and registers it
-        for cancellation. Raises 4xx ServiceErrors before any stream opens."""
+        for cancellation. Raises 4xx ServiceErrors before any stream opens. The prompt is
+        ``messages``, a ``text``, or ``token_ids`` (named ``place`` in errors)."""
         backend = self.ensure_loaded()
         if params.logprobs is not None and not backend.capabilities.logprobs:
             raise InvalidRequest(f"the {backend.name} backend cannot report token probabilities", field="logprobs")
-        prompt = self.prepare(backend, messages, text, params, continue_final)
+        self.check_logit_bias(backend, params)
+        if token_ids is not None:
+            prompt = self.prompt_of_ids(backend, token_ids, place)
+        else:
+            prompt = self.prepare(backend, messages, text, params, continue_final)
         generation = Generation(self, backend, prompt, params, messages, text, generation_id or uuid.uuid4().hex,
                                 continue_final)
         self.registry.register(generation)

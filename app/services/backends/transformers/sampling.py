@@ -1,5 +1,5 @@
-"""How one row picks its next token from its logits: penalties, then temperature, top-k and
-top-p, then a greedy pick or a draw from the row's own random stream.
+"""How one row picks its next token from its logits: its logit bias, penalties, then temperature,
+top-k and top-p, then a greedy pick or a draw from the row's own random stream.
 
 Each row of a batch has its own chain, so rows with different sampling settings or seeds can
 decode together, and a seeded row draws the same tokens in a batch as alone. The processors are
@@ -34,6 +34,29 @@ class OpenAIPenalties:
         return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
 
 
+class LogitBias:
+    """OpenAI's ``logit_bias``: fixed amounts added to some tokens' logits, first of all steps (as
+    llama.cpp's chain puts its logit-bias sampler first). It is one bias row per request, built
+    once on the row's device: a batched sampler adds a stack of these rows to the batch's logits
+    in one operation (``dense``)."""
+
+    def __init__(self, bias: tuple[tuple[int, float], ...], device: str):
+        import torch
+
+        self._ids = torch.tensor([token_id for token_id, _ in bias], dtype=torch.long, device=device)
+        self._values = torch.tensor([value for _, value in bias], dtype=torch.float32, device=device)
+
+    def dense(self, vocab_size: int):
+        """The bias as a (vocab_size,) row: zero where the request sets none."""
+        import torch
+
+        row = torch.zeros(vocab_size, dtype=torch.float32, device=self._ids.device)
+        return row.index_add_(0, self._ids, self._values)
+
+    def __call__(self, input_ids, scores):
+        return scores + self.dense(scores.shape[-1]).to(scores.dtype)
+
+
 class SuppressTokens:
     """Keeps the end tokens from being picked (ignore_eos: the answer runs to its budget)."""
 
@@ -58,6 +81,8 @@ class RowSampler:
 
         self._sample = params.temperature > 0
         chain: list = []
+        if params.logit_bias:
+            chain.append(LogitBias(params.logit_bias, device))
         if params.repetition_penalty != 1.0:
             chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
         if params.presence_penalty or params.frequency_penalty:
