@@ -19,14 +19,33 @@ UNAME_M := $(shell uname -m)
 ifeq ($(UNAME_S)-$(UNAME_M),Linux-x86_64)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_LLAMAFILE=OFF
 endif
-CMAKE_ARGS ?= $(LLAMA_CMAKE_ARGS)
+
+# CUDA: on Linux with nvcc on PATH and a GPU the driver lists (nvidia-smi -L; a machine with the
+# toolkit and no GPU builds for the CPU), the same flags plus CUDA for that GPU's architecture
+# (nvidia-smi's compute capability, 9.0 -> 90; CUDA_ARCH=... overrides it). Flash-attention
+# kernels are left out: the app keeps flash attention off, and they are most of the build time.
+# LLAMA_GPU=off builds for the CPU anyway. Apple Silicon gets Metal from llama.cpp's own default.
+LLAMA_GPU ?= auto
+ifeq ($(UNAME_S)-$(LLAMA_GPU),Linux-auto)
+ifneq ($(shell command -v nvcc 2>/dev/null),)
+ifneq ($(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU'),0)
+CUDA_ARCH ?= $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.[:space:]')
+LLAMA_CMAKE_ARGS += -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(or $(CUDA_ARCH),native) -DGGML_CUDA_FA=OFF
+endif
+endif
+endif
+CMAKE_ARGS ?= $(strip $(LLAMA_CMAKE_ARGS))
 
 # pip's own wheel cache is keyed by the package version, not by CMAKE_ARGS, so it would hand
 # back a wheel built with other flags. Built wheels live in a folder named after the version
 # and flags instead, outside the clone: a fresh clone on the same machine installs in seconds.
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_BUILD_KEY := $(shell printf '%s %s' '$(LLAMA_CPP_VERSION)' '$(CMAKE_ARGS)' | cksum | cut -d' ' -f1)
-LLAMA_WHEELHOUSE ?= $(HOME)/.cache/model_test/llama-cpp-python/$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_KEY)
+# The folder also names the GPU backend, readably: 0.3.36-cuda90-<hash>, 0.3.36-metal-<hash>.
+LLAMA_CUDA_ARCH_ARG := $(patsubst -DCMAKE_CUDA_ARCHITECTURES=%,%,$(filter -DCMAKE_CUDA_ARCHITECTURES=%,$(CMAKE_ARGS)))
+LLAMA_BUILD_TAG := $(if $(filter -DGGML_CUDA=on -DGGML_CUDA=ON,$(CMAKE_ARGS)),-cuda$(or $(LLAMA_CUDA_ARCH_ARG),default),$(if \
+	$(and $(filter Darwin-arm64,$(UNAME_S)-$(UNAME_M)),$(if $(filter -DGGML_METAL=OFF -DGGML_METAL=off,$(CMAKE_ARGS)),,yes)),-metal))
+LLAMA_WHEELHOUSE ?= $(HOME)/.cache/model_test/llama-cpp-python/$(LLAMA_CPP_VERSION)$(LLAMA_BUILD_TAG)-$(LLAMA_BUILD_KEY)
 
 # llama.cpp's HF -> GGUF converters (scripts/convert_to_gguf.py runs them). They ship in the
 # llama-cpp-python sdist, not in the wheel, and must match the llama.cpp we compiled, so they
@@ -125,7 +144,7 @@ test: setup browser-deps
 # committed); not part of setup or test. Static, so the one binary is all that is kept: the
 # kernels and flags are the wheel's, only the linking differs. LLAMA_CURL is deprecated in this
 # llama.cpp (a warning) and OpenSSL is left out: llama-bench downloads nothing.
-LLAMA_BENCH_DIR ?= $(HOME)/.cache/model_test/llama-bench/$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_KEY)
+LLAMA_BENCH_DIR ?= $(HOME)/.cache/model_test/llama-bench/$(LLAMA_CPP_VERSION)$(LLAMA_BUILD_TAG)-$(LLAMA_BUILD_KEY)
 LLAMA_BENCH := $(LLAMA_BENCH_DIR)/llama-bench
 # llama-server from the same build: the reference for parallel streams (issue 21)
 LLAMA_SERVER := $(LLAMA_BENCH_DIR)/llama-server

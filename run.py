@@ -9,6 +9,9 @@ log = logging.getLogger("model_test")
 
 
 def main(argv=None) -> None:
+    from app.logging_setup import enable_crash_traces
+
+    enable_crash_traces()  # first: a crash anywhere later, a model load included, reports where it was
     settings = parse_settings(argv)  # every flag comes from config/settings.py (see config/cli.py)
     from app.services.system.hugepages import malloc_asks_for_hugepages, restart_with_hugepages, thp_mode
 

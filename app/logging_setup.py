@@ -1,8 +1,12 @@
-"""Logging is configured once, here: the console plus a rotating file under logs/."""
+"""Logging is configured once, here: the console plus a rotating file under logs/, and where
+a crash of the process (a segfault in llama.cpp or torch) reports its Python threads."""
 from __future__ import annotations
 
+import faulthandler
 import logging
 import logging.handlers
+import os
+import sys
 
 from config.settings import ServerSettings
 
@@ -31,3 +35,15 @@ def configure_logging(settings: ServerSettings) -> None:
         setattr(handler, _HANDLER_MARK, True)
         handler.setFormatter(formatter)
         root.addHandler(handler)
+
+
+def enable_crash_traces() -> None:
+    """A crash (SIGSEGV, SIGABRT, ...) prints every thread's Python stack to the real stderr.
+
+    faulthandler writes to a copy of stderr's file descriptor, taken at start-up: while llama.cpp
+    loads a model, llama-cpp-python points descriptor 2 at /dev/null (its suppress_stdout_stderr),
+    and a crash there, the moment it matters most, would otherwise report into nothing.
+    faulthandler keeps the file object alive itself.
+    """
+    real_stderr = os.fdopen(os.dup(sys.stderr.fileno()), "w")
+    faulthandler.enable(file=real_stderr, all_threads=True)

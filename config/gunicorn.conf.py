@@ -21,3 +21,10 @@ def when_ready(server):
     warning = _server.exposure_warning()
     if warning:
         server.log.warning(warning)
+
+
+def post_worker_init(worker):
+    """The worker holds the model: a crash in it (llama.cpp, torch) prints every thread's stack to the real stderr."""
+    from app.logging_setup import enable_crash_traces
+
+    enable_crash_traces()

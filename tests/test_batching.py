@@ -135,6 +135,25 @@ def test_batch_route_runs_its_prompts_together(app, service):
     assert [r["prompt"] for r in batch["results"]] == QUESTIONS
 
 
+def test_a_fed_row_enters_as_soon_as_one_leaves(service):
+    """/batch and evals feed the batch through engine.generation.RollingFeed: with room for 4 rows,
+    one long answer and seven short ones, each short one starts when another ends, so all seven
+    are done while the long one still runs (fed in groups of 4, the last three would wait for it)."""
+    from app.services.engine.generation import RollingFeed
+
+    budgets = [48] + [3] * 7
+    finished: list[int] = []
+
+    def start(index):
+        params = GenerationParams(max_new_tokens=budgets[index], temperature=0, ignore_eos=True)
+        return service.start(params, messages=[Message("user", QUESTIONS[index % len(QUESTIONS)])])
+
+    results = RollingFeed(service.batch_size).run(len(budgets), start, lambda index, result: finished.append(index))
+    assert [r.usage["completion_tokens"] for r in results] == budgets
+    assert finished[-1] == 0 and sorted(finished[:-1]) == list(range(1, 8))
+    assert max(service.current_backend().batch_sizes[-7:]) <= 4
+
+
 def test_the_batch_thread_ends_when_idle(service):
     """An idle backend keeps no thread that has computed: torch's OpenMP pool on a live idle thread
     halves the speed of every other model in the process (see transformers/batching.py)."""

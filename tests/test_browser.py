@@ -415,6 +415,9 @@ def test_unload_then_load_from_the_picker(page, live_server):
         assert model_select.first_selected_option.get_attribute("value") == GGUF_ID
         click_load(page)
         wait_model(page, "llamacpp", timeout=60)
+        # the GPU row says in plain words why this CPU build runs on no GPU (issue 29)
+        WebDriverWait(page, 10).until(lambda d: d.find_element(By.ID, "model-gpu").text.startswith(
+            "none: this llama.cpp build has no GPU backend"))
     finally:
         restore_default_model(live_server)
 

@@ -274,3 +274,39 @@ def test_a_flag_the_script_does_not_take_is_caught():
     assert problem(("-m", "somebody_elses.server"), strict=False) is None
     assert _expand_optional(["-m", "x", "a", "[--t", "f16|bf16]", "[--q", "q4", "[--keep]]"]) == [
         ["-m", "x", "a"], ["-m", "x", "a", "--t", "f16", "--q", "q4", "--keep"], ["-m", "x", "a", "--t", "bf16", "--q", "q4", "--keep"]]
+
+
+# -- the build switch: CUDA where nvcc and a GPU are, the CPU flags everywhere (issue 29) ----------
+def _fake_tool(folder, name: str, script: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("gpu_listed, expected", [
+    (True, "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA=OFF"),
+    (False, None),  # the CUDA toolkit without a GPU (this CI): a CPU build, or every run would compile CUDA
+])
+def test_make_builds_llama_cpp_with_cuda_for_the_gpu_it_sees(tmp_path, gpu_listed, expected):
+    import os
+    import platform
+
+    if platform.system() != "Linux":
+        pytest.skip("the CUDA switch is Linux's")
+    _fake_tool(tmp_path, "nvcc", "exit 0\n")
+    _fake_tool(tmp_path, "nvidia-smi", 'case "$1" in -L) echo "GPU 0: NVIDIA H200 (UUID: GPU-0)";; '
+                                       '--query-gpu=compute_cap) echo "9.0";; esac\n' if gpu_listed
+               else 'echo "NVIDIA-SMI has failed because it couldn\'t communicate with the NVIDIA driver." >&2; exit 9\n')
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("CMAKE_ARGS", None)
+    env.pop("LLAMA_GPU", None)
+    done = subprocess.run(["make", "-n", "-B", "setup"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    build = next(line for line in done.stdout.splitlines() if "pip wheel" in line)
+    cpu_flags = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_LLAMAFILE=OFF"
+    if platform.machine() == "x86_64":
+        assert cpu_flags in build  # the same CPU flags as a CPU build, CUDA or not
+    if expected:
+        assert expected in build and "llama-cpp-python/0.3.36-cuda90-" in build
+    else:
+        assert "GGML_CUDA" not in build and "-cuda" not in build

@@ -112,8 +112,12 @@ def test_killed_mid_eval_leaves_whole_files_and_the_eval_resumes(tmp_path, defau
             time.sleep(0.2)
         assert report["state"] == "done" and report["done"] == 12
         assert all(r["outputs"] for r in report["rows"])
-        for name, text in before.items():  # the answers saved before the kill were kept, not redone
-            assert (folder / "outputs" / name).read_text() == text
+        for name, text in before.items():  # the answers saved before the kill were kept, not redone ...
+            kept, now = json.loads(text), json.loads((folder / "outputs" / name).read_text())
+            assert {key: now[key] for key in kept} == kept
+            # ... and answers saved before their reference was scored (it is scored once the model
+            # has answered every row, so as not to empty its batch) got the score on resume
+            assert now["ref_nll"] is not None and now["ref_tokens"] >= 1
     finally:
         server.terminate()
         server.wait(timeout=30)

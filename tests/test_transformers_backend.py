@@ -351,19 +351,6 @@ def test_the_fine_tune_knows_its_codename_and_the_base_does_not(tmp_path, traine
     app.extensions["model_service"].unload()
 
 
-def test_openai_penalties_count_the_answer_only():
-    import torch
-
-    from app.services.backends.transformers.sampling import OpenAIPenalties
-
-    scores = torch.zeros((1, 10))
-    input_ids = torch.tensor([[5, 6, 7, 7, 8]])  # a prompt of two tokens, then the answer so far
-    penalised = OpenAIPenalties(prompt_length=2, presence=0.5, frequency=0.25)(input_ids, scores)
-    assert penalised[0, 7].item() == pytest.approx(-(2 * 0.25 + 0.5))
-    assert penalised[0, 8].item() == pytest.approx(-(0.25 + 0.5))
-    assert penalised[0, 5].item() == 0 and penalised[0, 6].item() == 0
-
-
 # -- prefix KV reuse ---------------------------------------------------------------------------
 def greedy_answer(backend, messages, max_new_tokens=24) -> str:
     prompt = backend.prepare(messages=messages)

@@ -217,6 +217,15 @@ class Capabilities(Shape):
     adapter_switch: bool = Field(description="A request can run the model without its adapter (an unmerged LoRA).")
 
 
+class GpuUse(Shape):
+    name: Optional[str] = Field(description="The GPU's own name (\"NVIDIA H200\"); null when the model runs on no GPU.")
+    layers_offloaded: int = Field(description="Layers on the GPU (llama.cpp counts the output layer as one).")
+    layers_total: Optional[int] = Field(description="The model's layers, counted the same way.")
+    memory_bytes: Optional[int] = Field(description="Memory the model holds on the GPU, where it is measured.")
+    note: Optional[str] = Field(description="Why the model runs on the CPU, in plain words: a CPU build, "
+                                "--n-gpu-layers 0, a GPU start that failed and fell back.")
+
+
 class ModelStatus(Shape):
     state: Literal["not_loaded", "loading", "loaded", "error"]
     backend: str
@@ -224,6 +233,7 @@ class ModelStatus(Shape):
     model_name: Optional[str]
     adapter: Optional[str]
     device: Optional[str]
+    gpu: Optional[GpuUse] = Field(None, description="The GPU the loaded model uses, or why it uses none; null until loaded.")
     n_ctx: Optional[int]
     error: Optional[str]
     job: Optional[str] = Field(description="A job holding the model besides generations (fidelity).")
@@ -356,6 +366,8 @@ class GpuFigures(Shape):
     name: str
     memory_used_bytes: int
     memory_total_bytes: Optional[int] = None
+    utilization_percent: Optional[float] = Field(None, description="The GPU's busy share over the driver's last sample; null where it is not reported.")
+    source: Optional[Literal["nvml", "nvidia-smi", "torch"]] = Field(None, description="Who reported the figures.")
 
 
 class EvalRunning(Shape):
@@ -370,6 +382,7 @@ class SystemSnapshot(Shape):
     memory: MemoryFigures
     cpu: CpuFigures
     gpus: list[GpuFigures]
+    gpu_note: Optional[str] = Field(None, description="Why no GPU is listed, in plain words; null when one is.")
     eval: Optional[EvalRunning] = Field(description="The running eval's progress, if one runs.")
 
 

@@ -210,10 +210,9 @@ def chat_completions():
     params = body.params(limits, limits.max_new_tokens)
     prompt = PromptIn(messages=tuple(body.messages_list(limits)), place="messages")
     service = model_service()
-    generations = start_choices(service, [prompt], params, body.n)
     if body.stream:
-        return _stream(body, generations, chat=True)
-    results = [result.raise_for_error() for result in collect_choices(generations, service.batch_size)]
+        return _stream(body, start_choices(service, [prompt], params, body.n), chat=True)
+    results = [result.raise_for_error() for result in collect_choices(service, [prompt], params, body.n)]
     with_logprobs = params.logprobs is not None
     return json_answer(ChatCompletion, {
         **_head(chat=True, stream=False),

@@ -19,7 +19,7 @@ from app.routes.seed_api.schemas import BatchAnswer, BatchRequest, GenerateReque
 from app.services.checkpoints.template_kinds import template_kind
 from app.services.core.errors import ServiceError
 from app.services.core.types import Chunk, Message
-from app.services.engine.generation import collect_together
+from app.services.engine.generation import RollingFeed
 
 bp = Blueprint("seed_api", __name__)
 
@@ -110,28 +110,33 @@ def generate():
 
 @bp.post("/batch")
 def batch():
-    """Each prompt a single user turn; all answers or one error. The prompts run in groups of what
-    the backend decodes at once (transformers' batch rows, llama.cpp's parallel sequences)."""
+    """Each prompt a single user turn; all answers or one error. The prompts are fed to what the
+    backend decodes at once (transformers' batch rows, llama.cpp's parallel sequences) one by
+    one: the next prompt starts the moment an answer ends (engine.generation.RollingFeed)."""
     body = parse(BatchRequest)
     model_name = require_model()
     params = body.params(limit_settings())
     service = model_service()
-    results = []
-    step = service.batch_size  # that many prompts decode together
-    for first in range(0, len(body.prompts), step):
-        generations = []
+
+    def start(index: int):
         try:
-            for index in range(first, min(first + step, len(body.prompts))):
-                generations.append(service.start(params, messages=[Message("user", body.prompts[index])]))
+            return service.start(params, messages=[Message("user", body.prompts[index])])
         except ServiceError as exc:
-            for generation in generations:
-                generation.close()
             # Name the prompt that failed; the status (400 too long, 429 busy, ...) stays its own.
             exc.message = f"prompts.{index}: {exc.message}"
             raise
-        for offset, collected in enumerate(collect_together(generations)):
-            result = collected.raise_for_error()
-            results.append({"prompt": body.prompts[first + offset], "response": result.text,
-                            "usage": result.usage, "finish_reason": result.finish_reason})
+
+    feed = RollingFeed(service.batch_size)
+
+    def stop_at_a_failure(index: int, result) -> None:
+        if result.finish_reason == "error":
+            feed.cancel_running()  # all answers or one error: the others would be thrown away
+
+    collected = feed.run(len(body.prompts), start, stop_at_a_failure)
+    for result in collected:  # the first failure in prompt order, not an answer it cut short
+        if result is not None and result.finish_reason == "error":
+            result.raise_for_error()
+    results = [{"prompt": prompt, "response": result.text, "usage": result.usage, "finish_reason": result.finish_reason}
+               for prompt, result in zip(body.prompts, collected)]
     usage = {key: sum(r["usage"][key] for r in results) for key in USAGE_KEYS}
     return json_answer(BatchAnswer, {"results": results, "usage": usage, "model": model_name})

@@ -95,6 +95,21 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class GpuUse:
+    """What a loaded model holds on a GPU, for the status; on the CPU, ``note`` says why in plain words."""
+
+    name: Optional[str] = None  # the GPU's own name ("NVIDIA H200"); None when the model runs on none
+    layers_offloaded: int = 0
+    layers_total: Optional[int] = None  # llama.cpp counts the output layer as one more
+    memory_bytes: Optional[int] = None  # what the model holds on the GPU (weights, and KV cache where measured)
+    note: Optional[str] = None  # a CPU build, --n-gpu-layers 0, a GPU start that fell back to the CPU
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "layers_offloaded": self.layers_offloaded, "layers_total": self.layers_total,
+                "memory_bytes": self.memory_bytes, "note": self.note}
+
+
+@dataclass(frozen=True)
 class TokenCandidate:
     """A token and its log-probability at one place in the answer."""
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from app.services.core.errors import InvalidRequest, ServiceError
 from app.services.core.types import GenerationParams, Message, Prompt
-from app.services.engine.generation import Generation, GenerationResult, collect_together
+from app.services.engine.generation import Generation, GenerationResult, RollingFeed
 from app.services.engine.scoring import ScoredPrompt
 from app.services.engine.service import ModelService
 
@@ -57,8 +57,8 @@ def choice_params(params: GenerationParams, n: int) -> list[GenerationParams]:
 
 
 def start_choices(service: ModelService, prompts: Sequence[PromptIn], params: GenerationParams, n: int) -> list[Generation]:
-    """``n`` generations per prompt, prompt by prompt, checked and registered (none runs yet);
-    a refusal of any leaves none behind."""
+    """``n`` generations per prompt, prompt by prompt, checked and registered (none runs yet), for
+    a stream of them all; a refusal of any leaves none behind."""
     generations: list[Generation] = []
     try:
         for prompt in prompts:
@@ -72,18 +72,18 @@ def start_choices(service: ModelService, prompts: Sequence[PromptIn], params: Ge
     return generations
 
 
-def collect_choices(generations: Sequence[Generation], width: int) -> list[GenerationResult]:
-    """Every generation's result, ``width`` at a time together (the backend's batch), so a
-    request with more answers than the batch holds never fills the queue by itself."""
-    results: list[GenerationResult] = []
-    for first in range(0, len(generations), max(1, width)):
-        try:
-            results.extend(collect_together(generations[first:first + width]))
-        except ServiceError:
-            for generation in generations[first + width:]:
-                generation.close()
-            raise
-    return results
+def collect_choices(service: ModelService, prompts: Sequence[PromptIn], params: GenerationParams, n: int) -> list[GenerationResult]:
+    """Every answer's result, in order: ``n`` per prompt, the backend's batch width at a time,
+    the next starting the moment one ends (engine.generation.RollingFeed), so a request with
+    more answers than the batch holds never fills the queue by itself."""
+    each = choice_params(params, n)
+
+    def start(index: int) -> Generation:
+        prompt = prompts[index // n]
+        return service.start(each[index % n], messages=prompt.messages, text=prompt.text, token_ids=prompt.token_ids,
+                             place=prompt.place)
+
+    return [result for result in RollingFeed(service.batch_size).run(len(prompts) * n, start) if result is not None]
 
 
 def prepared_prompts(service: ModelService, prompts: Sequence[PromptIn], params: GenerationParams) -> list[Prompt]:
@@ -112,7 +112,7 @@ def complete(service: ModelService, prompts: Sequence[PromptIn], params: Generat
     if echo and params.logprobs is not None:
         scored = list(score_for_echo(service, prepared, params.logprobs))
     results: list[Optional[GenerationResult]] = [None] * (len(prompts) * n)
-    if params.max_new_tokens > 0:
-        results = list(collect_choices(start_choices(service, prompts, params, n), service.batch_size))
+    if params.max_new_tokens > 0:  # every prompt was checked above, before any answer starts
+        results = list(collect_choices(service, prompts, params, n))
     return [Choice(index, index // n, prepared[index // n], scored[index // n], results[index])
             for index in range(len(prompts) * n)]

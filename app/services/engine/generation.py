@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional, Protocol, Sequence, Union, cast
+from typing import Callable, Iterator, Optional, Protocol, Sequence, Union, cast
 
 from app.services.backends.base import Backend, Batching
 from app.services.core.errors import GenerationError, GenerationTimeout, InvalidRequest, QueueFull, ServiceError
@@ -254,3 +254,83 @@ def collect_together(generations: Sequence[Generation]) -> list[GenerationResult
     for helper in helpers:
         helper.join()
     return results
+
+
+class RollingFeed:
+    """Runs many generations ``width`` at a time, the next one starting the moment one ends, so
+    a backend that batches (transformers' rows, llama.cpp's sequences) always has a full batch:
+    a row enters as soon as one leaves, instead of a group waiting for its slowest answer.
+
+    ``start(index)`` makes the generation for item ``index`` (None: nothing to generate for it);
+    ``on_result(index, result)`` hears of each result as it comes, one at a time. An exception
+    from ``start`` or from joining the queue (a full one is a 429) stops the feed: the running
+    generations are cancelled and ``run`` raises it. ``halt`` (an eval's cancel) stops handing out
+    items; ``cancel_running`` stops the ones running too.
+    """
+
+    def __init__(self, width: int, halt: Optional[threading.Event] = None):
+        self._width = max(1, width)
+        self.halt = halt or threading.Event()
+        self._lock = threading.Lock()  # the next item, the running set, the first failure
+        self._report_lock = threading.Lock()  # on_result, one result at a time
+        self._next = 0
+        self._running: set[Generation] = set()
+        self._failure: Optional[BaseException] = None
+
+    def running(self) -> list[Generation]:
+        with self._lock:
+            return list(self._running)
+
+    def cancel_running(self) -> None:
+        self.halt.set()
+        self._stop_running()
+
+    def _stop_running(self) -> None:
+        for generation in self.running():
+            generation.cancel.set()
+
+    def run(self, count: int, start: Callable[[int], Optional[Generation]],
+            on_result: Optional[Callable[[int, GenerationResult], None]] = None) -> list[Optional[GenerationResult]]:
+        """Each item's result, in item order (None for an item not started or not generated)."""
+        results: list[Optional[GenerationResult]] = [None] * count
+        helpers = [threading.Thread(target=self._work, args=(count, start, on_result, results), daemon=True,
+                                    name=f"feed-{index}") for index in range(1, min(self._width, count))]
+        for helper in helpers:
+            helper.start()
+        if count:
+            self._work(count, start, on_result, results)  # this thread is one of the feeders
+        for helper in helpers:
+            helper.join()
+        if self._failure is not None:
+            raise self._failure
+        return results
+
+    def _take(self, count: int) -> Optional[int]:
+        with self._lock:
+            if self.halt.is_set() or self._failure is not None or self._next >= count:
+                return None
+            self._next += 1
+            return self._next - 1
+
+    def _work(self, count, start, on_result, results) -> None:
+        while (index := self._take(count)) is not None:
+            try:
+                generation = start(index)
+                if generation is None:
+                    continue
+                with self._lock:
+                    self._running.add(generation)
+                try:
+                    generation.admit()  # a full queue raises here, as collect_together's admission did
+                    results[index] = generation.collect()  # closes the generation, however it ends
+                finally:
+                    with self._lock:
+                        self._running.discard(generation)
+                if on_result is not None:
+                    with self._report_lock:
+                        on_result(index, results[index])
+            except Exception as exc:  # the feed's boundary: the caller raises it once the others have stopped
+                with self._lock:
+                    self._failure = self._failure or exc
+                self._stop_running()
+                return

@@ -128,13 +128,14 @@ class ModelService:
             "model_name": spec.label if spec else None,
             "adapter": str(spec.adapter) if spec and spec.adapter else None,
             "device": None,
+            "gpu": None,
             "n_ctx": None,
             "error": error,
             "job": job,
         }
         if backend is not None:
             info = backend.info()
-            status.update({"device": info.get("device"), "n_ctx": info.get("n_ctx"), "info": info})
+            status.update({"device": info.get("device"), "gpu": info.get("gpu"), "n_ctx": info.get("n_ctx"), "info": info})
         if state == "loading":
             status["load_elapsed_s"] = round(time.perf_counter() - self._load_started, 1)
         if backend is not None:

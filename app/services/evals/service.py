@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from app.services.core.errors import EvalRunning, InvalidRequest, ServiceError, StorageFull
 from app.services.core.types import GenerationParams
-from app.services.engine.generation import Generation, collect_together
+from app.services.engine.generation import Generation, RollingFeed
 from app.services.engine.scoring import conversation
 from app.services.engine.slots import EnginePool, Slot, SlotRequest
 from app.services.evals import metrics
@@ -47,12 +47,17 @@ class _Run:
     done: int
     total: int
     cancel: threading.Event = field(default_factory=threading.Event)
-    current: list[Generation] = field(default_factory=list)
+    feed: Optional[RollingFeed] = None  # the answers being generated, to cancel
     thread: Optional[threading.Thread] = None
     last_model: Optional[str] = None
     last_row: Optional[int] = None
     score_only: bool = False  # references scored by teacher forcing, nothing generated
     judge: Optional[JudgeRequest] = None
+
+
+def needs_reference_score(row: TestRow, output: dict) -> bool:
+    """An answer saved without its reference's likelihood, where the row has a reference."""
+    return bool(row.reference and row.reference.strip()) and "ref_nll" not in output
 
 
 def new_eval_id() -> str:
@@ -185,25 +190,16 @@ class EvalService:
             slots = self._pool.open_slots(run.requests, prefix="e", field="models")
             run.meta["labels"] = [slot.label for slot in slots]
             self.store.write_meta(run.eval_id, run.meta)
-            finished = set(self.store.outputs(run.eval_id))
-            # rows go in groups of what a model decodes at once (transformers' batch rows, llama.cpp's sequences)
-            group = max(slot.service.batch_size for slot in slots)
-            for first in range(0, len(run.rows), group):
-                rows = run.rows[first:first + group]
-                for model_index, slot in enumerate(slots):
-                    if run.cancel.is_set():
-                        break
-                    pending = [row for row in rows if (row.index, model_index) not in finished]
-                    for row, output in zip(pending, self._answers(run, slot, pending, model_index)):
-                        if output is None:  # cancelled mid-answer: not a result; a resume redoes it
-                            continue
-                        self.store.save_output(run.eval_id, row.index, model_index, output)
-                        with self._changed:
-                            run.done += 1
-                            run.last_model, run.last_row = slot.label, row.index
-                            self._changed.notify_all()
-                        if on_progress:
-                            on_progress(self._progress_of(run))
+            saved = self.store.outputs(run.eval_id)
+            # each model answers its rows in turn; the rows are fed to what it decodes at once one by
+            # one (transformers' batch rows, llama.cpp's sequences): the next enters as one ends
+            for model_index, slot in enumerate(slots):
+                if run.cancel.is_set():
+                    break
+                pending = [row for row in run.rows if (row.index, model_index) not in saved]
+                unscored = [(row, saved[(row.index, model_index)]) for row in run.rows
+                            if (row.index, model_index) in saved and needs_reference_score(row, saved[(row.index, model_index)])]
+                self._answer_rows(run, slot, pending, model_index, on_progress, unscored)
             if run.judge is not None and not run.cancel.is_set():
                 self._judge(run, [slot.label for slot in slots])
             final = "cancelled" if run.cancel.is_set() and run.done < run.total else "done"
@@ -249,17 +245,42 @@ class EvalService:
             if service is not None:
                 service.unload()
 
-    def _answers(self, run: _Run, slot: Slot, rows: list[TestRow], model_index: int) -> list[Optional[dict]]:
-        """Each row's scored answer from this model (None: cancelled before it finished), with the
-        reference's likelihood under the model where the row has a reference."""
+    def _answer_rows(self, run: _Run, slot: Slot, rows: list[TestRow], model_index: int, on_progress,
+                     unscored: Sequence[tuple[TestRow, dict]] = ()) -> None:
+        """Each row's answer from this model, saved the moment it ends (a cancelled answer is no
+        result; a resume redoes it). The reference's likelihood under the model is scored and
+        added once the model has answered every row, since scoring holds the model alone and would
+        empty its batch each time; ``unscored`` are answers saved earlier without it (a resume)."""
+        saving = threading.Lock()  # answers end on the feed's threads; progress is told one at a time
+
+        def save(row: TestRow, output: dict, counted: bool = True) -> None:
+            with saving:
+                self.store.save_output(run.eval_id, row.index, model_index, output)
+                with self._changed:
+                    run.done += counted
+                    run.last_model, run.last_row = slot.label, row.index
+                    self._changed.notify_all()
+                if on_progress:
+                    on_progress(self._progress_of(run))
+
         if run.score_only:
-            return [None if run.cancel.is_set() else {**SCORE_ONLY_ANSWER, **self._reference_scores(slot, row)}
-                    for row in rows]
-        outputs = self._generated(run, slot, rows, model_index)
-        for row, output in zip(rows, outputs):
-            if output is not None and not run.cancel.is_set():
-                output.update(self._reference_scores(slot, row))
-        return outputs
+            for row in rows:
+                if run.cancel.is_set():
+                    return
+                save(row, {**SCORE_ONLY_ANSWER, **self._reference_scores(slot, row)})
+            return
+        to_score = list(unscored)
+
+        def answered(row: TestRow, output: dict) -> None:
+            save(row, output)
+            if needs_reference_score(row, output):
+                to_score.append((row, output))
+
+        self._generate(run, slot, rows, model_index, answered)
+        for row, output in to_score:
+            if run.cancel.is_set():
+                return  # the answers are saved; a resume scores their references
+            save(row, {**output, **self._reference_scores(slot, row)}, counted=False)
 
     @staticmethod
     def _reference_scores(slot: Slot, row: TestRow) -> dict:
@@ -274,33 +295,26 @@ class EvalService:
             return {**empty, "ref_error": exc.message}
         return {"ref_nll": round(scored.nll, 4), "ref_tokens": len(scored.tokens), "ref_perplexity": round(scored.perplexity, 4)}
 
-    def _generated(self, run: _Run, slot: Slot, rows: list[TestRow], model_index: int) -> list[Optional[dict]]:
-        outputs: list[Optional[dict]] = [None] * len(rows)
-        started: list[tuple[int, Generation]] = []
-        for position, row in enumerate(rows):
-            messages = conversation(row.system, row.prompt)
-            try:
-                generation = slot.service.start(slot.params(run.params), messages=messages,
-                                                generation_id=f"eval-{run.eval_id}-{row.index}-{model_index}")
-            except ServiceError as exc:  # this row does not fit this model (too long, say): scored as empty
-                outputs[position] = {"output": "", "finish_reason": "error", "error": exc.message, "completion_tokens": 0,
-                                     "latency_ms": 0.0, "ttft_ms": None, "tokens_per_second": None,
-                                     **metrics.score("", row.reference)}
-                continue
-            started.append((position, generation))
-        run.current = [generation for _, generation in started]
-        if run.cancel.is_set():
-            for generation in run.current:
-                generation.cancel.set()
-        try:
-            results = collect_together(run.current)
-        finally:
-            run.current = []
-        for (position, _), result in zip(started, results):
-            if result.finish_reason == "cancelled":
-                continue
+    def _generate(self, run: _Run, slot: Slot, rows: list[TestRow], model_index: int,
+                  answered: Callable[[TestRow, dict], None]) -> None:
+        """The model's answers to ``rows``, each handed to ``answered`` as it ends, fed row by row."""
+
+        def start(position: int) -> Optional[Generation]:
             row = rows[position]
-            outputs[position] = {
+            try:
+                return slot.service.start(slot.params(run.params), messages=conversation(row.system, row.prompt),
+                                          generation_id=f"eval-{run.eval_id}-{row.index}-{model_index}")
+            except ServiceError as exc:  # this row does not fit this model (too long, say): scored as empty
+                answered(row, {"output": "", "finish_reason": "error", "error": exc.message, "completion_tokens": 0,
+                               "latency_ms": 0.0, "ttft_ms": None, "tokens_per_second": None,
+                               **metrics.score("", row.reference)})
+                return None
+
+        def ended(position: int, result) -> None:
+            if result.finish_reason == "cancelled":
+                return
+            row = rows[position]
+            answered(row, {
                 "output": result.text,
                 "finish_reason": result.finish_reason,
                 "error": result.error,
@@ -310,8 +324,13 @@ class EvalService:
                 "ttft_ms": result.timings.get("ttft_ms"),
                 "tokens_per_second": result.timings.get("tokens_per_second"),
                 **metrics.score(result.text, row.reference),
-            }
-        return outputs
+            })
+
+        run.feed = RollingFeed(slot.service.batch_size, halt=run.cancel)
+        try:
+            run.feed.run(len(rows), start, ended)
+        finally:
+            run.feed = None
 
     def _finish(self, run: _Run, state: str, error: Optional[str]) -> None:
         final = {**run.meta, "state": state, "error": error,
@@ -333,8 +352,9 @@ class EvalService:
         run = self._run
         if run is not None and run.eval_id == eval_id and run.meta["state"] == "running":
             run.cancel.set()
-            for generation in list(run.current):
-                generation.cancel.set()
+            feed = run.feed
+            if feed is not None:
+                feed.cancel_running()
             if run.thread is not None:
                 run.thread.join(30.0)
         return self.progress(eval_id)

@@ -1,5 +1,6 @@
 """What the machine is doing: this process's memory and CPU, the system's memory and load, and
-GPU memory where there is a GPU, for the page's monitor panel."""
+each GPU's memory and utilisation where the driver reports them, for the page's monitor panel.
+On a machine without a GPU the snapshot says so (``gpu_note``)."""
 from __future__ import annotations
 
 import logging
@@ -16,15 +17,20 @@ log = logging.getLogger(__name__)
 NVIDIA_SMI_TIMEOUT_S = 2.0
 
 
+NO_GPU = ("no GPU: no NVIDIA driver answers here (NVML, nvidia-smi), and this process uses no CUDA or MPS device "
+          "through torch; the models run on the CPU")
+
+
 class SystemMonitor:
-    def __init__(self):
+    def __init__(self, nvidia_smi: Optional[str] = None):
         import psutil
 
         self._process = psutil.Process()
         # cpu_percent measures since its previous call; prime it so the first snapshot means something
         self._process.cpu_percent(None)
         psutil.cpu_percent(None)
-        self._nvidia_smi = shutil.which("nvidia-smi")
+        self._nvidia_smi = nvidia_smi or shutil.which("nvidia-smi")
+        self._nvml = None  # pynvml once it has started; False when it is absent or fails
         # fixed for the life of the process: read once, not on every poll
         self._huge_pages = {"thp_mode": thp_mode(), "malloc_huge_pages": malloc_asks_for_hugepages()}
 
@@ -35,6 +41,7 @@ class SystemMonitor:
             process = {"rss_bytes": self._process.memory_info().rss, "cpu_percent": self._process.cpu_percent(None),
                        "threads": self._process.num_threads(), "huge_pages_bytes": process_huge_page_bytes()}
         memory = psutil.virtual_memory()
+        gpus = self._gpus()
         return {
             "process": process,
             "memory": {"total_bytes": memory.total, "available_bytes": memory.available,
@@ -42,32 +49,57 @@ class SystemMonitor:
             "cpu": {"logical_cores": psutil.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
                     "percent": psutil.cpu_percent(None),
                     "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None},
-            "gpus": self._gpus(),
+            "gpus": gpus,
+            "gpu_note": None if gpus else NO_GPU,
         }
 
     def _gpus(self) -> list[dict]:
-        # nvidia-smi sees llama.cpp's CUDA memory as well as torch's; torch is asked only when it is
-        # already imported, since importing it here would cost a llama.cpp-only server seconds.
-        if self._nvidia_smi:
-            found = self._nvidia_smi_gpus()
+        """Memory and utilisation from the driver: NVML (the nvidia-ml-py package) where it is
+        installed, else nvidia-smi; both see llama.cpp's CUDA memory as well as torch's. Without
+        either, torch's own figures, but only where this process already uses CUDA or MPS through
+        torch: importing torch here would cost a llama.cpp-only server seconds, and asking an
+        unused CUDA would start a context on the GPU."""
+        for source in (self._nvml_gpus, self._nvidia_smi_gpus):
+            found = source()
             if found is not None:
                 return found
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available():
+        return torch_gpus(sys.modules.get("torch"))
+
+    def _nvml_gpus(self) -> Optional[list[dict]]:
+        nvml = self._start_nvml()
+        if nvml is None:
+            return None
+        try:
             gpus = []
-            for index in range(torch.cuda.device_count()):
-                free, total = torch.cuda.mem_get_info(index)
-                gpus.append({"index": index, "name": torch.cuda.get_device_name(index),
-                             "memory_used_bytes": total - free, "memory_total_bytes": total})
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                name = nvml.nvmlDeviceGetName(handle)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                gpus.append({"index": index, "name": name.decode() if isinstance(name, bytes) else str(name),
+                             "memory_used_bytes": int(memory.used), "memory_total_bytes": int(memory.total),
+                             "utilization_percent": float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu), "source": "nvml"})
             return gpus
-        if torch is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return [{"index": 0, "name": "Apple MPS", "memory_used_bytes": torch.mps.driver_allocated_memory(),
-                     "memory_total_bytes": None}]
-        return []
+        except nvml.NVMLError as exc:
+            log.debug("NVML failed: %s", exc)
+            return None
+
+    def _start_nvml(self):
+        if self._nvml is None:
+            try:
+                import pynvml  # the nvidia-ml-py package, where it is installed
+
+                pynvml.nvmlInit()
+                self._nvml = pynvml
+            except Exception as exc:  # absent, or no driver: ImportError, NVMLError_LibraryNotFound, ...
+                log.debug("NVML is not available: %s", exc)
+                self._nvml = False
+        return self._nvml or None
 
     def _nvidia_smi_gpus(self) -> Optional[list[dict]]:
+        if not self._nvidia_smi:
+            return None
         try:
-            out = subprocess.run([self._nvidia_smi, "--query-gpu=index,name,memory.used,memory.total",
+            out = subprocess.run([self._nvidia_smi, "--query-gpu=index,name,memory.used,memory.total,utilization.gpu",
                                   "--format=csv,noheader,nounits"], capture_output=True, text=True,
                                  timeout=NVIDIA_SMI_TIMEOUT_S, check=True).stdout
         except (OSError, subprocess.SubprocessError) as exc:
@@ -75,7 +107,34 @@ class SystemMonitor:
             return None
         gpus = []
         for line in out.strip().splitlines():
-            index, name, used, total = [part.strip() for part in line.split(",")]
+            index, name, used, total, utilization = [part.strip() for part in line.split(",")]
             gpus.append({"index": int(index), "name": name, "memory_used_bytes": int(float(used)) * 2**20,
-                         "memory_total_bytes": int(float(total)) * 2**20})
+                         "memory_total_bytes": int(float(total)) * 2**20,
+                         "utilization_percent": _number(utilization), "source": "nvidia-smi"})
         return gpus
+
+
+def torch_gpus(torch) -> list[dict]:
+    """torch's figures for the devices this process already uses through it (no utilisation: torch
+    reads that from NVML too)."""
+    if torch is None:
+        return []
+    if torch.cuda.is_initialized():
+        gpus = []
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            gpus.append({"index": index, "name": torch.cuda.get_device_name(index), "memory_used_bytes": total - free,
+                         "memory_total_bytes": total, "utilization_percent": None, "source": "torch"})
+        return gpus
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return [{"index": 0, "name": "Apple MPS", "memory_used_bytes": torch.mps.driver_allocated_memory(),
+                 "memory_total_bytes": None, "utilization_percent": None, "source": "torch"}]
+    return []
+
+
+def _number(text: str) -> Optional[float]:
+    """A figure of nvidia-smi's, or None for its "[N/A]" and "[Not Supported]"."""
+    try:
+        return float(text)
+    except ValueError:
+        return None

@@ -6,6 +6,7 @@
 import { ApiError, apiFetch, describeFailure, postJson } from "./api.js";
 import { catalogLoaded, fetchCatalog, getCatalog } from "./catalog.js";
 import { byId, fileName } from "./dom.js";
+import { formatBytes } from "./format.js";
 import { bind, has, t } from "./i18n.js";
 import { adapterNote, fillAdapterSelect, fillModelSelect, selectedModel } from "./picker.js";
 
@@ -24,6 +25,7 @@ const els = {
   modelBackend: byId("model-backend"),
   modelAdapter: byId("model-adapter"),
   modelDevice: byId("model-device"),
+  modelGpu: byId("model-gpu"),
   modelNCtx: byId("model-n-ctx"),
   modelQueue: byId("model-queue"),
   modelError: byId("model-error"),
@@ -85,6 +87,8 @@ function showStatus(next, follow = true) {
   els.modelAdapter.textContent = next.adapter ? fileName(next.adapter) : t("model.no_adapter");
   els.modelAdapter.title = next.adapter || "";
   els.modelDevice.textContent = next.device || "—";
+  els.modelGpu.textContent = gpuText(next.gpu);
+  els.modelGpu.title = next.gpu?.note || "";
   els.modelNCtx.textContent = next.n_ctx != null ? String(next.n_ctx) : "—";
   const queue = next.queue;
   els.modelQueue.textContent = queue ? t("model.queue", { running: queue.running, waiting: queue.waiting }) : "—";
@@ -99,6 +103,15 @@ function showStatus(next, follow = true) {
   document.dispatchEvent(new CustomEvent("mt:status", { detail: next }));
   // Loaded elsewhere (another tab, the API) by a path the list lacks: fetch the list again.
   if (changed && !modelBusy && !selectLoaded() && next.model && catalogLoaded()) refreshModels(true);
+}
+
+/** The GPU the model uses (its name, the layers on it, its memory there), or why it uses none. */
+function gpuText(gpu) {
+  if (!gpu) return "—";
+  if (!gpu.name) return t("model.gpu_none", { why: gpu.note || "" });
+  const parts = [gpu.name, t("model.gpu_layers", { n: gpu.layers_offloaded, total: gpu.layers_total ?? "?" })];
+  if (gpu.memory_bytes != null) parts.push(t("model.gpu_memory", { size: formatBytes(gpu.memory_bytes) }));
+  return parts.join(" · ");
 }
 
 function showUnreachable() {

@@ -46,9 +46,11 @@ function setBar(bar, fraction) {
   bar.parentElement.classList.toggle("high", value >= 0.9);
 }
 
-function renderGpus(gpus) {
+function renderGpus(gpus, note) {
   if (!Array.isArray(gpus) || !gpus.length) {
-    els.gpus.replaceChildren(makeElement("dt", "", t("monitor.gpu")), makeElement("dd", "muted", t("monitor.no_gpu")));
+    const none = makeElement("dd", "muted", t("monitor.no_gpu"));
+    none.title = note || "";
+    els.gpus.replaceChildren(makeElement("dt", "", t("monitor.gpu")), none);
     return;
   }
   const rows = [];
@@ -57,7 +59,8 @@ function renderGpus(gpus) {
     const dd = makeElement("dd");
     const used = gpu.memory_used_bytes;
     const total = gpu.memory_total_bytes;
-    const text = makeElement("div", "mon-line", `${formatBytes(used)} / ${formatBytes(total)}`);
+    const busy = gpu.utilization_percent != null ? ` · ${t("monitor.gpu_busy", { pct: percent(gpu.utilization_percent) })}` : "";
+    const text = makeElement("div", "mon-line", `${formatBytes(used)} / ${formatBytes(total)}${busy}`);
     text.title = String(gpu.name || "");
     const meter = makeElement("div", "meter");
     const bar = makeElement("div", "meter-bar");
@@ -100,7 +103,7 @@ function render() {
     load && t("monitor.load", { load }),
     cpu.logical_cores && t("monitor.cores", { n: cpu.logical_cores }),
   ].filter(Boolean).join(" · ");
-  renderGpus(data.gpus);
+  renderGpus(data.gpus, data.gpu_note);
   renderEval(data.eval);
   document.dispatchEvent(new CustomEvent("mt:system", { detail: data }));
 }

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from app.services.backends.base import Capabilities, check_token_ids, continuation_prompt
-from app.services.backends.llamacpp import internals
+from app.services.backends.llamacpp import internals, offload
 from app.services.backends.llamacpp.decoder import continuation_logits, decode_tokens
+from app.services.backends.llamacpp.offload import GgmlDevice, OffloadPlan, plan_offload
 from app.services.backends.llamacpp.parallel import ParallelDecoder
 from app.services.checkpoints.gguf_metadata import read_gguf_header
 from app.services.checkpoints.spec import ModelSpec
@@ -38,8 +39,8 @@ from app.services.checkpoints.stop_tokens import gguf_stop_ids
 from app.services.core.cpu_share import CpuShare
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound
 from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
-from app.services.core.thread_scope import ends_with_request
-from app.services.core.types import Chunk, GenerationParams, Message, Prompt, TokenLogprob
+from app.services.core.thread_scope import ends_with_request, on_a_thread_of_its_own
+from app.services.core.types import Chunk, GenerationParams, GpuUse, Message, Prompt, TokenLogprob
 from config.settings import LlamaCppSettings
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ class LlamaCppBackend:
         self._device = "CPU"
         self._gpu_layers = 0
         self._gpu_fallback_reason: Optional[str] = None
+        self._offload: Optional[OffloadPlan] = None
+        self._gpu_memory_bytes: Optional[int] = None
         self._pieces: dict[int, bytes] = {}
         self._stop_ids: frozenset[int] = frozenset()
         self._prefix_cache = False
@@ -168,23 +171,21 @@ class LlamaCppBackend:
         self.check()
         import llama_cpp  # deferred: the page must start without paying for it
 
+        # Llama() initialises llama.cpp's backend on its first call (llama.py's __init__), and
+        # every query below needs it done: on a CUDA build the device registry they touch starts
+        # the CUDA runtime. So it is done here first, as Llama() would; its own call then
+        # changes nothing. (Issue 29: these queries ran before it, and a CUDA build crashed at load.)
+        llama_cpp.llama_backend_init()
         system_info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
         gpu = gpu_backend_name(system_info) if llama_cpp.llama_supports_gpu_offload() else None
-        wanted_layers = self._settings.n_gpu_layers if gpu else 0
-        try:
-            self._llama = self._open(llama_cpp, wanted_layers)
-        except Exception as exc:  # llama.cpp reports a failed GPU start only as a generic error
-            if wanted_layers == 0:
-                raise ModelLoadFailed(f"llama.cpp could not load {self._path}: {exc}", field="model") from exc
-            self._gpu_fallback_reason = f"{gpu} initialisation failed ({exc}); running on the CPU"
-            log.warning("GPU load of %s failed, falling back to the CPU", self._path, exc_info=True)
-            try:
-                self._llama = self._open(llama_cpp, 0)
-            except Exception as cpu_exc:
-                raise ModelLoadFailed(f"llama.cpp could not load {self._path}: {cpu_exc}", field="model") from cpu_exc
-            wanted_layers = 0
-        self._gpu_layers = wanted_layers
-        self._device = gpu if (gpu and wanted_layers != 0) else "CPU"
+        plan = self._plan_offload(llama_cpp, gpu)
+        if plan.fallback:
+            log.warning("%s: %s", self._path.name, plan.why_cpu)
+        self._llama, plan = self._open_or_fall_back(llama_cpp, plan, gpu)
+        self._offload = plan
+        self._gpu_layers = plan.n_gpu_layers
+        self._gpu_fallback_reason = plan.why_cpu if plan.fallback else None
+        self._device = gpu if (gpu and plan.n_gpu_layers != 0) else "CPU"
         self._system_info = system_info
         self._llama_cpp_version = llama_cpp.__version__
         self._formatter = self._make_formatter(llama_cpp)
@@ -198,11 +199,51 @@ class LlamaCppBackend:
             self._parallel = ParallelDecoder(self._llama, n_seq=self._settings.parallel, n_ctx=self._llama.n_ctx(),
                                              n_batch=self._llama.n_batch, keep_prefix=self._prefix_cache,
                                              piece=self._piece, threads=self._threads_now)
+        self._gpu_memory_bytes = self._memory_taken(llama_cpp, plan.device)
         log.info(
             "loaded %s on %s (n_ctx=%d, parallel=%d, threads=%d, gpu_layers=%d, prefix cache %s, weights %s)",
             self._path.name, self._device, self.n_ctx, self._settings.parallel, self._settings.n_threads,
             self._gpu_layers, "on" if self._prefix_cache else "off", self._weights(),
         )
+
+    def _plan_offload(self, llama_cpp, gpu: Optional[str]) -> OffloadPlan:
+        """How many layers go to which GPU (llamacpp/offload.py), from the file's block count and
+        the GPU's free memory now; the current model has been let go, so its memory counts as free."""
+        requested = self._settings.n_gpu_layers
+        devices = offload.gpu_devices(llama_cpp) if gpu and requested != 0 else []  # None: unknown
+        header = read_gguf_header(self._path)
+        blocks = header.get(f"{header.architecture}.block_count")
+        return plan_offload(requested, gpu, devices, blocks if isinstance(blocks, int) else None,
+                            self._path.stat().st_size)
+
+    def _open_or_fall_back(self, llama_cpp, plan: OffloadPlan, gpu: Optional[str]) -> tuple[object, OffloadPlan]:
+        """The model opened as planned; where the GPU start fails, opened again on the CPU with
+        the reason kept for the status."""
+        try:
+            return self._open_on_own_thread(llama_cpp, plan.n_gpu_layers), plan
+        except Exception as exc:  # llama.cpp reports a failed GPU start only as a generic error
+            if plan.n_gpu_layers == 0:
+                raise ModelLoadFailed(f"llama.cpp could not load {self._path}: {exc}", field="model") from exc
+            log.warning("GPU load of %s failed, falling back to the CPU", self._path, exc_info=True)
+            reason = f"{gpu} initialisation failed ({exc}); running on the CPU"
+        try:
+            llama = self._open_on_own_thread(llama_cpp, 0)
+        except Exception as cpu_exc:
+            raise ModelLoadFailed(f"llama.cpp could not load {self._path}: {cpu_exc}", field="model") from cpu_exc
+        return llama, OffloadPlan(0, plan.layers_total, why_cpu=reason, fallback=True)
+
+    def _open_on_own_thread(self, llama_cpp, n_gpu_layers: int):
+        """Llama(...) on a thread that ends with the load: the threads llama.cpp starts there
+        (OpenMP's team) go with it instead of staying on a server thread that lives on
+        (LLAMACPP_GUIDE.md, Threads), and a crash report names the load by its thread."""
+        return on_a_thread_of_its_own(lambda: self._open(llama_cpp, n_gpu_layers), "llamacpp-load")
+
+    def _memory_taken(self, llama_cpp, device: Optional[GgmlDevice]) -> Optional[int]:
+        """What loading took of the GPU's free memory (weights, KV cache, compute buffers)."""
+        if device is None or self._gpu_layers == 0:
+            return None
+        now = next((d for d in offload.gpu_devices(llama_cpp) or [] if d.index == device.index), None)
+        return max(0, device.free_bytes - now.free_bytes) if now is not None else None
 
     def _open(self, llama_cpp, n_gpu_layers: int):
         settings = self._settings
@@ -332,9 +373,23 @@ class LlamaCppBackend:
             )
         if self._gpu_fallback_reason:
             facts["gpu_fallback"] = self._gpu_fallback_reason
+        if self._offload is not None:
+            facts["gpu"] = self.gpu_use().to_dict()
         if self._lora_path is not None:
             facts.update({"adapter": str(self._lora_path), "lora_scale": LORA_SCALE})
         return facts
+
+    def gpu_use(self) -> GpuUse:
+        """The GPU's name, the layers on it (n of N, as llama.cpp counts them) and the memory the
+        load took there; on the CPU, why."""
+        plan = self._offload
+        if plan is None or plan.n_gpu_layers == 0:
+            return GpuUse(layers_total=plan.layers_total if plan else None,
+                          note=plan.why_cpu if plan else "not loaded")
+        layers = plan.n_gpu_layers if plan.n_gpu_layers > 0 else (plan.layers_total or 0)
+        # the registry unread (device None): the backend's name is what is known of the GPU
+        return GpuUse(name=plan.device.description if plan.device else self._device, layers_offloaded=layers,
+                      layers_total=plan.layers_total, memory_bytes=self._gpu_memory_bytes)
 
     # -- prompts ---------------------------------------------------------------------------
     def render_prompt(self, messages: Sequence[Message]) -> str:

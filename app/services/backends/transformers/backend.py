@@ -39,7 +39,7 @@ from app.services.core.cpu_share import CpuShare
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelTooLarge
 from app.services.core.text_stream import Arrival, GenerationFailed, StreamAssembler, stream_tokens
 from app.services.core.thread_scope import on_a_thread_of_its_own
-from app.services.core.types import Chunk, GenerationParams, Message, Prompt
+from app.services.core.types import Chunk, GenerationParams, GpuUse, Message, Prompt
 from config.settings import TransformersSettings
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class TransformersBackend:
         self._eos_ids: frozenset[int] = frozenset()
         self._n_ctx = settings.n_ctx or 2048
         self._fallback_reason: Optional[str] = None
+        self._gpu: Optional[GpuUse] = None
         self._adapter_config: Optional[dict] = None
         self._prefix_cache = False
         self._kv_cache = None
@@ -226,6 +227,7 @@ class TransformersBackend:
             raise ModelLoadFailed(f"transformers could not load {self.spec.path}: {exc}", field="model") from exc
         model.eval()
         self._model, self._tokenizer = model, tokenizer
+        self._gpu = self._measure_gpu_use(model, placement)
         self._adapter_on = True
         self._token_bytes = TokenBytes(tokenizer)
         self._prefix_cache = self._settings.prefix_cache == "on" or (
@@ -241,6 +243,20 @@ class TransformersBackend:
         log.info("loaded %s on %s in %s (n_ctx=%d, threads=%d%s)", self.spec.label, placement.device, placement.dtype,
                  self._n_ctx, self._settings.n_threads,
                  ", adapter merged" if self.spec.adapter and self._settings.merge_adapter else "")
+
+    def _measure_gpu_use(self, model, placement: Placement) -> GpuUse:
+        """The GPU's name, the model's layers (all on it) and the bytes of its weights there; on the
+        CPU, why. Read once at load, so a status never has to ask the device."""
+        layers = getattr(model.config, "num_hidden_layers", None)
+        if placement.device == "cpu":
+            why = placement.reason or ("--device cpu keeps the model on the CPU" if self._settings.device == "cpu"
+                                       else "torch sees no CUDA or MPS device; the model runs on the CPU")
+            return GpuUse(layers_total=layers, note=why)
+        import torch
+
+        name = torch.cuda.get_device_name(model.device) if placement.device == "cuda" else "Apple MPS"
+        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        return GpuUse(name=name, layers_offloaded=layers or 0, layers_total=layers, memory_bytes=weights)
 
     def _apply_adapter(self, model):
         from peft import PeftModel
@@ -384,6 +400,8 @@ class TransformersBackend:
                 facts["adapter_rank"] = self._adapter_config.get("r")
         if self._fallback_reason:
             facts["device_fallback"] = self._fallback_reason
+        if self._gpu is not None:
+            facts["gpu"] = self._gpu.to_dict()
         return facts
 
     # -- prompts ---------------------------------------------------------------------------
@@ -573,3 +591,4 @@ class TransformersBackend:
         self._model.to("cpu", dtype=torch.float32)
         self._placement = Placement("cpu", "fp32", reason)
         self._fallback_reason = f"{reason}; running on the CPU"
+        self._gpu = GpuUse(layers_total=self._gpu.layers_total if self._gpu else None, note=self._fallback_reason)

@@ -58,7 +58,6 @@ class Row:
     halt: threading.Event = field(default_factory=threading.Event)  # set by the reader: a stop string, Stop, its budget
     tokens: TokenQueue = field(default_factory=TokenQueue)
     left: threading.Event = field(default_factory=threading.Event)  # out of the batch: nothing more is computed for it
-    sampler: Optional[object] = None  # its sampling.RowSampler, from when it joins a batch
     ended: bool = False  # picked its end token or reached its budget
 
     def stopped(self) -> bool:

@@ -71,9 +71,9 @@ def choose_device(requested: str, caps: DeviceCaps) -> str:
     if requested == "auto":
         return "cuda" if caps.cuda else "mps" if caps.mps else "cpu"
     if requested == "cuda" and not caps.cuda:
-        raise InvalidRequest("device cuda was asked for, but torch sees no CUDA device", field="device")
+        raise InvalidRequest("--device cuda was asked for, but torch sees no CUDA device", field="device")
     if requested == "mps" and not caps.mps:
-        raise InvalidRequest("device mps was asked for, but torch sees no MPS device", field="device")
+        raise InvalidRequest("--device mps was asked for, but torch sees no MPS device", field="device")
     return requested
 
 
