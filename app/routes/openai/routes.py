@@ -143,7 +143,9 @@ class CompletionChunks:
     def ending(self, chunk: Chunk) -> Iterable[str]:
         if chunk.text or chunk.logprobs:
             yield self._choice(chunk.text, None, chunk.logprobs)
-        yield self._choice(None, OPENAI_FINISH.get(chunk.finish_reason, "stop"))
+        # the legacy shape lists the end token that stopped the answer too (chat's content does not)
+        end = [chunk.end_logprob] if chunk.end_logprob is not None and not self._chat else []
+        yield self._choice(None, OPENAI_FINISH.get(chunk.finish_reason, "stop"), end)
         if self._closes:
             yield from self.closing([chunk.usage.to_dict()] if chunk.usage else [])
 
@@ -181,8 +183,12 @@ def _stream(body: SamplingBody, generations: Sequence[Generation], chat: bool, e
         return stream_generation(generations[0], CompletionChunks(chat, body.include_usage(), head, with_logprobs, 0, echo_of(0)))
     framings = [CompletionChunks(chat, body.include_usage(), head, with_logprobs, index, echo_of(index), closes=False)
                 for index in range(len(generations))]
-    return stream_together(generations, framings, lambda lasts: framings[0].closing(
-        [last.usage.to_dict() for index, last in enumerate(lasts) if last is not None and last.usage]))
+    def usages(lasts: Sequence[Optional[Chunk]]) -> list[dict]:  # each prompt's tokens once, as whole answers count them
+        return [{"prompt_tokens": last.usage.prompt_tokens if index % n == 0 else 0,
+                 "completion_tokens": last.usage.completion_tokens}
+                for index, last in enumerate(lasts) if last is not None and last.usage]
+
+    return stream_together(generations, framings, lambda lasts: framings[0].closing(usages(lasts)))
 
 
 # -- whole answers -------------------------------------------------------------------------------
@@ -245,7 +251,7 @@ def _text_choice(choice: Choice, echo: bool, with_logprobs: bool) -> dict:
     if choice.scored is not None:
         entries = echo_entries(choice.scored)
     if result is not None and with_logprobs:
-        entries += legacy_entries(result.logprobs)
+        entries += legacy_entries(result.logprobs) + legacy_entries([result.end_logprob] if result.end_logprob else [])
     return {"index": choice.index, "text": prefix + (result.text if result else ""),
             "logprobs": legacy_logprobs(entries) if with_logprobs else None,
             "finish_reason": _finish(result) if result else "length"}

@@ -88,7 +88,9 @@ class OpenAIBody(BaseModel):
     def _no_unknown_fields(cls, data):
         known = set(cls.model_fields) | {field.alias for field in cls.model_fields.values() if field.alias}
         refuse_unknown_fields(data, known)
-        return data
+        if not isinstance(data, dict):
+            return data
+        return {name: value for name, value in data.items() if name in known}  # without the ones that ask for nothing
 
 
 class TextPart(BaseModel):

@@ -143,6 +143,10 @@ class Chunk:
     timings: Optional[Timings] = None
     error: Optional[str] = None  # set with finish_reason "error"
     error_type: Optional[str] = None  # what kind of error, for clients: "generation_timeout", ...
+    # On the last chunk of an answer an end token stopped, when log-probabilities were asked for:
+    # that token's. It is no part of the text, the logprobs or the usage; the legacy completions
+    # shape lists it last (evaluation harnesses count on one entry per generated token).
+    end_logprob: Optional[TokenLogprob] = None
 
     @property
     def is_last(self) -> bool:

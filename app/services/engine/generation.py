@@ -42,6 +42,7 @@ class GenerationResult:
     error_type: Optional[str] = None
     logprobs: tuple[TokenLogprob, ...] = ()  # one per answer token, when the params asked for them
     token_ids: tuple[int, ...] = ()  # the answer's tokens (a remote server's are unknown: -1 each)
+    end_logprob: Optional[TokenLogprob] = None  # the end token that stopped it, when logprobs were asked for (Chunk)
 
     def raise_for_error(self) -> "GenerationResult":
         """The result of a generation that ended well; otherwise the ServiceError every surface
@@ -227,7 +228,7 @@ class Generation:
                                                          "total_tokens": self.prompt_tokens}
         timings = last.timings.to_dict() if last.timings else {}
         return GenerationResult("".join(parts), last.finish_reason, usage, timings, last.error, last.error_type, tuple(logprobs),
-                                tuple(token_ids))
+                                tuple(token_ids), last.end_logprob)
 
 
 def collect_together(generations: Sequence[Generation]) -> list[GenerationResult]:
