@@ -450,7 +450,8 @@ class LlamaCppBackend:
         if not use_adapter and self._lora_path is not None:
             raise InvalidRequest("llama.cpp applies its LoRA at load and cannot switch it off per request; load the "
                                  "base model on a slot of its own", field="slot")
-        return continuation_logits(self._llama, prompt_ids, continuation, keep_prefix=self._prefix_cache)
+        return continuation_logits(self._llama, prompt_ids, continuation, keep_prefix=self._prefix_cache,
+                                   threads=self._threads_now)
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._piece(token_id)

@@ -133,12 +133,16 @@ def decode_tokens(llama, token_ids: Sequence[int], params: GenerationParams, kee
             sampler.close()
 
 
-def continuation_logits(llama, prompt_ids: Sequence[int], continuation: Sequence[int], keep_prefix: bool) -> np.ndarray:
+def continuation_logits(llama, prompt_ids: Sequence[int], continuation: Sequence[int], keep_prefix: bool,
+                        threads: Optional[Callable[[], Optional[int]]] = None) -> np.ndarray:
     """Teacher forcing: evaluates the prompt and then the continuation in batches with every
     position's logits kept, and returns one row per continuation token (the row before it). The
-    cache bookkeeping is ``Llama``'s, as after a generation, so the next request can reuse it."""
+    cache bookkeeping is ``Llama``'s, as after a generation, so the next request can reuse it.
+    ``threads`` as for ``decode_tokens``: on a busy machine a full thread count costs many times
+    over (core.cpu_share)."""
     import llama_cpp
 
+    ThreadCount(internals.context_pointer(llama), threads).update()
     evaluate_prompt(llama, prompt_ids, keep_prefix)
     view = LogitsView(llama)
     rows = [view.last().copy()]
