@@ -131,14 +131,24 @@ def metric(run: dict, task: str, name: str) -> float:
     return run["results"][task][name]
 
 
+def documents(run: dict, task: str) -> int:
+    return len({sample["doc_id"] for sample in run["samples"][task]})
+
+
+def answers(run: dict, task: str) -> dict:
+    """(document, filter) -> what the model answered (log-likelihoods of each choice, or text)."""
+    return {(sample["doc_id"], sample["filter"]): sample["resps"] for sample in run["samples"][task]}
+
+
 @pytest.mark.parametrize("backend", ["llamacpp", "transformers"])
 def test_lm_eval_runs_every_configuration_to_the_end(outcomes, backend):
     runs = outcomes[backend]
     for name in ("default", "again", "batched"):
-        assert len(runs[name]["samples"]["tiny_mc"]) == 20 and len(runs[name]["samples"]["tiny_gen"]) == 10
+        assert documents(runs[name], "tiny_mc") == 20 and documents(runs[name], "tiny_gen") == 10
         assert 0.0 <= metric(runs[name], "tiny_mc", "acc,none") <= 1.0
-    assert len(runs["chat"]["samples"]["tiny_gen"]) == 10
+    assert documents(runs["chat"], "tiny_gen") == 10
     assert all(isinstance(s["resps"][0][0], str) for s in runs["chat"]["samples"]["tiny_gen"])
+    assert any(s["resps"][0][0].strip() for s in runs["chat"]["samples"]["tiny_gen"])  # the chat model answered
     # the multiple-choice scores are log-likelihoods the server computed, not a fallback: real, negative, varied
     lls = [choice[0][0] for sample in runs["default"]["samples"]["tiny_mc"] for choice in sample["resps"]]
     assert all(value < 0 for value in lls) and len(set(lls)) > 40
@@ -150,9 +160,9 @@ def test_two_runs_and_batched_runs_score_alike(outcomes, backend):
     assert runs["again"]["samples"] == runs["default"]["samples"]
     assert runs["again"]["results"]["tiny_mc"] == runs["default"]["results"]["tiny_mc"]
     # four prompts a request and four requests in flight: the same log-likelihoods and answers
-    by_doc = {task: {s["doc_id"]: s["resps"] for s in runs["batched"]["samples"][task]} for task in ("tiny_mc", "tiny_gen")}
     for task in ("tiny_mc", "tiny_gen"):
-        assert {s["doc_id"]: s["resps"] for s in runs["default"]["samples"][task]} == by_doc[task]
+        assert answers(runs["batched"], task) == answers(runs["default"], task)
+        assert runs["batched"]["results"][task] == runs["default"]["results"][task]
 
 
 def choice_loglikelihoods(run: dict) -> dict[int, list[float]]:
@@ -163,7 +173,8 @@ def test_llamacpp_and_transformers_agree_within_the_noise_between_them(outcomes)
     """Accuracy may differ only on questions whose two best choices are closer than the
     log-likelihood difference measured between the backends on the same tokens."""
     llama, hf = choice_loglikelihoods(outcomes["llamacpp"]["default"]), choice_loglikelihoods(outcomes["transformers"]["default"])
-    noise = max(abs(a - b) for doc in llama for a, b in zip(llama[doc], hf[doc]))
+    differences = [abs(a - b) for doc in llama for a, b in zip(llama[doc], hf[doc])]
+    noise = max(differences)
     undecided = 0
     for doc in llama:
         margins = [sorted(values)[-1] - sorted(values)[-2] for values in (llama[doc], hf[doc])]
@@ -172,5 +183,10 @@ def test_llamacpp_and_transformers_agree_within_the_noise_between_them(outcomes)
         else:
             assert max(range(4), key=llama[doc].__getitem__) == max(range(4), key=hf[doc].__getitem__), doc
     accuracy = {backend: metric(outcomes[backend]["default"], "tiny_mc", "acc,none") for backend in outcomes}
-    assert abs(accuracy["llamacpp"] - accuracy["transformers"]) <= undecided / len(llama), (accuracy, noise, undecided)
-    assert noise < 0.5, f"the backends' log-likelihoods differ by up to {noise:.3f} nats on the same tokens"
+    figures = (f"acc {accuracy}, per-choice log-likelihood difference max {noise:.3f} mean "
+               f"{sum(differences) / len(differences):.3f} nats, {undecided} of {len(llama)} questions within 2 x max")
+    print(figures)  # the measured noise, for the record (pytest -s)
+    assert abs(accuracy["llamacpp"] - accuracy["transformers"]) <= undecided / len(llama), figures
+    # Q4_1 in llama.cpp (activations quantised to 8 bits in its matmuls) against the same weights
+    # dequantised to fp32: close, not equal
+    assert sum(differences) / len(differences) < 0.25, figures

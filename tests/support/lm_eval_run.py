@@ -3,7 +3,7 @@ own venv (never the app's): ``python lm_eval_run.py SPEC.json OUT.json``.
 
 SPEC holds ``tasks_dir`` and a list of ``runs`` ({name, model, model_args, tasks, batch_size,
 apply_chat_template}); OUT gets each run's ``results`` and, per task, every sample's ``resps``
-and ``filtered_resps``. The task index is built from ``tasks_dir`` alone (``include_defaults``
+and ``filtered_resps`` (a task with several filters lists each document once per filter). The task index is built from ``tasks_dir`` alone (``include_defaults``
 off): indexing lm-eval's ~14,000 built-in task files would cost more than the runs.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 
 def sample_facts(sample: dict) -> dict:
-    return {"doc_id": sample["doc_id"], "target": sample["target"], "resps": sample["resps"],
+    return {"doc_id": sample["doc_id"], "filter": sample.get("filter"), "target": sample["target"], "resps": sample["resps"],
             "filtered_resps": sample["filtered_resps"]}
 
 
