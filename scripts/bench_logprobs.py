@@ -7,8 +7,9 @@
    same eval generating up to 64 tokens per row (target: >= 5x faster), on the default GGUF.
 3. A 4-choice question scored as lm-evaluation-harness scores it (one /v1/completions request,
    the four choices as token-id prompts, ``echo``, ``logprobs: 1``, ``max_tokens: 1``) against
-   generating one token for the question, on llama.cpp and on transformers; the paths alternate
-   round by round and the ratio (scoring / generating) is the median of the paired rounds.
+   generating one token for a question, on llama.cpp and on transformers, a new question each
+   round; the paths alternate round by round and the ratio (scoring / generating) is the median
+   of the paired rounds.
 
     python -m scripts.bench_logprobs [--runs 5] [--rows 200] [--out results/bench]
 
@@ -62,10 +63,19 @@ def bench_streaming(backend_flags: list[str], runs: int, tokens: int) -> dict:
             "ratio": paired_ratio(top5, plain), "samples": {"plain": plain, "top5": top5}}
 
 
-def lm_eval_question() -> list[list[int]]:
-    """The four choices of one question as lm-eval sent them (tests/data/lm_eval: --batch_size 4)."""
-    recorded = json.loads((PROJECT_ROOT / "tests" / "data" / "lm_eval" / "requests.json").read_text(encoding="utf-8"))
-    return recorded["ll_tokenized_batch4"][0]["body"]["prompt"]
+CHOICES = [" Paris", " Berlin", " Madrid", " Rome"]
+
+
+def question(round_index: int, country: str) -> str:
+    """A question no earlier round asked, so neither path finds its prompt in a KV cache."""
+    return f"Question: In quiz {round_index}, what is the capital of {country}?\nAnswer:"
+
+
+def tokens_of(session: requests.Session, url: str, text: str) -> list[int]:
+    """The server's own token ids of a text, as lm-eval reads them (POST /tokenize, no BOS)."""
+    answer = session.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60)
+    answer.raise_for_status()
+    return answer.json()["tokens"]
 
 
 def timed_post(session: requests.Session, url: str, body: dict) -> float:
@@ -76,25 +86,32 @@ def timed_post(session: requests.Session, url: str, body: dict) -> float:
 
 
 def bench_echo(backend_flags: list[str], runs: int) -> dict:
-    """Milliseconds per request, each path once a round, in turns; the ratio paired per round."""
-    choices = lm_eval_question()
-    context = [token for token, *others in zip(*choices) if all(other == token for other in others)]
-    bodies = {"score_4_choices": {"prompt": choices, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0, "seed": 1234},
-              "generate_1_token": {"prompt": [context], "max_tokens": 1, "temperature": 0, "seed": 1234}}
-    samples: dict[str, list[float]] = {name: [] for name in bodies}
+    """Milliseconds per request, each path once a round, in turns, each on a question of its own
+    (as lm-eval asks one question after another); the ratio paired per round. Scoring sends what
+    lm-eval sends for a question with --batch_size 4: its four choices as token-id prompts in one
+    request, echo, logprobs 1, max_tokens 1 (the four share the question's tokens, which the
+    server reads once)."""
+    samples: dict[str, list[float]] = {"score_4_choices": [], "generate_1_token": []}
     with Server(["--n-threads", "2", *backend_flags]) as server:
         session, url = requests.Session(), f"{server.url}/v1/completions"
-        for body in bodies.values():
+
+        def bodies(round_index: int) -> dict[str, dict]:
+            choices = [tokens_of(session, server.url, question(round_index, "France") + choice) for choice in CHOICES]
+            context = tokens_of(session, server.url, question(round_index, "Spain"))
+            return {"score_4_choices": {"prompt": choices, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0},
+                    "generate_1_token": {"prompt": [context], "max_tokens": 1, "temperature": 0}}
+
+        for body in bodies(-1).values():
             timed_post(session, url, body)  # warm-up
-        names = list(bodies)
         for index in range(runs):
+            round_bodies = bodies(index)
+            names = list(round_bodies)
             for name in names[index % 2:] + names[:index % 2]:
-                samples[name].append(timed_post(session, url, bodies[name]))
+                samples[name].append(timed_post(session, url, round_bodies[name]))
                 log.info("run %d %-18s %7.1f ms", index + 1, name, samples[name][-1])
     score, generate = samples["score_4_choices"], samples["generate_1_token"]
     return {"score_4_choices_ms": round(statistics.median(score), 1), "generate_1_token_ms": round(statistics.median(generate), 1),
-            "ratio": round(paired_ratio(score, generate), 2), "context_tokens": len(context),
-            "choice_tokens": [len(choice) for choice in choices], "samples": samples}
+            "ratio": round(paired_ratio(score, generate), 2), "samples": samples}
 
 
 def test_set(rows: int) -> str:

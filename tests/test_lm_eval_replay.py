@@ -108,6 +108,8 @@ def echoed_prompts(app, model: str, config: str) -> dict[tuple, list]:
 
 
 def test_four_prompts_a_request_score_as_one_a_request(served):
+    """The four choices of a question share its tokens, whose numbers the server computes once
+    (engine/scoring.score_prompts); each choice still gets exactly what it gets alone."""
     _, app, model = served
     single, batched = echoed_prompts(app, model, "ll_tokenized"), echoed_prompts(app, model, "ll_tokenized_batch4")
     shared = single.keys() & batched.keys()

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, cast
+from typing import Optional, Sequence, cast
 
-from app.services.backends.base import Backend, LocalTokenizer, Scoring
+from app.services.backends.base import Backend, LocalTokenizer, Scoring, common_prefix_length
 from app.services.core.errors import ContextLengthExceeded, InvalidRequest
 from app.services.core.logprobs import score_rows
 from app.services.core.types import Message, TokenLogprob
@@ -70,13 +70,34 @@ class ScoredPrompt:
     tokens: tuple[TokenLogprob, ...]  # one per token after the first, each with its rank
 
 
-def score_prompt(backend: Backend, token_ids: Sequence[int], top_n: int) -> ScoredPrompt:
+def score_prompt(backend: Backend, token_ids: Sequence[int], top_n: int,
+                 before: Optional[tuple[Sequence[int], ScoredPrompt]] = None) -> ScoredPrompt:
     """Teacher forcing over the whole prompt; the caller holds the model alone (ModelService.turn).
-    The same computation as a reference's (``score_continuation``), cut after the first token."""
+    The same computation as a reference's (``score_continuation``), cut after the first token.
+
+    ``before``: a prompt scored just before with the same ``top_n`` (the choices of one question
+    share their context). A token's numbers depend only on the tokens up to it, so those of the
+    shared prefix are taken from it, and only the rest is computed, after that prefix (on llama.cpp
+    from the cells the last pass left: exact where its prefix cache is, see decoder.py)."""
     scorer = scoring_backend(backend)
     first = int(token_ids[0])
+    shared = common_prefix_length(before[0], token_ids) if before is not None else 0
+    shared = min(shared, len(token_ids) - 1)
+    if shared >= 2:
+        known = before[1].tokens[:shared - 1]
+        rest = score_continuation(backend, token_ids[:shared], token_ids[shared:], top_n).tokens
+        return ScoredPrompt(first, before[1].first_piece, tuple(known) + rest)
     rest = () if len(token_ids) < 2 else score_continuation(backend, token_ids[:1], token_ids[1:], top_n).tokens
     return ScoredPrompt(first, scorer.token_bytes(first), rest)
+
+
+def score_prompts(backend: Backend, prompts: Sequence[Sequence[int]], top_n: int) -> list[ScoredPrompt]:
+    """Each prompt scored, in order, each after the one before (``score_prompt``'s ``before``)."""
+    scored: list[ScoredPrompt] = []
+    for index, token_ids in enumerate(prompts):
+        before = (prompts[index - 1], scored[-1]) if index else None
+        scored.append(score_prompt(backend, token_ids, top_n, before))
+    return scored
 
 
 def conversation(system: str | None, prompt: str) -> list[Message]:

@@ -20,7 +20,7 @@ from app.services.engine.fingerprint import system_fingerprint
 from app.services.engine.generation import QUEUE_POLL_S, Generation
 from app.services.engine.queue import GenerationQueue
 from app.services.engine.registry import GenerationRegistry
-from app.services.engine.scoring import ScoredPrompt, ScoredText, check_fits, reference_ids, score_continuation, score_prompt, scoring_backend
+from app.services.engine.scoring import ScoredPrompt, ScoredText, check_fits, reference_ids, score_continuation, score_prompts, scoring_backend
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class ModelService:
         with self.turn() as held:
             if held is not backend:  # the prompts' tokens are the model's that was loaded before
                 raise InvalidRequest("the model was switched while this request waited; send it again", field="model")
-            return [score_prompt(held, prompt.token_ids, top_n) for prompt in prompts]
+            return score_prompts(held, [prompt.token_ids for prompt in prompts], top_n)
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
