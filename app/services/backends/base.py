@@ -24,6 +24,9 @@ class Capabilities:
     adapter_switch: bool = False  # GenerationParams.use_adapter=False runs the base model (an unmerged LoRA)
     scoring: bool = False  # the logits of a given text (teacher forcing): the Scoring methods
     logprobs: bool = False  # GenerationParams.logprobs is honoured (the remote backend passes on what its server sends)
+    # Scoring after a text that shares a prefix with the last one scored reads that prefix from
+    # the KV cache and computes what it would compute cold, bit for bit (llama.cpp's prefix cache)
+    prefix_scoring: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -76,12 +76,15 @@ def score_prompt(backend: Backend, token_ids: Sequence[int], top_n: int,
     The same computation as a reference's (``score_continuation``), cut after the first token.
 
     ``before``: a prompt scored just before with the same ``top_n`` (the choices of one question
-    share their context). A token's numbers depend only on the tokens up to it, so those of the
-    shared prefix are taken from it, and only the rest is computed, after that prefix (on llama.cpp
-    from the cells the last pass left: exact where its prefix cache is, see decoder.py)."""
+    share their context). On a backend that reads a shared prefix from its cache exactly
+    (``capabilities.prefix_scoring``: llama.cpp with its prefix cache, see decoder.py) the numbers
+    of that prefix are taken from it and only the rest is computed. Elsewhere the whole prompt is
+    read again: transformers reads it in one forward pass either way, and a pass of another
+    length can round the shared positions differently in the last bits."""
     scorer = scoring_backend(backend)
     first = int(token_ids[0])
-    shared = common_prefix_length(before[0], token_ids) if before is not None else 0
+    reusable = before is not None and backend.capabilities.prefix_scoring
+    shared = common_prefix_length(before[0], token_ids) if reusable else 0
     shared = min(shared, len(token_ids) - 1)
     if shared >= 2:
         known = before[1].tokens[:shared - 1]

@@ -114,7 +114,8 @@ class LlamaCppBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(inspection=True, scoring=True, logprobs=True, max_batch_size=self._settings.parallel)
+        return Capabilities(inspection=True, scoring=True, logprobs=True, max_batch_size=self._settings.parallel,
+                            prefix_scoring=self._prefix_cache)
 
     # -- batching (parallel.py): every request may join the running batch ---------------------
     def batch_group(self, params: GenerationParams) -> int:
