@@ -172,6 +172,13 @@ def test_n_streams_its_answers_interleaved_by_index(sdk):
     assert usage.completion_tokens == whole.usage.completion_tokens and usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_a_stream_of_more_answers_than_the_queue_holds_is_refused_up_front(sdk):
+    body = refused(sdk.completions.create, model="", prompt=["a"] * 8, n=8, max_tokens=1, stream=True)
+    assert body["param"] == "prompt" and "at most" in body["message"]
+    whole = sdk.completions.create(model="", prompt=["a"] * 8, n=8, max_tokens=1, temperature=0)
+    assert [choice.index for choice in whole.choices] == list(range(64))  # whole answers go through the batch in turn
+
+
 def test_a_failing_answer_ends_a_stream_of_several_with_its_error(tmp_path):
     app = create_app(make_settings(tmp_path), backend_factory=fake_factory(tokens=["a", "b", "c", "d"], fail_after=2))
     response = app.test_client().post("/v1/chat/completions", json={"messages": QUESTION, "n": 2, "stream": True})

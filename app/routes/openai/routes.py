@@ -28,6 +28,7 @@ from app.routes.http.extensions import limit_settings, model_service, settings
 from app.routes.http.shapes import logprob_entries
 from app.routes.http.wire import SSE_DONE, json_answer, sse_data, sse_response, stream_generation, stream_together
 from app.routes.openai.schemas import ChatCompletion, ChatCompletionBody, CompletionBody, ModelList, SamplingBody, TextCompletion
+from app.services.core.errors import InvalidRequest
 from app.services.core.types import Chunk, TokenLogprob
 from app.services.engine.completions import Choice, PromptIn, collect_choices, complete, prepared_prompts, score_for_echo, start_choices
 from app.services.engine.generation import Generation, GenerationResult
@@ -173,6 +174,17 @@ def _head(chat: bool, stream: bool) -> dict:
             "created": int(time.time()), "model": service.model_id(), "system_fingerprint": service.system_fingerprint()}
 
 
+def _streamable(prompts: Sequence[PromptIn], n: int) -> Sequence[PromptIn]:
+    """A stream's answers all take their places in the queue at once; more than it can ever hold
+    would be a 429 however long the client waited, so that is a 400 saying so."""
+    room = model_service().batch_size + limit_settings().max_queue
+    if len(prompts) * n > room:
+        raise InvalidRequest(f"a streamed request may carry at most {room} answers (prompts x n: the model's batch and "
+                             f"its queue, limits.max_queue); this one has {len(prompts) * n}; send it without stream",
+                             field="n" if len(prompts) == 1 else "prompt")
+    return prompts
+
+
 def _stream(body: SamplingBody, generations: Sequence[Generation], chat: bool, echoes: Sequence[Optional[Echo]] = (),
             n: int = 1) -> object:
     """One choice streams on this thread; several interleave (wire.stream_together)."""
@@ -217,7 +229,7 @@ def chat_completions():
     prompt = PromptIn(messages=tuple(body.messages_list(limits)), place="messages")
     service = model_service()
     if body.stream:
-        return _stream(body, start_choices(service, [prompt], params, body.n), chat=True)
+        return _stream(body, start_choices(service, _streamable([prompt], body.n), params, body.n), chat=True)
     results = [result.raise_for_error() for result in collect_choices(service, [prompt], params, body.n)]
     with_logprobs = params.logprobs is not None
     return json_answer(ChatCompletion, {
@@ -269,7 +281,8 @@ def completions():
         echoes = _echoes(body, prompts)
         if params.max_new_tokens == 0:
             return sse_response(_unanswered_stream(body, prompts, echoes))
-        return _stream(body, start_choices(service, prompts, params, body.n), chat=False, echoes=echoes, n=body.n)
+        return _stream(body, start_choices(service, _streamable(prompts, body.n), params, body.n), chat=False, echoes=echoes,
+                       n=body.n)
     choices = complete(service, prompts, params, body.n, body.echo)
     for choice in choices:
         if choice.result is not None:
