@@ -56,7 +56,8 @@ def lm_eval_python() -> Path:
         return python
     VENV.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    pip = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input", *REQUIREMENTS],
+    pip = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--timeout", "30",
+                          "--retries", "2", *REQUIREMENTS],
                          capture_output=True, text=True, timeout=1800)
     if pip.returncode != 0:
         output = pip.stdout + pip.stderr
