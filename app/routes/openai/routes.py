@@ -167,6 +167,14 @@ def sum_usage(usages: Sequence[dict]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def answers_usage(usages: Sequence[Optional[dict]], n: int) -> dict:
+    """The usage of a request's answers (``n`` per prompt, in order): each prompt's tokens once,
+    as OpenAI counts them, and every answer's tokens; None for an answer that has none."""
+    return sum_usage([{"prompt_tokens": usage["prompt_tokens"] if index % n == 0 else 0,
+                       "completion_tokens": usage["completion_tokens"]}
+                      for index, usage in enumerate(usages) if usage is not None])
+
+
 def _head(chat: bool, stream: bool) -> dict:
     service = model_service()
     object_name = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
@@ -195,12 +203,8 @@ def _stream(body: SamplingBody, generations: Sequence[Generation], chat: bool, e
         return stream_generation(generations[0], CompletionChunks(chat, body.include_usage(), head, with_logprobs, 0, echo_of(0)))
     framings = [CompletionChunks(chat, body.include_usage(), head, with_logprobs, index, echo_of(index), closes=False)
                 for index in range(len(generations))]
-    def usages(lasts: Sequence[Optional[Chunk]]) -> list[dict]:  # each prompt's tokens once, as whole answers count them
-        return [{"prompt_tokens": last.usage.prompt_tokens if index % n == 0 else 0,
-                 "completion_tokens": last.usage.completion_tokens}
-                for index, last in enumerate(lasts) if last is not None and last.usage]
-
-    return stream_together(generations, framings, lambda lasts: framings[0].closing(usages(lasts)))
+    return stream_together(generations, framings, lambda lasts: framings[0].closing(
+        [answers_usage([last.usage.to_dict() if last is not None and last.usage else None for last in lasts], n)]))
 
 
 # -- whole answers -------------------------------------------------------------------------------
@@ -209,11 +213,9 @@ def _finish(result: GenerationResult) -> str:
 
 
 def _usage(choices: Sequence[Choice], n: int) -> dict:
-    """Each prompt's tokens counted once, every choice's answer tokens."""
-    prompt = sum(choice.result.usage["prompt_tokens"] if choice.result else len(choice.prompt.token_ids)
-                 for choice in choices if choice.index % n == 0)
-    completion = sum(choice.result.usage["completion_tokens"] for choice in choices if choice.result)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    """An answer not generated (``max_tokens`` 0) counts its prompt's tokens, as read."""
+    return answers_usage([choice.result.usage if choice.result else {"prompt_tokens": len(choice.prompt.token_ids),
+                                                                     "completion_tokens": 0} for choice in choices], n)
 
 
 def _timings(results: Sequence[Optional[GenerationResult]]) -> Optional[dict]:
@@ -237,8 +239,7 @@ def chat_completions():
         "choices": [{"index": index, "message": {"role": "assistant", "content": result.text},
                      "logprobs": chat_logprobs(result.logprobs) if with_logprobs else None, "finish_reason": _finish(result)}
                     for index, result in enumerate(results)],
-        "usage": {**results[0].usage, "completion_tokens": sum(r.usage["completion_tokens"] for r in results),
-                  "total_tokens": results[0].usage["prompt_tokens"] + sum(r.usage["completion_tokens"] for r in results)},
+        "usage": answers_usage([result.usage for result in results], body.n),
         "timings": _timings(results),  # llama-server's extension; OpenAI clients ignore it
     })
 
@@ -278,11 +279,10 @@ def completions():
     params = body.params(limits, COMPLETIONS_DEFAULT_MAX_TOKENS)
     service = model_service()
     if body.stream:
-        echoes = _echoes(body, prompts)
+        echoes = _echoes(body, _streamable(prompts, body.n))
         if params.max_new_tokens == 0:
             return sse_response(_unanswered_stream(body, prompts, echoes))
-        return _stream(body, start_choices(service, _streamable(prompts, body.n), params, body.n), chat=False, echoes=echoes,
-                       n=body.n)
+        return _stream(body, start_choices(service, prompts, params, body.n), chat=False, echoes=echoes, n=body.n)
     choices = complete(service, prompts, params, body.n, body.echo)
     for choice in choices:
         if choice.result is not None:
