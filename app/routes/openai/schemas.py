@@ -53,7 +53,7 @@ NOT_YET_SUPPORTED = {
 # Values of those fields that ask for nothing, so a client that always sends them is served.
 ASKS_FOR_NOTHING = {"response_format": ({"type": "text"},), "tool_choice": ("none", "auto"), "function_call": ("none", "auto")}
 # Message fields besides role and content: what OpenAI's own answers carry (null when a client
-# sends one back), and the tool-call fields, which tools will handle.
+# sends one back), and the tool-call fields, refused until ChatMessageIn declares them.
 MESSAGE_ECHOED_FIELDS = {"refusal", "audio", "annotations"}
 MESSAGE_TOOL_FIELDS = {"tool_calls", "tool_call_id", "function_call"}
 ACCEPTED = "Accepted for compatibility; it changes nothing here."
@@ -169,7 +169,7 @@ class ChatCompletionBody(SamplingBody):
             if not isinstance(message, dict):
                 continue  # the model's own validation names what is wrong with it
             where = f"messages[{index}]."
-            for name in sorted(MESSAGE_TOOL_FIELDS):
+            for name in sorted(MESSAGE_TOOL_FIELDS - set(ChatMessageIn.model_fields)):  # until a message declares them
                 if message.get(name):
                     raise InvalidRequest(f"{where}{name} is not supported by this server: it does no tool calls yet",
                                          field=f"{where}{name}")
