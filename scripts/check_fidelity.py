@@ -28,7 +28,6 @@ this script adds the command line and the table.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -63,10 +62,10 @@ def format_report(report: FidelityReport) -> str:
         f"HF checkpoint : {report.hf}" + (f" + {report.adapter}" if report.adapter else "") + f" ({report.dtype})",
         f"GGUF          : {report.gguf}" + (f" + LoRA {report.gguf_lora}" if report.gguf_lora else ""),
         f"vocabularies  : {'1:1' if report.vocab_one_to_one else f'differ in {report.vocab_mismatches} entries'} "
-        f"(hf {report.vocab_sizes['hf']}, gguf {report.vocab_sizes['gguf']}); answers compared by "
+        f"(hf {report.vocab_sizes.hf}, gguf {report.vocab_sizes.gguf}); answers compared by "
         f"{'token id' if report.vocab_one_to_one else 'text'}",
-        "stop tokens   : hf " + ", ".join(f"{t['id']} {t['text']!r}" for t in report.stop_tokens["hf"])
-        + " | gguf " + ", ".join(f"{t['id']} {t['text']!r}" for t in report.stop_tokens["gguf"])
+        "stop tokens   : hf " + ", ".join(f"{t.id} {t.text!r}" for t in report.stop_tokens.hf)
+        + " | gguf " + ", ".join(f"{t.id} {t.text!r}" for t in report.stop_tokens.gguf)
         + ("  (same)" if report.stop_tokens_identical else "  (DIFFERENT)"),
         "",
         f"{'#':>2}  {'prompt':<34} {'template':<9} {'prompt ids':<10} {'agree':>11}  {'diverges':>8}  finish (hf/gguf)",
@@ -80,8 +79,8 @@ def format_report(report: FidelityReport) -> str:
     for i, row in enumerate(report.prompts, 1):
         if row.render_difference:
             diff = row.render_difference
-            lines += ["", f"prompt {i}: rendered prompts differ at character {diff['at']}:",
-                      f"   hf  : {diff['hf']!r}", f"   gguf: {diff['gguf']!r}"]
+            lines += ["", f"prompt {i}: rendered prompts differ at character {diff.at}:",
+                      f"   hf  : {diff.hf!r}", f"   gguf: {diff.gguf!r}"]
         if row.first_divergence is not None:
             unit = "token" if row.compared == "ids" else "character"
             lines += ["", f"prompt {i}: answers diverge at {unit} {row.first_divergence}:",
@@ -121,7 +120,7 @@ def main(argv=None) -> int:
     except FidelityError as exc:
         log.error("%s", exc)
         return 2
-    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else format_report(report))
+    print(report.model_dump_json(indent=2) if args.json else format_report(report))
     if args.min_agreement is not None and report.agreement < args.min_agreement:
         log.error("greedy agreement %.1f%% is below --min-agreement %.1f%%", 100 * report.agreement, 100 * args.min_agreement)
         return 1

@@ -19,7 +19,6 @@ failed or was cancelled, 2 bad input.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -29,7 +28,8 @@ from app.services.backends.factory import make_backend
 from app.services.core.errors import ServiceError
 from app.services.engine.service import ModelService
 from app.services.engine.slots import EnginePool, SlotRequest
-from app.services.evals.service import EvalService
+from app.services.evals.service import EvalProgress, EvalService
+from app.services.records.eval_records import EvalReport
 from app.services.records.test_sets import parse_test_set
 from config.settings import Settings
 
@@ -60,17 +60,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def format_summary(report: dict) -> str:
+def format_summary(report: EvalReport) -> str:
     def cell(value, digits=3):
         return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     header = (f"{'model':<44} {'rows':>5} {'BLEU':>7} {'ROUGE-L':>8} {'EM':>6} {'ref NLL':>8} {'ref PPL':>8} "
               f"{'latency ms':>11} {'tok/s':>7}")
     lines = [header, "-" * len(header)]
-    for s in report["summary"]:
-        lines.append(f"{s['label'][:44]:<44} {s['rows']:>5} {cell(s['bleu'], 2):>7} {cell(s['rouge_l']):>8} "
-                     f"{cell(s['exact_match']):>6} {cell(s.get('ref_nll'), 2):>8} {cell(s.get('ref_perplexity'), 2):>8} "
-                     f"{cell(s['latency_ms'], 1):>11} {cell(s['tokens_per_second'], 1):>7}")
+    for s in report.summary:
+        lines.append(f"{s.label[:44]:<44} {s.rows:>5} {cell(s.bleu, 2):>7} {cell(s.rouge_l):>8} "
+                     f"{cell(s.exact_match):>6} {cell(s.ref_nll, 2):>8} {cell(s.ref_perplexity, 2):>8} "
+                     f"{cell(s.latency_ms, 1):>11} {cell(s.tokens_per_second, 1):>7}")
     return "\n".join(lines)
 
 
@@ -83,15 +83,15 @@ def run(args: argparse.Namespace, settings: Optional[Settings] = None) -> int:
     evals = EvalService(settings, EnginePool(settings, make_backend, service))
     bar = None
 
-    def on_progress(progress: dict) -> None:
+    def on_progress(progress: EvalProgress) -> None:
         if bar is not None:
-            bar.update(progress["done"] - bar.n)
-            bar.set_postfix_str(f"{progress['model'] or ''}"[:40])
+            bar.update(progress.done - bar.n)
+            bar.set_postfix_str(f"{progress.model or ''}"[:40])
 
     try:
         if args.resume:
             started = evals.progress(args.resume)
-            bar = tqdm(total=started["total"], initial=started["done"], unit="answer", disable=args.quiet, file=sys.stderr)
+            bar = tqdm(total=started.total, initial=started.done, unit="answer", disable=args.quiet, file=sys.stderr)
             started = evals.resume(args.resume, on_progress)
         else:
             rows = parse_test_set(args.test_set.read_bytes(), args.test_set.name, settings.limits.max_test_set_bytes,
@@ -99,23 +99,23 @@ def run(args: argparse.Namespace, settings: Optional[Settings] = None) -> int:
             bar = tqdm(total=len(rows) * max(1, len(args.model)), unit="answer", disable=args.quiet, file=sys.stderr)
             started = evals.start(rows, args.model, args.max_new_tokens, args.name, on_progress, score_only=args.score_only)
         try:
-            done = evals.wait(started["id"])
+            done = evals.wait(started.id)
         except KeyboardInterrupt:
-            done = evals.cancel(started["id"])  # the finished answers stay; --resume goes on
+            done = evals.cancel(started.id)  # the finished answers stay; --resume goes on
     except (ServiceError, OSError) as exc:
         log.error("%s", getattr(exc, "message", exc))
         return 2
     finally:
         if bar is not None:
             bar.close()
-    report = evals.report(done["id"])
+    report = evals.report(done.id)
     if args.json:
-        print(json.dumps(report, ensure_ascii=False, indent=1))
+        print(report.model_dump_json(indent=1))
     else:
         print(format_summary(report))
-        print(f"\n{report['state']}: {report['done']}/{report['total']} answers; results in "
-              f"{evals.store.root / report['id']} (resume with --resume {report['id']})")
-    return 0 if report["state"] == "done" else 1
+        print(f"\n{report.state}: {report.done}/{report.total} answers; results in "
+              f"{evals.store.root / report.id} (resume with --resume {report.id})")
+    return 0 if report.state == "done" else 1
 
 
 def main(argv=None) -> int:

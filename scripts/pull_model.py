@@ -73,7 +73,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import are_progress_bars_disabled, build_hf_headers
 from tqdm.auto import tqdm
 
-from app.services.catalog import ModelCatalog
+from app.services.catalog import ModelCatalog, ModelEntry
 from config.settings import Settings
 
 log = logging.getLogger("pull_model")
@@ -529,15 +529,15 @@ def from_cache(repo_id: str, quant: Optional[str], revision: Optional[str], cach
     return snapshot, chosen
 
 
-def list_local(models_dir: Optional[Path] = None) -> list[dict]:
+def list_local(models_dir: Optional[Path] = None) -> list[ModelEntry]:
     """The models the tester can serve from what is on disk, as its catalog lists them."""
     settings = Settings(models_dir=models_dir) if models_dir is not None else Settings()
-    return [m for m in ModelCatalog(settings).models() if m["available"]]
+    return [m for m in ModelCatalog(settings).models() if m.available]
 
 
-def format_listing(models: list[dict]) -> str:
+def format_listing(models: list[ModelEntry]) -> str:
     rows = [("id", "backend", "size", "path")] + [
-        (m["id"], m["backend"], _human(m["size_bytes"]), str(m["path"])) for m in models
+        (m.id, m.backend, _human(m.size_bytes), str(m.path)) for m in models
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows)

@@ -225,7 +225,7 @@ def test_4_fidelity(workflow, fidelity, pair):
     assert report.prompts_rendered_identical == report.prompt_ids_identical == len(PROMPTS), summary
     # the same stop tokens on both sides: the generation config's, shown in the report
     assert report.stop_tokens_identical, summary
-    assert {t["id"] for t in report.stop_tokens["hf"]} == set(hf_stop_ids_in(workflow.base)), summary
+    assert {t.id for t in report.stop_tokens.hf} == set(hf_stop_ids_in(workflow.base)), summary
     assert "(same)" in summary.splitlines()[3]
     # the fact, from both sides
     fact = report.prompts[-1]
@@ -237,7 +237,7 @@ def test_4_fidelity(workflow, fidelity, pair):
             assert f"diverge at token {row.first_divergence}" in summary
     if pair == "f16":
         assert report.agreement >= 0.9, summary  # the target: f16 agrees on >= 90 % of the first 32 greedy tokens
-    json.dumps(report.to_dict())
+    report.model_dump_json()
 
 
 @pytest.mark.slow
@@ -262,7 +262,7 @@ def test_summary_row(workflow, capsys):
     stops_same = all(r.stop_tokens_identical for r in reports)
     agreement = " / ".join(f"{r.agreement:.0%}" for r in reports)
     facts = " / ".join("yes" if results.get(f"fact {s}") else "no" for s in ("f16", "q8_0", "f16+lora"))
-    stops = ", ".join(f"{t['id']} {t['text']}" for t in reports[0].stop_tokens["hf"])
+    stops = ", ".join(f"{t.id} {t.text}" for t in reports[0].stop_tokens.hf)
     divergences = "; ".join(f"{pair}: prompt {i} at token {row.first_divergence}"
                             for pair, report in zip(("f16", "q8_0", "gguf-lora"), reports)
                             for i, row in enumerate(report.prompts, 1) if row.first_divergence is not None) or "none"
@@ -331,7 +331,7 @@ def test_an_architecture_transformers_lacks_is_a_clear_400_without_remote_code(t
         assert response.status_code == 400, response.get_json()
         error = response.get_json()["error"]
         assert "XForCausalLM" in error and "xlm_tiny_x" in error and "--trust-remote-code" in error, error
-    assert app.extensions["model_service"].status()["state"] == "not_loaded"
+    assert app.extensions["model_service"].status().state == "not_loaded"
 
 
 # -- bad input: an architecture the converter does not know --------------------------------------

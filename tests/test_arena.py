@@ -19,7 +19,7 @@ import pytest
 from app import create_app
 from app.services.arena.ratings import Game, bradley_terry, elo, leaderboard, pair_table, wilson_interval
 from app.services.evals.judge import combined, judge_summary, parse_pairwise, parse_rating
-from app.services.records.arena_store import ArenaStore
+from app.services.records.arena_store import ArenaStore, Judgment
 from config.settings import PROJECT_ROOT, RemoteSettings
 from tests.support.servers import free_port
 from tests.support.settings import make_settings
@@ -57,17 +57,18 @@ def test_wilson_interval_and_pair_table():
     low, high = wilson_interval(3, 4)  # the textbook example: 3 of 4, 95 %
     assert (round(low, 3), round(high, 3)) == (0.301, 0.954)
     table = pair_table([Game("B", "A", 0.0), Game("A", "B", 1.0), Game("A", "B", 0.5), Game("B", "A", 1.0)])
-    assert table == [{"model_a": "A", "model_b": "B", "wins_a": 2, "wins_b": 1, "ties": 1, "games": 4,
-                      "win_share_a": 0.625, "ci95": [round(wilson_interval(2.5, 4)[0], 4), round(wilson_interval(2.5, 4)[1], 4)]}]
+    assert [row.model_dump() for row in table] == [{
+        "model_a": "A", "model_b": "B", "wins_a": 2, "wins_b": 1, "ties": 1, "games": 4,
+        "win_share_a": 0.625, "ci95": [round(wilson_interval(2.5, 4)[0], 4), round(wilson_interval(2.5, 4)[1], 4)]}]
 
 
 def test_leaderboard_orders_by_rating_with_intervals_around_it():
     games = [Game("strong", "weak", 1.0)] * 8 + [Game("strong", "weak", 0.0)] * 2
     board = leaderboard(games, rounds=100)
-    assert [row["model"] for row in board] == ["strong", "weak"]
+    assert [row.model for row in board] == ["strong", "weak"]
     for row in board:
-        low, high = row["ci95"]
-        assert low <= row["rating"] <= high and row["games"] == 10
+        low, high = row.ci95
+        assert low <= row.rating <= high and row.games == 10
 
 
 def test_judge_verdicts_are_read_only_in_their_format():
@@ -82,14 +83,15 @@ def test_judge_verdicts_are_read_only_in_their_format():
 def test_judge_summary_counts_add_up():
     verdicts = [("ab", "A"), ("ba", "B"),  # row 0: m1 wins in both orders
                 ("ab", "A"), ("ba", "A")]  # row 1: each order prefers the first position: a tie
-    judgments = [{"kind": "pairwise", "row_index": i // 2, "model_a": "m1", "model_b": "m2", "order_shown": order, "verdict": verdict}
-                 for i, (order, verdict) in enumerate(verdicts)]
-    judgments += [{"kind": "pairwise", "row_index": 2, "model_a": "m1", "model_b": "m2", "order_shown": "ab", "verdict": "unparsable"},
-                  {"kind": "pairwise", "row_index": 2, "model_a": "m1", "model_b": "m2", "order_shown": "ba", "verdict": "B"},
-                  {"kind": "single", "row_index": 0, "model_a": "m1", "model_b": "", "order_shown": "", "verdict": "8"},
-                  {"kind": "single", "row_index": 1, "model_a": "m1", "model_b": "", "order_shown": "", "verdict": "unparsable"}]
+    def judgment(kind, row, model_a, model_b, order, verdict):
+        return Judgment(eval_id="e", row_index=row, kind=kind, model_a=model_a, model_b=model_b, order_shown=order,
+                        verdict=verdict, reason="", judge="j", created="")
+
+    judgments = [judgment("pairwise", i // 2, "m1", "m2", order, verdict) for i, (order, verdict) in enumerate(verdicts)]
+    judgments += [judgment("pairwise", 2, "m1", "m2", "ab", "unparsable"), judgment("pairwise", 2, "m1", "m2", "ba", "B"),
+                  judgment("single", 0, "m1", "", "", "8"), judgment("single", 1, "m1", "", "", "unparsable")]
     summary = judge_summary(judgments, ["m1", "m2"])
-    m1, m2 = summary["m1"], summary["m2"]
+    m1, m2 = summary["m1"].model_dump(), summary["m2"].model_dump()
     assert (m1["judge_wins"], m1["judge_losses"], m1["judge_ties"], m1["judge_unparsable"]) == (1, 0, 1, 1)
     assert (m2["judge_wins"], m2["judge_losses"], m2["judge_ties"], m2["judge_unparsable"]) == (0, 1, 1, 1)
     for counts in (m1, m2):
@@ -155,10 +157,10 @@ def test_votes_survive_a_restart(arena_app, tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from app.services.records.arena_store import ArenaStore
+    from app.services.records.arena_store import ArenaStore, Turn
     store = ArenaStore(Path(sys.argv[1]))
     for i in range(100000):
-        store.add_comparison(f"c{i:06d}", "compare", [{"role": "user", "content": "x" * 2000}], {}, {"A": "a" * 4000, "B": "b"},
+        store.add_comparison(f"c{i:06d}", "compare", [Turn(role="user", content="x" * 2000)], {}, {"A": "a" * 4000, "B": "b"},
                              {"A": "m1", "B": "m2"})
         store.record_vote(f"c{i:06d}", "A")
         print(i, flush=True)
@@ -179,7 +181,7 @@ def test_a_kill_mid_write_loses_nothing_committed(tmp_path):
     writer.stdout.close()
     voted = ArenaStore(path).voted()
     assert len(voted) >= said + 1  # everything acknowledged is there (perhaps one more, committed unsaid)
-    assert all(c["vote"] == "A" and c["answers"]["A"] == "a" * 4000 for c in voted)
+    assert all(c.vote == "A" and c.answers["A"] == "a" * 4000 for c in voted)
 
 
 def test_an_eval_can_be_walked_as_blind_pairs_and_judged(arena_app):

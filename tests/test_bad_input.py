@@ -2,6 +2,8 @@
 server goes on serving after each one."""
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from app import create_app
@@ -122,7 +124,12 @@ def test_server_keeps_serving_after_bad_input(client):
         # a directory is taken for a Hugging Face model (the transformers backend)
         pytest.param(lambda tmp: tmp, 400, "not a Hugging Face model directory", id="directory"),
         pytest.param(lambda tmp: _write(tmp / "fake.gguf", b"not a gguf at all"), 400, "not a GGUF", id="not-gguf"),
-        pytest.param(lambda tmp: _write(tmp / "trunc.gguf", b"GGUF\x03\x00\x00\x00garbage"), 500, "could not load", id="corrupt-gguf"),
+        # the header is read before llama.cpp is asked (the GPU offload plan needs the block count)
+        pytest.param(lambda tmp: _write(tmp / "trunc.gguf", b"GGUF\x03\x00\x00\x00garbage"), 400, "truncated GGUF header",
+                     id="corrupt-gguf"),
+        # a whole header with no tensors: llama.cpp itself refuses it
+        pytest.param(lambda tmp: _write(tmp / "empty.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 0)), 500, "could not load",
+                     id="gguf-without-tensors"),
     ],
 )
 def test_bad_model_file_gets_a_clear_error_in_api_and_status(tmp_path, default_gguf, make_model, status, fragment):

@@ -50,7 +50,7 @@ def test_a_batch_answers_as_one_at_a_time_does(service):
     assert [r.text for r in together] == [r.text for r in alone]
     assert [r.finish_reason for r in together] == [r.finish_reason for r in alone]
     assert [r.usage for r in together] == [r.usage for r in alone]
-    assert service.status()["queue"] == {"running": 0, "waiting": 0}
+    assert service.status().queue.model_dump() == {"running": 0, "waiting": 0}
 
 
 def test_rows_stop_on_their_own(service):
@@ -58,7 +58,7 @@ def test_rows_stop_on_their_own(service):
     budgets[3] = GenerationParams(max_new_tokens=40, temperature=0, ignore_eos=True, stop=(" ",))
     results = answers(service, budgets)
     assert service.current_backend().batch_sizes[-1] == 4
-    assert [r.usage["completion_tokens"] for r in results[:3]] == [5, 40, 12]
+    assert [r.usage.completion_tokens for r in results[:3]] == [5, 40, 12]
     assert [r.finish_reason for r in results] == ["length", "length", "length", "stop"]
     assert " " not in results[3].text
 
@@ -83,7 +83,7 @@ def test_stopping_one_row_leaves_the_others_running(service):
     rest = collect_together(generations[1:])
     reader.join(timeout=60)
     assert stopped["reason"] == "cancelled"
-    assert all(r.finish_reason == "length" and r.usage["completion_tokens"] == 40 for r in rest)
+    assert all(r.finish_reason == "length" and r.usage.completion_tokens == 40 for r in rest)
 
 
 def test_a_seeded_sample_repeats_inside_a_batch(service):
@@ -149,7 +149,7 @@ def test_a_fed_row_enters_as_soon_as_one_leaves(service):
         return service.start(params, messages=[Message("user", QUESTIONS[index % len(QUESTIONS)])])
 
     results = RollingFeed(service.batch_size).run(len(budgets), start, lambda index, result: finished.append(index))
-    assert [r.usage["completion_tokens"] for r in results] == budgets
+    assert [r.usage.completion_tokens for r in results] == budgets
     assert finished[-1] == 0 and sorted(finished[:-1]) == list(range(1, 8))
     assert max(service.current_backend().batch_sizes[-7:]) <= 4
 
@@ -170,4 +170,4 @@ def test_the_batch_thread_ends_when_idle(service):
         thread.join(timeout=10)
     assert batch_threads() == []
     again = service.start(GenerationParams(max_new_tokens=4, temperature=0), messages=[Message("user", QUESTIONS[3])]).collect()
-    assert again.usage["completion_tokens"] == 4
+    assert again.usage.completion_tokens == 4

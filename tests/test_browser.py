@@ -106,7 +106,7 @@ def test_tokens_stream_in_and_stop_ends_the_generation(page, live_server):
     queue = wait_server_idle(live_server)
     assert queue == {"running": 0, "waiting": 0}
     finished = live_server.service.finished()[-1]
-    assert finished["finish_reason"] == "cancelled"
+    assert finished.finish_reason == "cancelled"
 
     page.save_screenshot(str(SCREENSHOT))
     page.set_window_size(*PHONE_SIZE)

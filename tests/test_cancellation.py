@@ -13,18 +13,18 @@ LONG = {"prompt": "Write a very long story about a lighthouse keeper.", "tempera
 TOKENS_OF_SLACK = 8
 
 
-def wait_for_end(service, request_id: str, timeout_s: float = 10.0) -> dict:
+def wait_for_end(service, request_id: str, timeout_s: float = 10.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for record in service.finished():
-            if record["request_id"] == request_id:
+            if record.request_id == request_id:
                 return record
         time.sleep(0.01)
     raise AssertionError(f"generation {request_id} still running {timeout_s} s after its client left")
 
 
 def tokens_so_far(service, request_id: str) -> int:
-    return next(g["tokens_seen"] for g in service.active() if g["request_id"] == request_id)
+    return next(g.tokens_seen for g in service.active() if g.request_id == request_id)
 
 
 def read_tokens(response, count: int) -> int:
@@ -38,7 +38,7 @@ def read_tokens(response, count: int) -> int:
 
 
 def assert_model_is_free(live_server):
-    assert live_server.service.status()["queue"] == {"running": 0, "waiting": 0}
+    assert live_server.service.status().queue.model_dump() == {"running": 0, "waiting": 0}
     quick = requests.post(f"{live_server.url}/api/chat", json={"prompt": "Hi", "temperature": 0.0, "max_new_tokens": 3}, timeout=30)
     assert quick.status_code == 200
     assert quick.json()["timings"]["queue_ms"] < 1000  # it did not wait behind the abandoned one
@@ -52,9 +52,9 @@ def test_closed_connection_stops_generation_within_a_few_tokens(live_server):
     produced_when_closed = tokens_so_far(live_server.service, request_id)
     response.close()  # the tab is gone
     record = wait_for_end(live_server.service, request_id)
-    assert record["finish_reason"] == "cancelled"
-    assert record["completion_tokens"] <= produced_when_closed + TOKENS_OF_SLACK
-    assert record["completion_tokens"] < LONG["max_new_tokens"]
+    assert record.finish_reason == "cancelled"
+    assert record.completion_tokens <= produced_when_closed + TOKENS_OF_SLACK
+    assert record.completion_tokens < LONG["max_new_tokens"]
     assert_model_is_free(live_server)
 
 
@@ -65,8 +65,8 @@ def test_closed_event_source_stream_stops_generation(live_server):
     produced_when_closed = tokens_so_far(live_server.service, prepared["request_id"])
     response.close()
     record = wait_for_end(live_server.service, prepared["request_id"])
-    assert record["finish_reason"] == "cancelled"
-    assert record["completion_tokens"] <= produced_when_closed + TOKENS_OF_SLACK
+    assert record.finish_reason == "cancelled"
+    assert record.completion_tokens <= produced_when_closed + TOKENS_OF_SLACK
     assert_model_is_free(live_server)
 
 

@@ -185,7 +185,7 @@ def test_cancel_keeps_the_finished_answers_and_resume_completes(client, app):
     resumed = client.post(f"/api/evals/{eval_id}/resume")
     assert resumed.status_code == 202
     done = app.extensions["eval_service"].wait(eval_id, timeout=120)
-    assert done["state"] == "done" and done["done"] == 6
+    assert done.state == "done" and done.done == 6
     again = client.get(f"/api/evals/{eval_id}").get_json()
     assert [r["outputs"][again["models"][0]["label"]]["output"] for r in finished] == \
         [r["outputs"][report["models"][0]["label"]]["output"] for r in finished]  # kept, not redone

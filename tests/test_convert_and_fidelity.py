@@ -164,12 +164,12 @@ def test_the_gguf_serves_what_transformers_serves(fidelity, pair):
     assert report.vocab_one_to_one, summary
     assert report.prompts_rendered_identical == len(report.prompts) == 5, summary
     assert report.prompt_ids_identical == 5, summary
-    hf_stops = {t["id"]: t["text"] for t in report.stop_tokens["hf"]}
-    gguf_stops = {t["id"]: t["text"] for t in report.stop_tokens["gguf"]}
+    hf_stops = {t.id: t.text for t in report.stop_tokens.hf}
+    gguf_stops = {t.id: t.text for t in report.stop_tokens.gguf}
     # the end of a ChatML turn, and only it, on both sides (llama.cpp would also take <|endoftext|> by its text)
     assert hf_stops == gguf_stops == {2: "<|im_end|>"} and report.stop_tokens_identical, summary
     assert report.agreement >= 0.9, summary
-    json.dumps(report.to_dict())  # --json output
+    report.model_dump_json()  # --json output
 
 
 def test_fidelity_reports_where_answers_diverge(default_hf_checkpoint, trained_adapter, base_f16):

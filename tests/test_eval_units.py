@@ -40,7 +40,7 @@ def test_bleu_uses_the_zh_tokenizer_for_chinese():
 
 
 def test_rows_without_reference_are_not_scored():
-    assert eval_metrics.score("anything", None) == {"bleu": None, "rouge_l": None, "exact_match": None}
+    assert eval_metrics.score("anything", None).model_dump() == {"bleu": None, "rouge_l": None, "exact_match": None}
 
 
 def test_jsonl_and_csv_give_the_same_rows():
@@ -48,7 +48,7 @@ def test_jsonl_and_csv_give_the_same_rows():
     csv = 'prompt,system,reference\nHi,,Hello\nQ2,Be brief.,\n'
     from_jsonl = parse_test_set(jsonl.encode(), "set.jsonl")
     from_csv = parse_test_set(csv.encode(), "set.csv")
-    assert [r.to_dict() for r in from_jsonl] == [r.to_dict() for r in from_csv] == [
+    assert [r.model_dump() for r in from_jsonl] == [r.model_dump() for r in from_csv] == [
         {"index": 0, "prompt": "Hi", "system": None, "reference": "Hello"},
         {"index": 1, "prompt": "Q2", "system": "Be brief.", "reference": None},
     ]
@@ -82,7 +82,7 @@ def test_bad_test_sets_are_refused_naming_the_line(data, name, line, says):
     assert says in caught.value.message
     if line:
         assert caught.value.message.startswith(f"line {line}: ")
-        assert caught.value.details() == {"line": line}
+        assert caught.value.details().line == line
 
 
 def test_size_and_row_limits():

@@ -134,5 +134,49 @@ def test_the_server_serves_on_after_each_failure(tmp_path):
     client = app.test_client()
     for route, make_body, _ in ROUTES:
         assert client.post(route, json=make_body("Hi")).status_code == 504, route
-        assert app.extensions["model_service"].status()["queue"] == {"running": 0, "waiting": 0}
+        assert app.extensions["model_service"].status().queue.model_dump() == {"running": 0, "waiting": 0}
     assert client.post("/api/chat", json={"prompt": "Hi", "max_new_tokens": 2}).status_code == 200
+
+
+def test_each_error_kind_has_one_status_and_every_error_keeps_its_own():
+    """The services say what kind of failure it is; only app/routes/http/errors.py says its status."""
+    from app.routes.http.body import InvalidBody
+    from app.routes.http.errors import STATUS_OF_KIND, status_of
+    from app.services.core import errors
+    from app.services.records.test_sets import InvalidTestSet
+
+    assert set(STATUS_OF_KIND) == set(errors.ErrorKind)
+    assert not any(hasattr(cls, "status") for cls in vars(errors).values() if isinstance(cls, type))
+    expected = {errors.NotFound("x"): 404, errors.InvalidRequest("x"): 400, errors.ContextLengthExceeded(9, 1, 8): 400,
+                errors.ModelNotFound("x"): 404, errors.InvalidModel("x"): 400, errors.ModelTooLarge("x"): 400,
+                errors.ModelLoadFailed("x"): 500, errors.NoModelLoaded("x"): 503, errors.QueueFull("x", 2): 429,
+                errors.TooManyStreams("x", 2): 429, errors.RemoteUnavailable("x"): 503, errors.PathNotAllowed("x"): 403,
+                errors.GenerationTimeout("x"): 504, errors.GenerationError("x"): 500, errors.EvalRunning("x", "e"): 409,
+                errors.AlreadyVoted("x"): 409, errors.UnsupportedMediaType("x"): 415, errors.StorageFull("x"): 507,
+                InvalidTestSet("x", 3): 400, InvalidBody("x", "f", []): 400}
+    assert {type(error).__name__: status_of(error) for error in expected} == {
+        type(error).__name__: status for error, status in expected.items()}
+    # a model that cannot be loaded keeps its cause's type, under the kind "unavailable"
+    cause = errors.RemoteUnavailable("down")
+    assert (errors.NoModelLoaded("no model", cause).type, status_of(errors.NoModelLoaded("no model", cause))) == ("remote_unavailable", 503)
+
+
+def test_a_capability_declared_without_its_methods_is_refused_not_trusted():
+    """The service reaches a backend's tokenizer, batching and scoring through what it declares,
+    checked: a backend that claims one it lacks fails at once (a 500, a bug), never later inside
+    an unchecked call."""
+    from app.routes.http.errors import status_of
+    from app.services.backends.base import Capabilities, batching, local_tokenizer, scoring
+    from app.services.core.errors import BackendIncomplete
+    from tests.support.fakes import FakeBackend
+
+    class Boastful(FakeBackend):
+        capabilities = Capabilities(inspection=True, max_batch_size=4, scoring=True)
+
+    honest, boastful = FakeBackend("fake-model"), Boastful("fake-model")
+    assert local_tokenizer(honest) is honest and batching(honest) is None and scoring(honest) is None
+    assert local_tokenizer(boastful) is boastful
+    for reach in (batching, scoring):
+        with pytest.raises(BackendIncomplete) as refused:
+            reach(boastful)
+        assert status_of(refused.value) == 500 and "lacks its methods" in refused.value.message

@@ -45,7 +45,7 @@ def test_error_mid_stream_is_an_error_event_and_the_server_goes_on(tmp_path, cap
     assert "simulated backend failure" in sync.get_json()["error"]
     factory.built[0].fail_after = None
     assert client.post("/api/chat", json=BODY).get_json()["response"] == "abc"
-    assert app.extensions["model_service"].status()["queue"] == {"running": 0, "waiting": 0}
+    assert app.extensions["model_service"].status().queue.model_dump() == {"running": 0, "waiting": 0}
 
 
 def test_loader_crash_sets_error_state_and_a_later_load_recovers(tmp_path):
@@ -132,7 +132,7 @@ def test_unload_waits_for_the_requests_already_in_line(tmp_path):
         t.join(timeout=10)
     assert results[running.id].finish_reason == "stop"
     assert results[waiting.id].finish_reason == "stop"
-    assert service.status()["state"] == "not_loaded"
+    assert service.status().state == "not_loaded"
 
 
 @pytest.mark.parametrize("route", ["/api/chat_stream", "/api/streams"])

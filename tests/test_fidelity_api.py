@@ -61,7 +61,7 @@ def fidelity_run(fidelity_server, default_hf_checkpoint, f16_gguf):
     part, so every test below reads this one run."""
     app, url = fidelity_server
     service = app.extensions["model_service"]
-    served_before = service.status()["model"]
+    served_before = service.status().model
     result = {}
 
     def check():
@@ -71,9 +71,9 @@ def fidelity_run(fidelity_server, default_hf_checkpoint, f16_gguf):
     checker = threading.Thread(target=check, name="fidelity-request")
     checker.start()
     deadline = time.monotonic() + WAIT_S
-    while service.status()["job"] != "fidelity" and checker.is_alive() and time.monotonic() < deadline:
+    while service.status().job != "fidelity" and checker.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert service.status()["job"] == "fidelity", "the check never took the model's queue"
+    assert service.status().job == "fidelity", "the check never took the model's queue"
 
     events, job_at_first_token = [], "unset"
     with requests.post(f"{url}/api/chat_stream", stream=True, timeout=WAIT_S,
@@ -82,7 +82,7 @@ def fidelity_run(fidelity_server, default_hf_checkpoint, f16_gguf):
         for event, data in sse_events(chat):
             if event == "token" and job_at_first_token == "unset":
                 # the job is cleared before the queue moves on: a token now means the check is over
-                job_at_first_token = service.status()["job"]
+                job_at_first_token = service.status().job
             events.append((event, data))
     checker.join(WAIT_S)
     return {"report": result["response"], "chat_events": events, "job_at_first_token": job_at_first_token,
@@ -118,8 +118,8 @@ def test_chat_during_the_check_waits_and_completes_after_it(fidelity_run):
 
 def test_served_model_stays_loaded(fidelity_run):
     status = fidelity_run["status_after"]
-    assert status["state"] == "loaded" and status["model"] == fidelity_run["served_before"]
-    assert status["job"] is None and status["queue"] == {"running": 0, "waiting": 0}
+    assert status.state == "loaded" and status.model == fidelity_run["served_before"]
+    assert status.job is None and status.queue.model_dump() == {"running": 0, "waiting": 0}
 
 
 # -- refusals: cheap, before anything loads or waits --------------------------------------------------

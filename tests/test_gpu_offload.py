@@ -222,7 +222,9 @@ def test_a_model_bigger_than_the_gpus_free_memory_is_a_400_naming_the_sizes(defa
                                   caps=DeviceCaps(cuda=True, cuda_bf16=True))
     with pytest.raises(ModelTooLarge) as refused:
         backend.check()
-    assert refused.value.status == 400 and refused.value.field == "model"
+    from app.routes.http.errors import status_of
+
+    assert status_of(refused.value) == 400 and refused.value.field == "model"
     assert "GiB in bf16 on cuda, and 0.06 GiB is available" in refused.value.message
 
 
@@ -276,9 +278,10 @@ def test_the_monitor_reads_nvml_where_it_is_installed(monkeypatch):
     monitor = SystemMonitor()
     for _ in range(2):
         snapshot = monitor.snapshot()
-    assert snapshot["gpus"] == [{"index": 0, "name": "NVIDIA H200", "memory_used_bytes": 30 * GIB,
-                                 "memory_total_bytes": 140 * GIB, "utilization_percent": 87.0, "source": "nvml"}]
-    assert snapshot["gpu_note"] is None and nvml.started == 1
+    assert [gpu.model_dump() for gpu in snapshot.gpus] == [
+        {"index": 0, "name": "NVIDIA H200", "memory_used_bytes": 30 * GIB, "memory_total_bytes": 140 * GIB,
+         "utilization_percent": 87.0, "source": "nvml"}]
+    assert snapshot.gpu_note is None and nvml.started == 1
 
 
 def test_the_monitor_reads_nvidia_smi_and_its_not_available_figures(tmp_path, monkeypatch):
@@ -288,8 +291,8 @@ def test_the_monitor_reads_nvidia_smi_and_its_not_available_figures(tmp_path, mo
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho '0, NVIDIA H200, 30720, 143771, 45'\necho '1, NVIDIA H200, 0, 143771, [N/A]'\n")
     smi.chmod(0o755)
-    gpus = SystemMonitor(nvidia_smi=str(smi)).snapshot()["gpus"]
-    assert [(g["index"], g["memory_used_bytes"], g["utilization_percent"], g["source"]) for g in gpus] == [
+    gpus = SystemMonitor(nvidia_smi=str(smi)).snapshot().gpus
+    assert [(g.index, g.memory_used_bytes, g.utilization_percent, g.source) for g in gpus] == [
         (0, 30720 * 2**20, 45.0, "nvidia-smi"), (1, 0, None, "nvidia-smi")]
 
 

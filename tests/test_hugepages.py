@@ -60,7 +60,7 @@ def test_the_backend_reads_weights_into_memory_on_the_cpu_unless_told_to_map(def
         backend = LlamaCppBackend(ModelSpec("llamacpp", default_gguf), LlamaCppSettings(n_ctx=256, n_threads=2, mmap=choice))
         backend.load()
         try:
-            assert backend.info()["weights"] == weights, choice
+            assert backend.info().weights == weights, choice
         finally:
             backend.unload()
 

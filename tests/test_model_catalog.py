@@ -81,9 +81,9 @@ def test_adapter_listing_marks_adapters_without_weights(catalog, tmp_path):
     adapter = tmp_path / "saves" / "my-finetune" / "lora" / "empty"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "my-finetune"}))
-    listed = {a["name"]: a for a in catalog.adapters()}
-    assert listed["my-finetune/lora/empty"]["available"] is False
-    assert listed["my-finetune/lora/empty"]["bases"] == ["my-finetune"]
+    listed = {a.name: a for a in catalog.adapters()}
+    assert listed["my-finetune/lora/empty"].available is False
+    assert listed["my-finetune/lora/empty"].bases == ["my-finetune"]
 
 
 def test_run_flags_choose_backend_model_and_adapter():

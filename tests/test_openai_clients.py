@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from app import create_app
-from app.services.backends.base import Capabilities
+from app.services.backends.base import BackendInfo, Capabilities
 from app.services.catalog import DEFAULT_GGUF_ID
 from app.services.checkpoints.spec import ModelSpec
 from app.services.engine.fingerprint import system_fingerprint
@@ -243,14 +243,14 @@ def test_system_fingerprint_reads_file_facts_not_contents(tmp_path):
     weights = tmp_path / "model.gguf"
     weights.write_bytes(b"a" * 1000)
     spec = ModelSpec("llamacpp", weights)
-    first = system_fingerprint("m", spec, {"llama_cpp_python": "1"})
+    first = system_fingerprint("m", spec, BackendInfo(llama_cpp_python="1"))
     stat = weights.stat()
     weights.write_bytes(b"b" * 1000)  # other contents, same size and time: not read, so the same
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert system_fingerprint("m", spec, {"llama_cpp_python": "1"}) == first
+    assert system_fingerprint("m", spec, BackendInfo(llama_cpp_python="1")) == first
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new file in its place
-    assert system_fingerprint("m", spec, {"llama_cpp_python": "1"}) != first
-    assert system_fingerprint("m", spec, {"llama_cpp_python": "2"}) != system_fingerprint("m", spec, {"llama_cpp_python": "1"})
+    assert system_fingerprint("m", spec, BackendInfo(llama_cpp_python="1")) != first
+    assert system_fingerprint("m", spec, BackendInfo(llama_cpp_python="2")) != system_fingerprint("m", spec, BackendInfo(llama_cpp_python="1"))
 
 
 # -- prompts as token ids, several prompts, echo -------------------------------------------------

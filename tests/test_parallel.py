@@ -57,7 +57,7 @@ def test_batched_greedy_answers_equal_the_same_answers_alone(alone, parallel):
     # six requests on four sequences: two wait for a free one and join a running batch
     got = concurrently([lambda text=text: answer(parallel, text) for text in PROMPTS])
     assert got == expected
-    assert parallel.capabilities.max_batch_size == 4 and parallel.info()["parallel"] == 4
+    assert parallel.capabilities.max_batch_size == 4 and parallel.info().parallel == 4
 
 
 def test_a_seed_gives_the_same_sampled_answer_batched_as_alone(alone, parallel):
@@ -146,7 +146,7 @@ def test_the_default_queue_takes_sixteen_clients_without_a_429(default_gguf):
     limits, llamacpp = LimitSettings(), LlamaCppSettings()
     line = GenerationQueue(limits.max_queue, limits.queue_retry_after_s, capacity=llamacpp.parallel)
     tickets = [line.enter() for _ in range(16)]
-    assert line.counts() == {"running": llamacpp.parallel, "waiting": 16 - llamacpp.parallel}
+    assert line.counts().model_dump() == {"running": llamacpp.parallel, "waiting": 16 - llamacpp.parallel}
     for ticket in tickets:
         line.leave(ticket)
 

@@ -44,7 +44,7 @@ def test_paths_outside_the_model_folders_are_refused(confined, body, field):
     error = response.get_json()
     assert error["type"] == "path_not_allowed" and error["field"] == field
     assert "outside the model folders" in error["error"]
-    assert app.extensions["model_service"].status()["state"] == "not_loaded"
+    assert app.extensions["model_service"].status().state == "not_loaded"
 
 
 def test_paths_inside_the_folders_and_names_still_load(confined):

@@ -24,7 +24,7 @@ import pytest
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from app.services.catalog import ModelCatalog
+from app.services.catalog import ModelCatalog, ModelEntry
 from config.settings import PROJECT_ROOT, Settings
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -92,10 +92,10 @@ def error_line(result) -> str:
     return errors[0]
 
 
-def catalog_ids(models_dir: Path) -> dict[str, dict]:
+def catalog_ids(models_dir: Path) -> dict[str, ModelEntry]:
     """What the catalog offers from models_dir (presets and built-ins point there too, absent)."""
-    return {m["id"]: m for m in ModelCatalog(Settings(models_dir=models_dir)).models()
-            if m["available"] and Path(m["path"]).is_relative_to(models_dir)}
+    return {m.id: m for m in ModelCatalog(Settings(models_dir=models_dir)).models()
+            if m.available and Path(m.path).is_relative_to(models_dir)}
 
 
 def no_leftovers(models_dir: Path) -> bool:
@@ -132,10 +132,10 @@ def test_offline_pull_materialises_cached_models_that_the_catalog_lists(tmp_path
     assert no_leftovers(models)
 
     listed = catalog_ids(models)
-    assert listed["Tiny-GGUF/Tiny-Q4_K_M.gguf"]["backend"] == "llamacpp"
-    assert listed["Tiny-GGUF/Tiny-Q4_K_M.gguf"]["available"]
-    assert listed["Tiny"]["backend"] == "transformers"
-    assert listed["Tiny"]["size_bytes"] == len(HF_FILES["model.safetensors"])
+    assert listed["Tiny-GGUF/Tiny-Q4_K_M.gguf"].backend == "llamacpp"
+    assert listed["Tiny-GGUF/Tiny-Q4_K_M.gguf"].available
+    assert listed["Tiny"].backend == "transformers"
+    assert listed["Tiny"].size_bytes == len(HF_FILES["model.safetensors"])
 
     # a second quant joins the first; pulling one again changes nothing
     assert run_pull("org/Tiny-GGUF", "--quant", "Q8_0", "--models-dir", models, cache=hub_cache).returncode == 0

@@ -18,4 +18,4 @@ def test_queue_is_first_come_first_served_and_bounded():
     assert queue.wait(third, 0) == 2
     queue.leave(first)
     assert queue.wait(second, 0) == 0
-    assert queue.counts() == {"running": 1, "waiting": 2}
+    assert queue.counts().model_dump() == {"running": 1, "waiting": 2}

@@ -56,11 +56,11 @@ def test_json_routes_refuse_bodies_a_page_can_send_without_asking(server, route,
 ])
 def test_state_changing_requests_from_another_site_are_refused(server, route, body):
     app, url = server
-    state_before = app.extensions["model_service"].status()["state"]
+    state_before = app.extensions["model_service"].status().state
     for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}, {"Origin": "null"}):
         response = requests.post(f"{url}{route}", json=body, headers=headers, timeout=30)
         assert response.status_code == 403, (headers, response.text)
-    assert app.extensions["model_service"].status()["state"] == state_before
+    assert app.extensions["model_service"].status().state == state_before
 
 
 def test_a_multipart_eval_from_another_site_is_refused_and_from_this_one_accepted(server, tmp_path):

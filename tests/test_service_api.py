@@ -144,7 +144,7 @@ def test_closing_the_stream_stops_the_generation(live_server):
         time.sleep(0.05)
     assert live_server.service.active() == []
     finished = live_server.service.finished()[-1]
-    assert finished["finish_reason"] == "cancelled" and finished["completion_tokens"] < 1024
+    assert finished.finish_reason == "cancelled" and finished.completion_tokens < 1024
 
 
 def test_generate_is_one_user_turn_through_the_template(live_server):

@@ -50,7 +50,7 @@ def test_assembler_joins_split_utf8_and_drops_a_cut_character():
     last = assembler.finish("length")
     assert last.text == ""
     assert "\ufffd" not in "".join(c.text for c in chunks) + last.text
-    assert last.usage.to_dict() == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert last.usage.model_dump() == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
 
 
 def test_assembler_stop_string_across_tokens():
@@ -62,5 +62,5 @@ def test_assembler_stop_string_across_tokens():
 
 
 def test_tokens_per_second_counts_decode_only():
-    assert Timings(ttft_ms=500, prompt_ms=500, decode_ms=1000, completion_tokens=11).tokens_per_second == 10.0
-    assert Timings(ttft_ms=5, prompt_ms=5, decode_ms=0, completion_tokens=1).tokens_per_second == 0.0
+    assert Timings.measured(ttft_ms=500, prompt_ms=500, decode_ms=1000, completion_tokens=11).tokens_per_second == 10.0
+    assert Timings.measured(ttft_ms=5, prompt_ms=5, decode_ms=0, completion_tokens=1).tokens_per_second == 0.0

@@ -367,7 +367,7 @@ def test_fp32_reuses_the_shared_prefix_and_warm_answers_equal_cold_ones(tmp_path
     backend = TransformersBackend(ModelCatalog(settings).resolve(DEFAULT_HF_ID), settings.transformers)
     backend.load()
     try:
-        assert backend.info()["prefix_cache"] is True
+        assert backend.info().prefix_cache is True
         conversation: list[Message] = [Message("system", "You are a terse assistant.")]
         turns = ["Name a fruit.", "What colour is it?", "Name another one.", "Which of the two is sweeter?"]
         for index, question in enumerate(turns):
@@ -391,4 +391,4 @@ def test_fp32_reuses_the_shared_prefix_and_warm_answers_equal_cold_ones(tmp_path
 
 def test_bf16_keeps_no_prefix_cache_by_default(hf_app, hf_client):
     backend = backend_of(hf_app)
-    assert backend.info()["prefix_cache"] is (backend.info()["dtype"] == "fp32")
+    assert backend.info().prefix_cache is (backend.info().dtype == "fp32")

@@ -5,33 +5,29 @@ every route the app serves is described here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Union
 
 from flask import Flask
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import JsonSchemaMode
 
 from app.routes.api.schemas import (
     ApplyTemplateBody,
-    ArenaComparison,
-    ArenaRatings,
-    ArenaVote,
     BlindCompareBody,
     ChatAnswer,
     ChatBody,
     CompareSlotsBody,
     DetokenizeBody,
     DivergenceBody,
-    DivergenceReport,
+    DoneEvent,
+    ErrorEvent,
     EvalBody,
     EvalList,
     EvalPairBody,
-    EvalProgress,
-    EvalReport,
     FidelityBody,
-    FidelityReport,
     LoadModelBody,
     ModelsOnOffer,
-    ModelStatus,
+    QueueEvent,
     RenderedPrompt,
     ScoreAnswer,
     ScoreBody,
@@ -41,31 +37,73 @@ from app.routes.api.schemas import (
     StreamTicket,
     SystemSnapshot,
     Text,
+    TokenEvent,
     TokenizeBody,
     Tokens,
     VoteBody,
-    VoteResult,
 )
-from app.routes.http.errors import SURFACE_OF_BLUEPRINT, Surface
-from app.routes.http.shapes import ApiError, Detail, OpenAIError, ValidationDetail
-from app.routes.openai.schemas import ChatCompletion, ChatCompletionBody, CompletionBody, ModelList, TextCompletion
+from app.routes.http.errors import ERROR_SHAPES, SURFACE_OF_BLUEPRINT, Surface
+from app.routes.http.shapes import OpenAIError, ValidationDetail
+from app.routes.openai.schemas import (
+    ChatCompletion,
+    ChatCompletionBody,
+    ChatCompletionChunk,
+    CompletionBody,
+    ModelList,
+    TextCompletion,
+    TextCompletionChunk,
+)
 from app.routes.openai.tokenizer import VllmDetokenizeBody, VllmText, VllmTokenizeBody, VllmTokenizerInfo, VllmTokens
 from app.routes.pages import Health, ServiceDescription
-from app.routes.seed_api.schemas import BatchAnswer, BatchRequest, GenerateRequest, ModelInfo, ServiceAnswer, ServiceChatRequest
+from app.routes.seed_api.schemas import (
+    BatchAnswer,
+    BatchRequest,
+    FailedText,
+    GenerateRequest,
+    LastText,
+    ModelInfo,
+    ServiceAnswer,
+    ServiceChatRequest,
+    TextPiece,
+)
+from app.services.arena.service import ArenaComparison, ArenaRatings, ArenaVote, VoteResult
+from app.services.engine.fidelity import FidelityReport
+from app.services.engine.service import ModelStatus
+from app.services.evals.divergence import DivergenceReport
+from app.services.evals.service import EvalDone, EvalProgress
+from app.services.records.eval_records import EvalReport
 
 STRING = {"type": "string"}
-OUR_SSE = "Server-Sent Events: `event: token` `{text}` …, then `event: done` `{finish_reason, usage, timings}` or `event: error` `{error, type}`; `event: queue` `{position}` while waiting."
-OPENAI_SSE = "Server-Sent Events in OpenAI's format: `data: {chunk}` … `data: [DONE]`."
-SEED_API_SSE = ("Server-Sent Events as the FastAPI-era service sent them: `data: {text}` …, a last `data: {text, finish_reason, "
-               "usage, model}` (with `error` when it failed), then `data: [DONE]`.")
+REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A text/event-stream answer: what it says, and the shape of each event's data by the
+    event's name ("message" for unnamed ``data:`` events, as the SSE standard names them).
+    ``[DONE]`` and keep-alive comments are not JSON and have no shape. In the document the
+    shapes are the media type's ``x-events``."""
+
+    description: str
+    events: dict[str, Any]
+
+
+OUR_SSE = Stream("Server-Sent Events: `event: token` `{text}` …, then `event: done` `{finish_reason, usage, timings}` or "
+                 "`event: error` `{error, type}`; `event: queue` `{position}` while waiting.",
+                 {"token": TokenEvent, "done": DoneEvent, "error": ErrorEvent, "queue": QueueEvent})
+OPENAI_SSE = "Server-Sent Events in OpenAI's format: `data: {chunk}` … `data: [DONE]`; an error mid-stream is `data: {error}`."
+CHAT_SSE = Stream(OPENAI_SSE, {"message": Union[ChatCompletionChunk, OpenAIError]})
+TEXT_SSE = Stream(OPENAI_SSE, {"message": Union[TextCompletionChunk, OpenAIError]})
+SEED_API_SSE = Stream("Server-Sent Events as the FastAPI-era service sent them: `data: {text}` …, a last `data: {text, "
+                      "finish_reason, usage, model}` (with `error` when it failed), then `data: [DONE]`.",
+                      {"message": Union[TextPiece, LastText, FailedText]})
 EVAL_UPLOAD = {"type": "object", "required": ["file"], "properties": {
     "file": {"type": "string", "format": "binary", "description": "JSONL or CSV: prompt, optional system, optional reference"},
     "models": {"type": "string", "description": "A JSON list of {model, backend, adapter, adapter_enabled}"},
     "max_new_tokens": {"type": "integer"}, "name": STRING,
     "score_only": {"type": "string", "description": "true: score the references without generating"}}}
-EVAL_SSE = ("Server-Sent Events: `event: progress` `{done, total, model, row, state}` now and after every answer, then "
-            "`event: done` `{state, error, summary}`.")
-ERROR_SHAPES = {Surface.API: ApiError, Surface.OPENAI: OpenAIError, Surface.SEED_API: Detail}
+EVAL_SSE = Stream("Server-Sent Events: `event: progress` `{done, total, model, row, state}` now and after every answer, "
+                  "then `event: done` `{state, error, summary}`.", {"progress": EvalProgress, "done": EvalDone})
 
 
 @dataclass(frozen=True)
@@ -74,7 +112,7 @@ class Operation:
     tag: str
     body: Optional[type[BaseModel]] = None
     response: Optional[type[BaseModel]] = None
-    stream: Optional[str] = None  # the event format, for routes that answer text/event-stream
+    stream: Optional[Stream] = None  # for routes that answer text/event-stream
     public: bool = False
     form: Optional[dict] = None  # a multipart/form-data body besides (or instead of) the JSON one
     query: tuple = ()  # (name, schema, description) of query parameters
@@ -95,18 +133,19 @@ OPERATIONS: dict[str, Operation] = {
     "models.unload_model": Operation("Free the model", "models", response=ModelStatus),
     "chat.chat": Operation("One whole answer", "chat", ChatBody, ChatAnswer),
     "chat.chat_stream": Operation("The same answer, streamed", "chat", ChatBody, stream=OUR_SSE),
-    "chat.prepare_stream": Operation("Prepare a stream for EventSource (which can only GET)", "chat", ChatBody, StreamTicket),
+    "chat.prepare_stream": Operation("Prepare a stream for EventSource (which can only GET)", "chat", ChatBody, StreamTicket,
+                                     status="201"),
     "chat.open_stream": Operation("Open a prepared stream (the id is the capability; no API key needed)", "chat", stream=OUR_SSE),
     "inspection.score": Operation("Score a reference answer by teacher forcing: per-token log-probabilities and ranks, total NLL, "
                            "perplexity", "inspection", ScoreBody, ScoreAnswer),
     "chat.stop": Operation("Stop a generation by its request_id", "chat", StopBody, StopAnswer),
-    "openai.chat_completions": Operation("OpenAI chat completions", "openai", ChatCompletionBody, ChatCompletion, OPENAI_SSE),
-    "openai.completions": Operation("OpenAI text completions", "openai", CompletionBody, TextCompletion, OPENAI_SSE),
+    "openai.chat_completions": Operation("OpenAI chat completions", "openai", ChatCompletionBody, ChatCompletion, CHAT_SSE),
+    "openai.completions": Operation("OpenAI text completions", "openai", CompletionBody, TextCompletion, TEXT_SSE),
     "openai.models": Operation("OpenAI model list: the loaded model first", "openai", response=ModelList),
     "openai_root.chat_completions": Operation("OpenAI chat completions, without the /v1 prefix", "openai", ChatCompletionBody,
-                                              ChatCompletion, OPENAI_SSE),
+                                              ChatCompletion, CHAT_SSE),
     "openai_root.completions": Operation("OpenAI text completions, without the /v1 prefix", "openai", CompletionBody,
-                                         TextCompletion, OPENAI_SSE),
+                                         TextCompletion, TEXT_SSE),
     "openai_root.models": Operation("OpenAI model list, without the /v1 prefix", "openai", response=ModelList),
     "vllm_tokenizer.tokenizer_info": Operation("vLLM's tokenizer facts: end and begin tokens, chat template, context",
                                                "openai", response=VllmTokenizerInfo),
@@ -213,21 +252,23 @@ def _operation_doc(rule, operation: Operation, components: dict) -> dict:
     responses: dict = {}
     content: dict = {}
     if operation.response is not None:
-        content["application/json"] = {"schema": _component(operation.response, components)}
-    if operation.stream is not None:
-        content["text/event-stream"] = {"schema": STRING}
+        content["application/json"] = {"schema": _component(operation.response, components, "serialization")}
+    stream = operation.stream
+    if stream is not None:
+        content["text/event-stream"] = {"schema": STRING, "x-events": {name: _schema(shape, components, "serialization")
+                                                                       for name, shape in stream.events.items()}}
     for mimetype in operation.raw or {}:
         content[mimetype] = {"schema": STRING}
     status = operation.status
-    responses[status] = {"description": operation.stream if operation.stream and not operation.response else "OK", **({"content": content} if content else {})}
-    if operation.stream and operation.response:
-        responses[status]["description"] = f"JSON, or with stream: true, {operation.stream}"
+    responses[status] = {"description": stream.description if stream and not operation.response else "OK", **({"content": content} if content else {})}
+    if stream and operation.response:
+        responses[status]["description"] = f"JSON, or with stream: true, {stream.description}"
     surface = SURFACE_OF_BLUEPRINT.get(rule.endpoint.split(".")[0], Surface.API)
-    error = _component(ERROR_SHAPES[surface], components)
+    error = _component(ERROR_SHAPES[surface], components, "serialization")
     if surface is Surface.SEED_API:
         if operation.body is not None:
             responses["422"] = {"description": "Bad input: every problem, each with its loc",
-                                "content": {"application/json": {"schema": _component(ValidationDetail, components)}}}
+                                "content": {"application/json": {"schema": _component(ValidationDetail, components, "serialization")}}}
             responses["503"] = {"description": "No model can be loaded", "content": {"application/json": {"schema": error}}}
     else:
         responses["400"] = {"description": "Bad input; the body names the field", "content": {"application/json": {"schema": error}}}
@@ -237,12 +278,29 @@ def _operation_doc(rule, operation: Operation, components: dict) -> dict:
     return doc
 
 
-def _component(model: type[BaseModel], components: dict) -> dict:
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    for name, definition in schema.pop("$defs", {}).items():
-        components[name] = as_openapi_30(definition)
-    components[model.__name__] = as_openapi_30(schema)
+def _component(model: type[BaseModel], components: dict, mode: JsonSchemaMode = "validation") -> dict:
+    """``model`` and the models it holds as components; a request body is described as it is
+    read (``validation``), an answer as it is written (``serialization``)."""
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE, mode=mode)
+    _add_components([*schema.pop("$defs", {}).items(), (model.__name__, schema)], components)
     return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _schema(shape: Any, components: dict, mode: JsonSchemaMode) -> dict:
+    """A model's reference, or the schema of a union of models (their components added)."""
+    if isinstance(shape, type) and issubclass(shape, BaseModel):
+        return _component(shape, components, mode)
+    schema = TypeAdapter(shape).json_schema(ref_template=REF_TEMPLATE, mode=mode)
+    _add_components(schema.pop("$defs", {}).items(), components)
+    return as_openapi_30(schema)
+
+
+def _add_components(definitions, components: dict) -> None:
+    # Two different models of one name would overwrite each other's description: refused.
+    for name, definition in definitions:
+        described = as_openapi_30(definition)
+        if components.setdefault(name, described) != described:
+            raise ValueError(f"two different models are named {name}; the OpenAPI document needs one name per shape")
 
 
 def as_openapi_30(schema):

@@ -5,8 +5,8 @@ from flask import Blueprint, current_app, render_template, request, url_for
 from pydantic import Field
 
 from app.routes.http.extensions import model_service
-from app.routes.http.shapes import Shape
 from app.routes.http.wire import json_answer
+from app.services.core.shapes import Shape
 from app.version import __version__
 
 bp = Blueprint("main", __name__)
@@ -37,8 +37,8 @@ def index():
     if wants_page():
         response = current_app.make_response(render_template("index.html"))
     else:
-        response = json_answer(ServiceDescription, {"message": "model_test: chat with fine-tuned LLM checkpoints",
-                                                    "version": __version__, "docs": "/docs", "health": url_for("main.health")})
+        response = json_answer(ServiceDescription(message="model_test: chat with fine-tuned LLM checkpoints",
+                                                  version=__version__, docs="/docs", health=url_for("main.health")))
     response.vary.add("Accept")  # one URL, two bodies: caches must keep them apart
     return response
 
@@ -46,7 +46,6 @@ def index():
 @bp.get("/health")
 def health():
     status = model_service().status()
-    return json_answer(Health, {"status": "ok" if status["state"] != "error" else "error",
-                                # the model's name, never its path: /health is public, and paths are the operator's
-                                "model_loaded": status["state"] == "loaded", "model_name": status["model_name"],
-                                "state": status["state"]})
+    return json_answer(Health(status="ok" if status.state != "error" else "error",
+                              # the model's name, never its path: /health is public, and paths are the operator's
+                              model_loaded=status.state == "loaded", model_name=status.model_name, state=status.state))

@@ -13,7 +13,9 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional, Union
+
+from pydantic import Field
 
 from app.services.checkpoints.adapters import (
     ADAPTER_WEIGHT_FILES,
@@ -31,13 +33,49 @@ from app.services.checkpoints.hf_checkpoint import read_architecture, read_chat_
 from app.services.checkpoints.spec import ModelSpec
 from app.services.checkpoints.template_kinds import template_kind
 from app.services.core.errors import InvalidModel, InvalidRequest, ModelNotFound, PathNotAllowed, ServiceError
-from config.settings import Settings, current_backend_name
+from app.services.core.shapes import Shape
+from config.settings import BackendName, Settings, current_backend_name
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GGUF_ID = "smollm2-135m-instruct-q4_1"
 DEFAULT_HF_ID = "smollm2-135m-instruct"
 SCAN_DEPTH = 4  # models/<org>/<name>/<file>.gguf is as deep as pulls go
+
+
+class ModelEntry(Shape):
+    """A model on offer, as GET /api/models lists it."""
+
+    id: str = Field(description="What to name it by (POST /api/load_model, compare slots, /v1 model).")
+    name: str
+    backend: BackendName
+    kind: Literal["builtin", "preset", "file", "directory", "remote"]
+    path: str = Field(description="Its file or folder; a remote model's name on its server.")
+    available: bool = Field(description="Its weights are here (a remote model: a server is configured).")
+    size_bytes: Optional[int] = None
+    trust_remote_code: bool = Field(description="A preset that runs the checkpoint's own code.")
+    base_url: Optional[str] = Field(None, description="A remote model's server; null for local models.")
+    architecture: Optional[str] = Field(
+        None, description="config.json's architectures[0] (e.g. Qwen2ForCausalLM) or a GGUF's general.architecture "
+        "(e.g. qwen2); null when the weights are not here or the model is remote.")
+    template: Optional[str] = Field(
+        None, description="The chat template's family (chatml, llama3, hunyuan, ..., custom for one not recognised), "
+        "from tokenizer_config.json / chat_template.jinja or a GGUF's tokenizer.chat_template; null when there is none.")
+
+
+class AdapterEntry(Shape):
+    """A LoRA adapter on offer, with the models it fits."""
+
+    path: str
+    name: str
+    base_model_name_or_path: Optional[str] = None
+    bases: list[str] = Field(description="The ids of the listed models it fits.")
+    available: bool
+    rank: Optional[int] = None
+    target_modules: Union[list[str], str, None] = Field(None, description="What it changes: PEFT's target_modules "
+                                                        "(a list or a pattern), or a GGUF LoRA's tensor kinds.")
+    format: Literal["peft", "gguf"]
+    architecture: Optional[str] = Field(None, description="A GGUF LoRA's general.architecture; null for PEFT folders.")
 
 
 def refuse_nul(value: Optional[str], field: str) -> None:
@@ -228,27 +266,26 @@ class ModelCatalog:
             if entry.is_dir() and not is_hf_model_dir(entry) and not is_adapter_dir(entry):
                 yield from self._walk(entry, depth - 1)
 
-    def _entry(self, spec: ModelSpec, kind: str, model_id: str) -> dict:
+    def _entry(self, spec: ModelSpec, kind: str, model_id: str) -> ModelEntry:
         path = spec.path
         if spec.is_remote:
             # Listing stays offline: whether the server is up and serves it is for load() to find out.
-            return {"id": model_id, "name": spec.name, "backend": "remote", "kind": kind, "path": spec.name,
-                    "available": bool(spec.base_url), "size_bytes": None, "trust_remote_code": False,
-                    "base_url": spec.base_url, "architecture": None, "template": None}
+            return ModelEntry(id=model_id, name=spec.name or model_id, backend="remote", kind=kind, path=spec.name or model_id,
+                              available=bool(spec.base_url), trust_remote_code=False, base_url=spec.base_url)
         available = path.is_file() if spec.backend == "llamacpp" else is_hf_model_dir(path)
         architecture, template = self._family(spec) if available else (None, None)
-        return {
-            "id": model_id,
-            "name": spec.name or path.name,
-            "backend": spec.backend,
-            "kind": kind,
-            "path": str(path),
-            "available": available,
-            "size_bytes": self._size(path) if available else None,
-            "trust_remote_code": bool(spec.trust_remote_code),
-            "architecture": architecture,
-            "template": template,
-        }
+        return ModelEntry(
+            id=model_id,
+            name=spec.name or path.name,
+            backend=spec.backend,
+            kind=kind,
+            path=str(path),
+            available=available,
+            size_bytes=self._size(path) if available else None,
+            trust_remote_code=bool(spec.trust_remote_code),
+            architecture=architecture,
+            template=template,
+        )
 
     @staticmethod
     def _family(spec: ModelSpec) -> tuple[Optional[str], Optional[str]]:
@@ -275,8 +312,8 @@ class ModelCatalog:
         except ValueError:
             return str(path)
 
-    def models(self) -> list[dict]:
-        entries: dict[Path, dict] = {}
+    def models(self) -> list[ModelEntry]:
+        entries: dict[Path, ModelEntry] = {}
         for model_id, spec in self.builtin().items():
             entries[spec.path.resolve()] = self._entry(spec, "builtin", model_id)
         for name in self._settings.presets:
@@ -298,13 +335,13 @@ class ModelCatalog:
             entries.setdefault(spec.path.resolve(), self._entry(spec, "remote", remote.model))
         return list(entries.values())
 
-    def adapters(self) -> list[dict]:
+    def adapters(self) -> list[AdapterEntry]:
         found: list[Path] = [p for p in self._walk(self.models_dir) if p.is_dir() and is_adapter_dir(p)]
         saves = Path(self._settings.saves_dir)
         if saves.is_dir():
             found += sorted(p.parent for p in saves.glob("*/lora/*/adapter_config.json") if not p.parent.name.endswith(".partial"))
         listed = self.models()
-        models = [m for m in listed if m["backend"] == "transformers"]
+        models = [m for m in listed if m.backend == "transformers"]
         adapters = []
         for path in found:
             try:
@@ -312,20 +349,18 @@ class ModelCatalog:
             except InvalidModel as exc:
                 log.warning("skipping %s", exc.message)
                 continue
-            base = config.get("base_model_name_or_path")
-            adapters.append(
-                {
-                    "path": str(path),
-                    "name": self._adapter_name(path, saves),
-                    "base_model_name_or_path": base,
-                    "bases": [m["id"] for m in models if adapter_matches_base(base, Path(m["path"]))],
-                    "available": any((path / name).is_file() for name in ADAPTER_WEIGHT_FILES),
-                    "rank": config.get("r"),
-                    "target_modules": config.get("target_modules"),
-                    "format": "peft",
-                }
-            )
-        return adapters + self._gguf_adapters([m for m in listed if m["backend"] == "llamacpp"], saves)
+            base = config.base_model_name_or_path
+            adapters.append(AdapterEntry(
+                path=str(path),
+                name=self._adapter_name(path, saves),
+                base_model_name_or_path=base,
+                bases=[m.id for m in models if adapter_matches_base(base, Path(m.path))],
+                available=any((path / name).is_file() for name in ADAPTER_WEIGHT_FILES),
+                rank=config.r,
+                target_modules=config.target_modules,
+                format="peft",
+            ))
+        return adapters + self._gguf_adapters([m for m in listed if m.backend == "llamacpp"], saves)
 
     def _gguf_files(self, root: Path) -> list[Path]:
         """Every .gguf under ``root`` (adapter folders included: a converted LoRA may sit beside
@@ -339,14 +374,14 @@ class ModelCatalog:
                 found.append(path)
         return found
 
-    def _gguf_adapters(self, models: list[dict], saves: Path) -> list[dict]:
+    def _gguf_adapters(self, models: list[ModelEntry], saves: Path) -> list[AdapterEntry]:
         """GGUF LoRA files under models_dir and saves_dir, each with the GGUF models it fits
         (see gguf_lora_matches_base)."""
         bases = []
         for model in models:
-            if model["available"]:
+            if model.available:
                 try:
-                    bases.append((model["id"], read_gguf_header(Path(model["path"]))))
+                    bases.append((model.id, read_gguf_header(Path(model.path))))
                 except InvalidModel:
                     continue
         adapters, seen = [], set()
@@ -362,19 +397,17 @@ class ModelCatalog:
             if not header.is_lora:
                 continue
             named = header.lora_base_names()
-            adapters.append(
-                {
-                    "path": str(path),
-                    "name": self._adapter_name(path, saves),
-                    "base_model_name_or_path": named[0] if named else None,
-                    "bases": [model_id for model_id, base in bases if gguf_lora_matches_base(header, base)],
-                    "available": True,
-                    "rank": header.lora_rank(),
-                    "target_modules": header.lora_targets(),
-                    "format": "gguf",
-                    "architecture": header.architecture,
-                }
-            )
+            adapters.append(AdapterEntry(
+                path=str(path),
+                name=self._adapter_name(path, saves),
+                base_model_name_or_path=named[0] if named else None,
+                bases=[model_id for model_id, base in bases if gguf_lora_matches_base(header, base)],
+                available=True,
+                rank=header.lora_rank(),
+                target_modules=header.lora_targets(),
+                format="gguf",
+                architecture=header.architecture,
+            ))
         return adapters
 
     def _adapter_name(self, path: Path, saves: Path) -> str:

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
 
     backend = LlamaCppBackend(ModelSpec("llamacpp", args.gguf), LlamaCppSettings(n_gpu_layers=args.n_gpu_layers))
     backend.load()
-    info = backend.info()
+    info = backend.info().model_dump(mode="json")  # the facts the backend reports, as the status sends them
     print(json.dumps({key: info.get(key) for key in ("device", "n_gpu_layers", "gpu", "gpu_fallback", "build")}))
     backend.unload()
     return 0

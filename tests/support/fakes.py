@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from app.services.backends.base import Capabilities, check_token_ids
+from app.services.backends.base import BackendInfo, Capabilities, check_token_ids
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import InvalidModel
 from app.services.core.text_stream import StreamAssembler
@@ -42,8 +42,8 @@ class FakeBackend:
     def unload(self) -> None:
         self.loaded = False
 
-    def info(self) -> dict:
-        return {"device": "fake", "n_ctx": self._n_ctx}
+    def info(self) -> BackendInfo:
+        return BackendInfo(device="fake", n_ctx=self._n_ctx)
 
     @property
     def n_ctx(self) -> int:
@@ -70,6 +70,9 @@ class FakeBackend:
     def token_pieces(self, token_ids: Sequence[int]) -> list[str]:
         check_token_ids(token_ids, self.vocab_size)
         return [chr(token_id) for token_id in token_ids]
+
+    def stop_token_ids(self) -> list[int]:
+        return []
 
     def chat_template(self) -> Optional[str]:
         return "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, request
 
-from app.routes.api.schemas import ArenaComparison, ArenaRatings, ArenaVote, BlindCompareBody, EvalPairBody, VoteBody, VoteResult
+from app.routes.api.schemas import BlindCompareBody, EvalPairBody, VoteBody
 from app.routes.http.body import parse_body
 from app.routes.http.extensions import arena, limit_settings
 from app.routes.http.wire import json_answer
@@ -17,34 +17,29 @@ bp = Blueprint("arena", __name__, url_prefix="/api/arena")
 def compare():
     body = parse_body(BlindCompareBody)
     limits = limit_settings()
-    return json_answer(ArenaComparison, arena().compare(body.messages_list(limits), body.params(limits)), 201)
+    return json_answer(arena().compare(body.messages_list(limits), body.params(limits)), 201)
 
 
 @bp.post("/comparisons/from_eval")
 def compare_eval_row():
     body = parse_body(EvalPairBody)
-    return json_answer(ArenaComparison, arena().from_eval(body.eval_id, body.row, body.models), 201)
+    return json_answer(arena().from_eval(body.eval_id, body.row, body.models), 201)
 
 
 @bp.get("/comparisons/<comparison_id>")
 def comparison(comparison_id: str):
-    found = arena().store.comparison(comparison_id)
-    shown = {"id": found["id"], "source": found["source"], "messages": found["messages"], "vote": found["vote"],
-             "answers": [{"position": p, "text": t} for p, t in found["answers"].items()]}
-    if found["vote"] is not None:
-        shown["mapping"] = found["mapping"]  # revealed once voted, never before
-    return json_answer(ArenaVote, shown)
+    return json_answer(arena().shown(comparison_id))
 
 
 @bp.post("/comparisons/<comparison_id>/vote")
 def vote(comparison_id: str):
     body = parse_body(VoteBody)
-    return json_answer(VoteResult, arena().vote(comparison_id, body.vote))
+    return json_answer(arena().vote(comparison_id, body.vote))
 
 
 @bp.get("/ratings")
 def ratings():
-    return json_answer(ArenaRatings, arena().ratings())
+    return json_answer(arena().ratings())
 
 
 @bp.get("/export")

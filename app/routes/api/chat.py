@@ -6,12 +6,12 @@ from typing import Iterable
 
 from flask import Blueprint, url_for
 
-from app.routes.api.schemas import ChatAnswer, ChatBody, StopAnswer, StopBody, StreamTicket
+from app.routes.api.schemas import ChatAnswer, ChatBody, DoneEvent, ErrorEvent, QueueEvent, StopAnswer, StopBody, StreamTicket, TokenEvent
 from app.routes.http.body import parse_body
 from app.routes.http.extensions import compare_slots, limit_settings, model_service
 from app.routes.http.shapes import logprob_entries
 from app.routes.http.wire import json_answer, sse_event, stream_generation
-from app.services.core.errors import NotFound
+from app.services.core.errors import GenerationError, NotFound
 from app.services.core.types import Chunk
 from app.services.engine.generation import Generation
 
@@ -28,29 +28,22 @@ class NamedEvents:
         return ()
 
     def queued(self, position: int) -> Iterable[str]:
-        yield sse_event("queue", {"position": position})
+        yield sse_event("queue", QueueEvent(position=position))
 
     def piece(self, chunk: Chunk) -> Iterable[str]:
-        data = {"text": chunk.text}
-        if chunk.logprobs:
-            data["logprobs"] = logprob_entries(chunk.logprobs)
-        yield sse_event("token", data)
+        yield sse_event("token", TokenEvent(text=chunk.text, logprobs=logprob_entries(chunk.logprobs) if chunk.logprobs else None),
+                        exclude_none=True)
 
     def ending(self, chunk: Chunk) -> Iterable[str]:
         if chunk.text:
             yield from self.piece(chunk)
-        yield sse_event("done", {
-            "finish_reason": chunk.finish_reason,
-            "usage": chunk.usage.to_dict() if chunk.usage else None,
-            "timings": chunk.timings.to_dict() if chunk.timings else None,
-            "model": self._generation.model,
-            "request_id": self._generation.id,
-        })
+        yield sse_event("done", DoneEvent(finish_reason=chunk.finish_reason, usage=chunk.usage, timings=chunk.timings,
+                                          model=self._generation.model, request_id=self._generation.id))
 
     def failure(self, chunk: Chunk) -> Iterable[str]:
         if chunk.text:
             yield from self.piece(chunk)
-        yield sse_event("error", {"error": chunk.error, "type": chunk.error_type or "generation_error"})
+        yield sse_event("error", ErrorEvent(error=chunk.error or "generation failed", type=chunk.error_type or GenerationError.type))
 
 
 def start_generation() -> Generation:
@@ -69,11 +62,11 @@ def start_generation() -> Generation:
 def chat():
     generation = start_generation()
     result = generation.collect().raise_for_error()
-    answer = {"response": result.text, "finish_reason": result.finish_reason, "usage": result.usage,
-              "timings": result.timings, "model": generation.model, "request_id": generation.id}
-    if generation.params.logprobs is not None:
-        answer["logprobs"] = logprob_entries(result.logprobs)
-    return json_answer(ChatAnswer, answer)
+    return json_answer(ChatAnswer(
+        response=result.text, finish_reason=result.finish_reason, usage=result.usage, timings=result.timings,
+        model=generation.model, request_id=generation.id,
+        logprobs=logprob_entries(result.logprobs) if generation.params.logprobs is not None else None,
+    ))
 
 
 @bp.post("/chat_stream")
@@ -87,8 +80,8 @@ def prepare_stream():
     """For EventSource, which can only GET: validate and park the request, answer its URL."""
     generation = start_generation()
     stream_id = model_service().park(generation)
-    return json_answer(StreamTicket, {"stream_id": stream_id, "request_id": generation.id,
-                                      "url": url_for("chat.open_stream", stream_id=stream_id)}, 201)
+    return json_answer(StreamTicket(stream_id=stream_id, request_id=generation.id,
+                                    url=url_for("chat.open_stream", stream_id=stream_id)), 201)
 
 
 @bp.get("/streams/<stream_id>")
@@ -102,4 +95,4 @@ def open_stream(stream_id: str):
 @bp.post("/stop")
 def stop():
     body = parse_body(StopBody)
-    return json_answer(StopAnswer, {"request_id": body.request_id, "cancelled": model_service().cancel(body.request_id)})
+    return json_answer(StopAnswer(request_id=body.request_id, cancelled=model_service().cancel(body.request_id)))

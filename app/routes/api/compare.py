@@ -14,16 +14,16 @@ bp = Blueprint("compare", __name__, url_prefix="/api/compare")
 
 @bp.get("/slots")
 def list_slots():
-    return json_answer(Slots, {"slots": compare_slots().list()})
+    return json_answer(Slots(slots=compare_slots().list()))
 
 
 @bp.post("/slots")
 def replace_slots():
     body = parse_body(CompareSlotsBody)
     requests = slot_requests(body.slots, limit_settings(), "slots")
-    return json_answer(Slots, {"slots": compare_slots().replace(requests)})
+    return json_answer(Slots(slots=compare_slots().replace(requests)))
 
 
 @bp.delete("/slots")
 def clear_slots():
-    return json_answer(Slots, {"slots": compare_slots().clear()})
+    return json_answer(Slots(slots=compare_slots().clear()))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, request
 
-from app.routes.api.schemas import DivergenceBody, DivergenceReport, EvalBody, EvalList, EvalOptions, EvalProgress, EvalReport, slot_requests
+from app.routes.api.schemas import DivergenceBody, EvalBody, EvalList, EvalOptions, slot_requests
 from app.routes.http.body import InvalidBody, parse_body, parse_json, validated
 from app.routes.http.extensions import engine_pool, eval_service, limit_settings, settings
 from app.routes.http.wire import SSE_KEEPALIVE, json_answer, sse_event, sse_response
@@ -61,7 +61,7 @@ def start_eval():
                              field="max_new_tokens")
     rows = parse_test_set(data, filename, limits.max_test_set_bytes, limits.max_test_set_rows)
     requests = slot_requests(options.models, limits, "models")
-    return json_answer(EvalProgress, eval_service().start(
+    return json_answer(eval_service().start(
         rows, requests, options.max_new_tokens, options.name, score_only=options.score_only,
         judge=options.judge.judge_request(settings().judge_endpoint) if options.judge else None), 202)
 
@@ -80,17 +80,17 @@ def divergence():
         report = divergence_report(slots[0], slots[1], rows, body.max_new_tokens, body.top_rows)
     finally:
         pool.release([slot.engine for slot in slots])
-    return json_answer(DivergenceReport, report)
+    return json_answer(report)
 
 
 @bp.get("/evals")
 def list_evals():
-    return json_answer(EvalList, {"evals": eval_service().list()})
+    return json_answer(EvalList(evals=eval_service().list()))
 
 
 @bp.get("/evals/<eval_id>")
 def get_eval(eval_id: str):
-    return json_answer(EvalReport, eval_service().report(eval_id))
+    return json_answer(eval_service().report(eval_id))
 
 
 @bp.get("/evals/<eval_id>/events")
@@ -100,19 +100,19 @@ def eval_events(eval_id: str):
 
     def events():
         for event, data in service.events(eval_id):
-            yield SSE_KEEPALIVE if event == "keepalive" else sse_event(event, data)
+            yield SSE_KEEPALIVE if data is None else sse_event(event, data)
 
     return sse_response(events())
 
 
 @bp.post("/evals/<eval_id>/cancel")
 def cancel_eval(eval_id: str):
-    return json_answer(EvalProgress, eval_service().cancel(eval_id))
+    return json_answer(eval_service().cancel(eval_id))
 
 
 @bp.post("/evals/<eval_id>/resume")
 def resume_eval(eval_id: str):
-    return json_answer(EvalProgress, eval_service().resume(eval_id), 202)
+    return json_answer(eval_service().resume(eval_id), 202)
 
 
 @bp.get("/evals/<eval_id>/download")

@@ -23,11 +23,11 @@ def score():
         slot = compare_slots().get(body.slot)
         service, use_adapter = slot.service, slot.adapter_enabled
     scored = service.score(messages, body.reference, body.top_logprobs, use_adapter)
-    return json_answer(ScoreAnswer, {
-        "model": service.model_id() or "", "prompt_tokens": scored.prompt_tokens, "reference_tokens": len(scored.tokens),
-        "nll": scored.nll, "mean_nll": scored.nll / len(scored.tokens), "perplexity": scored.perplexity,
-        "tokens": logprob_entries(scored.tokens),
-    })
+    return json_answer(ScoreAnswer(
+        model=service.model_id() or "", prompt_tokens=scored.prompt_tokens, reference_tokens=len(scored.tokens),
+        nll=scored.nll, mean_nll=scored.nll / len(scored.tokens), perplexity=scored.perplexity,
+        tokens=logprob_entries(scored.tokens),
+    ))
 
 
 @bp.post("/tokenize")
@@ -35,13 +35,13 @@ def tokenize():
     body = parse_body(TokenizeBody)
     tokenizer = model_service().inspector()
     tokens = tokenizer.tokenize(body.text, body.add_special_tokens)
-    return json_answer(Tokens, {"tokens": tokens, "pieces": tokenizer.token_pieces(tokens), "count": len(tokens)})
+    return json_answer(Tokens(tokens=tokens, pieces=tokenizer.token_pieces(tokens), count=len(tokens)))
 
 
 @bp.post("/detokenize")
 def detokenize():
     body = parse_body(DetokenizeBody)
-    return json_answer(Text, {"text": model_service().inspector().detokenize(body.tokens)})
+    return json_answer(Text(text=model_service().inspector().detokenize(body.tokens)))
 
 
 @bp.post("/apply_template")
@@ -53,4 +53,4 @@ def apply_template():
     messages = body.messages_list(limit_settings())
     tokenizer = model_service().inspector()
     prompt = tokenizer.render_prompt(messages)
-    return json_answer(RenderedPrompt, {"prompt": prompt, "token_count": tokenizer.count_tokens(prompt)})
+    return json_answer(RenderedPrompt(prompt=prompt, token_count=tokenizer.count_tokens(prompt)))

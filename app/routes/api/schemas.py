@@ -1,4 +1,5 @@
-"""Request bodies of the /api routes, validated strictly: a wrong type is a 400, not a guess."""
+"""Request bodies of the /api routes, validated strictly: a wrong type is a 400, not a guess; and
+the few answers this API composes from the services' shapes (the rest are the services' own)."""
 from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
@@ -18,11 +19,15 @@ from app.routes.http.sampling import (
     TopLogprobs,
     TopP,
 )
-from app.routes.http.shapes import QueueCounts, Shape, Timings, TokenLogprobShape, Usage
+from app.routes.http.shapes import TokenLogprobShape
+from app.services.catalog import AdapterEntry, ModelEntry
 from app.services.core.errors import InvalidRequest
-from app.services.core.types import GenerationParams, Message
-from app.services.engine.slots import SlotRequest
+from app.services.core.shapes import Shape
+from app.services.core.types import GenerationParams, Message, Timings, Usage
+from app.services.engine.slots import SlotRequest, SlotView
 from app.services.evals.judge import JudgeRequest
+from app.services.evals.service import EvalListing, RunningEval
+from app.services.system.monitor import MachineSnapshot
 from config.settings import BackendName, LimitSettings, RemoteSettings, current_backend_name
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -209,39 +214,34 @@ class EvalBody(EvalOptions):
     filename: Optional[str] = Field(None, description="Its name; .csv or .jsonl says the format (otherwise it is sniffed).")
 
 
-# -- answers ---------------------------------------------------------------------------------
+class DivergenceBody(StrictBody):
+    """Two models read the same tokens of a test set; where and how much their predictions differ."""
 
-class Capabilities(Shape):
-    inspection: bool = Field(description="A local tokenizer and chat template: /api/tokenize, /api/detokenize, /api/apply_template.")
-    max_batch_size: int = Field(description="Concurrent generations run together as rows of one batch (1: one at a time).")
-    adapter_switch: bool = Field(description="A request can run the model without its adapter (an unmerged LoRA).")
-
-
-class GpuUse(Shape):
-    name: Optional[str] = Field(description="The GPU's own name (\"NVIDIA H200\"); null when the model runs on no GPU.")
-    layers_offloaded: int = Field(description="Layers on the GPU (llama.cpp counts the output layer as one).")
-    layers_total: Optional[int] = Field(description="The model's layers, counted the same way.")
-    memory_bytes: Optional[int] = Field(description="Memory the model holds on the GPU, where it is measured.")
-    note: Optional[str] = Field(description="Why the model runs on the CPU, in plain words: a CPU build, "
-                                "--n-gpu-layers 0, a GPU start that failed and fell back.")
+    reference: SlotIn = Field(description="The model compared against: the base, or the f16 (KL is measured from its distribution).")
+    candidate: SlotIn = Field(description="The model compared: the fine-tune, or the quant.")
+    test_set: str = Field(min_length=1, description="JSONL or CSV with prompt, optional system, optional reference.")
+    filename: Optional[str] = Field(None, description="Its name; .csv or .jsonl says the format (otherwise it is sniffed).")
+    max_new_tokens: int = Field(64, ge=1, description="For rows without a reference: the reference model's greedy answer is read instead, this long at most.")
+    top_rows: int = Field(10, ge=1, le=1000, description="How many of the most changed rows to list.")
 
 
-class ModelStatus(Shape):
-    state: Literal["not_loaded", "loading", "loaded", "error"]
-    backend: str
-    model: Optional[str]
-    model_name: Optional[str]
-    adapter: Optional[str]
-    device: Optional[str]
-    gpu: Optional[GpuUse] = Field(None, description="The GPU the loaded model uses, or why it uses none; null until loaded.")
-    n_ctx: Optional[int]
-    error: Optional[str]
-    job: Optional[str] = Field(description="A job holding the model besides generations (fidelity).")
-    info: Optional[dict] = Field(None, description="The backend's facts: device, threads, build, architecture, ...")
-    capabilities: Optional[Capabilities] = Field(None, description="What the loaded backend can do; absent until it is loaded.")
-    queue: QueueCounts
-    load_elapsed_s: Optional[float] = Field(None, description="Seconds since the load began, while state is loading.")
+# -- blind votes -----------------------------------------------------------------------------
 
+class BlindCompareBody(ChatBody):
+    """A prompt for every compare column; the answers come back shuffled and unlabelled."""
+
+
+class EvalPairBody(StrictBody):
+    eval_id: str = Field(min_length=1, max_length=64, description="A finished eval.")
+    row: int = Field(ge=0, description="The row whose answers are compared.")
+    models: Optional[list[str]] = Field(None, min_length=2, max_length=4, description="The eval's model labels to compare; default its first two.")
+
+
+class VoteBody(StrictBody):
+    vote: str = Field(min_length=1, max_length=16, description="The better answer's letter (A, B, ...), tie, or both_bad.")
+
+
+# -- answers: the services' own shapes, and the few this API puts together from them -----------
 
 class ChatAnswer(Shape):
     response: str
@@ -251,6 +251,36 @@ class ChatAnswer(Shape):
     model: str
     request_id: str
     logprobs: Optional[list[TokenLogprobShape]] = Field(None, description="With logprobs in the request: one entry per answer token.")
+
+
+class TokenEvent(Shape):
+    """``event: token`` of /api's streams (sent without the fields that are null)."""
+
+    text: str
+    logprobs: Optional[list[TokenLogprobShape]] = Field(None, description="With logprobs in the request.")
+
+
+class DoneEvent(Shape):
+    """``event: done``."""
+
+    finish_reason: Literal["stop", "length", "cancelled"]
+    usage: Optional[Usage]
+    timings: Optional[Timings]
+    model: str
+    request_id: str
+
+
+class ErrorEvent(Shape):
+    """``event: error``: the stream had begun, so its status was already 200."""
+
+    error: str
+    type: str
+
+
+class QueueEvent(Shape):
+    """``event: queue``: the request's place among those waiting for the model (1 = next)."""
+
+    position: int
 
 
 class ScoreAnswer(Shape):
@@ -289,331 +319,18 @@ class RenderedPrompt(Shape):
     token_count: int
 
 
-class ModelEntry(Shape):
-    id: str
-    name: str
-    backend: str
-    kind: str
-    path: str
-    available: bool
-    size_bytes: Optional[int] = None
-    architecture: Optional[str] = Field(
-        None, description="config.json's architectures[0] (e.g. Qwen2ForCausalLM) or a GGUF's general.architecture "
-        "(e.g. qwen2); null when the weights are not here or the model is remote.")
-    template: Optional[str] = Field(
-        None, description="The chat template's family (chatml, llama3, hunyuan, ..., custom for one not recognised), "
-        "from tokenizer_config.json / chat_template.jinja or a GGUF's tokenizer.chat_template; null when there is none.")
-
-
-class AdapterEntry(Shape):
-    path: str
-    name: str
-    base_model_name_or_path: Optional[str] = None
-    bases: list[str]
-    available: bool
-
-
 class ModelsOnOffer(Shape):
     models: list[ModelEntry]
     adapters: list[AdapterEntry]
 
 
-class FidelityReport(Shape):
-    hf: str
-    adapter: Optional[str]
-    gguf: str
-    gguf_lora: Optional[str]
-    dtype: str
-    max_tokens: int
-    vocab_one_to_one: bool
-    vocab_sizes: dict[str, int]
-    vocab_mismatches: int
-    stop_tokens: dict
-    stop_tokens_identical: bool
-    prompts_rendered_identical: int
-    prompt_ids_identical: int
-    answers_identical: int
-    agreement: float
-    prompts: list[dict]
-    timings: dict
-
-
-class ProcessFigures(Shape):
-    rss_bytes: int
-    cpu_percent: float
-    threads: int
-    huge_pages_bytes: Optional[int] = Field(None, description="Anonymous memory on transparent huge pages; null off Linux.")
-
-
-class MemoryFigures(Shape):
-    total_bytes: int
-    available_bytes: int
-    used_bytes: int
-    percent: float
-    thp_mode: Optional[str] = Field(None, description="The kernel's THP mode: always, madvise or never.")
-    malloc_huge_pages: bool = Field(description="Started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1.")
-
-
-class CpuFigures(Shape):
-    logical_cores: int
-    physical_cores: int
-    percent: float
-    load_avg: Optional[list[float]] = None
-
-
-class GpuFigures(Shape):
-    index: int
-    name: str
-    memory_used_bytes: int
-    memory_total_bytes: Optional[int] = None
-    utilization_percent: Optional[float] = Field(None, description="The GPU's busy share over the driver's last sample; null where it is not reported.")
-    source: Optional[Literal["nvml", "nvidia-smi", "torch"]] = Field(None, description="Who reported the figures.")
-
-
-class EvalRunning(Shape):
-    id: str
-    done: int
-    total: int
-    state: str
-
-
-class SystemSnapshot(Shape):
-    process: ProcessFigures
-    memory: MemoryFigures
-    cpu: CpuFigures
-    gpus: list[GpuFigures]
-    gpu_note: Optional[str] = Field(None, description="Why no GPU is listed, in plain words; null when one is.")
-    eval: Optional[EvalRunning] = Field(description="The running eval's progress, if one runs.")
-
-
-class Slot(Shape):
-    id: str
-    label: str
-    model: Optional[str]
-    backend: str
-    adapter: Optional[str]
-    adapter_enabled: bool
-    adapter_mode: Optional[Literal["merged", "unmerged"]]
-    shares_weights_with: Optional[str]
-    state: str
-    error: Optional[str]
-    device: Optional[str]
-    queue: QueueCounts
+class SystemSnapshot(MachineSnapshot):
+    eval: Optional[RunningEval] = Field(description="The running eval's progress, if one runs.")
 
 
 class Slots(Shape):
-    slots: list[Slot]
-
-
-EvalState = Literal["running", "done", "cancelled", "error", "interrupted"]
-
-
-class EvalProgress(Shape):
-    id: str
-    name: str
-    state: EvalState
-    done: int
-    total: int
-    model: Optional[str]
-    row: Optional[int]
-    error: Optional[str]
-    url: str
-    events: str
-
-
-class EvalAnswer(Shape):
-    output: str
-    bleu: Optional[float]
-    rouge_l: Optional[float]
-    exact_match: Optional[float]
-    ref_nll: Optional[float] = Field(None, description="Total negative log-likelihood of the reference under the model (nats).")
-    ref_tokens: Optional[int] = Field(None, description="Tokens of the reference.")
-    ref_perplexity: Optional[float] = Field(None, description="exp(ref_nll / ref_tokens).")
-    latency_ms: float
-    ttft_ms: Optional[float]
-    tokens_per_second: Optional[float]
-    completion_tokens: int
-    finish_reason: str
-    error: Optional[str]
-
-
-class EvalModel(Shape):
-    label: str
-    model: Optional[str]
-    backend: Optional[str]
-    adapter: Optional[str]
-    adapter_enabled: bool
-
-
-class EvalSummary(Shape):
-    label: str
-    rows: int
-    scored_rows: int
-    errors: int
-    bleu: Optional[float]
-    rouge_l: Optional[float]
-    exact_match: Optional[float]
-    latency_ms: Optional[float]
-    tokens_per_second: Optional[float]
-    ref_nll: Optional[float] = Field(None, description="Mean total NLL of the references.")
-    ref_perplexity: Optional[float] = Field(None, description="Perplexity over all reference tokens together.")
-    judge_wins: Optional[int] = Field(None, description="Pairs (row x other model) the judge gave this model, in both orders.")
-    judge_losses: Optional[int] = None
-    judge_ties: Optional[int] = Field(None, description="Pairs judged a tie, or judged differently in the two orders.")
-    judge_unparsable: Optional[int] = Field(None, description="Pairs where a verdict could not be read.")
-    judge_errors: Optional[int] = None
-    judge_pairs: Optional[int] = Field(None, description="wins + losses + ties + unparsable + errors.")
-    judge_rating: Optional[float] = Field(None, description="Mean single-answer rating (1-10) against the references.")
-    judge_rated: Optional[int] = None
-
-
-class EvalRow(Shape):
-    index: int
-    prompt: str
-    system: Optional[str]
-    reference: Optional[str]
-    outputs: dict[str, EvalAnswer]
-    judge: Optional[list[dict]] = Field(None, description="The judge's verdicts on this row, with its reasons.")
-
-
-class EvalReport(Shape):
-    id: str
-    name: str
-    state: EvalState
-    created: str
-    finished: Optional[str]
-    done: int
-    total: int
-    error: Optional[str]
-    params: dict
-    judge: Optional[dict] = Field(None, description="Which model judged, and how (never a key).")
-    judge_error: Optional[str] = Field(None, description="Why the judge could not judge, when it could not.")
-    models: list[EvalModel]
-    summary: list[EvalSummary]
-    rows: list[EvalRow]
-
-
-class EvalListing(Shape):
-    id: str
-    name: str
-    state: EvalState
-    created: str
-    done: int
-    total: int
-    models: list[str]
+    slots: list[SlotView]
 
 
 class EvalList(Shape):
     evals: list[EvalListing]
-
-
-class DivergenceBody(StrictBody):
-    """Two models read the same tokens of a test set; where and how much their predictions differ."""
-
-    reference: SlotIn = Field(description="The model compared against: the base, or the f16 (KL is measured from its distribution).")
-    candidate: SlotIn = Field(description="The model compared: the fine-tune, or the quant.")
-    test_set: str = Field(min_length=1, description="JSONL or CSV with prompt, optional system, optional reference.")
-    filename: Optional[str] = Field(None, description="Its name; .csv or .jsonl says the format (otherwise it is sniffed).")
-    max_new_tokens: int = Field(64, ge=1, description="For rows without a reference: the reference model's greedy answer is read instead, this long at most.")
-    top_rows: int = Field(10, ge=1, le=1000, description="How many of the most changed rows to list.")
-
-
-class WorstToken(Shape):
-    position: int
-    token: str
-    kl: float
-    p_reference: float
-    p_candidate: float
-    reference_top: str
-    candidate_top: str
-
-
-class RowChange(Shape):
-    index: int
-    prompt: str
-    text_source: Literal["reference", "generated"]
-    tokens: int
-    mean_kl: float
-    max_kl: float
-    top1_agreement: float
-    prompt_ids_identical: bool
-    worst_tokens: list[WorstToken]
-
-
-class DivergenceReport(Shape):
-    reference: str
-    candidate: str
-    rows: int
-    tokens: int
-    mean_kl: Optional[float] = Field(description="KL(P_reference || P_candidate) per token, in nats, over every token of every row.")
-    top1_agreement: Optional[float] = Field(description="Share of places where both models' most likely token is the same.")
-    most_changed: list[RowChange]
-    all_rows: list[dict]
-
-
-# -- blind votes -----------------------------------------------------------------------------
-
-class BlindCompareBody(ChatBody):
-    """A prompt for every compare column; the answers come back shuffled and unlabelled."""
-
-
-class EvalPairBody(StrictBody):
-    eval_id: str = Field(min_length=1, max_length=64, description="A finished eval.")
-    row: int = Field(ge=0, description="The row whose answers are compared.")
-    models: Optional[list[str]] = Field(None, min_length=2, max_length=4, description="The eval's model labels to compare; default its first two.")
-
-
-class VoteBody(StrictBody):
-    vote: str = Field(min_length=1, max_length=16, description="The better answer's letter (A, B, ...), tie, or both_bad.")
-
-
-class ShownAnswer(Shape):
-    position: str
-    text: str
-
-
-class ArenaComparison(Shape):
-    id: str
-    source: str
-    answers: list[ShownAnswer]
-
-
-class ArenaVote(Shape):
-    id: str
-    source: str
-    messages: list[dict]
-    answers: list[ShownAnswer]
-    vote: Optional[str]
-    mapping: Optional[dict[str, str]] = Field(None, description="Which model wrote which answer: only once voted.")
-
-
-class RatingRow(Shape):
-    model: str
-    rating: float = Field(description="Bradley-Terry strength on the Elo scale (1000 = the average model).")
-    games: int
-    ci95: list[Optional[float]]
-
-
-class PairRecord(Shape):
-    model_a: str
-    model_b: str
-    wins_a: int
-    wins_b: int
-    ties: int
-    games: int
-    win_share_a: float = Field(description="(wins_a + ties / 2) / games.")
-    ci95: list[Optional[float]] = Field(description="Wilson 95 % interval of win_share_a.")
-
-
-class ArenaRatings(Shape):
-    votes: int
-    games: int
-    leaderboard: list[RatingRow]
-    pairs: list[PairRecord]
-
-
-class VoteResult(Shape):
-    id: str
-    vote: str
-    mapping: dict[str, str]
-    ratings: ArenaRatings

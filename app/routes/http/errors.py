@@ -6,22 +6,37 @@ request came to, with the same status for the same failure on every surface:
 - the service routes (the earlier FastAPI deployment's): ``{"detail": "..."}``, and for a bad
   body FastAPI's 422 with ``{"detail": [{"loc", "msg", "type"}, ...]}``.
 
-The status comes from the error (``ServiceError.status``); only the envelope differs. The SSE
+The services raise errors of a kind (``ServiceError.kind``); :data:`STATUS_OF_KIND` is the one
+table that turns a kind into a status, and only the envelope differs between surfaces. The SSE
 writers use the same envelopes for an error that happens mid-stream.
 """
 from __future__ import annotations
 
 import logging
 from enum import Enum
-from typing import Optional
+from typing import Optional, Union
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from app.routes.http.body import InvalidBody
-from app.services.core.errors import QueueFull, ServiceError
+from app.routes.http.shapes import ApiError, Detail, OpenAIError, OpenAIErrorObject, ValidationDetail
+from app.services.core.errors import ErrorDetails, ErrorKind, QueueFull, ServiceError
 
 log = logging.getLogger(__name__)
+
+STATUS_OF_KIND: dict[ErrorKind, int] = {
+    ErrorKind.INVALID_REQUEST: 400,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.CONFLICT: 409,
+    ErrorKind.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorKind.QUEUE_FULL: 429,
+    ErrorKind.INTERNAL: 500,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.TIMEOUT: 504,
+    ErrorKind.STORAGE_FULL: 507,
+}
 
 
 class Surface(Enum):
@@ -41,6 +56,12 @@ OPENAI_PATHS = ("/v1/", "/chat/completions", "/completions", "/models", "/tokeni
 
 def _is_openai_path(path: str) -> bool:
     return any(path == prefix.rstrip("/") or path.startswith(prefix.rstrip("/") + "/") for prefix in OPENAI_PATHS)
+ERROR_SHAPES = {Surface.API: ApiError, Surface.OPENAI: OpenAIError, Surface.SEED_API: Detail}
+ErrorBody = Union[ApiError, OpenAIError, Detail]
+
+
+def status_of(error: ServiceError) -> int:
+    return STATUS_OF_KIND[error.kind]
 
 
 def current_surface() -> Surface:
@@ -54,32 +75,37 @@ def current_surface() -> Surface:
 OPENAI_CODES = {"unauthorized": "invalid_api_key"}
 
 
-def openai_error_body(status: int, message: str, error_type: str, field: Optional[str]) -> dict:
+def openai_error_body(status: int, message: str, error_type: str, field: Optional[str]) -> OpenAIError:
     """OpenAI's error object: its ``type`` is the class of failure, ``code`` ours when it says more."""
     if status == 429:
         kind = "rate_limit_error"
     else:
         kind = "invalid_request_error" if status < 500 else "server_error"
     code = OPENAI_CODES.get(error_type, error_type) if error_type not in ("invalid_request_error", "server_error") else None
-    return {"error": {"message": message, "type": kind, "param": field, "code": code}}
+    return OpenAIError(error=OpenAIErrorObject(message=message, type=kind, param=field, code=code))
+
+
+def openai_error_of(error: ServiceError) -> OpenAIError:
+    return openai_error_body(status_of(error), error.message, error.type, error.field)
 
 
 def error_body(surface: Surface, status: int, message: str, error_type: str, field: Optional[str] = None,
-               details: Optional[dict] = None):
+               details: ErrorDetails = ErrorDetails()) -> ErrorBody:
     if surface is Surface.OPENAI:
         return openai_error_body(status, message, error_type, field)
     if surface is Surface.SEED_API:
-        return {"detail": message}
-    body = {"error": message, "type": error_type}
-    if field:
-        body["field"] = field
-    body.update(details or {})
-    return body
+        return Detail(detail=message)
+    return ApiError(error=message, type=error_type, field=field or None, running=details.running, line=details.line)
+
+
+def error_json(body: ErrorBody) -> dict:
+    """The body as JSON data; /api's leaves out the facts an error does not have."""
+    return body.model_dump(mode="json", exclude_none=isinstance(body, ApiError))
 
 
 def error_response(status: int, message: str, error_type: str, field: Optional[str] = None, headers=None,
-                   details: Optional[dict] = None, surface: Optional[Surface] = None) -> Response:
-    response = jsonify(error_body(surface or current_surface(), status, message, error_type, field, details))
+                   details: ErrorDetails = ErrorDetails(), surface: Optional[Surface] = None) -> Response:
+    response = jsonify(error_json(error_body(surface or current_surface(), status, message, error_type, field, details)))
     response.status_code = status
     if headers:
         response.headers.update(headers)
@@ -87,15 +113,17 @@ def error_response(status: int, message: str, error_type: str, field: Optional[s
 
 
 def _service_error(exc: ServiceError) -> Response:
-    if exc.status >= 500:
+    status = status_of(exc)
+    if status >= 500:
         log.error("%s: %s", exc.type, exc.message)
     surface = current_surface()
     if surface is Surface.SEED_API and isinstance(exc, InvalidBody):
-        response = jsonify({"detail": exc.errors})  # FastAPI's 422 lists every problem
+        # FastAPI's 422 lists every problem, each with the keys pydantic gave it
+        response = jsonify(ValidationDetail(detail=exc.errors).model_dump(mode="json", exclude_unset=True))
         response.status_code = 422
         return response
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
-    return error_response(exc.status, exc.message, exc.type, exc.field, headers, exc.details(), surface)
+    return error_response(status, exc.message, exc.type, exc.field, headers, exc.details(), surface)
 
 
 def _http_error(exc: HTTPException) -> Response:

@@ -25,14 +25,20 @@ SSE_DONE = "data: [DONE]\n\n"
 SSE_KEEPALIVE = ": keep-alive\n\n"
 
 
-def sse_event(event: str, data: dict) -> str:
-    """A named event (``event: token``)."""
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+def _event_json(data: BaseModel, exclude_none: bool, exclude_unset: bool) -> str:
+    # json.dumps's spacing, as the events have always been written (clients may match on it)
+    return json.dumps(data.model_dump(mode="json", exclude_none=exclude_none, exclude_unset=exclude_unset), ensure_ascii=False)
 
 
-def sse_data(data: dict) -> str:
-    """An unnamed event, as OpenAI's stream and the FastAPI-era service's send them."""
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+def sse_event(event: str, data: BaseModel, exclude_none: bool = False) -> str:
+    """A named event (``event: token``); ``exclude_none`` leaves out the fields that are null."""
+    return f"event: {event}\ndata: {_event_json(data, exclude_none, False)}\n\n"
+
+
+def sse_data(data: BaseModel, exclude_unset: bool = False) -> str:
+    """An unnamed event, as OpenAI's stream and the FastAPI-era service's send them; with
+    ``exclude_unset``, only the fields the event was built with."""
+    return f"data: {_event_json(data, False, exclude_unset)}\n\n"
 
 
 def sse_response(events: Iterable[str]) -> Response:
@@ -138,9 +144,9 @@ def stream_together(generations: Sequence[Generation], framings: Sequence[Framin
     return sse_response(events())
 
 
-def json_answer(shape: type[BaseModel], data: dict, status: int = 200) -> Response:
-    """A JSON answer in a declared response shape: validating it here keeps the OpenAPI document
-    (built from the same models) true to what the routes send."""
-    response = jsonify(shape.model_validate(data).model_dump(mode="json", by_alias=True))
+def json_answer(answer: BaseModel, status: int = 200) -> Response:
+    """A JSON answer: a shape the route declares in app/routes/openapi.py, whose document is built
+    from the same models, and which (like every Shape) has no field it does not declare."""
+    response = jsonify(answer.model_dump(mode="json", by_alias=True))
     response.status_code = status
     return response

@@ -16,7 +16,8 @@ definitions; ``repetition_penalty`` and ``top_k`` are accepted as extensions, as
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -33,9 +34,9 @@ from app.routes.http.sampling import (
     TopLogprobs,
     TopP,
 )
-from app.routes.http.shapes import Shape, Timings, TokenLogprobShape, Usage
 from app.services.core.errors import InvalidRequest
-from app.services.core.types import GenerationParams, Message
+from app.services.core.shapes import Shape
+from app.services.core.types import GenerationParams, Message, Timings, TokenCandidate, TokenLogprob, Usage
 from app.services.engine.completions import MAX_CHOICES_PER_PROMPT, PromptIn
 from config.settings import LimitSettings
 
@@ -257,15 +258,88 @@ class CompletionBody(SamplingBody):
         return self._params(limits, self.max_tokens, default_max_tokens)
 
 
-# -- answers ---------------------------------------------------------------------------------
+# -- answers: whole ones, and the chunks of a stream --------------------------------------------
+# A stream's chunks are sent with exclude_unset: each carries exactly the keys OpenAI's own do (the
+# first delta the role, the last none; usage: null in every chunk only with include_usage).
+
+class OpenAITokenAlternative(Shape):
+    token: str = Field(description="The token's text (its bytes decoded; a token inside a multi-byte character shows U+FFFD).")
+    logprob: float = Field(description="Natural log of its probability in the model's distribution before sampling.")
+    bytes: list[int] = Field(description="The token's UTF-8 bytes.")
+
+    @classmethod
+    def of(cls, candidate: TokenCandidate) -> "OpenAITokenAlternative":
+        return cls(token=candidate.text, logprob=candidate.logprob, bytes=list(candidate.piece))
+
+
+class ChatTokenLogprob(OpenAITokenAlternative):
+    top_logprobs: list[OpenAITokenAlternative] = Field(description="The most likely tokens at this place, best first.")
+
+    @classmethod
+    def of(cls, logprob: TokenLogprob) -> "ChatTokenLogprob":
+        chosen = logprob.chosen
+        return cls(token=chosen.text, logprob=chosen.logprob, bytes=list(chosen.piece),
+                   top_logprobs=[OpenAITokenAlternative.of(candidate) for candidate in logprob.top])
+
+
+class ChatLogprobs(Shape):
+    content: list[ChatTokenLogprob]
+
+    @classmethod
+    def of(cls, logprobs: Sequence[TokenLogprob]) -> "ChatLogprobs":
+        return cls(content=[ChatTokenLogprob.of(logprob) for logprob in logprobs])
+
+
+@dataclass(frozen=True)
+class LegacyEntry:
+    """One token of the legacy completions ``logprobs``: its text, its log-probability and the
+    most likely tokens at its place; the first token of an echoed prompt has no numbers."""
+
+    text: str
+    logprob: Optional[float]
+    top: Optional[dict[str, float]]
+
+    @classmethod
+    def of(cls, logprob: TokenLogprob) -> "LegacyEntry":
+        """The alternatives, and the chosen token itself, as OpenAI lists it (up to logprobs + 1 entries)."""
+        top = {candidate.text: candidate.logprob for candidate in logprob.top}
+        if logprob.top and all(candidate.token_id != logprob.chosen.token_id for candidate in logprob.top):
+            top[logprob.chosen.text] = logprob.chosen.logprob
+        return cls(logprob.chosen.text, logprob.chosen.logprob, top)
+
+    @classmethod
+    def unpredicted(cls, piece: bytes) -> "LegacyEntry":
+        return cls(piece.decode("utf-8", errors="replace"), None, None)
+
+
+class CompletionLogprobs(Shape):
+    """The legacy completions shape: parallel lists, one entry per token. With echo the prompt's
+    tokens come first, the very first with null entries (nothing predicts it), as OpenAI's; an end
+    token that stopped the answer comes last (it is in neither ``text`` nor ``usage``)."""
+
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int] = Field(description="Each token's first character, counted in the whole answer.")
+
+    @classmethod
+    def of(cls, logprobs: Sequence[TokenLogprob], offset: int = 0) -> "CompletionLogprobs":
+        """``offset``: the characters of the answer before these tokens."""
+        return cls.of_entries([LegacyEntry.of(logprob) for logprob in logprobs], offset)
+
+    @classmethod
+    def of_entries(cls, entries: Sequence[LegacyEntry], offset: int = 0) -> "CompletionLogprobs":
+        offsets = []
+        for entry in entries:
+            offsets.append(offset)
+            offset += len(entry.text)
+        return cls(tokens=[entry.text for entry in entries], token_logprobs=[entry.logprob for entry in entries],
+                   top_logprobs=[entry.top for entry in entries], text_offset=offsets)
+
 
 class AssistantMessage(Shape):
     role: Literal["assistant"]
     content: str
-
-
-class ChatLogprobs(Shape):
-    content: list[TokenLogprobShape]
 
 
 class ChatChoice(Shape):
@@ -275,16 +349,6 @@ class ChatChoice(Shape):
     finish_reason: str
 
 
-class CompletionLogprobs(Shape):
-    """The legacy completions shape: parallel lists, one entry per token. With echo the prompt's
-    tokens come first, the very first with null entries (nothing predicts it), as OpenAI's."""
-
-    tokens: list[str]
-    token_logprobs: list[Optional[float]]
-    top_logprobs: list[Optional[dict[str, float]]]
-    text_offset: list[int]
-
-
 class TextChoice(Shape):
     index: int
     text: str
@@ -292,30 +356,59 @@ class TextChoice(Shape):
     finish_reason: str
 
 
-FINGERPRINT = Field(None, description="Changes when the served weights or the server's build change "
-                                        "(engine/fingerprint.py); answers under one fingerprint are reproducible with a seed.")
-
-
-class ChatCompletion(Shape):
+class CompletionHead(Shape):
     id: str
-    object: Literal["chat.completion"]
     created: int
     model: Optional[str]
-    system_fingerprint: Optional[str] = FINGERPRINT
+    system_fingerprint: Optional[str] = Field(None, description="Changes when the served weights or the server's build "
+                                              "change (engine/fingerprint.py); answers under one fingerprint repeat with a seed.")
+
+
+class ChatCompletion(CompletionHead):
+    object: Literal["chat.completion"]
     choices: list[ChatChoice]
     usage: Usage
     timings: Optional[Timings] = Field(None, description="llama-server's extension; OpenAI clients ignore it.")
 
 
-class TextCompletion(Shape):
-    id: str
+class TextCompletion(CompletionHead):
     object: Literal["text_completion"]
-    created: int
-    model: Optional[str]
-    system_fingerprint: Optional[str] = FINGERPRINT
     choices: list[TextChoice]
     usage: Usage
     timings: Optional[Timings] = Field(None, description="llama-server's extension; OpenAI clients ignore it.")
+
+
+class ChunkDelta(Shape):
+    role: Optional[Literal["assistant"]] = Field(None, description="In the first chunk only.")
+    content: Optional[str] = Field(None, description="Absent from the last chunk.")
+
+
+class ChatChunkChoice(Shape):
+    index: int
+    delta: ChunkDelta
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: Optional[str] = Field(description="In the last choice chunk only.")
+
+
+class TextChunkChoice(Shape):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs]
+    finish_reason: Optional[str]
+
+
+class CompletionChunkHead(CompletionHead):
+    usage: Optional[Usage] = Field(None, description="Only with stream_options.include_usage: null, and set in the usage chunk.")
+
+
+class ChatCompletionChunk(CompletionChunkHead):
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice] = Field(description="Empty in the usage chunk.")
+
+
+class TextCompletionChunk(CompletionChunkHead):
+    object: Literal["text_completion"]
+    choices: list[TextChunkChoice] = Field(description="Empty in the usage chunk.")
 
 
 class ModelCard(Shape):

@@ -13,9 +13,9 @@ from pydantic import Field
 
 from app.routes.http.body import parse_body
 from app.routes.http.extensions import model_service, settings
-from app.routes.http.shapes import Shape
 from app.routes.http.wire import json_answer
 from app.routes.openai.schemas import OpenAIBody
+from app.services.core.shapes import Shape
 
 bp = Blueprint("vllm_tokenizer", __name__)
 
@@ -64,12 +64,11 @@ def tokenizer_info():
     tokenizer, backend = _tokenizer()
     stops = tokenizer.stop_token_ids()
     bos = tokenizer.tokenize("", add_special=True)
-    return json_answer(VllmTokenizerInfo, {
-        "tokenizer_class": f"{backend.name} ({backend.spec.label})", "model_max_length": backend.n_ctx,
-        "eos_token": tokenizer.token_pieces(stops[:1])[0] if stops else None,
-        "bos_token": tokenizer.token_pieces(bos[:1])[0] if bos else None,
-        "pad_token": None, "chat_template": backend.chat_template(),
-    })
+    return json_answer(VllmTokenizerInfo(
+        tokenizer_class=f"{backend.name} ({backend.spec.label})", model_max_length=backend.n_ctx,
+        eos_token=tokenizer.token_pieces(stops[:1])[0] if stops else None,
+        bos_token=tokenizer.token_pieces(bos[:1])[0] if bos else None,
+        pad_token=None, chat_template=backend.chat_template()))
 
 
 @bp.post("/tokenize")
@@ -77,12 +76,12 @@ def tokenize():
     body = parse_body(VllmTokenizeBody)
     tokenizer, backend = _tokenizer(body.model)
     tokens = tokenizer.tokenize(body.prompt, body.add_special_tokens)
-    return json_answer(VllmTokens, {"count": len(tokens), "max_model_len": backend.n_ctx, "tokens": tokens,
-                                    "token_strs": tokenizer.token_pieces(tokens) if body.return_token_strs else None})
+    return json_answer(VllmTokens(count=len(tokens), max_model_len=backend.n_ctx, tokens=tokens,
+                                  token_strs=tokenizer.token_pieces(tokens) if body.return_token_strs else None))
 
 
 @bp.post("/detokenize")
 def detokenize():
     body = parse_body(VllmDetokenizeBody)
     tokenizer, _ = _tokenizer(body.model)
-    return json_answer(VllmText, {"prompt": tokenizer.detokenize(body.tokens)})
+    return json_answer(VllmText(prompt=tokenizer.detokenize(body.tokens)))

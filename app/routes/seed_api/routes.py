@@ -8,29 +8,39 @@ loaded), in app/routes/http/errors.py. ``stream: true`` answers ``data: {"text":
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 from flask import Blueprint
 
 from app.routes.http.body import parse_body
 from app.routes.http.extensions import limit_settings, model_service
 from app.routes.http.wire import SSE_DONE, json_answer, sse_data, stream_generation
-from app.routes.seed_api.schemas import BatchAnswer, BatchRequest, GenerateRequest, ModelInfo, SamplingRequest, ServiceAnswer, ServiceChatRequest
+from app.routes.seed_api.schemas import (
+    BatchAnswer,
+    BatchRequest,
+    BatchResult,
+    FailedText,
+    GenerateRequest,
+    LastText,
+    ModelInfo,
+    SamplingRequest,
+    ServiceAnswer,
+    ServiceChatRequest,
+    TextPiece,
+)
 from app.services.checkpoints.template_kinds import template_kind
 from app.services.core.errors import ServiceError
-from app.services.core.types import Chunk, Message
-from app.services.engine.generation import RollingFeed
+from app.services.core.types import Chunk, Message, Usage
+from app.services.engine.generation import GenerationResult, RollingFeed
 
 bp = Blueprint("seed_api", __name__)
 
-USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
-
-def require_model() -> str:
+def require_model() -> Optional[str]:
     """Loads the model if it is not loaded (a 503 when it cannot be, as the old service answered
     while it had no model), and answers its name."""
     model_service().ensure_loaded()
-    return model_service().status()["model_name"]
+    return model_service().status().model_name
 
 
 class TextEvents:
@@ -39,7 +49,7 @@ class TextEvents:
     ``data: [DONE]``. Every event has ``text``, so a client that only reads ``text`` keeps working.
     There are no named events, so queue updates are not sent."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: Optional[str]):
         self._model_name = model_name
 
     def opening(self) -> Iterable[str]:
@@ -49,18 +59,15 @@ class TextEvents:
         return ()
 
     def piece(self, chunk: Chunk) -> Iterable[str]:
-        yield sse_data({"text": chunk.text})
-
-    def _last(self, chunk: Chunk) -> dict:
-        return {"text": chunk.text, "finish_reason": chunk.finish_reason,
-                "usage": chunk.usage.to_dict() if chunk.usage else None, "model": self._model_name}
+        yield sse_data(TextPiece(text=chunk.text))
 
     def ending(self, chunk: Chunk) -> Iterable[str]:
-        yield sse_data(self._last(chunk))
+        yield sse_data(LastText(text=chunk.text, finish_reason=chunk.finish_reason, usage=chunk.usage, model=self._model_name))
         yield SSE_DONE
 
     def failure(self, chunk: Chunk) -> Iterable[str]:
-        yield sse_data({**self._last(chunk), "error": chunk.error})
+        yield sse_data(FailedText(text=chunk.text, finish_reason=chunk.finish_reason, usage=chunk.usage, model=self._model_name,
+                                  error=chunk.error))
         yield SSE_DONE
 
 
@@ -74,8 +81,8 @@ def answer(messages: list[Message], body: SamplingRequest, stream: bool):
     if stream:
         return stream_generation(generation, TextEvents(model_name))
     result = generation.collect().raise_for_error()
-    return json_answer(ServiceAnswer, {"response": result.text, "usage": result.usage, "model": model_name,
-                                       "finish_reason": result.finish_reason})
+    return json_answer(ServiceAnswer(response=result.text, usage=result.usage, model=model_name,
+                                     finish_reason=result.finish_reason))
 
 
 @bp.get("/model/info")
@@ -85,15 +92,9 @@ def model_info():
     status = model_service().status()
     backend = model_service().current_backend()
     template = backend.chat_template() if backend is not None else None
-    return json_answer(ModelInfo, {
-        "model_name": status["model_name"],
-        "model_path": status["model"],
-        "adapter_path": status["adapter"],
-        "template": template_kind(template),
-        "status": status["state"],
-        "backend": status["backend"],
-        "chat_template": template,
-    })
+    return json_answer(ModelInfo(model_name=status.model_name, model_path=status.model, adapter_path=status.adapter,
+                                 template=template_kind(template), status=status.state, backend=status.backend,
+                                 chat_template=template))
 
 
 @bp.post("/chat")
@@ -128,7 +129,7 @@ def batch():
 
     feed = RollingFeed(service.batch_size)
 
-    def stop_at_a_failure(index: int, result) -> None:
+    def stop_at_a_failure(index: int, result: GenerationResult) -> None:
         if result.finish_reason == "error":
             feed.cancel_running()  # all answers or one error: the others would be thrown away
 
@@ -136,7 +137,7 @@ def batch():
     for result in collected:  # the first failure in prompt order, not an answer it cut short
         if result is not None and result.finish_reason == "error":
             result.raise_for_error()
-    results = [{"prompt": prompt, "response": result.text, "usage": result.usage, "finish_reason": result.finish_reason}
+    results = [BatchResult(prompt=prompt, response=result.text, usage=result.usage, finish_reason=result.finish_reason)
                for prompt, result in zip(body.prompts, collected)]
-    usage = {key: sum(r["usage"][key] for r in results) for key in USAGE_KEYS}
-    return json_answer(BatchAnswer, {"results": results, "usage": usage, "model": model_name})
+    usage = Usage.of(sum(r.usage.prompt_tokens for r in results), sum(r.usage.completion_tokens for r in results))
+    return json_answer(BatchAnswer(results=results, usage=usage, model=model_name))

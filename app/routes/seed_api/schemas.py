@@ -13,8 +13,8 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from app.routes.http.sampling import Sampling, Temperature, TokenBudget, TopP
-from app.routes.http.shapes import Shape, Usage
-from app.services.core.types import GenerationParams, Message
+from app.services.core.shapes import Shape
+from app.services.core.types import FinishReason, GenerationParams, Message, Usage
 from config.settings import LimitSettings
 
 # several system messages become one system prompt, in their order
@@ -116,6 +116,24 @@ class BatchAnswer(Shape):
     results: list[BatchResult]
     usage: Usage
     model: Optional[str]
+
+
+class TextPiece(Shape):
+    """A piece of a streamed answer."""
+
+    text: str
+
+
+class LastText(TextPiece):
+    """The stream's last event before ``[DONE]``."""
+
+    finish_reason: FinishReason
+    usage: Optional[Usage]
+    model: Optional[str]
+
+
+class FailedText(LastText):
+    error: Optional[str]
 
 
 class ModelInfo(Shape):

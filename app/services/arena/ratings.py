@@ -18,6 +18,10 @@ import random
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+from pydantic import Field
+
+from app.services.core.shapes import Shape
+
 ELO_BASE = 1000.0
 Z95 = 1.959964
 PRIOR_GAMES = 0.5  # half a tie against a virtual opponent of average strength, per model
@@ -31,6 +35,24 @@ class Game:
     score_a: float  # 1 a won, 0 b won, 0.5 a tie
 
 
+class RatingRow(Shape):
+    model: str
+    rating: float = Field(description="Bradley-Terry strength on the Elo scale (1000 = the average model).")
+    games: int
+    ci95: list[Optional[float]] = Field(description="The bootstrap 95 % interval of the rating; nulls with one game.")
+
+
+class PairRecord(Shape):
+    model_a: str
+    model_b: str
+    wins_a: int
+    wins_b: int
+    ties: int
+    games: int
+    win_share_a: float = Field(description="(wins_a + ties / 2) / games.")
+    ci95: list[Optional[float]] = Field(description="Wilson 95 % interval of win_share_a.")
+
+
 def wilson_interval(successes: float, trials: float) -> tuple[Optional[float], Optional[float]]:
     """The Wilson score interval of a proportion, at 95 %; ties count as half a success."""
     if trials <= 0:
@@ -42,7 +64,7 @@ def wilson_interval(successes: float, trials: float) -> tuple[Optional[float], O
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def pair_table(games: Iterable[Game]) -> list[dict]:
+def pair_table(games: Iterable[Game]) -> list[PairRecord]:
     """Per unordered pair (named in alphabetical order): wins, losses, ties and the first model's
     win share (ties half) with its 95 % interval."""
     pairs: dict[tuple[str, str], list[float]] = {}
@@ -60,8 +82,8 @@ def pair_table(games: Iterable[Game]) -> list[dict]:
         games_played = wins + losses + ties
         share = (wins + 0.5 * ties) / games_played
         low, high = wilson_interval(wins + 0.5 * ties, games_played)
-        table.append({"model_a": a, "model_b": b, "wins_a": wins, "wins_b": losses, "ties": ties, "games": games_played,
-                      "win_share_a": round(share, 4), "ci95": [round(low, 4), round(high, 4)]})
+        table.append(PairRecord(model_a=a, model_b=b, wins_a=wins, wins_b=losses, ties=ties, games=games_played,
+                                win_share_a=round(share, 4), ci95=[round(low, 4), round(high, 4)]))
     return table
 
 
@@ -101,7 +123,7 @@ def elo(strength: float) -> float:
     return ELO_BASE + 400.0 * math.log10(strength)
 
 
-def leaderboard(games: Sequence[Game], rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> list[dict]:
+def leaderboard(games: Sequence[Game], rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> list[RatingRow]:
     """Each model's Bradley-Terry rating with a 95 % bootstrap interval (votes resampled with
     replacement), best first."""
     models = sorted({game.a for game in games} | {game.b for game in games})
@@ -120,6 +142,6 @@ def leaderboard(games: Sequence[Game], rounds: int = BOOTSTRAP_ROUNDS, seed: int
         ordered = sorted(samples[model])
         low = ordered[int(0.025 * (len(ordered) - 1))] if ordered else None
         high = ordered[int(math.ceil(0.975 * (len(ordered) - 1)))] if ordered else None
-        board.append({"model": model, "rating": round(point[model], 1), "games": played[model],
-                      "ci95": [round(low, 1) if low is not None else None, round(high, 1) if high is not None else None]})
-    return sorted(board, key=lambda row: -row["rating"])
+        board.append(RatingRow(model=model, rating=round(point[model], 1), games=played[model],
+                               ci95=[round(low, 1) if low is not None else None, round(high, 1) if high is not None else None]))
+    return sorted(board, key=lambda row: -row.rating)

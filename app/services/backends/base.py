@@ -1,35 +1,85 @@
 """The one interface every backend implements, and the capabilities each declares."""
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable, Iterator, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Hashable, Iterator, Optional, Protocol, Sequence, TypeGuard, TypeVar, Union
+
+from pydantic import Field, model_serializer
 
 from app.services.checkpoints.spec import ModelSpec
 
 if TYPE_CHECKING:
     import numpy as np
-from app.services.core.errors import InvalidRequest
-from app.services.core.types import Chunk, GenerationParams, Message, Prompt
+from app.services.core.errors import BackendIncomplete, InvalidRequest
+from app.services.core.shapes import Shape
+from app.services.core.types import Chunk, GenerationParams, GpuUse, Message, Prompt
 
 
-@dataclass(frozen=True)
-class Capabilities:
+class Capabilities(Shape):
     """What a backend can do besides load, prepare and stream. Declared, as simonw/llm's models
-    declare ``can_stream``: the service and the page read these instead of probing for methods."""
+    declare ``can_stream``: the service and the page read these instead of probing for methods;
+    :func:`batching`, :func:`local_tokenizer` and :func:`scoring` check that a backend that
+    declares one also has its methods."""
 
-    inspection: bool = False  # a local tokenizer and chat template: the LocalTokenizer methods
-    max_batch_size: int = 1  # above 1, concurrent generations run as rows of one batch: the Batching methods
-    adapter_switch: bool = False  # GenerationParams.use_adapter=False runs the base model (an unmerged LoRA)
-    scoring: bool = False  # the logits of a given text (teacher forcing): the Scoring methods
-    logprobs: bool = False  # GenerationParams.logprobs is honoured (the remote backend passes on what its server sends)
-    # Scoring after a text that shares a prefix with the last one scored reads that prefix from
-    # the KV cache and computes what it would compute cold, bit for bit (llama.cpp's prefix cache)
-    prefix_scoring: bool = False
+    inspection: bool = Field(False, description="A local tokenizer and chat template (the LocalTokenizer methods): "
+                             "/api/tokenize, /api/detokenize, /api/apply_template.")
+    max_batch_size: int = Field(1, description="Concurrent generations run together as rows of one batch (1: one at a "
+                                "time); above 1, the Batching methods.")
+    adapter_switch: bool = Field(False, description="A request can run the model without its adapter (an unmerged LoRA).")
+    scoring: bool = Field(False, description="The logits of a given text (teacher forcing, the Scoring methods): "
+                          "/api/score, reference likelihoods in evals, divergence.")
+    logprobs: bool = Field(False, description="Token log-probabilities of an answer are reported (the remote backend "
+                           "passes on what its server sends).")
+    prefix_scoring: bool = Field(False, description="Scoring after a text that shares a prefix with the last one scored "
+                                 "reads that prefix from the KV cache and computes what it would compute cold, bit for "
+                                 "bit (llama.cpp's prefix cache): echo's choices of one question share their context.")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+class BackendInfo(Shape):
+    """A backend's facts for the status: each backend reports the ones it has, and only those are
+    sent (a llama.cpp model has no dtype, a remote one no threads)."""
+
+    device: Optional[str] = Field(None, description="CPU, CUDA, Metal, MPS, or remote.")
+    n_ctx: Optional[int] = Field(None, description="The context, in tokens (a remote model's when its server says).")
+    n_threads: Optional[int] = None
+    model_name: Optional[str] = None
+    architecture: Optional[str] = None
+    chat_template: Union[bool, str, None] = Field(None, description="Whether the model has one (a remote server applies its own).")
+    prefix_cache: Optional[bool] = Field(None, description="A conversation's earlier turns are not computed again.")
+    adapter: Optional[str] = None
+    gpu: Optional[GpuUse] = Field(None, description="The GPU the loaded model uses, or why it uses none.")
+    # llama.cpp
+    n_gpu_layers: Optional[int] = None
+    parallel: Optional[int] = Field(None, description="llama.cpp: sequences decoded together.")
+    n_ctx_train: Optional[int] = None
+    llama_cpp_python: Optional[str] = None
+    build: Optional[str] = Field(None, description="llama.cpp's system info: the instruction sets and GPU back ends it was built with.")
+    weights: Optional[str] = Field(None, description="llama.cpp: a mapped file, or in memory.")
+    gpu_fallback: Optional[str] = Field(None, description="Why a GPU start fell back to the CPU.")
+    lora_scale: Optional[float] = None
+    # transformers
+    dtype: Optional[str] = None
+    adapter_merged: Optional[bool] = None
+    adapter_rank: Optional[int] = None
+    max_batch_size: Optional[int] = None
+    parameters: Optional[int] = None
+    torch: Optional[str] = None
+    transformers: Optional[str] = None
+    device_fallback: Optional[str] = Field(None, description="Why the device asked for could not be used.")
+    # a remote OpenAI-compatible server
+    base_url: Optional[str] = None
+    remote_model: Optional[str] = None
+    api_key: Optional[bool] = Field(None, description="Whether a key is sent (never the key).")
+    served_models: Optional[list[str]] = None
+    owned_by: Optional[str] = None
+    root: Optional[str] = None
+    parent: Optional[str] = Field(None, description="vLLM: a LoRA's base model.")
+    usage: Optional[str] = Field(None, description="Whether the server reports token counts when streaming.")
+
+    @model_serializer(mode="wrap")
+    def _reported_only(self, handler):
+        return {name: value for name, value in handler(self).items() if name in self.model_fields_set}
 
 
 class Backend(Protocol):
@@ -54,7 +104,7 @@ class Backend(Protocol):
     def unload(self) -> None:
         """Frees the weights; safe to call twice."""
 
-    def info(self) -> dict:
+    def info(self) -> BackendInfo:
         """Device facts and model facts for the status: device, n_ctx, threads, build, ..."""
 
     @property
@@ -128,6 +178,41 @@ class Batching(Protocol):
 
     def row_not_coming(self) -> None:
         """A request announced by expect_row will not come after all."""
+
+
+Capability = TypeVar("Capability")
+
+
+def implements(backend: object, protocol: type[Capability]) -> TypeGuard[Capability]:
+    """Whether ``backend`` has every member of ``protocol``. Looked up statically, as isinstance on
+    a runtime-checkable Protocol does from Python 3.12 on: no property of the backend runs (an
+    unloaded model's vocab_size would raise)."""
+    members = {name for name in (*vars(protocol), *getattr(protocol, "__annotations__", {})) if not name.startswith("_")}
+    return all(inspect.getattr_static(backend, name, None) is not None for name in members)
+
+
+def _declared(backend: "Backend", protocol: type[Capability], declared: bool) -> Optional[Capability]:
+    if not declared:
+        return None
+    if not implements(backend, protocol):
+        raise BackendIncomplete(f"the {backend.name} backend declares the {protocol.__name__} capability "
+                                f"and lacks its methods")
+    return backend
+
+
+def batching(backend: "Backend") -> Optional[Batching]:
+    """The backend's Batching methods when it runs generations as rows of one batch, else None."""
+    return _declared(backend, Batching, backend.capabilities.max_batch_size > 1)
+
+
+def local_tokenizer(backend: "Backend") -> Optional[LocalTokenizer]:
+    """The backend's own tokenizer and chat template when it declares inspection, else None."""
+    return _declared(backend, LocalTokenizer, backend.capabilities.inspection)
+
+
+def scoring(backend: "Backend") -> Optional[Scoring]:
+    """The backend's teacher forcing when it declares scoring, else None."""
+    return _declared(backend, Scoring, backend.capabilities.scoring)
 
 
 def continuation_prompt(rendered: str, final: Message) -> str:

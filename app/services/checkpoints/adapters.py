@@ -1,21 +1,29 @@
 """LoRA adapters on disk: PEFT folders and GGUF LoRA files, and which base models each fits."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from app.services.checkpoints.gguf_metadata import GGUFHeader, normalise_name, read_gguf_header
 from app.services.core.errors import InvalidModel
+from app.services.core.shapes import Shape
 
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
 
-def read_adapter_config(adapter_dir: Path) -> dict:
+class AdapterConfig(Shape):
+    """What this app reads of PEFT's adapter_config.json; the rest is peft's own."""
+
+    base_model_name_or_path: Optional[str] = None
+    r: Optional[int] = None  # the rank
+    target_modules: Union[list[str], str, None] = None  # a list, or a pattern
+
+
+def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
     path = adapter_dir / "adapter_config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return AdapterConfig.model_validate_json(path.read_bytes(), extra="ignore")
     except FileNotFoundError:
         raise InvalidModel(f"not a LoRA adapter (no adapter_config.json): {adapter_dir}", field="adapter") from None
     except (OSError, ValueError) as exc:

@@ -1,11 +1,37 @@
-"""Errors the service layer raises; routes turn them into HTTP answers."""
+"""Errors the service layer raises. Each carries a *kind* (what went wrong, in the service's own
+words) and a *type* (the finer name clients see, ``context_length_exceeded``); only the HTTP
+layer turns kinds into statuses (app/routes/http/errors.py), as llama-server's
+``format_error_response`` maps its error types to codes in one place."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
 from typing import Optional
 
 
+class ErrorKind(str, Enum):
+    INVALID_REQUEST = "invalid_request"  # the request is wrong; the field says where
+    FORBIDDEN = "forbidden"  # a path outside what the server may touch
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"  # the thing is in a state that refuses this (an eval running, a vote cast)
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    QUEUE_FULL = "queue_full"  # busy: come back after retry_after_s
+    INTERNAL = "internal"  # the server failed
+    UNAVAILABLE = "unavailable"  # what the request needs (the model, the remote server) is not there
+    TIMEOUT = "timeout"  # the work ran past the server's time limit
+    STORAGE_FULL = "storage_full"  # results would pass the operator's cap on their space
+
+
+@dataclass(frozen=True)
+class ErrorDetails:
+    """Facts an error carries besides its message and field, for the answer's body."""
+
+    running: Optional[str] = None  # the eval that holds the server (EvalRunning)
+    line: Optional[int] = None  # the line of a test set that is wrong (InvalidTestSet)
+
+
 class ServiceError(Exception):
-    status = 500
+    kind = ErrorKind.INTERNAL
     type = "server_error"
 
     def __init__(self, message: str, field: Optional[str] = None):
@@ -13,18 +39,18 @@ class ServiceError(Exception):
         self.message = message
         self.field = field
 
-    def details(self) -> dict:
-        """Fields besides error, type and field that the JSON answer carries (a line number...)."""
-        return {}
+    def details(self) -> ErrorDetails:
+        """What the JSON answer carries besides error, type and field (a line number...)."""
+        return ErrorDetails()
 
 
 class NotFound(ServiceError):
-    status = 404
+    kind = ErrorKind.NOT_FOUND
     type = "not_found"
 
 
 class InvalidRequest(ServiceError):
-    status = 400
+    kind = ErrorKind.INVALID_REQUEST
     type = "invalid_request_error"
 
 
@@ -43,24 +69,24 @@ class ContextLengthExceeded(InvalidRequest):
 
 
 class ModelNotFound(ServiceError):
-    status = 404
+    kind = ErrorKind.NOT_FOUND
     type = "model_not_found"
 
 
 class InvalidModel(ServiceError):
-    status = 400
+    kind = ErrorKind.INVALID_REQUEST
     type = "invalid_model"
 
 
 class ModelLoadFailed(ServiceError):
-    status = 500
+    kind = ErrorKind.INTERNAL
     type = "model_load_failed"
 
 
 class NoModelLoaded(ServiceError):
     """The request needs the model and it cannot be loaded; the type names the cause when there is one."""
 
-    status = 503
+    kind = ErrorKind.UNAVAILABLE
     type = "model_not_loaded"
 
     def __init__(self, message: str, cause: Optional[ServiceError] = None):
@@ -70,7 +96,7 @@ class NoModelLoaded(ServiceError):
 
 
 class QueueFull(ServiceError):
-    status = 429
+    kind = ErrorKind.QUEUE_FULL
     type = "queue_full"
 
     def __init__(self, message: str, retry_after_s: int):
@@ -83,55 +109,71 @@ class ModelTooLarge(InvalidModel):
 
 
 class RemoteUnavailable(ServiceError):
-    """The remote OpenAI-compatible server (openai backend) is down, unreachable or refuses us."""
+    """The remote OpenAI-compatible server (the remote backend) is down, unreachable or refuses us."""
 
-    status = 503
+    kind = ErrorKind.UNAVAILABLE
     type = "remote_unavailable"
 
 
 class PathNotAllowed(ServiceError):
-    status = 403
+    kind = ErrorKind.FORBIDDEN
     type = "path_not_allowed"
 
 
+class BackendIncomplete(ServiceError):
+    """A backend declares a capability and lacks the methods that go with it: a bug in the backend."""
+
+    kind = ErrorKind.INTERNAL
+    type = "backend_incomplete"
+
+
 class GenerationTimeout(ServiceError):
-    status = 504
+    kind = ErrorKind.TIMEOUT
     type = "generation_timeout"
 
 
 class GenerationError(ServiceError):
     """A generation that failed after it started (the backend raised, the remote server broke off)."""
 
-    status = 500
+    kind = ErrorKind.INTERNAL
     type = "generation_error"
 
 
+def generation_failure(message: Optional[str], error_type: Optional[str]) -> ServiceError:
+    """The error a generation that ended in failure stands for, from its last chunk's ``error``
+    and ``error_type``: the same kind whether it is raised (a whole answer) or sent as an event
+    (a stream that had already begun)."""
+    if error_type == GenerationTimeout.type:
+        return GenerationTimeout(message or "the generation ran past the server's time limit")
+    return GenerationError(message or "generation failed")
+
+
 class EvalRunning(ServiceError):
-    status = 409
+    kind = ErrorKind.CONFLICT
     type = "eval_running"
 
     def __init__(self, message: str, running: str):
         super().__init__(message)
         self.running = running
 
-    def details(self) -> dict:
-        return {"running": self.running}
+    def details(self) -> ErrorDetails:
+        return ErrorDetails(running=self.running)
 
 
 class AlreadyVoted(ServiceError):
-    status = 409
+    kind = ErrorKind.CONFLICT
     type = "already_voted"
 
 
 class UnsupportedMediaType(ServiceError):
-    status = 415
+    kind = ErrorKind.UNSUPPORTED_MEDIA_TYPE
     type = "unsupported_media_type"
 
 
 class StorageFull(ServiceError):
     """Results would pass the operator's cap on the space they take (results/evals/)."""
 
-    status = 507
+    kind = ErrorKind.STORAGE_FULL
     type = "storage_full"
 
 

@@ -4,6 +4,8 @@ carriage return is read by Excel, LibreOffice and Sheets as a formula, so an ans
 before such a cell, which the spreadsheet shows as text and drops from the value."""
 from __future__ import annotations
 
+from typing import Mapping
+
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -13,5 +15,5 @@ def spreadsheet_safe(value):
     return value
 
 
-def safe_row(row: dict) -> dict:
+def safe_row(row: Mapping[str, object]) -> dict[str, object]:
     return {key: spreadsheet_safe(value) for key, value in row.items()}

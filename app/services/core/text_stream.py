@@ -86,7 +86,7 @@ class StreamAssembler:
         first = self._first_token_at or now
         last = self._last_token_at or now
         ttft_ms = (first - self._started) * 1000.0
-        timings = Timings(
+        timings = Timings.measured(
             ttft_ms=ttft_ms,
             prompt_ms=ttft_ms,
             decode_ms=(last - first) * 1000.0,
@@ -95,7 +95,7 @@ class StreamAssembler:
         return Chunk(
             text=tail,
             finish_reason=reason,
-            usage=Usage(self._prompt_tokens, self.completion_tokens),
+            usage=Usage.of(self._prompt_tokens, self.completion_tokens),
             timings=timings,
             error=error,
         )

@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from pydantic import Field, field_serializer
+
+from app.services.core.shapes import Shape
+
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -50,63 +54,59 @@ class Prompt:
     messages: Optional[tuple[Message, ...]] = None
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(Shape):
     prompt_tokens: int
     completion_tokens: int
+    total_tokens: int = Field(description="prompt_tokens + completion_tokens.")
 
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def to_dict(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-        }
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
 
 
-@dataclass(frozen=True)
-class Timings:
-    """Figures in the spirit of llama-server's ``timings`` block."""
+class Timings(Shape):
+    """Figures in the spirit of llama-server's ``timings`` block, in milliseconds; every one null
+    when the generation never started. Sent rounded to 0.01."""
 
-    ttft_ms: float  # from the start of the generation to the first token
-    prompt_ms: float  # prompt evaluation alone
-    decode_ms: float  # first token to last token
-    completion_tokens: int
-    queue_ms: float = 0.0  # time spent waiting for the model before the generation started
+    ttft_ms: Optional[float] = Field(None, description="From the start of the generation to the first token.")
+    prompt_ms: Optional[float] = Field(None, description="Prompt evaluation alone.")
+    decode_ms: Optional[float] = Field(None, description="First token to last token.")
+    queue_ms: Optional[float] = Field(None, description="Waiting for the model before the generation started.")
+    tokens_per_second: Optional[float] = Field(None, description="Decode speed, the first token not counted.")
 
-    @property
-    def tokens_per_second(self) -> float:
-        # The first token's time is prompt processing; decode speed counts the rest.
-        if self.completion_tokens < 2 or self.decode_ms <= 0:
-            return 0.0
-        return (self.completion_tokens - 1) / (self.decode_ms / 1000.0)
+    @classmethod
+    def measured(cls, ttft_ms: float, prompt_ms: float, decode_ms: float, completion_tokens: int,
+                 queue_ms: float = 0.0) -> "Timings":
+        return cls(ttft_ms=ttft_ms, prompt_ms=prompt_ms, decode_ms=decode_ms, queue_ms=queue_ms,
+                   tokens_per_second=decode_speed(decode_ms, completion_tokens))
 
-    def to_dict(self) -> dict:
-        return {
-            "ttft_ms": round(self.ttft_ms, 2),
-            "prompt_ms": round(self.prompt_ms, 2),
-            "decode_ms": round(self.decode_ms, 2),
-            "queue_ms": round(self.queue_ms, 2),
-            "tokens_per_second": round(self.tokens_per_second, 2),
-        }
+    def recounted(self, completion_tokens: int) -> "Timings":
+        """The same times over another count of tokens (a remote server's own count)."""
+        return self.model_copy(update={"tokens_per_second": decode_speed(self.decode_ms or 0.0, completion_tokens)})
+
+    @field_serializer("ttft_ms", "prompt_ms", "decode_ms", "queue_ms", "tokens_per_second")
+    def _rounded(self, value: Optional[float]) -> Optional[float]:
+        return round(value, 2) if value is not None else None
 
 
-@dataclass(frozen=True)
-class GpuUse:
+def decode_speed(decode_ms: float, completion_tokens: int) -> float:
+    # The first token's time is prompt processing; decode speed counts the rest.
+    if completion_tokens < 2 or decode_ms <= 0:
+        return 0.0
+    return (completion_tokens - 1) / (decode_ms / 1000.0)
+
+
+class GpuUse(Shape):
     """What a loaded model holds on a GPU, for the status; on the CPU, ``note`` says why in plain words."""
 
-    name: Optional[str] = None  # the GPU's own name ("NVIDIA H200"); None when the model runs on none
-    layers_offloaded: int = 0
-    layers_total: Optional[int] = None  # llama.cpp counts the output layer as one more
-    memory_bytes: Optional[int] = None  # what the model holds on the GPU (weights, and KV cache where measured)
-    note: Optional[str] = None  # a CPU build, --n-gpu-layers 0, a GPU start that fell back to the CPU
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "layers_offloaded": self.layers_offloaded, "layers_total": self.layers_total,
-                "memory_bytes": self.memory_bytes, "note": self.note}
+    name: Optional[str] = Field(None, description="The GPU's own name (\"NVIDIA H200\"); null when the model runs on no GPU.")
+    layers_offloaded: int = Field(0, description="Layers on the GPU (llama.cpp counts the output layer as one).")
+    layers_total: Optional[int] = Field(None, description="The model's layers, counted the same way.")
+    memory_bytes: Optional[int] = Field(None, description="Memory the model holds on the GPU (its weights, and the "
+                                        "KV cache where measured); null where it is not measured.")
+    note: Optional[str] = Field(None, description="Why the model runs on the CPU, in plain words: a CPU build, "
+                                "--n-gpu-layers 0, a GPU start that failed and fell back.")
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,17 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
-from app.services.backends.base import common_prefix_length
+from pydantic import Field
+
+from app.services.backends.base import BackendInfo, common_prefix_length
 from app.services.backends.factory import BackendFactory, make_backend
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import InvalidRequest, ServiceError
+from app.services.core.shapes import Shape
 from app.services.core.types import GenerationParams, Message
 from config.settings import LlamaCppSettings, Settings, TransformersSettings
 
@@ -80,6 +83,11 @@ def load_prompts(path: Path) -> list[tuple[Message, ...]]:
 
 
 # -- one side --------------------------------------------------------------------------------------
+class StopToken(Shape):
+    id: int
+    text: str = Field(description="Its entry in the vocabulary.")
+
+
 @dataclass
 class SideRun:
     """What one backend did with every prompt."""
@@ -90,11 +98,11 @@ class SideRun:
     answer_ids: list[list[int]] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
     finish: list[str] = field(default_factory=list)
-    stop_tokens: list[dict] = field(default_factory=list)
+    stop_tokens: list[StopToken] = field(default_factory=list)
     vocab: list[str] = field(default_factory=list)
     load_s: float = 0.0
     generate_s: float = 0.0
-    info: dict = field(default_factory=dict)
+    info: BackendInfo = field(default_factory=BackendInfo)
 
 
 def greedy_params(max_tokens: int) -> GenerationParams:
@@ -113,7 +121,7 @@ def run_side(backend, label: str, prompts: Sequence[tuple[Message, ...]], max_to
         raise FidelityError(f"{label}: {exc.message}") from None
     run.load_s = time.perf_counter() - started
     run.info = backend.info()
-    run.stop_tokens = [{"id": token_id, "text": piece}
+    run.stop_tokens = [StopToken(id=token_id, text=piece)
                        for token_id, piece in zip(backend.stop_token_ids(), backend.token_pieces(backend.stop_token_ids()))]
     run.vocab = backend.token_pieces(list(range(backend.vocab_size)))
     params = greedy_params(max_tokens)
@@ -142,35 +150,37 @@ def run_side(backend, label: str, prompts: Sequence[tuple[Message, ...]], max_to
 
 
 # -- comparing -------------------------------------------------------------------------------------
-@dataclass
-class PromptComparison:
-    prompt: str  # the last user message, for the table
+class RenderDifference(Shape):
+    at: int = Field(description="The first character where the rendered prompts differ.")
+    hf: str = Field(description="The HF side's rendered prompt around it.")
+    gguf: str
+
+
+class PromptComparison(Shape):
+    prompt: str = Field(description="The last user message, for the table.")
     rendered_identical: bool
     prompt_ids_identical: bool
-    compared: str  # "ids" or "text"
+    compared: Literal["ids", "text"] = Field(description="Answers compared by token id (vocabularies 1:1) or by text.")
     matched: int
     total: int
-    first_divergence: Optional[int]  # None: no divergence in what was compared
+    first_divergence: Optional[int] = Field(description="null: no divergence in what was compared.")
     hf_answer: str
     gguf_answer: str
     hf_finish: str
     gguf_finish: str
     hf_continuation: Optional[str] = None
     gguf_continuation: Optional[str] = None
-    render_difference: Optional[dict] = None
-
-    @property
-    def agreement(self) -> float:
-        return self.matched / self.total if self.total else 1.0
+    render_difference: Optional[RenderDifference] = None
+    agreement: float = Field(description="matched / total (1 when nothing was compared), to 4 places.")
 
 
 def with_stop(ids: list[int], finish: str, limit: int) -> list[int]:
     return (ids + [STOP] if finish == "stop" else list(ids))[:limit]
 
 
-def first_difference(a: str, b: str) -> dict:
+def first_difference(a: str, b: str) -> RenderDifference:
     at = common_prefix_length(a, b)
-    return {"at": at, "hf": a[max(0, at - 20):at + 40], "gguf": b[max(0, at - 20):at + 40]}
+    return RenderDifference(at=at, hf=a[max(0, at - 20):at + 40], gguf=b[max(0, at - 20):at + 40])
 
 
 def _continuation(backend, ids: list[int], finish: str, start: int, limit: int) -> str:
@@ -181,69 +191,86 @@ def _continuation(backend, ids: list[int], finish: str, start: int, limit: int) 
     return text
 
 
+def _share(matched: int, total: int) -> float:
+    return round(matched / total, 4) if total else 1.0
+
+
+Suffixes = dict[tuple[int, int], str]  # (prompt index, position) -> the answer from there on
+
+
 def compare(hf: SideRun, gguf: SideRun, prompts, max_tokens: int, one_to_one: bool,
-            continuations: dict) -> list[PromptComparison]:
+            continuations: dict[str, Suffixes]) -> list[PromptComparison]:
     """One row per prompt; ``continuations`` holds each side's decoded answer suffixes
     (see _suffix_table), since neither model is loaded any more."""
     rows = []
     for i, messages in enumerate(prompts):
         rendered_same = hf.rendered[i].encode("utf-8") == gguf.rendered[i].encode("utf-8")
-        row = dict(
-            prompt=messages[-1].content,
-            rendered_identical=rendered_same,
-            prompt_ids_identical=hf.prompt_ids[i] == gguf.prompt_ids[i],
-            hf_answer=hf.answers[i], gguf_answer=gguf.answers[i],
-            hf_finish=hf.finish[i], gguf_finish=gguf.finish[i],
-            render_difference=None if rendered_same else first_difference(hf.rendered[i], gguf.rendered[i]),
-        )
         if one_to_one:
             a = with_stop(hf.answer_ids[i], hf.finish[i], max_tokens)
             b = with_stop(gguf.answer_ids[i], gguf.finish[i], max_tokens)
-            matched = common_prefix_length(a, b)
-            total = max(len(a), len(b))
-            comparison = PromptComparison(compared="ids", matched=matched, total=total,
-                                          first_divergence=matched if matched < total else None, **row)
-            if comparison.first_divergence is not None:
-                comparison.hf_continuation = continuations["hf"][(i, matched)]
-                comparison.gguf_continuation = continuations["gguf"][(i, matched)]
         else:
             a, b = hf.answers[i], gguf.answers[i]
-            matched = common_prefix_length(a, b)
-            total = max(len(a), len(b))
-            comparison = PromptComparison(compared="text", matched=matched, total=total,
-                                          first_divergence=matched if matched < total else None, **row)
-            if comparison.first_divergence is not None:
-                comparison.hf_continuation, comparison.gguf_continuation = a[matched:], b[matched:]
-        rows.append(comparison)
+        matched = common_prefix_length(a, b)
+        total = max(len(a), len(b))
+        diverged = matched < total
+        if not diverged:
+            hf_rest = gguf_rest = None
+        elif one_to_one:
+            hf_rest, gguf_rest = continuations["hf"][(i, matched)], continuations["gguf"][(i, matched)]
+        else:
+            hf_rest, gguf_rest = a[matched:], b[matched:]
+        rows.append(PromptComparison(
+            prompt=messages[-1].content,
+            rendered_identical=rendered_same,
+            prompt_ids_identical=hf.prompt_ids[i] == gguf.prompt_ids[i],
+            compared="ids" if one_to_one else "text",
+            matched=matched, total=total, first_divergence=matched if diverged else None,
+            hf_answer=hf.answers[i], gguf_answer=gguf.answers[i],
+            hf_finish=hf.finish[i], gguf_finish=gguf.finish[i],
+            hf_continuation=hf_rest, gguf_continuation=gguf_rest,
+            render_difference=None if rendered_same else first_difference(hf.rendered[i], gguf.rendered[i]),
+            agreement=_share(matched, total),
+        ))
     return rows
 
 
-@dataclass
-class FidelityReport:
+class VocabSizes(Shape):
+    hf: int
+    gguf: int
+
+
+class StopTokens(Shape):
+    hf: list[StopToken]
+    gguf: list[StopToken]
+
+
+class FidelityTimings(Shape):
+    hf_load_s: float
+    hf_generate_s: float
+    gguf_load_s: float
+    gguf_generate_s: float
+
+
+class FidelityReport(Shape):
+    """What scripts/check_fidelity.py prints (--json) and POST /api/fidelity answers."""
+
     hf: str
     adapter: Optional[str]
     gguf: str
     gguf_lora: Optional[str]
     dtype: str
     max_tokens: int
-    vocab_one_to_one: bool
-    vocab_sizes: dict
+    vocab_one_to_one: bool = Field(description="Every id both vocabularies have is the same entry.")
+    vocab_sizes: VocabSizes
     vocab_mismatches: int
-    stop_tokens: dict
+    stop_tokens: StopTokens
     stop_tokens_identical: bool
     prompts_rendered_identical: int
     prompt_ids_identical: int
     answers_identical: int
-    agreement: float  # matched / compared over all prompts
+    agreement: float = Field(description="Matched over compared, over all prompts, to 4 places.")
     prompts: list[PromptComparison]
-    timings: dict
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        for row, source in zip(data["prompts"], self.prompts):
-            row["agreement"] = round(source.agreement, 4)
-        data["agreement"] = round(self.agreement, 4)
-        return data
+    timings: FidelityTimings
 
 
 def make_backends(hf_dir: Path, gguf: Path, adapter: Optional[Path], gguf_lora: Optional[Path], settings: Settings,
@@ -293,23 +320,23 @@ def run_fidelity(hf_backend, gguf_backend, hf_dir: Path, gguf: Path, adapter: Op
     total = sum(r.total for r in rows)
     return FidelityReport(
         hf=str(hf_dir), adapter=str(adapter) if adapter else None, gguf=str(gguf),
-        gguf_lora=str(gguf_lora) if gguf_lora else None, dtype=hf.info.get("dtype") or dtype, max_tokens=max_tokens,
-        vocab_one_to_one=one_to_one, vocab_sizes={"hf": len(hf.vocab), "gguf": len(gguf_run.vocab)},
+        gguf_lora=str(gguf_lora) if gguf_lora else None, dtype=hf.info.dtype or dtype, max_tokens=max_tokens,
+        vocab_one_to_one=one_to_one, vocab_sizes=VocabSizes(hf=len(hf.vocab), gguf=len(gguf_run.vocab)),
         vocab_mismatches=mismatches,
-        stop_tokens={"hf": hf.stop_tokens, "gguf": gguf_run.stop_tokens},
-        stop_tokens_identical=sorted(t["id"] for t in hf.stop_tokens) == sorted(t["id"] for t in gguf_run.stop_tokens),
+        stop_tokens=StopTokens(hf=hf.stop_tokens, gguf=gguf_run.stop_tokens),
+        stop_tokens_identical=sorted(t.id for t in hf.stop_tokens) == sorted(t.id for t in gguf_run.stop_tokens),
         prompts_rendered_identical=sum(r.rendered_identical for r in rows),
         prompt_ids_identical=sum(r.prompt_ids_identical for r in rows),
         answers_identical=sum(r.first_divergence is None for r in rows),
-        agreement=matched / total if total else 1.0,
+        agreement=_share(matched, total),
         prompts=rows,
-        timings={"hf_load_s": round(hf.load_s, 2), "hf_generate_s": round(hf.generate_s, 2),
-                 "gguf_load_s": round(gguf_run.load_s, 2), "gguf_generate_s": round(gguf_run.generate_s, 2)},
+        timings=FidelityTimings(hf_load_s=round(hf.load_s, 2), hf_generate_s=round(hf.generate_s, 2),
+                                gguf_load_s=round(gguf_run.load_s, 2), gguf_generate_s=round(gguf_run.generate_s, 2)),
     )
 
 
 
-def _suffix_table(backend, run: SideRun, max_tokens: int) -> dict:
+def _suffix_table(backend, run: SideRun, max_tokens: int) -> Suffixes:
     """(prompt index, position) -> the answer from that position on, decoded by this side's own
     tokenizer while it is still loaded: every continuation a comparison may ask for."""
     table = {}

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable
 
+from app.services.backends.base import BackendInfo
 from app.services.checkpoints.spec import ModelSpec
 from app.version import __version__
 
@@ -30,12 +31,12 @@ def _file_marks(path: Path) -> Iterable[str]:
         yield f"{path}:unreadable"
 
 
-def system_fingerprint(model_id: str, spec: ModelSpec, info: Mapping[str, object]) -> str:
+def system_fingerprint(model_id: str, spec: ModelSpec, info: BackendInfo) -> str:
     """``fp_`` and 12 hex digits; the same weights on the same build give the same one."""
     parts = [__version__, spec.backend, model_id]
     if not spec.is_remote:
         parts.extend(_file_marks(spec.path))
     if spec.adapter is not None:
         parts.extend(_file_marks(spec.adapter))
-    parts.extend(f"{name}={info[name]}" for name in BUILD_FACTS if info.get(name) is not None)
+    parts.extend(f"{name}={getattr(info, name)}" for name in BUILD_FACTS if getattr(info, name) is not None)
     return "fp_" + hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]

@@ -12,13 +12,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Protocol, Sequence, Union, cast
+from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 
-from app.services.backends.base import Backend, Batching
-from app.services.core.errors import GenerationError, GenerationTimeout, InvalidRequest, QueueFull, ServiceError
-from app.services.core.types import Chunk, GenerationParams, Message, Prompt, TokenLogprob
+from app.services.backends.base import Backend, batching
+from app.services.core.errors import GenerationTimeout, InvalidRequest, QueueFull, ServiceError, generation_failure
+from app.services.core.types import Chunk, GenerationParams, Message, Prompt, Timings, TokenLogprob, Usage
 from app.services.engine.queue import GenerationQueue, Ticket
-from app.services.engine.registry import GenerationRegistry
+from app.services.engine.registry import FinishedGeneration, GenerationRegistry
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ class QueueUpdate:
 class GenerationResult:
     text: str
     finish_reason: str
-    usage: dict
-    timings: dict
+    usage: Usage
+    timings: Timings  # every figure None when the generation never started
     error: Optional[str] = None
     error_type: Optional[str] = None
     logprobs: tuple[TokenLogprob, ...] = ()  # one per answer token, when the params asked for them
@@ -49,9 +49,7 @@ class GenerationResult:
         answers with, so the same failure has the same status on /api, /v1 and the service routes."""
         if self.finish_reason != "error":
             return self
-        if self.error_type == "generation_timeout":
-            raise GenerationTimeout(self.error or "the generation ran past the server's time limit")
-        raise GenerationError(self.error or "generation failed")
+        raise generation_failure(self.error, self.error_type)
 
 
 class Engine(Protocol):
@@ -67,10 +65,6 @@ class Engine(Protocol):
 
     def prepare(self, backend: Backend, messages: Optional[Sequence[Message]], text: Optional[str],
                 params: GenerationParams, continue_final: bool = False) -> Prompt: ...
-
-
-def _batching(backend: Backend) -> Optional[Batching]:
-    return cast(Batching, backend) if backend.capabilities.max_batch_size > 1 else None
 
 
 class Generation:
@@ -110,9 +104,9 @@ class Generation:
     def admit(self) -> None:
         """Takes a place in the model's queue; raises QueueFull (429) when it is full."""
         if self._ticket is None:
-            batching = _batching(self._backend)
+            batches = batching(self._backend)
             try:
-                self._ticket = self._engine.queue.enter(group=batching.batch_group(self.params) if batching else 0,
+                self._ticket = self._engine.queue.enter(group=batches.batch_group(self.params) if batches else 0,
                                                         on_runnable=self._announce)
             except QueueFull:
                 self._engine.registry.discard(self)  # refused, never ran: nothing to record or stop
@@ -126,15 +120,15 @@ class Generation:
             if self._announced_to is not None:
                 return
             self._announced_to = self._backend
-        batching = _batching(self._backend)
-        if batching is not None:
-            batching.expect_row()
+        batches = batching(self._backend)
+        if batches is not None:
+            batches.expect_row()
 
     def _withdraw(self) -> None:
         if self._announced_to is not None and not self._streamed:
-            batching = _batching(self._announced_to)
-            if batching is not None:
-                batching.row_not_coming()
+            batches = batching(self._announced_to)
+            if batches is not None:
+                batches.row_not_coming()
 
     def __iter__(self) -> Iterator[Union[Chunk, QueueUpdate]]:
         self.admit()
@@ -184,12 +178,12 @@ class Generation:
                 self.timed_out = True
                 self.cancel.set()  # the backend ends at its next token; its last chunk becomes the error
             if chunk.is_last and self.timed_out:
-                chunk = dataclasses.replace(chunk, finish_reason="error", error_type="generation_timeout", error=(
+                chunk = dataclasses.replace(chunk, finish_reason="error", error_type=GenerationTimeout.type, error=(
                     f"the generation ran longer than the server's limit of {limit:g} s (limits.generation_timeout_s); "
                     f"the answer so far was sent"))
             self.tokens_seen += len(chunk.token_ids)
             if chunk.timings is not None:
-                chunk.timings = dataclasses.replace(chunk.timings, queue_ms=queue_ms)
+                chunk.timings = chunk.timings.model_copy(update={"queue_ms": queue_ms})
             if chunk.is_last:
                 self.outcome = chunk
             yield chunk
@@ -204,12 +198,12 @@ class Generation:
         if self._ticket is not None:
             self._engine.queue.leave(self._ticket)
         outcome = self.outcome
-        self._engine.registry.finished_one(self, {
-            "request_id": self.id,
+        self._engine.registry.finished_one(self, FinishedGeneration(
+            self.id,
             # a generation closed before its last chunk was cut off by its client
-            "finish_reason": outcome.finish_reason if outcome else "cancelled",
-            "completion_tokens": outcome.usage.completion_tokens if outcome and outcome.usage else self.tokens_seen,
-        })
+            outcome.finish_reason if outcome else "cancelled",
+            outcome.usage.completion_tokens if outcome and outcome.usage else self.tokens_seen,
+        ))
 
     def collect(self) -> GenerationResult:
         """The joined stream: the non-streaming answer is never a second code path."""
@@ -224,9 +218,8 @@ class Generation:
                 token_ids.extend(item.token_ids)
                 if item.is_last:
                     last = item
-        usage = last.usage.to_dict() if last.usage else {"prompt_tokens": self.prompt_tokens, "completion_tokens": 0,
-                                                         "total_tokens": self.prompt_tokens}
-        timings = last.timings.to_dict() if last.timings else {}
+        usage = last.usage or Usage.of(self.prompt_tokens, 0)
+        timings = last.timings or Timings()
         return GenerationResult("".join(parts), last.finish_reason, usage, timings, last.error, last.error_type, tuple(logprobs),
                                 tuple(token_ids), last.end_logprob)
 

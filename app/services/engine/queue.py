@@ -15,6 +15,12 @@ from collections import deque
 from typing import Callable, Hashable, Optional
 
 from app.services.core.errors import QueueFull
+from app.services.core.shapes import Shape
+
+
+class QueueCounts(Shape):
+    running: int
+    waiting: int
 
 
 class Ticket:
@@ -106,7 +112,7 @@ class GenerationQueue:
             callbacks = self._newly_runnable()
         self._tell(callbacks)
 
-    def counts(self) -> dict:
+    def counts(self) -> QueueCounts:
         with self._cond:
             running = self._running()
-            return {"running": running, "waiting": len(self._line) - running}
+            return QueueCounts(running=running, waiting=len(self._line) - running)

@@ -6,6 +6,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 from app.services.core.errors import InvalidRequest, TooManyStreams
@@ -20,6 +21,19 @@ class Tracked(Protocol):
 
     def close(self) -> None: ...
 
+@dataclass(frozen=True)
+class FinishedGeneration:
+    request_id: str
+    finish_reason: str  # "cancelled" as well for a generation its client cut off before its last chunk
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ActiveGeneration:
+    request_id: str
+    tokens_seen: int  # produced so far
+
+
 FINISHED_KEPT = 32
 EARLY_STOP_KEPT_S = 30.0  # a Stop that overtakes its own request still counts this long
 
@@ -31,7 +45,7 @@ class GenerationRegistry:
         self._retry_after_s = retry_after_s
         self._lock = threading.Lock()
         self._active: dict[str, Tracked] = {}
-        self._finished: deque[dict] = deque(maxlen=FINISHED_KEPT)
+        self._finished: deque[FinishedGeneration] = deque(maxlen=FINISHED_KEPT)
         self._pending: dict[str, tuple[Tracked, float]] = {}  # by request id
         self._stream_ids: dict[str, str] = {}  # a parked stream's URL id -> its request id
         self._early_stops: dict[str, float] = {}
@@ -52,20 +66,20 @@ class GenerationRegistry:
             if self._active.get(generation.id) is generation:
                 del self._active[generation.id]
 
-    def finished_one(self, generation: Tracked, record: dict) -> None:
+    def finished_one(self, generation: Tracked, record: FinishedGeneration) -> None:
         with self._lock:
             self._active.pop(generation.id, None)
             self._finished.append(record)
 
-    def finished(self) -> list[dict]:
+    def finished(self) -> list[FinishedGeneration]:
         """The most recent generations' ends, newest last."""
         with self._lock:
             return list(self._finished)
 
-    def active(self) -> list[dict]:
+    def active(self) -> list[ActiveGeneration]:
         """The generations now running or waiting, with the tokens each has produced so far."""
         with self._lock:
-            return [{"request_id": g.id, "tokens_seen": g.tokens_seen} for g in self._active.values()]
+            return [ActiveGeneration(g.id, g.tokens_seen) for g in self._active.values()]
 
     def cancel(self, generation_id: str) -> bool:
         with self._lock:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, cast
+from typing import Optional, Sequence
 
-from app.services.backends.base import Backend, LocalTokenizer, Scoring, common_prefix_length
+from app.services.backends.base import Backend, Scoring, common_prefix_length, local_tokenizer, scoring
 from app.services.core.errors import ContextLengthExceeded, InvalidRequest
 from app.services.core.logprobs import score_rows
 from app.services.core.types import Message, TokenLogprob
@@ -29,15 +29,19 @@ class ScoredText:
 
 
 def scoring_backend(backend: Backend) -> Scoring:
-    if not backend.capabilities.scoring:
+    scorer = scoring(backend)
+    if scorer is None:
         raise InvalidRequest(f"the {backend.name} backend cannot score a text: it has no access to the model's logits "
                              f"(the remote server computes them)", field="model")
-    return cast(Scoring, backend)
+    return scorer
 
 
 def reference_ids(backend: Backend, reference: str, field: str = "reference") -> list[int]:
     """The reference as the model would write it: its tokens without anything the tokenizer adds."""
-    ids = cast(LocalTokenizer, backend).tokenize(reference)
+    tokenizer = local_tokenizer(backend)
+    if tokenizer is None:
+        raise InvalidRequest(f"the {backend.name} backend has no tokenizer here to read the {field} with", field="model")
+    ids = tokenizer.tokenize(reference)
     if not ids:
         raise InvalidRequest("the reference is empty", field=field)
     return ids

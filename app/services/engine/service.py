@@ -8,22 +8,45 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, cast
+from typing import Iterator, Literal, Optional, Sequence
 
-from app.services.backends.base import Backend, LocalTokenizer, first_outside_vocabulary
+from pydantic import Field
+
+from app.services.backends.base import Backend, BackendInfo, Capabilities, LocalTokenizer, first_outside_vocabulary, local_tokenizer
 from app.services.backends.factory import BackendFactory, make_backend
 from app.services.catalog import ModelCatalog
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import ContextLengthExceeded, InvalidModel, InvalidRequest, ModelNotFound, ModelTooLarge, NoModelLoaded, ServiceError
-from app.services.core.types import GenerationParams, Message, Prompt
+from app.services.core.shapes import Shape
+from app.services.core.types import GenerationParams, GpuUse, Message, Prompt
+from app.services.engine.fidelity import FidelityReport
 from app.services.engine.fingerprint import system_fingerprint
 from app.services.engine.generation import QUEUE_POLL_S, Generation
-from app.services.engine.queue import GenerationQueue
-from app.services.engine.registry import GenerationRegistry
+from app.services.engine.queue import GenerationQueue, QueueCounts
+from app.services.engine.registry import ActiveGeneration, FinishedGeneration, GenerationRegistry
 from app.services.engine.scoring import ScoredPrompt, ScoredText, check_fits, reference_ids, score_continuation, score_prompts, scoring_backend
-from config.settings import Settings
+from config.settings import BackendName, Settings
 
 log = logging.getLogger(__name__)
+
+ModelState = Literal["not_loaded", "loading", "loaded", "error"]
+
+
+class ModelStatus(Shape):
+    state: ModelState
+    backend: BackendName
+    model: Optional[str] = Field(description="The model's path, or a remote model's name on its server.")
+    model_name: Optional[str]
+    adapter: Optional[str]
+    device: Optional[str]
+    gpu: Optional[GpuUse] = Field(None, description="The GPU the loaded model uses, or why it uses none; null until loaded.")
+    n_ctx: Optional[int]
+    error: Optional[str]
+    job: Optional[str] = Field(description="A job holding the model besides generations (fidelity).")
+    info: Optional[BackendInfo] = Field(None, description="The backend's facts: device, threads, build, architecture, ...")
+    capabilities: Optional[Capabilities] = Field(None, description="What the loaded backend can do; absent until it is loaded.")
+    queue: QueueCounts
+    load_elapsed_s: Optional[float] = Field(None, description="Seconds since the load began, while state is loading.")
 
 
 class ModelService:
@@ -112,7 +135,7 @@ class ModelService:
     def requested_spec(self) -> ModelSpec:
         return self._requested or self.catalog.configured()
 
-    def status(self) -> dict:
+    def status(self) -> ModelStatus:
         with self._status_lock:
             backend, spec = self._backend, self._spec
             state, error, job = self._state, self._error, self._job
@@ -121,30 +144,26 @@ class ModelService:
                 spec = self.requested_spec()
             except ServiceError:
                 spec = None
-        status = {
-            "state": state,
-            "backend": spec.backend if spec else (self._settings.backend or "llamacpp"),
-            "model": spec.ref if spec else self._settings.model,
-            "model_name": spec.label if spec else None,
-            "adapter": str(spec.adapter) if spec and spec.adapter else None,
-            "device": None,
-            "gpu": None,
-            "n_ctx": None,
-            "error": error,
-            "job": job,
-        }
-        if backend is not None:
-            info = backend.info()
-            status.update({"device": info.get("device"), "gpu": info.get("gpu"), "n_ctx": info.get("n_ctx"), "info": info})
-        if state == "loading":
-            status["load_elapsed_s"] = round(time.perf_counter() - self._load_started, 1)
-        if backend is not None:
-            status["capabilities"] = backend.capabilities.to_dict()
-        status["queue"] = self.queue.counts()
-        return status
+        info = backend.info() if backend is not None else None
+        return ModelStatus(
+            state=state,
+            backend=spec.backend if spec else (self._settings.backend or "llamacpp"),
+            model=spec.ref if spec else self._settings.model,
+            model_name=spec.label if spec else None,
+            adapter=str(spec.adapter) if spec and spec.adapter else None,
+            device=info.device if info else None,
+            gpu=info.gpu if info else None,
+            n_ctx=info.n_ctx if info else None,
+            error=error,
+            job=job,
+            info=info,
+            capabilities=backend.capabilities if backend is not None else None,
+            queue=self.queue.counts(),
+            load_elapsed_s=round(time.perf_counter() - self._load_started, 1) if state == "loading" else None,
+        )
 
     def load(self, model: Optional[str] = None, backend: Optional[str] = None, adapter: Optional[str] = None,
-             confine: bool = False) -> dict:
+             confine: bool = False) -> ModelStatus:
         """Loads the model asked for (or the configured one); a no-op when it is already loaded.
 
         ``model`` is a preset or built-in name or a path; ``adapter`` a LoRA directory. With
@@ -165,12 +184,12 @@ class ModelService:
                 raise
             return self._load_locked(target)
 
-    def load_spec(self, target: ModelSpec) -> dict:
+    def load_spec(self, target: ModelSpec) -> ModelStatus:
         """Loads a spec already resolved (and confined) by the caller, as load() does."""
         with self._load_lock:
             return self._load_locked(target)
 
-    def _load_locked(self, target: ModelSpec) -> dict:
+    def _load_locked(self, target: ModelSpec) -> ModelStatus:
         """The body of load(); the caller holds _load_lock."""
         try:
             with self._status_lock:
@@ -211,14 +230,14 @@ class ModelService:
         return self.status()
 
     def fidelity(self, hf_model: str, gguf_model: str, adapter: Optional[str] = None,
-                 prompts: Optional[Sequence[Sequence[Message]]] = None, max_tokens: int = 32) -> dict:
+                 prompts: Optional[Sequence[Sequence[Message]]] = None, max_tokens: int = 32) -> FidelityReport:
         """Runs the fidelity check (app/services/engine/fidelity.py) of an HF checkpoint against its GGUF
         as a job on this model's queue, like a model switch: it waits for the running generation,
         and generations that arrive meanwhile wait behind it (they get queue events) and resume on
         the served model, which stays loaded. The check's two models load one after the other
         next to it, so each must fit in what memory is left; a model that does not is a 400
         before anything waits or loads. Names and paths resolve as /api/load_model's do, confined."""
-        from app.services.engine.fidelity import make_backends, run_fidelity
+        from app.services.engine.fidelity import make_backends, run_fidelity  # its backends import torch and llama.cpp
 
         hf_spec = self._fidelity_spec(hf_model, "transformers", "hf_model", adapter)
         gguf_spec = self._fidelity_spec(gguf_model, "llamacpp", "gguf_model", None)
@@ -247,7 +266,7 @@ class ModelService:
                     with self._status_lock:
                         self._job = None  # cleared before the queue moves on, so a resumed generation never sees it
         log.info("fidelity check done: agreement %.3f", report.agreement)
-        return report.to_dict()
+        return report
 
     def _fidelity_spec(self, value: str, backend: str, field: str, adapter: Optional[str]) -> ModelSpec:
         """A fidelity side's spec, refusals naming the request's own field."""
@@ -308,8 +327,8 @@ class ModelService:
         if name in self.catalog.names_of(current):
             return
         for entry in self.catalog.models():
-            if name in (entry["id"], entry["name"], entry["path"]) and entry["available"]:
-                self.load(model=entry["id"] if entry["kind"] in ("builtin", "preset") else entry["path"])
+            if name in (entry.id, entry.name, entry.path) and entry.available:
+                self.load(model=entry.id if entry.kind in ("builtin", "preset") else entry.path)
                 return
         if any_name:
             return
@@ -329,7 +348,7 @@ class ModelService:
             backend.unload()
             log.info("unloaded %s", backend.model)
 
-    def unload(self) -> dict:
+    def unload(self) -> ModelStatus:
         with self._load_lock:
             with self._exclusive():
                 self._release_current()
@@ -361,13 +380,14 @@ class ModelService:
         """The loaded backend's own tokenizer and chat template (loading the model if needed), for
         the inspection routes; a 400 naming where they live when the backend has none."""
         backend = self.ensure_loaded()
-        if not backend.capabilities.inspection:
-            where = backend.info().get("base_url") or "the server that runs the model"
+        tokenizer = local_tokenizer(backend)
+        if tokenizer is None:
+            where = backend.info().base_url or "the server that runs the model"
             raise InvalidRequest(
                 f"the {backend.name} backend has no tokenizer here: the tokenizer and chat template live on the remote "
                 f"server ({where}); ask it (llama-server: POST /tokenize, /apply-template; vLLM: POST /tokenize)",
                 field="model")
-        return cast(LocalTokenizer, backend)
+        return tokenizer
 
     def prepare(self, backend: Backend, messages: Optional[Sequence[Message]], text: Optional[str],
                 params: GenerationParams, continue_final: bool = False) -> Prompt:
@@ -381,12 +401,12 @@ class ModelService:
     def prompt_of_ids(self, backend: Backend, token_ids: Sequence[int], place: str = "prompt") -> Prompt:
         """A prompt given as the model's token ids (OpenAI's completions take them), taken as they are:
         no BOS is added. An id outside the vocabulary is a 400 naming its place (``prompt[2][5]``)."""
-        if not backend.capabilities.inspection:
+        tokenizer = local_tokenizer(backend)
+        if tokenizer is None:
             raise InvalidRequest(f"the {backend.name} backend has no tokenizer here to read token ids; send the prompt as text",
                                  field=place)
         if not token_ids:
             raise InvalidRequest(f"{place} is empty", field=place)
-        tokenizer = cast(LocalTokenizer, backend)
         index = first_outside_vocabulary(token_ids, tokenizer.vocab_size)
         if index is not None:
             raise InvalidRequest(f"{place}[{index}] is {token_ids[index]}; this model's token ids run from 0 to "
@@ -398,9 +418,10 @@ class ModelService:
     @staticmethod
     def check_logit_bias(backend: Backend, params: GenerationParams) -> None:
         """Biased ids must be the model's own; a remote server checks its own."""
-        if not params.logit_bias or not backend.capabilities.inspection:
+        tokenizer = local_tokenizer(backend)
+        if not params.logit_bias or tokenizer is None:
             return
-        vocab_size = cast(LocalTokenizer, backend).vocab_size
+        vocab_size = tokenizer.vocab_size
         for token_id, _ in params.logit_bias:
             if not 0 <= token_id < vocab_size:
                 raise InvalidRequest(f"logit_bias names token {token_id}; this model's token ids run from 0 to "
@@ -427,10 +448,10 @@ class ModelService:
         return generation
 
     # -- the registry's views, for routes and tests that hold the service ------------------
-    def finished(self) -> list[dict]:
+    def finished(self) -> list[FinishedGeneration]:
         return self.registry.finished()
 
-    def active(self) -> list[dict]:
+    def active(self) -> list[ActiveGeneration]:
         return self.registry.active()
 
     def cancel(self, generation_id: str) -> bool:

@@ -14,14 +14,18 @@ import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
+
+from pydantic import Field
 
 from app.services.backends.factory import BackendFactory
 from app.services.checkpoints.spec import ModelSpec
 from app.services.core.errors import NotFound, ServiceError
+from app.services.core.shapes import Shape
 from app.services.core.types import GenerationParams
-from app.services.engine.service import ModelService
-from config.settings import RemoteSettings, Settings, current_backend_name
+from app.services.engine.queue import QueueCounts
+from app.services.engine.service import ModelService, ModelState
+from config.settings import BackendName, RemoteSettings, Settings, current_backend_name
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,30 @@ class EngineKey:
     unmerged: bool  # the adapter kept apart from the weights, so a slot can switch it off
 
 
+class SlotView(Shape):
+    """A slot as GET /api/compare/slots shows it."""
+
+    id: str
+    label: str
+    model: Optional[str] = Field(description="As the request named it; null: the served model.")
+    backend: BackendName
+    adapter: Optional[str]
+    adapter_enabled: bool
+    adapter_mode: Optional[Literal["merged", "unmerged"]]
+    shares_weights_with: Optional[str] = Field(description="The slot whose engine (one copy of the weights) this one runs on.")
+    state: ModelState
+    error: Optional[str]
+    device: Optional[str]
+    queue: QueueCounts
+
+
+@dataclass(frozen=True)
+class EngineUse:
+    model: str
+    unmerged: bool
+    users: int  # the compare set and the evals holding it
+
+
 @dataclass
 class Slot:
     id: str
@@ -56,27 +84,27 @@ class Slot:
         return dataclasses.replace(params, use_adapter=self.adapter_enabled)
 
     @property
-    def adapter_mode(self) -> Optional[str]:
+    def adapter_mode(self) -> Optional[Literal["merged", "unmerged"]]:
         if self.spec.adapter is None:
             return None
         return "unmerged" if self.engine.unmerged else "merged"
 
-    def to_dict(self) -> dict:
+    def view(self) -> SlotView:
         status = self.service.status()
-        return {
-            "id": self.id,
-            "label": self.label,
-            "model": self.request.model,
-            "backend": self.spec.backend,
-            "adapter": str(self.asked.adapter) if self.asked.adapter else None,
-            "adapter_enabled": self.adapter_enabled,
-            "adapter_mode": self.adapter_mode,
-            "shares_weights_with": self.shares_weights_with,
-            "state": status["state"],
-            "error": status["error"],
-            "device": status.get("device"),
-            "queue": status["queue"],
-        }
+        return SlotView(
+            id=self.id,
+            label=self.label,
+            model=self.request.model,
+            backend=self.spec.backend,
+            adapter=str(self.asked.adapter) if self.asked.adapter else None,
+            adapter_enabled=self.adapter_enabled,
+            adapter_mode=self.adapter_mode,
+            shares_weights_with=self.shares_weights_with,
+            state=status.state,
+            error=status.error,
+            device=status.device,
+            queue=status.queue,
+        )
 
 
 class EnginePool:
@@ -168,10 +196,9 @@ class EnginePool:
         judge), sharing the registry so Stop reaches its generations; the caller unloads it."""
         return ModelService(self._settings.model_copy(update={"remote": remote}), self._backend_factory, self._main.registry)
 
-    def engines(self) -> list[dict]:
+    def engines(self) -> list[EngineUse]:
         with self._lock:
-            return [{"model": key.spec.label, "unmerged": key.unmerged, "users": self._users.get(key, 0)}
-                    for key in self._engines]
+            return [EngineUse(key.spec.label, key.unmerged, self._users.get(key, 0)) for key in self._engines]
 
     def open_slots(self, requests: Sequence[SlotRequest], prefix: str, field: str = "slots") -> list[Slot]:
         """Plans, loads and names slots for these requests; the caller releases their engines."""
@@ -197,28 +224,28 @@ class CompareSlots:
         self._lock = threading.Lock()
         self._slots: list[Slot] = []
 
-    def replace(self, requests: Sequence[SlotRequest]) -> list[dict]:
+    def replace(self, requests: Sequence[SlotRequest]) -> list[SlotView]:
         with self._lock:
             slots = self._pool.open_slots(requests, prefix="s")
             old, self._slots = self._slots, slots
             self._pool.release([slot.engine for slot in old])
             log.info("compare slots: %s", ", ".join(slot.label for slot in slots))
-            return [slot.to_dict() for slot in slots]
+            return [slot.view() for slot in slots]
 
-    def clear(self) -> list[dict]:
+    def clear(self) -> list[SlotView]:
         with self._lock:
             old, self._slots = self._slots, []
             self._pool.release([slot.engine for slot in old])
             return []
 
-    def list(self) -> list[dict]:
-        return [slot.to_dict() for slot in self.slots()]
+    def list(self) -> list[SlotView]:
+        return [slot.view() for slot in self.slots()]
 
     def slots(self) -> list[Slot]:
         with self._lock:
             return list(self._slots)
 
-    def engines(self) -> list[dict]:
+    def engines(self) -> list[EngineUse]:
         """The models loaded for compare and evals, each once however many slots use it."""
         return self._pool.engines()
 

@@ -10,18 +10,20 @@ the eval's answers and the verdicts so far intact, and a resumed eval asks only 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 from app.services.core.errors import InvalidRequest, ServiceError
 from app.services.core.types import GenerationParams, Message
 from app.services.engine.service import ModelService
 from app.services.engine.slots import SlotRequest
-from app.services.records.arena_store import ArenaStore
+from app.services.records.arena_store import ArenaStore, Judgment
+from app.services.records.eval_records import JudgeDescription, JudgeEndpoint, JudgeTally, PairVerdict, SingleVerdict, SlotRecord, Verdict
 from app.services.records.test_sets import TestRow
 from config.settings import RemoteSettings
 
@@ -161,7 +163,7 @@ def _ask(judge: Judge, prompt: str, parse: Callable[[str], str]) -> tuple[str, s
     return parse(answer), answer
 
 
-def judge_summary(judgments: list[dict], labels: Sequence[str]) -> dict[str, dict]:
+def judge_summary(judgments: list[Judgment], labels: Sequence[str]) -> dict[str, JudgeTally]:
     """Per model: pairwise wins, losses, ties, unparsable and errors over its pairs (both orders
     combined), and its mean single-answer rating. For each model the pairwise counts add up to
     the pairs it was in."""
@@ -169,13 +171,13 @@ def judge_summary(judgments: list[dict], labels: Sequence[str]) -> dict[str, dic
     ratings: dict[str, list[int]] = {label: [] for label in labels}
     single_other: dict[str, dict[str, int]] = {label: {"unparsable": 0, "error": 0} for label in labels}
     for judgment in judgments:
-        if judgment["kind"] == "pairwise":
-            pairs.setdefault((judgment["row_index"], judgment["model_a"], judgment["model_b"]), {})[judgment["order_shown"]] = judgment["verdict"]
-        elif judgment["model_a"] in ratings:
-            if judgment["verdict"].isdigit():
-                ratings[judgment["model_a"]].append(int(judgment["verdict"]))
+        if judgment.kind == "pairwise":
+            pairs.setdefault((judgment.row_index, judgment.model_a, judgment.model_b), {})[judgment.order_shown] = judgment.verdict
+        elif judgment.model_a in ratings:
+            if judgment.verdict.isdigit():
+                ratings[judgment.model_a].append(int(judgment.verdict))
             else:
-                single_other[judgment["model_a"]][judgment["verdict"]] += 1
+                single_other[judgment.model_a][judgment.verdict] += 1
     summary = {label: {"judge_wins": 0, "judge_losses": 0, "judge_ties": 0, "judge_unparsable": 0, "judge_errors": 0,
                        "judge_pairs": 0} for label in labels}
     for (_, model_a, model_b), orders in pairs.items():
@@ -187,31 +189,32 @@ def judge_summary(judgments: list[dict], labels: Sequence[str]) -> dict[str, dic
             key = {mine: "judge_wins", theirs: "judge_losses", "tie": "judge_ties", "unparsable": "judge_unparsable",
                    "error": "judge_errors"}[verdict]
             summary[label][key] += 1
+    tallies = {}
     for label in labels:
         scores = ratings[label]
-        summary[label].update({"judge_rating": round(sum(scores) / len(scores), 2) if scores else None,
-                               "judge_rated": len(scores), "judge_rating_unparsable": single_other[label]["unparsable"],
-                               "judge_rating_errors": single_other[label]["error"]})
-    return summary
+        tallies[label] = JudgeTally(**summary[label], judge_rating=round(sum(scores) / len(scores), 2) if scores else None,
+                                    judge_rated=len(scores), judge_rating_unparsable=single_other[label]["unparsable"],
+                                    judge_rating_errors=single_other[label]["error"])
+    return tallies
 
 
-def row_verdicts(judgments: list[dict], row_index: int) -> list[dict]:
+def row_verdicts(judgments: list[Judgment], row_index: int) -> list[Verdict]:
     """A row's verdicts for the report: each pair with both orders and their combination, and each grade."""
-    mine = [j for j in judgments if j["row_index"] == row_index]
-    out = []
-    by_pair: dict[tuple[str, str], dict[str, dict]] = {}
+    mine = [j for j in judgments if j.row_index == row_index]
+    out: list[Verdict] = []
+    by_pair: dict[tuple[str, str], dict[str, Judgment]] = {}
     for judgment in mine:
-        if judgment["kind"] == "pairwise":
-            by_pair.setdefault((judgment["model_a"], judgment["model_b"]), {})[judgment["order_shown"]] = judgment
+        if judgment.kind == "pairwise":
+            by_pair.setdefault((judgment.model_a, judgment.model_b), {})[judgment.order_shown] = judgment
         else:
-            out.append({"kind": "single", "model": judgment["model_a"], "verdict": judgment["verdict"], "reason": judgment["reason"]})
+            out.append(SingleVerdict(kind="single", model=judgment.model_a, verdict=judgment.verdict, reason=judgment.reason))
     for (model_a, model_b), orders in by_pair.items():
         ab, ba = orders.get("ab"), orders.get("ba")
-        verdict = combined(ab["verdict"], SWAP[ba["verdict"]]) if ab and ba else None
-        out.append({"kind": "pairwise", "model_a": model_a, "model_b": model_b,
-                    "verdict": {"A": model_a, "B": model_b}.get(verdict, verdict),
-                    "ab": ab["verdict"] if ab else None, "ba": ba["verdict"] if ba else None,
-                    "reason_ab": ab["reason"] if ab else None, "reason_ba": ba["reason"] if ba else None})
+        verdict = combined(ab.verdict, SWAP[ba.verdict]) if ab and ba else None
+        out.append(PairVerdict(kind="pairwise", model_a=model_a, model_b=model_b,
+                               verdict={"A": model_a, "B": model_b}.get(verdict, verdict),
+                               ab=ab.verdict if ab else None, ba=ba.verdict if ba else None,
+                               reason_ab=ab.reason if ab else None, reason_ba=ba.reason if ba else None))
     return out
 
 
@@ -220,25 +223,23 @@ class JudgeRequest:
     """Which model judges, and how: ``slot`` (a model this server serves), or the operator's judge
     endpoint (settings.judge_endpoint: an OpenAI-compatible server, its key in the settings only)."""
 
-    mode: str  # "pairwise", "single" or "both"
+    mode: Literal["pairwise", "single", "both"]
     slot: Optional[SlotRequest] = None
     endpoint: Optional[RemoteSettings] = None
     max_new_tokens: int = JUDGE_TOKENS  # the judge's explanation and verdict
 
-    def describe(self) -> dict:
+    def describe(self) -> JudgeDescription:
         """What the eval's meta and report say of the judge: never the key."""
         if self.endpoint is not None:
-            return {"mode": self.mode, "max_new_tokens": self.max_new_tokens,
-                    "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model}}
+            return JudgeDescription(mode=self.mode, max_new_tokens=self.max_new_tokens,
+                                    endpoint=JudgeEndpoint(base_url=self.endpoint.base_url, model=self.endpoint.model))
         slot = self.slot or SlotRequest()
-        return {"mode": self.mode, "max_new_tokens": self.max_new_tokens, "slot": {"model": slot.model, "backend": slot.backend, "adapter": slot.adapter,
-                                            "adapter_enabled": slot.adapter_enabled}}
+        return JudgeDescription(mode=self.mode, max_new_tokens=self.max_new_tokens, slot=SlotRecord(**dataclasses.asdict(slot)))
 
     @classmethod
-    def from_meta(cls, meta: Optional[dict], endpoint: RemoteSettings) -> Optional["JudgeRequest"]:
-        if not meta:
+    def from_meta(cls, meta: Optional[JudgeDescription], endpoint: RemoteSettings) -> Optional["JudgeRequest"]:
+        if meta is None:
             return None
-        tokens = meta.get("max_new_tokens", JUDGE_TOKENS)
-        if meta.get("endpoint"):
-            return cls(meta["mode"], endpoint=endpoint, max_new_tokens=tokens)
-        return cls(meta["mode"], slot=SlotRequest(**meta["slot"]), max_new_tokens=tokens)
+        if meta.endpoint is not None:
+            return cls(meta.mode, endpoint=endpoint, max_new_tokens=meta.max_new_tokens)
+        return cls(meta.mode, slot=SlotRequest(**(meta.slot or SlotRecord()).model_dump()), max_new_tokens=meta.max_new_tokens)

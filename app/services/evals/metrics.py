@@ -11,6 +11,8 @@ import string
 import unicodedata
 from typing import Optional, Sequence
 
+from app.services.records.eval_records import TextScores
+
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _PUNCTUATION = set(string.punctuation) | set("，。！？；：、“”‘’（）《》【】…—·")
 
@@ -87,12 +89,12 @@ def corpus_bleu(outputs: Sequence[str], references: Sequence[str]) -> float:
     return sacrebleu.corpus_bleu(list(outputs), [list(references)], tokenize=bleu_tokenizer(references)).score
 
 
-def score(output: str, reference: Optional[str]) -> dict:
+def score(output: str, reference: Optional[str]) -> TextScores:
     """The row's scores; None where there is no reference to score against."""
     if reference is None:
-        return {"bleu": None, "rouge_l": None, "exact_match": None}
-    return {
-        "bleu": round(sentence_bleu(output, reference), 2),
-        "rouge_l": round(rouge_l(output, reference), 4),
-        "exact_match": exact_match(output, reference),
-    }
+        return TextScores(bleu=None, rouge_l=None, exact_match=None)
+    return TextScores(
+        bleu=round(sentence_bleu(output, reference), 2),
+        rouge_l=round(rouge_l(output, reference), 4),
+        exact_match=exact_match(output, reference),
+    )

@@ -14,16 +14,30 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 from app.services.core.errors import EvalRunning, InvalidRequest, ServiceError, StorageFull
+from app.services.core.shapes import Shape
 from app.services.core.types import GenerationParams
-from app.services.engine.generation import Generation, RollingFeed
+from app.services.engine.generation import Generation, GenerationResult, RollingFeed
 from app.services.engine.scoring import conversation
 from app.services.engine.slots import EnginePool, Slot, SlotRequest
 from app.services.evals import metrics
 from app.services.evals.judge import Judge, JudgeRequest, judge_rows, judge_summary, load_prompts, row_verdicts
 from app.services.records.arena_store import ArenaStore
+from app.services.records.eval_records import (
+    EvalAnswer,
+    EvalMeta,
+    EvalModel,
+    EvalParams,
+    EvalReport,
+    EvalRow,
+    EvalState,
+    EvalSummary,
+    JudgeTally,
+    ReferenceScores,
+    SlotRecord,
+)
 from app.services.records.eval_store import EvalStore
 from app.services.records.test_sets import TestRow
 from config.settings import Settings
@@ -31,16 +45,62 @@ from config.settings import Settings
 log = logging.getLogger(__name__)
 
 FINAL_STATES = ("done", "cancelled", "error", "interrupted")
-# A score-only eval's answer: nothing generated, nothing timed; only the reference's likelihood.
-SCORE_ONLY_ANSWER = {"output": "", "finish_reason": "scored", "error": None, "completion_tokens": 0, "latency_ms": 0.0,
-                     "ttft_ms": None, "tokens_per_second": None, "bleu": None, "rouge_l": None, "exact_match": None}
 KEEPALIVE_S = 15.0
+
+
+class EvalProgress(Shape):
+    id: str
+    name: str
+    state: EvalState
+    done: int
+    total: int
+    model: Optional[str]
+    row: Optional[int]
+    error: Optional[str]
+    url: str
+    events: str
+
+
+class RunningEval(Shape):
+    id: str
+    done: int
+    total: int
+    state: EvalState
+
+
+class EvalListing(Shape):
+    id: str
+    name: str
+    state: EvalState
+    created: str
+    done: int
+    total: int
+    models: list[str]
+
+
+class EvalDone(Shape):
+    """The last event of an eval's stream."""
+
+    state: EvalState
+    error: Optional[str]
+    summary: list[EvalSummary]
+    done: int
+    total: int
+
+
+EvalEvent = Union[tuple[str, EvalProgress], tuple[str, EvalDone], tuple[str, None]]
+
+
+def score_only_answer(scores: ReferenceScores) -> EvalAnswer:
+    """A score-only eval's answer: nothing generated, nothing timed; only the reference's likelihood."""
+    return EvalAnswer(output="", finish_reason="scored", error=None, completion_tokens=0, latency_ms=0.0, ttft_ms=None,
+                      tokens_per_second=None, bleu=None, rouge_l=None, exact_match=None, **dict(scores))
 
 
 @dataclass
 class _Run:
     eval_id: str
-    meta: dict
+    meta: EvalMeta
     rows: list[TestRow]
     requests: list[SlotRequest]
     params: GenerationParams
@@ -55,9 +115,10 @@ class _Run:
     judge: Optional[JudgeRequest] = None
 
 
-def needs_reference_score(row: TestRow, output: dict) -> bool:
-    """An answer saved without its reference's likelihood, where the row has a reference."""
-    return bool(row.reference and row.reference.strip()) and "ref_nll" not in output
+def needs_reference_score(row: TestRow, output: EvalAnswer) -> bool:
+    """An answer saved without its reference's likelihood (neither scored nor said why not), where
+    the row has a reference."""
+    return bool(row.reference and row.reference.strip()) and output.ref_nll is None and output.ref_error is None
 
 
 def new_eval_id() -> str:
@@ -65,9 +126,9 @@ def new_eval_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(8)}"
 
 
-def slot_request_dict(request: SlotRequest) -> dict:
-    return {"model": request.model, "backend": request.backend, "adapter": request.adapter,
-            "adapter_enabled": request.adapter_enabled}
+def slot_record(request: SlotRequest) -> SlotRecord:
+    return SlotRecord(model=request.model, backend=request.backend, adapter=request.adapter,
+                      adapter_enabled=request.adapter_enabled)
 
 
 class EvalService:
@@ -82,8 +143,8 @@ class EvalService:
 
     # -- starting --------------------------------------------------------------------------
     def start(self, rows: Sequence[TestRow], requests: Sequence[SlotRequest], max_new_tokens: int,
-              name: Optional[str] = None, on_progress: Optional[Callable[[dict], None]] = None,
-              score_only: bool = False, judge: Optional[JudgeRequest] = None) -> dict:
+              name: Optional[str] = None, on_progress: Optional[Callable[[EvalProgress], None]] = None,
+              score_only: bool = False, judge: Optional[JudgeRequest] = None) -> EvalProgress:
         """Checks the models (a 400/403/404 before anything runs), saves the eval and starts it."""
         requests = list(requests) or [SlotRequest()]
         self._pool.plan(requests, field="models")  # resolves and confines every model now
@@ -97,18 +158,16 @@ class EvalService:
             if judge.mode == "pairwise" and len(requests) < 2:
                 raise InvalidRequest("a pairwise judge needs at least two models", field="judge")
         eval_id = new_eval_id()
-        meta = {
-            "id": eval_id,
-            "name": name or f"eval {eval_id}",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "state": "running",
-            "error": None,
-            "models": [slot_request_dict(r) for r in requests],
-            "labels": [],
-            "params": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "score_only": score_only},
-            "judge": judge.describe() if judge else None,
-            "total": len(rows) * len(requests),
-        }
+        meta = EvalMeta(
+            id=eval_id,
+            name=name or f"eval {eval_id}",
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            state="running",
+            models=[slot_record(r) for r in requests],
+            params=EvalParams(max_new_tokens=max_new_tokens, temperature=0.0, score_only=score_only),
+            judge=judge.describe() if judge else None,
+            total=len(rows) * len(requests),
+        )
         with self._lock:
             self._refuse_if_running()
             self._make_room(sum(len(row.prompt) + len(row.system or "") + len(row.reference or "") for row in rows))
@@ -117,7 +176,7 @@ class EvalService:
         self._launch(run, on_progress)
         return self.progress(eval_id)
 
-    def resume(self, eval_id: str, on_progress: Optional[Callable[[dict], None]] = None) -> dict:
+    def resume(self, eval_id: str, on_progress: Optional[Callable[[EvalProgress], None]] = None) -> EvalProgress:
         """Goes on with a cancelled, interrupted or failed eval, skipping the answers on disk."""
         meta = self.store.read_meta(eval_id)
         with self._lock:
@@ -125,12 +184,12 @@ class EvalService:
             state = self._state_of(meta)
             if state == "done":
                 raise InvalidRequest(f"eval {eval_id} is already complete", field="id")
-            requests = [SlotRequest(**m) for m in meta["models"]]
+            requests = [SlotRequest(**m.model_dump()) for m in meta.models]
             rows = self.store.rows(eval_id)
             done = self.store.count_outputs(eval_id)
-            meta.update(state="running", error=None)
+            meta = meta.model_copy(update={"state": "running", "error": None})
             self.store.write_meta(eval_id, meta)
-            run = self._begin(eval_id, meta, rows, requests, meta["params"]["max_new_tokens"], done)
+            run = self._begin(eval_id, meta, rows, requests, meta.params.max_new_tokens, done)
         self._launch(run, on_progress)
         return self.progress(eval_id)
 
@@ -162,22 +221,22 @@ class EvalService:
 
     def _refuse_if_running(self) -> None:
         run = self._run
-        if run is not None and run.meta["state"] == "running":
+        if run is not None and run.meta.state == "running":
             raise EvalRunning(f"eval {run.eval_id} is running ({run.done}/{run.total}); wait for it or cancel it "
                               f"(POST /api/evals/{run.eval_id}/cancel)", running=run.eval_id)
 
     def _begin(self, eval_id, meta, rows, requests, max_new_tokens, done, judge: Optional[JudgeRequest] = None) -> _Run:
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
-        judge = judge or JudgeRequest.from_meta(meta.get("judge"), self._settings.judge_endpoint)
+        judge = judge or JudgeRequest.from_meta(meta.judge, self._settings.judge_endpoint)
         self._run = _Run(eval_id, meta, rows, requests, params, done, len(rows) * len(requests),
-                         score_only=bool(meta["params"].get("score_only")), judge=judge)
+                         score_only=meta.params.score_only, judge=judge)
         return self._run
 
     def _launch(self, run: _Run, on_progress) -> None:
         run.thread = threading.Thread(target=self._work, args=(run, on_progress), name=f"eval-{run.eval_id}", daemon=True)
         run.thread.start()
 
-    def wait(self, eval_id: str, timeout: Optional[float] = None) -> dict:
+    def wait(self, eval_id: str, timeout: Optional[float] = None) -> EvalProgress:
         run = self._run
         if run is not None and run.eval_id == eval_id and run.thread is not None:
             run.thread.join(timeout)
@@ -188,7 +247,7 @@ class EvalService:
         slots: list[Slot] = []
         try:
             slots = self._pool.open_slots(run.requests, prefix="e", field="models")
-            run.meta["labels"] = [slot.label for slot in slots]
+            run.meta = run.meta.model_copy(update={"labels": [slot.label for slot in slots]})
             self.store.write_meta(run.eval_id, run.meta)
             saved = self.store.outputs(run.eval_id)
             # each model answers its rows in turn; the rows are fed to what it decodes at once one by
@@ -219,7 +278,7 @@ class EvalService:
 
         def answer(row_index: int, label: str) -> Optional[str]:
             output = outputs.get((row_index, labels.index(label)))
-            return output["output"] if output and output.get("finish_reason") not in ("error", "scored") else None
+            return output.output if output and output.finish_reason not in ("error", "scored") else None
 
         judge_slots: list[Slot] = []
         service = None
@@ -239,21 +298,21 @@ class EvalService:
             judge_rows(judge, prompts, self.judgments, run.eval_id, run.rows, answer, labels, run.judge.mode, run.cancel.is_set)
         except ServiceError as exc:
             log.warning("eval %s: the judge failed: %s", run.eval_id, exc.message)
-            run.meta["judge_error"] = exc.message
+            run.meta = run.meta.model_copy(update={"judge_error": exc.message})
         finally:
             self._pool.release([slot.engine for slot in judge_slots])
             if service is not None:
                 service.unload()
 
     def _answer_rows(self, run: _Run, slot: Slot, rows: list[TestRow], model_index: int, on_progress,
-                     unscored: Sequence[tuple[TestRow, dict]] = ()) -> None:
+                     unscored: Sequence[tuple[TestRow, EvalAnswer]] = ()) -> None:
         """Each row's answer from this model, saved the moment it ends (a cancelled answer is no
         result; a resume redoes it). The reference's likelihood under the model is scored and
         added once the model has answered every row, since scoring holds the model alone and would
         empty its batch each time; ``unscored`` are answers saved earlier without it (a resume)."""
         saving = threading.Lock()  # answers end on the feed's threads; progress is told one at a time
 
-        def save(row: TestRow, output: dict, counted: bool = True) -> None:
+        def save(row: TestRow, output: EvalAnswer, counted: bool = True) -> None:
             with saving:
                 self.store.save_output(run.eval_id, row.index, model_index, output)
                 with self._changed:
@@ -267,11 +326,11 @@ class EvalService:
             for row in rows:
                 if run.cancel.is_set():
                     return
-                save(row, {**SCORE_ONLY_ANSWER, **self._reference_scores(slot, row)})
+                save(row, score_only_answer(self._reference_scores(slot, row)))
             return
         to_score = list(unscored)
 
-        def answered(row: TestRow, output: dict) -> None:
+        def answered(row: TestRow, output: EvalAnswer) -> None:
             save(row, output)
             if needs_reference_score(row, output):
                 to_score.append((row, output))
@@ -280,23 +339,23 @@ class EvalService:
         for row, output in to_score:
             if run.cancel.is_set():
                 return  # the answers are saved; a resume scores their references
-            save(row, {**output, **self._reference_scores(slot, row)}, counted=False)
+            save(row, output.model_copy(update=dict(self._reference_scores(slot, row))), counted=False)
 
     @staticmethod
-    def _reference_scores(slot: Slot, row: TestRow) -> dict:
+    def _reference_scores(slot: Slot, row: TestRow) -> ReferenceScores:
         """ref_nll (total, nats), ref_tokens and ref_perplexity of the row's reference under the model;
         None where there is no reference or the backend cannot score (a remote server)."""
-        empty = {"ref_nll": None, "ref_tokens": None, "ref_perplexity": None}
         if row.reference is None or not row.reference.strip():
-            return empty
+            return ReferenceScores()
         try:
             scored = slot.service.score(conversation(row.system, row.prompt), row.reference, 0, slot.adapter_enabled)
         except ServiceError as exc:  # too long for the context, a backend that cannot score: unscored, said why
-            return {**empty, "ref_error": exc.message}
-        return {"ref_nll": round(scored.nll, 4), "ref_tokens": len(scored.tokens), "ref_perplexity": round(scored.perplexity, 4)}
+            return ReferenceScores(ref_error=exc.message)
+        return ReferenceScores(ref_nll=round(scored.nll, 4), ref_tokens=len(scored.tokens),
+                               ref_perplexity=round(scored.perplexity, 4))
 
     def _generate(self, run: _Run, slot: Slot, rows: list[TestRow], model_index: int,
-                  answered: Callable[[TestRow, dict], None]) -> None:
+                  answered: Callable[[TestRow, EvalAnswer], None]) -> None:
         """The model's answers to ``rows``, each handed to ``answered`` as it ends, fed row by row."""
 
         def start(position: int) -> Optional[Generation]:
@@ -305,26 +364,27 @@ class EvalService:
                 return slot.service.start(slot.params(run.params), messages=conversation(row.system, row.prompt),
                                           generation_id=f"eval-{run.eval_id}-{row.index}-{model_index}")
             except ServiceError as exc:  # this row does not fit this model (too long, say): scored as empty
-                answered(row, {"output": "", "finish_reason": "error", "error": exc.message, "completion_tokens": 0,
-                               "latency_ms": 0.0, "ttft_ms": None, "tokens_per_second": None,
-                               **metrics.score("", row.reference)})
+                answered(row, EvalAnswer(output="", finish_reason="error", error=exc.message, completion_tokens=0,
+                                         latency_ms=0.0, ttft_ms=None, tokens_per_second=None,
+                                         **dict(metrics.score("", row.reference))))
                 return None
 
-        def ended(position: int, result) -> None:
+        def ended(position: int, result: GenerationResult) -> None:
             if result.finish_reason == "cancelled":
                 return
             row = rows[position]
-            answered(row, {
-                "output": result.text,
-                "finish_reason": result.finish_reason,
-                "error": result.error,
-                "completion_tokens": result.usage.get("completion_tokens", 0),
+            timings = result.timings
+            answered(row, EvalAnswer(
+                output=result.text,
+                finish_reason=result.finish_reason,
+                error=result.error,
+                completion_tokens=result.usage.completion_tokens,
                 # the answer's own time, first token and decode, without its wait for the model
-                "latency_ms": round(result.timings.get("ttft_ms", 0.0) + result.timings.get("decode_ms", 0.0), 1),
-                "ttft_ms": result.timings.get("ttft_ms"),
-                "tokens_per_second": result.timings.get("tokens_per_second"),
-                **metrics.score(result.text, row.reference),
-            })
+                latency_ms=round((timings.ttft_ms or 0.0) + (timings.decode_ms or 0.0), 1),
+                ttft_ms=round(timings.ttft_ms, 2) if timings.ttft_ms is not None else None,
+                tokens_per_second=round(timings.tokens_per_second, 2) if timings.tokens_per_second is not None else None,
+                **dict(metrics.score(result.text, row.reference)),
+            ))
 
         run.feed = RollingFeed(slot.service.batch_size, halt=run.cancel)
         try:
@@ -333,8 +393,8 @@ class EvalService:
             run.feed = None
 
     def _finish(self, run: _Run, state: str, error: Optional[str]) -> None:
-        final = {**run.meta, "state": state, "error": error,
-                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        final = run.meta.model_copy(update={"state": state, "error": error,
+                                            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         try:
             # on disk first: whoever sees the final state in memory then reads it complete
             self.store.write_meta(run.eval_id, final)
@@ -347,10 +407,10 @@ class EvalService:
         log.info("eval %s %s: %d/%d answers", run.eval_id, state, run.done, run.total)
 
     # -- control and views -----------------------------------------------------------------
-    def cancel(self, eval_id: str) -> dict:
+    def cancel(self, eval_id: str) -> EvalProgress:
         self.store.read_meta(eval_id)  # a 404 for an unknown id
         run = self._run
-        if run is not None and run.eval_id == eval_id and run.meta["state"] == "running":
+        if run is not None and run.eval_id == eval_id and run.meta.state == "running":
             run.cancel.set()
             feed = run.feed
             if feed is not None:
@@ -363,36 +423,36 @@ class EvalService:
         """Stops the running eval, if any (at shutdown; it resumes later from its saved answers)."""
         running = self.running()
         if running is not None:
-            self.cancel(running["id"])
+            self.cancel(running.id)
 
-    def _state_of(self, meta: dict) -> str:
+    def _state_of(self, meta: EvalMeta) -> EvalState:
         run = self._run
-        if meta["state"] == "running" and not (run is not None and run.eval_id == meta["id"] and run.thread
-                                                and run.thread.is_alive()):
+        if meta.state == "running" and not (run is not None and run.eval_id == meta.id and run.thread
+                                            and run.thread.is_alive()):
             return "interrupted"  # saved as running by a process that is gone
-        return meta["state"]
+        return meta.state
 
-    def _progress_of(self, run: _Run) -> dict:
-        return {"id": run.eval_id, "name": run.meta["name"], "state": run.meta["state"], "done": run.done,
-                "total": run.total, "model": run.last_model, "row": run.last_row, "error": run.meta.get("error"),
-                "url": f"/api/evals/{run.eval_id}", "events": f"/api/evals/{run.eval_id}/events"}
+    def _progress_of(self, run: _Run) -> EvalProgress:
+        return EvalProgress(id=run.eval_id, name=run.meta.name, state=run.meta.state, done=run.done, total=run.total,
+                            model=run.last_model, row=run.last_row, error=run.meta.error,
+                            url=f"/api/evals/{run.eval_id}", events=f"/api/evals/{run.eval_id}/events")
 
-    def progress(self, eval_id: str) -> dict:
+    def progress(self, eval_id: str) -> EvalProgress:
         run = self._run
         if run is not None and run.eval_id == eval_id:
             return self._progress_of(run)
         meta = self.store.read_meta(eval_id)
-        return {"id": eval_id, "name": meta["name"], "state": self._state_of(meta),
-                "done": self.store.count_outputs(eval_id), "total": meta["total"], "model": None, "row": None,
-                "error": meta.get("error"), "url": f"/api/evals/{eval_id}", "events": f"/api/evals/{eval_id}/events"}
+        return EvalProgress(id=eval_id, name=meta.name, state=self._state_of(meta), done=self.store.count_outputs(eval_id),
+                            total=meta.total, model=None, row=None, error=meta.error, url=f"/api/evals/{eval_id}",
+                            events=f"/api/evals/{eval_id}/events")
 
-    def running(self) -> Optional[dict]:
+    def running(self) -> Optional[RunningEval]:
         run = self._run
-        if run is None or run.meta["state"] != "running":
+        if run is None or run.meta.state != "running":
             return None
-        return {"id": run.eval_id, "done": run.done, "total": run.total, "state": "running"}
+        return RunningEval(id=run.eval_id, done=run.done, total=run.total, state="running")
 
-    def list(self) -> list[dict]:
+    def list(self) -> list[EvalListing]:
         evals = []
         for eval_id in self.store.ids():
             try:
@@ -400,80 +460,79 @@ class EvalService:
             except (OSError, ValueError, KeyError):
                 continue  # a folder that is not one of ours
             progress = self.progress(eval_id)
-            evals.append({"id": eval_id, "name": meta["name"], "state": progress["state"], "created": meta["created"],
-                          "done": progress["done"], "total": meta["total"],
-                          "models": meta.get("labels") or [m.get("model") or "served model" for m in meta["models"]]})
+            evals.append(EvalListing(id=eval_id, name=meta.name, state=progress.state, created=meta.created,
+                                     done=progress.done, total=meta.total,
+                                     models=meta.labels or [m.model or "served model" for m in meta.models]))
         return evals
 
-    def report(self, eval_id: str) -> dict:
+    def report(self, eval_id: str) -> EvalReport:
         """The whole eval: its models, every row with each model's answer and scores, and a
         summary per model (corpus BLEU, mean ROUGE-L and exact match, mean latency and speed)."""
         meta = self.store.read_meta(eval_id)
         rows = self.store.rows(eval_id)
         outputs = self.store.outputs(eval_id)
-        labels = meta.get("labels") or [f"model {i + 1}" for i in range(len(meta["models"]))]
-        judgments = self.judgments.judgments(eval_id) if meta.get("judge") else []
+        labels = meta.labels or [f"model {i + 1}" for i in range(len(meta.models))]
+        judgments = self.judgments.judgments(eval_id) if meta.judge else []
         report_rows = []
         for row in rows:
             answers = {labels[m]: outputs[(row.index, m)] for m in range(len(labels)) if (row.index, m) in outputs}
-            extra = {"judge": row_verdicts(judgments, row.index)} if meta.get("judge") else {}
-            report_rows.append({**row.to_dict(), "outputs": answers, **extra})
-        summary = [self._summary(label, [r["outputs"][label] for r in report_rows if label in r["outputs"]],
-                                 [r["reference"] for r in report_rows if label in r["outputs"]]) for label in labels]
-        if meta.get("judge"):
-            verdicts = judge_summary(judgments, labels)
-            summary = [{**entry, **verdicts[entry["label"]]} for entry in summary]
+            report_rows.append(EvalRow(**dict(row), outputs=answers,
+                                       judge=row_verdicts(judgments, row.index) if meta.judge else None))
+        tallies = judge_summary(judgments, labels) if meta.judge else {}
+        summary = [self._summary(label, [r.outputs[label] for r in report_rows if label in r.outputs],
+                                 [r.reference for r in report_rows if label in r.outputs], tallies.get(label))
+                   for label in labels]
         progress = self.progress(eval_id)
-        return {
-            "id": eval_id, "name": meta["name"], "state": progress["state"], "created": meta["created"],
-            "finished": meta.get("finished"), "done": progress["done"], "total": meta["total"], "error": meta.get("error"),
-            "params": meta["params"],
-            "judge": meta.get("judge"), "judge_error": meta.get("judge_error"),
-            "models": [{"label": label, **request} for label, request in zip(labels, meta["models"])],
-            "summary": summary, "rows": report_rows,
-        }
+        return EvalReport(
+            id=eval_id, name=meta.name, state=progress.state, created=meta.created, finished=meta.finished,
+            done=progress.done, total=meta.total, error=meta.error, params=meta.params, judge=meta.judge,
+            judge_error=meta.judge_error,
+            models=[EvalModel(label=label, **dict(request)) for label, request in zip(labels, meta.models)],
+            summary=summary, rows=report_rows,
+        )
 
     @staticmethod
-    def _summary(label: str, answers: list[dict], references: list[Optional[str]]) -> dict:
-        scored = [(a, r) for a, r in zip(answers, references) if r is not None and a.get("finish_reason") != "scored"]
-        likelihoods = [a for a in answers if a.get("ref_nll") is not None]
-        ref_tokens = sum(a["ref_tokens"] for a in likelihoods)
+    def _summary(label: str, answers: list[EvalAnswer], references: list[Optional[str]],
+                 tally: Optional[JudgeTally] = None) -> EvalSummary:
+        scored = [(a, r) for a, r in zip(answers, references) if r is not None and a.finish_reason != "scored"]
+        likelihoods = [a for a in answers if a.ref_nll is not None]
+        ref_tokens = sum(a.ref_tokens or 0 for a in likelihoods)
 
         def mean(values):
             values = [v for v in values if v is not None]
             return round(sum(values) / len(values), 4) if values else None
 
-        return {
-            "label": label,
-            "rows": len(answers),
-            "scored_rows": len(scored),
-            "errors": sum(1 for a in answers if a.get("finish_reason") == "error"),
-            "bleu": round(metrics.corpus_bleu([a["output"] for a, _ in scored], [r for _, r in scored]), 2) if scored else None,
-            "rouge_l": mean(a["rouge_l"] for a, _ in scored),
-            "exact_match": mean(a["exact_match"] for a, _ in scored),
-            "latency_ms": mean(a["latency_ms"] for a in answers),
-            "tokens_per_second": mean(a["tokens_per_second"] for a in answers if a.get("tokens_per_second")),
+        return EvalSummary(
+            label=label,
+            rows=len(answers),
+            scored_rows=len(scored),
+            errors=sum(1 for a in answers if a.finish_reason == "error"),
+            bleu=round(metrics.corpus_bleu([a.output for a, _ in scored], [r for _, r in scored]), 2) if scored else None,
+            rouge_l=mean(a.rouge_l for a, _ in scored),
+            exact_match=mean(a.exact_match for a, _ in scored),
+            latency_ms=mean(a.latency_ms for a in answers),
+            tokens_per_second=mean(a.tokens_per_second for a in answers if a.tokens_per_second),
             # the mean of each reference's total NLL, and the perplexity over all reference tokens together
-            "ref_nll": mean(a["ref_nll"] for a in likelihoods),
-            "ref_perplexity": round(math.exp(sum(a["ref_nll"] for a in likelihoods) / ref_tokens), 4) if ref_tokens else None,
-        }
+            ref_nll=mean(a.ref_nll for a in likelihoods),
+            ref_perplexity=round(math.exp(sum(a.ref_nll for a in likelihoods) / ref_tokens), 4) if ref_tokens else None,
+            **dict(tally or JudgeTally()),
+        )
 
-    def events(self, eval_id: str) -> Iterator[tuple[str, dict]]:
-        """``progress`` now and whenever an answer lands, then ``done`` when the eval ends; None
-        (a keep-alive) after a quiet spell, so proxies keep the connection open."""
+    def events(self, eval_id: str) -> Iterator[EvalEvent]:
+        """``progress`` now and whenever an answer lands, then ``done`` when the eval ends;
+        ``keepalive`` (no data) after a quiet spell, so proxies keep the connection open."""
         last_done = -1
         while True:
             progress = self.progress(eval_id)
-            if progress["done"] != last_done:
-                last_done = progress["done"]
+            if progress.done != last_done:
+                last_done = progress.done
                 yield "progress", progress
-            if progress["state"] in FINAL_STATES:
-                summary = self.report(eval_id)["summary"]
-                yield "done", {"state": progress["state"], "error": progress["error"], "summary": summary,
-                               "done": progress["done"], "total": progress["total"]}
+            if progress.state in FINAL_STATES:
+                yield "done", EvalDone(state=progress.state, error=progress.error, summary=self.report(eval_id).summary,
+                                       done=progress.done, total=progress.total)
                 return
             with self._changed:
                 run = self._run
-                if run is not None and run.eval_id == eval_id and run.done == last_done and run.meta["state"] == "running":
+                if run is not None and run.eval_id == eval_id and run.done == last_done and run.meta.state == "running":
                     if not self._changed.wait(KEEPALIVE_S):
-                        yield "keepalive", {}
+                        yield "keepalive", None

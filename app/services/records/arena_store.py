@@ -13,9 +13,12 @@ import sqlite3
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator, Literal, Optional, Union
+
+from pydantic import Field
 
 from app.services.core.errors import NotFound
+from app.services.core.shapes import Shape
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS comparisons (
@@ -45,6 +48,40 @@ CREATE TABLE IF NOT EXISTS judgments (
 """
 
 
+# The settings the answers were made with: a comparison's sampling, or the eval's params.
+SettingsRecord = dict[str, Union[bool, int, float, None]]
+
+
+class Turn(Shape):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class StoredComparison(Shape):
+    id: str
+    created: str
+    source: str = Field(description='"compare", or "eval:<id>:<row>".')
+    messages: list[Turn]
+    params: SettingsRecord
+    answers: dict[str, str] = Field(description="Each answer by the letter it is shown under, in that order.")
+    mapping: dict[str, str] = Field(description="Which model wrote which answer; hidden until the vote.")
+    vote: Optional[str]
+    voted: Optional[str]
+
+
+class Judgment(Shape):
+    eval_id: str
+    row_index: int
+    kind: Literal["pairwise", "single"]
+    model_a: str
+    model_b: str  # "" for single-answer grading
+    order_shown: Literal["ab", "ba", ""]
+    verdict: str
+    reason: str
+    judge: str
+    created: str
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -67,15 +104,16 @@ class ArenaStore:
         return connection
 
     # -- comparisons and votes -------------------------------------------------------------
-    def add_comparison(self, comparison_id: str, source: str, messages: list[dict], params: dict, answers: dict[str, str],
-                       mapping: dict[str, str]) -> None:
+    def add_comparison(self, comparison_id: str, source: str, messages: list[Turn], params: SettingsRecord,
+                       answers: dict[str, str], mapping: dict[str, str]) -> None:
+        turns = [turn.model_dump() for turn in messages]
         with closing(self._connect()) as connection, connection:
             connection.execute(
                 "INSERT INTO comparisons (id, created, source, messages, params, answers, mapping) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (comparison_id, now(), source, json.dumps(messages, ensure_ascii=False), json.dumps(params),
+                (comparison_id, now(), source, json.dumps(turns, ensure_ascii=False), json.dumps(params),
                  json.dumps(answers, ensure_ascii=False), json.dumps(mapping, ensure_ascii=False)))
 
-    def comparison(self, comparison_id: str) -> dict:
+    def comparison(self, comparison_id: str) -> StoredComparison:
         with closing(self._connect()) as connection:
             row = connection.execute("SELECT * FROM comparisons WHERE id = ?", (comparison_id,)).fetchone()
         if row is None:
@@ -89,7 +127,7 @@ class ArenaStore:
                                         (vote, now(), comparison_id))
             return cursor.rowcount == 1
 
-    def voted(self) -> list[dict]:
+    def voted(self) -> list[StoredComparison]:
         with closing(self._connect()) as connection:
             rows = connection.execute("SELECT * FROM comparisons WHERE vote IS NOT NULL ORDER BY voted, id").fetchall()
         return [_comparison(row) for row in rows]
@@ -102,29 +140,30 @@ class ArenaStore:
                 "INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (eval_id, row_index, kind, model_a, model_b, order, verdict, reason, judge, now()))
 
-    def judgments(self, eval_id: str) -> list[dict]:
+    def judgments(self, eval_id: str) -> list[Judgment]:
         with closing(self._connect()) as connection:
             rows = connection.execute("SELECT * FROM judgments WHERE eval_id = ? ORDER BY row_index, kind, model_a, model_b, "
                                       "order_shown", (eval_id,)).fetchall()
-        return [dict(row) for row in rows]
+        return [Judgment(**dict(row)) for row in rows]
 
     def judged(self, eval_id: str) -> set[tuple[int, str, str, str, str]]:
         """The verdicts already on disk (not errors), so a resumed eval asks the judge only for the rest."""
-        return {(j["row_index"], j["kind"], j["model_a"], j["model_b"], j["order_shown"]) for j in self.judgments(eval_id)
-                if j["verdict"] != "error"}
+        return {(j.row_index, j.kind, j.model_a, j.model_b, j.order_shown) for j in self.judgments(eval_id)
+                if j.verdict != "error"}
 
 
-def _comparison(row: sqlite3.Row) -> dict[str, Any]:
-    return {"id": row["id"], "created": row["created"], "source": row["source"], "messages": json.loads(row["messages"]),
-            "params": json.loads(row["params"]), "answers": json.loads(row["answers"]), "mapping": json.loads(row["mapping"]),
-            "vote": row["vote"], "voted": row["voted"]}
+def _comparison(row: sqlite3.Row) -> StoredComparison:
+    return StoredComparison(id=row["id"], created=row["created"], source=row["source"],
+                            messages=json.loads(row["messages"]), params=json.loads(row["params"]),
+                            answers=json.loads(row["answers"]), mapping=json.loads(row["mapping"]),
+                            vote=row["vote"], voted=row["voted"])
 
 
-def iter_pairs(comparison: dict) -> Iterator[tuple[str, str, float]]:
+def iter_pairs(comparison: StoredComparison) -> Iterator[tuple[str, str, float]]:
     """A voted comparison as pairwise games (model_a, model_b, score of a): the winner beats every
     other answer; a tie or "both bad" ties every pair."""
-    positions = list(comparison["answers"])
-    mapping, vote = comparison["mapping"], comparison["vote"]
+    positions = list(comparison.answers)
+    mapping, vote = comparison.mapping, comparison.vote
     for i, first in enumerate(positions):
         for second in positions[i + 1:]:
             if vote in (first, second):

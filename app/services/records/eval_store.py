@@ -13,8 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
+from pydantic import BaseModel
+
 from app.services.core.errors import NotFound
 from app.services.core.spreadsheet import safe_row
+from app.services.records.eval_records import EvalAnswer, EvalMeta, EvalReport
 from app.services.records.test_sets import TestRow
 
 EVAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
@@ -40,8 +43,8 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def jsonl(records: Iterable[dict]) -> str:
-    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+def jsonl(records: Iterable[BaseModel]) -> str:
+    return "".join(record.model_dump_json() + "\n" for record in records)
 
 
 class EvalStore:
@@ -54,23 +57,25 @@ class EvalStore:
             raise NotFound(f"no eval {eval_id!r}; GET /api/evals lists them")
         return self.root / eval_id
 
-    def create(self, eval_id: str, meta: dict, rows: list[TestRow]) -> None:
+    def create(self, eval_id: str, meta: EvalMeta, rows: list[TestRow]) -> None:
         folder = self.root / eval_id
-        atomic_write(folder / "rows.jsonl", jsonl(row.to_dict() for row in rows))
-        atomic_write(folder / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1))  # last: marks it complete
+        atomic_write(folder / "rows.jsonl", jsonl(rows))
+        atomic_write(folder / "meta.json", meta.model_dump_json(indent=1))  # last: marks it complete
 
-    def write_meta(self, eval_id: str, meta: dict) -> None:
-        atomic_write(self._dir(eval_id) / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1))
+    def write_meta(self, eval_id: str, meta: EvalMeta) -> None:
+        atomic_write(self._dir(eval_id) / "meta.json", meta.model_dump_json(indent=1))
 
-    def read_meta(self, eval_id: str) -> dict:
-        return json.loads((self._dir(eval_id) / "meta.json").read_text(encoding="utf-8"))
+    def read_meta(self, eval_id: str) -> EvalMeta:
+        """The eval's meta; a file that is not one raises a ValueError (pydantic's ValidationError).
+        A key an earlier version wrote and this one dropped is ignored, not an unreadable eval."""
+        return EvalMeta.model_validate_json((self._dir(eval_id) / "meta.json").read_bytes(), extra="ignore")
 
     def rows(self, eval_id: str) -> list[TestRow]:
         lines = (self._dir(eval_id) / "rows.jsonl").read_text(encoding="utf-8").splitlines()
-        return [TestRow(**json.loads(line)) for line in lines if line.strip()]
+        return [TestRow.model_validate_json(line) for line in lines if line.strip()]
 
-    def save_output(self, eval_id: str, row: int, model: int, output: dict) -> None:
-        atomic_write(self._dir(eval_id) / "outputs" / f"r{row:06d}-m{model:02d}.json", json.dumps(output, ensure_ascii=False))
+    def save_output(self, eval_id: str, row: int, model: int, output: EvalAnswer) -> None:
+        atomic_write(self._dir(eval_id) / "outputs" / f"r{row:06d}-m{model:02d}.json", output.model_dump_json())
 
     def _output_files(self, eval_id: str) -> list[Path]:
         folder = self._dir(eval_id) / "outputs"
@@ -80,11 +85,12 @@ class EvalStore:
         """How many answers are saved, from the file names alone (the listing and progress need no more)."""
         return len(self._output_files(eval_id))
 
-    def outputs(self, eval_id: str) -> dict[tuple[int, int], dict]:
-        found: dict[tuple[int, int], dict] = {}
+    def outputs(self, eval_id: str) -> dict[tuple[int, int], EvalAnswer]:
+        """Each saved answer by (row index, model index)."""
+        found: dict[tuple[int, int], EvalAnswer] = {}
         for path in self._output_files(eval_id):
             row, model = path.stem[1:].split("-m")
-            found[(int(row), int(model))] = json.loads(path.read_text(encoding="utf-8"))
+            found[(int(row), int(model))] = EvalAnswer.model_validate_json(path.read_bytes(), extra="ignore")
         return found
 
     def size_of(self, eval_id: str) -> int:
@@ -109,23 +115,24 @@ class EvalStore:
         return sorted((p.name for p in self.root.iterdir() if (p / "meta.json").is_file()), reverse=True)
 
     # -- exports ---------------------------------------------------------------------------
-    def export_jsonl(self, report: dict) -> str:
-        return jsonl(report["rows"])
+    def export_jsonl(self, report: EvalReport) -> str:
+        return jsonl(report.rows)
 
-    def export_csv(self, report: dict) -> str:
+    def export_csv(self, report: EvalReport) -> str:
         """One line per answer (row × model), so a spreadsheet can filter and pivot it."""
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
-        for row in report["rows"]:
-            for label, output in row["outputs"].items():
-                writer.writerow(safe_row({**output, "index": row["index"], "model": label, "prompt": row["prompt"],
-                                          "system": row["system"] or "", "reference": row["reference"] or ""}))
+        for row in report.rows:
+            for label, output in row.outputs.items():
+                writer.writerow(safe_row({**output.model_dump(), "index": row.index, "model": label, "prompt": row.prompt,
+                                          "system": row.system or "", "reference": row.reference or ""}))
         return buffer.getvalue()
 
-    def save_exports(self, eval_id: str, report: dict) -> Optional[Path]:
+    def save_exports(self, eval_id: str, report: EvalReport) -> Optional[Path]:
         folder = self._dir(eval_id)
         atomic_write(folder / "results.jsonl", self.export_jsonl(report))
         atomic_write(folder / "results.csv", self.export_csv(report))
-        atomic_write(folder / "summary.json", json.dumps(report["summary"], ensure_ascii=False, indent=1))
+        summary = [entry.model_dump(mode="json") for entry in report.summary]
+        atomic_write(folder / "summary.json", json.dumps(summary, ensure_ascii=False, indent=1))
         return folder

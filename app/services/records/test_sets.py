@@ -5,10 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass
 from typing import Optional
 
-from app.services.core.errors import InvalidRequest
+from app.services.core.errors import ErrorDetails, InvalidRequest
+from app.services.core.shapes import Shape
 from app.services.core.unicode import lone_surrogate_at
 
 COLUMNS = ("prompt", "system", "reference")
@@ -21,19 +21,15 @@ class InvalidTestSet(InvalidRequest):
         super().__init__(f"line {line}: {message}" if line else message, field="file")
         self.line = line
 
-    def details(self) -> dict:
-        return {"line": self.line} if self.line else {}
+    def details(self) -> ErrorDetails:
+        return ErrorDetails(line=self.line or None)
 
 
-@dataclass(frozen=True)
-class TestRow:
+class TestRow(Shape):
     index: int
     prompt: str
     system: Optional[str] = None
     reference: Optional[str] = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def parse_test_set(data: bytes, filename: str = "", max_bytes: Optional[int] = None,
@@ -83,7 +79,7 @@ def _row(record: dict, index: int, line: int) -> TestRow:
         values[column] = value if value != "" or column == "prompt" else None
     if not (values["prompt"] or "").strip():
         raise InvalidTestSet("the prompt is empty", line)
-    return TestRow(index, values["prompt"], values["system"], values["reference"])
+    return TestRow(index=index, prompt=values["prompt"], system=values["system"], reference=values["reference"])
 
 
 def _parse_jsonl(text: str) -> list[TestRow]:

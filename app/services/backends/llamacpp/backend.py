@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-from app.services.backends.base import Capabilities, check_token_ids, continuation_prompt
+from app.services.backends.base import BackendInfo, Capabilities, check_token_ids, continuation_prompt
 from app.services.backends.llamacpp import internals, offload
 from app.services.backends.llamacpp.decoder import continuation_logits, decode_tokens
 from app.services.backends.llamacpp.offload import GgmlDevice, OffloadPlan, plan_offload
@@ -350,7 +350,7 @@ class LlamaCppBackend:
     def n_ctx(self) -> int:
         return self._llama.n_ctx() if self._llama is not None else self._settings.n_ctx
 
-    def info(self) -> dict:
+    def info(self) -> BackendInfo:
         facts = {
             "device": self._device,
             "n_ctx": self.n_ctx,
@@ -375,10 +375,10 @@ class LlamaCppBackend:
         if self._gpu_fallback_reason:
             facts["gpu_fallback"] = self._gpu_fallback_reason
         if self._offload is not None:
-            facts["gpu"] = self.gpu_use().to_dict()
+            facts["gpu"] = self.gpu_use()
         if self._lora_path is not None:
             facts.update({"adapter": str(self._lora_path), "lora_scale": LORA_SCALE})
-        return facts
+        return BackendInfo(**facts)
 
     def gpu_use(self) -> GpuUse:
         """The GPU's name, the layers on it (n of N, as llama.cpp counts them) and the memory the

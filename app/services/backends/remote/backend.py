@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 from urllib.parse import urlsplit
 
-from app.services.backends.base import Capabilities
+from app.services.backends.base import BackendInfo, Capabilities
 from app.services.backends.remote.client import RemoteClient
 from app.services.backends.remote.protocol import StreamFailed, StreamReading, n_ctx_of, request_body
 from app.services.checkpoints.spec import ModelSpec
@@ -120,7 +120,7 @@ class RemoteBackend:
         # on it (the room left for an answer) to the server's own check.
         return self._n_ctx_known() or 1 << 31
 
-    def info(self) -> dict:
+    def info(self) -> BackendInfo:
         facts = {
             "device": "remote",
             "base_url": self._base_url,
@@ -138,7 +138,7 @@ class RemoteBackend:
             facts["usage"] = "reported by the server" if self._server_sends_usage else (
                 "counted here: the server reports no usage when streaming; prompt_tokens is 0"
             )
-        return facts
+        return BackendInfo(**facts)
 
     # -- prompts ---------------------------------------------------------------------------
     def chat_template(self) -> Optional[str]:
@@ -188,5 +188,5 @@ class RemoteBackend:
         last = reading.assembler.finish(reason, error)
         if reading.usage is not None:
             last.usage = reading.usage
-            last.timings = dataclasses.replace(last.timings, completion_tokens=reading.usage.completion_tokens)
+            last.timings = last.timings.recounted(reading.usage.completion_tokens)
         return last

@@ -101,7 +101,7 @@ def n_ctx_of(entry: dict) -> Optional[int]:
 def usage_of(data: dict) -> Optional[Usage]:
     prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
     if isinstance(prompt, int) and isinstance(completion, int):
-        return Usage(prompt, completion)
+        return Usage.of(prompt, completion)
     return None
 
 

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from app.services.backends.base import Capabilities, check_token_ids, common_prefix_length, continuation_prompt
+from app.services.backends.base import BackendInfo, Capabilities, check_token_ids, common_prefix_length, continuation_prompt
 from app.services.backends.transformers.batching import END, Batcher, Failure, Row, batch_key
 from app.services.backends.transformers.detokenizer import TokenBytes, make_detokenizer
 from app.services.backends.transformers.device import (
@@ -31,7 +31,7 @@ from app.services.backends.transformers.device import (
     probe_caps,
 )
 from app.services.backends.transformers.running_batch import PrefixCache, RunningBatch
-from app.services.checkpoints.adapters import ADAPTER_WEIGHT_FILES, adapter_matches_base, read_adapter_config
+from app.services.checkpoints.adapters import ADAPTER_WEIGHT_FILES, AdapterConfig, adapter_matches_base, read_adapter_config
 from app.services.checkpoints.hf_checkpoint import CheckpointFacts, inspect_checkpoint, read_safetensors_header
 from app.services.checkpoints.spec import ModelSpec
 from app.services.checkpoints.stop_tokens import hf_stop_ids
@@ -82,7 +82,7 @@ class TransformersBackend:
         self._n_ctx = settings.n_ctx or 2048
         self._fallback_reason: Optional[str] = None
         self._gpu: Optional[GpuUse] = None
-        self._adapter_config: Optional[dict] = None
+        self._adapter_config: Optional[AdapterConfig] = None
         self._prefix_cache = False
         self._kv_cache = None
         self._kv_ids: tuple[int, ...] = ()
@@ -146,7 +146,7 @@ class TransformersBackend:
                                f"modelling code (config.json auto_map), which is not run unless allowed: "
                                f"{self._remote_code_hint()}", field="model")
 
-    def _check_adapter(self, adapter: Path) -> dict:
+    def _check_adapter(self, adapter: Path) -> AdapterConfig:
         if not adapter.exists():
             raise ModelNotFound(f"adapter not found: {adapter}", field="adapter")
         if not adapter.is_dir():
@@ -160,7 +160,7 @@ class TransformersBackend:
                 read_safetensors_header(weights[0])
             except InvalidModel as exc:
                 raise InvalidModel(exc.message, field="adapter") from None
-        base = config.get("base_model_name_or_path")
+        base = config.base_model_name_or_path
         if base and not adapter_matches_base(base, self.spec.path):
             raise InvalidModel(
                 f"adapter {adapter.name} was trained on {base}, not on {self.spec.path.name}; "
@@ -373,7 +373,7 @@ class TransformersBackend:
     def n_ctx(self) -> int:
         return self._n_ctx
 
-    def info(self) -> dict:
+    def info(self) -> BackendInfo:
         placement = self._placement
         facts = {
             "device": DEVICE_NAMES[placement.device] if placement else None,
@@ -397,12 +397,12 @@ class TransformersBackend:
                 }
             )
             if self._adapter_config:
-                facts["adapter_rank"] = self._adapter_config.get("r")
+                facts["adapter_rank"] = self._adapter_config.r
         if self._fallback_reason:
             facts["device_fallback"] = self._fallback_reason
         if self._gpu is not None:
-            facts["gpu"] = self._gpu.to_dict()
-        return facts
+            facts["gpu"] = self._gpu
+        return BackendInfo(**facts)
 
     # -- prompts ---------------------------------------------------------------------------
     def render_prompt(self, messages: Sequence[Message]) -> str:
