@@ -93,6 +93,10 @@ class ServerSettings(BaseModel):
         description="Host names (as browsers send them in the Host header) this server answers to, besides "
         "localhost, 127.0.0.1, [::1] and the bound host; any other is refused (DNS rebinding). '*' allows every name.",
     )
+    any_model_name: bool = Field(
+        False, description="On the OpenAI routes, a model name this server does not know means the served model, for "
+        "clients that hard-code one (gpt-4o-mini). Off: OpenAI's 404 model_not_found, so a typo is seen.",
+        json_schema_extra={"flag": "--any-model-name"})
     port: int = Field(5000, ge=1, le=65535, description="TCP port to listen on.", json_schema_extra={"flag": "--port"})
     log_dir: Path = Field(PROJECT_ROOT / "logs", description="Folder of the rotating log file.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of console and file.", json_schema_extra={"flag": "--log-level"})

@@ -5,6 +5,11 @@
    round by round and the ratio is the median of the paired rounds (target: >= 0.90).
 2. A 200-row eval with ``--score-only`` (the references scored by teacher forcing) against the
    same eval generating up to 64 tokens per row (target: >= 5x faster), on the default GGUF.
+3. A 4-choice question scored as lm-evaluation-harness scores it (one /v1/completions request,
+   the four choices as token-id prompts, ``echo``, ``logprobs: 1``, ``max_tokens: 1``) against
+   generating one token for a question, on llama.cpp and on transformers, a new question each
+   round; the paths alternate round by round and the ratio (scoring / generating) is the median
+   of the paired rounds.
 
     python -m scripts.bench_logprobs [--runs 5] [--rows 200] [--out results/bench]
 
@@ -58,6 +63,57 @@ def bench_streaming(backend_flags: list[str], runs: int, tokens: int) -> dict:
             "ratio": paired_ratio(top5, plain), "samples": {"plain": plain, "top5": top5}}
 
 
+CHOICES = [" Paris", " Berlin", " Madrid", " Rome"]
+
+
+def question(round_index: int, country: str) -> str:
+    """A question no earlier round asked, so neither path finds its prompt in a KV cache."""
+    return f"Question: In quiz {round_index}, what is the capital of {country}?\nAnswer:"
+
+
+def tokens_of(session: requests.Session, url: str, text: str) -> list[int]:
+    """The server's own token ids of a text, as lm-eval reads them (POST /tokenize, no BOS)."""
+    answer = session.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60)
+    answer.raise_for_status()
+    return answer.json()["tokens"]
+
+
+def timed_post(session: requests.Session, url: str, body: dict) -> float:
+    started = time.perf_counter()
+    answer = session.post(url, json=body, timeout=600)
+    answer.raise_for_status()
+    return (time.perf_counter() - started) * 1000.0
+
+
+def bench_echo(backend_flags: list[str], runs: int) -> dict:
+    """Milliseconds per request, each path once a round, in turns, each on a question of its own
+    (as lm-eval asks one question after another); the ratio paired per round. Scoring sends what
+    lm-eval sends for a question with --batch_size 4: its four choices as token-id prompts in one
+    request, echo, logprobs 1, max_tokens 1 (the four share the question's tokens, which the
+    server reads once)."""
+    samples: dict[str, list[float]] = {"score_4_choices": [], "generate_1_token": []}
+    with Server(["--n-threads", "2", *backend_flags]) as server:
+        session, url = requests.Session(), f"{server.url}/v1/completions"
+
+        def bodies(round_index: int) -> dict[str, dict]:
+            choices = [tokens_of(session, server.url, question(round_index, "France") + choice) for choice in CHOICES]
+            context = tokens_of(session, server.url, question(round_index, "Spain"))
+            return {"score_4_choices": {"prompt": choices, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0},
+                    "generate_1_token": {"prompt": [context], "max_tokens": 1, "temperature": 0}}
+
+        for body in bodies(-1).values():
+            timed_post(session, url, body)  # warm-up
+        for index in range(runs):
+            round_bodies = bodies(index)
+            names = list(round_bodies)
+            for name in names[index % 2:] + names[:index % 2]:
+                samples[name].append(timed_post(session, url, round_bodies[name]))
+                log.info("run %d %-18s %7.1f ms", index + 1, name, samples[name][-1])
+    score, generate = samples["score_4_choices"], samples["generate_1_token"]
+    return {"score_4_choices_ms": round(statistics.median(score), 1), "generate_1_token_ms": round(statistics.median(generate), 1),
+            "ratio": round(paired_ratio(score, generate), 2), "samples": samples}
+
+
 def test_set(rows: int) -> str:
     """Questions whose answers run long, each with a reference of about the same length."""
     lines = []
@@ -97,16 +153,19 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="paired rounds per backend (default 5)")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per streamed answer (default 128)")
     parser.add_argument("--rows", type=int, default=200, help="rows of the eval comparison (default 200)")
-    parser.add_argument("--skip", choices=["transformers", "eval"], action="append", default=[])
+    parser.add_argument("--skip", choices=["transformers", "eval", "streaming", "echo"], action="append", default=[])
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     load_before = load_average()
     summary = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-               "load_average_before": load_before,
-               "streaming": {"llamacpp": bench_streaming([], args.runs, args.tokens)}}
-    if "transformers" not in args.skip:
-        summary["streaming"]["transformers"] = bench_streaming(["--backend", "transformers"], args.runs, args.tokens)
+               "load_average_before": load_before, "streaming": {}, "echo": {}}
+    backends = {"llamacpp": []} if "transformers" in args.skip else {"llamacpp": [], "transformers": ["--backend", "transformers"]}
+    for backend, flags in backends.items():
+        if "streaming" not in args.skip:
+            summary["streaming"][backend] = bench_streaming(flags, args.runs, args.tokens)
+        if "echo" not in args.skip:
+            summary["echo"][backend] = bench_echo(flags, args.runs)
     if "eval" not in args.skip:
         summary["eval"] = bench_eval(args.rows)
     summary["load_average_after"] = load_average()
@@ -116,6 +175,9 @@ def main(argv=None) -> int:
     for backend, figures in summary["streaming"].items():
         print(f"{backend:<13} plain {figures['plain_tokens_per_second']:6.1f} tok/s  logprobs:5 "
               f"{figures['top5_tokens_per_second']:6.1f} tok/s  ratio {figures['ratio']:.3f} (target >= 0.90)")
+    for backend, figures in summary["echo"].items():
+        print(f"{backend:<13} a 4-choice question scored through echo {figures['score_4_choices_ms']:7.1f} ms, one token "
+              f"generated {figures['generate_1_token_ms']:7.1f} ms: ratio {figures['ratio']:.2f}")
     if "eval" in summary:
         e = summary["eval"]
         print(f"eval of {e['rows']} rows: generating {e['generate_s']:.1f} s ({e['mean_generated_tokens']} tokens a row), "

@@ -352,6 +352,22 @@ def test_the_language_switch_changes_the_page_and_is_remembered(page, live_serve
     assert visible_strings(page)["stored"] == "en"
 
 
+def test_the_eval_view_shows_the_lm_eval_commands_for_the_served_model(page, live_server):
+    page.find_element(By.ID, "tab-evaluate").click()
+    page.find_element(By.CSS_SELECTOR, "#lm-eval summary").click()
+    command = WebDriverWait(page, 10).until(lambda d: "model=" in d.find_element(By.ID, "lm-eval-mc").text
+                                            and d.find_element(By.ID, "lm-eval-mc").text)
+    assert command.startswith("lm_eval --model local-completions --tasks \"hellaswag\" --batch_size 4")
+    assert f"model={GGUF_ID},base_url={live_server.url}/v1/completions,num_concurrent=4" in command
+    chat = page.find_element(By.ID, "lm-eval-gen").text
+    assert "--model local-chat-completions --apply_chat_template" in chat
+    assert f"model={GGUF_ID},base_url={live_server.url}/v1/chat/completions" in chat
+    tasks = page.find_element(By.ID, "lm-eval-tasks")
+    tasks.clear()
+    tasks.send_keys("arc_easy, mmlu")
+    assert '--tasks "arc_easy,mmlu"' in page.find_element(By.ID, "lm-eval-mc").text
+
+
 def test_the_first_language_follows_the_browser(page, live_server):
     agent = page.execute_script("return navigator.userAgent")
     try:

@@ -139,6 +139,65 @@ def test_scoring_a_reference_agrees_with_generation(served):
     assert scored["tokens"][0]["token"] == first.token and scored["tokens"][0]["logprob"] == pytest.approx(first.logprob, abs=1e-4)
 
 
+def echoed_reference(app, client, reference: str = REFERENCE) -> tuple[dict, list]:
+    """/api/score of the reference, and /v1/completions' echo of the same tokens (the rendered
+    prompt and the reference, as token ids): its entries for the reference's tokens."""
+    test_client = app.test_client()
+    scored = test_client.post("/api/score", json={"messages": QUESTION, "reference": reference, "top_logprobs": 5}).get_json()
+    rendered = test_client.post("/api/apply_template", json={"messages": QUESTION}).get_json()["prompt"]
+    prompt_ids = test_client.post("/api/tokenize", json={"text": rendered}).get_json()["tokens"]
+    assert len(prompt_ids) == scored["prompt_tokens"]
+    ids = prompt_ids + [token["id"] for token in scored["tokens"]]
+    echoed = client.completions.create(model="", prompt=[ids], echo=True, logprobs=5, max_tokens=0).choices[0].logprobs
+    assert len(echoed.token_logprobs) == len(ids) and echoed.token_logprobs[0] is None
+    start = len(prompt_ids)
+    return scored, list(zip(echoed.tokens[start:], echoed.token_logprobs[start:], echoed.top_logprobs[start:]))
+
+
+def test_echo_gives_the_numbers_api_score_gives(served):
+    app, client = served
+    scored, echoed = echoed_reference(app, client)
+    assert len(echoed) == len(scored["tokens"])
+    for token, (text, logprob, top) in zip(scored["tokens"], echoed):
+        assert text == token["token"] and logprob == pytest.approx(token["logprob"], abs=1e-4)
+        alternatives = {alternative["token"]: alternative["logprob"] for alternative in token["top_logprobs"]}
+        assert all(top[name] == pytest.approx(value, abs=1e-4) for name, value in alternatives.items())
+
+
+def test_logit_bias_bans_a_token_on_both_backends(served):
+    app, client = served
+    plain = client.chat.completions.create(model="", messages=QUESTION, logprobs=True, **GREEDY).choices[0]
+    first = app.test_client().post("/api/chat", json={"messages": QUESTION, "temperature": 0, "repetition_penalty": 1.0,
+                                                      "max_new_tokens": 1, "logprobs": 0}).get_json()["logprobs"][0]
+    assert first["token"] == plain.logprobs.content[0].token
+    biased = client.chat.completions.create(model="", messages=QUESTION, logprobs=True, logit_bias={str(first["id"]): -100},
+                                            **GREEDY).choices[0]
+    assert biased.logprobs.content[0].token != first["token"]
+    forced = app.test_client().post("/api/chat", json={"messages": QUESTION, "temperature": 0.8, "seed": 3, "max_new_tokens": 1,
+                                                       "logprobs": 0, "logit_bias": {"12345": 100}}).get_json()
+    assert forced["logprobs"][0]["id"] == 12345
+
+
+def test_llamacpp_f16_and_transformers_fp32_echo_alike(tmp_path, base_f16, default_hf_checkpoint):
+    """The same prompt tokens echoed with their log-probabilities, f16 in llama.cpp and fp32 in
+    transformers, agree as closely as their reference scores do (the test below)."""
+    per_backend = {}
+    fp32 = TransformersSettings(dtype="fp32", n_ctx=TEST_N_CTX, n_threads=2)
+    for name, overrides in (("llamacpp", {"model": str(base_f16)}),
+                            ("transformers", {"backend": "transformers", "model": str(default_hf_checkpoint), "transformers": fp32})):
+        app = create_app(make_settings(tmp_path / name, **overrides))
+        server, thread = serve(app)
+        client = OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="unused", max_retries=0)
+        per_backend[name] = echoed_reference(app, client, REFERENCE + " It is a city of art.")[1]
+        server.shutdown()
+        thread.join(timeout=10)
+        app.extensions["model_service"].unload()
+    llama, hf = per_backend["llamacpp"], per_backend["transformers"]
+    assert [text for text, _, _ in llama] == [text for text, _, _ in hf]
+    difference = sum(abs(a[1] - b[1]) for a, b in zip(llama, hf)) / len(hf)
+    assert difference < 0.05, f"mean absolute difference {difference:.4f} nats"
+
+
 def test_llamacpp_f16_and_transformers_fp32_score_alike(tmp_path, base_f16, default_hf_checkpoint):
     """The same reference under the same weights, f16 in llama.cpp and fp32 in transformers."""
     per_backend = {}

@@ -121,7 +121,7 @@ def test_the_model_rule(sdk, live_server):
 @pytest.mark.parametrize(
     "body, param, words",
     [
-        ({"messages": QUESTION, "n": 2}, "n", "n must be 1"),
+        ({"messages": QUESTION, "n": 9}, "n", "less than or equal to 8"),
         ({"messages": []}, "messages", "at least 1"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "role"),
         ({"messages": QUESTION, "temperature": 3}, "temperature", "less than or equal to 2"),
@@ -154,7 +154,9 @@ def test_bad_chat_requests_get_openai_shaped_400s(live_server, body, param, word
 
 @pytest.mark.parametrize(
     "body, param",
-    [({"prompt": ["a", "b"]}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": "x", "echo": True}, "echo"), ({}, "prompt")],
+    [({"prompt": [["a"]]}, "prompt[0]"), ({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": ["x", ""]}, "prompt[1]"),
+     ({"prompt": [1.5]}, "prompt[0]"), ({"prompt": "x", "suffix": "y"}, "suffix"), ({"prompt": "x", "best_of": 3}, "best_of"),
+     ({"prompt": "x", "max_tokens": -1}, "max_tokens"), ({}, "prompt")],
 )
 def test_bad_completion_requests(live_server, body, param):
     response = requests.post(f"{live_server.url}/v1/completions", json=body, timeout=30)

@@ -416,7 +416,8 @@ def test_request_carries_the_sampling_and_usage_from_the_server_wins(tmp_path):
         app = remote_app(tmp_path, fake.url)
         answer = app.test_client().post("/api/chat", json={
             "messages": [{"role": "user", "content": "Hi"}], "system": "Be brief.", "max_new_tokens": 8,
-            "temperature": 0.3, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.2, "seed": 5, "stop": ["zz"]}).get_json()
+            "temperature": 0.3, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.2, "seed": 5, "stop": ["zz"],
+            "logit_bias": {"7": -100, "12": 2.5}}).get_json()
         assert (answer["response"], answer["finish_reason"]) == ("ab", "stop")
         assert answer["usage"] == {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
         sent = fake.requests[0]
@@ -426,6 +427,7 @@ def test_request_carries_the_sampling_and_usage_from_the_server_wins(tmp_path):
             "model": "fake", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 8,
             "temperature": 0.3, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.2, "repeat_penalty": 1.2,
             "seed": 5, "stop": ["zz"]}
+        assert sent["logit_bias"] == {"7": -100.0, "12": 2.5}  # the server's own ids, passed on
         assert app.test_client().get("/api/model_status").get_json()["info"]["usage"] == "reported by the server"
 
 

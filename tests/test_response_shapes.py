@@ -134,6 +134,20 @@ def test_every_route_answers_in_its_documented_shape(shapes_app):
     walk.stream("POST", "/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 4, "stream": True,
                                                  "logprobs": 2})
     walk.json("GET", "/v1/models")
+    # token-id prompts, several in a request, echo with their log-probabilities, n answers each,
+    # streamed interleaved; vLLM's tokenizer routes; the OpenAI routes without /v1
+    ids = walk.json("POST", "/tokenize", json={"prompt": "The capital of France is", "add_special_tokens": False})["tokens"]
+    walk.json("POST", "/detokenize", json={"tokens": ids})
+    walk.json("GET", "/tokenizer_info")
+    walk.json("POST", "/v1/completions", json={"prompt": [ids, "The sky is"], "echo": True, "logprobs": 1, "max_tokens": 1,
+                                               "n": 2, "seed": 1})
+    walk.stream("POST", "/v1/completions", json={"prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 2, "n": 2,
+                                                 "stream": True, "stream_options": {"include_usage": True}})
+    walk.json("POST", "/chat/completions", json={"messages": messages, "max_tokens": 2, "n": 2, "seed": 1})
+    walk.stream("POST", "/chat/completions", json={"messages": messages, "max_tokens": 2, "n": 2, "stream": True})
+    walk.json("POST", "/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1})
+    walk.stream("POST", "/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "stream": True})
+    walk.json("GET", "/models")
 
     # the seed's service API
     service_body = {"max_tokens": 4, "temperature": 0}
@@ -196,6 +210,9 @@ def test_every_route_answers_in_its_documented_shape(shapes_app):
     ("POST", "/api/chat", {"prompt": 3}, 400, Surface.API),
     ("POST", "/v1/chat/completions", {"messages": [], "max_tokens": 4}, 400, Surface.OPENAI),
     ("GET", "/v1/no-such-route", None, 404, Surface.OPENAI),
+    ("GET", "/models/no-such-model", None, 404, Surface.OPENAI),
+    ("POST", "/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, Surface.OPENAI),
+    ("POST", "/v1/completions", {"prompt": [[1, 10**7]]}, 400, Surface.OPENAI),
     ("POST", "/generate", {"prompt": "x", "max_tokens": 10**9}, 422, Surface.SEED_API),
 ])
 def test_errors_answer_in_their_surfaces_documented_shape(shapes_app, method: str, path: str, body: Optional[dict],

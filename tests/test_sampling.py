@@ -28,6 +28,9 @@ ROW_PARAMS = [
     GenerationParams(temperature=0.9, top_k=5, top_p=0.5, seed=4, presence_penalty=0.6, frequency_penalty=0.4),
     GenerationParams(temperature=0, ignore_eos=True, frequency_penalty=1.5),
     GenerationParams(temperature=0.8, seed=5, ignore_eos=True, repetition_penalty=1.3),
+    # OpenAI's logit_bias: the likely tokens all but banned, one far-off token pushed up
+    GenerationParams(temperature=0, repetition_penalty=1.0, logit_bias=((0, -100.0), (1, -100.0), (2, -100.0), (300, 8.0))),
+    GenerationParams(temperature=0.7, seed=6, logit_bias=((3, -100.0), (40, 5.0))),
 ]
 
 

@@ -54,6 +54,7 @@ from app.routes.openai.schemas import (
     TextCompletion,
     TextCompletionChunk,
 )
+from app.routes.openai.tokenizer import VllmDetokenizeBody, VllmText, VllmTokenizeBody, VllmTokenizerInfo, VllmTokens
 from app.routes.pages import Health, ServiceDescription
 from app.routes.seed_api.schemas import (
     BatchAnswer,
@@ -146,6 +147,16 @@ OPERATIONS: dict[str, Operation] = {
     "openai.chat_completions": Operation("OpenAI chat completions", "openai", ChatCompletionBody, ChatCompletion, CHAT_SSE),
     "openai.completions": Operation("OpenAI text completions", "openai", CompletionBody, TextCompletion, TEXT_SSE),
     "openai.models": Operation("OpenAI model list: the loaded model first", "openai", response=ModelList),
+    "openai_root.chat_completions": Operation("OpenAI chat completions, without the /v1 prefix", "openai", ChatCompletionBody,
+                                              ChatCompletion, CHAT_SSE),
+    "openai_root.completions": Operation("OpenAI text completions, without the /v1 prefix", "openai", CompletionBody,
+                                         TextCompletion, TEXT_SSE),
+    "openai_root.models": Operation("OpenAI model list, without the /v1 prefix", "openai", response=ModelList),
+    "vllm_tokenizer.tokenizer_info": Operation("vLLM's tokenizer facts: end and begin tokens, chat template, context",
+                                               "openai", response=VllmTokenizerInfo),
+    "vllm_tokenizer.tokenize": Operation("vLLM's tokenize: the served model's token ids of a text", "openai",
+                                         VllmTokenizeBody, VllmTokens),
+    "vllm_tokenizer.detokenize": Operation("vLLM's detokenize: the text of token ids", "openai", VllmDetokenizeBody, VllmText),
     "inspection.tokenize": Operation("Token ids and vocabulary pieces of a text, with the model's tokenizer", "inspection", TokenizeBody, Tokens),
     "inspection.detokenize": Operation("The text of token ids, special tokens included", "inspection", DetokenizeBody, Text),
     "inspection.apply_template": Operation("The exact prompt string a chat with this conversation sends the model", "inspection",

@@ -71,6 +71,9 @@ class FakeBackend:
         check_token_ids(token_ids, self.vocab_size)
         return [chr(token_id) for token_id in token_ids]
 
+    def stop_token_ids(self) -> list[int]:
+        return []
+
     def chat_template(self) -> Optional[str]:
         return "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
 

@@ -31,6 +31,18 @@ class OpenAIPenalties:
         return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
 
 
+class LogitBias:
+    """OpenAI's logit_bias, added to the row's logits before any other step."""
+
+    def __init__(self, bias):
+        self._bias = bias
+
+    def __call__(self, input_ids, scores):
+        for token_id, value in self._bias:
+            scores[:, token_id] += value
+        return scores
+
+
 class SuppressTokens:
     """Keeps the end tokens from being picked (ignore_eos: the answer runs to its budget)."""
 
@@ -55,6 +67,8 @@ class RowSampler:
 
         self._sample = params.temperature > 0
         chain: list = []
+        if params.logit_bias:
+            chain.append(LogitBias(params.logit_bias))
         if params.repetition_penalty != 1.0:
             chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
         if params.presence_penalty or params.frequency_penalty:

@@ -8,7 +8,18 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 
 from app.routes.http.body import StrictBody
 from app.routes.http.constraints import ConstraintFields
-from app.routes.http.sampling import RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopLogprobs, TopP
+from app.routes.http.sampling import (
+    LogitBias,
+    RepetitionPenalty,
+    Sampling,
+    Seed,
+    StopStrings,
+    Temperature,
+    TokenBudget,
+    TopK,
+    TopLogprobs,
+    TopP,
+)
 from app.routes.http.shapes import TokenLogprobShape
 from app.routes.http.tools import CheckedToolCall, ToolCallIn, ToolIn, tool_use
 from app.services.catalog import AdapterEntry, ModelEntry
@@ -101,7 +112,7 @@ class ApplyTemplateBody(ConversationBody, ToolsBody):
     """The conversation part of a chat body, and its tools; the sampling fields a chat would carry are ignored."""
 
 
-class ChatBody(ConversationBody, ToolsBody, Sampling, StopStrings, ConstraintFields):
+class ChatBody(ConversationBody, ToolsBody, Sampling, StopStrings, LogitBias, ConstraintFields):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     max_new_tokens: TokenBudget = 256

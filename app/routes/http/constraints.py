@@ -1,5 +1,5 @@
 """The fields that hold an answer to a shape: OpenAI's ``response_format`` and llama-server's
-``grammar``, the same on /v1 and /api. They become one ``OutputConstraint`` in the
+``grammar`` and ``json_schema``, the same on /v1 and /api. They become one ``OutputConstraint`` in the
 generation's parameters; what the engine cannot enforce is refused when the model compiles it
 (a 400 naming the field), never ignored."""
 from __future__ import annotations
@@ -38,12 +38,20 @@ class ConstraintFields(BaseModel):
         "against json_schema.schema), enforced while decoding on the llamacpp and transformers backends.")
     grammar: Optional[str] = Field(
         None, description="A GBNF grammar (llama-server's extension) the answer must match; exclusive with response_format.")
+    json_schema: Optional[dict[str, Any]] = Field(
+        None, description="A JSON schema the answer must validate against (llama-server's extension); the same as "
+        "response_format json_schema, and exclusive with it and with grammar.")
 
     def output_constraint(self) -> Optional[OutputConstraint]:
         """The constraint these fields ask for, or None."""
         wanted = self.response_format if self.response_format is not None and self.response_format.type != "text" else None
-        if self.grammar is not None and wanted is not None:
-            raise InvalidRequest("give one of grammar or response_format, not both", field="grammar")
+        given = [name for name, value in (("grammar", self.grammar), ("json_schema", self.json_schema),
+                                          ("response_format", wanted)) if value is not None]
+        if len(given) > 1:
+            raise InvalidRequest(f"give one of grammar, json_schema or response_format, not both {given[0]} and {given[1]}",
+                                 field=given[0])
+        if self.json_schema is not None:
+            return OutputConstraint.json_schema(self.json_schema, field="json_schema")
         if self.grammar is not None:
             if not self.grammar.strip():
                 raise InvalidRequest("grammar: the grammar is empty", field="grammar")

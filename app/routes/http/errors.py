@@ -47,8 +47,17 @@ class Surface(Enum):
     SEED_API = "seed_api"
 
 
-# Blueprints of the service routes and of /v1; every other blueprint answers as /api does.
-SURFACE_OF_BLUEPRINT = {"openai": Surface.OPENAI, "seed_api": Surface.SEED_API}
+# Blueprints of the service routes and of the OpenAI-compatible ones (/v1, the same routes at the
+# root, vLLM's tokenizer routes); every other blueprint answers as /api does.
+SURFACE_OF_BLUEPRINT = {"openai": Surface.OPENAI, "openai_root": Surface.OPENAI, "vllm_tokenizer": Surface.OPENAI,
+                        "seed_api": Surface.SEED_API}
+# Paths no route matched that still belong to OpenAI's surface: under /v1, and under the OpenAI
+# routes served at the root too.
+OPENAI_PATHS = ("/v1/", "/chat/completions", "/completions", "/models", "/tokenize", "/detokenize", "/tokenizer_info")
+
+
+def _is_openai_path(path: str) -> bool:
+    return any(path == prefix.rstrip("/") or path.startswith(prefix.rstrip("/") + "/") for prefix in OPENAI_PATHS)
 ERROR_SHAPES = {Surface.API: ApiError, Surface.OPENAI: OpenAIError, Surface.SEED_API: Detail}
 ErrorBody = Union[ApiError, OpenAIError, Detail]
 
@@ -61,7 +70,7 @@ def current_surface() -> Surface:
     """The surface of this request: its blueprint's, or for a path no route matched, its prefix's."""
     if request.blueprint is not None:
         return SURFACE_OF_BLUEPRINT.get(request.blueprint, Surface.API)
-    return Surface.OPENAI if request.path.startswith("/v1/") else Surface.API
+    return Surface.OPENAI if _is_openai_path(request.path) else Surface.API
 
 
 # Where OpenAI has a code of its own for one of our error types, its clients know that one.

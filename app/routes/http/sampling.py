@@ -26,6 +26,7 @@ OpenAIPenalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Seed = Annotated[Optional[int], Field(ge=0, le=2**32 - 1, description="Makes sampling repeatable.")]
 TokenBudget = Annotated[int, Field(ge=1)]
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, description="How many of the most likely tokens to list at each place.")]
+BiasValue = Annotated[float, Field(ge=-100.0, le=100.0)]
 
 # The GenerationParams fields a body may carry under the same name.
 PARAM_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
@@ -59,8 +60,9 @@ class Sampling(BaseModel):
         fields = type(self).model_fields
         values = {name: getattr(self, name) for name in PARAM_FIELDS if name in fields}
         stops = checked_stops(getattr(self, "stop", None), limits)
+        bias = self.bias_pairs() if isinstance(self, LogitBias) else ()
         return GenerationParams(max_new_tokens=max_new_tokens, stop=stops, logprobs=logprobs, constraint=constraint,
-                                cache_scope=request_cache_scope(), **values)
+                                cache_scope=request_cache_scope(), logit_bias=bias, **values)
 
 
 class StopStrings(BaseModel):
@@ -73,3 +75,23 @@ class StopStrings(BaseModel):
     def _one_stop_string_is_a_list(cls, value):
         # A union would report errors as "stop.str"; normalising first keeps the field name plain.
         return [value] if isinstance(value, str) else value
+
+
+class LogitBias(BaseModel):
+    """OpenAI's ``logit_bias``: token ids (as JSON object keys) and an amount from -100 to 100 added
+    to each one's logit before sampling, on every backend (the remote one passes it on)."""
+
+    logit_bias: Optional[dict[str, BiasValue]] = Field(
+        None, description="Token id (as a string) -> an amount from -100 (all but banned) to 100 (all but forced) added "
+        "to its logit before sampling. Log-probabilities stay the model's own.")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _keys_are_token_ids(cls, bias):
+        for key in bias or {}:
+            if not key.strip().lstrip("-").isdigit():
+                raise ValueError(f"the keys are token ids; {key!r} is not one")
+        return bias
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((int(key), float(value)) for key, value in (self.logit_bias or {}).items()))

@@ -9,11 +9,14 @@ each surface describes its own in a :class:`Framing`.
 from __future__ import annotations
 
 import json
-from typing import Iterable, Iterator, Protocol
+import queue
+import threading
+from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 from flask import Response, jsonify
 from pydantic import BaseModel
 
+from app.services.core.errors import ServiceError
 from app.services.core.types import Chunk
 from app.services.core.unicode import encodable
 from app.services.engine.generation import Generation, QueueUpdate
@@ -68,6 +71,15 @@ class Framing(Protocol):
         """The last chunk of a generation that failed (``chunk.error``, ``chunk.error_type``)."""
 
 
+def framed(framing: Framing, item) -> Iterable[str]:
+    """The events of one item of a generation (a queue update or a chunk)."""
+    if isinstance(item, QueueUpdate):
+        return framing.queued(item.position)
+    if item.is_last:
+        return framing.failure(item) if item.finish_reason == "error" else framing.ending(item)
+    return framing.piece(item) if item.text or item.logprobs or item.tool_calls else ()
+
+
 def stream_generation(generation: Generation, framing: Framing) -> Response:
     generation.admit()
 
@@ -76,15 +88,65 @@ def stream_generation(generation: Generation, framing: Framing) -> Response:
         try:
             yield from framing.opening()
             for item in items:
-                if isinstance(item, QueueUpdate):
-                    yield from framing.queued(item.position)
-                elif item.is_last:
-                    yield from framing.failure(item) if item.finish_reason == "error" else framing.ending(item)
-                elif item.text or item.logprobs or item.tool_calls:
-                    yield from framing.piece(item)
+                yield from framed(framing, item)
         finally:
             generation.cancel.set()
             items.close()
+
+    return sse_response(events())
+
+
+def admit_all(generations: Sequence[Generation]) -> None:
+    """Every generation takes its place in the queue, or none keeps one (a full queue is a 429)."""
+    try:
+        for generation in generations:
+            generation.admit()
+    except ServiceError:
+        for generation in generations:
+            generation.close()
+        raise
+
+
+def stream_together(generations: Sequence[Generation], framings: Sequence[Framing],
+                    closing: Callable[[list[Optional[Chunk]]], Iterable[str]]) -> Response:
+    """Several generations of one request (OpenAI's ``n``, several prompts) as one stream, their
+    events interleaved as their tokens come: each runs on a thread of its own, so a backend that
+    batches decodes them together. All take their places in the queue before the 200 goes out;
+    ``closing`` gets every last chunk once all have ended. A failure ends the whole stream with
+    its error event, as one generation's does; a client that goes away cancels them all."""
+    admit_all(generations)
+
+    def events() -> Iterator[str]:
+        arrivals: queue.SimpleQueue = queue.SimpleQueue()
+
+        def run(index: int) -> None:
+            try:
+                for item in generations[index]:
+                    arrivals.put((index, item))
+            finally:
+                arrivals.put((index, None))
+
+        for index in range(len(generations)):
+            threading.Thread(target=run, args=(index,), name=f"choice-{generations[index].id}", daemon=True).start()
+        lasts: list[Optional[Chunk]] = [None] * len(generations)
+        running = len(generations)
+        try:
+            for framing in framings:
+                yield from framing.opening()
+            while running:
+                index, item = arrivals.get()
+                if item is None:
+                    running -= 1
+                    continue
+                yield from framed(framings[index], item)
+                if isinstance(item, Chunk) and item.is_last:
+                    if item.finish_reason == "error":
+                        return  # the stream ends with the error, as one generation's does
+                    lasts[index] = item
+            yield from closing(lasts)
+        finally:
+            for generation in generations:
+                generation.cancel.set()
 
     return sse_response(events())
 

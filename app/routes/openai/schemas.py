@@ -1,26 +1,99 @@
 """Request bodies of the OpenAI-compatible /v1 routes.
 
-Fields OpenAI defines and this server cannot honour (``n`` > 1, ``echo``,
-``suffix``) are refused with a 400 naming them rather than silently ignored, so a client never
-believes it got what it did not. ``response_format`` and llama-server's ``grammar`` are enforced
-while decoding (http/constraints.py). Unknown fields are ignored, as OpenAI's own server does for
-fields newer than the client. ``presence_penalty`` and ``frequency_penalty`` are honoured with
-OpenAI's definition (llama.cpp's penalty sampler; a logits processor for transformers).
-``repetition_penalty`` and ``top_k`` are accepted as extensions, as vLLM does.
+No field is accepted and then ignored, so a client never believes it got what it did not:
+
+- a field this server does not know is a 400 ``Unrecognized request argument supplied: <name>``,
+  as OpenAI answers;
+- fields OpenAI defines that this server does not act on (:data:`NOT_YET_SUPPORTED`: audio,
+  predicted outputs, web search, reasoning effort) are a 400 naming them, unless their value asks
+  for nothing (null, ``modalities: ["text"]``). A body model that declares such a field takes it over;
+- fields real clients send widely that change nothing here (``user``, ``metadata``, ``store``,
+  ``service_tier``, ``stream_options`` without ``stream``) are declared as accepted, and
+  docs/api.md lists them.
+
+Tools (and the older ``functions``) are rendered by the chat template and the answer read for
+calls (http/tools.py); ``response_format``, llama-server's ``grammar`` and ``json_schema`` are
+enforced while decoding (http/constraints.py). ``presence_penalty``, ``frequency_penalty`` and
+``logit_bias`` are honoured with OpenAI's definitions; ``repetition_penalty`` and ``top_k`` are
+accepted as extensions, as vLLM does.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.routes.http.constraints import ConstraintFields
-from app.routes.http.sampling import OpenAIPenalty, RepetitionPenalty, Sampling, Seed, StopStrings, Temperature, TokenBudget, TopK, TopLogprobs, TopP
+from app.routes.http.sampling import (
+    LogitBias,
+    OpenAIPenalty,
+    RepetitionPenalty,
+    Sampling,
+    Seed,
+    StopStrings,
+    Temperature,
+    TokenBudget,
+    TopK,
+    TopLogprobs,
+    TopP,
+)
 from app.routes.http.tools import CalledFunction, FunctionIn, ToolCallIn, ToolCallShape, ToolIn, legacy_tool_use, tool_use
 from app.services.core.errors import InvalidRequest
 from app.services.core.shapes import Shape
 from app.services.core.types import GenerationParams, Message, Timings, TokenCandidate, TokenLogprob, ToolCall, ToolUse, Usage
+from app.services.engine.completions import MAX_CHOICES_PER_PROMPT, PromptIn
 from config.settings import LimitSettings
+
+# Fields of OpenAI's chat API that this server does not act on, and why a client would send them.
+# A body model that declares the field handles it instead.
+NOT_YET_SUPPORTED = {
+    "audio": "audio output",
+    "modalities": "output other than text",
+    "prediction": "predicted outputs",
+    "web_search_options": "web search",
+    "reasoning_effort": "reasoning effort control",
+}
+# Values of those fields that ask for nothing, so a client that always sends them is served.
+ASKS_FOR_NOTHING = {"modalities": (["text"],)}
+# Message fields besides those ChatMessageIn declares: what OpenAI's own answers carry (null when
+# a client sends one back).
+MESSAGE_ECHOED_FIELDS = {"refusal", "audio", "annotations"}
+ACCEPTED = "Accepted for compatibility; it changes nothing here."
+
+
+def asks_for_nothing(name: str, value: Any) -> bool:
+    return value is None or value == [] or value == {} or value in ASKS_FOR_NOTHING.get(name, ())
+
+
+def refuse_unknown_fields(data: Any, known: set[str], where: str = "") -> None:
+    """A 400 for the first field that is neither known nor a not-yet-supported one asking for nothing."""
+    if not isinstance(data, dict):
+        return
+    for name, value in data.items():
+        if name in known:
+            continue
+        if name in NOT_YET_SUPPORTED:
+            if asks_for_nothing(name, value):
+                continue
+            raise InvalidRequest(f"{where}{name} is not supported by this server: it does no {NOT_YET_SUPPORTED[name]}, "
+                                 f"and it will not answer as if it did", field=f"{where}{name}")
+        raise InvalidRequest(f"Unrecognized request argument supplied: {where}{name}", field=f"{where}{name}")
+
+
+class OpenAIBody(BaseModel):
+    """A /v1 body: every field is declared; anything else is refused (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_fields(cls, data):
+        known = set(cls.model_fields) | {field.alias for field in cls.model_fields.values() if field.alias}
+        refuse_unknown_fields(data, known)
+        if not isinstance(data, dict):
+            return data
+        return {name: value for name, value in data.items() if name in known}  # without the ones that ask for nothing
 
 
 class TextPart(BaseModel):
@@ -38,14 +111,14 @@ class FunctionCallIn(BaseModel):
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore")  # checked by ChatCompletionBody, which knows the message's place
     # "function" is the older form of "tool": a function's result, named by the function
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[str, list[TextPart], None] = None
     tool_calls: Optional[list[ToolCallIn]] = Field(None, description="An assistant message's calls.")
     function_call: Optional[FunctionCallIn] = Field(None, description="An assistant message's call, the older form.")
     tool_call_id: Optional[str] = Field(None, description="A tool message answers this call.")
-    name: Optional[str] = None
+    name: Optional[str] = Field(None, description="A function message's function; accepted and unused on the others.")
 
     def message(self, index: int) -> Message:
         """As the service takes it: "developer" is OpenAI's newer name for the system role, and a
@@ -73,7 +146,7 @@ class ChatMessageIn(BaseModel):
             if part.type != "text" or part.text is None:
                 raise InvalidRequest(f"messages[{index}] has a {part.type!r} part; only text is supported", field=f"messages.{index}.content")
             parts.append(part.text)
-        return "".join(parts)
+        return "\n".join(parts)  # as OpenAI and llama-server join them: the parts stay apart
 
 
 class StreamOptions(BaseModel):
@@ -81,9 +154,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingBody(Sampling, StopStrings, ConstraintFields):
-    model_config = ConfigDict(extra="ignore")
-
+class SamplingBody(OpenAIBody, Sampling, StopStrings, LogitBias, ConstraintFields):
     model: Optional[str] = Field(None, description="A model from GET /v1/models, or the loaded one; empty means the loaded one.")
     max_tokens: Optional[TokenBudget] = None
     temperature: Temperature = 1.0
@@ -93,27 +164,27 @@ class SamplingBody(Sampling, StopStrings, ConstraintFields):
     presence_penalty: OpenAIPenalty = 0.0
     frequency_penalty: OpenAIPenalty = 0.0
     seed: Seed = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES_PER_PROMPT, description="Answers per prompt, decoded together; choice i samples "
+                   "with seed + i, so a seeded request is repeatable and its choices differ.")
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
-
-    def _refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise InvalidRequest("n must be 1: this server returns one choice per request", field="n")
-        if self.stream_options is not None and not self.stream:
-            raise InvalidRequest("stream_options is only allowed with stream: true", field="stream_options")
+    stream_options: Optional[StreamOptions] = Field(None, description="include_usage: a usage chunk before [DONE]. Without "
+                                                    "stream it asks for nothing and is accepted.")
+    user: Optional[str] = Field(None, description=ACCEPTED)
+    metadata: Optional[dict[str, Any]] = Field(None, description=ACCEPTED)
+    store: Optional[bool] = Field(None, description=ACCEPTED + " Nothing is stored for later retrieval.")
+    service_tier: Optional[str] = Field(None, description=ACCEPTED)
+    parallel_tool_calls: Optional[bool] = Field(None, description="Accepted; under auto the model may make several calls, "
+                                                "under required one.")
 
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def top_n(self) -> Optional[int]:
         """How many alternatives per token, None for no log-probabilities; each body spells it its way."""
         return None
 
     def _params(self, limits: LimitSettings, max_tokens: Optional[int], default_max_tokens: int) -> GenerationParams:
-        self._refuse_unsupported()
-        return self.generation_params(limits, max_tokens or default_max_tokens, "max_tokens", self.top_n(),
+        return self.generation_params(limits, default_max_tokens if max_tokens is None else max_tokens, "max_tokens", self.top_n(),
                                       self.output_constraint())
 
 
@@ -123,11 +194,22 @@ class ChatCompletionBody(SamplingBody):
     tools: Optional[list[ToolIn]] = Field(None, description="Functions the model may call, rendered by its chat template.")
     tool_choice: Any = Field(None, description='"auto" (the default with tools), "none", "required", or '
                              '{"type": "function", "function": {"name": ...}}.')
-    parallel_tool_calls: Optional[bool] = Field(None, description="Accepted; under auto the model may make several calls.")
     functions: Optional[list[FunctionIn]] = Field(None, description="The older form of tools.")
     function_call: Any = Field(None, description='The older form of tool_choice: "auto", "none" or {"name": ...}.')
     logprobs: Optional[bool] = Field(None, description="Return each answer token's log-probability (logprobs.content).")
     top_logprobs: Optional[TopLogprobs] = Field(None, description="With logprobs: this many of the most likely tokens at each place (0-20).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_message_fields(cls, data):
+        messages = data.get("messages") if isinstance(data, dict) else None
+        for index, message in enumerate(messages if isinstance(messages, list) else ()):
+            if not isinstance(message, dict):
+                continue  # the model's own validation names what is wrong with it
+            where = f"messages[{index}]."
+            empty = {name for name in MESSAGE_ECHOED_FIELDS if name in message and not message[name]}
+            refuse_unknown_fields(message, set(ChatMessageIn.model_fields) | empty, where)
+        return data
 
     def top_n(self) -> Optional[int]:
         if self.top_logprobs is not None and not self.logprobs:
@@ -161,31 +243,61 @@ class ChatCompletionBody(SamplingBody):
         return self._params(limits, self.max_completion_tokens or self.max_tokens, default_max_tokens)
 
 
+PROMPT_SHAPES = "a string, a list of token ids, or a list of strings and token-id lists"
+CompletionPrompt = Union[str, list[int], list[Union[str, list[int]]]]
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, int) and not isinstance(item, bool) for item in value)
+
+
 class CompletionBody(SamplingBody):
-    prompt: Union[str, list[str]]
-    echo: bool = False
+    prompt: CompletionPrompt = Field(description=f"The prompt: {PROMPT_SHAPES}. Token ids are the served model's own and "
+                                     "are taken as they are (no BOS is added); several prompts get a choice each.")
+    max_tokens: Optional[int] = Field(None, ge=0, description="Tokens to generate (16 when unset, as OpenAI's); 0 with echo "
+                                      "scores the prompt without generating.")
+    echo: bool = Field(False, description="The answer begins with the prompt; with logprobs, the prompt's tokens carry "
+                       "their log-probabilities too (the first one null): what evaluation harnesses score with.")
     suffix: Optional[str] = None
-    best_of: Optional[int] = None
+    best_of: Optional[int] = Field(None, description="Only n itself (or unset): this server does not rank extra answers.")
     logprobs: Optional[TopLogprobs] = Field(None, description="Each token's log-probability and this many of the most likely tokens (0-20).")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt):
+        if isinstance(prompt, str) or _is_token_ids(prompt) and prompt:
+            return prompt
+        if isinstance(prompt, list) and prompt:
+            for index, entry in enumerate(prompt):
+                if not (isinstance(entry, str) or _is_token_ids(entry)):
+                    raise InvalidRequest(f"prompt[{index}] must be a string or a list of token ids", field=f"prompt[{index}]")
+            return prompt
+        raise InvalidRequest(f"prompt must be {PROMPT_SHAPES}", field="prompt")
 
     def top_n(self) -> Optional[int]:
         return self.logprobs
 
-    def prompt_text(self) -> str:
+    def prompts(self, limits: LimitSettings) -> list[PromptIn]:
+        """Each prompt with its place for error messages (``prompt``, ``prompt[2]``)."""
+        self._refuse_unsupported()
         prompt = self.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise InvalidRequest("send one prompt per request (a list of one string at most)", field="prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise InvalidRequest("the prompt is empty", field="prompt")
-        if self.echo:
-            raise InvalidRequest("echo is not supported", field="echo")
+        entries = [(prompt, "prompt")] if isinstance(prompt, str) or _is_token_ids(prompt) else \
+            [(entry, f"prompt[{index}]") for index, entry in enumerate(prompt)]
+        if len(entries) * self.n > limits.max_batch:
+            raise InvalidRequest(f"{len(entries)} prompts x n {self.n} make {len(entries) * self.n} choices; at most "
+                                 f"{limits.max_batch} per request (limits.max_batch)", field="prompt")
+        prompts = []
+        for entry, place in entries:
+            if not entry:
+                raise InvalidRequest("the prompt is empty" if place == "prompt" else f"{place} is empty", field=place)
+            prompts.append(PromptIn(text=entry, place=place) if isinstance(entry, str) else PromptIn(token_ids=tuple(entry), place=place))
+        return prompts
+
+    def _refuse_unsupported(self) -> None:
         if self.suffix:
             raise InvalidRequest("suffix is not supported", field="suffix")
-        if self.best_of not in (None, 1):
-            raise InvalidRequest("best_of must be 1", field="best_of")
-        return prompt
+        if self.best_of not in (None, self.n):
+            raise InvalidRequest("best_of must equal n (or be left out): this server does not rank extra answers", field="best_of")
 
     def params(self, limits: LimitSettings, default_max_tokens: int) -> GenerationParams:
         return self._params(limits, self.max_tokens, default_max_tokens)
@@ -223,25 +335,51 @@ class ChatLogprobs(Shape):
         return cls(content=[ChatTokenLogprob.of(logprob) for logprob in logprobs])
 
 
+@dataclass(frozen=True)
+class LegacyEntry:
+    """One token of the legacy completions ``logprobs``: its text, its log-probability and the
+    most likely tokens at its place; the first token of an echoed prompt has no numbers."""
+
+    text: str
+    logprob: Optional[float]
+    top: Optional[dict[str, float]]
+
+    @classmethod
+    def of(cls, logprob: TokenLogprob) -> "LegacyEntry":
+        """The alternatives, and the chosen token itself, as OpenAI lists it (up to logprobs + 1 entries)."""
+        top = {candidate.text: candidate.logprob for candidate in logprob.top}
+        if logprob.top and all(candidate.token_id != logprob.chosen.token_id for candidate in logprob.top):
+            top[logprob.chosen.text] = logprob.chosen.logprob
+        return cls(logprob.chosen.text, logprob.chosen.logprob, top)
+
+    @classmethod
+    def unpredicted(cls, piece: bytes) -> "LegacyEntry":
+        return cls(piece.decode("utf-8", errors="replace"), None, None)
+
+
 class CompletionLogprobs(Shape):
-    """The legacy completions shape: parallel lists, one entry per token."""
+    """The legacy completions shape: parallel lists, one entry per token. With echo the prompt's
+    tokens come first, the very first with null entries (nothing predicts it), as OpenAI's; an end
+    token that stopped the answer comes last (it is in neither ``text`` nor ``usage``)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
     text_offset: list[int] = Field(description="Each token's first character, counted in the whole answer.")
 
     @classmethod
     def of(cls, logprobs: Sequence[TokenLogprob], offset: int = 0) -> "CompletionLogprobs":
         """``offset``: the characters of the answer before these tokens."""
-        tokens, offsets = [], []
-        for logprob in logprobs:
+        return cls.of_entries([LegacyEntry.of(logprob) for logprob in logprobs], offset)
+
+    @classmethod
+    def of_entries(cls, entries: Sequence[LegacyEntry], offset: int = 0) -> "CompletionLogprobs":
+        offsets = []
+        for entry in entries:
             offsets.append(offset)
-            tokens.append(logprob.chosen.text)
-            offset += len(logprob.chosen.text)
-        return cls(tokens=tokens, token_logprobs=[logprob.chosen.logprob for logprob in logprobs],
-                   top_logprobs=[{candidate.text: candidate.logprob for candidate in logprob.top} for logprob in logprobs],
-                   text_offset=offsets)
+            offset += len(entry.text)
+        return cls(tokens=[entry.text for entry in entries], token_logprobs=[entry.logprob for entry in entries],
+                   top_logprobs=[entry.top for entry in entries], text_offset=offsets)
 
 
 class AssistantMessage(Shape):
@@ -269,6 +407,8 @@ class CompletionHead(Shape):
     id: str
     created: int
     model: Optional[str]
+    system_fingerprint: Optional[str] = Field(None, description="Changes when the served weights or the server's build "
+                                              "change (engine/fingerprint.py); answers under one fingerprint repeat with a seed.")
 
 
 class ChatCompletion(CompletionHead):
@@ -337,7 +477,7 @@ class ModelCard(Shape):
     object: Literal["model"]
     created: int
     owned_by: str
-    loaded: bool = Field(description="Extension: whether it is the loaded model.")
+    loaded: bool = Field(description="Extension: whether it is loaded now (false for the model the next request loads).")
 
 
 class ModelList(Shape):

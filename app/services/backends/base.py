@@ -38,6 +38,9 @@ class Capabilities(Shape):
                         "answer is read for calls in the syntax the template teaches.")
     constrained_decoding: bool = Field(False, description="GenerationParams.constraint (response_format, grammar, an eval "
                                        "row's schema) is enforced token by token: the Constraining methods.")
+    prefix_scoring: bool = Field(False, description="Scoring after a text that shares a prefix with the last one scored "
+                                 "reads that prefix from the KV cache and computes what it would compute cold, bit for "
+                                 "bit (llama.cpp's prefix cache): echo's choices of one question share their context.")
 
 
 class BackendInfo(Shape):
@@ -141,6 +144,9 @@ class LocalTokenizer(Protocol):
         """The exact prompt string the model sees for these messages (and tools)."""
 
     def count_tokens(self, text: str) -> int: ...
+
+    def stop_token_ids(self) -> list[int]:
+        """The ids that end an answer, as generation stops on them, lowest first."""
 
     @property
     def vocab_size(self) -> int:
@@ -259,16 +265,24 @@ def continuation_prompt(rendered: str, final: Message) -> str:
                          field="messages")
 
 
+def first_outside_vocabulary(token_ids: Sequence[int], vocab_size: int) -> Optional[int]:
+    """The index of the first id that is no token of a vocabulary of ``vocab_size``, or None."""
+    for index, token_id in enumerate(token_ids):
+        if not 0 <= token_id < vocab_size:
+            return index
+    return None
+
+
 def check_token_ids(token_ids: Sequence[int], vocab_size: int, field: str = "tokens") -> None:
     """Refuses ids outside the vocabulary before a tokenizer sees them: llama.cpp reads past
     its arrays (and may crash the process) where transformers would only raise."""
-    for index, token_id in enumerate(token_ids):
-        if not 0 <= token_id < vocab_size:
-            # named like the pydantic errors of the same body ("tokens.3"), so a client reads one style
-            raise InvalidRequest(
-                f"{field}.{index} is {token_id}; this model's token ids run from 0 to {vocab_size - 1}",
-                field=f"{field}.{index}",
-            )
+    index = first_outside_vocabulary(token_ids, vocab_size)
+    if index is not None:
+        # named like the pydantic errors of the same body ("tokens.3"), so a client reads one style
+        raise InvalidRequest(
+            f"{field}.{index} is {token_ids[index]}; this model's token ids run from 0 to {vocab_size - 1}",
+            field=f"{field}.{index}",
+        )
 
 
 def common_prefix_length(a: Sequence, b: Sequence) -> int:

@@ -113,14 +113,14 @@ def stream_tokens(assembler: StreamAssembler, tokens: Iterable[Arrival], cancel:
     """The token loop the local backends share: each (id, bytes or text, log-probability or None)
     from ``tokens`` becomes a chunk until an end token, a stop string, ``cancel`` or ``budget``;
     the last chunk follows."""
-    reason, error = "length", None
+    reason, error, end_logprob = "length", None, None
     try:
         for token_id, piece, logprob in tokens:
             if cancel.is_set():
                 reason = "cancelled"
                 break
             if is_end(token_id):
-                reason = "stop"
+                reason, end_logprob = "stop", logprob
                 break
             chunk = (assembler.add(token_id, piece, logprob) if isinstance(piece, bytes)
                      else assembler.add_text(token_id, piece, logprob))
@@ -140,4 +140,6 @@ def stream_tokens(assembler: StreamAssembler, tokens: Iterable[Arrival], cancel:
                 reason = "cancelled"
     except GenerationFailed as exc:
         reason, error = "error", str(exc)
-    yield assembler.finish(reason, error)
+    last = assembler.finish(reason, error)
+    last.end_logprob = end_logprob
+    yield last

@@ -127,6 +127,9 @@ class GenerationParams:
         """Whether an end token ends the answer: ignore_eos runs past it, except under a
         constraint, whose finished document can only be followed by an end token."""
         return not self.ignore_eos or self.constraint is not None
+    # Added to the logits of these token ids before any other sampling step (OpenAI's logit_bias);
+    # -100 all but bans a token, 100 all but forces it. Log-probabilities stay the model's own.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,10 @@ class Chunk:
     error_type: Optional[str] = None  # what kind of error, for clients: "generation_timeout", ...
     # calls read out of the answer (the text holds only what is not a call), each once complete
     tool_calls: list[ToolCall] = field(default_factory=list)
+    # On the last chunk of an answer an end token stopped, when log-probabilities were asked for:
+    # that token's. It is no part of the text, the logprobs or the usage; the legacy completions
+    # shape lists it last (evaluation harnesses count on one entry per generated token).
+    end_logprob: Optional[TokenLogprob] = None
 
     @property
     def is_last(self) -> bool:

@@ -45,6 +45,7 @@ class GenerationResult:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per answer token, when the params asked for them
     token_ids: tuple[int, ...] = ()  # the answer's tokens (a remote server's are unknown: -1 each)
     tool_calls: tuple[ToolCall, ...] = ()  # the calls read out of the answer; ``text`` is the rest
+    end_logprob: Optional[TokenLogprob] = None  # the end token that stopped it, when logprobs were asked for (Chunk)
 
     def raise_for_error(self) -> "GenerationResult":
         """The result of a generation that ended well; otherwise the ServiceError every surface
@@ -161,6 +162,9 @@ class Generation:
                 raise InvalidRequest("the model was unloaded while this request waited", field="model")
             if backend is not self._backend:  # the model was switched while this request waited
                 self.params = self._engine.tool_params(backend, self.params, self.tools)
+                if self._messages is None and self._text is None:
+                    raise InvalidRequest("the model was switched while this request waited, and its prompt was token ids "
+                                         "of the model before; send it again", field="prompt")
                 self._prompt = self._engine.prepare(backend, self._messages, self._text, self.params, self._continue_final,
                                                     self.tools)
                 self._backend, self.model = backend, self._engine.name_of(backend)
@@ -241,7 +245,7 @@ class Generation:
         usage = last.usage or Usage.of(self.prompt_tokens, 0)
         timings = last.timings or Timings()
         return GenerationResult("".join(parts), last.finish_reason, usage, timings, last.error, last.error_type, tuple(logprobs),
-                                tuple(token_ids), tuple(tool_calls))
+                                tuple(token_ids), tuple(tool_calls), last.end_logprob)
 
 
 def _read_calls(reader: ToolCallReader, chunk: Chunk) -> Chunk:
@@ -260,8 +264,13 @@ def collect_together(generations: Sequence[Generation]) -> list[GenerationResult
     """Collects generations at the same time, each on a thread of its own, so a backend that
     batches (transformers) runs them as rows of one batch; on others they simply queue."""
     results: list[Optional[GenerationResult]] = [None] * len(generations)
-    for generation in generations:  # in line together, in order, before any thread runs
-        generation.admit()
+    try:
+        for generation in generations:  # in line together, in order, before any thread runs
+            generation.admit()
+    except ServiceError:  # a full queue: the ones already in line leave it, none runs
+        for generation in generations:
+            generation.close()
+        raise
 
     def collect(index: int) -> None:
         results[index] = generations[index].collect()

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
-from app.services.backends.base import Backend, Scoring, local_tokenizer, scoring
+from app.services.backends.base import Backend, Scoring, common_prefix_length, local_tokenizer, scoring
 from app.services.core.errors import ContextLengthExceeded, InvalidRequest
 from app.services.core.types import Message, TokenLogprob
 
@@ -71,6 +71,30 @@ def block_rows(*backends: Backend) -> int:
     """Rows of logits per block, so a block of the largest vocabulary takes about BLOCK_BYTES."""
     vocab = max((tokenizer.vocab_size for tokenizer in map(local_tokenizer, backends) if tokenizer is not None), default=1)
     return max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, BLOCK_BYTES // (4 * max(vocab, 1))))
+
+
+@dataclass(frozen=True)
+class ScoredPrompt:
+    """A prompt read by the model token by token, as an evaluation harness scores an answer
+    choice: the first token, which nothing before it predicts, and every later one with its
+    log-probability given the tokens before it."""
+
+    first_id: int
+    first_piece: bytes
+    tokens: tuple[TokenLogprob, ...]  # one per token after the first, each with its rank
+
+
+def reusable_prefix(backend: Backend, before: Optional[tuple[Sequence[int], ScoredPrompt]], token_ids: Sequence[int]) -> int:
+    """How many leading tokens of ``token_ids`` may take their numbers from ``before`` (a prompt
+    scored just before with the same top_n: the choices of one question share their context); 0
+    for none. Only on a backend that reads a shared prefix from its cache exactly
+    (``capabilities.prefix_scoring``: llama.cpp with its prefix cache, see decoder.py). Elsewhere
+    the whole prompt is read again: a transformers pass of another length can round the shared
+    positions differently in the last bits. At least the last token is always read."""
+    if before is None or not backend.capabilities.prefix_scoring:
+        return 0
+    shared = min(common_prefix_length(before[0], token_ids), len(token_ids) - 1)
+    return shared if shared >= 2 else 0
 
 
 def conversation(system: str | None, prompt: str) -> list[Message]:

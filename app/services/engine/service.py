@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterator, Literal, Optional, Sequence
 
 from pydantic import Field
 
-from app.services.backends.base import Backend, BackendInfo, Capabilities, LocalTokenizer, constraining, local_tokenizer
+from app.services.backends.base import Backend, BackendInfo, Capabilities, LocalTokenizer, constraining, first_outside_vocabulary, local_tokenizer
 from app.services.backends.factory import BackendFactory, make_backend
 from app.services.catalog import ModelCatalog
 from app.services.checkpoints.spec import ModelSpec
@@ -34,10 +34,20 @@ from app.services.core.shapes import Shape
 from app.services.core.tool_calls import call_constraint
 from app.services.core.types import GenerationParams, GpuUse, Message, Prompt, TokenLogprob, ToolUse
 from app.services.engine.fidelity import FidelityReport
+from app.services.engine.fingerprint import system_fingerprint
 from app.services.engine.generation import QUEUE_POLL_S, Generation
 from app.services.engine.queue import GenerationQueue, QueueCounts
 from app.services.engine.registry import ActiveGeneration, FinishedGeneration, GenerationRegistry
-from app.services.engine.scoring import ScoredText, block_rows, check_budget, check_fits, reference_ids, scoring_backend
+from app.services.engine.scoring import (
+    ScoredPrompt,
+    ScoredText,
+    block_rows,
+    check_budget,
+    check_fits,
+    reference_ids,
+    reusable_prefix,
+    scoring_backend,
+)
 from config.settings import BackendName, Settings
 
 if TYPE_CHECKING:
@@ -83,6 +93,7 @@ class ModelService:
         self.catalog = ModelCatalog(settings)
         self._backend: Optional[Backend] = None
         self._spec: Optional[ModelSpec] = None  # the loaded model's
+        self._fingerprint: Optional[str] = None  # the loaded model's system_fingerprint
         self._state = "not_loaded"
         self._error: Optional[str] = None
         self._load_started = 0.0
@@ -126,17 +137,24 @@ class ModelService:
         """How likely the model finds ``reference`` as its answer to ``messages`` (teacher forcing),
         read a block at a time: what is kept is each token's log-probability, never a distribution."""
         backend = self.ensure_loaded()
-        scorer = scoring_backend(backend)
+        scoring_backend(backend)  # a backend without logits is a 400 before the prompt is prepared
         prompt = self.prepare(backend, messages, None, GenerationParams(max_new_tokens=1))
         continuation = reference_ids(backend, reference)
         check_fits(prompt.token_ids, continuation, backend.n_ctx)
         check_budget(len(continuation), self._settings.limits.max_scored_tokens, "reference", "the reference is")
+        return ScoredText(len(prompt.token_ids), self._scored_tokens(backend, prompt.token_ids, continuation, top_n, use_adapter,
+                                                                     cancel, cache_scope))
+
+    def _scored_tokens(self, backend: Backend, prompt_ids: Sequence[int], continuation: Sequence[int], top_n: int,
+                       use_adapter: bool = True, cancel: Optional[threading.Event] = None,
+                       cache_scope: Optional[str] = None) -> tuple[TokenLogprob, ...]:
+        """Each token of ``continuation`` with its log-probability after what precedes it (read_continuation)."""
+        token_bytes = scoring_backend(backend).token_bytes
         scored: list[TokenLogprob] = []
-        blocks = self.read_continuation(backend, prompt.token_ids, continuation, use_adapter, block_rows(backend), cancel,
-                                        cache_scope)
-        for block in blocks:
-            scored.extend(score_rows(block, continuation[len(scored):len(scored) + len(block)], top_n, scorer.token_bytes))
-        return ScoredText(len(prompt.token_ids), tuple(scored))
+        for block in self.read_continuation(backend, prompt_ids, continuation, use_adapter, block_rows(backend), cancel,
+                                            cache_scope):
+            scored.extend(score_rows(block, continuation[len(scored):len(scored) + len(block)], top_n, token_bytes))
+        return tuple(scored)
 
     def read_continuation(self, backend: Backend, prompt_ids: Sequence[int], continuation: Sequence[int], use_adapter: bool,
                           rows_per_block: int, cancel: Optional[threading.Event] = None,
@@ -162,6 +180,27 @@ class ModelService:
                 yield block
         finally:
             blocks.close()
+
+    def score_prompts(self, prompts: Sequence[Prompt], top_n: int, cancel: Optional[threading.Event] = None,
+                      cache_scope: Optional[str] = None) -> list[ScoredPrompt]:
+        """Each prompt's tokens read by teacher forcing, a block at a time as /api/score reads its
+        reference (and with its numbers): the prompt log-probabilities of /v1/completions' echo.
+        A prompt's first token has none; a prompt that shares its context with the one before
+        takes that context's numbers where the backend allows it (scoring.reusable_prefix)."""
+        backend = self.ensure_loaded()
+        token_bytes = scoring_backend(backend).token_bytes
+        check_budget(sum(len(prompt.token_ids) for prompt in prompts), self._settings.limits.max_scored_tokens, "prompt",
+                     "the prompts to score are")
+        scored: list[ScoredPrompt] = []
+        for index, prompt in enumerate(prompts):
+            ids = prompt.token_ids
+            before = scored[-1] if index else None
+            shared = reusable_prefix(backend, (prompts[index - 1].token_ids, before) if before else None, ids)
+            known = before.tokens[:shared - 1] if shared else ()
+            start = shared or 1
+            rest = self._scored_tokens(backend, ids[:start], ids[start:], top_n, cancel=cancel, cache_scope=cache_scope)
+            scored.append(ScoredPrompt(ids[0], before.first_piece if shared else token_bytes(ids[0]), tuple(known) + rest))
+        return scored
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -281,8 +320,10 @@ class ModelService:
             # The remote backend learns at load which model its server serves when none was named.
             target = candidate.spec
             self.queue.set_capacity(candidate.capabilities.max_batch_size)
+            fingerprint = system_fingerprint(self.catalog.id_for(target), target, candidate.info())
             with self._status_lock:
                 self._backend, self._spec, self._requested, self._state = candidate, target, target, "loaded"
+                self._fingerprint = fingerprint
             log.info("model %s ready in %.2f s", target.label, time.perf_counter() - started)
         return self.status()
 
@@ -360,10 +401,22 @@ class ModelService:
                 return None
         return self.catalog.id_for(spec)
 
-    def use_model(self, name: Optional[str]) -> None:
+    def loaded_model_id(self) -> Optional[str]:
+        """The loaded model's id, or None while none is loaded (unlike model_id, never the next one's)."""
+        with self._status_lock:
+            spec = self._spec if self._backend is not None else None
+        return self.catalog.id_for(spec) if spec is not None else None
+
+    def system_fingerprint(self) -> Optional[str]:
+        """OpenAI's system_fingerprint of the loaded model (engine/fingerprint.py), None while none is."""
+        with self._status_lock:
+            return self._fingerprint if self._backend is not None else None
+
+    def use_model(self, name: Optional[str], any_name: bool = False) -> None:
         """For APIs that name a model in every request (OpenAI's): the loaded model answers to
         any of its names (catalog id, preset name, path, file or folder name); another model on
-        offer is switched to; anything else is a 404. No name means the loaded model."""
+        offer is switched to; anything else is a 404, or with ``any_name`` the loaded model
+        (for clients that hard-code a name). No name means the loaded model."""
         if not name:
             return
         with self._status_lock:
@@ -375,6 +428,8 @@ class ModelService:
             if name in (entry.id, entry.name, entry.path) and entry.available:
                 self.load(model=entry.id if entry.kind in ("builtin", "preset") else entry.path)
                 return
+        if any_name:
+            return
         raise ModelNotFound(f"model {name!r} is not on offer; GET /v1/models lists the models this server has", field="model")
 
     def _set_error(self, message: Optional[str], state: Optional[str] = None) -> None:
@@ -386,6 +441,7 @@ class ModelService:
     def _release_current(self) -> None:
         with self._status_lock:
             backend, self._backend, self._spec, self._state = self._backend, None, None, "not_loaded"
+            self._fingerprint = None
         if backend is not None:
             backend.unload()
             log.info("unloaded %s", backend.model)
@@ -446,17 +502,52 @@ class ModelService:
             check_constraint(backend, params.constraint)
         return prompt
 
+    def prompt_of_ids(self, backend: Backend, token_ids: Sequence[int], place: str = "prompt") -> Prompt:
+        """A prompt given as the model's token ids (OpenAI's completions take them), taken as they are:
+        no BOS is added. An id outside the vocabulary is a 400 naming its place (``prompt[2][5]``)."""
+        tokenizer = local_tokenizer(backend)
+        if tokenizer is None:
+            raise InvalidRequest(f"the {backend.name} backend has no tokenizer here to read token ids; send the prompt as text",
+                                 field=place)
+        if not token_ids:
+            raise InvalidRequest(f"{place} is empty", field=place)
+        index = first_outside_vocabulary(token_ids, tokenizer.vocab_size)
+        if index is not None:
+            raise InvalidRequest(f"{place}[{index}] is {token_ids[index]}; this model's token ids run from 0 to "
+                                 f"{tokenizer.vocab_size - 1}", field=f"{place}[{index}]")
+        if len(token_ids) >= backend.n_ctx:
+            raise ContextLengthExceeded(len(token_ids), 0, backend.n_ctx, field=place)
+        return Prompt(text=tokenizer.detokenize(token_ids), token_ids=tuple(token_ids))
+
+    @staticmethod
+    def check_logit_bias(backend: Backend, params: GenerationParams) -> None:
+        """Biased ids must be the model's own; a remote server checks its own."""
+        tokenizer = local_tokenizer(backend)
+        if not params.logit_bias or tokenizer is None:
+            return
+        vocab_size = tokenizer.vocab_size
+        for token_id, _ in params.logit_bias:
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequest(f"logit_bias names token {token_id}; this model's token ids run from 0 to "
+                                     f"{vocab_size - 1}", field=f"logit_bias.{token_id}")
+
     def start(self, params: GenerationParams, messages: Optional[Sequence[Message]] = None,
               text: Optional[str] = None, generation_id: Optional[str] = None,
-              continue_final: bool = False, tools: Optional[ToolUse] = None) -> Generation:
+              continue_final: bool = False, tools: Optional[ToolUse] = None, token_ids: Optional[Sequence[int]] = None,
+              place: str = "prompt") -> Generation:
         """Validates and tokenises the request (loading the model if needed) and registers it
-        for cancellation. Raises 4xx ServiceErrors before any stream opens. ``tools``: offered
+        for cancellation. Raises 4xx ServiceErrors before any stream opens. The prompt is
+        ``messages``, a ``text``, or ``token_ids`` (named ``place`` in errors). ``tools``: offered
         through the chat template, and the answer read for calls (``Chunk.tool_calls``)."""
         backend = self.ensure_loaded()
         if params.logprobs is not None and not backend.capabilities.logprobs:
             raise InvalidRequest(f"the {backend.name} backend cannot report token probabilities", field="logprobs")
+        self.check_logit_bias(backend, params)
         params = self.tool_params(backend, params, tools)
-        prompt = self.prepare(backend, messages, text, params, continue_final, tools)
+        if token_ids is not None:
+            prompt = self.prompt_of_ids(backend, token_ids, place)
+        else:
+            prompt = self.prepare(backend, messages, text, params, continue_final, tools)
         generation = Generation(self, backend, prompt, params, messages, text, generation_id or uuid.uuid4().hex,
                                 continue_final, tools)
         self.registry.register(generation)

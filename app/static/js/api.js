@@ -73,6 +73,11 @@ function askForApiKey() {
   return keyPrompt;
 }
 
+/** Whether this tab holds an API key for the server (it was asked for one). */
+export function hasApiKey() {
+  return Boolean(sessionStorage.getItem(API_KEY_STORAGE));
+}
+
 export async function apiFetch(url, options = {}) {
   const send = () => fetch(url, { ...options, headers: withApiKey(options.headers) });
   const keyUsed = sessionStorage.getItem(API_KEY_STORAGE);

@@ -11,6 +11,7 @@ import { getCatalog } from "./catalog.js";
 import { SlotList, fillModelSelect, selectedModel } from "./picker.js";
 import { loadedSlots } from "./compare-slots.js";
 import { refresh as refreshMonitor } from "./monitor.js";
+import "./lm-eval.js"; // the panel's lm-evaluation-harness commands
 
 const MAX_MODELS = 4;
 const ROWS_PAGE = 100; // a test set of thousands of rows would make the page crawl if shown whole

@@ -121,7 +121,7 @@ class LlamaCppBackend:
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(inspection=True, scoring=True, logprobs=True, max_batch_size=self._settings.parallel, tools=True,
-                            constrained_decoding=True)
+                            constrained_decoding=True, prefix_scoring=self._prefix_cache)
 
     # -- batching (parallel.py): every request may join the running batch ---------------------
     def batch_group(self, params: GenerationParams) -> int:

@@ -33,8 +33,9 @@ CANCEL_STEP = 32
 
 
 def is_plain_greedy(params: GenerationParams) -> bool:
+    """Greedy on the raw logits: an argmax in numpy does what the sampler chain would."""
     return (params.temperature == 0.0 and params.repetition_penalty == 1.0
-            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0 and not params.logit_bias)
 
 
 def evaluate_prompt(llama, token_ids: Sequence[int], keep_prefix: bool) -> None:

@@ -60,12 +60,24 @@ def drop_cells_from(llama, position: int) -> bool:
 
 def sampler_chain(llama, params: GenerationParams):
     """The sampler chain ``Llama.generate`` builds for these parameters, seeded with the seed last
-    given to ``llama.set_seed``; the caller closes it."""
-    return llama._init_sampler(
+    given to ``llama.set_seed``; the caller closes it. A ``logit_bias`` goes first, as
+    llama-server puts it: an outer chain holds llama.cpp's logit-bias sampler and then that chain
+    (``Llama._init_sampler`` has no way to take a bias)."""
+    chain = llama._init_sampler(
         top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=params.temperature,
         repeat_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
     )
+    if not params.logit_bias:
+        return chain
+    import llama_cpp
+    from llama_cpp import _internals
+
+    outer = _internals.LlamaSampler()
+    outer.add_logit_bias(llama.n_vocab(), dict(params.logit_bias))
+    llama_cpp.llama_sampler_chain_add(outer.sampler, chain.sampler)
+    chain.sampler = None  # the outer chain owns and frees it now; closing the wrapper must not free it twice
+    return outer
 
 
 def lora_adapter(llama):

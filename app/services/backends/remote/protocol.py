@@ -48,6 +48,8 @@ def request_body(model: str, prompt: Prompt, params: GenerationParams) -> dict:
         body["seed"] = params.seed
     if params.stop:
         body["stop"] = list(params.stop)  # the server stops there too; the assembler cuts the text either way
+    if params.logit_bias:  # the ids are the remote server's own, as the client that sent them knows
+        body["logit_bias"] = {str(token_id): value for token_id, value in params.logit_bias}
     if params.presence_penalty:
         body["presence_penalty"] = params.presence_penalty
     if params.frequency_penalty:

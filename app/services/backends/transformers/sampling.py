@@ -1,5 +1,5 @@
-"""How the rows of a running batch pick their next tokens: penalties, then temperature, top-k and
-top-p, then a greedy pick or a draw from each row's own random stream, for every row at once on
+"""How the rows of a running batch pick their next tokens: each row's logit bias, penalties, then
+temperature, top-k and top-p, then a greedy pick or a draw from each row's own random stream, for every row at once on
 the model's device.
 
 A step brings back one small tensor (the picked ids) to the host, not one value per row: on a
@@ -12,6 +12,9 @@ replaces picked (tests/test_sampling.py holds them equal, greedy and seeded):
 - rows with equal settings form a group, and a group's scores go through transformers' own
   warpers (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper) in one call, with the
   same Python scalars, so every element is computed as it was row by row;
+- OpenAI's ``logit_bias`` is a per-row bias row on the device, added to the batch's logits in one
+  operation before anything else (as llama.cpp's chain puts its logit-bias sampler first); rows
+  without one add zeros;
 - the repetition penalty and OpenAI's presence and frequency penalties read per-row state kept
   on the device (the tokens each row has seen, each token's count in its answer) instead of
   the row's ids, with transformers' arithmetic;
@@ -84,12 +87,14 @@ class BatchSampler:
     make tensors from Python lists; ``pick`` and ``record`` never do, and never wait for the device.
     """
 
-    def __init__(self, chains: list[Chain], generators: list, seen, counts, end_ids, vocab_size: int, device: str):
+    def __init__(self, chains: list[Chain], generators: list, seen, counts, end_ids, vocab_size: int, device: str,
+                 bias=None):
         self.chains = chains
         self.generators = generators  # each row's torch.Generator; None for greedy rows
         self.seen = seen  # (rows, vocab) bool: the row's prompt and answer hold the token; None when no row needs it
         self.counts = counts  # (rows, vocab) float32: the token's count in the row's answer; None when no row needs it
         self.end_ids = end_ids  # long tensor on the device
+        self.bias = bias  # (rows, vocab) float32: each row's logit_bias, zeros elsewhere; None when no row has one
         self._vocab_size = vocab_size
         self._device = device
         self._groups = self._group()
@@ -113,7 +118,23 @@ class BatchSampler:
         if any(chain.presence_penalty or chain.frequency_penalty for chain in chains):
             counts = torch.zeros((len(chains), vocab_size), dtype=torch.float32, device=device)
         end = torch.tensor(sorted(end_ids), dtype=torch.long, device=device)
-        return cls(chains, generators, seen, counts, end, vocab_size, device)
+        return cls(chains, generators, seen, counts, end, vocab_size, device, cls._bias(params, vocab_size, device))
+
+    @staticmethod
+    def _bias(params: Sequence[GenerationParams], vocab_size: int, device: str):
+        """The rows' logit_bias as one (rows, vocab) tensor, or None when no row has one."""
+        import torch
+
+        if not any(p.logit_bias for p in params):
+            return None
+        bias = torch.zeros((len(params), vocab_size), dtype=torch.float32, device=device)
+        for row, p in enumerate(params):
+            pairs = [(token_id, value) for token_id, value in p.logit_bias if token_id < vocab_size]  # past the logits: never picked
+            if pairs:
+                ids = torch.tensor([token_id for token_id, _ in pairs], dtype=torch.long, device=device)
+                values = torch.tensor([value for _, value in pairs], dtype=torch.float32, device=device)
+                bias[row].index_add_(0, ids, values)
+        return bias
 
     @staticmethod
     def _generator(params: GenerationParams, device: str):
@@ -147,14 +168,15 @@ class BatchSampler:
         return BatchSampler([self.chains[i] for i in keep], [self.generators[i] for i in keep],
                             None if self.seen is None else self.seen[index],
                             None if self.counts is None else self.counts[index],
-                            self.end_ids, self._vocab_size, self._device)
+                            self.end_ids, self._vocab_size, self._device, None if self.bias is None else self.bias[index])
 
     def merged(self, newcomers: "BatchSampler") -> "BatchSampler":
         """This state with the newcomers' rows after it."""
         return BatchSampler(self.chains + newcomers.chains, self.generators + newcomers.generators,
                             _stacked(self.seen, newcomers.seen, len(self), len(newcomers)),
                             _stacked(self.counts, newcomers.counts, len(self), len(newcomers)),
-                            self.end_ids, self._vocab_size, self._device)
+                            self.end_ids, self._vocab_size, self._device,
+                            _stacked(self.bias, newcomers.bias, len(self), len(newcomers)))
 
     # -- a step ------------------------------------------------------------------------------
     def pick(self, logits):
@@ -163,6 +185,8 @@ class BatchSampler:
         import torch
 
         scores = logits.to(dtype=torch.float32, copy=True)  # the penalties write in place
+        if self.bias is not None:
+            scores += self.bias
         if len(self._groups) == 1:
             return self._pick_group(self._groups[0], scores)
         picked = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
