@@ -100,13 +100,13 @@ def run_batch(service: ModelService, config: str, rows: int, tokens: int, seed: 
     cpu, started = own_cpu_seconds(), time.perf_counter()
     results: list[GenerationResult] = collect_together(generations)
     wall, cpu = time.perf_counter() - started, own_cpu_seconds() - cpu
-    made = sum(result.usage["completion_tokens"] for result in results)
+    made = sum(result.usage.completion_tokens for result in results)
     failed = [result.error for result in results if result.finish_reason == "error"]
     if failed:
         raise RuntimeError(f"{config}: {failed[0]}")
     return {"aggregate_tps": made / wall, "cpu_us_per_token": 1e6 * cpu / made, "tokens": made,
-            "free_row_tps": [r.timings.get("tokens_per_second") for r, h in zip(results, held) if not h],
-            "held_row_tps": [r.timings.get("tokens_per_second") for r, h in zip(results, held) if h]}
+            "free_row_tps": [r.timings.tokens_per_second for r, h in zip(results, held) if not h],
+            "held_row_tps": [r.timings.tokens_per_second for r, h in zip(results, held) if h]}
 
 
 def first_constrained_request(service: ModelService, tokens: int) -> dict:

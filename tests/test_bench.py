@@ -158,3 +158,18 @@ def test_the_cold_turn_finds_none_of_its_cells_on_any_sequence(four_sequences):
         evaluated_for(chat(evicting))
     # only the chat template's opening (``<|im_start|>system``) may be shared with an evicting chat
     assert evaluated_for(conversation) >= len(prompt.token_ids) - 4
+
+
+@pytest.mark.slow
+def test_the_structured_and_echo_benches_run_to_their_ratios(tmp_path):
+    """The benches behind issue 26's and 28's figures run on today's shapes (a typed Usage broke
+    the structured one once, unnoticed until it was next run)."""
+    from scripts import bench_logprobs, bench_structured
+
+    assert bench_structured.main(["--quick", "--models", "smollm2", "--out", str(tmp_path)]) == 0
+    structured = json.loads(next(tmp_path.glob("structured-*.json")).read_text())
+    for run in structured["runs"].values():
+        assert set(run["ratios"]) == {"constrained_over_free", "constrained_over_free_cpu", "free_beside_constrained_over_free"}
+    assert bench_logprobs.main(["--skip", "streaming", "--skip", "eval", "--runs", "1", "--out", str(tmp_path)]) == 0
+    echo = json.loads(next(tmp_path.glob("logprobs-*.json")).read_text())["echo"]
+    assert set(echo) == {"llamacpp", "transformers"} and all(figures["ratio"] > 0 for figures in echo.values())
