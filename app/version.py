@@ -1,2 +1,2 @@
 """The release, in one place: the factory, the pages and the OpenAPI document read it here."""
-__version__ = "0.5.0"
+__version__ = "0.6.0"
