@@ -19,6 +19,11 @@ One thread, this module's, owns the context; requests hand their prompt over and
 tokens from a queue. Sampling is per sequence: greedy picks in numpy (``decoder.is_plain_greedy``),
 everything else in a llama.cpp sampler chain of its own, built as ``Llama`` builds it, so a seed
 gives the same answer as on the single-sequence path.
+
+A row under a constraint has its logits masked on a helper thread while the decoder samples the
+other rows (a sampler chain is single-threaded C, and the mask is llguidance's and numpy's work,
+both without the GIL): rows without a constraint then hardly pay for those beside them, and the
+held rows are sampled last, each once its mask is written.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import logging
 import queue
 import threading
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -109,6 +115,7 @@ class ParallelDecoder:
         self._clock = 0
         self.prefilled_tokens = 0  # prompt tokens evaluated, for the status and tests: reuse shows here
         self._thread: Optional[threading.Thread] = None  # the decoder, while there is work
+        self._masker: Optional[ThreadPoolExecutor] = None  # masks constrained rows, made on first use
 
     # -- the requests' side ------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams, seed: int, budget: int,
@@ -161,6 +168,8 @@ class ParallelDecoder:
             thread = self._thread
         if thread is not None:
             thread.join()
+        if self._masker is not None:
+            self._masker.shutdown()
         self._batch.close()
         self._context.close()
 
@@ -222,9 +231,27 @@ class ParallelDecoder:
         status = llama_cpp.llama_decode(self._context.ctx, self._batch.batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status} for a batch of {self._batch.batch.n_tokens} tokens")
-        for sequence, index in rows:
-            self._sample(sequence, index)
+        masks = self._mask_meanwhile(rows)
+        for sequence, index in sorted(rows, key=lambda row: row[0].seq_id in masks):  # held rows last
+            self._sample(sequence, index, masks.get(sequence.seq_id))
         return True
+
+    def _mask_meanwhile(self, rows: list[tuple[_Sequence, int]]) -> dict[int, Future]:
+        """Starts masking the constrained rows' logits on the helper thread, in order; each
+        future gives what ``masked_pick_row`` returns. Nothing to overlap with one row alone."""
+        held = [(sequence, index) for sequence, index in rows if sequence.request.constraint is not None]
+        if not held or len(rows) < 2:
+            return {}
+        if self._masker is None:
+            self._masker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp-mask")
+        return {sequence.seq_id: self._masker.submit(masked_pick_row, self._logits_row(index), sequence.request.constraint,
+                                                     sequence.request.params.logprobs is not None)
+                for sequence, index in held}
+
+    def _logits_row(self, index: int) -> np.ndarray:
+        import llama_cpp
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._context.ctx, index), shape=(self._n_vocab,))
 
     def _drop_halted(self) -> None:
         """Sequences whose request was closed (Stop, a hang-up) leave before the next decode."""
@@ -320,15 +347,14 @@ class ParallelDecoder:
         batch.n_tokens = n
         return rows
 
-    def _sample(self, sequence: _Sequence, index: int) -> None:
-        import llama_cpp
-
+    def _sample(self, sequence: _Sequence, index: int, mask: Optional[Future] = None) -> None:
+        """``mask``: the row's masking started on the helper thread (``_mask_meanwhile``)."""
         request = sequence.request
         want = request.params.logprobs
         logits = raw = None
         if request.constraint is not None or sequence.sampler is None or want is not None:
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._context.ctx, index), shape=(self._n_vocab,))
-            raw = masked_pick_row(logits, request.constraint, want is not None)
+            logits = self._logits_row(index)
+            raw = mask.result() if mask is not None else masked_pick_row(logits, request.constraint, want is not None)
         if sequence.sampler is not None:
             token = sequence.sampler.sample(self._context, index)  # reads the (masked) buffer
         else:
