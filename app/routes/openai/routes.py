@@ -253,10 +253,6 @@ def _stream(body: SamplingBody, generations: Sequence[Generation], chat: bool, e
 
 
 # -- whole answers -------------------------------------------------------------------------------
-def _finish(result: GenerationResult, legacy_functions: bool = False) -> str:
-    return _finish_reason(result.finish_reason, legacy_functions)
-
-
 def _timings(results: Sequence[Optional[GenerationResult]]) -> Optional[Timings]:
     return results[0].timings if len(results) == 1 and results[0] is not None else None
 
@@ -277,7 +273,7 @@ def chat_completions():
     with_logprobs = params.logprobs is not None
     choices = [ChatChoice(index=index, message=chat_message(result.text, result.tool_calls, legacy),
                           logprobs=ChatLogprobs.of(result.logprobs) if with_logprobs else None,
-                          finish_reason=_finish(result, legacy))
+                          finish_reason=_finish_reason(result.finish_reason, legacy))
                for index, result in enumerate(results)]
     return json_answer(ChatCompletion(object="chat.completion", choices=choices, **Head.new(chat=True).fields(),
                                       usage=answers_usage([result.usage for result in results], body.n),
@@ -306,7 +302,7 @@ def _text_choice(choice: Choice, echo: bool, with_logprobs: bool) -> TextChoice:
         entries += answer_entries(result)
     return TextChoice(index=choice.index, text=(choice.prompt.text if echo else "") + (result.text if result else ""),
                       logprobs=CompletionLogprobs.of_entries(entries) if with_logprobs else None,
-                      finish_reason=_finish(result) if result else "length")
+                      finish_reason=_finish_reason(result.finish_reason) if result else "length")
 
 
 def _usage(choices: Sequence[Choice], n: int) -> Usage:
