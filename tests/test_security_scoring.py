@@ -142,3 +142,18 @@ def test_a_client_that_hangs_up_stops_the_reading(scoring_server):
     assert service.queue.counts() == QueueCounts(running=0, waiting=0)
     # the model is free for the next client at once
     assert requests.post(f"{url}/api/chat", json={"prompt": "Hi", "max_new_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_echoed_prompts_are_read_within_max_scored_tokens(scoring_server):
+    """/v1/completions' echo scores its prompts as /api/score scores a reference: a block at a
+    time, and at most limits.max_scored_tokens tokens for all of a request's prompts."""
+    _, url, _ = scoring_server
+    prompts = [story(60), story(60)]  # about 1,050 tokens each: 2,100 within 3,000, 4,200 over
+    over = requests.post(f"{url}/v1/completions", json={"prompt": prompts * 2, "echo": True, "logprobs": 0, "max_tokens": 0},
+                         timeout=60)
+    assert over.status_code == 400 and over.json()["error"]["param"] == "prompt"
+    assert "limits.max_scored_tokens" in over.json()["error"]["message"]
+    within = requests.post(f"{url}/v1/completions", json={"prompt": prompts, "echo": True, "logprobs": 0, "max_tokens": 0},
+                           timeout=300)
+    assert within.status_code == 200, within.text
+    assert [len(choice["logprobs"]["tokens"]) > 900 for choice in within.json()["choices"]] == [True, True]
